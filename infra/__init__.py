@@ -1,0 +1,1 @@
+"""Configuration, the artifact store, table schemas and checkpoints (no Ray, no Prefect)."""

@@ -1,0 +1,230 @@
+"""The pipeline's configuration: one small, frozen section per stage, and two presets.
+
+Every default lives here, once. A stage receives only its own section; the stage key
+hashes that section, so changing one field re-runs that stage and the ones below it.
+``load_config`` merges a preset with a user's YAML file and refuses unknown fields
+or wrong values before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration the user must fix; the message names the field and the value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(Section):
+    """Where a distributed stage runs: Ray Train workers or Ray Data actors."""
+
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class IngestConfig(Section):
+    source: str = "digits"  # "digits", an image folder, or a Parquet file/folder (local or s3://)
+    image_column: str = "image"  # for Parquet sources: a column of encoded image bytes
+    label_column: str | None = "label"  # for Parquet sources; folders take labels from sub-folder names
+    image_size: int = Field(16, ge=4, le=1024)
+    channels: Literal[1, 3] = 1
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    limit: int | None = Field(None, ge=1)  # keep the first N images (by id), for quick runs
+
+
+class VAEStageConfig(Section):
+    pretrained: str | None = None  # a local diffusers AutoencoderKL folder instead of training
+    latent_channels: int = Field(4, ge=1)
+    base_channels: int = Field(32, ge=4)
+    downsample: Literal[4, 8] = 4
+    beta: float = Field(1e-4, ge=0)
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+    resources: Resources = Resources()
+
+
+class LatentsConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    """One training run of the shared loop (base, each reflow round, consistency)."""
+
+    model: str = "DiT-T/2"
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, le=1)
+    checkpoint_every: int = Field(500, ge=1)
+    class_dropout: float = Field(0.1, ge=0, lt=1)
+    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    seed: int = 0
+    resources: Resources = Resources()
+
+
+class ReflowConfig(Section):
+    rounds: int = Field(1, ge=0, le=3)
+    pairs: int = Field(4096, ge=1)
+    solver: Literal["euler", "heun"] = "heun"
+    steps: int = Field(32, ge=1)
+    guidance: float = Field(1.0, ge=0)
+    batch_size: int = Field(512, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    train: TrainConfig = TrainConfig(steps=2000, time_sampling="uniform", warmup_steps=0, lr=5e-4)
+
+
+class ConsistencyConfig(Section):
+    data: Literal["latents", "pairs"] = "pairs"  # pairs: distil on the last reflow round's pairs
+    intervals: int = Field(18, ge=1)  # N of the discretisation 0 = t_0 < ... < t_N = 1
+    teacher_solver: Literal["euler", "heun"] = "heun"
+    guidance: float = Field(1.0, ge=0)
+    target_decay: float = Field(0.95, ge=0, le=1)  # the EMA target f_theta^-
+    huber_c: float | None = Field(None, gt=0)  # None: 0.00054 * sqrt(dim)
+    train: TrainConfig = TrainConfig(steps=2000, warmup_steps=0, lr=2e-4, class_dropout=0.0)
+
+
+class EvaluateConfig(Section):
+    n: int = Field(1000, ge=2)  # generated images per (model, sampler, steps)
+    flow_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    flow_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
+    consistency_steps: tuple[int, ...] = (1, 2, 4)
+    guidance: float = Field(1.0, ge=0)
+    classifier_steps: int = Field(600, ge=1)
+    extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
+    knn_k: int = Field(3, ge=1)
+    seed: int = 1234
+    num_actors: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _positive_steps(self) -> "EvaluateConfig":
+        for field in ("flow_steps", "consistency_steps"):
+            bad = [s for s in getattr(self, field) if s < 1]
+            if bad:
+                raise ValueError(f"{field} must be positive step counts, got {bad}")
+        return self
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    steps: int = Field(1, ge=1)  # the served (and promotion-gated) step count
+    max_n: int = Field(64, ge=1)
+    max_steps: int = Field(64, ge=1)
+    max_guidance: float = Field(10.0, ge=0)
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_queued_requests: int = Field(256, ge=1)
+    num_replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    promote_tolerance: float = Field(0.05, ge=0)  # relative FID slack
+
+
+class PipelineConfig(Section):
+    ingest: IngestConfig = IngestConfig()
+    vae: VAEStageConfig = VAEStageConfig()
+    latents: LatentsConfig = LatentsConfig()
+    base: TrainConfig = TrainConfig()
+    reflow: ReflowConfig = ReflowConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
+
+
+# Overrides of the defaults above. "default" is the quality preset (about 20 min on
+# 2 CPU cores); "quick" runs the whole chain in a few minutes, for trying it and for tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "quick": {
+        "ingest": {"limit": 600},
+        "vae": {"steps": 150, "base_channels": 16, "batch_size": 64},
+        "base": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},
+        "reflow": {
+            "rounds": 1, "pairs": 256, "steps": 8,
+            "train": {"steps": 80, "batch_size": 64, "checkpoint_every": 40, "warmup_steps": 0},
+        },
+        "consistency": {
+            "intervals": 8,
+            "train": {"steps": 80, "batch_size": 64, "checkpoint_every": 40, "warmup_steps": 0},
+        },
+        "evaluate": {"n": 200, "flow_steps": [1, 2, 4, 8], "flow_solvers": ["euler"],
+                     "consistency_steps": [1, 2], "classifier_steps": 150},
+    },
+}
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base``; nested mappings merge, everything else replaces."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown field '{where}': remove it or check its spelling")
+        else:
+            lines.append(f"  - {where} = {item.get('input')!r}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(
+    preset: str = "default",
+    file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> PipelineConfig:
+    """The preset, then the YAML ``file``, then ``overrides``, validated into a PipelineConfig."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    data = deep_merge({}, PRESETS[preset])
+    source = f"preset {preset!r}"
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist: pass the path of a YAML file")
+        try:
+            user = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        if not isinstance(user, Mapping):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(user).__name__}")
+        data = deep_merge(data, user)
+        source = f"{path} (on preset {preset!r})"
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, source)) from None
+
+
+def section_dict(section: Section) -> dict[str, Any]:
+    """A JSON-able dict of one section, for stage keys and manifests."""
+    return section.model_dump(mode="json")

@@ -1,0 +1,48 @@
+"""The conventions every other module in ``models/`` follows, in one place.
+
+- ``x_0 ~ N(0, I)`` is noise, ``x_1`` is data (a scaled latent), ``t`` in [0, 1].
+- Straight path: ``x_t = (1 - t) x_0 + t x_1``, target velocity ``u_t = x_1 - x_0``.
+- Sampling integrates ``dx/dt = v(x, t, y)`` from t = 0 (noise) to t = 1 (data).
+- Networks are called ``model(x, t, y)``; ``y == num_classes`` is the null label.
+
+Some papers (and the course notes that inspired fewstep) run time the other way,
+with t = 0 at the data. :func:`from_data_time` is the one conversion between the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def expand_t(t: Tensor, x: Tensor) -> Tensor:
+    """Broadcast per-sample times ``t`` (N,) to ``x``'s shape (N, ...)."""
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    return t.reshape(-1, *([1] * (x.ndim - 1))).to(dtype=x.dtype)
+
+
+def full_t(value: float, x: Tensor) -> Tensor:
+    """A (N,) tensor of one time value, on ``x``'s device and dtype."""
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=x.dtype)
+
+
+def from_data_time(s: Tensor | float) -> Tensor | float:
+    """Convert a time where 0 is data and 1 is noise into fewstep's time (0 noise, 1 data)."""
+    return 1 - s
+
+
+def null_labels(num_classes: int, n: int, device: torch.device | None = None) -> Tensor:
+    """``n`` copies of the "no class" label, the id ``num_classes``."""
+    return torch.full((n,), num_classes, dtype=torch.long, device=device)
+
+
+def interpolate(x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t) x_0 + t x_1 on the straight path."""
+    t = expand_t(t, x_1)
+    return (1 - t) * x_0 + t * x_1
+
+
+def target_velocity(x_0: Tensor, x_1: Tensor) -> Tensor:
+    """u_t = x_1 - x_0, the straight path's velocity (independent of t)."""
+    return x_1 - x_0
