@@ -1,0 +1,36 @@
+"""Which failures are worth retrying: infrastructure hiccups yes, bad input never."""
+
+from __future__ import annotations
+
+import ray.exceptions
+
+
+# A lost actor, worker or node: the cluster lost something, the input was fine.
+RAY_TRANSIENT = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ray.exceptions.OwnerDiedError,
+    ray.exceptions.LocalRayletDiedError,
+    ray.exceptions.RaySystemError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors a retry can fix: lost Ray actors or nodes, transient store errors."""
+    from infra.errors import is_transient_store_error
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, RAY_TRANSIENT):
+            return True
+        if is_transient_store_error(error):
+            return True
+        if isinstance(error, ray.exceptions.RayTaskError):
+            cause = error.as_instanceof_cause()
+            if cause is not error and is_transient(cause):
+                return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -1,0 +1,30 @@
+"""Starting or attaching to Ray, once per driver process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger("fewstep.ray")
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; no-op when already up.
+
+    A local Ray gets at least 4 logical CPUs even on a 2-core machine: Ray's CPUs are a
+    scheduling unit, and a Ray Train worker plus the Ray Data actors that feed it must be
+    able to coexist without deadlocking on a small box.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("attaching to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1)
+    log.info("starting a local Ray with %d logical CPUs", cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
