@@ -1,0 +1,171 @@
+"""Consistency distillation on the straight path (Song et al. 2023, "Consistency Models").
+
+A consistency function maps any point of an ODE trajectory to its end at t = 1 (data).
+fewstep builds the boundary condition f(x, 1) = x into the parameterisation, so the
+student is a plain velocity network (a DiT) and its weights load anywhere a DiT does:
+
+    f_theta(x_t, t, y) = x_t + (1 - t) v_theta(x_t, t, y).
+
+Distillation pulls f_theta at x_{t_n} towards an EMA target f_theta^- at the teacher's
+one-step ODE estimate of the same trajectory at t_{n+1}:
+
+    L = E_n d( f_theta(x_{t_n}, t_n), stopgrad f_theta^-(x_hat_{t_{n+1}}, t_{n+1}) ),
+    x_hat_{t_{n+1}} = solver step of the (guided) teacher from (x_{t_n}, t_n) to t_{n+1},
+
+with d the pseudo-Huber distance of Song & Dhariwal 2023 ("iCT").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from models.conventions import expand_t, full_t, interpolate
+from models.objectives import Batch, LossOutput, Objective, require, unwrap
+from models.samplers import SampleResult, Solver, check_steps, get_solver, guided_velocity
+
+
+def consistency_fn(net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    """f(x_t, t, y) = x_t + (1 - t) v_net(x_t, t, y); exactly x_t at t = 1."""
+    return x_t + expand_t(1 - t, x_t) * net(x_t, t, y)
+
+
+def huber_c(dim: int) -> float:
+    """The pseudo-Huber constant of iCT: c = 0.00054 sqrt(dim), dim = elements per sample."""
+    return 0.00054 * math.sqrt(dim)
+
+
+def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """d(a, b) = sqrt(||a - b||^2 + c^2) - c per sample, shape (N,).
+
+    Near 0 it is ||a - b||^2 / (2c) (smooth); far away it is ||a - b|| (robust).
+    """
+    sq = (a - b).pow(2).flatten(1).sum(-1)  # (N,)
+    return torch.sqrt(sq + c * c) - c
+
+
+def uniform_schedule(num_intervals: int, like: Tensor) -> Tensor:
+    """t_n = n / N for n = 0..N, so t_0 = 0 (noise) < ... < t_N = 1 (data); shape (N + 1,)."""
+    return torch.linspace(0, 1, num_intervals + 1, device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, decay: float) -> None:
+    """theta^- <- mu theta^- + (1 - mu) theta; buffers are copied."""
+    for p_target, p in zip(target.parameters(), online.parameters()):
+        p_target.lerp_(p.detach(), 1.0 - decay)
+    for b_target, b in zip(target.buffers(), online.buffers()):
+        b_target.copy_(b)
+
+
+class ConsistencyDistillation(Objective):
+    """Consistency distillation from a frozen velocity teacher, one schedule interval a step.
+
+    Args:
+        teacher: frozen velocity network ``teacher(x, t, y)`` (the base or reflow model).
+        student: the network being trained, used here only to initialise the EMA
+            target f_theta^- (start it from the teacher's weights, as Song et al. do).
+        num_intervals: N, intervals of the uniform schedule t_n = n / N on [0, 1]. Uniform
+            steps fit the straight path: x_t moves at constant speed |x_1 - x_0|, so equal
+            t-steps are equal distances. No curriculum: N is fixed for the whole run.
+        solver: teacher ODE step between adjacent times (``"heun"`` as in Song et al.).
+        guidance: classifier-free guidance scale of the teacher; the student learns the
+            guided trajectories, so it is sampled without guidance.
+        ema_decay: mu of the target update in :meth:`after_step`.
+        c: pseudo-Huber constant; ``None`` picks 0.00054 sqrt(dim) from the first batch.
+
+    Batch: ``"x_1"`` data, ``"y"`` labels, optional ``"x_0"`` (distil on stored reflow
+    pairs; otherwise x_0 ~ N(0, I)).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        num_intervals: int = 18,
+        solver: str | Solver = "heun",
+        guidance: float = 1.0,
+        ema_decay: float = 0.95,
+        c: float | None = None,
+    ):
+        if num_intervals < 1:
+            raise ValueError(f"num_intervals must be >= 1, got {num_intervals}")
+        if student is teacher:
+            raise ValueError("student and teacher are the same module; pass copy.deepcopy(teacher) as student")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.target = copy.deepcopy(unwrap(student)).eval().requires_grad_(False)
+        self.num_intervals = num_intervals
+        self.solver = get_solver(solver)
+        self.teacher_v = guided_velocity(self.teacher, guidance)
+        self.ema_decay = ema_decay
+        self.c = c
+
+    def _follow_device(self, x: Tensor) -> None:
+        """Keep the teacher and target where the batch is (the loop may move the student)."""
+        for net in (self.teacher, self.target):
+            p = next(net.parameters(), None)
+            if p is not None and (p.device != x.device):
+                net.to(x.device)
+
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        x_1 = require(batch, "x_1", "ConsistencyDistillation")
+        y = require(batch, "y", "ConsistencyDistillation")
+        x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
+        self._follow_device(x_1)
+        n_batch = x_1.shape[0]
+
+        times = uniform_schedule(self.num_intervals, x_1)  # (N + 1,)
+        n = torch.randint(0, self.num_intervals, (n_batch,), device=x_1.device)  # (B,)
+        t_n, t_next = times[n], times[n + 1]  # (B,) each
+        x_t = interpolate(x_0, x_1, t_n)
+
+        with torch.no_grad():
+            x_hat = self.solver.step(self.teacher_v, x_t, t_n, t_next, y)
+            f_target = consistency_fn(self.target, x_hat, t_next, y)
+        f_student = consistency_fn(model, x_t, t_n, y)
+
+        c = self.c if self.c is not None else huber_c(x_1[0].numel())
+        d = pseudo_huber(f_student, f_target, c)  # (B,)
+        loss = d.mean()
+        return LossOutput(loss=loss, logs={"loss": loss.detach()})
+
+    def after_step(self, model: nn.Module) -> None:
+        """theta^- <- mu theta^- + (1 - mu) theta after every optimizer step."""
+        ema_update(self.target, unwrap(model), self.ema_decay)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        return {"consistency_target": self.target}
+
+
+def consistency_times(steps: int) -> list[float]:
+    """Start times of multistep consistency sampling: 0, 1/k, ..., (k - 1)/k."""
+    return [i / steps for i in range(steps)]
+
+
+@torch.no_grad()
+def consistency_sample(
+    net: nn.Module,
+    x_0: Tensor,
+    y: Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> SampleResult:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) on the straight path.
+
+    x_hat = f(x_0, 0); then for t_i = i / k, i = 1..k-1: draw fresh z ~ N(0, I),
+    re-noise x_{t_i} = (1 - t_i) z + t_i x_hat and set x_hat = f(x_{t_i}, t_i).
+    One network evaluation per step; ``steps = 1`` is the one-step generator.
+    """
+    check_steps(steps)
+    times = consistency_times(steps)
+    x_hat = consistency_fn(net, x_0, full_t(times[0], x_0), y)
+    for t_i in times[1:]:
+        z = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
+        t = full_t(t_i, x_0)
+        x_hat = consistency_fn(net, interpolate(z, x_hat, t), t, y)
+    return SampleResult(x_1=x_hat, nfe=steps)

@@ -1,0 +1,107 @@
+"""Test helpers: a small velocity MLP, 2-D Gaussian-mixture data, sliced Wasserstein.
+
+Imported by the tests in this folder after ``sys.path.insert(0, <this folder>)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class ToyVelocityMLP(nn.Module):
+    """v(x, t, y) for (N, D) points: an MLP on [x, sin/cos features of t] plus a label embedding.
+
+    Label id ``num_classes`` is the null ("no class") label, as for every fewstep network.
+    """
+
+    def __init__(self, dim: int = 2, num_classes: int = 2, hidden: int = 128, t_freqs: int = 8):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(t_freqs), persistent=False)
+        self.inp = nn.Linear(dim + 2 * t_freqs, hidden)
+        self.label = nn.Embedding(num_classes + 1, hidden)
+        self.body = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        angles = t.to(x.dtype)[:, None] * self.freqs.to(x.dtype)  # (N, F)
+        t_feat = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, 2F)
+        h = self.inp(torch.cat([x, t_feat], dim=-1)) + self.label(y)  # (N, H)
+        return self.out(self.body(h))
+
+
+# Eight Gaussian modes on a circle; a mode's class is its index mod 2, so every class
+# is itself a four-mode mixture (a transport map with real curvature).
+NUM_MODES = 8
+NUM_CLASSES = 2
+RADIUS = 2.0
+MODE_STD = 0.15
+
+
+def mode_centres(dtype: torch.dtype = torch.float32) -> Tensor:
+    angle = 2 * math.pi * torch.arange(NUM_MODES, dtype=dtype) / NUM_MODES
+    return RADIUS * torch.stack([angle.cos(), angle.sin()], dim=-1)  # (K, 2)
+
+
+def sample_mixture_given(
+    y: Tensor, generator: torch.Generator | None = None, stratified: bool = False
+) -> Tensor:
+    """Points from the class-``y`` mixtures: a mode of that parity, plus N(0, std^2).
+
+    ``stratified`` cycles through the modes instead of drawing them, so a reference set
+    has exactly balanced modes (W_2 is sensitive to mode-weight noise).
+    """
+    n = y.shape[0]
+    if stratified:
+        k = 2 * (torch.arange(n) % (NUM_MODES // 2)) + y
+    else:
+        k = 2 * torch.randint(0, NUM_MODES // 2, (n,), generator=generator) + y
+    eps = torch.randn(n, 2, generator=generator)
+    return mode_centres()[k] + MODE_STD * eps
+
+
+def sample_mixture(n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """(x_1, y): ``n`` labelled points from the mixture, classes balanced in expectation."""
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=generator)
+    return sample_mixture_given(y, generator), y
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, n_proj: int = 512, seed: int = 0) -> float:
+    """SW_2(a, b): sqrt of the mean over random directions of W_2^2 of the 1-D projections.
+
+    Equal sample sizes, so 1-D W_2 is the distance between sorted projections.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs equal shapes, got {a.shape} and {b.shape}")
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(a.shape[1], n_proj, generator=g, dtype=a.dtype)
+    theta = theta / theta.norm(dim=0, keepdim=True)  # (D, P) unit directions
+    pa = (a @ theta).sort(dim=0).values  # (N, P)
+    pb = (b @ theta).sort(dim=0).values
+    return float((pa - pb).pow(2).mean().sqrt())
+
+
+def fit(objective, model: nn.Module, batches, steps: int, lr: float = 2e-3) -> list[float]:
+    """The loop the real trainer runs, minus Ray: loss, backward, step, after_step.
+
+    ``batches()`` returns a fresh batch dict. Returns the loss every step.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        out = objective.loss(model, batches())
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        objective.after_step(model)
+        losses.append(float(out.logs["loss"]))
+    model.eval()
+    return losses
