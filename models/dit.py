@@ -44,6 +44,10 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # training-time chance a label becomes the null label
 
     def __post_init__(self) -> None:
+        if self.depth < 0 or self.input_size < 1 or self.patch_size < 1 or self.in_channels < 1:
+            raise ValueError(
+                f"need depth >= 0 and positive input_size, patch_size, in_channels; got {self}"
+            )
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}; "
