@@ -1,0 +1,184 @@
+"""Feature extractors for FID and precision/recall: images (N, C, H, W) in [-1, 1] -> (N, D).
+
+Three sources, one wrapper (:class:`FeatureExtractor`, an ``nn.Module`` so ``.to(device)``
+works):
+
+- :func:`classifier_extractor` - the penultimate layer of fewstep's own classifier
+  (models/classifier.py), the default for small images such as the digits.
+- :func:`load_torchscript_extractor` - any user module saved with ``torch.jit.save`` whose
+  ``forward`` maps images in [-1, 1] at the dataset's resolution to (N, D) (or (N, D, 1, 1))
+  features; it does its own resizing and normalisation. (torch 2.13 marks TorchScript
+  deprecated in favour of ``torch.export``; it still loads, with a DeprecationWarning.)
+- :func:`load_inception_extractor` - torchvision's Inception-v3 from a local weights file,
+  2048-d pool features. Needs torchvision, an optional dependency fewstep does not require.
+  torchvision's weights are not the TF "pt_inception-2015-12-05" weights of published FIDs,
+  so its numbers track but do not equal the literature's.
+
+No file access here (``models/`` reads no files): the loaders take the serialized module as
+``bytes`` or an already-opened binary file object. The caller (``workers/``) reads them from
+a local path or from the artifact store, which is also how an extractor on S3 is supported.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import BinaryIO, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.classifier import Classifier
+
+INCEPTION_SIZE = 299  # Inception-v3's input resolution
+INCEPTION_FEATURE_DIM = 2048
+
+
+class FeatureExtractor(nn.Module):
+    """images (N, C, H, W) in [-1, 1] -> features (N, D), with a ``name`` for metric tables.
+
+    f = flatten(net(prepare(images)))
+    """
+
+    def __init__(self, net: nn.Module, name: str, prepare: Callable[[Tensor], Tensor] | None = None):
+        super().__init__()
+        self.net = net
+        self.name = name
+        self.prepare = prepare
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.prepare(images) if self.prepare is not None else images
+        features = self.net(x)
+        if not isinstance(features, Tensor):
+            raise TypeError(
+                f"extractor {self.name!r} returned {type(features).__name__}, not a Tensor; "
+                "its forward must return the feature tensor (N, D)"
+            )
+        if features.ndim < 2 or features.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"extractor {self.name!r} mapped {images.shape[0]} images to shape "
+                f"{tuple(features.shape)}; it must return (N, D) features, one row per image"
+            )
+        return features.flatten(1)  # (N, D)
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Run ``extractor`` over ``images`` (N, C, H, W) in batches; returns float32 (N, D).
+
+    The images must already be on the extractor's device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    was_training = extractor.training
+    extractor.eval()
+    try:
+        chunks = [
+            extractor(images[start : start + batch_size]).to(torch.float32)
+            for start in range(0, images.shape[0], batch_size)
+        ]
+    finally:
+        extractor.train(was_training)
+    return torch.cat(chunks)  # (N, D)
+
+
+class _ClassifierFeatures(nn.Module):
+    """Adapter so the classifier's ``features`` becomes a module's ``forward``."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier.features(x)
+
+
+def classifier_extractor(classifier: Classifier, name: str = "classifier") -> FeatureExtractor:
+    """The classifier's penultimate layer, (N, feature_dim), as an extractor."""
+    return FeatureExtractor(_ClassifierFeatures(classifier), name=name)
+
+
+def _as_buffer(data: bytes | BinaryIO, what: str) -> BinaryIO:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(data))
+    if hasattr(data, "read"):
+        return data
+    raise TypeError(
+        f"{what} must be bytes or an opened binary file, got {type(data).__name__}; "
+        "read the file first, e.g. Path(path).read_bytes() or open(path, 'rb')"
+    )
+
+
+def load_torchscript_extractor(
+    data: bytes | BinaryIO,
+    name: str = "torchscript",
+    map_location: torch.device | None = None,
+) -> FeatureExtractor:
+    """Load a ``torch.jit.save``-d module (bytes or an opened binary file) as an extractor.
+
+    The module receives images (N, C, H, W) in [-1, 1] and must return (N, D) features.
+    ``map_location`` moves its tensors at load time (e.g. to a CPU when it was saved on a GPU).
+    """
+    try:
+        module = torch.jit.load(_as_buffer(data, "a TorchScript extractor"), map_location=map_location)
+    except RuntimeError as error:
+        raise ValueError(
+            f"could not load the TorchScript extractor {name!r}: {error}. Save it with "
+            "torch.jit.save(torch.jit.script(module), path) (or torch.jit.trace)"
+        ) from error
+    return FeatureExtractor(module, name=name)
+
+
+def _inception_prepare(images: Tensor) -> Tensor:
+    """[-1, 1] images of any size and 1 or 3 channels -> (N, 3, 299, 299) in [-1, 1].
+
+    Google's Inception-v3 expects inputs scaled to [-1, 1], which fewstep's images already are
+    (so torchvision's ``transform_input`` stays off).
+    """
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)  # grey -> RGB, (N, 3, H, W)
+    if images.shape[1] != 3:
+        raise ValueError(
+            f"Inception-v3 needs 1- or 3-channel images, got {images.shape[1]} channels"
+        )
+    return F.interpolate(
+        images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False
+    )  # (N, 3, 299, 299)
+
+
+def load_inception_extractor(
+    data: bytes | BinaryIO,
+    map_location: torch.device | None = None,
+) -> FeatureExtractor:
+    """torchvision's Inception-v3 from a local ``state_dict`` (bytes or opened file): 2048-d
+    pool features of images resized to 299x299. Requires torchvision.
+
+    The weights are read with ``torch.load(weights_only=True)``: tensors only, no pickled code.
+    ``map_location``, when given, is the device the extractor is placed on.
+    """
+    try:
+        import torchvision.models as tv_models  # optional dependency, imported only here
+    except ImportError as error:
+        raise ImportError(
+            "the Inception-v3 extractor needs torchvision, which is not installed. Install the "
+            "torchvision build that matches your torch (pip install torchvision==<matching>), "
+            "or use the default classifier extractor or a TorchScript extractor instead"
+        ) from error
+    state = torch.load(
+        _as_buffer(data, "Inception-v3 weights"), map_location=map_location, weights_only=True
+    )
+    net = tv_models.inception_v3(
+        weights=None, aux_logits=True, transform_input=False, init_weights=False
+    )
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(
+            "the weights do not fit torchvision's inception_v3 (with aux_logits): "
+            f"{error}. Save them with torch.save(inception_v3(...).state_dict(), path)"
+        ) from error
+    net.fc = nn.Identity()  # the 2048-d pool features instead of the 1000 ImageNet logits
+    if map_location is not None:
+        net.to(map_location)
+    return FeatureExtractor(net, name="inception_v3", prepare=_inception_prepare)
