@@ -1,0 +1,308 @@
+"""The S3 side of the store: settings from the standard AWS variables, the backend, clear errors.
+
+Any S3-compatible server works (AWS, MinIO, moto, ...). Settings come from explicit options
+first, then the environment:
+
+| setting     | environment                                        | default     |
+|-------------|----------------------------------------------------|-------------|
+| endpoint    | AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL         | AWS         |
+| region      | AWS_REGION, then AWS_DEFAULT_REGION                | us-east-1   |
+| credentials | AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN | the AWS default chain |
+
+Both filesystems get them explicitly (pyarrow's S3 filesystem does not read the endpoint
+variables itself). The s3fs client used by the store has its own retries off; every store
+operation goes through :func:`infra.errors.retry_transient` instead. The pyarrow filesystem
+handed to Ray Data keeps pyarrow's standard retry strategy, since those reads bypass the store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, Callable, TypeVar
+from urllib.parse import urlparse
+
+from infra.backends import Backend
+from infra.errors import (
+    DEFAULT_RETRY,
+    AccessDenied,
+    BucketNotFound,
+    EndpointUnreachable,
+    InvalidStoreURI,
+    RetryPolicy,
+    StoreError,
+    StoreUnavailable,
+    describe,
+    retry_transient,
+)
+
+T = TypeVar("T")
+
+DEFAULT_REGION = "us-east-1"
+CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                              "InvalidClientTokenId", "AuthorizationHeaderMalformed"})
+DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403", "Forbidden"})
+# Opening a store fails fast: a typo in the endpoint should not wait through a long backoff.
+OPEN_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=0.5)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Everything needed to reach one ``s3://bucket/prefix`` store."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str = DEFAULT_REGION
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    retry: RetryPolicy = DEFAULT_RETRY
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def where(self) -> str:
+        """The endpoint in words, for error messages."""
+        return self.endpoint_url or f"AWS S3 ({self.region})"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix/`` -> ("bucket", "some/prefix")."""
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    if not bucket:
+        raise InvalidStoreURI(f"store URI {uri!r} names no bucket; write it as s3://BUCKET or s3://BUCKET/PREFIX")
+    if parsed.query or parsed.fragment:
+        raise InvalidStoreURI(f"store URI {uri!r} has a query or fragment; write it as s3://BUCKET/PREFIX")
+    return bucket, prefix
+
+
+def resolve_settings(
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    access_key_id: str | None = None,
+    secret_access_key: str | None = None,
+    session_token: str | None = None,
+    env: dict[str, str] | None = None,
+) -> S3Settings:
+    """Explicit options first, then the standard AWS variables (see the module docstring)."""
+    env = dict(os.environ) if env is None else env
+    bucket, prefix = parse_s3_uri(uri)
+    endpoint = endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
+        raise InvalidStoreURI(
+            f"S3 endpoint {endpoint!r} is not an http(s) URL; set AWS_ENDPOINT_URL or --endpoint-url "
+            "to something like http://127.0.0.1:9000"
+        )
+    explicit_keys = access_key_id is not None or secret_access_key is not None
+    return S3Settings(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=endpoint.rstrip("/") if endpoint else None,
+        region=region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
+        access_key_id=access_key_id if explicit_keys else env.get("AWS_ACCESS_KEY_ID"),
+        secret_access_key=secret_access_key if explicit_keys else env.get("AWS_SECRET_ACCESS_KEY"),
+        session_token=session_token if explicit_keys else env.get("AWS_SESSION_TOKEN"),
+    )
+
+
+def client_error_code(error: BaseException) -> str | None:
+    """The S3 error code of the first botocore ClientError in ``error``'s cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            return str(response["Error"].get("Code", ""))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _has_class(error: BaseException, *names: str) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if any(cls.__name__ in names for cls in type(current).__mro__):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def translate(error: BaseException, settings: S3Settings, what: str) -> BaseException:
+    """The StoreError a user can act on for an S3 failure; other errors are returned unchanged."""
+    if isinstance(error, StoreError) and not isinstance(error, StoreUnavailable):
+        return error
+    code = client_error_code(error)
+    keys = (f"access key {settings.access_key_id[:4]}…" if settings.access_key_id
+            else "the default AWS credential chain")
+    if code == "NoSuchBucket":
+        return BucketNotFound(
+            f"bucket {settings.bucket!r} does not exist at {settings.where}; create it "
+            f"(e.g. `aws s3 mb s3://{settings.bucket}`) or fix the --store URI"
+        )
+    if code in CREDENTIAL_CODES or _has_class(error, "NoCredentialsError", "PartialCredentialsError"):
+        return AccessDenied(
+            f"{settings.where} rejected the credentials ({keys}) while trying to {what} "
+            f"[{code or 'no credentials'}]; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to valid keys"
+        )
+    if code in DENIED_CODES or (code is None and isinstance(error, PermissionError)):
+        return AccessDenied(
+            f"access denied to {settings.uri} at {settings.where} while trying to {what} ({keys}); "
+            "check the credentials and that their policy allows s3:ListBucket, GetObject, PutObject, DeleteObject"
+        )
+    if code == "InvalidBucketName" or _has_class(error, "ParamValidationError"):
+        return InvalidStoreURI(f"{settings.uri!r} is not a valid S3 location ({describe(error)}); fix the bucket name")
+    return error
+
+
+class S3Backend(Backend):
+    """The store's file operations on ``s3://bucket/prefix`` (paths are ``bucket/prefix/...``)."""
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+        self.root = f"{settings.bucket}/{settings.prefix}".rstrip("/")
+        self.uri = settings.uri
+        self._fs = None
+        self._pa = None
+
+    def __reduce__(self):
+        return (S3Backend, (self.settings,))
+
+    # -- filesystems ----------------------------------------------------------------------
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import s3fs
+
+            s = self.settings
+            config: dict[str, Any] = {
+                "connect_timeout": s.connect_timeout_s,
+                "read_timeout": s.read_timeout_s,
+                "retries": {"max_attempts": 1, "mode": "standard"},  # retry_transient retries
+            }
+            if s.endpoint_url:
+                config["s3"] = {"addressing_style": "path"}  # what MinIO and moto expect
+            fs = s3fs.S3FileSystem(
+                key=s.access_key_id,
+                secret=s.secret_access_key,
+                token=s.session_token,
+                endpoint_url=s.endpoint_url,
+                client_kwargs={"region_name": s.region},
+                config_kwargs=config,
+                skip_instance_cache=True,
+                use_listings_cache=False,
+            )
+            fs.retries = 1
+            self._fs = fs
+        return self._fs
+
+    @property
+    def pa_filesystem(self):
+        if self._pa is None:
+            import pyarrow.fs
+
+            s = self.settings
+            options: dict[str, Any] = {
+                "access_key": s.access_key_id,
+                "secret_key": s.secret_access_key,
+                "session_token": s.session_token,
+                "region": s.region,
+                "connect_timeout": s.connect_timeout_s,
+                "request_timeout": s.read_timeout_s,
+            }
+            if s.endpoint_url:
+                parsed = urlparse(s.endpoint_url)
+                options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+                options["scheme"] = parsed.scheme
+            if not s.access_key_id:  # let pyarrow use the default AWS chain
+                for name in ("access_key", "secret_key", "session_token"):
+                    options.pop(name)
+            self._pa = pyarrow.fs.S3FileSystem(**options)
+        return self._pa
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def call(self, what: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
+        """``fn()`` with transient retries; failures become StoreErrors that say what to do."""
+        try:
+            return retry_transient(fn, policy=policy or self.settings.retry, what=f"{what} at {self.settings.where}")
+        except FileNotFoundError as error:
+            if client_error_code(error) == "NoSuchBucket":
+                raise translate(error, self.settings, what) from None
+            raise
+        except Exception as error:  # noqa: BLE001 - translated or re-raised as is
+            translated = translate(error, self.settings, what)
+            if translated is error:
+                raise
+            raise translated from None
+
+    def probe(self) -> None:
+        """One cheap listing, so a wrong bucket, key or endpoint is reported when the store opens."""
+        s = self.settings
+        prefix = f"{s.prefix}/" if s.prefix else ""
+        try:
+            self.call("list the bucket", lambda: self.fs.call_s3("list_objects_v2", Bucket=s.bucket, Prefix=prefix, MaxKeys=1),
+                      policy=OPEN_RETRY)
+        except StoreUnavailable as error:
+            raise EndpointUnreachable(
+                f"no S3 endpoint answered at {s.where} ({describe(error.__cause__ or error)}); "
+                "check AWS_ENDPOINT_URL (or --endpoint-url) and that the server is running"
+            ) from None
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.call(f"read s3://{path}", lambda: self.fs.cat_file(path))
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return self.call(f"open s3://{path}", lambda: self.fs.open(path, "rb", block_size=8 * 2**20))
+
+    def hash_file(self, path: str) -> tuple[int, str]:
+        # The whole stream is retried: a connection reset mid-file restarts the hash.
+        return self.call(f"read s3://{path}", lambda: Backend.hash_file(self, path))
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self.call(f"write s3://{path}", lambda: self.fs.pipe_file(path, data))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        # PUT with If-None-Match: * : the server refuses (412) when the object exists; a PUT is
+        # atomic, so readers see the whole manifest or none.
+        try:
+            self.call(f"create s3://{path}", lambda: self.fs.pipe_file(path, data, mode="create"))
+            return True
+        except FileExistsError:
+            return False
+
+    def replace(self, path: str, data: bytes) -> None:
+        self.write_bytes(path, data)  # a single PUT replaces an object atomically
+
+    def list_files(self, path: str) -> dict[str, int]:
+        found = self.call(f"list s3://{path}", lambda: self.fs.find(path, detail=True))
+        start = len(path.rstrip("/")) + 1
+        return {full[start:]: int(info.get("size") or 0) for full, info in found.items()
+                if info.get("type") != "directory" and full.startswith(path.rstrip("/") + "/")}
+
+    def list_dirs(self, path: str) -> list[str]:
+        try:
+            entries = self.call(f"list s3://{path}", lambda: self.fs.ls(path, detail=True))
+        except FileNotFoundError:
+            return []
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
+
+    def remove(self, path: str) -> None:
+        try:
+            self.call(f"remove s3://{path}", lambda: self.fs.rm(path, recursive=True))
+        except FileNotFoundError:
+            pass
+
+
+def with_timeouts(settings: S3Settings, connect_timeout_s: float, read_timeout_s: float) -> S3Settings:
+    return replace(settings, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)

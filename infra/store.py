@@ -1,0 +1,434 @@
+"""The artifact store: content-addressed stage outputs on a local folder or S3 (DESIGN §4).
+
+Layout under the root (a folder, or ``s3://bucket/prefix``)::
+
+    stages/{stage}/{key}/manifest.json                 the commit record: it alone makes the output exist
+    stages/{stage}/{key}/attempts/{attempt}/...        data files, one fresh folder per writer
+    checkpoints/{stage}/{key}/step-{n:08d}/...         same protocol, one manifest per step
+    pointers/{name}.json                               {"ref": "stage/key"}, replaced atomically
+    runs/{run_id}.json                                 the refs a pipeline run produced (gc roots)
+
+Commit protocol: a :class:`StageWriter` writes every file under its own attempt folder,
+reads each one back to verify size and sha256, then publishes ``manifest.json`` with an
+exclusive create (``If-None-Match: *`` on S3, ``os.link`` locally). Of two writers of one
+key exactly one creates the manifest; the other gets the winner's manifest back. Readers
+only go through manifests, and every read checks the bytes against the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import urlparse
+
+import pyarrow as pa
+
+from infra.backends import Backend, LocalBackend
+from infra.checkpoints import CheckpointStore
+from infra.errors import IntegrityError, InvalidName, InvalidStoreURI, NotCommitted, StoreError, UnknownScheme
+from infra.manifest import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    check_file,
+    check_relative_path,
+    check_segment,
+    new_attempt_id,
+    sha256_hex,
+    stage_key,
+    to_jsonable,
+    utc_now,
+)
+from infra.tables import parquet_bytes_to_table, table_to_parquet_bytes, with_metadata
+from infra.version import CODE_VERSION
+from infra.weights import (
+    SPEC_METADATA_KEY,
+    build_and_load,
+    check_spec,
+    model_state,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
+
+__all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE"]
+
+DEFAULT_STORE = "./fewstep-store"
+VERIFY_THREADS = 8
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    stage, sep, key = ref.partition("/") if isinstance(ref, str) else ("", "", "")
+    if not sep:
+        raise InvalidName(f"ref {ref!r} is not 'stage/key' (e.g. 'vae/3f2a9c0d1e2b4a5c'); `fewstep status` lists them")
+    return check_segment(stage, "stage name"), check_segment(key, "stage key")
+
+
+def with_suffix(name: str, suffix: str) -> str:
+    return name if name.endswith(suffix) else name + suffix
+
+
+def open_backend(uri: str | None, **s3_options: Any) -> Backend:
+    """The backend for a store URI: a local path, ``file:///path`` or ``s3://bucket/prefix``."""
+    uri = DEFAULT_STORE if uri is None else str(uri)
+    if not uri.strip():
+        raise InvalidStoreURI("store URI is empty; give a folder or s3://bucket/prefix (default ./fewstep-store)")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        path = parsed.path if scheme == "file" else uri
+        if scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise InvalidStoreURI(f"store URI {uri!r} names host {parsed.netloc!r}; write a local folder as file:///abs/path")
+        if os.path.isfile(os.path.expanduser(path)):
+            raise InvalidStoreURI(f"store {uri!r} is a file; give a folder (it is created on the first write)")
+        return LocalBackend(path)
+    if scheme == "s3":
+        from infra.s3 import S3Backend, resolve_settings
+
+        backend = S3Backend(resolve_settings(uri, **{k: v for k, v in s3_options.items() if k != "check"}))
+        if s3_options.get("check", True):
+            backend.probe()
+        return backend
+    raise UnknownScheme(
+        f"store URI {uri!r} has scheme {scheme!r}; fewstep stores live in a local folder "
+        "(a path or file:///path) or on S3-compatible storage (s3://bucket/prefix)"
+    )
+
+
+class Store:
+    """Committed stage outputs, checkpoints and pointers under one root. See the module docstring."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    @classmethod
+    def open(
+        cls,
+        uri: str | None = None,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        check: bool = True,
+    ) -> "Store":
+        """Open a store (``None`` -> ``./fewstep-store``). For S3, endpoint, region and keys default
+        to the AWS environment variables; ``check`` lists the bucket once so a wrong bucket,
+        credentials or endpoint fail here with a :class:`StoreError` that says what to fix."""
+        return cls(open_backend(uri, endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
+                                secret_access_key=secret_access_key, check=check))
+
+    def __reduce__(self):  # Ray tasks get a store that reconnects lazily, without a probe
+        return (Store, (self.backend,))
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    # -- where things are --------------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        return self.backend.uri
+
+    @property
+    def root(self) -> str:
+        """The root inside ``fs`` / ``pa_filesystem`` (an absolute path, or ``bucket/prefix``)."""
+        return self.backend.root
+
+    @property
+    def fs(self):
+        """An fsspec filesystem (LocalFileSystem or s3fs.S3FileSystem). On S3 its own retries are
+        off: wrap calls in :func:`infra.errors.retry_transient` for the store's retry policy."""
+        return self.backend.fs
+
+    @property
+    def pa_filesystem(self):
+        """A ``pyarrow.fs.FileSystem`` for ``ray.data.read_parquet(..., filesystem=...)`` and pyarrow."""
+        return self.backend.pa_filesystem
+
+    def stage_dir(self, stage: str, key: str) -> str:
+        return self.backend.join("stages", check_segment(stage, "stage name"), check_segment(key, "stage key"))
+
+    def file_path(self, manifest: Manifest, name: str) -> str:
+        """Path of a manifest's file (or of a folder of files, e.g. a Ray Data output) inside
+        ``fs``/``pa_filesystem``. Readers that use it directly skip digest checks: see :meth:`verify`."""
+        base = self.stage_dir(manifest.stage, manifest.key)
+        if name in manifest.files:
+            return f"{base}/{manifest.files[name].path}"
+        members = self._members(manifest, name)
+        folders = {entry.path.rsplit("/", 1)[0] for _, entry in members}
+        if len(folders) != 1:
+            raise StoreError(f"files under {name!r} of {manifest.ref} lie in {len(folders)} folders; use file_path per file")
+        return f"{base}/{folders.pop()}"
+
+    # -- keys and manifests ------------------------------------------------------------------
+
+    def stage_key(self, stage: str, config: Mapping[str, Any], inputs: Sequence[Manifest] = ()) -> str:
+        """hash(stage, config, input manifest digests, CODE_VERSION): the content address."""
+        return stage_key(stage, config, inputs, CODE_VERSION)
+
+    def get(self, stage: str, key: str) -> Manifest | None:
+        """The committed manifest of ``stage/key``, or None when there is none."""
+        path = f"{self.stage_dir(stage, key)}/{MANIFEST}"
+        try:
+            data = self.backend.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        manifest = Manifest.from_json(data, f"manifest of {stage}/{key} at {path}")
+        if (manifest.stage, manifest.key) != (stage, key):
+            raise IntegrityError(f"{path} describes {manifest.ref}, not {stage}/{key}; it was copied to the wrong place")
+        return manifest
+
+    def get_ref(self, ref: str) -> Manifest:
+        stage, key = split_ref(ref)
+        manifest = self.get(stage, key)
+        if manifest is None:
+            raise NotCommitted(f"{ref!r} is not committed in {self.uri}; `fewstep status --store {self.uri}` lists what is")
+        return manifest
+
+    def list_manifests(self, stage: str | None = None) -> list[Manifest]:
+        """Every committed manifest (of one stage, if given), oldest first."""
+        base = self.backend.join("stages") if stage is None else self.backend.join("stages", check_segment(stage, "stage name"))
+        depth = 3 if stage is None else 2  # stage/key/manifest.json or key/manifest.json
+        found = [rel.split("/") for rel in self.backend.list_files(base)]
+        refs = [(parts[0], parts[1]) if stage is None else (stage, parts[0])
+                for parts in found if len(parts) == depth and parts[-1] == MANIFEST]
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            manifests = [m for m in pool.map(lambda sk: self.get(*sk), refs) if m is not None]
+        return sorted(manifests, key=lambda m: (m.created_at, m.ref))
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin(self, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest] = ()) -> "StageWriter":
+        return StageWriter(self, stage, key, config=config, inputs=inputs)
+
+    # -- reading (always verified) ------------------------------------------------------------
+
+    def _entry(self, manifest: Manifest, name: str) -> FileEntry:
+        try:
+            return manifest.files[name]
+        except KeyError:
+            raise NotCommitted(f"{manifest.ref} has no file {name!r}; its files are {sorted(manifest.files)}") from None
+
+    def _members(self, manifest: Manifest, name: str) -> list[tuple[str, FileEntry]]:
+        members = sorted((n, e) for n, e in manifest.files.items() if n.startswith(name.rstrip("/") + "/"))
+        if not members:
+            raise NotCommitted(f"{manifest.ref} has no file or folder {name!r}; its files are {sorted(manifest.files)}")
+        return members
+
+    def _read_entry(self, manifest: Manifest, name: str, entry: FileEntry) -> bytes:
+        path = f"{self.stage_dir(manifest.stage, manifest.key)}/{entry.path}"
+        try:
+            data = self.backend.read_bytes(path)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"file {name!r} of {manifest.ref} is missing at {path}; the output is damaged: "
+                f"delete {self.stage_dir(manifest.stage, manifest.key)} and re-run the stage"
+            ) from None
+        check_file(manifest.ref, name, path, entry, len(data), sha256_hex(data))
+        return data
+
+    def read_bytes(self, manifest: Manifest, name: str) -> bytes:
+        return self._read_entry(manifest, name, self._entry(manifest, name))
+
+    def read_json(self, manifest: Manifest, name: str) -> Any:
+        return json.loads(self.read_bytes(manifest, name))
+
+    def read_table(self, manifest: Manifest, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """A Parquet file of the manifest, or every ``*.parquet`` under folder ``name`` concatenated."""
+        if name in manifest.files:
+            parts = [(name, manifest.files[name])]
+        else:
+            parts = [(n, e) for n, e in self._members(manifest, name) if n.endswith(".parquet")]
+        tables = [parquet_bytes_to_table(self._read_entry(manifest, n, e)) for n, e in parts]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        return table.select(list(columns)) if columns is not None else table
+
+    def read_tensors(self, manifest: Manifest, name: str) -> dict[str, Any]:
+        return tensors_from_bytes(self.read_bytes(manifest, name), f"file {name!r} of {manifest.ref}")
+
+    def load_model(self, manifest: Manifest, name: str, *, build: Callable[[dict], Any] | None = None):
+        """Rebuild the module saved by ``write_model(name, ...)``: ``name.json`` spec + ``name`` weights."""
+        spec = self.read_json(manifest, f"{name}.json")
+        return build_and_load(spec, self.read_tensors(manifest, name), f"model {name!r} of {manifest.ref}", build)
+
+    def verify(self, manifest: Manifest, names: Sequence[str] | None = None) -> None:
+        """Stream and check every file (or ``names``): for data that Ray reads via :meth:`file_path`."""
+        base = self.stage_dir(manifest.stage, manifest.key)
+        entries = [(n, self._entry(manifest, n)) for n in (names or manifest.files)]
+
+        def check(item: tuple[str, FileEntry]) -> None:
+            name, entry = item
+            path = f"{base}/{entry.path}"
+            try:
+                size, digest = self.backend.hash_file(path)
+            except FileNotFoundError:
+                raise IntegrityError(f"file {name!r} of {manifest.ref} is missing at {path}; delete {base} and re-run the stage") from None
+            check_file(manifest.ref, name, path, entry, size, digest)
+
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            list(pool.map(check, entries))
+
+    # -- checkpoints, pointers, runs -----------------------------------------------------------
+
+    def checkpoints(self, stage: str, key: str) -> CheckpointStore:
+        return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"), CODE_VERSION)
+
+    def _named_json(self, folder: str, name: str) -> str:
+        parts = check_relative_path(name, f"{folder[:-1]} name").split("/")
+        return self.backend.join(folder, *[check_segment(p, f"{folder[:-1]} name part") for p in parts]) + ".json"
+
+    def put_pointer(self, name: str, ref: str) -> None:
+        """Point ``name`` (e.g. ``serving/current``) at a committed ref, replacing it atomically."""
+        self.get_ref(ref)
+        body = {"ref": ref, "updated_at": utc_now()}
+        self.backend.replace(self._named_json("pointers", name), json.dumps(body, indent=2).encode())
+
+    def get_pointer(self, name: str) -> str | None:
+        try:
+            return json.loads(self.backend.read_bytes(self._named_json("pointers", name)))["ref"]
+        except FileNotFoundError:
+            return None
+
+    def list_pointers(self) -> dict[str, str]:
+        base = self.backend.join("pointers")
+        names = [rel[: -len(".json")] for rel in self.backend.list_files(base) if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
+        return {name: ref for name in sorted(names) if (ref := self.get_pointer(name)) is not None}
+
+    def record_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None) -> None:
+        """Remember which refs a pipeline run produced; ``fewstep gc`` keeps everything they reach."""
+        for ref in refs.values():
+            self.get_ref(ref)
+        body = {"run_id": run_id, "refs": dict(refs), "info": to_jsonable(dict(info or {}), "info"), "created_at": utc_now()}
+        self.backend.replace(self._named_json("runs", run_id), json.dumps(body, indent=2, sort_keys=True).encode())
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        base = self.backend.join("runs")
+        runs = [json.loads(self.backend.read_bytes(f"{base}/{rel}")) for rel in self.backend.list_files(base)
+                if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
+        return sorted(runs, key=lambda run: run.get("created_at", ""))
+
+
+class StageWriter:
+    """Writes one attempt of a stage output; :meth:`commit` makes it visible (see module docstring).
+
+    Use as a context manager. Leaving the block by an exception leaves only the attempt
+    folder, which no reader sees and ``fewstep gc`` removes.
+    """
+
+    def __init__(self, store: Store, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest]):
+        self.store = store
+        self.stage, self.key = check_segment(stage, "stage name"), check_segment(key, "stage key")
+        self.config = to_jsonable(dict(config), "config")
+        self.inputs = list(inputs)
+        self.attempt = new_attempt_id()
+        self.prefix = f"{store.stage_dir(stage, key)}/attempts/{self.attempt}"
+        self._files: dict[str, tuple[str, int | None, str | None]] = {}  # name -> (relative path, size, sha256)
+        self._result: Manifest | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+    def __enter__(self) -> "StageWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None and self._result is None:
+            raise StoreError(f"the writer of {self.ref} was closed without commit(); call writer.commit(metrics) in the with-block")
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _claim(self, name: str, path: str) -> None:
+        check_relative_path(name, "file name")
+        check_relative_path(path, "file path")
+        if self._result is not None:
+            raise StoreError(f"{self.ref} is already committed; start a new writer to change it")
+        taken = {p for p, _, _ in self._files.values()}
+        if name in self._files or path in taken:
+            raise InvalidName(f"{self.ref} already has a file named {name!r} or stored at {path!r}; names must be unique")
+
+    def _put(self, name: str, path: str, data: bytes) -> None:
+        self._claim(name, path)
+        self.store.backend.write_bytes(f"{self.prefix}/{path}", data)
+        self._files[name] = (path, len(data), sha256_hex(data))
+
+    def _produced_by(self) -> dict[str, str]:
+        return {"fewstep.ref": self.ref, "fewstep.code_version": CODE_VERSION}
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._put(name, name, bytes(data))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Stored as ``name.json``; read back with ``read_json(manifest, name)``."""
+        self._put(name, with_suffix(name, ".json"), json.dumps(to_jsonable(obj, name), indent=2, sort_keys=True).encode())
+
+    def write_table(self, name: str, table: pa.Table, metadata: Mapping[str, str] | None = None) -> None:
+        """Stored as ``name.parquet``; the schema metadata records the producing ref and code version."""
+        table = with_metadata(table, {**self._produced_by(), **dict(metadata or {})})
+        self._put(name, with_suffix(name, ".parquet"), table_to_parquet_bytes(table))
+
+    def write_tensors(self, name: str, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
+        """Stored as ``name.safetensors``."""
+        self._put(name, with_suffix(name, ".safetensors"), tensors_to_bytes(tensors, {**self._produced_by(), **dict(metadata or {})}))
+
+    def write_model(self, name: str, model: Any, spec: Mapping[str, Any]) -> None:
+        """Weights as ``name.safetensors`` (file ``name``) and the spec as ``name.json`` (file ``name.json``);
+        "module." / "_orig_mod." wrapper prefixes are stripped."""
+        spec = check_spec(dict(spec))
+        self._claim(f"{name}.json", f"{name}.json")
+        weights = tensors_to_bytes(model_state(model), {**self._produced_by(), SPEC_METADATA_KEY: json.dumps(spec, sort_keys=True)})
+        self._put(name, with_suffix(name, ".safetensors"), weights)
+        self._put(f"{name}.json", f"{name}.json", json.dumps(spec, indent=2, sort_keys=True).encode())
+
+    def add_files(self, names: Sequence[str]) -> None:
+        """Include files someone else wrote under :attr:`prefix` (e.g. Ray Data ``write_parquet``);
+        a folder name adds every file below it. Their digests are taken at commit."""
+        for name in names:
+            name = name.strip("/")
+            found = self.store.backend.list_files(f"{self.prefix}/{name}")
+            if not found:  # a single file
+                self._claim(name, name)
+                self._files[name] = (name, None, None)
+                continue
+            for rel in sorted(found):
+                self._claim(f"{name}/{rel}", f"{name}/{rel}")
+                self._files[f"{name}/{rel}"] = (f"{name}/{rel}", None, None)
+
+    # -- commit ---------------------------------------------------------------------------------
+
+    def _verified_entries(self) -> dict[str, FileEntry]:
+        """Read every file back: sizes and digests must match what was written (or be taken now)."""
+        backend = self.store.backend
+
+        def check(item):
+            name, (path, size, digest) = item
+            full = f"{self.prefix}/{path}"
+            try:
+                got_size, got_digest = backend.hash_file(full)
+            except FileNotFoundError:
+                raise IntegrityError(f"file {name!r} of {self.ref} was not found at {full} when committing; write it before commit()") from None
+            if size is not None and (got_size, got_digest) != (size, digest):
+                raise IntegrityError(f"file {name!r} of {self.ref} at {full} changed between write and commit "
+                                     f"({got_size} bytes, sha256 {got_digest[:12]}…); re-run the stage")
+            return name, FileEntry(path=f"attempts/{self.attempt}/{path}", size=got_size, sha256=got_digest)
+
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            return dict(pool.map(check, self._files.items()))
+
+    def commit(self, metrics: Mapping[str, Any] | None = None) -> Manifest:
+        """Verify every file, then publish ``manifest.json`` exclusively. Returns the manifest that
+        is committed under this key: ours, or the one another writer committed first."""
+        if self._result is not None:
+            return self._result
+        manifest = Manifest.build(stage=self.stage, key=self.key, files=self._verified_entries(), config=self.config,
+                                  inputs=self.inputs, metrics=metrics, code_version=CODE_VERSION)
+        path = f"{self.store.stage_dir(self.stage, self.key)}/{MANIFEST}"
+        self.store.backend.create_exclusive(path, manifest.to_json())
+        # Read back whoever won: this also covers servers that ignore If-None-Match.
+        committed = self.store.get(self.stage, self.key)
+        if committed is None:
+            raise StoreError(f"{path} vanished right after it was committed; something else is deleting the store")
+        self._result = committed
+        return committed
