@@ -1,0 +1,268 @@
+"""The one training loop of fewstep, run by Ray Train on every worker.
+
+Every trained model (the VAE, the base flow model, each reflow round, the consistency
+student) goes through :func:`fit`. The stage hands it a model spec, an optional warm
+start, a batch adapter and an :class:`~models.objectives.Objective`; the loop never knows
+which stage it serves. It is a plain PyTorch loop with a few Ray calls (the shape of
+Ray's ``torch_fashion_mnist`` example):
+
+- DDP over ``num_workers`` (gloo on CPU, NCCL on GPU, chosen by Ray), bf16 autocast on GPU;
+- linear learning-rate warmup, gradient clipping, an EMA of the weights;
+- checkpoints (model, EMA, optimizer, objective state, step, RNG, curve) committed to the
+  artifact store every ``checkpoint_every`` steps. A run restarted by Ray after a worker
+  died, or a stage re-run after the driver died, resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import Tensor, nn
+
+from infra.config import TrainConfig
+from infra.store import Store
+from models.ema import ema_update
+from models.objectives import Objective, unwrap
+from models.registry import build_model
+
+log = logging.getLogger("fewstep.train")
+
+BatchAdapter = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class CrashOnce:
+    """Fault injection for tests and drills: SIGKILL the rank-0 worker process at ``step``,
+    once (the ``marker`` file records that it happened, so the resumed run goes on)."""
+
+    step: int
+    marker: str
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs; pickled once and shipped to each worker."""
+
+    store_uri: str
+    stage: str
+    key: str
+    model_spec: dict
+    objective: Objective
+    config: TrainConfig
+    adapt_batch: BatchAdapter
+    init_state: dict[str, Tensor] | None = None
+    crash: CrashOnce | None = None
+    log_every: int = 25
+
+
+@dataclass
+class TrainResult:
+    step: int
+    model_state: dict[str, Tensor]
+    ema_state: dict[str, Tensor]
+    curve: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+    def model(self, spec: dict, use_ema: bool = True) -> nn.Module:
+        net = build_model(spec)
+        net.load_state_dict(self.ema_state if use_ema else self.model_state)
+        return net.eval()
+
+
+def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = None) -> TrainResult:
+    """Train on ``dataset`` (rows already in the adapter's input format) and return the final state.
+
+    Returns at once when the store already holds a checkpoint at the final step.
+    """
+    checkpoints = Store.open(job.store_uri).checkpoints(job.stage, job.key)
+    latest = checkpoints.latest()
+    if latest is None or latest.step < job.config.steps:
+        resources = job.config.resources
+        use_gpu = resources.gpus_per_worker > 0
+        scaling = ray.train.ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})},
+        )
+        run_config = ray.train.RunConfig(
+            name=f"fewstep-{job.stage}-{job.key[:12]}",
+            storage_path=storage_path or os.path.join(os.path.expanduser("~"), "ray_results"),
+            # Ray restarts the worker group after a crash; the loop resumes from the store.
+            failure_config=ray.train.FailureConfig(max_failures=3),
+        )
+        trainer = ray.train.torch.TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": job},
+            scaling_config=scaling,
+            run_config=run_config,
+            datasets={"train": dataset},
+        )
+        trainer.fit()
+        latest = checkpoints.latest()
+    if latest is None or latest.step < job.config.steps:
+        raise RuntimeError(f"{job.stage}: training ended without a final checkpoint (latest={latest and latest.step})")
+    return TrainResult(
+        step=latest.step,
+        model_state=strip(latest.tensors, "model."),
+        ema_state=strip(latest.tensors, "ema."),
+        curve=list(latest.state.get("curve", [])),
+        resumed_from=int(latest.state.get("resumed_from", 0)),
+    )
+
+
+def strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+
+
+def with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {prefix + name: value.detach().cpu().contiguous() for name, value in state.items()}
+
+
+def learning_rate(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Linear warmup from lr/warmup to lr over ``warmup_steps``, then constant."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step + 1) / warmup_steps)
+
+
+def rng_state_tensors() -> dict[str, Tensor]:
+    """torch's CPU (and CUDA) RNG state as uint8 tensors, so it lives in safetensors."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["rng.cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The optimizer's state as flat tensors (no pickle): ``opt.<param index>.<name>``."""
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            tensor = value if torch.is_tensor(value) else torch.tensor(value)
+            out[f"opt.{index}.{name}"] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor]) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("opt."):
+            continue
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    job: TrainJob = loop_config["job"]
+    config = job.config
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    store = Store.open(job.store_uri)
+    checkpoints = store.checkpoints(job.stage, job.key)
+
+    torch.manual_seed(config.seed + rank)
+    model = build_model(job.model_spec)
+    if job.init_state is not None:
+        model.load_state_dict(job.init_state)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    objective = job.objective
+    extra = objective.extra_modules()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+
+    step, curve, resumed_from = 0, [], 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        model.load_state_dict(strip(latest.tensors, "model."))
+        ema.load_state_dict(strip(latest.tensors, "ema."))
+        for name, module in extra.items():
+            module.load_state_dict(strip(latest.tensors, f"extra.{name}."))
+        load_optimizer(optimizer, latest.tensors)
+        step = resumed_from = latest.step
+        curve = list(latest.state.get("curve", []))
+        # Each rank continues its own stream; rank 0's state is stored, the others re-derive.
+        torch.set_rng_state(latest.tensors["rng.cpu"])
+        if rank:
+            torch.manual_seed(config.seed + rank + step)
+        if rank == 0:
+            log.info("%s: resuming from step %d", job.stage, step)
+
+    model.to(device)
+    ema.to(device)
+    for module in extra.values():
+        module.to(device)
+    move_objective(objective, device)
+    model = ray.train.torch.prepare_model(model)
+
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started, logged_loss, epoch = time.perf_counter(), None, 0
+
+    while step < config.steps:
+        for raw in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config.lr, config.warmup_steps)
+            batch = job.adapt_batch(raw)
+            with autocast:
+                out = objective.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            ema_update(ema, unwrap(model), config.ema_decay)
+            objective.after_step(unwrap(model))
+            step += 1
+            logged_loss = out.loss.detach() if logged_loss is None else logged_loss + out.loss.detach()
+
+            if step % job.log_every == 0 or step == config.steps:
+                # One host sync per log interval, never per step.
+                span = job.log_every if step % job.log_every == 0 else step % job.log_every
+                mean_loss = float(logged_loss) / max(1, span)
+                logged_loss = None
+                elapsed = time.perf_counter() - started
+                curve.append({"step": step, "loss": mean_loss, "grad_norm": float(grad_norm), "seconds": elapsed})
+                if rank == 0:
+                    log.info("%s step %d/%d loss %.4f (%.2f steps/s)", job.stage, step, config.steps,
+                             mean_loss, (step - resumed_from) / max(elapsed, 1e-9))
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                if rank == 0:
+                    tensors = {
+                        **with_prefix(unwrap(model).state_dict(), "model."),
+                        **with_prefix(ema.state_dict(), "ema."),
+                        **{k: v for name, module in extra.items() for k, v in with_prefix(module.state_dict(), f"extra.{name}.").items()},
+                        **optimizer_tensors(optimizer),
+                        **rng_state_tensors(),
+                    }
+                    checkpoints.save(step, tensors, {"curve": curve, "resumed_from": resumed_from, "epoch": epoch})
+                    checkpoints.prune(keep=2)
+                # Every worker reports at the same steps: ray.train.report is a barrier.
+                ray.train.report({"step": step, "loss": curve[-1]["loss"] if curve else float("nan")})
+            if job.crash is not None and rank == 0 and step == job.crash.step and not os.path.exists(job.crash.marker):
+                with open(job.crash.marker, "w") as marker:
+                    marker.write(str(step))
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step >= config.steps:
+                break
+        epoch += 1
+
+
+def move_objective(objective: Objective, device: torch.device) -> None:
+    """Move every module an objective holds (teacher, EMA target) to the worker's device."""
+    for name, value in vars(objective).items():
+        if isinstance(value, nn.Module):
+            value.to(device)
