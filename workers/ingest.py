@@ -350,12 +350,14 @@ def _parquet_dataset(source: Source, config: IngestConfig):
     if config.label_column is not None and label_column is None:
         log.warning("Parquet source has no label column %r: images are unlabeled", config.label_column)
     columns = [config.image_column] + ([label_column] if label_column else [])
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, include_paths=True)
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True).select_columns([*columns, "path"])
     label_map, classes = None, []
     if label_column is not None:
         label_type = schema.field(label_column).type
         if pa.types.is_string(label_type) or pa.types.is_large_string(label_type):
-            classes = sorted(str(v) for v in ds.unique(label_column) if v is not None)
+            # One small column, read on the driver: cheaper than a distributed unique().
+            names = pq.ParquetDataset(paths, filesystem=filesystem).read(columns=[label_column]).column(0)
+            classes = sorted(str(v) for v in pc.unique(names).to_pylist() if v is not None)
             label_map = {name: k for k, name in enumerate(classes)}
         elif not pa.types.is_integer(label_type):
             raise StageInputError(

@@ -1,0 +1,213 @@
+"""The ingest stage on tiny real data with a real local Ray: digits, an image folder, Parquet."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from infra.config import ConfigError, IngestConfig
+from infra.store import Store
+from workers import ingest as ingest_module
+from workers.images import decode_png, encode_png, from_model_range, resize_center_crop, to_model_range
+from workers.ingest import StageInputError, assign_split, content_id, run_ingest
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store.open(str(tmp_path / "store"))
+
+
+def png_bytes(width: int, height: int, mode: str = "RGB", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- image helpers
+
+
+def test_resize_center_crop_keeps_the_middle_of_the_longer_side():
+    # 40 x 20, left half black, right half white, a red column in the middle
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, 20:] = 255
+    out = resize_center_crop(Image.fromarray(pixels), 10)
+    assert out.size == (10, 10)
+    # shorter side 20 -> 10, so 40 -> 20 wide; the crop keeps columns 5..15 of the 20
+    array = np.asarray(out)
+    assert array[:, 0].mean() < 40 and array[:, -1].mean() > 215
+
+
+def test_png_and_model_range_round_trip():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(2, 6, 6, 3), dtype=np.uint8)
+    decoded = np.stack([decode_png(encode_png(p), 3) for p in pixels])
+    np.testing.assert_array_equal(decoded, pixels)
+    x = to_model_range(pixels)
+    assert x.shape == (2, 3, 6, 6) and x.dtype == np.float32
+    assert x.min() >= -1 and x.max() <= 1
+    np.testing.assert_array_equal(from_model_range(x), pixels)
+    assert decode_png(encode_png(pixels[0]), 1).shape == (6, 6, 1)  # RGB -> L on request
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_ingest_is_deterministic_and_reused(ray_local, store, monkeypatch):
+    from sklearn.datasets import load_digits
+
+    config = IngestConfig(source="digits", image_size=16, limit=64, test_fraction=0.25)
+    manifest = run_ingest(store, config)
+    table = store.read_table(manifest, "images")
+
+    assert table.num_rows == 64
+    assert table.column("id").to_pylist() == [f"digits-{i:05d}" for i in range(64)]
+    np.testing.assert_array_equal(table.column("label").to_numpy(), load_digits().target[:64])
+    assert set(table.column("width").to_pylist()) == {16} and set(table.column("height").to_pylist()) == {16}
+    first = decode_png(table.column("image")[0].as_py(), 1)
+    assert first.shape == (16, 16, 1) and first.max() > 200 and first.min() < 30  # real ink on paper
+
+    splits = table.column("split").to_pylist()
+    assert splits == [assign_split(i, 0.25) for i in table.column("id").to_pylist()]
+    assert manifest.metrics["n_train"] == splits.count("train") > 0
+    assert manifest.metrics["n_test"] == splits.count("test") > 0
+    assert manifest.metrics["num_classes"] == 10 and manifest.metrics["quarantined"] == 0
+    assert store.read_table(manifest, "quarantine").num_rows == 0
+
+    # Same config and source: the committed manifest comes back without any work.
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ingest recomputed a committed stage")
+
+    monkeypatch.setattr(ingest_module, "ingest_table", must_not_run)
+    assert run_ingest(store, config).digest == manifest.digest
+    monkeypatch.undo()
+
+    # A smaller limit keeps every shared image on the same side of the split.
+    smaller = store.read_table(run_ingest(store, config.model_copy(update={"limit": 32})), "images")
+    assert smaller.column("split").to_pylist() == splits[:32]
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def make_folder(root, bad: int) -> None:
+    (root / "cat").mkdir(parents=True)
+    (root / "dog" / "deeper").mkdir(parents=True)
+    (root / "cat" / "a.png").write_bytes(png_bytes(20, 30, "RGB", seed=1))
+    (root / "cat" / "b.png").write_bytes(png_bytes(16, 16, "L", seed=2))
+    (root / "cat" / "c.jpg").write_bytes(jpeg_bytes(32, 24))
+    (root / "dog" / "d.png").write_bytes(png_bytes(40, 17, "RGBA", seed=3))
+    (root / "dog" / "deeper" / "e.png").write_bytes(png_bytes(8, 8, "RGB", seed=4))
+    (root / "dog" / "notes.txt").write_text("not an image, ignored")
+    (root / ".hidden.png").write_text("ignored too")
+    broken = [
+        ("truncated.png", png_bytes(30, 30, "RGB", seed=5)[:60]),
+        ("text.png", b"this is not a png at all\n"),
+        ("empty.jpg", b""),
+    ]
+    for name, data in broken[:bad]:
+        (root / "dog" / name).write_bytes(data)
+
+
+def test_folder_ingest_quarantines_broken_files(ray_local, store, tmp_path):
+    make_folder(tmp_path / "images", bad=2)
+    config = IngestConfig(source=str(tmp_path / "images"), image_size=16, channels=3, max_bad_fraction=0.5)
+    manifest = run_ingest(store, config)
+    table = store.read_table(manifest, "images").to_pandas()
+    quarantine = store.read_table(manifest, "quarantine").to_pandas()
+
+    assert len(table) == 5 and manifest.metrics["n_images"] == 5
+    expected = {content_id(rel): label for rel, label in
+                [("cat/a.png", 0), ("cat/b.png", 0), ("cat/c.jpg", 0), ("dog/d.png", 1), ("dog/deeper/e.png", 1)]}
+    assert dict(zip(table["id"], table["label"])) == expected
+    assert manifest.metrics["num_classes"] == 2
+    for data in table["image"]:
+        assert decode_png(data, 3).shape == (16, 16, 3)
+        assert Image.open(io.BytesIO(data)).mode == "RGB"
+
+    assert sorted(os.path.basename(p) for p in quarantine["path"]) == ["text.png", "truncated.png"]
+    assert all(reason.startswith("not a readable image") for reason in quarantine["reason"])
+    assert manifest.metrics["quarantined"] == 2
+
+
+def test_too_many_broken_files_fail_clearly_and_commit_nothing(ray_local, store, tmp_path):
+    make_folder(tmp_path / "images", bad=3)
+    config = IngestConfig(source=str(tmp_path / "images"), image_size=16, max_bad_fraction=0.2)
+    with pytest.raises(StageInputError) as error:
+        run_ingest(store, config)
+    message = str(error.value)
+    assert "3 of 8 images" in message and "max_bad_fraction=0.2" in message
+    assert "not a readable image" in message
+    assert isinstance(error.value, ConfigError)  # the CLI prints it as one line, flows do not retry
+    assert store.list_manifests("ingest") == []
+
+
+def test_unlabeled_folder_and_new_files_make_a_new_key(ray_local, store, tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(png_bytes(12, 12, "L", seed=i))
+    config = IngestConfig(source=str(folder), image_size=8)
+    first = run_ingest(store, config)
+    table = store.read_table(first, "images")
+    assert table.num_rows == 4
+    assert set(table.column("label").to_pylist()) == {-1} and first.metrics["num_classes"] == 0
+
+    (folder / "4.png").write_bytes(png_bytes(12, 12, "L", seed=4))
+    second = run_ingest(store, config)
+    assert second.key != first.key
+    assert store.read_table(second, "images").num_rows == 5
+
+
+def test_missing_source_is_a_clear_error(store, tmp_path):
+    with pytest.raises(StageInputError, match="does not exist"):
+        run_ingest(store, IngestConfig(source=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageInputError, match="no images"):
+        run_ingest(store, IngestConfig(source=str(tmp_path / "empty")))
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def test_parquet_source_with_string_labels_duplicates_and_a_bad_row(ray_local, store, tmp_path):
+    folder = tmp_path / "table"
+    folder.mkdir()
+    images = [png_bytes(24, 24, "L", seed=i) for i in range(5)]
+    pq.write_table(
+        pa.table({"img": images[:3], "kind": ["zero", "one", "zero"], "extra": [1, 2, 3]}),
+        folder / "part-0.parquet",
+    )
+    pq.write_table(
+        pa.table({"img": [images[3], images[4], images[0], b"garbage"], "kind": ["two", None, "zero", "one"], "extra": [4, 5, 6, 7]}),
+        folder / "part-1.parquet",
+    )
+    config = IngestConfig(source=str(folder), image_column="img", label_column="kind", image_size=8, max_bad_fraction=0.2)
+    manifest = run_ingest(store, config)
+    table = store.read_table(manifest, "images").to_pandas()
+
+    # images[0] appears twice: one row. "garbage" is quarantined. Labels: sorted names.
+    assert manifest.metrics["duplicates"] == 1 and manifest.metrics["quarantined"] == 1
+    labels = dict(zip(table["id"], table["label"]))
+    assert labels == {content_id(images[0]): 2, content_id(images[1]): 0, content_id(images[2]): 2,
+                      content_id(images[3]): 1, content_id(images[4]): -1}
+    assert manifest.metrics["num_classes"] == 3
+    assert list(table["id"]) == sorted(table["id"])
+
+    with pytest.raises(StageInputError, match="no column 'pixels'"):
+        run_ingest(store, config.model_copy(update={"image_column": "pixels"}))
