@@ -12,15 +12,9 @@ import pytest
 from PIL import Image
 
 from infra.config import ConfigError, IngestConfig
-from infra.store import Store
 from workers import ingest as ingest_module
 from workers.images import decode_png, encode_png, from_model_range, resize_center_crop, to_model_range
 from workers.ingest import StageInputError, assign_split, content_id, run_ingest
-
-
-@pytest.fixture
-def store(tmp_path):
-    return Store.open(str(tmp_path / "store"))
 
 
 def png_bytes(width: int, height: int, mode: str = "RGB", seed: int = 0) -> bytes:
@@ -124,7 +118,8 @@ def make_folder(root, bad: int) -> None:
         (root / "dog" / name).write_bytes(data)
 
 
-def test_folder_ingest_quarantines_broken_files(ray_local, store, tmp_path):
+def test_folder_ingest_quarantines_broken_files(ray_local, local_store, tmp_path):
+    store = local_store
     make_folder(tmp_path / "images", bad=2)
     config = IngestConfig(source=str(tmp_path / "images"), image_size=16, channels=3, max_bad_fraction=0.5)
     manifest = run_ingest(store, config)
@@ -145,7 +140,8 @@ def test_folder_ingest_quarantines_broken_files(ray_local, store, tmp_path):
     assert manifest.metrics["quarantined"] == 2
 
 
-def test_too_many_broken_files_fail_clearly_and_commit_nothing(ray_local, store, tmp_path):
+def test_too_many_broken_files_fail_clearly_and_commit_nothing(ray_local, local_store, tmp_path):
+    store = local_store
     make_folder(tmp_path / "images", bad=3)
     config = IngestConfig(source=str(tmp_path / "images"), image_size=16, max_bad_fraction=0.2)
     with pytest.raises(StageInputError) as error:
@@ -157,7 +153,8 @@ def test_too_many_broken_files_fail_clearly_and_commit_nothing(ray_local, store,
     assert store.list_manifests("ingest") == []
 
 
-def test_unlabeled_folder_and_new_files_make_a_new_key(ray_local, store, tmp_path):
+def test_unlabeled_folder_and_new_files_make_a_new_key(ray_local, local_store, tmp_path):
+    store = local_store
     folder = tmp_path / "flat"
     folder.mkdir()
     for i in range(4):
@@ -174,7 +171,8 @@ def test_unlabeled_folder_and_new_files_make_a_new_key(ray_local, store, tmp_pat
     assert store.read_table(second, "images").num_rows == 5
 
 
-def test_missing_source_is_a_clear_error(store, tmp_path):
+def test_missing_source_is_a_clear_error(local_store, tmp_path):
+    store = local_store
     with pytest.raises(StageInputError, match="does not exist"):
         run_ingest(store, IngestConfig(source=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
@@ -185,7 +183,8 @@ def test_missing_source_is_a_clear_error(store, tmp_path):
 # --------------------------------------------------------------------------- Parquet
 
 
-def test_parquet_source_with_string_labels_duplicates_and_a_bad_row(ray_local, store, tmp_path):
+def test_parquet_source_with_string_labels_duplicates_and_a_bad_row(ray_local, local_store, tmp_path):
+    store = local_store
     folder = tmp_path / "table"
     folder.mkdir()
     images = [png_bytes(24, 24, "L", seed=i) for i in range(5)]
@@ -211,3 +210,34 @@ def test_parquet_source_with_string_labels_duplicates_and_a_bad_row(ray_local, s
 
     with pytest.raises(StageInputError, match="no column 'pixels'"):
         run_ingest(store, config.model_copy(update={"image_column": "pixels"}))
+
+
+# --------------------------------------------------------------------------- sources on S3
+
+
+def test_s3_folder_and_parquet_sources_use_the_store_settings(ray_local, s3_uri):
+    from infra.store import Store
+
+    store = Store.open(s3_uri)
+    bucket = s3_uri[len("s3://"):].split("/")[0]
+    images = [png_bytes(10, 14, "RGB", seed=i) for i in range(4)]
+    for i, data in enumerate(images):
+        store.fs.pipe_file(f"{bucket}/folder/{'ab'[i % 2]}/{i}.png", data)
+    store.fs.pipe_file(f"{bucket}/folder/b/bad.png", b"nope")
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"image": images, "label": [3, 1, 4, 1]}), buffer)
+    store.fs.pipe_file(f"{bucket}/table/data.parquet", buffer.getvalue())
+
+    folder = run_ingest(store, IngestConfig(source=f"s3://{bucket}/folder", image_size=8, max_bad_fraction=0.3))
+    assert folder.metrics["n_images"] == 4 and folder.metrics["quarantined"] == 1
+    assert folder.metrics["num_classes"] == 2
+
+    table = run_ingest(store, IngestConfig(source=f"s3://{bucket}/table/data.parquet", image_size=8))
+    got = store.read_table(table, "images").to_pandas()
+    assert dict(zip(got["id"], got["label"])) == {content_id(d): l for d, l in zip(images, [3, 1, 4, 1])}
+    assert table.metrics["num_classes"] == 5  # integer labels: max + 1
+
+    # Overwriting an object changes its ETag: a new key, not last week's result.
+    store.fs.pipe_file(f"{bucket}/folder/a/0.png", png_bytes(10, 14, "RGB", seed=99))
+    again = run_ingest(store, IngestConfig(source=f"s3://{bucket}/folder", image_size=8, max_bad_fraction=0.3))
+    assert again.key != folder.key
