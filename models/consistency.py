@@ -94,7 +94,9 @@ class ConsistencyDistillation(Objective):
         if num_intervals < 1:
             raise ValueError(f"num_intervals must be >= 1, got {num_intervals}")
         if student is teacher:
-            raise ValueError("student and teacher are the same module; pass copy.deepcopy(teacher) as student")
+            raise ValueError(
+                "student and teacher are the same module; pass copy.deepcopy(teacher) as student"
+            )
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.teacher = teacher.eval().requires_grad_(False)

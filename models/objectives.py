@@ -79,10 +79,12 @@ class FlowMatching(Objective):
 
     ``label_dropout`` replaces labels by the null id ``model.num_classes`` with that
     probability, so one network learns both v(x, t, y) and v(x, t, null) for
-    classifier-free guidance. The network itself must not drop labels as well.
+    classifier-free guidance. It is 0 by default because the DiT drops labels itself in
+    train mode (``DiTConfig.class_dropout_prob``, as in Peebles & Xie); use one or the
+    other, never both. Networks without their own dropout (the toy MLPs) set it here.
     """
 
-    def __init__(self, time_sampler: TimeSampler | None = None, label_dropout: float = 0.1):
+    def __init__(self, time_sampler: TimeSampler | None = None, label_dropout: float = 0.0):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()

@@ -16,6 +16,7 @@ through a sampler, call the solvers' ``step`` yourself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -35,7 +36,7 @@ def guided_velocity(model: nn.Module, guidance: float) -> Velocity:
     returns the unconditional one. The null id is ``model.num_classes``.
     """
     w = float(guidance)
-    if not torch.isfinite(torch.tensor(w)):
+    if not math.isfinite(w):
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if w == 1.0:
         return lambda x, t, y: model(x, t, y)

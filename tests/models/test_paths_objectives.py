@@ -169,7 +169,8 @@ def test_fm_loss_errors_name_the_problem():
     with pytest.raises(KeyError, match="x_1"):
         obj.loss(Recorder(), {"y": torch.zeros(2, dtype=torch.long)})
     with pytest.raises(ValueError, match="must match"):
-        obj.loss(Recorder(), {"x_1": torch.randn(2, 3), "x_0": torch.randn(2, 4), "y": torch.zeros(2, dtype=torch.long)})
+        bad = {"x_1": torch.randn(2, 3), "x_0": torch.randn(2, 4), "y": torch.zeros(2, dtype=torch.long)}
+        obj.loss(Recorder(), bad)
 
 
 def test_fm_gradients_reach_the_model():

@@ -49,12 +49,12 @@ def map_error(model, solver, steps, x_0):
 
 @pytest.mark.parametrize("solver,steps", [("euler", 400), ("heun", 40), ("rk4", 10)])
 def test_solvers_reproduce_the_target_mean_and_variance(gaussian, solver, steps):
-    n = 50_000
+    n = 20_000
     x_0 = noise(n)
     x_1 = sample_ode(gaussian, x_0, torch.zeros(n, dtype=torch.long), steps, solver=solver).x_1
     se = SIGMA / math.sqrt(n)
     assert ((x_1.mean(0) - MU).abs() < 4 * se).all(), x_1.mean(0)
-    assert torch.allclose(x_1.var(0), SIGMA**2, rtol=0.03), x_1.var(0)
+    assert torch.allclose(x_1.var(0), SIGMA**2, rtol=0.05), x_1.var(0)  # se of var: 1%
 
 
 @pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2), ("rk4", 4)])
