@@ -16,7 +16,6 @@ Ray's ``torch_fashion_mnist`` example):
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import os
 import signal
@@ -24,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
