@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from models.conventions import expand_t, full_t, interpolate
+from models.ema import ema_update
 from models.objectives import Batch, LossOutput, Objective, require, unwrap
 from models.samplers import SampleResult, Solver, check_steps, get_solver, guided_velocity
 
@@ -50,15 +51,6 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
 def uniform_schedule(num_intervals: int, like: Tensor) -> Tensor:
     """t_n = n / N for n = 0..N, so t_0 = 0 (noise) < ... < t_N = 1 (data); shape (N + 1,)."""
     return torch.linspace(0, 1, num_intervals + 1, device=like.device, dtype=like.dtype)
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, decay: float) -> None:
-    """theta^- <- mu theta^- + (1 - mu) theta; buffers are copied."""
-    for p_target, p in zip(target.parameters(), online.parameters()):
-        p_target.lerp_(p.detach(), 1.0 - decay)
-    for b_target, b in zip(target.buffers(), online.buffers()):
-        b_target.copy_(b)
 
 
 class ConsistencyDistillation(Objective):
