@@ -48,6 +48,9 @@ class Backend:
         """Create or overwrite ``path`` (parents are created as needed)."""
         raise NotImplementedError
 
+    def make_dirs(self, path: str) -> None:
+        """Create folder ``path`` where folders exist (locally); S3 has none, so nothing to do there."""
+
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Publish ``data`` at ``path`` atomically unless a file is there: True if we created it."""
         raise NotImplementedError
@@ -118,6 +121,9 @@ class LocalBackend(Backend):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as handle:
             handle.write(data)
+
+    def make_dirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
 
     def _write_temp(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor
 
 from infra.backends import Backend
 from infra.errors import IntegrityError, NotCommitted
@@ -31,7 +30,9 @@ from infra.manifest import (
     to_jsonable,
     utc_now,
 )
-from infra.weights import tensors_from_bytes, tensors_to_bytes
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -40,7 +41,7 @@ TENSORS, STATE = "tensors.safetensors", "state.json"
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    tensors: dict[str, Tensor]
+    tensors: dict[str, "Tensor"]
     state: dict[str, Any]
 
 
@@ -75,8 +76,10 @@ class CheckpointStore:
     def step_dir(self, step: int) -> str:
         return f"{self.root}/step-{int(step):08d}"
 
-    def save(self, step: int, tensors: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
+    def save(self, step: int, tensors: Mapping[str, "Tensor"], state: Mapping[str, Any]) -> None:
         """Commit ``tensors`` and JSON-able ``state`` as step ``step``."""
+        from infra.weights import tensors_to_bytes
+
         if int(step) < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
         attempt = new_attempt_id()
@@ -111,7 +114,7 @@ class CheckpointStore:
                 found.add(int(match.group(1)))
         return sorted(found)
 
-    def _record(self, step: int) -> CheckpointManifest:
+    def record(self, step: int) -> CheckpointManifest:
         path = f"{self.step_dir(step)}/{MANIFEST}"
         try:
             data = self.backend.read_bytes(path)
@@ -127,7 +130,9 @@ class CheckpointStore:
 
     def load(self, step: int) -> Checkpoint:
         """Step ``step``, every file checked against its manifest."""
-        record = self._record(step)
+        from infra.weights import tensors_from_bytes
+
+        record = self.record(step)
         blobs = {}
         for name, entry in record.files.items():
             path = f"{self.step_dir(step)}/{entry.path}"

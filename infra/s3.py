@@ -18,7 +18,7 @@ handed to Ray Data keeps pyarrow's standard retry strategy, since those reads by
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, TypeVar
 from urllib.parse import urlparse
 
@@ -32,7 +32,6 @@ from infra.errors import (
     RetryPolicy,
     StoreError,
     StoreUnavailable,
-    describe,
     retry_transient,
 )
 
@@ -142,17 +141,22 @@ def translate(error: BaseException, settings: S3Settings, what: str) -> BaseExce
     if isinstance(error, StoreError) and not isinstance(error, StoreUnavailable):
         return error
     code = client_error_code(error)
-    keys = (f"access key {settings.access_key_id[:4]}…" if settings.access_key_id
+    keys = (f"access key id {settings.access_key_id!r}" if settings.access_key_id
             else "the default AWS credential chain")
     if code == "NoSuchBucket":
         return BucketNotFound(
             f"bucket {settings.bucket!r} does not exist at {settings.where}; create it "
             f"(e.g. `aws s3 mb s3://{settings.bucket}`) or fix the --store URI"
         )
-    if code in CREDENTIAL_CODES or _has_class(error, "NoCredentialsError", "PartialCredentialsError"):
+    if _has_class(error, "NoCredentialsError", "PartialCredentialsError"):
         return AccessDenied(
-            f"{settings.where} rejected the credentials ({keys}) while trying to {what} "
-            f"[{code or 'no credentials'}]; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to valid keys"
+            f"found no S3 credentials to {what} at {settings.where}; "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or use an AWS profile or instance role)"
+        )
+    if code in CREDENTIAL_CODES:
+        return AccessDenied(
+            f"{settings.where} rejected the credentials ({keys}) while trying to {what} [{code}]; "
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY to valid keys for this endpoint"
         )
     if code in DENIED_CODES or (code is None and isinstance(error, PermissionError)):
         return AccessDenied(
@@ -160,7 +164,10 @@ def translate(error: BaseException, settings: S3Settings, what: str) -> BaseExce
             "check the credentials and that their policy allows s3:ListBucket, GetObject, PutObject, DeleteObject"
         )
     if code == "InvalidBucketName" or _has_class(error, "ParamValidationError"):
-        return InvalidStoreURI(f"{settings.uri!r} is not a valid S3 location ({describe(error)}); fix the bucket name")
+        return InvalidStoreURI(
+            f"bucket name {settings.bucket!r} in {settings.uri!r} is not valid (S3 bucket names are 3-63 "
+            "lowercase letters, digits, dots and hyphens); fix the --store URI"
+        )
     return error
 
 
@@ -188,7 +195,7 @@ class S3Backend(Backend):
             config: dict[str, Any] = {
                 "connect_timeout": s.connect_timeout_s,
                 "read_timeout": s.read_timeout_s,
-                "retries": {"max_attempts": 1, "mode": "standard"},  # retry_transient retries
+                "retries": {"total_max_attempts": 1, "mode": "standard"},  # retry_transient retries
             }
             if s.endpoint_url:
                 config["s3"] = {"addressing_style": "path"}  # what MinIO and moto expect
@@ -255,7 +262,7 @@ class S3Backend(Backend):
                       policy=OPEN_RETRY)
         except StoreUnavailable as error:
             raise EndpointUnreachable(
-                f"no S3 endpoint answered at {s.where} ({describe(error.__cause__ or error)}); "
+                f"no S3 endpoint answered at {s.where} ({type(error.__cause__ or error).__name__}); "
                 "check AWS_ENDPOINT_URL (or --endpoint-url) and that the server is running"
             ) from None
 
@@ -286,9 +293,10 @@ class S3Backend(Backend):
 
     def list_files(self, path: str) -> dict[str, int]:
         found = self.call(f"list s3://{path}", lambda: self.fs.find(path, detail=True))
-        start = len(path.rstrip("/")) + 1
-        return {full[start:]: int(info.get("size") or 0) for full, info in found.items()
-                if info.get("type") != "directory" and full.startswith(path.rstrip("/") + "/")}
+        base = path.rstrip("/") + "/"
+        # Skip folder markers (empty "dir/" keys some writers, e.g. pyarrow's create_dir, leave).
+        return {full[len(base):]: int(info.get("size") or 0) for full, info in found.items()
+                if info.get("type") != "directory" and full.startswith(base) and not full.endswith("/")}
 
     def list_dirs(self, path: str) -> list[str]:
         try:
@@ -302,7 +310,3 @@ class S3Backend(Backend):
             self.call(f"remove s3://{path}", lambda: self.fs.rm(path, recursive=True))
         except FileNotFoundError:
             pass
-
-
-def with_timeouts(settings: S3Settings, connect_timeout_s: float, read_timeout_s: float) -> S3Settings:
-    return replace(settings, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)

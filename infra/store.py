@@ -43,14 +43,6 @@ from infra.manifest import (
 )
 from infra.tables import parquet_bytes_to_table, table_to_parquet_bytes, with_metadata
 from infra.version import CODE_VERSION
-from infra.weights import (
-    SPEC_METADATA_KEY,
-    build_and_load,
-    check_spec,
-    model_state,
-    tensors_from_bytes,
-    tensors_to_bytes,
-)
 
 __all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE"]
 
@@ -246,10 +238,14 @@ class Store:
         return table.select(list(columns)) if columns is not None else table
 
     def read_tensors(self, manifest: Manifest, name: str) -> dict[str, Any]:
+        from infra.weights import tensors_from_bytes  # torch is imported only when tensors are
+
         return tensors_from_bytes(self.read_bytes(manifest, name), f"file {name!r} of {manifest.ref}")
 
     def load_model(self, manifest: Manifest, name: str, *, build: Callable[[dict], Any] | None = None):
         """Rebuild the module saved by ``write_model(name, ...)``: ``name.json`` spec + ``name`` weights."""
+        from infra.weights import build_and_load
+
         spec = self.read_json(manifest, f"{name}.json")
         return build_and_load(spec, self.read_tensors(manifest, name), f"model {name!r} of {manifest.ref}", build)
 
@@ -324,6 +320,7 @@ class StageWriter:
         self.inputs = list(inputs)
         self.attempt = new_attempt_id()
         self.prefix = f"{store.stage_dir(stage, key)}/attempts/{self.attempt}"
+        store.backend.make_dirs(self.prefix)  # so other writers (pyarrow, Ray Data) can write into it
         self._files: dict[str, tuple[str, int | None, str | None]] = {}  # name -> (relative path, size, sha256)
         self._result: Manifest | None = None
 
@@ -371,11 +368,15 @@ class StageWriter:
 
     def write_tensors(self, name: str, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> None:
         """Stored as ``name.safetensors``."""
+        from infra.weights import tensors_to_bytes
+
         self._put(name, with_suffix(name, ".safetensors"), tensors_to_bytes(tensors, {**self._produced_by(), **dict(metadata or {})}))
 
     def write_model(self, name: str, model: Any, spec: Mapping[str, Any]) -> None:
         """Weights as ``name.safetensors`` (file ``name``) and the spec as ``name.json`` (file ``name.json``);
         "module." / "_orig_mod." wrapper prefixes are stripped."""
+        from infra.weights import SPEC_METADATA_KEY, check_spec, model_state, tensors_to_bytes
+
         spec = check_spec(dict(spec))
         self._claim(f"{name}.json", f"{name}.json")
         weights = tensors_to_bytes(model_state(model), {**self._produced_by(), SPEC_METADATA_KEY: json.dumps(spec, sort_keys=True)})

@@ -1,0 +1,155 @@
+"""``fewstep status`` and ``fewstep gc``: what the store holds, and what it may drop.
+
+    fewstep status [--store URI] [--json]
+    fewstep gc     [--store URI] [--min-age-hours H] [--yes]
+
+A store error (bad URI, missing bucket, rejected credentials, unreachable endpoint, a
+corrupt file) prints one line on stderr and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable, Optional
+
+import typer
+
+STORE_HELP = "Local folder or s3://bucket/prefix (default ./fewstep-store)."
+ENDPOINT_HELP = "S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)."
+HEADLINE_METRICS = 5
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+    app.command("gc")(gc)
+
+
+def user_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Turn StoreErrors into one line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from infra.errors import StoreError
+
+        try:
+            command(*args, **kwargs)
+        except StoreError as error:
+            typer.echo(f"fewstep: error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def open_store(uri: str | None, endpoint_url: str | None, region: str | None):
+    from infra.store import Store
+
+    return Store.open(uri, endpoint_url=endpoint_url, region=region)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def headline(metrics: dict[str, Any], limit: int = HEADLINE_METRICS) -> str:
+    """The first few scalar metrics as ``name=value``."""
+    scalars = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) and len(str(v)) <= 40]
+    text = " ".join(f"{k}={format_value(v)}" for k, v in scalars[:limit])
+    return text + (" …" if len(scalars) > limit else "")
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"  # pragma: no cover
+
+
+@user_errors
+def status(
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
+    region: Optional[str] = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
+    """Committed stages with their keys, lineage (input refs) and headline metrics; pointers; runs."""
+    from infra import CODE_VERSION
+    from infra.gc import load_manifests
+
+    opened = open_store(store, endpoint_url, region)
+    manifests, damaged = load_manifests(opened)
+    ordered = sorted(manifests.values(), key=lambda m: (m.created_at, m.ref))
+    pointers = opened.list_pointers()
+    runs = opened.list_runs()
+    if as_json:
+        typer.echo(json.dumps({
+            "store": opened.uri,
+            "code_version": CODE_VERSION,
+            "stages": [{"ref": m.ref, "stage": m.stage, "key": m.key, "created_at": m.created_at, "inputs": m.inputs,
+                        "metrics": m.metrics, "code_version": m.code_version, "digest": m.digest} for m in ordered],
+            "damaged": damaged,
+            "pointers": pointers,
+            "runs": runs,
+        }, indent=2))
+        return
+    typer.echo(f"store {opened.uri}  (code {CODE_VERSION})")
+    if not ordered:
+        typer.echo("no committed stages")
+    else:
+        rows = [["STAGE", "KEY", "CREATED (UTC)", "INPUTS", "METRICS"]]
+        older = False
+        for m in ordered:
+            mark = "" if m.code_version == CODE_VERSION else "*"
+            older = older or bool(mark)
+            rows.append([m.stage, m.key + mark, m.created_at[:19].replace("T", " "), ",".join(m.inputs) or "-", headline(m.metrics)])
+        typer.echo(table(rows))
+        if older:
+            typer.echo("* written by another code version (a re-run computes a new key)")
+    for ref, reason in sorted(damaged.items()):
+        typer.echo(f"damaged {ref}: {reason}")
+    if pointers:
+        typer.echo("pointers:")
+        for name, ref in pointers.items():
+            typer.echo(f"  {name} -> {ref}")
+    if runs:
+        typer.echo(f"runs: {len(runs)} recorded, latest {runs[-1].get('run_id')} at {runs[-1].get('created_at', '?')[:19]}")
+
+
+@user_errors
+def gc(
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
+    region: Optional[str] = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
+    yes: bool = typer.Option(False, "--yes", help="Delete what is listed (without it, only list)."),
+    min_age_hours: float = typer.Option(1.0, "--min-age-hours", min=0.0,
+                                        help="Leave uncommitted attempts younger than this (a stage may still be writing them)."),
+) -> None:
+    """List staging leftovers, finished checkpoints and outputs no run references; --yes deletes them."""
+    from infra.gc import apply_gc, plan_gc
+
+    opened = open_store(store, endpoint_url, region)
+    plan = plan_gc(opened, min_age_s=min_age_hours * 3600)
+    for line in plan.damaged:
+        typer.echo(f"damaged (left alone): {line}")
+    if plan.note:
+        typer.echo(f"note: {plan.note}")
+    if not plan.items:
+        typer.echo(f"nothing to collect in {opened.uri}")
+        return
+    root = opened.root.rstrip("/") + "/"
+    rows = [[item.kind, human_size(item.size), item.path.removeprefix(root), item.reason] for item in plan.items]
+    typer.echo(table(rows))
+    if yes:
+        apply_gc(opened, plan)
+        typer.echo(f"removed {len(plan.items)} items, {human_size(plan.size)}")
+    else:
+        typer.echo(f"would remove {len(plan.items)} items, {human_size(plan.size)}; run again with --yes to delete them")

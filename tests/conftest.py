@@ -1,0 +1,143 @@
+"""Fixtures shared by every test package.
+
+S3: ``s3_server`` starts one real S3 endpoint for the session (moto's server mode in a
+subprocess on a free 127.0.0.1 port) with IAM authentication on, so wrong credentials are
+refused as on AWS. It creates one IAM user with an allow-all policy and exports that user's
+keys and the endpoint as the standard AWS variables, so anything that reads them (the store,
+s3fs, boto3, subprocesses, Ray workers started afterwards) talks to it. Nothing starts
+until a test asks for it.
+
+``store_uri`` / ``store`` are parametrised over ``local`` (a fresh folder) and ``s3`` (a
+fresh bucket on that endpoint): a test that takes ``store`` runs once per backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MOTO_REGION = "us-east-1"
+# The requests moto serves before it starts checking credentials: exactly the IAM setup below.
+MOTO_SETUP_REQUESTS = 3
+ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str
+    region: str = MOTO_REGION
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self, service: str = "s3", **keys: str):
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region,
+                            aws_access_key_id=keys.get("key", self.access_key_id),
+                            aws_secret_access_key=keys.get("secret", self.secret_access_key))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
+    # A TCP connect, not an HTTP request: moto would count a request against MOTO_SETUP_REQUESTS.
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s}s:\n{log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint with IAM auth; its endpoint and keys are exported as AWS_* variables."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(MOTO_SETUP_REQUESTS))
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   env=env, stdout=sink, stderr=subprocess.STDOUT)
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        wait_for_port(port, process, log)
+        endpoint = f"http://127.0.0.1:{port}"
+        iam = S3Server(endpoint, "setup", "setup").client("iam")
+        iam.create_user(UserName="fewstep-tests")
+        iam.put_user_policy(UserName="fewstep-tests", PolicyName="allow-all", PolicyDocument=json.dumps(ALLOW_ALL))
+        key = iam.create_access_key(UserName="fewstep-tests")["AccessKey"]
+        server = S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            monkeypatch.delenv(name, raising=False)
+        missing = str(tmp_path_factory.mktemp("aws") / "none")
+        monkeypatch.setenv("AWS_CONFIG_FILE", missing)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+    finally:
+        monkeypatch.undo()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3_uri(s3_server) -> str:
+    """``s3://<fresh bucket>/store`` on the session's S3 endpoint."""
+    bucket = f"fewstep-test-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/store"
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path) -> str:
+    """A fresh, empty store location: a local folder, then a bucket on the session's S3 endpoint."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_uri")
+
+
+@pytest.fixture
+def store(store_uri):
+    """``Store.open(store_uri)``: every test that takes it runs on a local folder and on S3."""
+    from infra.store import Store
+
+    return Store.open(store_uri)
+
+
+@pytest.fixture
+def local_store(tmp_path):
+    """A store in a fresh local folder, for tests that need no S3."""
+    from infra.store import Store
+
+    return Store.open(str(tmp_path / "store"))
