@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -148,18 +149,27 @@ def consistency_sample(
     y: Tensor,
     steps: int,
     generator: torch.Generator | None = None,
+    noise: Sequence[Tensor] | None = None,
 ) -> SampleResult:
     """Multistep consistency sampling (Song et al. 2023, Alg. 1) on the straight path.
 
     x_hat = f(x_0, 0); then for t_i = i / k, i = 1..k-1: draw fresh z ~ N(0, I),
     re-noise x_{t_i} = (1 - t_i) z + t_i x_hat and set x_hat = f(x_{t_i}, t_i).
     One network evaluation per step; ``steps = 1`` is the one-step generator.
+
+    ``noise`` (k - 1 tensors shaped like x_0) supplies the z draws instead of ``generator``,
+    so a caller that batches several requests can keep each one's draws its own.
     """
     check_steps(steps)
     times = consistency_times(steps)
+    if noise is not None and len(noise) != steps - 1:
+        raise ValueError(f"{steps}-step consistency sampling needs {steps - 1} noise tensors, got {len(noise)}")
     x_hat = consistency_fn(net, x_0, full_t(times[0], x_0), y)
-    for t_i in times[1:]:
-        z = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
+    for i, t_i in enumerate(times[1:]):
+        if noise is not None:
+            z = noise[i]
+        else:
+            z = torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
         t = full_t(t_i, x_0)
         x_hat = consistency_fn(net, interpolate(z, x_hat, t), t, y)
     return SampleResult(x_1=x_hat, nfe=steps)
