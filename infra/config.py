@@ -111,9 +111,12 @@ class EvaluateConfig(Section):
     guidance: float = Field(1.0, ge=0)
     classifier_steps: int = Field(600, ge=1)
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
+    extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
     knn_k: int = Field(3, ge=1)
     seed: int = 1234
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1)  # concurrent evaluation tasks (one per model, sampler, steps)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _positive_steps(self) -> "EvaluateConfig":
