@@ -159,7 +159,7 @@ def retry_transient(
     *,
     policy: RetryPolicy = DEFAULT_RETRY,
     what: str = "store operation",
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> T:
     """Call ``fn()``; on a transient error wait and call again, up to ``policy.attempts`` times.
 
@@ -177,7 +177,7 @@ def retry_transient(
                     f"{what} failed {policy.attempts} times with transient errors (last: {describe(error)}); "
                     "check that the S3 endpoint is up and not throttling, then retry"
                 ) from error
-            sleep(policy.delay(attempt))
+            (sleep or time.sleep)(policy.delay(attempt))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

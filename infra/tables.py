@@ -34,7 +34,10 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
         if str(tensor.dtype) == "torch.bfloat16":
             raise ValueError(f"column {name!r} is bfloat16, which Parquet readers cannot read; cast it to float32 first")
         value = tensor.numpy()
-    return np.ascontiguousarray(np.asarray(value))
+    array = np.asarray(value)
+    if array.ndim == 0:
+        raise ValueError(f"column {name!r} is a scalar; give one value per row (shape (N, ...))")
+    return np.ascontiguousarray(array)
 
 
 def tensors_to_table(
@@ -54,8 +57,6 @@ def tensors_to_table(
     lengths = {}
     for name, value in columns.items():
         array = _to_numpy(name, value)
-        if array.ndim == 0:
-            raise ValueError(f"column {name!r} is a scalar; give one value per row (shape (N, ...))")
         lengths[name] = array.shape[0]
         if array.ndim == 1:
             arrays[name] = pa.array(array)
