@@ -97,12 +97,17 @@ def from_model_range(x: np.ndarray) -> np.ndarray:
     return u.transpose(0, 2, 3, 1)  # (N, H, W, C)
 
 
-def decode_batch(images: Iterable[bytes], channels: int) -> np.ndarray:
-    """A batch of stored PNGs (all the same size) -> float32 (N, C, H, W) in [-1, 1]."""
+def decode_pixels(images: Iterable[bytes], channels: int) -> np.ndarray:
+    """A batch of stored PNGs (all the same size) -> uint8 (N, H, W, C)."""
     arrays = [decode_png(bytes(data), channels) for data in images]
     if not arrays:
-        raise ValueError("decode_batch got no images")
+        raise ValueError("decode_pixels got no images")
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"images in one batch must share a shape, got {sorted(shapes)}")
-    return to_model_range(np.stack(arrays))  # (N, C, H, W)
+    return np.stack(arrays)  # (N, H, W, C)
+
+
+def decode_batch(images: Iterable[bytes], channels: int) -> np.ndarray:
+    """A batch of stored PNGs (all the same size) -> float32 (N, C, H, W) in [-1, 1]."""
+    return to_model_range(decode_pixels(images, channels))

@@ -1,0 +1,99 @@
+"""The latents stage: an actor pool of VAE encoders over the images table, on a real local Ray."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from infra.config import IngestConfig, LatentsConfig
+from infra.tables import table_column_to_numpy, table_metadata
+from models.registry import model_spec
+from models.vae import VAE, VAEConfig
+from workers import latents as latents_module
+from workers.images import decode_batch
+from workers.ingest import run_ingest
+from workers.latents import LatentEncoder, run_latents
+
+SCALE = 1.7  # what the fake VAE stage "measured": the latents stage must copy it, not invent one
+
+
+def tiny_vae() -> VAE:
+    torch.manual_seed(0)
+    return VAE(VAEConfig(in_channels=1, latent_channels=2, base_channels=8, downsample=4)).eval()
+
+
+def commit_vae(store, images, metrics):
+    """A VAE manifest as the vae stage would commit it (untrained weights: the encoding is what matters)."""
+    vae = tiny_vae()
+    with store.begin("vae", store.stage_key("vae", {"test": "latents"}, [images]), config={}, inputs=[images]) as writer:
+        writer.write_model("vae", vae, model_spec(vae))
+        return writer.commit(metrics=metrics), vae
+
+
+@pytest.fixture
+def images(ray_local, store):
+    return run_ingest(store, IngestConfig(source="digits", image_size=16, limit=24, test_fraction=0.25))
+
+
+def test_encoder_is_a_plain_callable(store, images):
+    vae = tiny_vae()
+    table = store.read_table(images, "images").slice(0, 5)
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ("id", "split", "label", "image")}
+
+    out = LatentEncoder(model_spec(vae), vae.state_dict(), channels=1)(batch)
+
+    assert out["mean"].shape == out["logvar"].shape == (5, 2, 4, 4)
+    assert out["mean"].dtype == np.float32
+    with torch.no_grad():
+        expected = vae.encode(torch.from_numpy(decode_batch(batch["image"], 1)))
+    np.testing.assert_allclose(out["mean"], expected.mean.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["logvar"], expected.logvar.numpy(), atol=1e-6)
+    assert list(out["id"]) == list(batch["id"]) and list(out["label"]) == list(batch["label"])
+
+
+def test_latents_stage_writes_scaled_metadata_and_is_reused(store, images, monkeypatch):
+    vae_manifest, vae = commit_vae(store, images, {"latent_scale": SCALE})
+    config = LatentsConfig(batch_size=8, num_actors=2, cpus_per_actor=0.5)
+    manifest = run_latents(store, config, images, vae_manifest)
+
+    table = store.read_table(manifest, "latents")
+    source = store.read_table(images, "images")
+    assert table.column("id").to_pylist() == source.column("id").to_pylist()  # every image, in id order
+    assert table.column("split").to_pylist() == source.column("split").to_pylist()
+    assert table.column("label").to_pylist() == source.column("label").to_pylist()
+    mean, logvar = table_column_to_numpy(table, "mean"), table_column_to_numpy(table, "logvar")
+    assert mean.shape == logvar.shape == (24, 2, 4, 4) and mean.dtype == np.float32
+    with torch.no_grad():
+        expected = vae.encode(torch.from_numpy(decode_batch(source.column("image").to_pylist(), 1)))
+    np.testing.assert_allclose(mean, expected.mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logvar, expected.logvar.numpy(), atol=1e-5)
+
+    meta = table_metadata(table)
+    assert meta["fewstep.vae_digest"] == vae_manifest.digest and meta["fewstep.vae_ref"] == vae_manifest.ref
+    assert float(meta["fewstep.latent_scale"]) == SCALE
+    assert meta["fewstep.dtype"] == "float32" and meta["fewstep.shape"] == "[2, 4, 4]"
+    m = manifest.metrics
+    assert m["latent_scale"] == SCALE and m["latent_shape"] == [2, 4, 4] and m["vae_ref"] == vae_manifest.ref
+    assert m["n_train"] + m["n_test"] == 24 and m["num_classes"] == images.metrics["num_classes"]
+
+    # Readable without fewstep: pandas over the stored file gives flat per-row arrays.
+    (name,) = manifest.files
+    with store.fs.open(f"{store.stage_dir(manifest.stage, manifest.key)}/{manifest.files[name].path}", "rb") as f:
+        frame = pd.read_parquet(io.BytesIO(f.read()))
+    assert list(frame.columns) == ["id", "split", "label", "mean", "logvar"]
+    np.testing.assert_allclose(np.stack(frame["mean"]).reshape(-1, 2, 4, 4), mean)
+
+    monkeypatch.setattr(latents_module, "encoded_dataset", lambda *a, **k: pytest.fail("recomputed a committed stage"))
+    assert run_latents(store, config, images, vae_manifest).digest == manifest.digest
+
+
+def test_a_vae_manifest_without_a_scale_is_refused(local_store, ray_local):
+    images = run_ingest(local_store, IngestConfig(source="digits", image_size=16, limit=8))
+    vae_manifest, _ = commit_vae(local_store, images, {"recon_mse": 0.1})
+    with pytest.raises(ValueError, match="latent_scale"):
+        run_latents(local_store, LatentsConfig(), images, vae_manifest)

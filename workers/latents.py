@@ -1,0 +1,216 @@
+"""The latents stage: every image through the VAE encoder, once, into the ``latents`` table.
+
+A Ray Data actor pool (``LatentsConfig.num_actors`` actors, each with ``cpus_per_actor`` /
+``gpus_per_actor``) runs :class:`LatentEncoder`, which builds the VAE once per actor and
+maps batches of stored PNGs to the posterior q(z | x) = N(mean, exp(logvar)). The table keeps
+both moments (unscaled), so the training stages can draw z = mean + exp(logvar / 2) * eps
+afresh every epoch and multiply by the latent scale themselves.
+
+The latent scale is the VAE stage's measurement (its manifest's ``latent_scale``); this stage
+copies it into its own metrics and into the Parquet schema metadata next to the VAE's ref
+and digest, the dtype and the shape, so a table read without fewstep says what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from infra.config import LatentsConfig, section_dict
+from infra.store import Manifest, StageWriter, Store
+from infra.tables import tensors_to_table, with_metadata
+from infra.version import CODE_VERSION
+from models.registry import build_model
+from workers.images import decode_batch
+from workers.stage import run_stage
+from workers.vae_stage import load_vae
+
+log = logging.getLogger("fewstep.latents")
+
+STAGE = "latents"
+DTYPE = "float32"
+
+
+class LatentEncoder:
+    """Ray Data class UDF: a batch of image rows -> the same rows with ``mean`` and ``logvar``.
+
+    A plain callable: ``LatentEncoder(spec, state, channels)(batch)`` works without Ray. Under
+    Ray, ``state`` may be an ``ObjectRef`` to the state dict, fetched once per actor.
+
+    batch:  {"id", "split", "label", "image": PNG bytes}  (numpy arrays of length N)
+    return: {"id", "split", "label", "mean": (N, c, h, w) float32, "logvar": (N, c, h, w) float32}
+    """
+
+    def __init__(self, spec: dict, state: Any, channels: int, device: str = "cpu"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"the latents actor was asked for device {device!r} but sees no CUDA device; "
+                "set 'latents.gpus_per_actor: 0' or run on a node with a GPU"
+            )
+        if not isinstance(state, Mapping):
+            import ray
+
+            state = ray.get(state)
+        self.device = torch.device(device)
+        self.channels = channels
+        self.vae = build_model(spec)
+        self.vae.load_state_dict(state)
+        self.vae.eval().requires_grad_(False).to(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(decode_batch(batch["image"], self.channels)).to(self.device)  # (N, C, H, W)
+        posterior = self.vae.encode(x)  # mean, logvar: (N, c, h, w)
+        return {
+            "id": np.asarray(batch["id"]),
+            "split": np.asarray(batch["split"]),
+            "label": np.asarray(batch["label"], dtype=np.int64),
+            "mean": posterior.mean.float().cpu().numpy(),
+            "logvar": posterior.logvar.float().cpu().numpy(),
+        }
+
+
+def vae_state(store: Store, vae: Manifest, name: str = "vae") -> tuple[dict, dict[str, Tensor]]:
+    """(spec, CPU state dict) of the VAE a vae manifest holds, read and verified once on the driver."""
+    spec = store.read_json(vae, f"{name}.json")
+    module = load_vae(store, vae, name)
+    return spec, {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def latent_scale_of(vae: Manifest) -> float:
+    """The VAE stage's measured scale; a manifest without one was not made by the vae stage."""
+    try:
+        scale = float(vae.metrics["latent_scale"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"VAE manifest {vae.ref} has no numeric metrics['latent_scale'] "
+            f"(metrics: {sorted(vae.metrics)}); pass a manifest committed by the vae stage"
+        ) from None
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"VAE manifest {vae.ref} records latent_scale={scale}; it must be positive and finite")
+    return scale
+
+
+def images_geometry(images: Manifest) -> tuple[int, int]:
+    """(channels, num_classes) of an images manifest, from the ingest stage's metrics."""
+    try:
+        return int(images.metrics["channels"]), int(images.metrics["num_classes"])
+    except KeyError as missing:
+        raise ValueError(f"images manifest {images.ref} does not record {missing}; pass the ingest stage's manifest") from None
+
+
+@contextmanager
+def preserved_order():
+    """Ray Data keeps the input order while this is open: the images table is sorted by id,
+    so the latents come out sorted by id, whatever order the actors finish in."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
+def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, channels: int, config: LatentsConfig):
+    """images table -> rows {id, split, label, mean, logvar}, encoded by an actor pool."""
+    import ray.data
+
+    device = "cuda" if config.gpus_per_actor > 0 else "cpu"
+    ds = ray.data.read_parquet(store.file_path(images, "images"), filesystem=store.pa_filesystem)
+    ds = ds.select_columns(["id", "split", "label", "image"])
+    return ds.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={"spec": spec, "state": state, "channels": channels, "device": device},
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+    )
+
+
+@dataclass(frozen=True)
+class Written:
+    rows: int
+    splits: dict[str, int]
+    shape: tuple[int, ...]  # (c, h, w) of one latent
+
+
+def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: str = "latents") -> Written:
+    """Stream the dataset's batches into ``name/part-00000.parquet`` under the writer's staging
+    prefix (memory stays at one batch), then add it to the writer's files."""
+    path = f"{writer.prefix}/{name}/part-00000.parquet"
+    store = writer.store
+    store.fs.makedirs(f"{writer.prefix}/{name}", exist_ok=True)
+    out: pq.ParquetWriter | None = None
+    rows, splits, shape = 0, {}, ()
+    try:
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            if len(batch["id"]) == 0:
+                continue
+            table = tensors_to_table(batch)
+            if out is None:
+                shape = tuple(int(d) for d in batch["mean"].shape[1:])
+                produced = {"fewstep.ref": writer.ref, "fewstep.code_version": CODE_VERSION,
+                            "fewstep.shape": json.dumps(list(shape))}
+                schema = with_metadata(table, {**produced, **dict(metadata)}).schema
+                out = pq.ParquetWriter(path, schema, filesystem=store.pa_filesystem)
+            out.write_table(table.replace_schema_metadata(schema.metadata))
+            rows += table.num_rows
+            for split, count in zip(*np.unique(batch["split"].astype(str), return_counts=True)):
+                splits[str(split)] = splits.get(str(split), 0) + int(count)
+    finally:
+        if out is not None:
+            out.close()
+    if out is None:
+        raise ValueError("the images table holds no images to encode")
+    writer.add_files([name])
+    return Written(rows, splits, shape)
+
+
+def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Manifest) -> Manifest:
+    """Encode every image of ``images`` with the VAE of ``vae``; returns the latents manifest."""
+    scale = latent_scale_of(vae)
+    channels, num_classes = images_geometry(images)
+
+    def build(writer: StageWriter, key: str) -> dict[str, Any]:
+        import ray
+
+        from workers.runtime import ensure_ray
+
+        ensure_ray()
+        spec, state = vae_state(store, vae)
+        metadata = {
+            "fewstep.vae_ref": vae.ref,
+            "fewstep.vae_digest": vae.digest,
+            "fewstep.images_ref": images.ref,
+            "fewstep.latent_scale": repr(scale),
+            "fewstep.dtype": DTYPE,
+            "fewstep.moments": "mean, logvar of q(z|x); train on latent_scale * (mean + exp(logvar/2) * eps)",
+        }
+        with preserved_order():
+            ds = encoded_dataset(store, images, spec, ray.put(state), channels, config)
+            written = write_streaming(writer, ds, metadata)
+        return {
+            "n_latents": written.rows,
+            "n_train": written.splits.get("train", 0),
+            "n_test": written.splits.get("test", 0),
+            "latent_shape": list(written.shape),
+            "latent_scale": scale,
+            "num_classes": num_classes,
+            "vae_ref": vae.ref,
+            "dtype": DTYPE,
+        }
+
+    return run_stage(store, STAGE, section_dict(config), [images, vae], build)
