@@ -137,10 +137,28 @@ class ServeConfig(Section):
     max_batch_size: int = Field(64, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_queued_requests: int = Field(256, ge=1)
-    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(128, ge=1)  # per replica; at least max_batch_size, or batches never fill
+    max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies get 413
+    solver: Literal["euler", "heun"] = "euler"  # how flow (ODE) models are sampled; consistency models ignore it
+    poll_s: float = Field(1.0, gt=0)  # how often a replica looks at the serving/current pointer
+    num_replicas: int = Field(1, ge=1)  # fixed replicas, or the autoscaling minimum when max_replicas is set
+    max_replicas: int | None = Field(None, ge=1)  # set: autoscale between num_replicas and max_replicas
+    target_ongoing_requests: float = Field(8.0, gt=0)  # the autoscaler's per-replica target
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     promote_tolerance: float = Field(0.05, ge=0)  # relative FID slack
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> "ServeConfig":
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch_size="
+                             f"{self.max_batch_size}: a replica could never fill a batch; raise it")
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} is below num_replicas={self.num_replicas} "
+                             "(the autoscaling minimum); raise max_replicas or leave it unset")
+        if self.steps > self.max_steps:
+            raise ValueError(f"the served steps={self.steps} exceed max_steps={self.max_steps}")
+        return self
 
 
 class PipelineConfig(Section):
