@@ -68,11 +68,11 @@ class PixelBatch:
         return {"x_1": rows["pixels"].float() / 127.5 - 1.0}
 
 
-def decode_split(batch: Mapping[str, np.ndarray], split: str, channels: int) -> dict[str, np.ndarray]:
+def decode_split(batch: Mapping[str, np.ndarray], split: str, channels: int, image_size: int) -> dict[str, np.ndarray]:
     """Ray Data UDF: image rows of ``split`` -> {"pixels": uint8 (n, C, H, W)} (other rows dropped)."""
     chosen = [image for image, s in zip(batch["image"], batch["split"]) if s == split]
-    if not chosen:
-        return {"pixels": np.zeros((0, channels, 1, 1), dtype=np.uint8)}
+    if not chosen:  # the same trailing shape as every other block, so the column stays fixed-shape
+        return {"pixels": np.zeros((0, channels, image_size, image_size), dtype=np.uint8)}
     return {"pixels": decode_pixels(chosen, channels).transpose(0, 3, 1, 2)}  # (N, H, W, C) -> (N, C, H, W)
 
 
@@ -81,8 +81,8 @@ def pixel_dataset(store: Store, images: Manifest, split: str, channels: int, ima
 
     ds = ray.data.read_parquet(store.file_path(images, "images"), filesystem=store.pa_filesystem)
     ds = ds.select_columns(["split", "image"])
-    ds = ds.map_batches(decode_split, batch_format="numpy", fn_kwargs={"split": split, "channels": channels})
-    rows = int(images.metrics.get(f"n_{split}", 0))
+    ds = ds.map_batches(decode_split, batch_format="numpy", fn_kwargs={"split": split, "channels": channels, "image_size": image_size})
+    rows = int(images.metrics[f"n_{split}"])
     if rows * channels * image_size**2 <= MATERIALIZE_BYTES:
         ds = ds.materialize()  # epochs re-read blocks instead of re-decoding PNGs
     return ds
@@ -296,6 +296,12 @@ def run_vae(store: Store, config: VAEStageConfig, images: Manifest) -> Manifest:
         key_config["pretrained_fingerprint"] = folder_fingerprint(config.pretrained)
     else:
         check_fits(channels, config.downsample, channels, image_size, "the VAE")
+        n_train = int(images.metrics["n_train"])
+        if n_train < config.batch_size:
+            raise ConfigError(
+                f"vae.batch_size={config.batch_size} is more than the {n_train} train images of {images.ref}: "
+                f"set vae.batch_size to at most {n_train}, or ingest more images"
+            )
 
     def build(writer: StageWriter, key: str) -> dict[str, Any]:
         if config.pretrained is not None:

@@ -76,10 +76,12 @@ def test_vae_stage_trains_measures_the_scale_and_is_reused(local_store, digits, 
     assert run_vae(store, config, digits).digest == manifest.digest
 
 
-def test_image_size_must_fit_the_downsampling(local_store, ray_local):
+def test_configs_that_cannot_train_are_refused_before_training(local_store, ray_local):
     images = run_ingest(local_store, IngestConfig(source="digits", image_size=12, limit=8))
     with pytest.raises(ConfigError, match="not divisible by the VAE's downsampling factor 8"):
         run_vae(local_store, VAEStageConfig(downsample=8), images)
+    with pytest.raises(ConfigError, match="vae.batch_size=128 is more than the"):
+        run_vae(local_store, VAEStageConfig(downsample=4, batch_size=128), images)
 
 
 # --------------------------------------------------------------------------- a pretrained diffusers VAE
