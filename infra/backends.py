@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from typing import IO, Iterator
+from typing import IO
 
 CHUNK = 8 * 2**20
 
@@ -168,7 +168,3 @@ class LocalBackend(Backend):
         elif os.path.exists(path):
             os.unlink(path)
 
-
-def walk_files(backend: Backend, path: str) -> Iterator[tuple[str, int]]:
-    """(relative path, size) of every file below ``path``, sorted."""
-    yield from sorted(backend.list_files(path).items())

@@ -61,8 +61,9 @@ def with_suffix(name: str, suffix: str) -> str:
     return name if name.endswith(suffix) else name + suffix
 
 
-def open_backend(uri: str | None, **s3_options: Any) -> Backend:
-    """The backend for a store URI: a local path, ``file:///path`` or ``s3://bucket/prefix``."""
+def open_backend(uri: str | None, *, check: bool = True, **s3_options: Any) -> Backend:
+    """The backend for a store URI: a local path, ``file:///path`` or ``s3://bucket/prefix``.
+    ``s3_options`` go to :func:`infra.s3.resolve_settings`; ``check`` probes the bucket."""
     uri = DEFAULT_STORE if uri is None else str(uri)
     if not uri.strip():
         raise InvalidStoreURI("store URI is empty; give a folder or s3://bucket/prefix (default ./fewstep-store)")
@@ -78,8 +79,8 @@ def open_backend(uri: str | None, **s3_options: Any) -> Backend:
     if scheme == "s3":
         from infra.s3 import S3Backend, resolve_settings
 
-        backend = S3Backend(resolve_settings(uri, **{k: v for k, v in s3_options.items() if k != "check"}))
-        if s3_options.get("check", True):
+        backend = S3Backend(resolve_settings(uri, **s3_options))
+        if check:
             backend.probe()
         return backend
     raise UnknownScheme(
