@@ -1,0 +1,72 @@
+"""A tiny stored run for evaluation tests: real digits through the ingest stage, then a VAE and
+three generators (base, reflow round 1, consistency) committed directly with random weights.
+
+Training is not what these tests check, so no Ray Train fit is spent on it: the manifests carry
+exactly what the generative stages write (the same spec builder and metric helpers), and the
+weights are random but not zero (AdaLN-Zero would make every velocity 0 and every model alike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infra.config import IngestConfig, TrainConfig
+from infra.store import Manifest, Store
+from models.registry import build_model, model_spec
+from models.vae import VAE, VAEConfig
+from workers.generative import LatentInfo, dit_spec, info_metrics
+from workers.ingest import run_ingest
+
+LATENT_SHAPE = (2, 4, 4)
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    images: Manifest
+    vae: Manifest
+    base: Manifest
+    reflow: Manifest
+    consistency: Manifest
+
+    @property
+    def generators(self) -> list[Manifest]:
+        return [self.base, self.reflow, self.consistency]
+
+
+def commit(store: Store, stage: str, config: dict, inputs: list[Manifest], models: dict, metrics: dict) -> Manifest:
+    key = store.stage_key(stage, config, inputs)
+    with store.begin(stage, key, config=config, inputs=inputs) as writer:
+        for name, module in models.items():
+            writer.write_model(name, module, model_spec(module))
+        return writer.commit(metrics=metrics)
+
+
+def random_generator(spec: dict, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = build_model(spec)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def commit_tiny_run(store: Store, vae_seed: int = 0) -> TinyRun:
+    images = run_ingest(store, IngestConfig(source="digits", limit=120, image_size=16))
+    torch.manual_seed(vae_seed)
+    vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT_SHAPE[0], base_channels=8, downsample=4))
+    vae_m = commit(store, "vae", {"seed": vae_seed}, [images], {"vae": vae},
+                   {"latent_scale": 1.0, "latent_shape": list(LATENT_SHAPE), "in_channels": 1, "image_size": 16})
+    info = LatentInfo(LATENT_SHAPE, int(images.metrics["num_classes"]), 1.0, vae_m.ref)
+    spec = dit_spec(TrainConfig(model="DiT-T/2"), info)
+
+    def generator(stage: str, seed: int, inputs: list[Manifest], sampler: str, extra: dict) -> Manifest:
+        net = random_generator(spec, seed)
+        return commit(store, stage, {"seed": seed}, inputs, {"model": net, "raw": net},
+                      {"sampler": sampler, "steps": 0, **info_metrics(info), **extra})
+
+    base = generator("base", 1, [vae_m], "ode", {})
+    reflow = generator("reflow", 2, [base], "ode", {"round": 1, "teacher_ref": base.ref})
+    consistency = generator("consistency", 3, [reflow], "consistency", {"teacher_ref": reflow.ref, "guidance": 1.0})
+    return TinyRun(images, vae_m, base, reflow, consistency)

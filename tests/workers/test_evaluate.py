@@ -1,0 +1,213 @@
+"""The classifier and evaluate stages on a tiny stored run: real digits, random-weight generators."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from evaluate_fixtures import commit, commit_tiny_run  # noqa: E402
+from infra.config import ConfigError, EvaluateConfig  # noqa: E402
+from infra.store import Store  # noqa: E402
+from models.classifier import Classifier  # noqa: E402
+from workers.classifier_stage import run_classifier  # noqa: E402
+from workers.evaluate import (  # noqa: E402
+    CEILING,
+    COLUMNS,
+    FLOOR,
+    REFERENCE,
+    best_by_steps,
+    compute_evaluation,
+    evaluation_rows,
+    fid_at,
+    make_grid,
+    quality_ratios,
+    report_markdown,
+    run_evaluate,
+)
+
+pytestmark = pytest.mark.timeout(600)
+
+CONFIG = EvaluateConfig(n=64, flow_steps=(1, 2), flow_solvers=("euler", "heun"), consistency_steps=(1, 2),
+                        classifier_steps=60, num_actors=2)
+CELLS = [("base", "euler", 1, 1), ("base", "euler", 2, 2), ("base", "heun", 1, 2), ("base", "heun", 2, 4),
+         ("reflow-1", "euler", 1, 1), ("reflow-1", "euler", 2, 2), ("reflow-1", "heun", 1, 2), ("reflow-1", "heun", 2, 4),
+         ("consistency", "consistency", 1, 1), ("consistency", "consistency", 2, 2)]  # model, sampler, steps, NFE
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, tmp_path_factory):
+    store = Store.open(str(tmp_path_factory.mktemp("evaluate") / "store"))
+    run = commit_tiny_run(store)
+    classifier = run_classifier(store, CONFIG, run.images)
+    manifest = run_evaluate(store, CONFIG, run.generators, run.images, run.vae, classifier)
+    return store, run, classifier, manifest
+
+
+def by_cell(rows):
+    return {(r["model"], r["sampler"], r["steps"]): r for r in rows}
+
+
+def test_classifier_stage_reports_test_accuracy_and_is_reused(evaluated):
+    store, run, classifier, _ = evaluated
+    metrics = classifier.metrics
+    assert metrics["n_test"] == run.images.metrics["n_test"] and metrics["n_train"] == run.images.metrics["n_train"]
+    # Digits are easy: far above chance (0.1) after 60 steps, and a real share.
+    assert 0.5 < metrics["test_accuracy"] <= 1.0
+    assert isinstance(store.load_model(classifier, "classifier"), Classifier)
+    # Its key ignores what does not shape it (n, step lists), so evaluation settings never retrain it.
+    assert run_classifier(store, CONFIG.model_copy(update={"n": 10, "flow_steps": (4,)}), run.images).ref == classifier.ref
+
+
+def test_every_output_is_committed_and_loads(evaluated):
+    store, run, classifier, manifest = evaluated
+    names = set(manifest.files)
+    assert {"metrics", "fid_vs_nfe.png", "report.md", "straightness", "grids/real-test.png", "grids/vae-recon.png"} <= names
+    for model, sampler, steps, _ in CELLS:
+        grid = Image.open(io.BytesIO(store.read_bytes(manifest, f"grids/{model}-{sampler}-{steps}.png")))
+        assert grid.width > 16 * 2 and grid.height > 16 * 2
+    plot = Image.open(io.BytesIO(store.read_bytes(manifest, "fid_vs_nfe.png")))
+    assert plot.format == "PNG" and plot.width >= 400
+
+    # The table: exactly the issue's columns, readable without fewstep.
+    frame = pd.read_parquet(store.file_path(manifest, "metrics"))
+    assert tuple(frame.columns) == COLUMNS
+    rows = evaluation_rows(store, manifest)
+    assert len(rows) == 2 + len(CELLS) == manifest.metrics["rows"]
+    assert (rows[0]["model"], rows[1]["model"]) == (FLOOR, CEILING)
+    assert rows[0]["stage_key"] == run.images.ref and rows[1]["stage_key"] == run.vae.ref
+    assert all(r["sampler"] == REFERENCE and r["nfe"] == 0 for r in rows[:2])
+    cells = by_cell(rows[2:])
+    assert set(cells) == {(m, s, k) for m, s, k, _ in CELLS}
+    refs = {"base": run.base.ref, "reflow-1": run.reflow.ref, "consistency": run.consistency.ref}
+    for model, sampler, steps, nfe in CELLS:
+        row = cells[(model, sampler, steps)]
+        assert row["nfe"] == nfe and row["n"] == CONFIG.n and row["stage_key"] == refs[model]
+        assert row["extractor"] == classifier.ref and row["guidance"] == 1.0
+        assert 0.0 <= row["class_accuracy"] <= 1.0 and 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
+        assert row["seconds_per_image"] > 0
+        # Random generators decode noise: much further from the test set than real train images are.
+        assert math.isfinite(row["fid"]) and row["fid"] > rows[0]["fid"]
+    assert 0.0 <= rows[0]["class_accuracy"] <= 1.0 and rows[0]["fid"] > 0
+    # The models really differ (random weights, not AdaLN-Zero's zero velocity for all).
+    assert len({round(r["fid"], 6) for r in rows[2:]}) > 3
+
+    # Straightness: for the ODE models only, on their largest step count.
+    straightness = store.read_json(manifest, "straightness")
+    assert set(straightness) == {"base", "reflow-1"}
+    assert all(s["steps"] == 2 and s["value"] >= 0 and math.isfinite(s["value"]) for s in straightness.values())
+
+    report = report_markdown(store, manifest)
+    assert "fid_vs_nfe.png" in report and classifier.ref in report
+    assert all(f"grids/{m}-{s}-{k}.png" in report for m, s, k, _ in CELLS)
+    assert "consistency@1 / FID base best" in report and "reflow-1@2" in report
+    assert manifest.metrics["floor_fid"] == pytest.approx(rows[0]["fid"])
+    assert manifest.metrics["classifier_test_accuracy"] == classifier.metrics["test_accuracy"]
+
+
+def test_fid_at_reads_the_table(evaluated):
+    store, run, _, manifest = evaluated
+    cells = by_cell(evaluation_rows(store, manifest))
+    best_at_1 = min(cells[("base", "euler", 1)]["fid"], cells[("base", "heun", 1)]["fid"])
+    assert fid_at(store, manifest, run.base.ref, 1) == best_at_1
+    assert fid_at(store, manifest, run.base.ref, 1, sampler="heun") == cells[("base", "heun", 1)]["fid"]
+    assert fid_at(store, manifest, run.consistency.ref, 2) == cells[("consistency", "consistency", 2)]["fid"]
+    assert fid_at(store, manifest, run.consistency.ref, 4) is None
+    assert fid_at(store, manifest, "base/0000000000000000", 1) is None
+
+
+def test_same_config_same_manifest_and_fresh_runs_repeat_the_numbers(evaluated):
+    store, run, classifier, manifest = evaluated
+    # Content addressing; where it runs (num_actors) is not part of the key.
+    again = run_evaluate(store, CONFIG.model_copy(update={"num_actors": 1}), run.generators, run.images, run.vae, classifier)
+    assert again.ref == manifest.ref and again.digest == manifest.digest
+    # A fresh computation, one task at a time instead of two: the same numbers.
+    rows = by_cell(evaluation_rows(store, manifest))
+    fresh = compute_evaluation(store, CONFIG.model_copy(update={"num_actors": 1}), run.generators, run.images,
+                               run.vae, classifier)
+    for row in fresh.rows:
+        old = rows[(row["model"], row["sampler"], row["steps"])]
+        for column in ("fid", "precision", "recall", "class_accuracy"):
+            assert row[column] == pytest.approx(old[column], rel=1e-6, abs=1e-6), (row["model"], column)
+    # ... and the seed matters: another seed draws other images.
+    reseeded = compute_evaluation(store, CONFIG.model_copy(update={"seed": 7, "flow_solvers": ("euler",)}),
+                                  [run.base], run.images, run.vae, classifier)
+    assert by_cell(reseeded.rows)[("base", "euler", 1)]["fid"] != pytest.approx(rows[("base", "euler", 1)]["fid"])
+
+
+def test_user_torchscript_extractor(evaluated, tmp_path):
+    store, run, classifier, manifest = evaluated
+
+    class Pool(torch.nn.Module):  # a feature map anyone could save: 4x4 average pooling -> 16 features
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+    path = tmp_path / "features.pt"
+    torch.jit.save(torch.jit.script(Pool()), str(path))
+    config = CONFIG.model_copy(update={"extractor": str(path), "flow_steps": (1,), "flow_solvers": ("euler",),
+                                       "consistency_steps": (1,)})
+    evaluated_with = run_evaluate(store, config, [run.base, run.consistency], run.images, run.vae, classifier)
+    rows = evaluation_rows(store, evaluated_with)
+    assert len(rows) == 4 and {r["extractor"] for r in rows} == {rows[0]["extractor"]}
+    assert rows[0]["extractor"].startswith("torchscript:features.pt@")
+    assert all(math.isfinite(r["fid"]) for r in rows)
+    # Class accuracy still comes from the classifier, whatever the feature space.
+    assert all(0.0 <= r["class_accuracy"] <= 1.0 for r in rows)
+
+    with pytest.raises(ConfigError, match="not a local file"):
+        run_evaluate(store, config.model_copy(update={"extractor": str(tmp_path / "missing.pt")}),
+                     [run.base], run.images, run.vae, classifier)
+
+
+def test_refuses_what_it_cannot_evaluate(evaluated):
+    store, run, classifier, _ = evaluated
+    with pytest.raises(ValueError, match="not generator models"):
+        run_evaluate(store, CONFIG, [run.base, run.vae], run.images, run.vae, classifier)
+    other_vae = commit(store, "vae", {"seed": 99}, [run.images], {"vae": store.load_model(run.vae, "vae")},
+                       dict(run.vae.metrics))
+    stray = commit(store, "base", {"seed": 99}, [other_vae], {"model": store.load_model(run.base, "model")},
+                   {**run.base.metrics, "vae_ref": other_vae.ref})
+    with pytest.raises(ValueError, match="different VAEs"):
+        run_evaluate(store, CONFIG, [run.base, stray], run.images, run.vae, classifier)
+    with pytest.raises(ConfigError, match="knn_k"):
+        run_evaluate(store, CONFIG.model_copy(update={"n": 3}), [run.base], run.images, run.vae, classifier)
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_best_per_step_count_and_quality_ratios():
+    def row(model, sampler, steps, fid):
+        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid, "stage_key": model}
+
+    rows = [row(FLOOR, REFERENCE, 0, 1.0), row("base", "euler", 1, 80.0), row("base", "heun", 1, 60.0),
+            row("base", "euler", 8, 10.0), row("reflow-1", "euler", 2, 30.0), row("reflow-2", "euler", 2, 20.0),
+            row("consistency", "consistency", 1, 15.0)]
+    best = best_by_steps(rows)
+    assert [(s, r["model"], r["sampler"]) for s, r in best.items()] == [
+        (1, "consistency", "consistency"), (2, "reflow-2", "euler"), (8, "base", "euler")]
+    ratios = {r.name: r.value for r in quality_ratios(rows)}
+    assert ratios["consistency@1 / base best"] == pytest.approx(15.0 / 10.0)
+    assert ratios["consistency@1 / base@1"] == pytest.approx(15.0 / 60.0)
+    assert ratios["last reflow@2 / base best"] == pytest.approx(20.0 / 10.0)  # reflow-2, not reflow-1
+    assert {r.name: r.value for r in quality_ratios(rows[:4])}["consistency@1 / base best"] is None
+
+
+def test_grid_puts_one_class_per_column():
+    pixels = np.zeros((20, 8, 8, 1), np.uint8)
+    labels = np.arange(20) % 5
+    pixels[labels == 3] = 255  # class 3 white
+    grid = np.asarray(Image.open(io.BytesIO(make_grid(pixels, labels, num_classes=5))))
+    scale = grid.shape[1] // (5 * 10 + 2)
+    cell = 10 * scale  # 8 px + 2 px padding, upscaled
+    column_means = [grid[:, j * cell + 2 * scale: j * cell + 10 * scale].mean() for j in range(5)]
+    assert column_means[3] > 200 and max(column_means[:3] + column_means[4:]) < 60
