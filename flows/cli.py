@@ -72,7 +72,7 @@ def version() -> None:
 
 def register_optional_commands() -> None:
     """Commands that live next to the code they drive."""
-    for module_name in ("flows.cli_store", "flows.cli_pipeline"):
+    for module_name in ("flows.cli_store", "flows.cli_pipeline", "flows.cli_serve", "flows.cli_evaluate"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as error:
@@ -88,7 +88,9 @@ register_optional_commands()
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False returns a typer.Exit's code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:

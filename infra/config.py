@@ -76,6 +76,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
     class_dropout: float = Field(0.1, ge=0, lt=1)
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    cache_data: bool = True  # hold each worker's shard in memory; False streams it every epoch
     seed: int = 0
     resources: Resources = Resources()
 

@@ -146,7 +146,7 @@ def run_base(store: Store, config: TrainConfig, latents: Manifest, crash: CrashO
     def build(writer: StageWriter, key: str) -> dict[str, Any]:
         spec = dit_spec(config, info)
         job = TrainJob(
-            store_uri=store.uri, stage="base", key=key, model_spec=spec,
+            store=store, stage="base", key=key, model_spec=spec,
             objective=FlowMatching(time_sampler(config.time_sampling), label_dropout=config.class_dropout),
             config=config, adapt_batch=LatentBatch(info.scale, info.num_classes), crash=crash,
         )
@@ -232,7 +232,7 @@ def run_reflow(store: Store, config: ReflowConfig, teacher: Manifest, pairs: Man
         teacher_model = load_generator(store, teacher)
         spec = model_spec(teacher_model)
         job = TrainJob(
-            store_uri=store.uri, stage="reflow", key=key, model_spec=spec,
+            store=store, stage="reflow", key=key, model_spec=spec,
             objective=FlowMatching(time_sampler(train.time_sampling), label_dropout=train.class_dropout),
             config=train, adapt_batch=PairBatch(info.num_classes), crash=crash,
             init_state={k: v.cpu() for k, v in teacher_model.state_dict().items()},
@@ -264,7 +264,7 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
             dataset, adapt = training_dataset(store, data, "pairs", ["x_0", "x_1", "label"]), PairBatch(info.num_classes)
         else:
             dataset, adapt = training_dataset(store, data, "latents", ["mean", "logvar", "label"]), LatentBatch(info.scale, info.num_classes)
-        job = TrainJob(store_uri=store.uri, stage="consistency", key=key, model_spec=spec, objective=objective,
+        job = TrainJob(store=store, stage="consistency", key=key, model_spec=spec, objective=objective,
                        config=train, adapt_batch=adapt, init_state=state, crash=crash)
         result = fit(job, dataset)
         return write_generator(writer, result, spec, "consistency", info,

@@ -28,3 +28,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     cpus = num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1)
     log.info("starting a local Ray with %d logical CPUs", cpus)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    # Processes Ray Train starts on its own (e.g. its placement-group cleaner) find this
+    # cluster by RAY_ADDRESS, not by guessing among other Ray instances on the machine.
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address

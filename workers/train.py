@@ -53,7 +53,7 @@ class CrashOnce:
 class TrainJob:
     """Everything a worker needs; pickled once and shipped to each worker."""
 
-    store_uri: str
+    store: Store
     stage: str
     key: str
     model_spec: dict
@@ -84,7 +84,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
 
     Returns at once when the store already holds a checkpoint at the final step.
     """
-    checkpoints = Store.open(job.store_uri).checkpoints(job.stage, job.key)
+    checkpoints = job.store.checkpoints(job.stage, job.key)
     latest = checkpoints.latest()
     if latest is None or latest.step < job.config.steps:
         resources = job.config.resources
@@ -171,8 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
-    store = Store.open(job.store_uri)
-    checkpoints = store.checkpoints(job.stage, job.key)
+    checkpoints = job.store.checkpoints(job.stage, job.key)
 
     torch.manual_seed(config.seed + rank)
     model = build_model(job.model_spec)
@@ -208,11 +207,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
 
     shard = ray.train.get_dataset_shard("train")
+    batches = CachedShard(shard, device) if config.cache_data else StreamedShard(shard, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, logged_loss, epoch = time.perf_counter(), None, 0
 
     while step < config.steps:
-        for raw in shard.iter_torch_batches(batch_size=config.batch_size, drop_last=True, device=device):
+        seen = 0
+        for raw in batches.epoch(config.batch_size):
+            seen += 1
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config.lr, config.warmup_steps)
             batch = job.adapt_batch(raw)
@@ -256,7 +258,51 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step >= config.steps:
                 break
+        if seen == 0:
+            raise ValueError(f"{job.stage}: the training data has fewer rows than batch_size={config.batch_size} "
+                             "on this worker; lower batch_size or num_workers, or add data")
         epoch += 1
+
+
+class CachedShard:
+    """The worker's shard read once (one Ray Data pass) and held as tensors on the device.
+
+    Right for latents-sized data: every later epoch is a seeded permutation in memory,
+    instead of a fresh Ray Data execution per epoch. The permutation draws from torch's
+    global RNG, which the checkpoints restore, so a resumed run replays its batches.
+    """
+
+    def __init__(self, shard, device: torch.device):
+        self.shard, self.device, self.data = shard, device, None
+
+    def load(self) -> dict[str, Tensor]:
+        parts: dict[str, list[Tensor]] = {}
+        for batch in self.shard.iter_torch_batches(batch_size=4096, device="cpu"):
+            for name, value in batch.items():
+                parts.setdefault(name, []).append(value)
+        if not parts:
+            return {}
+        return {name: torch.cat(chunks).to(self.device) for name, chunks in parts.items()}
+
+    def epoch(self, batch_size: int):
+        if self.data is None:
+            self.data = self.load()
+        rows = len(next(iter(self.data.values()))) if self.data else 0
+        order = torch.randperm(rows)
+        for start in range(0, rows - batch_size + 1, batch_size):
+            index = order[start:start + batch_size].to(self.device)
+            yield {name: value[index] for name, value in self.data.items()}
+
+
+class StreamedShard:
+    """The worker's shard streamed from Ray Data each epoch, for data larger than memory."""
+
+    def __init__(self, shard, device: torch.device):
+        self.shard, self.device = shard, device
+
+    def epoch(self, batch_size: int):
+        yield from self.shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=self.device,
+                                                 local_shuffle_buffer_size=max(4 * batch_size, 1024))
 
 
 def move_objective(objective: Objective, device: torch.device) -> None:

@@ -37,7 +37,7 @@ def job_for(store: Store, key: str, steps: int, crash: CrashOnce | None = None) 
     config = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-3, warmup_steps=2, checkpoint_every=EPOCH_BATCHES,
                          ema_decay=0.9, class_dropout=0.0, time_sampling="uniform", seed=3,
                          resources=Resources(num_workers=1, cpus_per_worker=1))
-    return TrainJob(store_uri=store.uri, stage="unit", key=key, model_spec=tiny_spec(),
+    return TrainJob(store=store, stage="unit", key=key, model_spec=tiny_spec(),
                     objective=FlowMatching(label_dropout=0.0), config=config,
                     adapt_batch=PairBatch(num_classes=3), crash=crash, log_every=5)
 
