@@ -277,7 +277,7 @@ def train_vae(store: Store, config: VAEStageConfig, images: Manifest, key: str, 
     vae_config = VAEConfig(in_channels=channels, latent_channels=config.latent_channels,
                            base_channels=config.base_channels, downsample=config.downsample, beta=config.beta)
     spec = model_spec(VAE(vae_config))
-    job = TrainJob(store_uri=store.uri, stage=STAGE, key=key, model_spec=spec,
+    job = TrainJob(store=store, stage=STAGE, key=key, model_spec=spec,
                    objective=VAEObjective(config.beta), config=train_config(config), adapt_batch=PixelBatch())
     result = fit(job, pixel_dataset(store, images, "train", channels, image_size))
     vae = build_model(spec)
