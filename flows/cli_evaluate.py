@@ -1,0 +1,117 @@
+"""``fewstep evaluate``: FID against NFE for stored models, without running the pipeline.
+
+    fewstep evaluate [--store URI] [--model REF ...] [--steps 1,2,4] [--n N] [--config FILE] [--preset NAME]
+
+Without ``--model`` it evaluates the generators of the latest run recorded in the store
+(``fewstep run`` records one), or, in a store without runs, every generator that decodes
+with the newest generator's VAE. The images and the VAE come from the models' lineage; the
+classifier stage is reused when it exists. Prints the metrics table and where the report,
+plot and grids are. ``--steps`` replaces both ``evaluate.flow_steps`` and
+``evaluate.consistency_steps``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+STORE_HELP = "Local folder or s3://bucket/prefix (default ./fewstep-store)."
+SHOWN = (("model", "MODEL"), ("sampler", "SAMPLER"), ("steps", "STEPS"), ("nfe", "NFE"), ("fid", "FID"),
+         ("precision", "PRECISION"), ("recall", "RECALL"), ("class_accuracy", "CLASS_ACC"),
+         ("seconds_per_image", "S/IMAGE"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)
+
+
+def parse_steps(text: str) -> list[int]:
+    from flows.cli import UserError
+
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        steps = []
+    if not steps or any(s < 1 for s in steps):
+        raise UserError(f"--steps {text!r} is not a comma-separated list of positive step counts; e.g. --steps 1,2,4")
+    return sorted(set(steps))
+
+
+def default_generators(store) -> list:
+    """The generators of the latest recorded run; else those sharing the newest generator's VAE."""
+    from flows.cli import UserError
+    from workers.evaluate import is_generator
+
+    for run in reversed(store.list_runs()):
+        manifests = [store.get_ref(ref) for ref in run.get("refs", {}).values()]
+        generators = [m for m in manifests if is_generator(m)]
+        if generators:
+            return generators
+    generators = [m for m in store.list_manifests() if is_generator(m)]
+    if not generators:
+        raise UserError(f"the store {store.uri} holds no generator models; run `fewstep run --store {store.uri}` "
+                        "first, or pass --model REF")
+    vae_ref = generators[-1].metrics["vae_ref"]  # oldest first: the last is the newest
+    return [m for m in generators if m.metrics["vae_ref"] == vae_ref]
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    table = [[title for _, title in SHOWN]] + [[format_cell(row[name]) for name, _ in SHOWN] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(SHOWN))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
+
+
+def evaluate(
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="A generator ref (stage/key); repeat for several. "
+                                              "Default: the generators of the latest run."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Comma-separated step counts, e.g. 1,2,4 "
+                                        "(default: evaluate.flow_steps / consistency_steps of the config)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Generated images per model, sampler and step count."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file; its evaluate: section applies."),
+    preset: str = typer.Option("default", "--preset", help="Config preset the file applies to."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Attach to a Ray cluster."),
+) -> None:
+    """Evaluate stored models: FID, precision, recall, class accuracy and seconds per image against NFE."""
+    from flows.cli import UserError
+    from infra.config import load_config
+    from infra.store import Store
+
+    overrides: dict[str, Any] = {}
+    if steps is not None:
+        parsed = parse_steps(steps)
+        overrides.update(flow_steps=parsed, consistency_steps=parsed)
+    if n is not None:
+        overrides["n"] = n
+    cfg = load_config(preset, config, {"evaluate": overrides} if overrides else None).evaluate
+    opened = Store.open(store)
+    generators = [opened.get_ref(ref) for ref in model] if model else default_generators(opened)
+
+    from workers.classifier_stage import run_classifier
+    from workers.evaluate import evaluation_inputs, evaluation_rows, run_evaluate
+    from workers.runtime import ensure_ray
+
+    try:
+        images, vae = evaluation_inputs(opened, generators)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    ensure_ray(ray_address)
+    labelled = int(images.metrics.get("num_classes", 0)) > 0
+    classifier = run_classifier(opened, cfg, images) if labelled else None
+    manifest = run_evaluate(opened, cfg, generators, images, vae, classifier)
+    typer.echo(format_rows(evaluation_rows(opened, manifest)))
+    typer.echo(f"\n{manifest.ref}  extractor {manifest.metrics['extractor']}  n={manifest.metrics['n']}")
+    if classifier is not None:
+        typer.echo(f"classifier {classifier.ref}: test accuracy {format_cell(classifier.metrics['test_accuracy'])}")
+    prefix = "s3://" if opened.uri.startswith("s3://") else ""
+    typer.echo(f"report: {prefix}{opened.file_path(manifest, 'report.md')}")
