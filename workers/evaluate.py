@@ -20,35 +20,47 @@ Noise is fixed: image ``i`` of every cell comes from the seed ``(chunk seed, i)`
 chunk size, so the same config gives the same numbers whatever ``num_actors`` is, and every
 model is scored on the same draws of ``x_0``.
 
-Outputs: ``metrics`` (Parquet, :data:`COLUMNS`), ``fid_vs_nfe.png``, ``grids/<model>-<sampler>-<steps>.png``
-(plus ``grids/real-test.png`` and ``grids/vae-recon.png``), ``straightness`` (JSON) and ``report.md``.
+Outputs (written by :mod:`workers.evaluate_report`): ``metrics`` (Parquet, :data:`COLUMNS`),
+``fid_vs_nfe.png``, ``grids/<model>-<sampler>-<steps>.png`` (plus ``grids/real-test.png`` and
+``grids/vae-recon.png``), ``straightness`` (JSON) and ``report.md``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
-from PIL import Image
 from torch import nn
 
 from infra.config import ConfigError, EvaluateConfig, section_dict
 from infra.store import Manifest, StageWriter, Store
 from infra.manifest import sha256_hex
 from models.classifier import Classifier
-from models.extractors import classifier_extractor, extract_features, load_inception_extractor, load_torchscript_extractor
+from models.extractors import (
+    classifier_extractor,
+    extract_features,
+    load_inception_extractor,
+    load_torchscript_extractor,
+)
 from models.metrics import class_accuracy, fid, precision_recall
 from models.samplers import sample_ode, straightness
-from workers.classifier_stage import LabelledPixels, images_geometry, load_classifier, read_split, task_device
+from workers.classifier_stage import images_geometry, load_classifier, read_split, task_device
+from workers.evaluate_report import (  # noqa: F401  (COLUMNS, REFERENCE, ... re-exported for callers)
+    CEILING,
+    COLUMNS,
+    FLOOR,
+    REFERENCE,
+    Evaluation,
+    make_grid,
+    write_evaluation,
+)
 from workers.images import to_model_range
 from workers.sampling import SAMPLERS, Generator, Request
 from workers.stage import run_stage
@@ -56,22 +68,9 @@ from workers.stage import run_stage
 log = logging.getLogger("fewstep.evaluate")
 
 STAGE = "evaluate"
-COLUMNS = ("model", "stage_key", "sampler", "steps", "nfe", "guidance", "n", "extractor",
-           "fid", "precision", "recall", "class_accuracy", "seconds_per_image")
-SCHEMA = pa.schema([
-    ("model", pa.string()), ("stage_key", pa.string()), ("sampler", pa.string()), ("steps", pa.int64()),
-    ("nfe", pa.int64()), ("guidance", pa.float64()), ("n", pa.int64()), ("extractor", pa.string()),
-    ("fid", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()),
-    ("class_accuracy", pa.float64()), ("seconds_per_image", pa.float64()),
-])
-REFERENCE = "reference"  # the sampler column of the two reference rows
-FLOOR, CEILING = "real-train", "vae-recon"
 GEN_CHUNK = 250  # images per forward pass; fixed, because the chunk seeds depend on it
 STRAIGHTNESS_BATCH = 64
 MAX_REAL = 10_000  # real images per split that the features are computed on
-GRID_PER_CLASS = 4
-GRID_MAX_CLASSES = 10
-GRID_CELL_PX = 48  # images are upscaled (nearest) to about this size in the grids
 RESOURCE_FIELDS = ("num_actors", "cpus_per_actor", "gpus_per_actor")  # where it runs, not what it computes
 
 
@@ -173,6 +172,13 @@ def extractor_source(config: EvaluateConfig, classifier: Manifest | None) -> Ext
     return ExtractorSource(config.extractor_kind, f"{label}@{digest[:12]}", data, digest)
 
 
+@dataclass(frozen=True)
+class Scored:
+    features: np.ndarray  # (N, D) float32
+    logits: np.ndarray | None  # (N, K) or None without a classifier
+    labels: np.ndarray  # (N,) int64; -1 or >= K: no class
+
+
 class Scorer:
     """Images -> features (for FID, precision, recall) and class logits (for class accuracy)."""
 
@@ -196,7 +202,7 @@ class Scorer:
         return cls(extractor, classifier, device)
 
     @torch.no_grad()
-    def score(self, pixels: np.ndarray, labels: np.ndarray) -> "Scored":
+    def score(self, pixels: np.ndarray, labels: np.ndarray) -> Scored:
         """uint8 (N, H, W, C) and the class each image is (or was asked to be) -> features, logits."""
         x = torch.from_numpy(to_model_range(pixels)).to(self.device)  # (N, C, H, W) in [-1, 1]
         features = extract_features(self.extractor, x).cpu().numpy()  # (N, D)
@@ -204,13 +210,6 @@ class Scorer:
         if self.classifier is not None:
             logits = torch.cat([self.classifier(x[i:i + 512]).float().cpu() for i in range(0, len(x), 512)]).numpy()
         return Scored(features, logits, np.asarray(labels, np.int64))
-
-
-@dataclass(frozen=True)
-class Scored:
-    features: np.ndarray  # (N, D) float32
-    logits: np.ndarray | None  # (N, K) or None without a classifier
-    labels: np.ndarray  # (N,) int64; -1 or >= K: no class
 
 
 # --------------------------------------------------------------------------- Ray tasks
@@ -250,32 +249,35 @@ def evaluate_cell(store: Store, cell: Cell, n: int, seed: int, source: Extractor
     """Draw ``n`` images of one cell, decode, score; the straightness on a small batch if asked."""
     import workers.vae_stage  # noqa: F401  (registers the diffusers VAE kind for Generator.load)
 
-    torch.manual_seed(seed)
     generator = Generator.load(store, store.get_ref(cell.ref), device)
     labels = requested_labels(n, generator.num_classes)
     solver = "euler" if cell.sampler == "consistency" else cell.sampler
+
+    def request(rows: np.ndarray, seed: int) -> Request:
+        asked = tuple(int(y) for y in rows) if generator.num_classes else None
+        return Request(n=len(rows), steps=cell.steps, labels=asked, guidance=cell.guidance, seed=seed, solver=solver)
+
+    generator.generate(request(labels[:1], seed))  # warm-up (lazy init, allocator), not timed
     parts, seconds, nfe = [], 0.0, 0
     for index, start in enumerate(range(0, n, GEN_CHUNK)):
-        chunk = labels[start:start + GEN_CHUNK]
-        request = Request(n=len(chunk), steps=cell.steps, labels=tuple(int(y) for y in chunk) if generator.num_classes else None,
-                          guidance=cell.guidance, seed=chunk_seed(seed, index), solver=solver)
+        chunk = request(labels[start:start + GEN_CHUNK], chunk_seed(seed, index))
         started = time.perf_counter()
-        images = generator.generate(request)
+        images = generator.generate(chunk)
         seconds += time.perf_counter() - started
         parts.append(images.pixels)
         nfe = images.nfe
     pixels = np.concatenate(parts)  # (n, H, W, C)
     scorer = Scorer.load(store, source, classifier_ref, device)
     path_straightness = measure_straightness(generator, cell, seed) if cell.with_straightness else None
-    return CellResult(cell, scorer.score(pixels, labels), nfe, seconds, make_grid(pixels, labels, generator.num_classes),
-                      path_straightness)
+    grid = make_grid(pixels, labels, generator.num_classes)
+    return CellResult(cell, scorer.score(pixels, labels), nfe, seconds, grid, path_straightness)
 
 
 def measure_straightness(generator: Generator, cell: Cell, seed: int) -> float:
     """S of the sampler's own path (in the model's scaled latent space) on a small fixed batch."""
     labels = requested_labels(STRAIGHTNESS_BATCH, generator.num_classes)
-    request = Request(n=STRAIGHTNESS_BATCH, steps=cell.steps, labels=tuple(int(y) for y in labels) if generator.num_classes else None,
-                      seed=chunk_seed(seed, 0))
+    asked = tuple(int(y) for y in labels) if generator.num_classes else None
+    request = Request(n=STRAIGHTNESS_BATCH, steps=cell.steps, labels=asked, seed=chunk_seed(seed, 0))
     x_0, _ = generator.noise_for(request)
     y = generator.labels_for(request)
     out = sample_ode(generator.net, x_0.to(generator.device), y.to(generator.device), cell.steps, cell.sampler,
@@ -363,16 +365,6 @@ def scored_row(model: str, stage_key: str, sampler: str, steps: int, nfe: int, g
     }
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """Everything the stage writes, before it is written."""
-
-    rows: list[dict[str, Any]]  # COLUMNS, reference rows first
-    grids: dict[str, bytes]  # store file name -> PNG
-    straightness: dict[str, dict[str, Any]]  # model -> {"value", "sampler", "steps", "ref"}
-    info: dict[str, Any] = field(default_factory=dict)  # extractor, n, seed, refs, test size, classifier accuracy
-
-
 def check_sizes(config: EvaluateConfig, n_test: int, images_ref: str) -> None:
     if config.n <= config.knn_k:
         raise ConfigError(f"evaluate.n={config.n} must exceed evaluate.knn_k={config.knn_k} for precision and recall")
@@ -425,7 +417,8 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
                                result.scored, k, result.seconds))
         grids[c.grid_name] = result.grid
         if result.straightness is not None:
-            paths[c.model] = {"value": result.straightness, "sampler": c.sampler, "steps": c.steps, "ref": c.ref}
+            paths[c.model] = {"value": result.straightness, "sampler": c.sampler, "steps": c.steps,
+                              "paths": STRAIGHTNESS_BATCH, "ref": c.ref}
     info = {
         "extractor": name, "n": config.n, "seed": config.seed, "knn_k": k, "n_test": len(reference.test.features),
         "images_ref": images.ref, "vae_ref": vae.ref, "classifier_ref": classifier_ref,
@@ -433,208 +426,6 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
         "models": {c.model: c.ref for c in cells},
     }
     return Evaluation(rows, grids, paths, info)
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows], schema=SCHEMA)
-
-
-def generated(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r["sampler"] != REFERENCE and r["fid"] is not None and math.isfinite(r["fid"])]
-
-
-def reference_fid(rows: Sequence[dict[str, Any]], model: str) -> float | None:
-    return next((r["fid"] for r in rows if r["sampler"] == REFERENCE and r["model"] == model), None)
-
-
-def best_row(rows: Sequence[dict[str, Any]], model: str | None = None, steps: int | None = None) -> dict[str, Any] | None:
-    """The lowest-FID generated row, optionally of one model and/or one step count."""
-    chosen = [r for r in generated(rows) if (model is None or r["model"] == model) and (steps is None or r["steps"] == steps)]
-    return min(chosen, key=lambda r: r["fid"]) if chosen else None
-
-
-def best_by_steps(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    return {s: best_row(rows, steps=s) for s in sorted({r["steps"] for r in generated(rows)})}
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """FID(numerator) / FID(denominator): below 1 the numerator is better."""
-
-    name: str
-    numerator: str
-    denominator: str
-    value: float | None
-
-
-def quality_ratios(rows: Sequence[dict[str, Any]]) -> list[Ratio]:
-    """The quality bars: consistency@1 vs base (best, and @1); the last reflow round @2 vs base best."""
-    models = {r["model"] for r in generated(rows)}
-    reflows = sorted((m for m in models if m.startswith("reflow-")), key=lambda m: int(m.split("-")[1]) if m.split("-")[1].isdigit() else 0)
-    consistency = next((m for m in sorted(models) if m.startswith("consistency")), None)
-    base = next((m for m in sorted(models) if m.startswith("base")), None)
-
-    def ratio(name: str, top: tuple[str | None, int | None], bottom: tuple[str | None, int | None], labels: tuple[str, str]) -> Ratio:
-        a = best_row(rows, *top) if top[0] else None
-        b = best_row(rows, *bottom) if bottom[0] else None
-        value = a["fid"] / b["fid"] if a and b and b["fid"] > 0 else None
-        return Ratio(name, labels[0], labels[1], value)
-
-    last = reflows[-1] if reflows else None
-    return [
-        ratio("consistency@1 / base best", (consistency, 1), (base, None), (f"{consistency}@1", f"{base} best")),
-        ratio("consistency@1 / base@1", (consistency, 1), (base, 1), (f"{consistency}@1", f"{base}@1")),
-        ratio("last reflow@2 / base best", (last, 2), (base, None), (f"{last}@2", f"{base} best")),
-    ]
-
-
-def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
-    """FID against NFE (log x), one line per (model, sampler); dashed lines for the two references."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
-
-    figure = Figure(figsize=(7, 4.5), dpi=100)
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
-    for r in generated(rows):
-        lines.setdefault((r["model"], r["sampler"]), []).append((r["nfe"], r["fid"]))
-    for (model, sampler), points in lines.items():
-        points.sort()
-        label = model if sampler == "consistency" else f"{model} ({sampler})"
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    for model, label, color in ((FLOOR, "real train vs test (floor)", "black"),
-                                (CEILING, "VAE reconstructions (ceiling)", "grey")):
-        value = reference_fid(rows, model)
-        if value is not None and math.isfinite(value):
-            ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
-    ax.set_xscale("log")
-    nfes = sorted({nfe for points in lines.values() for nfe, _ in points})
-    if nfes:  # plain numbers at the measured NFEs, not 10^0, 2x10^0, ...
-        ax.set_xticks(nfes, [str(v) for v in nfes])
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("NFE (network evaluations per image)")
-    ax.set_ylabel("FID")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def make_grid(pixels: np.ndarray, labels: np.ndarray, num_classes: int) -> bytes:
-    """A PNG grid: one column per class (the first few classes), ``GRID_PER_CLASS`` samples down;
-    for unlabelled images, the first images in rows of ten."""
-    n, h, w, c = pixels.shape if len(pixels) else (0, 1, 1, 1)
-    if num_classes > 0 and (labels >= 0).any():
-        classes = [y for y in range(num_classes) if (labels == y).any()][:GRID_MAX_CLASSES]
-        columns = [np.flatnonzero(labels == y)[:GRID_PER_CLASS] for y in classes]
-    else:
-        order = np.arange(min(n, GRID_PER_CLASS * GRID_MAX_CLASSES))
-        columns = [order[i::GRID_MAX_CLASSES] for i in range(min(n, GRID_MAX_CLASSES))]
-    cols, pad = max(1, len(columns)), 2
-    canvas = np.full((GRID_PER_CLASS * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
-    for j, index in enumerate(columns):
-        for i, k in enumerate(index):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[top:top + h, left:left + w] = pixels[k]
-    scale = max(1, GRID_CELL_PX // max(h, w))
-    image = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
-    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def render_report(evaluation: Evaluation, location: str) -> str:
-    """The markdown report: settings, plot, table, best per step count, quality bars, straightness, grids."""
-    rows, info = evaluation.rows, evaluation.info
-    lines = [
-        "# fewstep evaluation", "",
-        f"Feature space `{info['extractor']}`; n = {info['n']} generated images per row against "
-        f"{info['n_test']} real test images (`{info['images_ref']}`); seed {info['seed']}; "
-        f"precision/recall with k = {info['knn_k']}.",
-    ]
-    if info.get("classifier_ref"):
-        lines.append(f"Classifier `{info['classifier_ref']}`: test accuracy {fmt(info['classifier_test_accuracy'])} "
-                     "(class accuracy of samples is measured with it).")
-    lines += ["FID is only comparable between rows of one feature space and one n. "
-              f"Files are under `{location}`.", "",
-              "## FID against NFE", "", "![FID vs NFE](fid_vs_nfe.png)", "",
-              "## All rows", "",
-              "| model | sampler | steps | NFE | guidance | FID | precision | recall | class acc. | s / image | stage |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['guidance'])} | "
-                     f"{fmt(r['fid'])} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
-                     f"{fmt(r['class_accuracy'], 3)} | {fmt(r['seconds_per_image'], 3)} | `{r['stage_key']}` |")
-    lines += ["", f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
-              f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).", "",
-              "## Best at each step count", "", "| steps | model | sampler | FID |", "|---:|---|---|---:|"]
-    for steps, r in best_by_steps(rows).items():
-        lines.append(f"| {steps} | {r['model']} | {r['sampler']} | {fmt(r['fid'])} |")
-    lines += ["", "## Quality bars", "", "| ratio | value | |", "|---|---:|---|"]
-    for ratio in quality_ratios(rows):
-        verdict = "–" if ratio.value is None else ("better" if ratio.value < 1 else "worse")
-        lines.append(f"| FID {ratio.numerator} / FID {ratio.denominator} | {fmt(ratio.value, 3)} | {verdict} |")
-    if evaluation.straightness:
-        lines += ["", "## Straightness of the flow models' paths", "",
-                  "S = ∫ E‖(x_1 − x_0) − v_t‖² dt on the sampler's own path (0 = straight).", "",
-                  "| model | S | measured with |", "|---|---:|---|"]
-        for model, s in evaluation.straightness.items():
-            lines.append(f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps, {STRAIGHTNESS_BATCH} paths |")
-    lines += ["", "## Sample grids", ""]
-    lines += [f"- [{name.removeprefix('grids/').removesuffix('.png')}]({name})" for name in sorted(evaluation.grids)]
-    return "\n".join(lines) + "\n"
-
-
-def headline(evaluation: Evaluation) -> dict[str, Any]:
-    """The manifest's metrics: best rows, references, ratios, straightness (JSON-able, no NaN)."""
-    rows = evaluation.rows
-
-    def brief(r: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if r is None else {k: r[k] for k in ("model", "stage_key", "sampler", "steps", "nfe", "fid")}
-
-    finite = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else None  # noqa: E731
-    return {
-        "rows": len(rows),
-        "best": brief(best_row(rows)),
-        "best_by_steps": {str(s): brief(r) for s, r in best_by_steps(rows).items()},
-        "floor_fid": finite(reference_fid(rows, FLOOR)),
-        "vae_fid": finite(reference_fid(rows, CEILING)),
-        "ratios": {ratio.name: finite(ratio.value) for ratio in quality_ratios(rows)},
-        "straightness": {model: s["value"] for model, s in evaluation.straightness.items()},
-        **{k: v for k, v in evaluation.info.items()},
-    }
-
-
-def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> dict[str, Any]:
-    info = evaluation.info
-    writer.write_table("metrics", rows_table(evaluation.rows), metadata={
-        "fewstep.extractor": str(info["extractor"]), "fewstep.seed": str(info["seed"]),
-        "fewstep.images_ref": str(info["images_ref"]), "fewstep.n_test": str(info["n_test"]),
-    })
-    writer.write_bytes("fid_vs_nfe.png", plot_fid_vs_nfe(evaluation.rows, f"FID vs NFE — {info['extractor']}, n={info['n']}"))
-    for name, png in sorted(evaluation.grids.items()):
-        writer.write_bytes(name, png)
-    writer.write_json("straightness", evaluation.straightness)
-    location = f"s3://{writer.prefix}" if writer.store.uri.startswith("s3://") else writer.prefix
-    writer.write_bytes("report.md", render_report(evaluation, location).encode())
-    return headline(evaluation)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -674,7 +465,8 @@ def evaluation_rows(store: Store, manifest: Manifest) -> list[dict[str, Any]]:
     return store.read_table(manifest, "metrics").to_pylist()
 
 
-def fid_at(store: Store, evaluate_manifest: Manifest, model_ref: str, steps: int, sampler: str | None = None) -> float | None:
+def fid_at(store: Store, evaluate_manifest: Manifest, model_ref: str, steps: int,
+           sampler: str | None = None) -> float | None:
     """The FID of ``model_ref`` at ``steps`` (the best over samplers unless one is named); None if not evaluated."""
     fids = [r["fid"] for r in evaluation_rows(store, evaluate_manifest)
             if r["stage_key"] == model_ref and r["steps"] == steps and (sampler is None or r["sampler"] == sampler)

@@ -20,19 +20,15 @@ from infra.config import ConfigError, EvaluateConfig  # noqa: E402
 from infra.store import Store  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from workers.classifier_stage import run_classifier  # noqa: E402
-from workers.evaluate import (  # noqa: E402
+from workers.evaluate import compute_evaluation, evaluation_rows, fid_at, report_markdown, run_evaluate  # noqa: E402
+from workers.evaluate_report import (  # noqa: E402
     CEILING,
     COLUMNS,
     FLOOR,
     REFERENCE,
     best_by_steps,
-    compute_evaluation,
-    evaluation_rows,
-    fid_at,
     make_grid,
     quality_ratios,
-    report_markdown,
-    run_evaluate,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -187,7 +183,8 @@ def test_refuses_what_it_cannot_evaluate(evaluated):
 
 def test_best_per_step_count_and_quality_ratios():
     def row(model, sampler, steps, fid):
-        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid, "stage_key": model}
+        stage = model.split("-")[0]
+        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid, "stage_key": f"{stage}/k{model}"}
 
     rows = [row(FLOOR, REFERENCE, 0, 1.0), row("base", "euler", 1, 80.0), row("base", "heun", 1, 60.0),
             row("base", "euler", 8, 10.0), row("reflow-1", "euler", 2, 30.0), row("reflow-2", "euler", 2, 20.0),
@@ -200,6 +197,9 @@ def test_best_per_step_count_and_quality_ratios():
     assert ratios["consistency@1 / base@1"] == pytest.approx(15.0 / 60.0)
     assert ratios["last reflow@2 / base best"] == pytest.approx(20.0 / 10.0)  # reflow-2, not reflow-1
     assert {r.name: r.value for r in quality_ratios(rows[:4])}["consistency@1 / base best"] is None
+    # Found by stage, whatever the display name (two base models get key suffixes).
+    renamed = [{**r, "model": "base-1234abcd"} if r["model"] == "base" else r for r in rows]
+    assert {r.name: r.value for r in quality_ratios(renamed)}["consistency@1 / base@1"] == pytest.approx(15.0 / 60.0)
 
 
 def test_grid_puts_one_class_per_column():

@@ -1,0 +1,262 @@
+"""What the evaluate stage writes: the metrics table, the FID-vs-NFE plot, sample grids, the report.
+
+Pure functions of the computed rows (no Ray, no models): :mod:`workers.evaluate` computes an
+:class:`Evaluation` and :func:`write_evaluation` turns it into files. A row holds exactly
+:data:`COLUMNS`; ``stage_key`` is the evaluated manifest's ref (``stage/key``), the two
+reference rows have sampler ``reference``, steps and NFE 0.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from infra.store import StageWriter
+
+COLUMNS = ("model", "stage_key", "sampler", "steps", "nfe", "guidance", "n", "extractor",
+           "fid", "precision", "recall", "class_accuracy", "seconds_per_image")
+SCHEMA = pa.schema([
+    ("model", pa.string()), ("stage_key", pa.string()), ("sampler", pa.string()), ("steps", pa.int64()),
+    ("nfe", pa.int64()), ("guidance", pa.float64()), ("n", pa.int64()), ("extractor", pa.string()),
+    ("fid", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()),
+    ("class_accuracy", pa.float64()), ("seconds_per_image", pa.float64()),
+])
+REFERENCE = "reference"  # the sampler column of the two reference rows
+FLOOR, CEILING = "real-train", "vae-recon"
+GRID_PER_CLASS = 4
+GRID_MAX_CLASSES = 10
+GRID_CELL_PX = 48  # images are upscaled (nearest) to about this size in the grids
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything the stage writes, before it is written."""
+
+    rows: list[dict[str, Any]]  # COLUMNS, reference rows first
+    grids: dict[str, bytes]  # store file name -> PNG
+    straightness: dict[str, dict[str, Any]]  # model -> {"value", "sampler", "steps", "paths", "ref"}
+    info: dict[str, Any] = field(default_factory=dict)  # extractor, n, seed, refs, test size, classifier accuracy
+
+
+def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows], schema=SCHEMA)
+
+
+def generated(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["sampler"] != REFERENCE and r["fid"] is not None and math.isfinite(r["fid"])]
+
+
+def reference_fid(rows: Sequence[dict[str, Any]], model: str) -> float | None:
+    return next((r["fid"] for r in rows if r["sampler"] == REFERENCE and r["model"] == model), None)
+
+
+def best_row(rows: Sequence[dict[str, Any]], model: str | None = None,
+             steps: int | None = None) -> dict[str, Any] | None:
+    """The lowest-FID generated row, optionally of one model and/or one step count."""
+    chosen = [r for r in generated(rows)
+              if (model is None or r["model"] == model) and (steps is None or r["steps"] == steps)]
+    return min(chosen, key=lambda r: r["fid"]) if chosen else None
+
+
+def best_by_steps(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {s: best_row(rows, steps=s) for s in sorted({r["steps"] for r in generated(rows)})}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """FID(numerator) / FID(denominator): below 1 the numerator is better."""
+
+    name: str
+    numerator: str
+    denominator: str
+    value: float | None
+
+
+def stage_of(row: dict[str, Any]) -> str:
+    return str(row["stage_key"]).split("/", 1)[0]
+
+
+def reflow_round(model: str) -> int:
+    """The round of a ``reflow-<k>`` (or ``reflow-<k>-<key>``) model name; 0 when it has none."""
+    parts = model.split("-")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def quality_ratios(rows: Sequence[dict[str, Any]]) -> list[Ratio]:
+    """The quality bars: consistency@1 vs base (best, and @1); the last reflow round @2 vs base best.
+
+    Models are found by the stage of their ref (the first by name where a stage has several).
+    """
+    by_stage: dict[str, list[str]] = {}
+    for r in generated(rows):
+        names = by_stage.setdefault(stage_of(r), [])
+        if r["model"] not in names:
+            names.append(r["model"])
+    base = min(by_stage.get("base", []), default=None)
+    consistency = min(by_stage.get("consistency", []), default=None)
+    last_reflow = max(by_stage.get("reflow", []), key=lambda m: (reflow_round(m), m), default=None)
+
+    def ratio(name: str, top: str | None, top_steps: int, bottom: str | None, bottom_steps: int | None) -> Ratio:
+        a = best_row(rows, top, top_steps) if top else None
+        b = best_row(rows, bottom, bottom_steps) if bottom else None
+        value = a["fid"] / b["fid"] if a and b and b["fid"] > 0 else None
+        return Ratio(name, f"{top}@{top_steps}", f"{bottom}@{bottom_steps}" if bottom_steps else f"{bottom} best", value)
+
+    return [
+        ratio("consistency@1 / base best", consistency, 1, base, None),
+        ratio("consistency@1 / base@1", consistency, 1, base, 1),
+        ratio("last reflow@2 / base best", last_reflow, 2, base, None),
+    ]
+
+
+def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
+    """FID against NFE (log x), one line per (model, sampler); dashed lines for the two references."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in generated(rows):
+        lines.setdefault((r["model"], r["sampler"]), []).append((r["nfe"], r["fid"]))
+    for (model, sampler), points in lines.items():
+        points.sort()
+        label = model if sampler == "consistency" else f"{model} ({sampler})"
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for model, label, color in ((FLOOR, "real train vs test (floor)", "black"),
+                                (CEILING, "VAE reconstructions (ceiling)", "grey")):
+        value = reference_fid(rows, model)
+        if value is not None and math.isfinite(value):
+            ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
+    ax.set_xscale("log")
+    nfes = sorted({nfe for points in lines.values() for nfe, _ in points})
+    if nfes:  # plain numbers at the measured NFEs, not 10^0, 2x10^0, ...
+        ax.set_xticks(nfes, [str(v) for v in nfes])
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("NFE (network evaluations per image)")
+    ax.set_ylabel("FID")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def make_grid(pixels: np.ndarray, labels: np.ndarray, num_classes: int) -> bytes:
+    """A PNG grid: one column per class (the first few classes), ``GRID_PER_CLASS`` samples down;
+    for unlabelled images, the first images in rows of ten."""
+    n, h, w, c = pixels.shape if len(pixels) else (0, 1, 1, 1)
+    if num_classes > 0 and (labels >= 0).any():
+        classes = [y for y in range(num_classes) if (labels == y).any()][:GRID_MAX_CLASSES]
+        columns = [np.flatnonzero(labels == y)[:GRID_PER_CLASS] for y in classes]
+    else:
+        order = np.arange(min(n, GRID_PER_CLASS * GRID_MAX_CLASSES))
+        columns = [order[i::GRID_MAX_CLASSES] for i in range(min(n, GRID_MAX_CLASSES))]
+    cols, pad = max(1, len(columns)), 2
+    canvas = np.full((GRID_PER_CLASS * (h + pad) + pad, cols * (w + pad) + pad, c), 128, np.uint8)
+    for j, index in enumerate(columns):
+        for i, k in enumerate(index):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[top:top + h, left:left + w] = pixels[k]
+    scale = max(1, GRID_CELL_PX // max(h, w))
+    image = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_report(evaluation: Evaluation, location: str) -> str:
+    """The markdown report: settings, plot, table, best per step count, quality bars, straightness, grids."""
+    rows, info = evaluation.rows, evaluation.info
+    lines = [
+        "# fewstep evaluation", "",
+        f"Feature space `{info['extractor']}`; n = {info['n']} generated images per row against "
+        f"{info['n_test']} real test images (`{info['images_ref']}`); seed {info['seed']}; "
+        f"precision/recall with k = {info['knn_k']}.",
+    ]
+    if info.get("classifier_ref"):
+        lines.append(f"Classifier `{info['classifier_ref']}`: test accuracy {fmt(info['classifier_test_accuracy'])} "
+                     "(class accuracy of samples is measured with it).")
+    lines += ["FID is only comparable between rows of one feature space and one n. "
+              f"Files are under `{location}`.", "",
+              "## FID against NFE", "", "![FID vs NFE](fid_vs_nfe.png)", "",
+              "## All rows", "",
+              "| model | sampler | steps | NFE | guidance | FID | precision | recall | class acc. | s / image | stage |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['guidance'])} | "
+                     f"{fmt(r['fid'])} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
+                     f"{fmt(r['class_accuracy'], 3)} | {fmt(r['seconds_per_image'], 3)} | `{r['stage_key']}` |")
+    lines += ["", f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
+              f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).", "",
+              "## Best at each step count", "", "| steps | model | sampler | FID |", "|---:|---|---|---:|"]
+    for steps, r in best_by_steps(rows).items():
+        lines.append(f"| {steps} | {r['model']} | {r['sampler']} | {fmt(r['fid'])} |")
+    lines += ["", "## Quality bars", "", "| ratio | value | |", "|---|---:|---|"]
+    for ratio in quality_ratios(rows):
+        verdict = "–" if ratio.value is None else ("better" if ratio.value < 1 else "worse")
+        lines.append(f"| FID {ratio.numerator} / FID {ratio.denominator} | {fmt(ratio.value, 3)} | {verdict} |")
+    if evaluation.straightness:
+        lines += ["", "## Straightness of the flow models' paths", "",
+                  "S = ∫ E‖(x_1 − x_0) − v_t‖² dt on the sampler's own path (0 = straight).", "",
+                  "| model | S | measured with |", "|---|---:|---|"]
+        for model, s in evaluation.straightness.items():
+            lines.append(f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps, {s['paths']} paths |")
+    lines += ["", "## Sample grids", ""]
+    lines += [f"- [{name.removeprefix('grids/').removesuffix('.png')}]({name})" for name in sorted(evaluation.grids)]
+    return "\n".join(lines) + "\n"
+
+
+def headline(evaluation: Evaluation) -> dict[str, Any]:
+    """The manifest's metrics: best rows, references, ratios, straightness (JSON-able, no NaN)."""
+    rows = evaluation.rows
+
+    def brief(r: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if r is None else {k: r[k] for k in ("model", "stage_key", "sampler", "steps", "nfe", "fid")}
+
+    finite = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else None  # noqa: E731
+    return {
+        "rows": len(rows),
+        "best": brief(best_row(rows)),
+        "best_by_steps": {str(s): brief(r) for s, r in best_by_steps(rows).items()},
+        "floor_fid": finite(reference_fid(rows, FLOOR)),
+        "vae_fid": finite(reference_fid(rows, CEILING)),
+        "ratios": {ratio.name: finite(ratio.value) for ratio in quality_ratios(rows)},
+        "straightness": {model: s["value"] for model, s in evaluation.straightness.items()},
+        **{k: v for k, v in evaluation.info.items()},
+    }
+
+
+def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> dict[str, Any]:
+    info = evaluation.info
+    writer.write_table("metrics", rows_table(evaluation.rows), metadata={
+        "fewstep.extractor": str(info["extractor"]), "fewstep.seed": str(info["seed"]),
+        "fewstep.images_ref": str(info["images_ref"]), "fewstep.n_test": str(info["n_test"]),
+    })
+    title = f"FID vs NFE — {info['extractor']}, n={info['n']}"
+    writer.write_bytes("fid_vs_nfe.png", plot_fid_vs_nfe(evaluation.rows, title))
+    for name, png in sorted(evaluation.grids.items()):
+        writer.write_bytes(name, png)
+    writer.write_json("straightness", evaluation.straightness)
+    location = f"s3://{writer.prefix}" if writer.store.uri.startswith("s3://") else writer.prefix
+    writer.write_bytes("report.md", render_report(evaluation, location).encode())
+    return headline(evaluation)
