@@ -416,8 +416,9 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
         rows.append(scored_row(c.model, c.ref, c.sampler, c.steps, result.nfe, c.guidance, name, reference.test,
                                result.scored, k, result.seconds))
         grids[c.grid_name] = result.grid
-        if result.straightness is not None:
-            paths[c.model] = {"value": result.straightness, "sampler": c.sampler, "steps": c.steps,
+        if result.straightness is not None:  # a diverged path (inf/NaN) is recorded as None
+            value = result.straightness if math.isfinite(result.straightness) else None
+            paths[c.model] = {"value": value, "sampler": c.sampler, "steps": c.steps,
                               "paths": STRAIGHTNESS_BATCH, "ref": c.ref}
     info = {
         "extractor": name, "n": config.n, "seed": config.seed, "knn_k": k, "n_test": len(reference.test.features),
