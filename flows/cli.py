@@ -14,6 +14,8 @@ from typing import Optional
 
 import typer
 
+from flows.errors import UserError
+
 app = typer.Typer(
     name="fewstep",
     help="Turn an image dataset into a served few-step generative model.",
@@ -23,10 +25,6 @@ app = typer.Typer(
 )
 
 StoreOption = typer.Option(None, "--store", help="Local folder or s3://bucket/prefix (default ./fewstep-store).")
-
-
-class UserError(Exception):
-    """Something the user must fix; shown as one line, exit status 2."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

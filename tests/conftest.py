@@ -141,3 +141,30 @@ def local_store(tmp_path):
     from infra.store import Store
 
     return Store.open(str(tmp_path / "store"))
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the whole session, started after S3 so its workers see the AWS_* variables.
+
+    Four logical CPUs on a 2-core machine: a Train worker and the Data actors feeding it fit.
+    RAY_ADDRESS is exported so subprocesses (the CLI under test) attach to it.
+    """
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield ray
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary database and API server) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -72,6 +72,7 @@ class TrainResult:
     ema_state: dict[str, Tensor]
     curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
+    nodes: list[str] = field(default_factory=list)  # the Ray node of each rank in the last attempt
 
     def model(self, spec: dict, use_ema: bool = True) -> nn.Module:
         net = build_model(spec)
@@ -117,6 +118,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         ema_state=strip(latest.tensors, "ema."),
         curve=list(latest.state.get("curve", [])),
         resumed_from=int(latest.state.get("resumed_from", 0)),
+        nodes=list(latest.state.get("nodes", [])),
     )
 
 
@@ -205,6 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         module.to(device)
     move_objective(objective, device)
     model = ray.train.torch.prepare_model(model)
+    nodes = worker_nodes(context.get_world_size())
 
     shard = ray.train.get_dataset_shard("train")
     batches = CachedShard(shard, device) if config.cache_data else StreamedShard(shard, device)
@@ -248,7 +251,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         **optimizer_tensors(optimizer),
                         **rng_state_tensors(),
                     }
-                    checkpoints.save(step, tensors, {"curve": curve, "resumed_from": resumed_from, "epoch": epoch})
+                    checkpoints.save(step, tensors, {"curve": curve, "resumed_from": resumed_from, "epoch": epoch,
+                                                     "nodes": nodes})
                     checkpoints.prune(keep=2)
                 # Every worker reports at the same steps: ray.train.report is a barrier.
                 ray.train.report({"step": step, "loss": curve[-1]["loss"] if curve else float("nan")})
@@ -262,6 +266,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise ValueError(f"{job.stage}: the training data has fewer rows than batch_size={config.batch_size} "
                              "on this worker; lower batch_size or num_workers, or add data")
         epoch += 1
+
+
+def worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every rank (one all-gather at start), recorded in checkpoints."""
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list[str] = [""] * world_size
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 class CachedShard:
