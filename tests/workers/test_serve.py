@@ -1,0 +1,404 @@
+"""The Serve app over real HTTP, started the way a user starts it: ``fewstep serve`` in a subprocess.
+
+The subprocess attaches to the session's Ray (RAY_ADDRESS), serves tiny untrained generators
+from a local store on a free port outside 8000-9000, and must exit 0 on Ctrl-C. Tests run in
+file order against the one app: valid requests, batching and seeds, bad input, the model
+card, the playground in a headless browser, the hot swap, and last the shutdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from flows.promote import promote
+from infra.store import Manifest, Store
+from models.dit import DiT, dit_config
+from models.registry import model_spec
+from models.vae import VAE, VAEConfig
+from workers.evaluate import COLUMNS
+
+pytestmark = pytest.mark.timeout(300)
+
+NUM_CLASSES = 3
+LATENT = (2, 4, 4)  # (C, H, W): a 4x downsampling VAE decodes it to 16x16 grayscale
+SERVED_STEPS = 2
+SERVE_YAML = f"""
+serve:
+  steps: {SERVED_STEPS}
+  max_n: 16
+  max_steps: 8
+  max_guidance: 5.0
+  max_batch_size: 16
+  batch_wait_timeout_s: 0.05
+  max_ongoing_requests: 64
+  max_body_bytes: 4096
+  poll_s: 0.2
+  cpus_per_replica: 1
+"""
+
+
+# --------------------------------------------------------------------------- a store with two models
+
+
+def commit_vae(store: Store) -> Manifest:
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT[0], base_channels=4, downsample=4))
+    with store.begin("vae", "tiny", config={"test": True}) as writer:
+        writer.write_model("vae", vae, model_spec(vae))
+        return writer.commit(metrics={"latent_scale": 1.0})
+
+
+def commit_generator(store: Store, stage: str, sampler: str, seed: int, vae: Manifest) -> Manifest:
+    """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y."""
+    torch.manual_seed(seed)
+    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
+                         class_dropout_prob=0.0))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with store.begin(stage, f"tiny{seed}", config={"seed": seed}, inputs=[vae]) as writer:
+        writer.write_model("model", net, model_spec(net))
+        return writer.commit(metrics={"sampler": sampler, "latent_scale": 1.0, "latent_shape": list(LATENT),
+                                      "num_classes": NUM_CLASSES, "vae_ref": vae.ref})
+
+
+def commit_evaluation(store: Store, rows: list[tuple[Manifest, str, int, float]], inputs: list[Manifest]) -> Manifest:
+    table = []
+    for model, sampler, steps, fid in rows:
+        row = dict.fromkeys(COLUMNS)
+        row.update(model=model.stage, stage_key=model.ref, sampler=sampler, steps=steps, nfe=steps, n=100,
+                   extractor="test", fid=fid, precision=0.5, recall=0.5)
+        table.append(row)
+    with store.begin("evaluate", "tiny", config={"test": True}, inputs=inputs) as writer:
+        writer.write_table("metrics", pa.Table.from_pylist(table))
+        return writer.commit(metrics={"rows": len(table)})
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def free_port() -> int:
+    """A free port outside 8000-9000 (Prefect's test harness uses those)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if not 8000 <= port <= 9000:
+            return port
+
+
+@dataclass
+class App:
+    url: str
+    port: int
+    store: Store
+    student: Manifest  # served first (consistency)
+    flow: Manifest  # promoted during the hot-swap test (flow model, Euler)
+    evaluation: Manifest
+    process: subprocess.Popen
+    log: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+
+def wait_until_serving(process: subprocess.Popen, log: Path, url: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"fewstep serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        if "fewstep: serving" in log.read_text():
+            if httpx.get(url + "healthz", timeout=10).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise RuntimeError(f"fewstep serve did not come up in {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    store = Store.open(str(root / "store"))
+    vae = commit_vae(store)
+    student = commit_generator(store, "consistency", "consistency", 1, vae)
+    flow = commit_generator(store, "base", "ode", 2, vae)
+    evaluation = commit_evaluation(store, [(student, "consistency", 1, 40.0), (student, "consistency", 2, 35.0),
+                                           (flow, "euler", 1, 60.0), (flow, "euler", 2, 30.0)], [student, flow])
+    store.put_pointer("serving/current", student.ref)
+    config = root / "serve.yaml"
+    config.write_text(SERVE_YAML)
+    port = free_port()
+    log = root / "serve.log"
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_USAGE_STATS_ENABLED="0")
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from flows.cli import main; main()", "serve", "--store", store.uri, "--port", str(port),
+             "--host", "127.0.0.1", "--config", str(config)],
+            stdout=sink, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_serving(process, log, url)
+        yield App(url, port, store, student, flow, evaluation, process, log)
+    finally:
+        if process.poll() is None:  # the shutdown test did not run or failed: do not leak the app
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def decode(png_b64: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(png_b64)))
+    assert image.format == "PNG" and image.mode == "L"
+    return np.asarray(image)
+
+
+def assert_healthy(client: httpx.Client) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+# --------------------------------------------------------------------------- valid requests
+
+
+def test_generate_returns_the_images_asked_for(app):
+    with app.client() as client:
+        response = client.post("/v1/generate", json={"n": 3, "steps": 2, "labels": [0, 2, 3], "seed": 11})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == app.student.ref and body["steps"] == 2 and body["sampler"] == "consistency"
+        assert body["nfe"] == 2 and body["seed"] == 11 and body["labels"] == [0, 2, 3]
+        pixels = np.stack([decode(png) for png in body["images"]])
+        assert pixels.shape == (3, 16, 16) and body["shape"] == [16, 16, 1]
+
+        again = client.post("/v1/generate", json={"n": 3, "steps": 2, "labels": [0, 2, 3], "seed": 11, "format": "array"})
+        assert again.status_code == 200, again.text
+        arrays = np.asarray(again.json()["images"], dtype=np.int64)
+        assert arrays.shape == (3, 16, 16, 1) and arrays.min() >= 0 and arrays.max() <= 255
+        np.testing.assert_array_equal(arrays[..., 0], pixels)  # same seed, same images, in either format
+        assert len(np.unique(pixels)) > 8  # not a blank image
+
+        other = client.post("/v1/generate", json={"n": 3, "steps": 2, "labels": [0, 2, 3], "seed": 12}).json()
+        assert not np.array_equal(np.stack([decode(png) for png in other["images"]]), pixels)
+
+        defaults = client.post("/v1/generate", json={"n": 1}).json()  # served steps, no class, a random seed
+        assert defaults["steps"] == SERVED_STEPS and defaults["labels"] == [NUM_CLASSES]
+        assert isinstance(defaults["seed"], int)
+        replay = client.post("/v1/generate", json={"n": 1, "seed": defaults["seed"]}).json()
+        assert replay["images"] == defaults["images"]
+
+
+def test_concurrent_requests_share_a_forward_pass_and_keep_their_seeds(app):
+    def ask(seed: int, n: int) -> dict:
+        with app.client() as client:
+            response = client.post("/v1/generate", json={"n": n, "steps": 2, "labels": [1] * n, "seed": seed})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+    alone = ask(7, 4)
+    assert alone["batch_requests"] == 1
+    sizes = [4 if i == 5 else 1 + i % 3 for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda i: ask(7 if i == 5 else 100 + i, sizes[i]), range(12)))
+    assert max(r["batch_requests"] for r in together) > 1, "no two concurrent requests shared a batch"
+    mine = together[5]
+    a = np.stack([decode(png) for png in alone["images"]]).astype(int)
+    b = np.stack([decode(png) for png in mine["images"]]).astype(int)
+    # Per-image seeds: the same images; a batched matmul may round one pixel differently by one level.
+    assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
+    assert [len(r["images"]) for r in together] == sizes
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD_REQUESTS = [
+    # (name, raw body, expected status, text the message must contain)
+    ("malformed JSON", b'{"n": 2,', 422, "JSON decode error"),
+    ("not an object", b"[1, 2]", 422, "valid dictionary"),
+    ("missing n", b"{}", 422, "Field required"),
+    ("n as a string", b'{"n": "2"}', 422, "valid integer"),
+    ("n as a float", b'{"n": 2.5}', 422, "valid integer"),
+    ("n as a bool", b'{"n": true}', 422, "valid integer"),
+    ("n zero", b'{"n": 0}', 422, "n=0 is out of range"),
+    ("n negative", b'{"n": -3}', 422, "n=-3 is out of range"),
+    ("n huge", b'{"n": 1000000000000000000000000}', 422, "out of range"),
+    ("steps zero", b'{"n": 1, "steps": 0}', 422, "steps=0 is out of range"),
+    ("steps negative", b'{"n": 1, "steps": -1}', 422, "steps=-1 is out of range"),
+    ("steps huge", b'{"n": 1, "steps": 100000}', 422, "steps=100000 is out of range"),
+    ("labels too short", b'{"n": 2, "labels": [0]}', 422, "got 1 labels for n=2"),
+    ("labels out of range", b'{"n": 2, "labels": [0, 4]}', 422, "labels [4] are out of range"),
+    ("negative label", b'{"n": 1, "labels": [-1]}', 422, "labels [-1] are out of range"),
+    ("labels not ints", b'{"n": 1, "labels": ["a"]}', 422, "valid integer"),
+    ("NaN guidance", b'{"n": 1, "guidance": NaN}', 422, "finite number"),
+    ("infinite guidance", b'{"n": 1, "guidance": Infinity}', 422, "finite number"),
+    ("guidance too large", b'{"n": 1, "guidance": 50}', 422, "guidance=50.0 is out of range"),
+    ("negative guidance", b'{"n": 1, "guidance": -1}', 422, "guidance=-1.0 is out of range"),
+    ("negative seed", b'{"n": 1, "seed": -5}', 422, "seed=-5 is out of range"),
+    ("unknown format", b'{"n": 1, "format": "jpeg"}', 422, "'png' or 'array'"),
+    ("unknown field", b'{"n": 1, "colour": "red"}', 422, "Extra inputs are not permitted"),
+    ("oversized body", b'{"n": 1, "pad": "' + b"x" * 10_000 + b'"}', 413, "over the limit of 4096 bytes"),
+]
+
+
+@pytest.mark.parametrize("name, raw, status, message", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_requests_get_a_4xx_that_says_why(app, name, raw, status, message):
+    with app.client() as client:
+        response = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        assert message in json.dumps(response.json()["detail"]), response.text
+        assert_healthy(client)
+
+
+def test_a_chunked_oversized_body_is_refused_and_bad_requests_do_not_fail_good_ones(app):
+    def chunks():
+        yield b'{"n": 1, "pad": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    with app.client() as client:
+        response = client.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413, response.text
+        assert_healthy(client)
+
+    # Good and bad requests at the same moment: every good one succeeds, every bad one is refused.
+    def ask(i: int) -> tuple[int, int]:
+        body = {"n": 2, "seed": i} if i % 2 else {"n": 2, "labels": [0, 99]}
+        with app.client() as client:
+            return i, client.post("/v1/generate", json=body).status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        codes = dict(pool.map(ask, range(10)))
+    assert all(code == (200 if i % 2 else 422) for i, code in codes.items()), codes
+
+
+# --------------------------------------------------------------------------- model card, docs, playground
+
+
+def test_model_card_docs_and_playground(app):
+    with app.client() as client:
+        card = client.get("/v1/model").json()
+        assert card["ref"] == app.student.ref and card["sampler"] == "consistency" and not card["pinned"]
+        assert card["num_classes"] == NUM_CLASSES and card["served_steps"] == SERVED_STEPS
+        assert card["limits"]["max_n"] == 16 and card["digest"] == app.student.digest
+        assert [m["ref"] for m in card["lineage"]] == ["vae/tiny"]
+        evaluation = card["evaluation"]
+        assert evaluation["ref"] == app.evaluation.ref
+        assert {(r["steps"], r["fid"]) for r in evaluation["rows"]} == {(1, 40.0), (2, 35.0)}
+
+        schema = client.get("/openapi.json").json()
+        assert {"/v1/generate", "/v1/model", "/healthz"} <= set(schema["paths"])
+        assert "GenerateBody" in json.dumps(schema["components"])
+        assert client.get("/docs").status_code == 200
+        page = client.get("/")
+        assert page.status_code == 200 and "fewstep playground" in page.text
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_playground_in_a_headless_browser(app):
+    if chromium_path() is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (apt-get install -y chromium) to run this test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(app.url)
+            page.wait_for_selector("#evaluation tr:nth-child(3)")  # header + the model's two rows
+            assert app.student.ref in page.inner_text("#model-ref")
+            assert "35" in page.inner_text("#evaluation")
+            page.select_option("#label", "2")
+            page.fill("#n", "6")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            page.wait_for_function("document.querySelectorAll('#grid img.sample').length === 6")
+            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth === 16)")
+            assert "6 images from" in page.inner_text("#status")
+            assert page.get_attribute("#grid img", "alt") == "label 2"
+            page.fill("#n", "0")  # the server's refusal is shown, not swallowed (the form leaves checks to it)
+            page.click("#generate")
+            page.wait_for_function("document.querySelector('#status').classList.contains('error')")
+            assert "n=0 is out of range" in page.inner_text("#status")
+        finally:
+            browser.close()
+
+
+# --------------------------------------------------------------------------- hot swap, then Ctrl-C
+
+
+def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
+    results: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def stream(worker: int) -> None:
+        with app.client() as client:
+            i = 0
+            while not stop.is_set():
+                response = client.post("/v1/generate", json={"n": 2, "seed": worker * 10_000 + i})
+                results.append((response.status_code, response.json().get("model")))
+                i += 1
+
+    def wait_for(condition, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out; last results {results[-10:]}"
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=stream, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(results) >= 8)
+        decision = promote(app.store, app.flow.ref, app.evaluation.ref, served_steps=SERVED_STEPS, tolerance=0.05)
+        assert decision.promoted, decision.reason
+        assert (decision.candidate_fid, decision.current_fid) == (30.0, 35.0)
+        promoted_at = len(results)
+        wait_for(lambda: [ref for _, ref in results[promoted_at:]][-8:] == [app.flow.ref] * 8)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert [code for code, _ in results] == [200] * len(results), "a request failed during the swap"
+    refs = [ref for _, ref in results]
+    assert refs[0] == app.student.ref and refs[-1] == app.flow.ref
+    assert set(refs) == {app.student.ref, app.flow.ref}
+    with app.client() as client:
+        card = client.get("/v1/model").json()
+        assert card["ref"] == app.flow.ref and card["sampler"] == "ode" and card["solver"] == "euler"
+        assert client.get("/healthz").json() == {"status": "ok", "model": app.flow.ref, "swap_error": None}
+        body = client.post("/v1/generate", json={"n": 2, "guidance": 2.0, "labels": [0, 1]}).json()
+        assert body["model"] == app.flow.ref and body["guidance"] == 2.0
+
+
+def test_ctrl_c_stops_the_app_cleanly(app):
+    app.process.send_signal(signal.SIGINT)
+    assert app.process.wait(timeout=90) == 0, app.log.read_text()[-4000:]
+    assert "fewstep: stopped" in app.log.read_text()
+    with socket.socket() as probe:  # the HTTP proxy is gone with the app
+        assert probe.connect_ex(("127.0.0.1", app.port)) != 0
