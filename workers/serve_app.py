@@ -431,24 +431,29 @@ class FewstepGenerator:
 # --------------------------------------------------------------------------- building and running
 
 
-def build_app(store_uri: str, config: ServeConfig, model: str | None = None, *,
-              max_batch_size: int | None = None) -> serve.Application:
-    """The deployment, sized from ``config``; ``model`` pins a ref, else the app follows the pointer.
-    ``max_batch_size`` overrides the config's (1 turns batching off, for benchmarks)."""
-    batch = config.max_batch_size if max_batch_size is None else max_batch_size
+def deployment_options(config: ServeConfig, model: str | None, max_batch_size: int) -> dict[str, Any]:
+    """Serve's deployment options from the config: replicas or autoscaling, resources, queue limits."""
     scaling: dict[str, Any] = {"num_replicas": config.num_replicas}
     if config.max_replicas is not None:
         scaling = {"num_replicas": "auto", "autoscaling_config": {
             "min_replicas": config.num_replicas, "max_replicas": config.max_replicas,
             "target_ongoing_requests": config.target_ongoing_requests}}
-    deployment = FewstepGenerator.options(
+    return {
         **scaling,
-        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
-        max_ongoing_requests=max(config.max_ongoing_requests, batch),
-        max_queued_requests=config.max_queued_requests,
-        max_constructor_retry_count=3,  # a model that fails to load fails the deploy, not 20 retries later
-        user_config={"model": model},
-    )
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        "max_ongoing_requests": max(config.max_ongoing_requests, max_batch_size),
+        "max_queued_requests": config.max_queued_requests,
+        "max_constructor_retry_count": 3,  # a model that fails to load fails the deploy, not 20 retries later
+        "user_config": {"model": model},
+    }
+
+
+def build_app(store_uri: str, config: ServeConfig, model: str | None = None, *,
+              max_batch_size: int | None = None) -> serve.Application:
+    """The deployment, sized from ``config``; ``model`` pins a ref, else the app follows the pointer.
+    ``max_batch_size`` overrides the config's (1 turns batching off, for benchmarks)."""
+    batch = config.max_batch_size if max_batch_size is None else max_batch_size
+    deployment = FewstepGenerator.options(**deployment_options(config, model, batch))
     return deployment.bind(store_uri, Limits.from_config(config), batch, config.batch_wait_timeout_s, config.poll_s)
 
 

@@ -402,3 +402,20 @@ def test_ctrl_c_stops_the_app_cleanly(app):
     assert "fewstep: stopped" in app.log.read_text()
     with socket.socket() as probe:  # the HTTP proxy is gone with the app
         assert probe.connect_ex(("127.0.0.1", app.port)) != 0
+
+
+def test_replicas_autoscaling_and_resources_come_from_the_config():
+    from infra.config import ServeConfig
+    from workers.serve_app import FewstepGenerator, deployment_options
+
+    fixed = deployment_options(ServeConfig(num_replicas=2, cpus_per_replica=2, gpus_per_replica=0.5,
+                                           max_queued_requests=9), "base/x", max_batch_size=16)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
+    assert fixed["max_queued_requests"] == 9 and fixed["max_ongoing_requests"] >= 16
+    assert fixed["user_config"] == {"model": "base/x"}
+    scaled = deployment_options(ServeConfig(num_replicas=1, max_replicas=4, target_ongoing_requests=3), None, 1)
+    assert scaled["num_replicas"] == "auto"
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+    for options in (fixed, scaled):  # Serve accepts them
+        assert FewstepGenerator.options(**options).max_queued_requests == options["max_queued_requests"]
