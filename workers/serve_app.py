@@ -32,8 +32,7 @@ import json
 import logging
 import math
 import secrets
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
@@ -124,12 +123,24 @@ class Served:
     """A loaded generator and what /v1/model says about it."""
 
     generator: Generator
-    card: dict[str, Any]
-    loaded_at: float = field(default_factory=time.time)
+    card: dict[str, Any]  # computed once, at load
 
     @property
     def ref(self) -> str:
         return self.generator.ref
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities (which Python's JSON parser accepts, and strict JSON does not) become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +177,8 @@ def evaluation_of(store: Store, ref: str) -> dict[str, Any] | None:
 
 
 def model_card(store: Store, manifest: Manifest, generator: Generator, solver: str) -> dict[str, Any]:
-    return {
+    """What /v1/model says (JSON-safe: a diverged model's NaN FID must not turn it into a 500)."""
+    return json_safe({
         "ref": manifest.ref,
         "stage": manifest.stage,
         "digest": manifest.digest,
@@ -178,7 +190,7 @@ def model_card(store: Store, manifest: Manifest, generator: Generator, solver: s
         "metrics": scalar_metrics(manifest.metrics),
         "lineage": lineage(store, manifest),
         "evaluation": evaluation_of(store, manifest.ref),
-    }
+    })
 
 
 def load_served(store: Store, ref: str, solver: str) -> Served:
@@ -246,19 +258,6 @@ def encode_images(pixels, fmt: str) -> list[Any]:
     if fmt == "png":
         return [base64.b64encode(encode_png(image)).decode("ascii") for image in pixels]
     return [image.tolist() for image in pixels]
-
-
-def json_safe(value: Any) -> Any:
-    """Echoed input made JSON-safe: NaN and infinities (which Python's JSON parser accepts) become strings."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value
 
 
 async def schema_errors(request, error: RequestValidationError) -> JSONResponse:

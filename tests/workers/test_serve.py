@@ -142,6 +142,7 @@ def app(ray_local, tmp_path_factory):
     student = commit_generator(store, "consistency", "consistency", 1, vae)
     flow = commit_generator(store, "base", "ode", 2, vae)
     evaluation = commit_evaluation(store, [(student, "consistency", 1, 40.0), (student, "consistency", 2, 35.0),
+                                           (student, "consistency", 4, float("nan")),  # diverged: still valid JSON
                                            (flow, "euler", 1, 60.0), (flow, "euler", 2, 30.0)], [student, flow])
     store.put_pointer("serving/current", student.ref)
     config = root / "serve.yaml"
@@ -306,7 +307,7 @@ def test_model_card_docs_and_playground(app):
         assert [m["ref"] for m in card["lineage"]] == ["vae/tiny"]
         evaluation = card["evaluation"]
         assert evaluation["ref"] == app.evaluation.ref
-        assert {(r["steps"], r["fid"]) for r in evaluation["rows"]} == {(1, 40.0), (2, 35.0)}
+        assert {(r["steps"], r["fid"]) for r in evaluation["rows"]} == {(1, 40.0), (2, 35.0), (4, "nan")}
 
         schema = client.get("/openapi.json").json()
         assert {"/v1/generate", "/v1/model", "/healthz"} <= set(schema["paths"])
