@@ -9,7 +9,7 @@ import pytest
 
 from flows.promote import PromotionDecision, decide, promote
 from infra.store import Store
-from workers.evaluate import COLUMNS, SCHEMA
+from workers.evaluate import COLUMNS
 
 STEPS = 2
 
@@ -32,7 +32,7 @@ def row(manifest, sampler: str, steps: int, fid: float) -> dict:
 def commit_evaluation(store: Store, key: str, models, rows):
     """An evaluate manifest: its inputs name the models, its metrics table holds their rows."""
     with store.begin("evaluate", key, config={"key": key}, inputs=list(models)) as writer:
-        writer.write_table("metrics", pa.Table.from_pylist(rows, schema=SCHEMA))
+        writer.write_table("metrics", pa.Table.from_pylist(rows))
         return writer.commit(metrics={"rows": len(rows)})
 
 
