@@ -51,10 +51,8 @@ def serve(
 def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: str | None = None, port: int | None = None,
                      ray_address: str | None = None, echo: Callable[[str], None] = typer.echo) -> None:
     """Start Ray (or attach), deploy the app, print its URL, block until SIGINT/SIGTERM, tear down."""
-    import ray
-
     from workers import serve_app
-    from workers.runtime import ensure_ray
+    from workers.runtime import ensure_ray, shutdown_ray
 
     ensure_ray(ray_address)
     stop = threading.Event()
@@ -74,5 +72,5 @@ def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: st
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         serve_app.stop()
-        ray.shutdown()
+        shutdown_ray()
     echo("fewstep: stopped")

@@ -73,6 +73,7 @@ class TrainConfig(Section):
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, le=1)
+    ema_warmup: int = Field(10, ge=0)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
     checkpoint_every: int = Field(500, ge=1)
     class_dropout: float = Field(0.1, ge=0, lt=1)
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"

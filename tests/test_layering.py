@@ -14,6 +14,7 @@ FORBIDDEN = {
                "safetensors", "pydantic", "logging", "requests", "httpx", "infra", "workers", "flows"},
     "infra": {"ray", "prefect", "workers", "flows", "fastapi"},
     "workers": {"prefect", "flows"},
+    "flows": {"ray"},  # Ray is reached only through workers/
 }
 
 

@@ -31,3 +31,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # Processes Ray Train starts on its own (e.g. its placement-group cleaner) find this
     # cluster by RAY_ADDRESS, not by guessing among other Ray instances on the machine.
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def shutdown_ray() -> None:
+    """Disconnect from (or stop) the Ray this process started or attached to."""
+    if ray.is_initialized():
+        ray.shutdown()

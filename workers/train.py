@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from infra.config import TrainConfig
 from infra.store import Store
-from models.ema import ema_update
+from models.ema import ema_decay, ema_update
 from models.objectives import Objective, unwrap
 from models.registry import build_model
 
@@ -227,7 +227,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             out.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            ema_update(ema, unwrap(model), config.ema_decay)
+            # A warmed-up decay: a 0.999 average of a short run must not stay at the zero init.
+            ema_update(ema, unwrap(model), ema_decay(step, config.ema_decay, config.ema_warmup))
             objective.after_step(unwrap(model))
             step += 1
             logged_loss = out.loss.detach() if logged_loss is None else logged_loss + out.loss.detach()
