@@ -249,7 +249,8 @@ def load_vae(store: Store, vae: Manifest, name: str = "vae") -> nn.Module:
     return store.load_model(vae, name).eval()
 
 
-def images_channels(images: Manifest) -> tuple[int, int]:
+def image_format(images: Manifest) -> tuple[int, int]:
+    """(channels, image_size) of an images manifest, from the ingest stage's metrics."""
     try:
         return int(images.metrics["channels"]), int(images.metrics["image_size"])
     except KeyError as missing:
@@ -288,7 +289,7 @@ def train_vae(store: Store, config: VAEStageConfig, images: Manifest, key: str, 
 
 def run_vae(store: Store, config: VAEStageConfig, images: Manifest) -> Manifest:
     """Train (or import) the VAE for ``images`` and measure its latent scale; returns the vae manifest."""
-    channels, image_size = images_channels(images)
+    channels, image_size = image_format(images)
     key_config = section_dict(config)
     if config.pretrained is not None:
         if not os.path.isdir(config.pretrained):
