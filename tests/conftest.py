@@ -25,6 +25,10 @@ from pathlib import Path
 
 import pytest
 
+# No phoning home from the tests' Prefect servers and Ray clusters (the machine is offline).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 MOTO_REGION = "us-east-1"
 # The requests moto serves before it starts checking credentials: exactly the IAM setup below.
 MOTO_SETUP_REQUESTS = 3

@@ -30,6 +30,7 @@ from infra.tables import tensors_to_table, with_metadata
 from infra.version import CODE_VERSION
 from models.registry import build_model
 from workers.images import decode_batch
+from workers.runtime import current_node
 from workers.stage import run_stage
 from workers.vae_stage import load_vae
 
@@ -64,6 +65,7 @@ class LatentEncoder:
         self.vae = build_model(spec)
         self.vae.load_state_dict(state)
         self.vae.eval().requires_grad_(False).to(self.device)
+        self.node = current_node()
 
     @torch.inference_mode()
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -75,6 +77,7 @@ class LatentEncoder:
             "label": np.asarray(batch["label"], dtype=np.int64),
             "mean": posterior.mean.float().cpu().numpy(),
             "logvar": posterior.logvar.float().cpu().numpy(),
+            "node": np.full(len(batch["id"]), self.node),  # which Ray node encoded it; not stored
         }
 
 
@@ -145,6 +148,7 @@ class Written:
     rows: int
     splits: dict[str, int]
     shape: tuple[int, ...]  # (c, h, w) of one latent
+    nodes: tuple[str, ...] = ()  # the Ray nodes whose actors encoded the rows
 
 
 def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: str = "latents") -> Written:
@@ -154,11 +158,13 @@ def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: 
     store = writer.store
     store.fs.makedirs(f"{writer.prefix}/{name}", exist_ok=True)
     out: pq.ParquetWriter | None = None
-    rows, splits, shape = 0, {}, ()
+    rows, splits, shape, nodes = 0, {}, (), set()
     try:
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             if len(batch["id"]) == 0:
                 continue
+            batch = dict(batch)
+            nodes.update(str(node) for node in np.unique(batch.pop("node", np.array(["local"]))))
             table = tensors_to_table(batch)
             if out is None:
                 shape = tuple(int(d) for d in batch["mean"].shape[1:])
@@ -176,7 +182,7 @@ def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: 
     if out is None:
         raise ValueError("the images table holds no images to encode")
     writer.add_files([name])
-    return Written(rows, splits, shape)
+    return Written(rows, splits, shape, tuple(sorted(nodes)))
 
 
 def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Manifest) -> Manifest:
@@ -211,6 +217,7 @@ def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Mani
             "num_classes": num_classes,
             "vae_ref": vae.ref,
             "dtype": DTYPE,
+            "encoder_nodes": list(written.nodes),
         }
 
     return run_stage(store, STAGE, section_dict(config), [images, vae], build)

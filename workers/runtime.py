@@ -37,3 +37,8 @@ def shutdown_ray() -> None:
     """Disconnect from (or stop) the Ray this process started or attached to."""
     if ray.is_initialized():
         ray.shutdown()
+
+
+def current_node() -> str:
+    """The Ray node id this code runs on ("local" outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from infra.store import Manifest, Store
 from models.consistency import consistency_sample
 from models.samplers import sample_ode
+from workers.vae_stage import load_vae  # also registers the diffusers VAE kind
 
 SAMPLERS = ("ode", "consistency")
 
@@ -76,7 +77,7 @@ class Generator:
             raise ValueError(f"{manifest.ref} is not a generator (stage {manifest.stage!r} records no sampler)")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         vae_manifest = store.get_ref(metrics["vae_ref"])
-        return cls(manifest.ref, store.load_model(manifest, "model"), store.load_model(vae_manifest, "vae"),
+        return cls(manifest.ref, store.load_model(manifest, "model"), load_vae(store, vae_manifest),
                    metrics["latent_scale"], metrics["latent_shape"], metrics["num_classes"], metrics["sampler"], device)
 
     # -- noise and labels --------------------------------------------------------------

@@ -89,6 +89,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     latest = checkpoints.latest()
     if latest is None or latest.step < job.config.steps:
         resources = job.config.resources
+        check_room_for_data(job.stage, resources)
         use_gpu = resources.gpus_per_worker > 0
         scaling = ray.train.ScalingConfig(
             num_workers=resources.num_workers,
@@ -120,6 +121,22 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         resumed_from=int(latest.state.get("resumed_from", 0)),
         nodes=list(latest.state.get("nodes", [])),
     )
+
+
+def check_room_for_data(stage: str, resources) -> None:
+    """Refuse a worker group that would leave Ray Data no CPU to feed it.
+
+    Ray Train workers hold their CPUs for the whole run; the dataset shards they read are
+    produced by Ray Data tasks that need CPUs of their own. If the workers take every CPU
+    of the cluster, the read never starts and the run hangs: say so before starting.
+    """
+    total = float(ray.cluster_resources().get("CPU", 0))
+    wanted = resources.num_workers * resources.cpus_per_worker
+    if wanted > total - 1:
+        raise ValueError(
+            f"{stage}: {resources.num_workers} training workers x {resources.cpus_per_worker} CPUs = {wanted:g} CPUs, "
+            f"but the Ray cluster has {total:g} and Ray Data needs at least 1 more to feed the workers; "
+            "lower resources.num_workers or resources.cpus_per_worker, or add nodes")
 
 
 def strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -77,3 +79,13 @@ def test_killed_worker_resumes_from_checkpoint_with_ema(ray_local, tmp_path):
         torch.testing.assert_close(crashed.ema_state[name], value, rtol=1e-5, atol=1e-6, msg=f"EMA {name}")
     for name, value in reference.model_state.items():
         torch.testing.assert_close(crashed.model_state[name], value, rtol=1e-5, atol=1e-6, msg=f"model {name}")
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_group_that_would_starve_ray_data_is_refused_not_hung(ray_local, tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    job = job_for(store, "starved", steps=5)
+    greedy = job.config.model_copy(update={"resources": Resources(num_workers=2, cpus_per_worker=2)})
+    job = dataclasses.replace(job, config=greedy)
+    with pytest.raises(ValueError, match=r"Ray Data needs at least 1 more"):
+        fit(job, dataset(ray_local), storage_path=str(tmp_path / "ray"))

@@ -1,0 +1,57 @@
+"""Run by test_multinode.py in a fresh process: a two-node Ray test cluster on this machine.
+
+Prints one JSON line: the Ray nodes the latents stage's encoder actors ran on, and the
+nodes of a two-worker training run (one worker per node by construction).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from infra.config import IngestConfig, LatentsConfig, Resources, TrainConfig  # noqa: E402
+from infra.store import Store  # noqa: E402
+from models.registry import model_spec  # noqa: E402
+from models.vae import VAE, VAEConfig  # noqa: E402
+from workers.generative import run_base  # noqa: E402
+from workers.ingest import run_ingest  # noqa: E402
+from workers.latents import run_latents  # noqa: E402
+
+
+def main(folder: str) -> None:
+    # Two nodes of 3 logical CPUs: a 2-CPU training worker fits once per node and leaves
+    # each node a CPU for the Ray Data tasks that feed it.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    cluster.add_node(num_cpus=3)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        store = Store.open(os.path.join(folder, "store"))
+        images = run_ingest(store, IngestConfig(limit=96, image_size=16))
+        vae = VAE(VAEConfig(in_channels=1, latent_channels=2, base_channels=8, downsample=4))
+        with store.begin("vae", "untrained", config={"untrained": True}, inputs=[images]) as writer:
+            writer.write_model("vae", vae, model_spec(vae))
+            vae_manifest = writer.commit(metrics={"latent_scale": 1.0})
+        # Three 2-CPU actors cannot share a 3-CPU node: they spread over both nodes.
+        latents = run_latents(store, LatentsConfig(num_actors=2, cpus_per_actor=2, batch_size=8), images, vae_manifest)
+        base = run_base(store, TrainConfig(steps=6, batch_size=16, checkpoint_every=3, warmup_steps=0,
+                                           resources=Resources(num_workers=2, cpus_per_worker=2)), latents)
+        checkpoint = store.checkpoints("base", base.key).latest()
+        print(json.dumps({"nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
+                          "encoder_nodes": latents.metrics["encoder_nodes"],
+                          "train_nodes": checkpoint.state["nodes"] if checkpoint else None,
+                          "steps": base.metrics["steps"]}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
