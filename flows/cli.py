@@ -41,6 +41,27 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+def user_cause(error: BaseException) -> BaseException | None:
+    """The user's error behind ``error``, if any: itself, or what a remote task raised.
+
+    A stage that fails inside a Ray task or worker reaches the driver wrapped (Ray's task
+    errors keep the original as ``.cause``; Prefect re-raises with ``__cause__``); the
+    user should read the original one-line message, not the remote traceback.
+    """
+    seen: set[int] = set()
+    kinds = user_errors()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        remote = getattr(error, "cause", None)  # Ray's RayTaskError: its str() is the remote traceback
+        if isinstance(remote, BaseException):
+            error = remote
+            continue
+        if isinstance(error, kinds):
+            return error
+        error = error.__cause__
+    return None
+
+
 def fail(message: str) -> None:
     typer.echo(f"fewstep: error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -103,8 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(error, click.ClickException):
             error.show()
             sys.exit(error.exit_code)
-        if isinstance(error, user_errors()):
-            typer.echo(f"fewstep: error: {error}", err=True)
+        cause = user_cause(error)
+        if cause is not None:
+            typer.echo(f"fewstep: error: {cause}", err=True)
             sys.exit(2)
         raise
 

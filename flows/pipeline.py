@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from infra.config import ConfigError, PipelineConfig, load_config  # noqa: E402
-from infra.store import Manifest, Store  # noqa: E402
+from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
 RETRY_DELAYS = [2, 10, 30]
@@ -214,6 +214,9 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
         distil_data = refs["latents"]
     refs["consistency"] = consistency_task(store_uri, cfg, ray_address, teacher, distil_data)
     generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
+    defender = served_on_same_data(open_store(store_uri), refs["vae"])
+    if defender is not None and defender not in generators:
+        generators.append(defender)  # scored beside the candidate, so the promotion gate compares like with like
     classifier = classifier_task(store_uri, cfg, ray_address, refs["images"])
     if classifier:
         refs["classifier"] = classifier
@@ -225,13 +228,22 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
     open_store(store_uri).record_run(run_id, refs, {"seconds": summary["seconds"]})
     summary["run_id"] = run_id
     rows = [{"stage": name, "ref": ref} for name, ref in refs.items()]
-    served = open_store(store_uri).get_pointer("serving/current")
+    served = open_store(store_uri).get_pointer(SERVING_POINTER)
     rows.append({"stage": "served", "ref": served or "(none)"})
     create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
     create_markdown_artifact(key="fewstep-run-report", markdown=run_report(refs, summary["seconds"], decision, served),
                              description="fewstep run summary")
     logger.info("pipeline finished in %.1fs: %s", summary["seconds"], refs)
     return summary
+
+
+def served_on_same_data(store: Store, vae_ref: str) -> str | None:
+    """The served model, if it decodes through this run's VAE (so one evaluation can score both)."""
+    ref = store.get_pointer(SERVING_POINTER)
+    if ref is None:
+        return None
+    served = store.get(*ref.split("/", 1))
+    return ref if served is not None and served.metrics.get("vae_ref") == vae_ref else None
 
 
 def get_run_context_id() -> str:
@@ -263,7 +275,7 @@ def run_pipeline_cli(config: Path | None, preset: str, store: str | None, ray_ad
     if serve:
         from flows.cli_serve import serve_foreground
 
-        ref = open_store(store).get_pointer("serving/current")
+        ref = open_store(store).get_pointer(SERVING_POINTER)
         if ref is None:
             raise ConfigError("--serve: no model is promoted in this store; see the promotion line above")
         serve_foreground(open_store(store).uri, cfg.serve, ref, pinned=False, ray_address=ray_address)

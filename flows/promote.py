@@ -21,9 +21,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from infra.store import Manifest, Store
+from infra.store import SERVING_POINTER, Manifest, Store
 
-POINTER = "serving/current"
+POINTER = SERVING_POINTER
 GENERATOR_SAMPLERS = ("ode", "consistency")
 
 FidLookup = Callable[[str, int, str], "float | None"]  # (model ref, steps, sampler) -> FID
@@ -86,22 +86,31 @@ def decide(candidate: str, current: str | None, steps: int, sampler: str, candid
 
 def evaluation_lookup(store: Store, evaluate_ref: str) -> FidLookup:
     """FIDs from the evaluate manifest ``evaluate_ref``; a model it did not score is looked up in
-    the newest other evaluate manifest that did (an earlier run's, for the served model)."""
-    from workers.evaluate import STAGE, fid_at  # the evaluate stage owns its table's layout
+    the newest other evaluate manifest that did (an earlier run's, for the served model), but
+    only in rows measured the same way: the same extractor (a classifier trained on the same
+    images) and the same n. FIDs in different feature spaces, or on other test data, do not
+    compare; then the served model has no FID to defend it."""
+    from workers.evaluate import STAGE, evaluation_rows, fid_at  # the evaluate stage owns its table
 
     primary = store.get_ref(evaluate_ref)
     if primary.stage != STAGE:
         raise ValueError(f"{evaluate_ref} is a {primary.stage!r} output; pass an {STAGE!r} ref (its metrics table "
                          "holds the FIDs)")
 
+    measured_as = {(row["extractor"], row["n"]) for row in evaluation_rows(store, primary)}
+
     def lookup(ref: str, steps: int, sampler: str) -> float | None:
         if ref in primary.inputs:
             return fid_at(store, primary, ref, steps, sampler)
         for other in reversed(store.list_manifests(STAGE)):
-            if ref in other.inputs:
-                found = fid_at(store, other, ref, steps, sampler)
-                if found is not None:
-                    return found
+            if ref not in other.inputs:
+                continue
+            fids = [row["fid"] for row in evaluation_rows(store, other)
+                    if row["stage_key"] == ref and row["steps"] == steps and row["sampler"] == sampler
+                    and (row["extractor"], row["n"]) in measured_as
+                    and row["fid"] is not None and math.isfinite(row["fid"])]
+            if fids:
+                return min(fids)
         return None
 
     return lookup

@@ -100,7 +100,7 @@ class ConsistencyConfig(Section):
     intervals: int = Field(18, ge=1)  # N of the discretisation 0 = t_0 < ... < t_N = 1
     teacher_solver: Literal["euler", "heun"] = "heun"
     guidance: float = Field(1.0, ge=0)
-    target_decay: float = Field(0.95, ge=0, le=1)  # the EMA target f_theta^-
+    target_decay: float = Field(0.95, ge=0, lt=1)  # the EMA target f_theta^-
     huber_c: float | None = Field(None, gt=0)  # None: 0.00054 * sqrt(dim)
     train: TrainConfig = TrainConfig(steps=2000, warmup_steps=0, lr=2e-4, class_dropout=0.0)
 

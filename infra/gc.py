@@ -66,6 +66,16 @@ def _age_s(attempt: str, now: datetime) -> float:
     return float("inf") if started is None else (now - started).total_seconds()
 
 
+def _committed_age_s(manifest: Manifest, now: datetime) -> float:
+    try:
+        created = datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00"))
+    except ValueError:
+        return float("inf")
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=timezone.utc)
+    return (now - created).total_seconds()
+
+
 def _hours(seconds: float) -> str:
     return "of unknown age" if seconds == float("inf") else f"{seconds / 3600:.1f} h old"
 
@@ -115,7 +125,10 @@ def plan_gc(store: Store, *, min_age_s: float = 3600.0, now: datetime | None = N
     if not roots:
         note = "no pointer or run record names any output, so no committed output is treated as unreferenced"
     else:
-        unreferenced = set(manifests) - live_refs(manifests, roots)
+        # A run records its refs when it ends: outputs younger than min_age may belong to a
+        # run still going (or one that will be re-run and resume), so they are not garbage yet.
+        unreferenced = {ref for ref in set(manifests) - live_refs(manifests, roots)
+                        if _committed_age_s(manifests[ref], now) >= min_age_s}
 
     # -- stage outputs --------------------------------------------------------------------
     stages: dict[str, _Unit] = defaultdict(_Unit)

@@ -50,6 +50,10 @@ DEFAULT_STORE = "./fewstep-store"
 VERIFY_THREADS = 8
 
 
+# The pointer promotion moves and the Serve app follows.
+SERVING_POINTER = "serving/current"
+
+
 def split_ref(ref: str) -> tuple[str, str]:
     stage, sep, key = ref.partition("/") if isinstance(ref, str) else ("", "", "")
     if not sep:

@@ -63,7 +63,7 @@ from workers.evaluate_report import (  # noqa: F401  (COLUMNS, REFERENCE, ... re
 )
 from workers.images import to_model_range
 from workers.sampling import SAMPLERS, Generator, Request
-from workers.stage import run_stage
+from workers.stage import keyed_section, run_stage
 
 log = logging.getLogger("fewstep.evaluate")
 
@@ -71,7 +71,6 @@ STAGE = "evaluate"
 GEN_CHUNK = 250  # images per forward pass; fixed, because the chunk seeds depend on it
 STRAIGHTNESS_BATCH = 64
 MAX_REAL = 10_000  # real images per split that the features are computed on
-RESOURCE_FIELDS = ("num_actors", "cpus_per_actor", "gpus_per_actor")  # where it runs, not what it computes
 
 
 # --------------------------------------------------------------------------- what to evaluate
@@ -434,7 +433,7 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
 
 def evaluate_section(config: EvaluateConfig, source: ExtractorSource) -> dict[str, Any]:
     """The key: what changes the numbers (not where they run); a user extractor by its digest."""
-    section = {k: v for k, v in section_dict(config).items() if k not in RESOURCE_FIELDS}
+    section = keyed_section(config)
     section["extractor_sha256"] = source.sha256
     return section
 

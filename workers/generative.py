@@ -33,8 +33,9 @@ from models.objectives import FlowMatching
 from models.paths import time_sampler
 from models.registry import build_model, model_spec
 from models.samplers import sample_ode
+from workers.sampling import row_seed
 from workers.stage import run_stage
-from workers.train import CrashOnce, TrainJob, TrainResult, fit
+from workers.train import CrashOnce, TrainJob, TrainResult, check_rows, fit
 
 log = logging.getLogger("fewstep.generative")
 
@@ -110,6 +111,11 @@ def labels_for_training(labels: Tensor, num_classes: int) -> Tensor:
     return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
 
 
+def training_rows(manifest: Manifest) -> int:
+    """How many training rows a latents (train split) or pairs manifest holds."""
+    return int(manifest.metrics["n_train"] if manifest.stage == "latents" else manifest.metrics["pairs"])
+
+
 def training_dataset(store: Store, manifest: Manifest, table: str, columns: list[str]) -> "ray.data.Dataset":
     """The train split of a stored table as a Ray Dataset, read straight from the store."""
     from ray.data.expressions import col
@@ -142,6 +148,7 @@ def write_generator(writer: StageWriter, result: TrainResult, spec: dict, sample
 def run_base(store: Store, config: TrainConfig, latents: Manifest, crash: CrashOnce | None = None) -> Manifest:
     """Flow matching of a DiT on the latents (stage ``base``)."""
     info = latent_info(latents)
+    check_rows("base", training_rows(latents), config)
 
     def build(writer: StageWriter, key: str) -> dict[str, Any]:
         spec = dit_spec(config, info)
@@ -173,8 +180,7 @@ class PairSampler:
         self.solver, self.steps, self.guidance = solver, steps, guidance
 
     def noise(self, ids: np.ndarray) -> Tensor:
-        rows = [torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)))
-                for i in ids]
+        rows = [torch.randn(self.shape, generator=torch.Generator().manual_seed(row_seed(self.seed, i))) for i in ids]
         return torch.stack(rows)  # (B, C, H, W)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -227,6 +233,7 @@ def run_reflow(store: Store, config: ReflowConfig, teacher: Manifest, pairs: Man
     info = latent_info(teacher)
     train = config.train
     section = {**section_dict(train), "round": round_index}
+    check_rows("reflow", training_rows(pairs), train)
 
     def build(writer: StageWriter, key: str) -> dict[str, Any]:
         teacher_model = load_generator(store, teacher)
@@ -238,7 +245,8 @@ def run_reflow(store: Store, config: ReflowConfig, teacher: Manifest, pairs: Man
             init_state={k: v.cpu() for k, v in teacher_model.state_dict().items()},
         )
         result = fit(job, training_dataset(store, pairs, "pairs", ["x_0", "x_1", "label"]))
-        return write_generator(writer, result, spec, "ode", info, {"round": round_index, "teacher_ref": teacher.ref})
+        return write_generator(writer, result, spec, "ode", info, {"round": round_index, "teacher_ref": teacher.ref,
+                                                                   "pairs_guidance": config.guidance})
 
     return run_stage(store, "reflow", section, [teacher, pairs], build)
 
@@ -248,6 +256,7 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
     """Consistency distillation of the teacher into a 1-4 step student (stage ``consistency``)."""
     info = latent_info(teacher)
     train = config.train
+    check_rows("consistency", training_rows(data), train)
 
     def build(writer: StageWriter, key: str) -> dict[str, Any]:
         teacher_model = load_generator(store, teacher)

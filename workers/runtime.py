@@ -9,6 +9,8 @@ import ray
 
 log = logging.getLogger("fewstep.ray")
 
+_started_address: dict[str, str] = {}  # the local cluster this process started, if any
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; no-op when already up.
@@ -30,13 +32,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     # Processes Ray Train starts on its own (e.g. its placement-group cleaner) find this
     # cluster by RAY_ADDRESS, not by guessing among other Ray instances on the machine.
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = _started_address["address"] = ray.get_runtime_context().gcs_address
 
 
 def shutdown_ray() -> None:
     """Disconnect from (or stop) the Ray this process started or attached to."""
     if ray.is_initialized():
         ray.shutdown()
+    if os.environ.get("RAY_ADDRESS") == _started_address.get("address"):
+        os.environ.pop("RAY_ADDRESS", None)  # it named the cluster we just stopped
 
 
 def current_node() -> str:

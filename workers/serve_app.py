@@ -44,13 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from infra.config import ServeConfig
-from infra.store import Manifest, Store
+from infra.store import SERVING_POINTER, Manifest, Store
 from workers.images import encode_png
 from workers.sampling import Generator, Request
 
 log = logging.getLogger("fewstep.serve")
 
-POINTER = "serving/current"
+POINTER = SERVING_POINTER
 APP_NAME = "fewstep"
 MAX_SEED = 2**63 - 1
 LINEAGE_LIMIT = 64  # manifests listed in /v1/model's lineage, nearest first

@@ -19,10 +19,15 @@ log = logging.getLogger("fewstep.stage")
 
 Build = Callable[[StageWriter, str], Mapping[str, Any]]
 
+# Where a Ray Data stage runs, not what it computes: left out of stage keys, so moving a
+# stage to more actors or onto GPUs does not recompute it and everything below it.
+RESOURCE_FIELDS = ("num_actors", "cpus_per_actor", "gpus_per_actor")
 
-def stage_key(store: Store, name: str, config: Section | Mapping[str, Any], inputs: Sequence[Manifest]) -> str:
+
+def keyed_section(config: Section | Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config section that decides a stage's output (its key's config)."""
     data = section_dict(config) if isinstance(config, Section) else dict(config)
-    return store.stage_key(name, data, inputs)
+    return {name: value for name, value in data.items() if name not in RESOURCE_FIELDS}
 
 
 def run_stage(
@@ -37,7 +42,7 @@ def run_stage(
     ``build(writer, key)`` writes the stage's files and returns its metrics; the key is passed
     so long stages can keep checkpoints under it and resume after a crash.
     """
-    data = section_dict(config) if isinstance(config, Section) else dict(config)
+    data = keyed_section(config)
     key = store.stage_key(name, data, inputs)
     done = store.get(name, key)
     if done is not None:

@@ -29,7 +29,7 @@ import ray.train.torch
 import torch
 from torch import Tensor, nn
 
-from infra.config import TrainConfig
+from infra.config import ConfigError, TrainConfig
 from infra.store import Store
 from models.ema import ema_decay, ema_update
 from models.objectives import Objective, unwrap
@@ -108,6 +108,8 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
             scaling_config=scaling,
             run_config=run_config,
             datasets={"train": dataset},
+            # A fixed row order per shard: the seeded epoch orders then make runs replayable.
+            dataset_config=ray.train.DataConfig(execution_options=preserving_order()),
         )
         trainer.fit()
         latest = checkpoints.latest()
@@ -123,6 +125,14 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     )
 
 
+def preserving_order():
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options.__class__()
+    options.preserve_order = True
+    return options
+
+
 def check_room_for_data(stage: str, resources) -> None:
     """Refuse a worker group that would leave Ray Data no CPU to feed it.
 
@@ -133,10 +143,19 @@ def check_room_for_data(stage: str, resources) -> None:
     total = float(ray.cluster_resources().get("CPU", 0))
     wanted = resources.num_workers * resources.cpus_per_worker
     if wanted > total - 1:
-        raise ValueError(
+        raise ConfigError(
             f"{stage}: {resources.num_workers} training workers x {resources.cpus_per_worker} CPUs = {wanted:g} CPUs, "
             f"but the Ray cluster has {total:g} and Ray Data needs at least 1 more to feed the workers; "
             "lower resources.num_workers or resources.cpus_per_worker, or add nodes")
+
+
+def check_rows(stage: str, rows: int, config: TrainConfig) -> None:
+    """Refuse, on the driver, data too small for one batch per worker (the loop could not step)."""
+    per_worker = rows // config.resources.num_workers
+    if per_worker < config.batch_size:
+        raise ConfigError(
+            f"{stage}: {rows} training rows give each of {config.resources.num_workers} workers {per_worker}, "
+            f"fewer than batch_size={config.batch_size}; lower batch_size or num_workers, or add data")
 
 
 def strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -201,7 +220,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     extra = objective.extra_modules()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
 
-    step, curve, resumed_from = 0, [], 0
+    step, curve, resumed_from, epoch, position = 0, [], 0, 0, 0
     latest = checkpoints.latest()
     if latest is not None:
         model.load_state_dict(strip(latest.tensors, "model."))
@@ -211,8 +230,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         load_optimizer(optimizer, latest.tensors)
         step = resumed_from = latest.step
         curve = list(latest.state.get("curve", []))
-        # Each rank continues its own stream; rank 0's state is stored, the others re-derive.
+        # Where in the data it stopped: the epoch's order is regenerated, used batches skipped.
+        epoch, position = int(latest.state.get("epoch", 0)), int(latest.state.get("position", 0))
+        # Rank 0's RNG streams are stored; the other ranks re-derive theirs from the step.
         torch.set_rng_state(latest.tensors["rng.cpu"])
+        if "rng.cuda" in latest.tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(latest.tensors["rng.cuda"])
         if rank:
             torch.manual_seed(config.seed + rank + step)
         if rank == 0:
@@ -229,12 +252,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     batches = CachedShard(shard, device) if config.cache_data else StreamedShard(shard, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    started, logged_loss, epoch = time.perf_counter(), None, 0
+    started, logged_loss = time.perf_counter(), None
 
     while step < config.steps:
         seen = 0
-        for raw in batches.epoch(config.batch_size):
+        for raw in batches.epoch(config.batch_size, epoch_seed(config.seed, rank, epoch), skip=position):
             seen += 1
+            position += 1
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config.lr, config.warmup_steps)
             batch = job.adapt_batch(raw)
@@ -270,7 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         **rng_state_tensors(),
                     }
                     checkpoints.save(step, tensors, {"curve": curve, "resumed_from": resumed_from, "epoch": epoch,
-                                                     "nodes": nodes})
+                                                     "position": position, "nodes": nodes})
                     checkpoints.prune(keep=2)
                 # Every worker reports at the same steps: ray.train.report is a barrier.
                 ray.train.report({"step": step, "loss": curve[-1]["loss"] if curve else float("nan")})
@@ -280,10 +304,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step >= config.steps:
                 break
-        if seen == 0:
-            raise ValueError(f"{job.stage}: the training data has fewer rows than batch_size={config.batch_size} "
+        if seen == 0 and position == 0:
+            raise ConfigError(f"{job.stage}: the training data has fewer rows than batch_size={config.batch_size} "
                              "on this worker; lower batch_size or num_workers, or add data")
-        epoch += 1
+        if step < config.steps:
+            epoch, position = epoch + 1, 0
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of one worker's data order in one epoch: a resumed run regenerates it."""
+    return (seed * 1_000_003 + rank) * 1_000_003 + epoch
 
 
 def worker_nodes(world_size: int) -> list[str]:
@@ -300,8 +330,9 @@ class CachedShard:
     """The worker's shard read once (one Ray Data pass) and held as tensors on the device.
 
     Right for latents-sized data: every later epoch is a seeded permutation in memory,
-    instead of a fresh Ray Data execution per epoch. The permutation draws from torch's
-    global RNG, which the checkpoints restore, so a resumed run replays its batches.
+    instead of a fresh Ray Data execution per epoch. Each epoch's order comes from its own
+    seed (seed, rank, epoch), so a resumed run regenerates it and skips the batches it
+    already used. Rows are read in a fixed order (the trainer preserves the dataset's order).
     """
 
     def __init__(self, shard, device: torch.device):
@@ -316,12 +347,12 @@ class CachedShard:
             return {}
         return {name: torch.cat(chunks).to(self.device) for name, chunks in parts.items()}
 
-    def epoch(self, batch_size: int):
+    def epoch(self, batch_size: int, seed: int, skip: int = 0):
         if self.data is None:
             self.data = self.load()
         rows = len(next(iter(self.data.values()))) if self.data else 0
-        order = torch.randperm(rows)
-        for start in range(0, rows - batch_size + 1, batch_size):
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+        for start in range(skip * batch_size, rows - batch_size + 1, batch_size):
             index = order[start:start + batch_size].to(self.device)
             yield {name: value[index] for name, value in self.data.items()}
 
@@ -332,9 +363,14 @@ class StreamedShard:
     def __init__(self, shard, device: torch.device):
         self.shard, self.device = shard, device
 
-    def epoch(self, batch_size: int):
-        yield from self.shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=self.device,
-                                                 local_shuffle_buffer_size=max(4 * batch_size, 1024))
+    def epoch(self, batch_size: int, seed: int, skip: int = 0):
+        """Streams with a seeded local shuffle; a resumed epoch skips what it used (re-reading it)."""
+        batches = self.shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=self.device,
+                                                local_shuffle_buffer_size=max(4 * batch_size, 1024),
+                                                local_shuffle_seed=seed % (2**31))
+        for index, batch in enumerate(batches):
+            if index >= skip:
+                yield batch
 
 
 def move_objective(objective: Objective, device: torch.device) -> None:

@@ -95,6 +95,13 @@ def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_st
     assert decision.current_fid == 12.0 and decision.threshold == pytest.approx(12.6)
     assert store.get_pointer("serving/current") == student.ref
 
+    # Measured another way (another extractor: other data, another feature space): no comparison.
+    other_space = commit_evaluation(store, "e3", [worse], [{**row(worse, "consistency", STEPS, 99.0),
+                                                            "extractor": "classifier/other"}])
+    decision = promote(store, worse.ref, other_space.ref, served_steps=STEPS, tolerance=0.05)
+    assert decision.promoted and decision.current_fid is None and "no FID" in decision.reason
+    store.put_pointer("serving/current", student.ref)
+
     # With a larger slack the same candidate passes.
     decision = promote(store, worse.ref, second.ref, served_steps=STEPS, tolerance=0.1)
     assert decision.promoted

@@ -30,7 +30,7 @@ def commit_latents(store: Store, n: int = 64):
                               "logvar": np.full((n, *SHAPE), -6.0, np.float32)})
     with store.begin("latents", "synthetic", config={"n": n}) as writer:
         writer.write_table("latents", table)
-        return writer.commit(metrics={"latent_shape": list(SHAPE), "num_classes": 2, "latent_scale": 1.0,
+        return writer.commit(metrics={"latent_shape": list(SHAPE), "num_classes": 2, "latent_scale": 1.0, "n_train": n,
                                       "vae_ref": "vae/none"})
 
 

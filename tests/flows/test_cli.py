@@ -1,0 +1,58 @@
+"""The command line as a user meets it: help, bad config, errors from inside Ray tasks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.cli import user_cause
+from infra.config import ConfigError
+
+
+def fewstep(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_help_lists_every_verb():
+    done = fewstep("--help")
+    assert done.returncode == 0
+    for verb in ("run", "serve", "evaluate", "status", "gc", "schedule"):
+        assert verb in done.stdout
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("base:\n  stepz: 3\n", "unknown field 'base.stepz'"),
+    ("base:\n  steps: -1\n", "base.steps = -1"),
+    ("reflow:\n  rounds: many\n", "reflow.rounds = 'many'"),
+    ("[1, 2]\n", "must hold a mapping"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, yaml_text, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    done = fewstep("run", "--config", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "store").exists(), "work started before the config was checked"
+
+
+def test_unknown_preset_and_missing_config_file(tmp_path):
+    done = fewstep("run", "--preset", "fast", cwd=tmp_path)
+    assert done.returncode == 2 and "unknown preset 'fast'" in done.stderr
+    done = fewstep("run", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_a_user_error_raised_in_a_ray_task_reaches_the_user_as_its_own_message(ray_local):
+    @ray_local.remote
+    def stage():
+        raise ConfigError("ingest: 3 of 8 images are unreadable, above max_bad_fraction=0.05")
+
+    with pytest.raises(Exception) as caught:
+        ray_local.get(stage.remote())
+    cause = user_cause(caught.value)
+    assert isinstance(cause, ConfigError)
+    assert str(cause) == "ingest: 3 of 8 images are unreadable, above max_bad_fraction=0.05"
+    assert user_cause(RuntimeError("a bug")) is None

@@ -1,0 +1,180 @@
+"""The pipeline flow end to end: under Prefect's test harness, and as a user runs it against a
+real ``prefect server`` with an S3 store, killed mid-training and re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.config import load_config
+from infra.store import Store
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+# The quick preset, smaller still: every stage runs, each for a few steps.
+TINY = {
+    "ingest": {"limit": 240},
+    "vae": {"steps": 30, "base_channels": 8, "batch_size": 32},
+    "base": {"steps": 40, "batch_size": 32, "checkpoint_every": 10},
+    "reflow": {"pairs": 64, "steps": 2, "batch_size": 64,
+               "train": {"steps": 10, "batch_size": 32, "checkpoint_every": 5}},
+    "consistency": {"intervals": 4, "train": {"steps": 10, "batch_size": 32, "checkpoint_every": 5}},
+    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1],
+                 "classifier_steps": 30},
+}
+STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "classifier", "evaluate"}
+
+
+def committed(store: Store) -> dict[str, str]:
+    """ref -> created_at of every committed manifest."""
+    return {m.ref: m.created_at for m in store.list_manifests()}
+
+
+def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, ray_local, tmp_path):
+    from flows.pipeline import pipeline
+
+    store_uri = str(tmp_path / "store")
+    config = load_config("quick", overrides=TINY).model_dump(mode="json")
+
+    first = pipeline(config=config, store_uri=store_uri)
+    store = Store.open(store_uri)
+    assert {m.stage for m in store.list_manifests()} == STAGES
+    assert first["promotion"]["promoted"], first["promotion"]
+    assert store.get_pointer("serving/current") == first["refs"]["consistency"]
+    assert [run["refs"] for run in store.list_runs()] == [first["refs"]]
+
+    before = committed(store)
+    started = time.perf_counter()
+    second = pipeline(config=config, store_uri=store_uri)
+    rerun_seconds = time.perf_counter() - started
+    print(f"re-run of a finished pipeline: {rerun_seconds:.1f}s")
+    assert second["refs"] == first["refs"]
+    assert committed(store) == before, "the re-run recomputed a stage"
+
+    # One changed field re-runs only what is downstream of it.
+    changed = load_config("quick", overrides={**TINY, "consistency": {**TINY["consistency"], "intervals": 3}})
+    third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
+    same = {name for name in first["refs"] if third["refs"][name] == first["refs"][name]}
+    assert same == {"images", "vae", "latents", "base", "pairs_1", "reflow_1", "classifier"}
+
+
+# ---------------------------------------------------------------------------------------
+# A real Prefect server, an S3 store, a SIGKILL during base training
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db")
+    env.pop("PREFECT_API_URL", None)
+    log = home / "server.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                    "--port", str(port)], env=env, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def api(url: str, path: str, body: dict | None = None) -> object:
+    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_local, s3_uri, tmp_path):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump({**TINY, "base": {**TINY["base"], "steps": 120}}))
+    env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONUNBUFFERED="1")
+    args = ["run", "--preset", "quick", "--config", str(config_file), "--store", s3_uri]
+    store = Store.open(s3_uri)
+
+    # 1. Run, and SIGKILL the whole flow process once base training has a checkpoint.
+    process = cli(args, env)
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before base training checkpointed:\n{process.stdout.read()[-4000:]}")
+        done = {m.stage for m in store.list_manifests()}
+        base_keys = store.fs.ls(f"{store.root}/checkpoints/base") if store.fs.exists(f"{store.root}/checkpoints/base") else []
+        if base_keys and any(store.checkpoints("base", key.rstrip("/").split("/")[-1]).steps() for key in base_keys):
+            break
+        assert time.monotonic() < deadline, "base training never checkpointed"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+
+    before = committed(store)
+    assert {ref.split("/")[0] for ref in before} == {"ingest", "vae", "latents"}, "a partial stage became visible"
+
+    # 2. Re-run: finished stages come back from the store, base resumes from its checkpoint.
+    rerun = cli(args, env)
+    output, _ = rerun.communicate(timeout=800)
+    assert rerun.returncode == 0, output[-4000:]
+    after = committed(store)
+    assert all(after[ref] == created for ref, created in before.items()), "a finished stage was recomputed"
+    base = [store.get_ref(ref) for ref in after if ref.startswith("base/")]
+    assert len(base) == 1 and base[0].metrics["resumed_from"] >= 10 and base[0].metrics["steps"] == 120
+    assert {ref.split("/")[0] for ref in after} == STAGES
+
+    # 3. What the Prefect UI shows: the flow runs, task runs by stage name, the artifacts.
+    flow_runs = api(prefect_server, "/flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}}})
+    states = sorted(run["state_type"] for run in flow_runs)
+    assert "COMPLETED" in states and len(flow_runs) == 2, states
+    task_names = {run["name"] for run in api(prefect_server, "/task_runs/filter", {})}
+    assert {"ingest", "vae", "latents", "base", "reflow-pairs-1", "reflow-1", "consistency", "evaluate",
+            "promote"} <= task_names, task_names
+    artifact_keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key")}
+    assert {"fewstep-run-summary", "fewstep-run-report", "fewstep-fid-vs-steps", "fewstep-evaluation-report",
+            "fewstep-base-metrics"} <= artifact_keys, artifact_keys
+
+    # 4. A scheduled deployment with the given cron.
+    scheduled = cli(["schedule", "--cron", "0 3 * * 0", "--register-only", "--preset", "quick",
+                     "--config", str(config_file), "--store", s3_uri], env)
+    output, _ = scheduled.communicate(timeout=120)
+    assert scheduled.returncode == 0, output
+    deployments = api(prefect_server, "/deployments/filter", {})
+    crons = [s["schedule"].get("cron") for d in deployments for s in d.get("schedules", [])]
+    assert "0 3 * * 0" in crons, deployments
+
+    bad = cli(["schedule", "--cron", "every sunday", "--register-only", "--store", s3_uri], env)
+    output, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and "invalid cron expression" in output and "Traceback" not in output, output
