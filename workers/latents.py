@@ -132,6 +132,9 @@ def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, chan
     device = "cuda" if config.gpus_per_actor > 0 else "cpu"
     ds = ray.data.read_parquet(store.file_path(images, "images"), filesystem=store.pa_filesystem)
     ds = ds.select_columns(["id", "split", "label", "image"])
+    # One Parquet file reads as one block, and a block goes to one actor: split it so every
+    # actor of the pool (on every node) gets work. Order is kept (no shuffle).
+    ds = ds.repartition(max(1, 4 * config.num_actors))
     return ds.map_batches(
         LatentEncoder,
         fn_constructor_kwargs={"spec": spec, "state": state, "channels": channels, "device": device},
