@@ -49,8 +49,8 @@ class VAEStageConfig(Section):
     base_channels: int = Field(32, ge=4)
     downsample: Literal[4, 8] = 4
     beta: float = Field(1e-4, ge=0)
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(128, ge=1)
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     seed: int = 0
     resources: Resources = Resources()
