@@ -60,25 +60,28 @@ def publish_stage(manifest: Manifest) -> None:
                           description=f"{manifest.ref} — metrics of the `{manifest.stage}` stage")
 
 
+def run_and_publish(store_uri: str | None, ray_address: str | None, run: Callable[..., Manifest],
+                    section: Any, input_refs: list[str], *extra: Any) -> str:
+    """The body every stage task shares: attach to Ray, resolve inputs, run, publish, return the ref."""
+    connect(ray_address)
+    store = open_store(store_uri)
+    manifest = run(store, section, *[store.get_ref(ref) for ref in input_refs], *extra)
+    publish_stage(manifest)
+    return manifest.ref
+
+
 @stage_task("ingest")
 def ingest_task(store_uri: str | None, config: PipelineConfig, ray_address: str | None) -> str:
     from workers.ingest import run_ingest
 
-    connect(ray_address)
-    manifest = run_ingest(open_store(store_uri), config.ingest)
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_ingest, config.ingest, [])
 
 
 @stage_task("vae")
 def vae_task(store_uri: str | None, config: PipelineConfig, ray_address: str | None, images_ref: str) -> str:
     from workers.vae_stage import run_vae
 
-    connect(ray_address)
-    store = open_store(store_uri)
-    manifest = run_vae(store, config.vae, store.get_ref(images_ref))
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_vae, config.vae, [images_ref])
 
 
 @stage_task("latents")
@@ -86,22 +89,14 @@ def latents_task(store_uri: str | None, config: PipelineConfig, ray_address: str
                  images_ref: str, vae_ref: str) -> str:
     from workers.latents import run_latents
 
-    connect(ray_address)
-    store = open_store(store_uri)
-    manifest = run_latents(store, config.latents, store.get_ref(images_ref), store.get_ref(vae_ref))
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_latents, config.latents, [images_ref, vae_ref])
 
 
 @stage_task("base")
 def base_task(store_uri: str | None, config: PipelineConfig, ray_address: str | None, latents_ref: str) -> str:
     from workers.generative import run_base
 
-    connect(ray_address)
-    store = open_store(store_uri)
-    manifest = run_base(store, config.base, store.get_ref(latents_ref))
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_base, config.base, [latents_ref])
 
 
 @stage_task("reflow-pairs")
@@ -109,11 +104,7 @@ def pairs_task(store_uri: str | None, config: PipelineConfig, ray_address: str |
                teacher_ref: str, round_index: int) -> str:
     from workers.generative import run_pairs
 
-    connect(ray_address)
-    store = open_store(store_uri)
-    manifest = run_pairs(store, config.reflow, store.get_ref(teacher_ref), round_index)
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_pairs, config.reflow, [teacher_ref], round_index)
 
 
 @stage_task("reflow")
@@ -121,11 +112,7 @@ def reflow_task(store_uri: str | None, config: PipelineConfig, ray_address: str 
                 teacher_ref: str, pairs_ref: str, round_index: int) -> str:
     from workers.generative import run_reflow
 
-    connect(ray_address)
-    store = open_store(store_uri)
-    manifest = run_reflow(store, config.reflow, store.get_ref(teacher_ref), store.get_ref(pairs_ref), round_index)
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_reflow, config.reflow, [teacher_ref, pairs_ref], round_index)
 
 
 @stage_task("consistency")
@@ -133,11 +120,7 @@ def consistency_task(store_uri: str | None, config: PipelineConfig, ray_address:
                      teacher_ref: str, data_ref: str) -> str:
     from workers.generative import run_consistency
 
-    connect(ray_address)
-    store = open_store(store_uri)
-    manifest = run_consistency(store, config.consistency, store.get_ref(teacher_ref), store.get_ref(data_ref))
-    publish_stage(manifest)
-    return manifest.ref
+    return run_and_publish(store_uri, ray_address, run_consistency, config.consistency, [teacher_ref, data_ref])
 
 
 @stage_task("classifier")
@@ -199,6 +182,7 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
     refs: dict[str, str] = {}
 
     refs["images"] = ingest_task(store_uri, cfg, ray_address)
+    check_evaluable(open_store(store_uri).get_ref(refs["images"]), cfg)
     refs["vae"] = vae_task(store_uri, cfg, ray_address, refs["images"])
     refs["latents"] = latents_task(store_uri, cfg, ray_address, refs["images"], refs["vae"])
     refs["base"] = teacher = base_task(store_uri, cfg, ray_address, refs["latents"])
@@ -235,6 +219,13 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
                              description="fewstep run summary")
     logger.info("pipeline finished in %.1fs: %s", summary["seconds"], refs)
     return summary
+
+
+def check_evaluable(images: Manifest, cfg: PipelineConfig) -> None:
+    """Unlabeled data has no classifier to measure FID with: say so before hours of training."""
+    if int(images.metrics.get("num_classes", 0)) == 0 and cfg.evaluate.extractor is None:
+        raise ConfigError(f"{images.ref} has no labels, so fewstep cannot train its default FID feature "
+                          "extractor; set evaluate.extractor to a local TorchScript or Inception-v3 file")
 
 
 def served_on_same_data(store: Store, vae_ref: str) -> str | None:
