@@ -309,9 +309,11 @@ class Drawn:
 class FewstepGenerator:
     """One replica: a generator in memory, a batch queue, a watcher on the serving pointer."""
 
-    def __init__(self, store_uri: str, limits: Limits, max_batch_size: int, batch_wait_timeout_s: float,
+    def __init__(self, store: Store | str, limits: Limits, max_batch_size: int, batch_wait_timeout_s: float,
                  poll_s: float, pointer: str = POINTER):
-        self.store = Store.open(store_uri)
+        # A Store pickles with its endpoint and keys, so replicas on other nodes reach the
+        # same S3 as the driver whatever their environment; a URI is opened here.
+        self.store = store if isinstance(store, Store) else Store.open(store)
         self.limits, self.poll_s, self.pointer = limits, poll_s, pointer
         self.served: Served | None = None
         self.pinned: str | None = None
@@ -453,7 +455,8 @@ def build_app(store_uri: str, config: ServeConfig, model: str | None = None, *,
     ``max_batch_size`` overrides the config's (1 turns batching off, for benchmarks)."""
     batch = config.max_batch_size if max_batch_size is None else max_batch_size
     deployment = FewstepGenerator.options(**deployment_options(config, model, batch))
-    return deployment.bind(store_uri, Limits.from_config(config), batch, config.batch_wait_timeout_s, config.poll_s)
+    store = Store.open(store_uri) if isinstance(store_uri, str) else store_uri
+    return deployment.bind(store, Limits.from_config(config), batch, config.batch_wait_timeout_s, config.poll_s)
 
 
 def resolve_model(store: Store, model: str | None) -> Manifest:
