@@ -10,10 +10,8 @@ tested) on plain tensors and dicts.
 from __future__ import annotations
 
 import json
-import struct
 from typing import Any, Callable, Mapping
 
-import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
@@ -72,12 +70,6 @@ def tensors_from_bytes(data: bytes, where: str = "safetensors data") -> dict[str
         raise IntegrityError(f"{where} is not a readable safetensors file ({error}); re-run the stage that wrote it") from None
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file: an 8-byte little-endian header length, then JSON."""
-    (length,) = struct.unpack("<Q", data[:8])
-    return dict(json.loads(data[8 : 8 + length]).get("__metadata__", {}))
-
-
 def check_spec(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict) or "kind" not in spec or "config" not in spec:
         raise ValueError(f'a model spec is {{"kind": ..., "config": {{...}}}} (see models.registry.model_spec), got {spec!r:.200}')
@@ -103,10 +95,3 @@ def build_and_load(
             f"unexpected {result.unexpected_keys[:5]}; the weights and the JSON spec were written by different models"
         )
     return model
-
-
-@torch.no_grad()
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """True when two modules have identical state dicts (names, shapes, values)."""
-    sa, sb = model_state(a), model_state(b)
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

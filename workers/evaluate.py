@@ -39,7 +39,7 @@ import ray
 import torch
 from torch import nn
 
-from infra.config import ConfigError, EvaluateConfig, section_dict
+from infra.config import ConfigError, EvaluateConfig
 from infra.store import Manifest, StageWriter, Store
 from infra.manifest import sha256_hex
 from models.classifier import Classifier

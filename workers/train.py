@@ -74,11 +74,6 @@ class TrainResult:
     resumed_from: int = 0
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank in the last attempt
 
-    def model(self, spec: dict, use_ema: bool = True) -> nn.Module:
-        net = build_model(spec)
-        net.load_state_dict(self.ema_state if use_ema else self.model_state)
-        return net.eval()
-
 
 def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = None) -> TrainResult:
     """Train on ``dataset`` (rows already in the adapter's input format) and return the final state.
