@@ -43,7 +43,9 @@ from infra.store import Store  # noqa: E402
 from models.dit import DiT, dit_config  # noqa: E402
 from models.registry import model_spec  # noqa: E402
 from models.vae import VAE, VAEConfig  # noqa: E402
-from workers.sampling import Generator, Request  # noqa: E402
+from infra.cards import GeneratorCard, VAECard  # noqa: E402
+from infra.config import Resources  # noqa: E402
+from workers.generator import Generator, Request  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 
@@ -70,12 +72,15 @@ def synthetic_store(root: str) -> tuple[Store, str]:
     vae = VAE(VAEConfig(in_channels=1, latent_channels=4, base_channels=32, downsample=4))
     with store.begin("vae", "bench", config={"bench": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        vae_manifest = writer.commit(metrics={"latent_scale": 1.0})
+        card = VAECard(latent_scale=1.0, latent_shape=(4, 4, 4), in_channels=1, image_size=16, latent_channels=4,
+                       downsample=4, recon_mse_train=0.0, measured_on=0)
+        vae_manifest = writer.commit(metrics=card.to_metrics())
     net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=4, num_classes=10, class_dropout_prob=0.0))
     with store.begin("consistency", "bench", config={"bench": True}, inputs=[vae_manifest]) as writer:
         writer.write_model("model", net, model_spec(net))
-        manifest = writer.commit(metrics={"sampler": "consistency", "latent_scale": 1.0, "latent_shape": [4, 4, 4],
-                                          "num_classes": 10, "vae_ref": vae_manifest.ref})
+        card = GeneratorCard(family="consistency", steps=0, latent_shape=(4, 4, 4), num_classes=10, latent_scale=1.0,
+                             vae_ref=vae_manifest.ref)
+        manifest = writer.commit(metrics=card.to_metrics())
     return store, manifest.ref
 
 
@@ -92,13 +97,18 @@ def body(i: int, images: int, steps: int, num_classes: int) -> dict:
     return {"n": images, "steps": steps, "seed": i, "labels": [(i + j) % num_classes for j in range(images)]}
 
 
+def served_sampler(generator: Generator) -> str:
+    return next(iter(generator.samplers))  # the family's default, as the Serve app picks it for one-step models
+
+
 def in_process(generator: Generator, concurrency: int, requests: int, images: int, steps: int) -> Result:
     """c requests per generate_many call: the forward-pass cost without HTTP, Serve or waiting."""
     calls = max(1, requests // concurrency)
     batch = []
     for i in range(concurrency):
         fields = body(i, images, steps, generator.num_classes)
-        batch.append(Request(n=fields["n"], steps=steps, labels=tuple(fields["labels"]), seed=fields["seed"]))
+        batch.append(Request(n=fields["n"], steps=steps, sampler=served_sampler(generator),
+                             labels=tuple(fields["labels"]), seed=fields["seed"]))
     generator.generate_many(batch)  # warm up
     latencies = []
     started = time.perf_counter()
@@ -170,20 +180,20 @@ def main() -> None:
         store, ref = synthetic_store(tempfile.mkdtemp(prefix="fewstep-bench-"))
     torch.set_num_threads(max(1, int(args.cpus)))
     generator = Generator.load(store, store.get_ref(ref), device="cpu")
-    print(f"model {ref} ({generator.sampler}), {args.images} image(s) per request, {args.steps} step(s), "
+    print(f"model {ref} ({generator.card.family}), {args.images} image(s) per request, {args.steps} step(s), "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}", flush=True)
 
     results = [in_process(generator, c, args.requests, args.images, args.steps) for c in CONCURRENCY]
 
     from ray import serve
 
-    from workers import serve_app
     from workers.runtime import ensure_ray
+    from workers.serving import app as serve_app
 
     ensure_ray()
     config = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
                          max_ongoing_requests=max(64, args.max_batch_size), max_n=max(64, args.images),
-                         steps=args.steps, cpus_per_replica=args.cpus, max_queued_requests=1024)
+                         steps=args.steps, resources=Resources(cpus=args.cpus), max_queued_requests=1024)
     port = free_port()
     try:
         for mode, batch in (("Serve batched", args.max_batch_size), ("Serve unbatched", 1)):

@@ -38,21 +38,21 @@ def main() -> None:
 
     import ray
 
-    from infra.config import Resources, TrainConfig
+    from infra.config import GeneratorConfig
     from infra.store import Store
     from models.dit import DiT, dit_config
     from models.ema import ema_update
     from models.objectives import FlowMatching
     from models.registry import build_model, model_spec
-    from workers.generative import PairBatch
+    from workers.batches import PairBatch
     from workers.train import TrainJob, fit
 
     shape = (4, 8, 8)
     data = rows(args.rows, shape)
     torch.manual_seed(0)
     spec = model_spec(DiT(dit_config(args.model, input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.0)))
-    config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=1e-3, warmup_steps=0,
-                         checkpoint_every=max(1, args.steps // 3), resources=Resources(num_workers=1, cpus_per_worker=1))
+    config = GeneratorConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=1e-3, warmup_steps=0,
+                             checkpoint_every=max(1, args.steps // 3))
     adapt = PairBatch(num_classes=10)
 
     # Plain PyTorch: the loop's arithmetic, nothing else.

@@ -1,9 +1,10 @@
-"""The pipeline's configuration: one small, frozen section per stage, and two presets.
+"""The pipeline's configuration: one small, frozen section per stage, and the presets.
 
 Every default lives here, once. A stage receives only its own section; the stage key
-hashes that section, so changing one field re-runs that stage and the ones below it.
-``load_config`` merges a preset with a user's YAML file and refuses unknown fields
-or wrong values before any work starts.
+hashes that section's values except its :class:`Resources` (where a stage runs is not what
+it computes), so changing one field re-runs that stage and the ones below it, and moving a
+stage to more workers or onto GPUs does not. ``load_config`` merges a preset with a
+user's YAML file and refuses unknown fields or wrong values before any work starts.
 """
 
 from __future__ import annotations
@@ -20,20 +21,36 @@ class ConfigError(ValueError):
     """A configuration the user must fix; the message names the field and the value."""
 
 
+class StageInputError(ConfigError):
+    """A stage's input data (not the code) is unusable: the message says what and what to do.
+
+    A ConfigError, so the CLI prints it as one line and flows do not retry it.
+    """
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def keyed(self) -> dict[str, Any]:
+        """The values that decide the stage's output: every field but its :class:`Resources`."""
+        resources = {name for name in type(self).model_fields if isinstance(getattr(self, name), Resources)}
+        return self.model_dump(mode="json", exclude=resources)
+
 
 class Resources(Section):
-    """Where a distributed stage runs: Ray Train workers or Ray Data actors."""
+    """Where a distributed stage runs, never what it computes (so it is left out of stage keys).
 
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    ``workers`` counts what the stage's engine runs: Ray Train workers (DDP ranks), Ray Data
+    actors, concurrent evaluation tasks, or Serve replicas. Each gets ``cpus`` and ``gpus``.
+    """
+
+    workers: int = Field(1, ge=1)
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
 
 
 class IngestConfig(Section):
-    source: str = "digits"  # "digits", an image folder, or a Parquet file/folder (local or s3://)
+    source: str = "digits"  # "digits", "shapes", an image folder, or a Parquet file/folder (local or s3://)
     image_column: str = "image"  # for Parquet sources: a column of encoded image bytes
     label_column: str | None = "label"  # for Parquet sources; folders take labels from sub-folder names
     image_size: int = Field(16, ge=4, le=1024)
@@ -41,68 +58,109 @@ class IngestConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     limit: int | None = Field(None, ge=1)  # keep the first N images (by id), for quick runs
+    resources: Resources = Resources()
 
 
-class VAEStageConfig(Section):
+class LoopConfig(Section):
+    """What the one training loop (``workers.train.fit``) reads: every trained model has these."""
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(128, ge=1)  # the global batch, split evenly over the training workers
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, le=1)  # 0: no average (the EMA is the model itself)
+    ema_warmup: int = Field(10, ge=0)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
+    checkpoint_every: int = Field(500, ge=1)
+    cache_data: bool = True  # hold each worker's shard in memory; False streams it every epoch
+    seed: int = 0
+    resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _batch_splits_over_workers(self) -> "LoopConfig":
+        workers = self.resources.workers
+        if self.batch_size % workers:
+            raise ValueError(f"batch_size={self.batch_size} does not split evenly over resources.workers={workers}: "
+                             f"use a multiple of {workers}")
+        return self
+
+
+class VAEConfig(LoopConfig):
+    """The vae stage: train the small KL-VAE through the loop, or import a local diffusers one."""
+
     pretrained: str | None = None  # a local diffusers AutoencoderKL folder instead of training
     latent_channels: int = Field(4, ge=1)
     base_channels: int = Field(32, ge=4)
     downsample: Literal[4, 8] = 4
     beta: float = Field(1e-4, ge=0)
+    measure_images: int = Field(4096, ge=2)  # train images (first by id) for the latent scale
     steps: int = Field(600, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    ema_decay: float = Field(0.0, ge=0, le=1)  # the VAE is used as trained
     seed: int = 0
-    resources: Resources = Resources()
 
 
 class LatentsConfig(Section):
     batch_size: int = Field(256, ge=1)
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
+    resources: Resources = Resources()  # workers = encoder actors
 
 
-class TrainConfig(Section):
-    """One training run of the shared loop (base, each reflow round, consistency)."""
+class GeneratorConfig(LoopConfig):
+    """A DiT trained by flow matching: the base stage (and, with other defaults, reflow)."""
 
     model: str = "DiT-T/2"
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, le=1)
-    ema_warmup: int = Field(10, ge=0)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
-    checkpoint_every: int = Field(500, ge=1)
-    class_dropout: float = Field(0.1, ge=0, lt=1)
+    class_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout for classifier-free guidance
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
-    cache_data: bool = True  # hold each worker's shard in memory; False streams it every epoch
-    seed: int = 0
-    resources: Resources = Resources()
 
 
-class ReflowConfig(Section):
-    rounds: int = Field(1, ge=0, le=3)
+class PairsConfig(Section):
+    """Reflow pairs: (x_0, x_1) couplings from the teacher's ODE, on an actor pool."""
+
     pairs: int = Field(4096, ge=1)
     solver: Literal["euler", "heun"] = "heun"
     steps: int = Field(32, ge=1)
     guidance: float = Field(1.0, ge=0)
     batch_size: int = Field(512, ge=1)
-    num_actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    train: TrainConfig = TrainConfig(steps=2000, time_sampling="uniform", warmup_steps=0, lr=5e-4)
+    resources: Resources = Resources()  # workers = sampler actors
 
 
-class ConsistencyConfig(Section):
+class ReflowConfig(GeneratorConfig):
+    """Each reflow round: flow matching on the last teacher's pairs, warm-started from it."""
+
+    rounds: int = Field(1, ge=0, le=3)
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+
+
+class ConsistencyConfig(LoopConfig):
+    """Consistency distillation of the last flow model into a 1-4 step student."""
+
     data: Literal["latents", "pairs"] = "pairs"  # pairs: distil on the last reflow round's pairs
     intervals: int = Field(18, ge=1)  # N of the discretisation 0 = t_0 < ... < t_N = 1
     teacher_solver: Literal["euler", "heun"] = "heun"
     guidance: float = Field(1.0, ge=0)
     target_decay: float = Field(0.95, ge=0, lt=1)  # the EMA target f_theta^-
     huber_c: float | None = Field(None, gt=0)  # None: 0.00054 * sqrt(dim)
-    train: TrainConfig = TrainConfig(steps=2000, warmup_steps=0, lr=2e-4, class_dropout=0.0)
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class ClassifierConfig(LoopConfig):
+    """The evaluation's default feature space: a small CNN trained on the labelled train split."""
+
+    width: int = Field(32, ge=1)
+    feature_dim: int = Field(64, ge=2)
+    max_shift: int = Field(1, ge=0)  # pixels of random translation while training
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, le=1)
 
 
 class EvaluateConfig(Section):
@@ -110,15 +168,12 @@ class EvaluateConfig(Section):
     flow_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     flow_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
     consistency_steps: tuple[int, ...] = (1, 2, 4)
-    guidance: float = Field(1.0, ge=0)
-    classifier_steps: int = Field(600, ge=1)
+    guidance: float = Field(1.0, ge=0)  # for base models; reflow models use their pairs' guidance
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
     knn_k: int = Field(3, ge=1)
     seed: int = 1234
-    num_actors: int = Field(1, ge=1)  # concurrent evaluation tasks (one per model, sampler, steps)
-    cpus_per_actor: float = Field(1.0, gt=0)
-    gpus_per_actor: float = Field(0.0, ge=0)
+    resources: Resources = Resources()  # workers = evaluation tasks in flight
 
     @model_validator(mode="after")
     def _positive_steps(self) -> "EvaluateConfig":
@@ -141,22 +196,20 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(256, ge=1)
     max_ongoing_requests: int = Field(128, ge=1)  # per replica; at least max_batch_size, or batches never fill
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies get 413
-    solver: Literal["euler", "heun"] = "euler"  # how flow (ODE) models are sampled; consistency models ignore it
+    solver: Literal["euler", "heun"] = "euler"  # how flow (ODE) models are sampled
     poll_s: float = Field(1.0, gt=0)  # how often a replica looks at the serving/current pointer
-    num_replicas: int = Field(1, ge=1)  # fixed replicas, or the autoscaling minimum when max_replicas is set
-    max_replicas: int | None = Field(None, ge=1)  # set: autoscale between num_replicas and max_replicas
+    max_replicas: int | None = Field(None, ge=1)  # set: autoscale between resources.workers and this
     target_ongoing_requests: float = Field(8.0, gt=0)  # the autoscaler's per-replica target
-    cpus_per_replica: float = Field(1.0, gt=0)
-    gpus_per_replica: float = Field(0.0, ge=0)
     promote_tolerance: float = Field(0.05, ge=0)  # relative FID slack
+    resources: Resources = Resources()  # workers = replicas (the autoscaling minimum with max_replicas)
 
     @model_validator(mode="after")
     def _consistent_limits(self) -> "ServeConfig":
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch_size="
                              f"{self.max_batch_size}: a replica could never fill a batch; raise it")
-        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
-            raise ValueError(f"max_replicas={self.max_replicas} is below num_replicas={self.num_replicas} "
+        if self.max_replicas is not None and self.max_replicas < self.resources.workers:
+            raise ValueError(f"max_replicas={self.max_replicas} is below resources.workers={self.resources.workers} "
                              "(the autoscaling minimum); raise max_replicas or leave it unset")
         if self.steps > self.max_steps:
             raise ValueError(f"the served steps={self.steps} exceed max_steps={self.max_steps}")
@@ -165,33 +218,30 @@ class ServeConfig(Section):
 
 class PipelineConfig(Section):
     ingest: IngestConfig = IngestConfig()
-    vae: VAEStageConfig = VAEStageConfig()
+    vae: VAEConfig = VAEConfig()
     latents: LatentsConfig = LatentsConfig()
-    base: TrainConfig = TrainConfig()
+    base: GeneratorConfig = GeneratorConfig()
+    pairs: PairsConfig = PairsConfig()
     reflow: ReflowConfig = ReflowConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
 
 
-# Overrides of the defaults above. "default" is the quality preset (about 20 min on
+# Overrides of the defaults above. "default" is the quality preset (about 10 min on
 # 2 CPU cores); "quick" runs the whole chain in a few minutes, for trying it and for tests.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "quick": {
         "ingest": {"limit": 600},
-        "vae": {"steps": 150, "base_channels": 16, "batch_size": 64},
+        "vae": {"steps": 150, "base_channels": 16, "batch_size": 64, "warmup_steps": 15},
         "base": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},
-        "reflow": {
-            "rounds": 1, "pairs": 256, "steps": 8,
-            "train": {"steps": 80, "batch_size": 64, "checkpoint_every": 40, "warmup_steps": 0},
-        },
-        "consistency": {
-            "intervals": 8,
-            "train": {"steps": 80, "batch_size": 64, "checkpoint_every": 40, "warmup_steps": 0},
-        },
-        "evaluate": {"n": 200, "flow_steps": [1, 2, 4, 8], "flow_solvers": ["euler"],
-                     "consistency_steps": [1, 2], "classifier_steps": 150},
+        "pairs": {"pairs": 256, "steps": 8},
+        "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
+        "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
+        "classifier": {"steps": 150},
+        "evaluate": {"n": 200, "flow_steps": [1, 2, 4, 8], "flow_solvers": ["euler"], "consistency_steps": [1, 2]},
     },
 }
 
@@ -246,8 +296,3 @@ def load_config(
         return PipelineConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, source)) from None
-
-
-def section_dict(section: Section) -> dict[str, Any]:
-    """A JSON-able dict of one section, for stage keys and manifests."""
-    return section.model_dump(mode="json")

@@ -161,9 +161,11 @@ class Store:
 
     # -- keys and manifests ------------------------------------------------------------------
 
-    def stage_key(self, stage: str, config: Mapping[str, Any], inputs: Sequence[Manifest] = ()) -> str:
-        """hash(stage, config, input manifest digests, CODE_VERSION): the content address."""
-        return stage_key(stage, config, inputs, CODE_VERSION)
+    def stage_key(self, stage: str, config: Mapping[str, Any], inputs: Sequence[Manifest] = (),
+                  code_version: str | None = None) -> str:
+        """hash(stage, config, input manifest digests, code version): the content address.
+        ``code_version`` is the stage's own (:func:`infra.version.code_version`); default the package's."""
+        return stage_key(stage, config, inputs, code_version or CODE_VERSION)
 
     def get(self, stage: str, key: str) -> Manifest | None:
         """The committed manifest of ``stage/key``, or None when there is none."""
@@ -197,8 +199,9 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def begin(self, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest] = ()) -> "StageWriter":
-        return StageWriter(self, stage, key, config=config, inputs=inputs)
+    def begin(self, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest] = (),
+              code_version: str | None = None) -> "StageWriter":
+        return StageWriter(self, stage, key, config=config, inputs=inputs, code_version=code_version)
 
     # -- reading (always verified) ------------------------------------------------------------
 
@@ -273,8 +276,9 @@ class Store:
 
     # -- checkpoints, pointers, runs -----------------------------------------------------------
 
-    def checkpoints(self, stage: str, key: str) -> CheckpointStore:
-        return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"), CODE_VERSION)
+    def checkpoints(self, stage: str, key: str, code_version: str | None = None) -> CheckpointStore:
+        return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"),
+                               code_version or CODE_VERSION)
 
     def _named_json(self, folder: str, name: str) -> str:
         parts = check_relative_path(name, f"{folder[:-1]} name").split("/")
@@ -318,8 +322,10 @@ class StageWriter:
     folder, which no reader sees and ``fewstep gc`` removes.
     """
 
-    def __init__(self, store: Store, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest]):
+    def __init__(self, store: Store, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest],
+                 code_version: str | None = None):
         self.store = store
+        self.code_version = code_version or CODE_VERSION
         self.stage, self.key = check_segment(stage, "stage name"), check_segment(key, "stage key")
         self.config = to_jsonable(dict(config), "config")
         self.inputs = list(inputs)
@@ -357,7 +363,7 @@ class StageWriter:
         self._files[name] = (path, len(data), sha256_hex(data))
 
     def _produced_by(self) -> dict[str, str]:
-        return {"fewstep.ref": self.ref, "fewstep.code_version": CODE_VERSION}
+        return {"fewstep.ref": self.ref, "fewstep.code_version": self.code_version}
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._put(name, name, bytes(data))
@@ -429,7 +435,7 @@ class StageWriter:
         if self._result is not None:
             return self._result
         manifest = Manifest.build(stage=self.stage, key=self.key, files=self._verified_entries(), config=self.config,
-                                  inputs=self.inputs, metrics=metrics, code_version=CODE_VERSION)
+                                  inputs=self.inputs, metrics=metrics, code_version=self.code_version)
         path = f"{self.store.stage_dir(self.stage, self.key)}/{MANIFEST}"
         self.store.backend.create_exclusive(path, manifest.to_json())
         # Read back whoever won: this also covers servers that ignore If-None-Match.

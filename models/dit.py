@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.registry import register_kind
+
 # Time is in [0, 1] here; the sinusoidal frequencies below were designed for integer
 # diffusion steps 0..999, so t is multiplied by this before embedding.
 TIME_SCALE = 1000.0
@@ -358,3 +360,6 @@ class DiT(nn.Module):
             tokens = block(tokens, c)  # (N, T, D)
         tokens = self.final_layer(tokens, c)  # (N, T, p*p*C)
         return self.unpatchify(tokens)  # (N, C, H, W)
+
+
+register_kind("dit", DiTConfig, DiT)

@@ -4,21 +4,24 @@
     model = build_model(spec)  # same architecture, fresh weights; then load_state_dict
 
 A kind pairs a frozen config dataclass with a module class whose constructor takes that
-config as its only argument. "dit" and "vae" are built in; ``register_kind`` adds more
-(e.g. a classifier for evaluation). Modules built here carry their config as ``.config``.
+config as its only argument. Each model module registers its own kind when imported
+(``models.dit`` registers "dit"); the kinds fewstep ships are imported on first use by
+:func:`build_model`, so loading a stored spec needs no import order. Modules built here carry
+their config as ``.config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 from torch import nn
 
-from models.dit import DiT, DiTConfig
-from models.vae import VAE, VAEConfig
-
 _KINDS: dict[str, tuple[type, type[nn.Module]]] = {}
+
+# The module that registers each kind fewstep ships (imported on first use, see build_model).
+BUILTIN_KINDS = {"dit": "models.dit", "vae": "models.vae", "classifier": "models.classifier"}
 
 
 def register_kind(name: str, config_cls: type, module_cls: type[nn.Module]) -> None:
@@ -78,6 +81,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
         raise ValueError(f'a model spec is {{"kind": ..., "config": {{...}}}}, got {got}')
     kind, raw = spec["kind"], spec["config"]
+    if kind not in _KINDS and kind in BUILTIN_KINDS:
+        importlib.import_module(BUILTIN_KINDS[kind])  # registers it
     if kind not in _KINDS:
         raise ValueError(f"unknown model kind {kind!r}; registered kinds are {registered_kinds()}")
     config_cls, module_cls = _KINDS[kind]
@@ -106,7 +111,3 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     if getattr(module, "config", None) is None:
         module.config = config
     return module
-
-
-register_kind("dit", DiTConfig, DiT)
-register_kind("vae", VAEConfig, VAE)

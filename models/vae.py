@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.objectives import Batch, LossOutput, Objective, require
+from models.registry import register_kind
+
 # log-variance is clamped to this range before exp, so a wild encoder cannot overflow.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -224,3 +227,19 @@ def measure_latent_scale(means: Tensor) -> float:
             "so no scale can be measured (is the VAE trained?)"
         )
     return 1.0 / std
+
+
+class VAEObjective(Objective):
+    """The beta-VAE objective of :func:`vae_loss` on ``batch["x_1"]`` (images in [-1, 1]), for the
+    training loop. ``beta`` is explicit because the loop hands the loss a DDP wrapper."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        x_1 = require(batch, "x_1", "VAEObjective")
+        out = vae_loss(model, x_1, beta=self.beta)
+        return LossOutput(out.loss, {"loss": out.loss.detach(), "recon": out.recon.detach(), "kl": out.kl.detach()})
+
+
+register_kind("vae", VAEConfig, VAE)

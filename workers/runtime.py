@@ -12,8 +12,11 @@ log = logging.getLogger("fewstep.ray")
 _started_address: dict[str, str] = {}  # the local cluster this process started, if any
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = True) -> None:
     """Attach to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; no-op when already up.
+
+    ``verbose=False`` keeps the workers' logs and Ray's own INFO lines off the driver's console
+    (the command line's progress view shows what matters).
 
     A local Ray gets at least 4 logical CPUs even on a 2-core machine: Ray's CPUs are a
     scheduling unit, and a Ray Train worker plus the Ray Data actors that feed it must be
@@ -25,11 +28,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
         return
     cpus = num_cpus if num_cpus is not None else max(4, os.cpu_count() or 1)
     log.info("starting a local Ray with %d logical CPUs", cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    if not verbose:  # Ray warns that it enabled token authentication, its default for local clusters
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
+             logging_level=logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # Ray Data configures its own logger when imported: quiet it afterwards
+        import ray.data as ray_data  # noqa: F401
+
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     # Processes Ray Train starts on its own (e.g. its placement-group cleaner) find this
     # cluster by RAY_ADDRESS, not by guessing among other Ray instances on the machine.
     os.environ["RAY_ADDRESS"] = _started_address["address"] = ray.get_runtime_context().gcs_address

@@ -1,12 +1,13 @@
 """The one training loop of fewstep, run by Ray Train on every worker.
 
-Every trained model (the VAE, the base flow model, each reflow round, the consistency
-student) goes through :func:`fit`. The stage hands it a model spec, an optional warm
+Every trained model (the VAE, the evaluation classifier, the base flow model, each reflow
+round, the consistency student) goes through :func:`fit`. The stage hands it a model spec, an optional warm
 start, a batch adapter and an :class:`~models.objectives.Objective`; the loop never knows
 which stage it serves. It is a plain PyTorch loop with a few Ray calls (the shape of
 Ray's ``torch_fashion_mnist`` example):
 
-- DDP over ``num_workers`` (gloo on CPU, NCCL on GPU, chosen by Ray), bf16 autocast on GPU;
+- DDP over ``resources.workers`` (gloo on CPU, NCCL on GPU, chosen by Ray), bf16 autocast on
+  GPU; ``batch_size`` is the global batch, each worker takes its share;
 - linear learning-rate warmup, gradient clipping, an EMA of the weights;
 - checkpoints (model, EMA, optimizer, objective state, step, RNG, curve) committed to the
   artifact store every ``checkpoint_every`` steps. A run restarted by Ray after a worker
@@ -15,7 +16,7 @@ Ray's ``torch_fashion_mnist`` example):
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import os
 import signal
@@ -29,11 +30,13 @@ import ray.train.torch
 import torch
 from torch import Tensor, nn
 
-from infra.config import ConfigError, TrainConfig
+from infra.config import ConfigError, LoopConfig, Resources
 from infra.store import Store
-from models.ema import ema_decay, ema_update
+from models.ema import ema_copy, ema_decay, ema_update
 from models.objectives import Objective, unwrap
 from models.registry import build_model
+from workers import progress
+from workers.data import order_preserving_options
 
 log = logging.getLogger("fewstep.train")
 
@@ -58,11 +61,17 @@ class TrainJob:
     key: str
     model_spec: dict
     objective: Objective
-    config: TrainConfig
+    config: LoopConfig
     adapt_batch: BatchAdapter
     init_state: dict[str, Tensor] | None = None
     crash: CrashOnce | None = None
     log_every: int = 25
+    progress: progress.RemoteProgress | None = None  # set by fit() while someone watches
+
+    @property
+    def worker_batch(self) -> int:
+        """Each worker's share of the global batch (the config checks that it splits evenly)."""
+        return self.config.batch_size // self.config.resources.workers
 
 
 @dataclass
@@ -73,6 +82,10 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank in the last attempt
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.curve[-1]["loss"] if self.curve else None
 
 
 def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = None) -> TrainResult:
@@ -85,11 +98,11 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     if latest is None or latest.step < job.config.steps:
         resources = job.config.resources
         check_room_for_data(job.stage, resources)
-        use_gpu = resources.gpus_per_worker > 0
+        use_gpu = resources.gpus > 0
         scaling = ray.train.ScalingConfig(
-            num_workers=resources.num_workers,
+            num_workers=resources.workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})},
+            resources_per_worker={"CPU": resources.cpus, **({"GPU": resources.gpus} if use_gpu else {})},
         )
         run_config = ray.train.RunConfig(
             name=f"fewstep-{job.stage}-{job.key[:12]}",
@@ -97,16 +110,17 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
             # Ray restarts the worker group after a crash; the loop resumes from the store.
             failure_config=ray.train.FailureConfig(max_failures=3),
         )
-        trainer = ray.train.torch.TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"job": job},
-            scaling_config=scaling,
-            run_config=run_config,
-            datasets={"train": dataset},
-            # A fixed row order per shard: the seeded epoch orders then make runs replayable.
-            dataset_config=ray.train.DataConfig(execution_options=preserving_order()),
-        )
-        trainer.fit()
+        with progress.watching(job.stage, f"fewstep-progress-{job.stage}-{job.key}") as remote:
+            trainer = ray.train.torch.TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"job": dataclasses.replace(job, progress=remote)},
+                scaling_config=scaling,
+                run_config=run_config,
+                datasets={"train": dataset},
+                # A fixed row order per shard: the seeded epoch orders then make runs replayable.
+                dataset_config=ray.train.DataConfig(execution_options=order_preserving_options()),
+            )
+            trainer.fit()
         latest = checkpoints.latest()
     if latest is None or latest.step < job.config.steps:
         raise RuntimeError(f"{job.stage}: training ended without a final checkpoint (latest={latest and latest.step})")
@@ -120,15 +134,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     )
 
 
-def preserving_order():
-    from ray.data import DataContext
-
-    options = DataContext.get_current().execution_options.__class__()
-    options.preserve_order = True
-    return options
-
-
-def check_room_for_data(stage: str, resources) -> None:
+def check_room_for_data(stage: str, resources: Resources) -> None:
     """Refuse a worker group that would leave Ray Data no CPU to feed it.
 
     Ray Train workers hold their CPUs for the whole run; the dataset shards they read are
@@ -136,21 +142,22 @@ def check_room_for_data(stage: str, resources) -> None:
     of the cluster, the read never starts and the run hangs: say so before starting.
     """
     total = float(ray.cluster_resources().get("CPU", 0))
-    wanted = resources.num_workers * resources.cpus_per_worker
+    wanted = resources.workers * resources.cpus
     if wanted > total - 1:
         raise ConfigError(
-            f"{stage}: {resources.num_workers} training workers x {resources.cpus_per_worker} CPUs = {wanted:g} CPUs, "
+            f"{stage}: {resources.workers} training workers x {resources.cpus} CPUs = {wanted:g} CPUs, "
             f"but the Ray cluster has {total:g} and Ray Data needs at least 1 more to feed the workers; "
-            "lower resources.num_workers or resources.cpus_per_worker, or add nodes")
+            f"lower {stage}.resources.workers or {stage}.resources.cpus, or add nodes")
 
 
-def check_rows(stage: str, rows: int, config: TrainConfig) -> None:
+def check_rows(stage: str, rows: int, config: LoopConfig) -> None:
     """Refuse, on the driver, data too small for one batch per worker (the loop could not step)."""
-    per_worker = rows // config.resources.num_workers
-    if per_worker < config.batch_size:
+    workers = config.resources.workers
+    per_worker, share = rows // workers, config.batch_size // workers
+    if per_worker < share:
         raise ConfigError(
-            f"{stage}: {rows} training rows give each of {config.resources.num_workers} workers {per_worker}, "
-            f"fewer than batch_size={config.batch_size}; lower batch_size or num_workers, or add data")
+            f"{stage}: {rows} training rows give each of {workers} workers {per_worker}, fewer than its share "
+            f"{share} of batch_size={config.batch_size}; lower {stage}.batch_size, or add data")
 
 
 def strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -210,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(job.model_spec)
     if job.init_state is not None:
         model.load_state_dict(job.init_state)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = ema_copy(model)
     objective = job.objective
     extra = objective.extra_modules()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -251,7 +258,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while step < config.steps:
         seen = 0
-        for raw in batches.epoch(config.batch_size, epoch_seed(config.seed, rank, epoch), skip=position):
+        for raw in batches.epoch(job.worker_batch, epoch_seed(config.seed, rank, epoch), skip=position):
             seen += 1
             position += 1
             for group in optimizer.param_groups:
@@ -279,6 +286,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if rank == 0:
                     log.info("%s step %d/%d loss %.4f (%.2f steps/s)", job.stage, step, config.steps,
                              mean_loss, (step - resumed_from) / max(elapsed, 1e-9))
+                    if job.progress is not None:
+                        job.progress.report(step, config.steps, f"loss {mean_loss:.4g}")
             if step % config.checkpoint_every == 0 or step == config.steps:
                 if rank == 0:
                     tensors = {
@@ -300,8 +309,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= config.steps:
                 break
         if seen == 0 and position == 0:
-            raise ConfigError(f"{job.stage}: the training data has fewer rows than batch_size={config.batch_size} "
-                             "on this worker; lower batch_size or num_workers, or add data")
+            raise ConfigError(f"{job.stage}: the training data has fewer rows than this worker's batch "
+                              f"{job.worker_batch}; lower {job.stage}.batch_size, or add data")
         if step < config.steps:
             epoch, position = epoch + 1, 0
 

@@ -56,3 +56,14 @@ def test_a_user_error_raised_in_a_ray_task_reaches_the_user_as_its_own_message(r
     assert isinstance(cause, ConfigError)
     assert str(cause) == "ingest: 3 of 8 images are unreadable, above max_bad_fraction=0.05"
     assert user_cause(RuntimeError("a bug")) is None
+
+
+def test_a_mistyped_option_prints_usage_and_exits_2_through_the_console_script(tmp_path):
+    import shutil
+
+    script = shutil.which("fewstep")
+    assert script, "the fewstep console script is not installed (pip install -e .)"
+    done = subprocess.run([script, "serve", "--bogus"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "Usage: fewstep serve" in done.stderr and "No such option: --bogus" in done.stderr
+    assert "Traceback" not in done.stderr

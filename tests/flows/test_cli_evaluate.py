@@ -20,7 +20,8 @@ TINY_CONFIG = """\
 evaluate:
   n: 32
   flow_solvers: [euler]
-  classifier_steps: 30
+classifier:
+  steps: 30
 """
 
 
@@ -35,13 +36,13 @@ def fewstep(capsys, *args: str) -> tuple[int, str, str]:
 def ray_started():
     import ray
 
-    from workers.runtime import ensure_ray
+    from workers.runtime import ensure_ray, shutdown_ray
 
     started = not ray.is_initialized()
     ensure_ray()
     yield
     if started:
-        ray.shutdown()
+        shutdown_ray()  # also forgets RAY_ADDRESS, so a later fixture starts its own
 
 
 def test_evaluates_the_latest_run_and_prints_the_table(ray_started, tmp_path, capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.cards import GeneratorCard
 from infra.config import load_config
 from infra.store import Store
 
@@ -26,11 +27,11 @@ TINY = {
     "ingest": {"limit": 240},
     "vae": {"steps": 30, "base_channels": 8, "batch_size": 32},
     "base": {"steps": 40, "batch_size": 32, "checkpoint_every": 10},
-    "reflow": {"pairs": 64, "steps": 2, "batch_size": 64,
-               "train": {"steps": 10, "batch_size": 32, "checkpoint_every": 5}},
-    "consistency": {"intervals": 4, "train": {"steps": 10, "batch_size": 32, "checkpoint_every": 5}},
-    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1],
-                 "classifier_steps": 30},
+    "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
+    "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
+    "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
+    "classifier": {"steps": 30},
+    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "classifier", "evaluate"}
 
@@ -152,7 +153,8 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     after = committed(store)
     assert all(after[ref] == created for ref, created in before.items()), "a finished stage was recomputed"
     base = [store.get_ref(ref) for ref in after if ref.startswith("base/")]
-    assert len(base) == 1 and base[0].metrics["resumed_from"] >= 10 and base[0].metrics["steps"] == 120
+    card = GeneratorCard.from_manifest(base[0]) if len(base) == 1 else None
+    assert card is not None and card.resumed_from >= 10 and card.steps == 120
     assert {ref.split("/")[0] for ref in after} == STAGES
 
     # 3. What the Prefect UI shows: the flow runs, task runs by stage name, the artifacts.
@@ -160,7 +162,7 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     states = sorted(run["state_type"] for run in flow_runs)
     assert "COMPLETED" in states and len(flow_runs) == 2, states
     task_names = {run["name"] for run in api(prefect_server, "/task_runs/filter", {})}
-    assert {"ingest", "vae", "latents", "base", "reflow-pairs-1", "reflow-1", "consistency", "evaluate",
+    assert {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "classifier", "evaluate",
             "promote"} <= task_names, task_names
     artifact_keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key")}
     assert {"fewstep-run-summary", "fewstep-run-report", "fewstep-fid-vs-steps", "fewstep-evaluation-report",

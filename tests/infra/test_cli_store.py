@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from flows import cli_store
 from infra.store import Store
 
 
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
 @pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    app = typer.Typer(pretty_exceptions_enable=False)
-    cli_store.register(app)
-    return app
+def app():
+    """The ``fewstep`` console script's entry point, run in this process."""
+    from flows.cli import main
+
+    return main
 
 
-def invoke(app, *args: str):
-    return CliRunner().invoke(app, list(args))
+def invoke(app, *args: str) -> Result:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            app(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code or 0
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def commit(store: Store, stage: str, inputs=(), **metrics):

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from infra.config import IngestConfig, TrainConfig
+from infra.cards import GeneratorCard, ImagesCard, LatentSpace, VAECard
+from infra.config import GeneratorConfig, IngestConfig
 from infra.store import Manifest, Store
 from models.registry import build_model, model_spec
 from models.vae import VAE, VAEConfig
-from workers.generative import LatentInfo, dit_spec, info_metrics
-from workers.ingest import run_ingest
+from workers.generator import dit_spec
+from workers.stages.s01_ingest import run_ingest
 
 LATENT_SHAPE = (2, 4, 4)
 
@@ -56,17 +57,19 @@ def commit_tiny_run(store: Store, vae_seed: int = 0) -> TinyRun:
     images = run_ingest(store, IngestConfig(source="digits", limit=120, image_size=16))
     torch.manual_seed(vae_seed)
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT_SHAPE[0], base_channels=8, downsample=4))
-    vae_m = commit(store, "vae", {"seed": vae_seed}, [images], {"vae": vae},
-                   {"latent_scale": 1.0, "latent_shape": list(LATENT_SHAPE), "in_channels": 1, "image_size": 16})
-    info = LatentInfo(LATENT_SHAPE, int(images.metrics["num_classes"]), 1.0, vae_m.ref)
-    spec = dit_spec(TrainConfig(model="DiT-T/2"), info)
+    vae_card = VAECard(latent_scale=1.0, latent_shape=LATENT_SHAPE, in_channels=1, image_size=16,
+                       latent_channels=LATENT_SHAPE[0], downsample=4, recon_mse_train=0.0, measured_on=0)
+    vae_m = commit(store, "vae", {"seed": vae_seed}, [images], {"vae": vae}, vae_card.to_metrics())
+    space = LatentSpace(latent_shape=LATENT_SHAPE, num_classes=ImagesCard.from_manifest(images).num_classes,
+                        latent_scale=1.0, vae_ref=vae_m.ref)
+    spec = dit_spec(GeneratorConfig(model="DiT-T/2"), space)
 
-    def generator(stage: str, seed: int, inputs: list[Manifest], sampler: str, extra: dict) -> Manifest:
+    def generator(stage: str, seed: int, inputs: list[Manifest], family: str, **extra) -> Manifest:
         net = random_generator(spec, seed)
-        return commit(store, stage, {"seed": seed}, inputs, {"model": net, "raw": net},
-                      {"sampler": sampler, "steps": 0, **info_metrics(info), **extra})
+        card = GeneratorCard(family=family, steps=0, **space.space_fields(), **extra)
+        return commit(store, stage, {"seed": seed}, inputs, {"model": net, "raw": net}, card.to_metrics())
 
-    base = generator("base", 1, [vae_m], "ode", {})
-    reflow = generator("reflow", 2, [base], "ode", {"round": 1, "teacher_ref": base.ref})
-    consistency = generator("consistency", 3, [reflow], "consistency", {"teacher_ref": reflow.ref, "guidance": 1.0})
+    base = generator("base", 1, [vae_m], "flow")
+    reflow = generator("reflow", 2, [base], "flow", round=1, teacher_ref=base.ref, guidance=1.0)
+    consistency = generator("consistency", 3, [reflow], "consistency", teacher_ref=reflow.ref, guidance=1.0)
     return TinyRun(images, vae_m, base, reflow, consistency)

@@ -16,13 +16,14 @@ os.environ.pop("RAY_ADDRESS", None)
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from infra.config import IngestConfig, LatentsConfig, Resources, TrainConfig  # noqa: E402
+from infra.cards import GeneratorCard, LatentsCard, VAECard  # noqa: E402
+from infra.config import GeneratorConfig, IngestConfig, LatentsConfig, Resources  # noqa: E402
 from infra.store import Store  # noqa: E402
 from models.registry import model_spec  # noqa: E402
 from models.vae import VAE, VAEConfig  # noqa: E402
-from workers.generative import run_base  # noqa: E402
-from workers.ingest import run_ingest  # noqa: E402
-from workers.latents import run_latents  # noqa: E402
+from workers.stages.s01_ingest import run_ingest  # noqa: E402
+from workers.stages.s03_latents import run_latents  # noqa: E402
+from workers.stages.s04_base import run_base  # noqa: E402
 
 
 def main(folder: str) -> None:
@@ -38,16 +39,19 @@ def main(folder: str) -> None:
         vae = VAE(VAEConfig(in_channels=1, latent_channels=2, base_channels=8, downsample=4))
         with store.begin("vae", "untrained", config={"untrained": True}, inputs=[images]) as writer:
             writer.write_model("vae", vae, model_spec(vae))
-            vae_manifest = writer.commit(metrics={"latent_scale": 1.0})
+            card = VAECard(latent_scale=1.0, latent_shape=(2, 4, 4), in_channels=1, image_size=16, latent_channels=2,
+                           downsample=4, recon_mse_train=0.0, measured_on=0)
+            vae_manifest = writer.commit(metrics=card.to_metrics())
         # Three 2-CPU actors cannot share a 3-CPU node: they spread over both nodes.
-        latents = run_latents(store, LatentsConfig(num_actors=2, cpus_per_actor=2, batch_size=8), images, vae_manifest)
-        base = run_base(store, TrainConfig(steps=6, batch_size=16, checkpoint_every=3, warmup_steps=0,
-                                           resources=Resources(num_workers=2, cpus_per_worker=2)), latents)
+        latents = run_latents(store, LatentsConfig(batch_size=8, resources=Resources(workers=2, cpus=2)), images,
+                              vae_manifest)
+        base = run_base(store, GeneratorConfig(steps=6, batch_size=16, checkpoint_every=3, warmup_steps=0,
+                                               resources=Resources(workers=2, cpus=2)), latents)
         checkpoint = store.checkpoints("base", base.key).latest()
         print(json.dumps({"nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
-                          "encoder_nodes": latents.metrics["encoder_nodes"],
+                          "encoder_nodes": list(LatentsCard.from_manifest(latents).encoder_nodes),
                           "train_nodes": checkpoint.state["nodes"] if checkpoint else None,
-                          "steps": base.metrics["steps"]}))
+                          "steps": GeneratorCard.from_manifest(base).steps}))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -16,25 +16,20 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 
 from evaluate_fixtures import commit, commit_tiny_run  # noqa: E402
-from infra.config import ConfigError, EvaluateConfig  # noqa: E402
+from infra.cards import EvaluationCard, FeaturesCard, GeneratorCard, ImagesCard  # noqa: E402
+from infra.config import ClassifierConfig, ConfigError, EvaluateConfig, Resources  # noqa: E402
+from infra.metrics_table import CEILING, COLUMNS, FLOOR, REFERENCE, fid_at, read_rows  # noqa: E402
 from infra.store import Store  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
-from workers.classifier_stage import run_classifier  # noqa: E402
-from workers.evaluate import compute_evaluation, evaluation_rows, fid_at, report_markdown, run_evaluate  # noqa: E402
-from workers.evaluate_report import (  # noqa: E402
-    CEILING,
-    COLUMNS,
-    FLOOR,
-    REFERENCE,
-    best_by_steps,
-    make_grid,
-    quality_ratios,
-)
+from workers.report import best_by_steps, make_grid, quality_ratios  # noqa: E402
+from workers.stages.s09_classifier import run_classifier  # noqa: E402
+from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
 CONFIG = EvaluateConfig(n=64, flow_steps=(1, 2), flow_solvers=("euler", "heun"), consistency_steps=(1, 2),
-                        classifier_steps=60, num_actors=2)
+                        resources=Resources(workers=2))
+CLASSIFIER = ClassifierConfig(steps=60)
 CELLS = [("base", "euler", 1, 1), ("base", "euler", 2, 2), ("base", "heun", 1, 2), ("base", "heun", 2, 4),
          ("reflow-1", "euler", 1, 1), ("reflow-1", "euler", 2, 2), ("reflow-1", "heun", 1, 2), ("reflow-1", "heun", 2, 4),
          ("consistency", "consistency", 1, 1), ("consistency", "consistency", 2, 2)]  # model, sampler, steps, NFE
@@ -44,7 +39,7 @@ CELLS = [("base", "euler", 1, 1), ("base", "euler", 2, 2), ("base", "heun", 1, 2
 def evaluated(ray_local, tmp_path_factory):
     store = Store.open(str(tmp_path_factory.mktemp("evaluate") / "store"))
     run = commit_tiny_run(store)
-    classifier = run_classifier(store, CONFIG, run.images)
+    classifier = run_classifier(store, CLASSIFIER, run.images)
     manifest = run_evaluate(store, CONFIG, run.generators, run.images, run.vae, classifier)
     return store, run, classifier, manifest
 
@@ -55,13 +50,14 @@ def by_cell(rows):
 
 def test_classifier_stage_reports_test_accuracy_and_is_reused(evaluated):
     store, run, classifier, _ = evaluated
-    metrics = classifier.metrics
-    assert metrics["n_test"] == run.images.metrics["n_test"] and metrics["n_train"] == run.images.metrics["n_train"]
+    card, images = FeaturesCard.from_manifest(classifier), ImagesCard.from_manifest(run.images)
+    assert card.n_test == images.n_test and card.n_train == images.n_train
     # Digits are easy: far above chance (0.1) after 60 steps, and a real share.
-    assert 0.5 < metrics["test_accuracy"] <= 1.0
+    assert 0.5 < card.test_accuracy <= 1.0
     assert isinstance(store.load_model(classifier, "classifier"), Classifier)
-    # Its key ignores what does not shape it (n, step lists), so evaluation settings never retrain it.
-    assert run_classifier(store, CONFIG.model_copy(update={"n": 10, "flow_steps": (4,)}), run.images).ref == classifier.ref
+    # Its key is its own section's (not where it runs), so evaluation settings never retrain it.
+    moved = CLASSIFIER.model_copy(update={"resources": Resources(workers=1, cpus=2)})
+    assert run_classifier(store, moved, run.images).ref == classifier.ref
 
 
 def test_every_output_is_committed_and_loads(evaluated):
@@ -77,8 +73,9 @@ def test_every_output_is_committed_and_loads(evaluated):
     # The table: exactly the columns, readable without fewstep.
     frame = pd.read_parquet(store.file_path(manifest, "metrics"))
     assert tuple(frame.columns) == COLUMNS
-    rows = evaluation_rows(store, manifest)
-    assert len(rows) == 2 + len(CELLS) == manifest.metrics["rows"]
+    rows = read_rows(store, manifest)
+    card = EvaluationCard.from_manifest(manifest)
+    assert len(rows) == 2 + len(CELLS) == card.rows
     assert (rows[0]["model"], rows[1]["model"]) == (FLOOR, CEILING)
     assert rows[0]["stage_key"] == run.images.ref and rows[1]["stage_key"] == run.vae.ref
     assert all(r["sampler"] == REFERENCE and r["nfe"] == 0 for r in rows[:2])
@@ -102,34 +99,35 @@ def test_every_output_is_committed_and_loads(evaluated):
     assert set(straightness) == {"base", "reflow-1"}
     assert all(s["steps"] == 2 and s["value"] >= 0 and math.isfinite(s["value"]) for s in straightness.values())
 
-    report = report_markdown(store, manifest)
+    report = store.read_bytes(manifest, "report.md").decode()
     assert "fid_vs_nfe.png" in report and classifier.ref in report
     assert all(f"grids/{m}-{s}-{k}.png" in report for m, s, k, _ in CELLS)
     assert "consistency@1 / FID base best" in report and "reflow-1@2" in report
-    assert manifest.metrics["floor_fid"] == pytest.approx(rows[0]["fid"])
-    assert manifest.metrics["classifier_test_accuracy"] == classifier.metrics["test_accuracy"]
+    assert card.floor_fid == pytest.approx(rows[0]["fid"])
+    assert card.classifier_test_accuracy == FeaturesCard.from_manifest(classifier).test_accuracy
 
 
 def test_fid_at_reads_the_table(evaluated):
     store, run, _, manifest = evaluated
-    cells = by_cell(evaluation_rows(store, manifest))
+    rows = read_rows(store, manifest)
+    cells = by_cell(rows)
     best_at_1 = min(cells[("base", "euler", 1)]["fid"], cells[("base", "heun", 1)]["fid"])
-    assert fid_at(store, manifest, run.base.ref, 1) == best_at_1
-    assert fid_at(store, manifest, run.base.ref, 1, sampler="heun") == cells[("base", "heun", 1)]["fid"]
-    assert fid_at(store, manifest, run.consistency.ref, 2) == cells[("consistency", "consistency", 2)]["fid"]
-    assert fid_at(store, manifest, run.consistency.ref, 4) is None
-    assert fid_at(store, manifest, "base/0000000000000000", 1) is None
+    assert fid_at(rows, run.base.ref, 1) == best_at_1
+    assert fid_at(rows, run.base.ref, 1, sampler="heun") == cells[("base", "heun", 1)]["fid"]
+    assert fid_at(rows, run.consistency.ref, 2) == cells[("consistency", "consistency", 2)]["fid"]
+    assert fid_at(rows, run.consistency.ref, 4) is None
+    assert fid_at(rows, "base/0000000000000000", 1) is None
 
 
 def test_same_config_same_manifest_and_fresh_runs_repeat_the_numbers(evaluated):
     store, run, classifier, manifest = evaluated
-    # Content addressing; where it runs (num_actors) is not part of the key.
-    again = run_evaluate(store, CONFIG.model_copy(update={"num_actors": 1}), run.generators, run.images, run.vae, classifier)
+    # Content addressing; where it runs (its Resources) is not part of the key.
+    one_task = CONFIG.model_copy(update={"resources": Resources(workers=1)})
+    again = run_evaluate(store, one_task, run.generators, run.images, run.vae, classifier)
     assert again.ref == manifest.ref and again.digest == manifest.digest
     # A fresh computation, one task at a time instead of two: the same numbers.
-    rows = by_cell(evaluation_rows(store, manifest))
-    fresh = compute_evaluation(store, CONFIG.model_copy(update={"num_actors": 1}), run.generators, run.images,
-                               run.vae, classifier)
+    rows = by_cell(read_rows(store, manifest))
+    fresh = compute_evaluation(store, one_task, run.generators, run.images, run.vae, classifier)
     for row in fresh.rows:
         old = rows[(row["model"], row["sampler"], row["steps"])]
         for column in ("fid", "precision", "recall", "class_accuracy"):
@@ -152,7 +150,7 @@ def test_user_torchscript_extractor(evaluated, tmp_path):
     config = CONFIG.model_copy(update={"extractor": str(path), "flow_steps": (1,), "flow_solvers": ("euler",),
                                        "consistency_steps": (1,)})
     evaluated_with = run_evaluate(store, config, [run.base, run.consistency], run.images, run.vae, classifier)
-    rows = evaluation_rows(store, evaluated_with)
+    rows = read_rows(store, evaluated_with)
     assert len(rows) == 4 and {r["extractor"] for r in rows} == {rows[0]["extractor"]}
     assert rows[0]["extractor"].startswith("torchscript:features.pt@")
     assert all(math.isfinite(r["fid"]) for r in rows)
@@ -170,8 +168,9 @@ def test_refuses_what_it_cannot_evaluate(evaluated):
         run_evaluate(store, CONFIG, [run.base, run.vae], run.images, run.vae, classifier)
     other_vae = commit(store, "vae", {"seed": 99}, [run.images], {"vae": store.load_model(run.vae, "vae")},
                        dict(run.vae.metrics))
+    card = GeneratorCard.from_manifest(run.base)
     stray = commit(store, "base", {"seed": 99}, [other_vae], {"model": store.load_model(run.base, "model")},
-                   {**run.base.metrics, "vae_ref": other_vae.ref})
+                   {**card.to_metrics(), "vae_ref": other_vae.ref})
     with pytest.raises(ValueError, match="different VAEs"):
         run_evaluate(store, CONFIG, [run.base, stray], run.images, run.vae, classifier)
     with pytest.raises(ConfigError, match="knn_k"):

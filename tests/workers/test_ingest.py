@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from infra.config import ConfigError, IngestConfig
-from workers import ingest as ingest_module
-from workers.images import decode_png, encode_png, from_model_range, resize_center_crop, to_model_range
-from workers.ingest import StageInputError, assign_split, content_id, run_ingest
+from infra.cards import ImagesCard
+from infra.config import ConfigError, IngestConfig, StageInputError
+from workers.pixels import decode_png, encode_png, from_model_range, resize_center_crop, to_model_range
+from workers.sources.listing import content_id
+from workers.stages import s01_ingest as ingest_module
+from workers.stages.s01_ingest import assign_split, run_ingest
 
 
 def png_bytes(width: int, height: int, mode: str = "RGB", seed: int = 0) -> bytes:
@@ -78,16 +80,16 @@ def test_digits_ingest_is_deterministic_and_reused(ray_local, store, monkeypatch
 
     splits = table.column("split").to_pylist()
     assert splits == [assign_split(i, 0.25) for i in table.column("id").to_pylist()]
-    assert manifest.metrics["n_train"] == splits.count("train") > 0
-    assert manifest.metrics["n_test"] == splits.count("test") > 0
-    assert manifest.metrics["num_classes"] == 10 and manifest.metrics["quarantined"] == 0
+    assert ImagesCard.from_manifest(manifest).n_train == splits.count("train") > 0
+    assert ImagesCard.from_manifest(manifest).n_test == splits.count("test") > 0
+    assert ImagesCard.from_manifest(manifest).num_classes == 10 and ImagesCard.from_manifest(manifest).quarantined == 0
     assert store.read_table(manifest, "quarantine").num_rows == 0
 
     # Same config and source: the committed manifest comes back without any work.
     def must_not_run(*args, **kwargs):
         raise AssertionError("ingest recomputed a committed stage")
 
-    monkeypatch.setattr(ingest_module, "ingest_table", must_not_run)
+    monkeypatch.setattr(ingest_module, "raw_dataset", must_not_run)
     assert run_ingest(store, config).digest == manifest.digest
     monkeypatch.undo()
 
@@ -126,18 +128,18 @@ def test_folder_ingest_quarantines_broken_files(ray_local, local_store, tmp_path
     table = store.read_table(manifest, "images").to_pandas()
     quarantine = store.read_table(manifest, "quarantine").to_pandas()
 
-    assert len(table) == 5 and manifest.metrics["n_images"] == 5
+    assert len(table) == 5 and ImagesCard.from_manifest(manifest).n_images == 5
     expected = {content_id(rel): label for rel, label in
                 [("cat/a.png", 0), ("cat/b.png", 0), ("cat/c.jpg", 0), ("dog/d.png", 1), ("dog/deeper/e.png", 1)]}
     assert dict(zip(table["id"], table["label"])) == expected
-    assert manifest.metrics["num_classes"] == 2
+    assert ImagesCard.from_manifest(manifest).num_classes == 2
     for data in table["image"]:
         assert decode_png(data, 3).shape == (16, 16, 3)
         assert Image.open(io.BytesIO(data)).mode == "RGB"
 
     assert sorted(os.path.basename(p) for p in quarantine["path"]) == ["text.png", "truncated.png"]
     assert all(reason.startswith("not a readable image") for reason in quarantine["reason"])
-    assert manifest.metrics["quarantined"] == 2
+    assert ImagesCard.from_manifest(manifest).quarantined == 2
 
 
 def test_too_many_broken_files_fail_clearly_and_commit_nothing(ray_local, local_store, tmp_path):
@@ -163,7 +165,7 @@ def test_unlabeled_folder_and_new_files_make_a_new_key(ray_local, local_store, t
     first = run_ingest(store, config)
     table = store.read_table(first, "images")
     assert table.num_rows == 4
-    assert set(table.column("label").to_pylist()) == {-1} and first.metrics["num_classes"] == 0
+    assert set(table.column("label").to_pylist()) == {-1} and ImagesCard.from_manifest(first).num_classes == 0
 
     (folder / "4.png").write_bytes(png_bytes(12, 12, "L", seed=4))
     second = run_ingest(store, config)
@@ -201,11 +203,11 @@ def test_parquet_source_with_string_labels_duplicates_and_a_bad_row(ray_local, l
     table = store.read_table(manifest, "images").to_pandas()
 
     # images[0] appears twice: one row. "garbage" is quarantined. Labels: sorted names.
-    assert manifest.metrics["duplicates"] == 1 and manifest.metrics["quarantined"] == 1
+    assert ImagesCard.from_manifest(manifest).duplicates == 1 and ImagesCard.from_manifest(manifest).quarantined == 1
     labels = dict(zip(table["id"], table["label"]))
     assert labels == {content_id(images[0]): 2, content_id(images[1]): 0, content_id(images[2]): 2,
                       content_id(images[3]): 1, content_id(images[4]): -1}
-    assert manifest.metrics["num_classes"] == 3
+    assert ImagesCard.from_manifest(manifest).num_classes == 3
     assert list(table["id"]) == sorted(table["id"])
 
     with pytest.raises(StageInputError, match="no column 'pixels'"):
@@ -229,13 +231,13 @@ def test_s3_folder_and_parquet_sources_use_the_store_settings(ray_local, s3_uri)
     store.fs.pipe_file(f"{bucket}/table/data.parquet", buffer.getvalue())
 
     folder = run_ingest(store, IngestConfig(source=f"s3://{bucket}/folder", image_size=8, max_bad_fraction=0.3))
-    assert folder.metrics["n_images"] == 4 and folder.metrics["quarantined"] == 1
-    assert folder.metrics["num_classes"] == 2
+    assert ImagesCard.from_manifest(folder).n_images == 4 and ImagesCard.from_manifest(folder).quarantined == 1
+    assert ImagesCard.from_manifest(folder).num_classes == 2
 
     table = run_ingest(store, IngestConfig(source=f"s3://{bucket}/table/data.parquet", image_size=8))
     got = store.read_table(table, "images").to_pandas()
     assert dict(zip(got["id"], got["label"])) == {content_id(d): l for d, l in zip(images, [3, 1, 4, 1])}
-    assert table.metrics["num_classes"] == 5  # integer labels: max + 1
+    assert ImagesCard.from_manifest(table).num_classes == 5  # integer labels: max + 1
 
     # Overwriting an object changes its ETag: a new key, not last week's result.
     store.fs.pipe_file(f"{bucket}/folder/a/0.png", png_bytes(10, 14, "RGB", seed=99))

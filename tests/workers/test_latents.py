@@ -9,14 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from infra.config import IngestConfig, LatentsConfig
+from infra.config import IngestConfig, LatentsConfig, Resources
 from infra.tables import table_column_to_numpy, table_metadata
 from models.registry import model_spec
 from models.vae import VAE, VAEConfig
-from workers import latents as latents_module
-from workers.images import decode_batch
-from workers.ingest import run_ingest
-from workers.latents import LatentEncoder, run_latents
+from infra.cards import CardError, ImagesCard, LatentsCard, VAECard
+from workers.pixels import decode_batch
+from workers.stages import s03_latents as latents_module
+from workers.stages.s01_ingest import run_ingest
+from workers.stages.s03_latents import LatentEncoder, run_latents
 
 SCALE = 1.7  # what the fake VAE stage "measured": the latents stage must copy it, not invent one
 
@@ -24,6 +25,13 @@ SCALE = 1.7  # what the fake VAE stage "measured": the latents stage must copy i
 def tiny_vae() -> VAE:
     torch.manual_seed(0)
     return VAE(VAEConfig(in_channels=1, latent_channels=2, base_channels=8, downsample=4)).eval()
+
+
+def vae_card(**changes) -> dict:
+    """The metrics of a VAE card like the vae stage writes (only the scale matters here)."""
+    card = VAECard(latent_scale=SCALE, latent_shape=(2, 4, 4), in_channels=1, image_size=16, latent_channels=2,
+                   downsample=4, recon_mse_train=0.1, measured_on=1)
+    return {**card.to_metrics(), **changes}
 
 
 def commit_vae(store, images, metrics):
@@ -56,8 +64,8 @@ def test_encoder_is_a_plain_callable(store, images):
 
 
 def test_latents_stage_writes_scaled_metadata_and_is_reused(store, images, monkeypatch):
-    vae_manifest, vae = commit_vae(store, images, {"latent_scale": SCALE})
-    config = LatentsConfig(batch_size=8, num_actors=2, cpus_per_actor=0.5)
+    vae_manifest, vae = commit_vae(store, images, vae_card())
+    config = LatentsConfig(batch_size=8, resources=Resources(workers=2, cpus=0.5))
     manifest = run_latents(store, config, images, vae_manifest)
 
     table = store.read_table(manifest, "latents")
@@ -76,9 +84,9 @@ def test_latents_stage_writes_scaled_metadata_and_is_reused(store, images, monke
     assert meta["fewstep.vae_digest"] == vae_manifest.digest and meta["fewstep.vae_ref"] == vae_manifest.ref
     assert float(meta["fewstep.latent_scale"]) == SCALE
     assert meta["fewstep.dtype"] == "float32" and meta["fewstep.shape"] == "[2, 4, 4]"
-    m = manifest.metrics
-    assert m["latent_scale"] == SCALE and m["latent_shape"] == [2, 4, 4] and m["vae_ref"] == vae_manifest.ref
-    assert m["n_train"] + m["n_test"] == 24 and m["num_classes"] == images.metrics["num_classes"]
+    m = LatentsCard.from_manifest(manifest)
+    assert m.latent_scale == SCALE and m.latent_shape == (2, 4, 4) and m.vae_ref == vae_manifest.ref
+    assert m.n_train + m.n_test == 24 and m.num_classes == ImagesCard.from_manifest(images).num_classes
 
     # Readable without fewstep: pandas over the stored file gives flat per-row arrays.
     (name,) = manifest.files
@@ -93,6 +101,8 @@ def test_latents_stage_writes_scaled_metadata_and_is_reused(store, images, monke
 
 def test_a_vae_manifest_without_a_scale_is_refused(local_store, ray_local):
     images = run_ingest(local_store, IngestConfig(source="digits", image_size=16, limit=8))
-    vae_manifest, _ = commit_vae(local_store, images, {"recon_mse": 0.1})
-    with pytest.raises(ValueError, match="latent_scale"):
+    metrics = vae_card()
+    del metrics["latent_scale"]
+    vae_manifest, _ = commit_vae(local_store, images, metrics)
+    with pytest.raises(CardError, match=r"records no 'latent_scale'.*VAECard needs"):
         run_latents(local_store, LatentsConfig(), images, vae_manifest)

@@ -30,12 +30,13 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.promote import promote
+from infra.cards import GeneratorCard, VAECard
+from infra.metrics_table import COLUMNS
 from infra.store import Manifest, Store
 from models.dit import DiT, dit_config
 from models.registry import model_spec
 from models.vae import VAE, VAEConfig
-from workers.evaluate import COLUMNS
+from workers.stages.s11_promote import promote
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,7 +54,7 @@ serve:
   max_ongoing_requests: 64
   max_body_bytes: 4096
   poll_s: 0.2
-  cpus_per_replica: 1
+  resources: {{workers: 1, cpus: 1}}
 """
 
 
@@ -65,10 +66,12 @@ def commit_vae(store: Store) -> Manifest:
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT[0], base_channels=4, downsample=4))
     with store.begin("vae", "tiny", config={"test": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        return writer.commit(metrics={"latent_scale": 1.0})
+        card = VAECard(latent_scale=1.0, latent_shape=LATENT, in_channels=1, image_size=16, latent_channels=LATENT[0],
+                       downsample=4, recon_mse_train=0.0, measured_on=0)
+        return writer.commit(metrics=card.to_metrics())
 
 
-def commit_generator(store: Store, stage: str, sampler: str, seed: int, vae: Manifest) -> Manifest:
+def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest) -> Manifest:
     """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y."""
     torch.manual_seed(seed)
     net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
@@ -78,8 +81,9 @@ def commit_generator(store: Store, stage: str, sampler: str, seed: int, vae: Man
             p.add_(0.05 * torch.randn_like(p))
     with store.begin(stage, f"tiny{seed}", config={"seed": seed}, inputs=[vae]) as writer:
         writer.write_model("model", net, model_spec(net))
-        return writer.commit(metrics={"sampler": sampler, "latent_scale": 1.0, "latent_shape": list(LATENT),
-                                      "num_classes": NUM_CLASSES, "vae_ref": vae.ref})
+        card = GeneratorCard(family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0,
+                             vae_ref=vae.ref)
+        return writer.commit(metrics=card.to_metrics())
 
 
 def commit_evaluation(store: Store, rows: list[tuple[Manifest, str, int, float]], inputs: list[Manifest]) -> Manifest:
@@ -140,7 +144,7 @@ def app(ray_local, tmp_path_factory):
     store = Store.open(str(root / "store"))
     vae = commit_vae(store)
     student = commit_generator(store, "consistency", "consistency", 1, vae)
-    flow = commit_generator(store, "base", "ode", 2, vae)
+    flow = commit_generator(store, "base", "flow", 2, vae)
     evaluation = commit_evaluation(store, [(student, "consistency", 1, 40.0), (student, "consistency", 2, 35.0),
                                            (student, "consistency", 4, float("nan")),  # diverged: still valid JSON
                                            (flow, "euler", 1, 60.0), (flow, "euler", 2, 30.0)], [student, flow])
@@ -391,7 +395,7 @@ def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
     assert set(refs) == {app.student.ref, app.flow.ref}
     with app.client() as client:
         card = client.get("/v1/model").json()
-        assert card["ref"] == app.flow.ref and card["sampler"] == "ode" and card["solver"] == "euler"
+        assert card["ref"] == app.flow.ref and card["family"] == "flow" and card["sampler"] == "euler"
         assert client.get("/healthz").json() == {"status": "ok", "model": app.flow.ref, "swap_error": None}
         body = client.post("/v1/generate", json={"n": 2, "guidance": 2.0, "labels": [0, 1]}).json()
         assert body["model"] == app.flow.ref and body["guidance"] == 2.0
@@ -407,15 +411,16 @@ def test_ctrl_c_stops_the_app_cleanly(app):
 
 def test_replicas_autoscaling_and_resources_come_from_the_config():
     from infra.config import ServeConfig
-    from workers.serve_app import FewstepGenerator, deployment_options
+    from infra.config import Resources
+    from workers.serving.app import FewstepGenerator, deployment_options
 
-    fixed = deployment_options(ServeConfig(num_replicas=2, cpus_per_replica=2, gpus_per_replica=0.5,
-                                           max_queued_requests=9), "base/x", max_batch_size=16)
+    fixed = deployment_options(ServeConfig(resources=Resources(workers=2, cpus=2, gpus=0.5), max_queued_requests=9),
+                               "base/x", max_batch_size=16)
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
     assert fixed["max_queued_requests"] == 9 and fixed["max_ongoing_requests"] >= 16
     assert fixed["user_config"] == {"model": "base/x"}
-    scaled = deployment_options(ServeConfig(num_replicas=1, max_replicas=4, target_ongoing_requests=3), None, 1)
+    scaled = deployment_options(ServeConfig(max_replicas=4, target_ongoing_requests=3), None, 1)
     assert scaled["num_replicas"] == "auto"
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
     for options in (fixed, scaled):  # Serve accepts them

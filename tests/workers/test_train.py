@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from infra.config import Resources, TrainConfig
+from infra.config import LoopConfig, Resources
 from infra.store import Store
 from models.dit import DiT, dit_config
 from models.objectives import FlowMatching
 from models.registry import model_spec
-from workers.generative import PairBatch
+from workers.batches import PairBatch
 from workers.train import CrashOnce, TrainJob, fit
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,9 +37,8 @@ def tiny_spec() -> dict:
 
 
 def job_for(store: Store, key: str, steps: int, crash: CrashOnce | None = None) -> TrainJob:
-    config = TrainConfig(steps=steps, batch_size=BATCH, lr=3e-3, warmup_steps=2, checkpoint_every=CHECKPOINT_EVERY,
-                         ema_decay=0.9, class_dropout=0.0, time_sampling="uniform", seed=3,
-                         resources=Resources(num_workers=1, cpus_per_worker=1))
+    config = LoopConfig(steps=steps, batch_size=BATCH, lr=3e-3, warmup_steps=2, checkpoint_every=CHECKPOINT_EVERY,
+                        ema_decay=0.9, seed=3)
     return TrainJob(store=store, stage="unit", key=key, model_spec=tiny_spec(),
                     objective=FlowMatching(label_dropout=0.0), config=config,
                     adapt_batch=PairBatch(num_classes=3), crash=crash, log_every=5)
@@ -84,7 +83,7 @@ def test_killed_worker_resumes_from_checkpoint_with_ema(ray_local, tmp_path):
 def test_a_worker_group_that_would_starve_ray_data_is_refused_not_hung(ray_local, tmp_path):
     store = Store.open(str(tmp_path / "store"))
     job = job_for(store, "starved", steps=5)
-    greedy = job.config.model_copy(update={"resources": Resources(num_workers=2, cpus_per_worker=2)})
+    greedy = job.config.model_copy(update={"resources": Resources(workers=2, cpus=2)})
     job = dataclasses.replace(job, config=greedy)
     with pytest.raises(ValueError, match=r"Ray Data needs at least 1 more"):
         fit(job, dataset(ray_local), storage_path=str(tmp_path / "ray"))

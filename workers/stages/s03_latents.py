@@ -1,13 +1,13 @@
-"""The latents stage: every image through the VAE encoder, once, into the ``latents`` table.
+"""Stage 3, latents: every image through the VAE encoder, once, into the ``latents`` table.
 
-A Ray Data actor pool (``LatentsConfig.num_actors`` actors, each with ``cpus_per_actor`` /
-``gpus_per_actor``) runs :class:`LatentEncoder`, which builds the VAE once per actor and
+A Ray Data actor pool (``latents.resources``: ``workers`` actors, each with ``cpus`` /
+``gpus``) runs :class:`LatentEncoder`, which builds the VAE once per actor and
 maps batches of stored PNGs to the posterior q(z | x) = N(mean, exp(logvar)). The table keeps
 both moments (unscaled), so the training stages can draw z = mean + exp(logvar / 2) * eps
 afresh every epoch and multiply by the latent scale themselves.
 
-The latent scale is the VAE stage's measurement (its manifest's ``latent_scale``); this stage
-copies it into its own metrics and into the Parquet schema metadata next to the VAE's ref
+The latent scale is the VAE stage's measurement (its :class:`~infra.cards.VAECard`); this stage
+copies it into its own card and into the Parquet schema metadata next to the VAE's ref
 and digest, the dtype and the shape, so a table read without fewstep says what it holds.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,15 +23,17 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from infra.config import LatentsConfig, section_dict
+from infra.cards import ImagesCard, LatentsCard, VAECard
+from infra.config import LatentsConfig
 from infra.store import Manifest, StageWriter, Store
 from infra.tables import tensors_to_table, with_metadata
-from infra.version import CODE_VERSION
 from models.registry import build_model
-from workers.images import decode_batch
+from workers import progress
+from workers.data import preserved_order, verified_paths
+from workers.pixels import decode_batch
+from workers.runner import run_stage
 from workers.runtime import current_node
-from workers.stage import run_stage
-from workers.vae_stage import load_vae
+from workers.vae_kinds import load_vae
 
 log = logging.getLogger("fewstep.latents")
 
@@ -88,61 +89,25 @@ def vae_state(store: Store, vae: Manifest, name: str = "vae") -> tuple[dict, dic
     return spec, {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def latent_scale_of(vae: Manifest) -> float:
-    """The VAE stage's measured scale; a manifest without one was not made by the vae stage."""
-    try:
-        scale = float(vae.metrics["latent_scale"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(
-            f"VAE manifest {vae.ref} has no numeric metrics['latent_scale'] "
-            f"(metrics: {sorted(vae.metrics)}); pass a manifest committed by the vae stage"
-        ) from None
-    if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"VAE manifest {vae.ref} records latent_scale={scale}; it must be positive and finite")
-    return scale
-
-
-def images_geometry(images: Manifest) -> tuple[int, int]:
-    """(channels, num_classes) of an images manifest, from the ingest stage's metrics."""
-    try:
-        return int(images.metrics["channels"]), int(images.metrics["num_classes"])
-    except KeyError as missing:
-        raise ValueError(f"images manifest {images.ref} does not record {missing}; pass the ingest stage's manifest") from None
-
-
-@contextmanager
-def preserved_order():
-    """Ray Data keeps the input order while this is open: the images table is sorted by id,
-    so the latents come out sorted by id, whatever order the actors finish in."""
-    from ray.data import DataContext
-
-    options = DataContext.get_current().execution_options
-    before = options.preserve_order
-    options.preserve_order = True
-    try:
-        yield
-    finally:
-        options.preserve_order = before
-
-
 def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, channels: int, config: LatentsConfig):
     """images table -> rows {id, split, label, mean, logvar}, encoded by an actor pool."""
     import ray.data
 
-    device = "cuda" if config.gpus_per_actor > 0 else "cpu"
-    ds = ray.data.read_parquet(store.file_path(images, "images"), filesystem=store.pa_filesystem)
+    resources = config.resources
+    device = "cuda" if resources.gpus > 0 else "cpu"
+    ds = ray.data.read_parquet(verified_paths(store, images, "images"), filesystem=store.pa_filesystem)
     ds = ds.select_columns(["id", "split", "label", "image"])
     # One Parquet file reads as one block, and a block goes to one actor: split it so every
     # actor of the pool (on every node) gets work. Order is kept (no shuffle).
-    ds = ds.repartition(max(1, 4 * config.num_actors))
+    ds = ds.repartition(max(1, 4 * resources.workers))
     return ds.map_batches(
         LatentEncoder,
         fn_constructor_kwargs={"spec": spec, "state": state, "channels": channels, "device": device},
         batch_size=config.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-        num_cpus=config.cpus_per_actor,
-        num_gpus=config.gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=resources.workers),
+        num_cpus=resources.cpus,
+        num_gpus=resources.gpus,
     )
 
 
@@ -154,7 +119,7 @@ class Written:
     nodes: tuple[str, ...] = ()  # the Ray nodes whose actors encoded the rows
 
 
-def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: str = "latents") -> Written:
+def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], total: int, name: str = "latents") -> Written:
     """Stream the dataset's batches into ``name/part-00000.parquet`` under the writer's staging
     prefix (memory stays at one batch), then add it to the writer's files."""
     path = f"{writer.prefix}/{name}/part-00000.parquet"
@@ -171,12 +136,13 @@ def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: 
             table = tensors_to_table(batch)
             if out is None:
                 shape = tuple(int(d) for d in batch["mean"].shape[1:])
-                produced = {"fewstep.ref": writer.ref, "fewstep.code_version": CODE_VERSION,
+                produced = {"fewstep.ref": writer.ref, "fewstep.code_version": writer.code_version,
                             "fewstep.shape": json.dumps(list(shape))}
                 schema = with_metadata(table, {**produced, **dict(metadata)}).schema
                 out = pq.ParquetWriter(path, schema, filesystem=store.pa_filesystem)
             out.write_table(table.replace_schema_metadata(schema.metadata))
             rows += table.num_rows
+            progress.advance(STAGE, rows, total)
             for split, count in zip(*np.unique(batch["split"].astype(str), return_counts=True)):
                 splits[str(split)] = splits.get(str(split), 0) + int(count)
     finally:
@@ -190,12 +156,9 @@ def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], name: 
 
 def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Manifest) -> Manifest:
     """Encode every image of ``images`` with the VAE of ``vae``; returns the latents manifest."""
-    scale = latent_scale_of(vae)
-    channels, num_classes = images_geometry(images)
+    vae_card, images_card = VAECard.from_manifest(vae), ImagesCard.from_manifest(images)
 
-    def build(writer: StageWriter, key: str) -> dict[str, Any]:
-        import ray
-
+    def build(writer: StageWriter, key: str) -> LatentsCard:
         from workers.runtime import ensure_ray
 
         ensure_ray()
@@ -204,23 +167,16 @@ def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Mani
             "fewstep.vae_ref": vae.ref,
             "fewstep.vae_digest": vae.digest,
             "fewstep.images_ref": images.ref,
-            "fewstep.latent_scale": repr(scale),
+            "fewstep.latent_scale": repr(vae_card.latent_scale),
             "fewstep.dtype": DTYPE,
             "fewstep.moments": "mean, logvar of q(z|x); train on latent_scale * (mean + exp(logvar/2) * eps)",
         }
         with preserved_order():
-            ds = encoded_dataset(store, images, spec, ray.put(state), channels, config)
-            written = write_streaming(writer, ds, metadata)
-        return {
-            "n_latents": written.rows,
-            "n_train": written.splits.get("train", 0),
-            "n_test": written.splits.get("test", 0),
-            "latent_shape": list(written.shape),
-            "latent_scale": scale,
-            "num_classes": num_classes,
-            "vae_ref": vae.ref,
-            "dtype": DTYPE,
-            "encoder_nodes": list(written.nodes),
-        }
+            ds = encoded_dataset(store, images, spec, state, images_card.channels, config)
+            written = write_streaming(writer, ds, metadata, images_card.n_images)
+        return LatentsCard(n_latents=written.rows, n_train=written.splits.get("train", 0),
+                           n_test=written.splits.get("test", 0), latent_shape=written.shape,
+                           latent_scale=vae_card.latent_scale, num_classes=images_card.num_classes,
+                           vae_ref=vae.ref, dtype=DTYPE, encoder_nodes=written.nodes)
 
-    return run_stage(store, STAGE, section_dict(config), [images, vae], build)
+    return run_stage(store, STAGE, config, [images, vae], build, source=__name__)

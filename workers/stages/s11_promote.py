@@ -1,11 +1,11 @@
-"""The promotion gate: point ``serving/current`` at a candidate only if it is not worse.
+"""Stage 11, promote: point ``serving/current`` at a candidate only if it is not worse.
 
     promote  iff  nothing is served yet
              or   FID_candidate(k) <= FID_current(k) * (1 + tolerance)
 
 where ``k`` is the served step count (``serve.steps``) and FID(k) is the model's FID at ``k``
-steps with the sampler it is served with (``consistency``, or the serve solver for flow
-models). The FIDs come from a lookup ``(model ref, steps, sampler) -> FID or None``; pass an
+steps with the sampler it is served with (:func:`models.sampling.preferred_sampler` of its
+family and the serve solver). The FIDs come from a lookup ``(model ref, steps, sampler) -> FID or None``; pass an
 evaluate stage's ref and the lookup reads its metrics table (falling back to the newest other
 evaluate manifest that scored the served model, for a model that an earlier run promoted).
 
@@ -21,10 +21,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from infra.cards import GeneratorCard
+from infra.metrics_table import fid_at, measured_as, read_rows
 from infra.store import SERVING_POINTER, Manifest, Store
+from models.sampling import preferred_sampler
 
 POINTER = SERVING_POINTER
-GENERATOR_SAMPLERS = ("ode", "consistency")
+EVALUATE = "evaluate"  # the stage whose metrics table holds the FIDs
 
 FidLookup = Callable[[str, int, str], "float | None"]  # (model ref, steps, sampler) -> FID
 
@@ -46,12 +49,11 @@ class PromotionDecision:
 
 
 def served_sampler(manifest: Manifest, solver: str) -> str:
-    """The sampler column an evaluation uses for this model as served: consistency or the ODE solver."""
-    sampler = manifest.metrics.get("sampler")
-    if sampler not in GENERATOR_SAMPLERS:
-        raise ValueError(f"{manifest.ref} is a {manifest.stage!r} output, not a generator "
-                         f"(its metrics record no sampler); promote a base, reflow or consistency ref")
-    return "consistency" if sampler == "consistency" else solver
+    """The sampler a model is served with, as the evaluation's ``sampler`` column names it."""
+    if not GeneratorCard.is_generator(manifest):
+        raise ValueError(f"{manifest.ref} is a {manifest.stage!r} output, not a generator; promote a base, reflow "
+                         "or consistency ref")
+    return preferred_sampler(GeneratorCard.from_manifest(manifest).family, solver).name
 
 
 def finite(value: float | None) -> bool:
@@ -90,27 +92,23 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> FidLookup:
     only in rows measured the same way: the same extractor (a classifier trained on the same
     images) and the same n. FIDs in different feature spaces, or on other test data, do not
     compare; then the served model has no FID to defend it."""
-    from workers.evaluate import STAGE, evaluation_rows, fid_at  # the evaluate stage owns its table
-
     primary = store.get_ref(evaluate_ref)
-    if primary.stage != STAGE:
-        raise ValueError(f"{evaluate_ref} is a {primary.stage!r} output; pass an {STAGE!r} ref (its metrics table "
+    if primary.stage != EVALUATE:
+        raise ValueError(f"{evaluate_ref} is a {primary.stage!r} output; pass an {EVALUATE!r} ref (its metrics table "
                          "holds the FIDs)")
-
-    measured_as = {(row["extractor"], row["n"]) for row in evaluation_rows(store, primary)}
+    primary_rows = read_rows(store, primary)
+    comparable = measured_as(primary_rows)
 
     def lookup(ref: str, steps: int, sampler: str) -> float | None:
         if ref in primary.inputs:
-            return fid_at(store, primary, ref, steps, sampler)
-        for other in reversed(store.list_manifests(STAGE)):
+            return fid_at(primary_rows, ref, steps, sampler)
+        for other in reversed(store.list_manifests(EVALUATE)):
             if ref not in other.inputs:
                 continue
-            fids = [row["fid"] for row in evaluation_rows(store, other)
-                    if row["stage_key"] == ref and row["steps"] == steps and row["sampler"] == sampler
-                    and (row["extractor"], row["n"]) in measured_as
-                    and row["fid"] is not None and math.isfinite(row["fid"])]
-            if fids:
-                return min(fids)
+            rows = [r for r in read_rows(store, other) if (r["extractor"], r["n"]) in comparable]
+            found = fid_at(rows, ref, steps, sampler)
+            if found is not None:
+                return found
         return None
 
     return lookup

@@ -4,41 +4,20 @@
     fewstep gc     [--store URI] [--min-age-hours H] [--yes]
 
 A store error (bad URI, missing bucket, rejected credentials, unreachable endpoint, a
-corrupt file) prints one line on stderr and exits with status 2, without a traceback.
+corrupt file) prints one line on stderr and exits with status 2 (in :func:`flows.cli.main`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
-STORE_HELP = "Local folder or s3://bucket/prefix (default ./fewstep-store)."
+from flows.cli.options import STORE_HELP
+
 ENDPOINT_HELP = "S3 endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)."
 HEADLINE_METRICS = 5
-
-
-def register(app: typer.Typer) -> None:
-    app.command("status")(status)
-    app.command("gc")(gc)
-
-
-def user_errors(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn StoreErrors into one line on stderr and exit status 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        from infra.errors import StoreError
-
-        try:
-            command(*args, **kwargs)
-        except StoreError as error:
-            typer.echo(f"fewstep: error: {error}", err=True)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
 
 
 def open_store(uri: str | None, endpoint_url: str | None, region: str | None):
@@ -60,6 +39,16 @@ def headline(metrics: dict[str, Any], limit: int = HEADLINE_METRICS) -> str:
     return text + (" …" if len(scalars) > limit else "")
 
 
+def stage_headline(manifest) -> str:
+    """The progress view's one-line summary of a stage, or its first metrics."""
+    from flows.cli.progress_view import HEADLINES
+
+    try:
+        return HEADLINES[manifest.stage](manifest)
+    except Exception:  # noqa: BLE001 - written by other code (no card): show what it recorded
+        return headline(manifest.metrics)
+
+
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -74,7 +63,6 @@ def human_size(size: int) -> str:
     return f"{size} B"  # pragma: no cover
 
 
-@user_errors
 def status(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
@@ -82,8 +70,11 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Committed stages with their keys, lineage (input refs) and headline metrics; pointers; runs."""
-    from infra import CODE_VERSION
     from infra.gc import load_manifests
+    from infra.version import CODE_VERSION
+    from workers.stages import stage_code_versions
+
+    current = stage_code_versions()
 
     opened = open_store(store, endpoint_url, region)
     manifests, damaged = load_manifests(opened)
@@ -108,12 +99,13 @@ def status(
         rows = [["STAGE", "KEY", "CREATED (UTC)", "INPUTS", "METRICS"]]
         older = False
         for m in ordered:
-            mark = "" if m.code_version == CODE_VERSION else "*"
+            mark = "" if m.code_version == current.get(m.stage, CODE_VERSION) else "*"
             older = older or bool(mark)
-            rows.append([m.stage, m.key + mark, m.created_at[:19].replace("T", " "), ",".join(m.inputs) or "-", headline(m.metrics)])
+            rows.append([m.stage, m.key + mark, m.created_at[:19].replace("T", " "), ",".join(m.inputs) or "-",
+                         stage_headline(m)])
         typer.echo(table(rows))
         if older:
-            typer.echo("* written by another code version (a re-run computes a new key)")
+            typer.echo("* written by other code than this stage's today (a re-run computes a new key)")
     for ref, reason in sorted(damaged.items()):
         typer.echo(f"damaged {ref}: {reason}")
     if pointers:
@@ -124,7 +116,6 @@ def status(
         typer.echo(f"runs: {len(runs)} recorded, latest {runs[-1].get('run_id')} at {runs[-1].get('created_at', '?')[:19]}")
 
 
-@user_errors
 def gc(
     store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),

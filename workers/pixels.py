@@ -1,10 +1,14 @@
-"""Image bytes <-> arrays, shared by the stages that read or write the images table.
+"""Pixels: image bytes <-> arrays <-> model batches, for every stage that touches images.
 
-Pure numpy/PIL. Conventions:
+Conventions, in one place:
 
 - a stored image is a PNG of ``uint8`` pixels, mode ``L`` (1 channel) or ``RGB`` (3 channels);
-- an array image is ``(H, W, C)`` uint8; a model batch is ``(N, C, H, W)`` float32 in [-1, 1]
-  with ``x = u / 127.5 - 1``.
+- an array image is ``(H, W, C)`` uint8; a model batch is ``(N, C, H, W)`` float32 in [-1, 1]:
+
+      x = u / 127.5 - 1          u = round((x + 1) * 127.5), clipped to 0..255
+
+  :func:`to_model_range` / :func:`from_model_range` convert numpy arrays, and
+  :func:`tensor_to_model_range` / :func:`tensor_to_uint8` torch tensors, by those two formulas.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import io
 from typing import Iterable
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 
 MODES = {1: "L", 3: "RGB"}
 
@@ -95,6 +101,20 @@ def from_model_range(x: np.ndarray) -> np.ndarray:
     """
     u = np.clip(np.rint((np.asarray(x, dtype=np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     return u.transpose(0, 2, 3, 1)  # (N, H, W, C)
+
+
+def tensor_to_model_range(u: Tensor) -> Tensor:
+    """uint8 (N, C, H, W) tensor -> float32 in [-1, 1], on the same device: x = u / 127.5 - 1."""
+    return u.float() / 127.5 - 1.0
+
+
+def tensor_to_uint8(x: Tensor) -> np.ndarray:
+    """float (N, C, H, W) tensor in [-1, 1] (e.g. a decoder's output) -> uint8 (N, H, W, C) on the host.
+
+    u = round((x + 1) * 127.5)
+    """
+    pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def decode_pixels(images: Iterable[bytes], channels: int) -> np.ndarray:

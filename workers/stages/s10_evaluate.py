@@ -1,28 +1,29 @@
-"""The evaluate stage: FID against NFE for every model of a run, on Ray.
+"""Stage 10, evaluate: FID against NFE for every model of a run, on Ray.
 
-For each generator (base, each reflow round, consistency) and each of its step counts the
-stage draws ``n`` images, decodes them with the VAE and scores them in one feature space:
+For each generator (base, each reflow round, consistency) and each of its samplers and step
+counts the stage draws ``n`` images, decodes them with the VAE and scores them in one
+feature space (:mod:`workers.scoring`):
 
     FID              Fréchet distance to the real test split's features
     precision/recall k-NN manifolds (Kynkäänniemi et al., 2019) against the test split
     class accuracy   share of samples asked for class y that the classifier calls y
     seconds/image    wall time of sampling + decoding, per image, on one evaluation task
-    straightness     S = int_0^1 E||(x_1 - x_0) - v_t||^2 dt of the ODE models' paths (flow models only)
+    straightness     S = int_0^1 E||(x_1 - x_0) - v_t||^2 dt of each ODE model's paths
 
-One Ray task per cell (model, sampler, steps), at most ``num_actors`` in flight, each
+One Ray task per cell (model, sampler, steps), at most ``resources.workers`` in flight, each
 loading its generator and the scorer itself from the store. Two reference rows bound the
 numbers: ``real-train`` (train images vs test: the floor, what a perfect sampler of the data
 would score at this n) and ``vae-recon`` (the same train images encoded and decoded with the
 VAE's mean: the best a generator of this VAE's latents can hope for).
 
-Noise is fixed: image ``i`` of every cell comes from the seed ``(chunk seed, i)`` of
-:func:`workers.sampling.row_seed`, the chunk seeds derived from ``evaluate.seed`` with a fixed
-chunk size, so the same config gives the same numbers whatever ``num_actors`` is, and every
-model is scored on the same draws of ``x_0``.
+Noise is fixed: image ``i`` of every cell comes from the seed ``(chunk seed, i)``, the chunk
+seeds derived from ``evaluate.seed`` with a fixed chunk size, so the same config gives the
+same numbers whatever the number of tasks, and every model is scored on the same x_0.
 
-Outputs (written by :mod:`workers.evaluate_report`): ``metrics`` (Parquet, :data:`COLUMNS`),
+Outputs (written by :mod:`workers.report`): ``metrics`` (Parquet, :mod:`infra.metrics_table`),
 ``fid_vs_nfe.png``, ``grids/<model>-<sampler>-<steps>.png`` (plus ``grids/real-test.png`` and
-``grids/vae-recon.png``), ``straightness`` (JSON) and ``report.md``.
+``grids/vae-recon.png``), ``straightness`` (JSON), ``report.md`` and an
+:class:`~infra.cards.EvaluationCard`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -39,31 +39,20 @@ import ray
 import torch
 from torch import nn
 
+from infra.cards import FeaturesCard, GeneratorCard, ImagesCard, VAECard
 from infra.config import ConfigError, EvaluateConfig
+from infra.metrics_table import CEILING, FLOOR, REFERENCE
 from infra.store import Manifest, StageWriter, Store
-from infra.manifest import sha256_hex
-from models.classifier import Classifier
-from models.extractors import (
-    classifier_extractor,
-    extract_features,
-    load_inception_extractor,
-    load_torchscript_extractor,
-)
 from models.metrics import class_accuracy, fid, precision_recall
-from models.samplers import sample_ode, straightness
-from workers.classifier_stage import images_geometry, load_classifier, read_split, task_device
-from workers.evaluate_report import (  # noqa: F401  (COLUMNS, REFERENCE, ... re-exported for callers)
-    CEILING,
-    COLUMNS,
-    FLOOR,
-    REFERENCE,
-    Evaluation,
-    make_grid,
-    write_evaluation,
-)
-from workers.images import to_model_range
-from workers.sampling import SAMPLERS, Generator, Request
-from workers.stage import keyed_section, run_stage
+from models.samplers import straightness
+from workers import progress
+from workers.data import read_split
+from workers.generator import Generator, Request
+from workers.pixels import tensor_to_uint8, to_model_range
+from workers.report import Evaluation, make_grid, write_evaluation
+from workers.runner import run_stage
+from workers.scoring import ExtractorSource, Scored, Scorer, extractor_source
+from workers.vae_kinds import load_vae
 
 log = logging.getLogger("fewstep.evaluate")
 
@@ -82,7 +71,7 @@ class Cell:
 
     model: str  # display name: base, reflow-1, consistency
     ref: str  # the generator's manifest ref
-    sampler: str  # "euler" | "heun" (ODE models) or "consistency"
+    sampler: str  # a name of models.sampling.SAMPLERS
     steps: int
     guidance: float
     with_straightness: bool = False
@@ -92,33 +81,39 @@ class Cell:
         return f"grids/{self.model}-{self.sampler}-{self.steps}.png"
 
 
-def is_generator(manifest: Manifest) -> bool:
-    return manifest.metrics.get("sampler") in SAMPLERS
-
-
 def model_names(generators: Sequence[Manifest]) -> list[str]:
     """base, reflow-<round>, consistency; a key suffix where two generators would share a name."""
     names = []
     for m in generators:
-        round_index = m.metrics.get("round")
-        names.append(f"{m.stage}-{round_index}" if m.stage == "reflow" and round_index is not None else m.stage)
+        round_index = GeneratorCard.from_manifest(m).round
+        names.append(f"{m.stage}-{round_index}" if round_index is not None else m.stage)
     return [f"{name}-{m.key[:8]}" if names.count(name) > 1 else name for name, m in zip(names, generators)]
 
 
+def sampler_steps(config: EvaluateConfig) -> dict[str, tuple[int, ...]]:
+    """The step counts each sampler is evaluated at (samplers left out are not evaluated)."""
+    flow = tuple(sorted(set(config.flow_steps)))
+    return {**{solver: flow for solver in config.flow_solvers},
+            "consistency": tuple(sorted(set(config.consistency_steps)))}
+
+
 def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[Cell]:
-    """Every (model, sampler, steps) to evaluate; straightness on each ODE model's largest step count."""
-    cells = []
+    """Every (model, sampler, steps) to evaluate; the straightness of each ODE model's paths once,
+    with its first sampler at its largest step count. A model is sampled at the guidance its card
+    names (reflow: its pairs'; consistency: its teacher's, built in) or else the evaluation's."""
+    from models.sampling import family_samplers
+
+    plan, cells = sampler_steps(config), []
     for name, m in zip(model_names(generators), generators):
-        if m.metrics["sampler"] == "consistency":
-            # The student was distilled at the teacher's guidance; sampling takes none.
-            guidance = float(m.metrics.get("guidance", 1.0))
-            cells += [Cell(name, m.ref, "consistency", steps, guidance) for steps in sorted(set(config.consistency_steps))]
-            continue
-        top = max(config.flow_steps)
-        for solver in config.flow_solvers:
-            cells += [Cell(name, m.ref, solver, steps, config.guidance,
-                           with_straightness=steps == top and solver == config.flow_solvers[0])
-                      for steps in sorted(set(config.flow_steps))]
+        card = GeneratorCard.from_manifest(m)
+        guidance = card.guidance if card.guidance is not None else config.guidance
+        path_measured = False
+        for sampler in family_samplers(card.family):
+            steps = plan.get(sampler.name, ())
+            for s in steps:
+                measure = sampler.has_path and not path_measured and s == steps[-1]
+                cells.append(Cell(name, m.ref, sampler.name, s, guidance, with_straightness=measure))
+            path_measured = path_measured or (sampler.has_path and bool(steps))
     return cells
 
 
@@ -126,11 +121,10 @@ def evaluation_inputs(store: Store, generators: Sequence[Manifest]) -> tuple[Man
     """(images, vae) behind a set of generators, read from their lineage. They must share one VAE."""
     if not generators:
         raise ValueError("no generators to evaluate; pass the manifests of base, reflow or consistency stages")
-    not_generators = [m.ref for m in generators if not is_generator(m)]
+    not_generators = [m.ref for m in generators if not GeneratorCard.is_generator(m)]
     if not_generators:
-        raise ValueError(f"{not_generators} are not generator models (no sampler in their metrics); "
-                         "pass refs of base, reflow or consistency stages")
-    vae_refs = sorted({str(m.metrics["vae_ref"]) for m in generators})
+        raise ValueError(f"{not_generators} are not generator models; pass refs of base, reflow or consistency stages")
+    vae_refs = sorted({GeneratorCard.from_manifest(m).vae_ref for m in generators})
     if len(vae_refs) != 1:
         raise ValueError(f"the generators decode with different VAEs {vae_refs}; evaluate the models of one VAE at a time")
     vae = store.get_ref(vae_refs[0])
@@ -138,77 +132,6 @@ def evaluation_inputs(store: Store, generators: Sequence[Manifest]) -> tuple[Man
     if len(images) != 1:
         raise ValueError(f"VAE {vae.ref} lists inputs {vae.inputs}, not one ingest stage; it was not made by the vae stage")
     return store.get_ref(images[0]), vae
-
-
-# --------------------------------------------------------------------------- the feature space
-
-
-@dataclass(frozen=True)
-class ExtractorSource:
-    """How a task rebuilds the feature extractor: the classifier's features, or a user file's bytes."""
-
-    kind: str  # "classifier" | "torchscript" | "inception"
-    name: str  # what the table's extractor column says
-    data: Any = None  # bytes, or a Ray ObjectRef to them, for user files
-    sha256: str | None = None
-
-
-def extractor_source(config: EvaluateConfig, classifier: Manifest | None) -> ExtractorSource:
-    """Resolve ``evaluate.extractor`` on the driver: read the local file once, name it by its digest."""
-    if config.extractor is None:
-        if classifier is None:
-            raise ConfigError("evaluate needs a feature space: pass the classifier stage's manifest, or set "
-                              "evaluate.extractor to a local TorchScript or Inception-v3 file")
-        return ExtractorSource("classifier", classifier.ref)
-    path = Path(config.extractor).expanduser()
-    if "://" in config.extractor or not path.is_file():
-        raise ConfigError(f"evaluate.extractor={config.extractor!r} is not a local file; give the path of a "
-                          "TorchScript module (torch.jit.save) or of Inception-v3 weights (extractor_kind: inception). "
-                          "Nothing is downloaded")
-    data = path.read_bytes()
-    digest = sha256_hex(data)
-    label = "inception_v3" if config.extractor_kind == "inception" else f"torchscript:{path.name}"
-    return ExtractorSource(config.extractor_kind, f"{label}@{digest[:12]}", data, digest)
-
-
-@dataclass(frozen=True)
-class Scored:
-    features: np.ndarray  # (N, D) float32
-    logits: np.ndarray | None  # (N, K) or None without a classifier
-    labels: np.ndarray  # (N,) int64; -1 or >= K: no class
-
-
-class Scorer:
-    """Images -> features (for FID, precision, recall) and class logits (for class accuracy)."""
-
-    def __init__(self, extractor: nn.Module, classifier: Classifier | None, device: torch.device):
-        self.device = device
-        self.extractor = extractor.to(device).eval()
-        self.classifier = classifier.to(device).eval() if classifier is not None else None
-
-    @classmethod
-    def load(cls, store: Store, source: ExtractorSource, classifier_ref: str | None, device: str) -> "Scorer":
-        device = torch.device(device)
-        classifier = load_classifier(store, store.get_ref(classifier_ref)) if classifier_ref else None
-        if source.kind == "classifier":
-            extractor = classifier_extractor(classifier, name=source.name)
-        else:
-            data = ray.get(source.data) if isinstance(source.data, ray.ObjectRef) else source.data
-            if source.kind == "inception":
-                extractor = load_inception_extractor(data, map_location=device)
-            else:
-                extractor = load_torchscript_extractor(data, name=source.name, map_location=device)
-        return cls(extractor, classifier, device)
-
-    @torch.no_grad()
-    def score(self, pixels: np.ndarray, labels: np.ndarray) -> Scored:
-        """uint8 (N, H, W, C) and the class each image is (or was asked to be) -> features, logits."""
-        x = torch.from_numpy(to_model_range(pixels)).to(self.device)  # (N, C, H, W) in [-1, 1]
-        features = extract_features(self.extractor, x).cpu().numpy()  # (N, D)
-        logits = None
-        if self.classifier is not None:
-            logits = torch.cat([self.classifier(x[i:i + 512]).float().cpu() for i in range(0, len(x), 512)]).numpy()
-        return Scored(features, logits, np.asarray(labels, np.int64))
 
 
 # --------------------------------------------------------------------------- Ray tasks
@@ -243,23 +166,21 @@ def requested_labels(n: int, num_classes: int) -> np.ndarray:
     return np.arange(n) % num_classes if num_classes > 0 else np.full(n, num_classes)
 
 
+def cell_request(generator: Generator, cell: Cell, labels: np.ndarray, seed: int) -> Request:
+    asked = tuple(int(y) for y in labels) if generator.num_classes else None
+    return Request(n=len(labels), steps=cell.steps, sampler=cell.sampler, labels=asked, guidance=cell.guidance,
+                   seed=seed)
+
+
 def evaluate_cell(store: Store, cell: Cell, n: int, seed: int, source: ExtractorSource,
                   classifier_ref: str | None, device: str = "cpu") -> CellResult:
     """Draw ``n`` images of one cell, decode, score; the straightness on a small batch if asked."""
-    import workers.vae_stage  # noqa: F401  (registers the diffusers VAE kind for Generator.load)
-
     generator = Generator.load(store, store.get_ref(cell.ref), device)
     labels = requested_labels(n, generator.num_classes)
-    solver = "euler" if cell.sampler == "consistency" else cell.sampler
-
-    def request(rows: np.ndarray, seed: int) -> Request:
-        asked = tuple(int(y) for y in rows) if generator.num_classes else None
-        return Request(n=len(rows), steps=cell.steps, labels=asked, guidance=cell.guidance, seed=seed, solver=solver)
-
-    generator.generate(request(labels[:1], seed))  # warm-up (lazy init, allocator), not timed
+    generator.generate(cell_request(generator, cell, labels[:1], seed))  # warm-up (lazy init, allocator), not timed
     parts, seconds, nfe = [], 0.0, 0
     for index, start in enumerate(range(0, n, GEN_CHUNK)):
-        chunk = request(labels[start:start + GEN_CHUNK], chunk_seed(seed, index))
+        chunk = cell_request(generator, cell, labels[start:start + GEN_CHUNK], chunk_seed(seed, index))
         started = time.perf_counter()
         images = generator.generate(chunk)
         seconds += time.perf_counter() - started
@@ -275,22 +196,29 @@ def evaluate_cell(store: Store, cell: Cell, n: int, seed: int, source: Extractor
 def measure_straightness(generator: Generator, cell: Cell, seed: int) -> float:
     """S of the sampler's own path (in the model's scaled latent space) on a small fixed batch."""
     labels = requested_labels(STRAIGHTNESS_BATCH, generator.num_classes)
-    asked = tuple(int(y) for y in labels) if generator.num_classes else None
-    request = Request(n=STRAIGHTNESS_BATCH, steps=cell.steps, labels=asked, seed=chunk_seed(seed, 0))
-    x_0, _ = generator.noise_for(request)
-    y = generator.labels_for(request)
-    out = sample_ode(generator.net, x_0.to(generator.device), y.to(generator.device), cell.steps, cell.sampler,
-                     cell.guidance, return_path=True)
+    request = cell_request(generator, cell, labels, chunk_seed(seed, 0))
+    noise = generator.noise_for(request).to(generator.device)
+    y = generator.labels_for(request).to(generator.device)
+    out = generator.sampler(cell.sampler).sample(generator.net, list(noise), y, cell.steps, cell.guidance,
+                                                 return_path=True)
     return float(straightness(out.path, out.times))
+
+
+@torch.no_grad()
+def reconstruct(vae: nn.Module, pixels: np.ndarray, device: torch.device, batch: int = 256) -> np.ndarray:
+    """x_hat = decode(mean of q(z | x)) for uint8 (N, H, W, C) images -> uint8 (N, H, W, C)."""
+    out = []
+    for start in range(0, len(pixels), batch):
+        x = torch.from_numpy(to_model_range(pixels[start:start + batch])).to(device)  # (B, C, H, W)
+        out.append(tensor_to_uint8(vae.decode(vae.encode(x).mean)))
+    return np.concatenate(out)
 
 
 def evaluate_references(store: Store, images_ref: str, vae_ref: str, n: int, source: ExtractorSource,
                         classifier_ref: str | None, device: str = "cpu") -> ReferenceResult:
     """Real test images (the target), the first ``n`` train images (the floor) and their VAE reconstructions."""
-    from workers.vae_stage import load_vae
-
     images = store.get_ref(images_ref)
-    num_classes = images_geometry(images)[2]
+    num_classes = ImagesCard.from_manifest(images).num_classes
     test = read_split(store, images, "test", MAX_REAL)
     train = read_split(store, images, "train", min(n, MAX_REAL))
     vae = load_vae(store, store.get_ref(vae_ref)).to(device)
@@ -306,18 +234,6 @@ def evaluate_references(store: Store, images_ref: str, vae_ref: str, n: int, sou
         grids={"grids/real-test.png": make_grid(test.pixels, test.labels, num_classes),
                "grids/vae-recon.png": make_grid(recon, train.labels, num_classes)},
     )
-
-
-@torch.no_grad()
-def reconstruct(vae: nn.Module, pixels: np.ndarray, device: torch.device, batch: int = 256) -> np.ndarray:
-    """x_hat = decode(mean of q(z | x)) for uint8 (N, H, W, C) images -> uint8 (N, H, W, C)."""
-    from workers.sampling import to_uint8
-
-    out = []
-    for start in range(0, len(pixels), batch):
-        x = torch.from_numpy(to_model_range(pixels[start:start + batch])).to(device)  # (B, C, H, W)
-        out.append(to_uint8(vae.decode(vae.encode(x).mean)))
-    return np.concatenate(out)
 
 
 _cell_task = ray.remote(evaluate_cell)
@@ -382,24 +298,26 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
     if source.data is not None and not isinstance(source.data, ray.ObjectRef):
         source = replace(source, data=ray.put(source.data))  # one copy in the object store, not one per task
     classifier_ref = classifier.ref if classifier is not None else None
-    device = task_device(config.gpus_per_actor)
-    options = dict(num_cpus=config.cpus_per_actor, num_gpus=config.gpus_per_actor or None)
+    resources = config.resources
+    device = "cuda" if resources.gpus > 0 else "cpu"
+    options = dict(num_cpus=resources.cpus, num_gpus=resources.gpus or None)
     cells = plan_cells(config, generators)
     submit: list[Callable[[], Any]] = [lambda: _reference_task.options(**options).remote(
         store, images.ref, vae.ref, config.n, source, classifier_ref, device)]
     submit += [(lambda c=c: _cell_task.options(**options).remote(store, c, config.n, config.seed, source,
                                                                  classifier_ref, device)) for c in cells]
-
     finished = [0]
 
-    def progress(index: int, result: Any) -> None:
+    def on_done(index: int, result: Any) -> None:
         finished[0] += 1
+        note = ""
         if isinstance(result, CellResult):
             c = result.cell
-            log.info("evaluate: %s %s@%d sampled in %.1fs (%d/%d tasks done)", c.model, c.sampler, c.steps,
-                     result.seconds, finished[0], len(submit))
+            note = f"{c.model} {c.sampler}@{c.steps}"
+            log.info("evaluate: %s sampled in %.1fs (%d/%d tasks done)", note, result.seconds, finished[0], len(submit))
+        progress.advance(STAGE, finished[0], len(submit), note)
 
-    results = run_bounded(submit, config.num_actors, progress)
+    results = run_bounded(submit, resources.workers, on_done)
     reference: ReferenceResult = results[0]
     check_sizes(config, len(reference.test.features), images.ref)
     k, name = config.knn_k, source.name
@@ -419,23 +337,17 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
             value = result.straightness if math.isfinite(result.straightness) else None
             paths[c.model] = {"value": value, "sampler": c.sampler, "steps": c.steps,
                               "paths": STRAIGHTNESS_BATCH, "ref": c.ref}
+    features = FeaturesCard.from_manifest(classifier) if classifier is not None else None
     info = {
         "extractor": name, "n": config.n, "seed": config.seed, "knn_k": k, "n_test": len(reference.test.features),
         "images_ref": images.ref, "vae_ref": vae.ref, "classifier_ref": classifier_ref,
-        "classifier_test_accuracy": classifier.metrics.get("test_accuracy") if classifier is not None else None,
+        "classifier_test_accuracy": features.test_accuracy if features is not None else None,
         "models": {c.model: c.ref for c in cells},
     }
     return Evaluation(rows, grids, paths, info)
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def evaluate_section(config: EvaluateConfig, source: ExtractorSource) -> dict[str, Any]:
-    """The key: what changes the numbers (not where they run); a user extractor by its digest."""
-    section = keyed_section(config)
-    section["extractor_sha256"] = source.sha256
-    return section
 
 
 def run_evaluate(store: Store, config: EvaluateConfig, generators: Sequence[Manifest], images: Manifest,
@@ -446,33 +358,14 @@ def run_evaluate(store: Store, config: EvaluateConfig, generators: Sequence[Mani
     if (found_images.ref, found_vae.ref) != (images.ref, vae.ref):
         raise ValueError(f"the generators were trained on {found_images.ref} through {found_vae.ref}, "
                          f"but evaluate got {images.ref} and {vae.ref}; pass the run's own images and vae")
-    check_sizes(config, int(images.metrics["n_test"]), images.ref)
+    VAECard.from_manifest(vae)
+    check_sizes(config, ImagesCard.from_manifest(images).n_test, images.ref)
     source = extractor_source(config, classifier)
     inputs = [images, vae, *([classifier] if classifier is not None else []), *generators]
+    # The key: what changes the numbers (not where they run); a user extractor by its digest.
+    section = {**config.keyed(), "extractor_sha256": source.sha256}
 
-    def build(writer: StageWriter, key: str) -> dict[str, Any]:
-        evaluation = compute_evaluation(store, config, generators, images, vae, classifier, source)
-        return write_evaluation(writer, evaluation)
+    def build(writer: StageWriter, key: str):
+        return write_evaluation(writer, compute_evaluation(store, config, generators, images, vae, classifier, source))
 
-    return run_stage(store, STAGE, evaluate_section(config, source), inputs, build)
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def evaluation_rows(store: Store, manifest: Manifest) -> list[dict[str, Any]]:
-    """The metrics table of an evaluate manifest as rows (reference rows first)."""
-    return store.read_table(manifest, "metrics").to_pylist()
-
-
-def fid_at(store: Store, evaluate_manifest: Manifest, model_ref: str, steps: int,
-           sampler: str | None = None) -> float | None:
-    """The FID of ``model_ref`` at ``steps`` (the best over samplers unless one is named); None if not evaluated."""
-    fids = [r["fid"] for r in evaluation_rows(store, evaluate_manifest)
-            if r["stage_key"] == model_ref and r["steps"] == steps and (sampler is None or r["sampler"] == sampler)
-            and r["fid"] is not None and math.isfinite(r["fid"])]
-    return min(fids) if fids else None
-
-
-def report_markdown(store: Store, manifest: Manifest) -> str:
-    return store.read_bytes(manifest, "report.md").decode()
+    return run_stage(store, STAGE, section, inputs, build, source=__name__)

@@ -1,9 +1,9 @@
 """What the evaluate stage writes: the metrics table, the FID-vs-NFE plot, sample grids, the report.
 
-Pure functions of the computed rows (no Ray, no models): :mod:`workers.evaluate` computes an
-:class:`Evaluation` and :func:`write_evaluation` turns it into files. A row holds exactly
-:data:`COLUMNS`; ``stage_key`` is the evaluated manifest's ref (``stage/key``), the two
-reference rows have sampler ``reference``, steps and NFE 0.
+Pure functions of the computed rows (no Ray, no models): the evaluate stage computes an
+:class:`Evaluation` and :func:`write_evaluation` turns it into files and the stage's card. A
+row holds exactly :data:`infra.metrics_table.COLUMNS`; ``stage_key`` is the evaluated
+manifest's ref (``stage/key``), the two reference rows have sampler ``reference``, steps and NFE 0.
 """
 
 from __future__ import annotations
@@ -14,21 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image
 
+from infra.cards import EvaluationCard
+from infra.metrics_table import CEILING, FLOOR, REFERENCE, TABLE, finite, rows_table
 from infra.store import StageWriter
 
-COLUMNS = ("model", "stage_key", "sampler", "steps", "nfe", "guidance", "n", "extractor",
-           "fid", "precision", "recall", "class_accuracy", "seconds_per_image")
-SCHEMA = pa.schema([
-    ("model", pa.string()), ("stage_key", pa.string()), ("sampler", pa.string()), ("steps", pa.int64()),
-    ("nfe", pa.int64()), ("guidance", pa.float64()), ("n", pa.int64()), ("extractor", pa.string()),
-    ("fid", pa.float64()), ("precision", pa.float64()), ("recall", pa.float64()),
-    ("class_accuracy", pa.float64()), ("seconds_per_image", pa.float64()),
-])
-REFERENCE = "reference"  # the sampler column of the two reference rows
-FLOOR, CEILING = "real-train", "vae-recon"
 GRID_PER_CLASS = 4
 GRID_MAX_CLASSES = 10
 GRID_CELL_PX = 48  # images are upscaled (nearest) to about this size in the grids
@@ -42,10 +33,6 @@ class Evaluation:
     grids: dict[str, bytes]  # store file name -> PNG
     straightness: dict[str, dict[str, Any]]  # model -> {"value", "sampler", "steps", "paths", "ref"}
     info: dict[str, Any] = field(default_factory=dict)  # extractor, n, seed, refs, test size, classifier accuracy
-
-
-def rows_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist([{c: row[c] for c in COLUMNS} for row in rows], schema=SCHEMA)
 
 
 def generated(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -226,29 +213,31 @@ def render_report(evaluation: Evaluation, location: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(evaluation: Evaluation) -> dict[str, Any]:
-    """The manifest's metrics: best rows, references, ratios, straightness (JSON-able, no NaN)."""
-    rows = evaluation.rows
+def headline(evaluation: Evaluation) -> EvaluationCard:
+    """The stage's card: best rows, references, ratios, straightness (JSON-able, no NaN)."""
+    rows, info = evaluation.rows, evaluation.info
 
     def brief(r: dict[str, Any] | None) -> dict[str, Any] | None:
         return None if r is None else {k: r[k] for k in ("model", "stage_key", "sampler", "steps", "nfe", "fid")}
 
-    finite = lambda v: v if isinstance(v, (int, float)) and math.isfinite(v) else None  # noqa: E731
-    return {
-        "rows": len(rows),
-        "best": brief(best_row(rows)),
-        "best_by_steps": {str(s): brief(r) for s, r in best_by_steps(rows).items()},
-        "floor_fid": finite(reference_fid(rows, FLOOR)),
-        "vae_fid": finite(reference_fid(rows, CEILING)),
-        "ratios": {ratio.name: finite(ratio.value) for ratio in quality_ratios(rows)},
-        "straightness": {model: s["value"] for model, s in evaluation.straightness.items()},
-        **{k: v for k, v in evaluation.info.items()},
-    }
+    def kept(value: Any) -> Any:
+        return value if finite(value) else None
+
+    return EvaluationCard(
+        rows=len(rows),
+        best=brief(best_row(rows)),
+        best_by_steps={str(s): brief(r) for s, r in best_by_steps(rows).items()},
+        floor_fid=kept(reference_fid(rows, FLOOR)),
+        vae_fid=kept(reference_fid(rows, CEILING)),
+        ratios={ratio.name: kept(ratio.value) for ratio in quality_ratios(rows)},
+        straightness={model: s["value"] for model, s in evaluation.straightness.items()},
+        **info,
+    )
 
 
-def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> dict[str, Any]:
+def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> EvaluationCard:
     info = evaluation.info
-    writer.write_table("metrics", rows_table(evaluation.rows), metadata={
+    writer.write_table(TABLE, rows_table(evaluation.rows), metadata={
         "fewstep.extractor": str(info["extractor"]), "fewstep.seed": str(info["seed"]),
         "fewstep.images_ref": str(info["images_ref"]), "fewstep.n_test": str(info["n_test"]),
     })

@@ -7,19 +7,21 @@ import math
 import pyarrow as pa
 import pytest
 
-from flows.promote import PromotionDecision, decide, promote
+from infra.cards import GeneratorCard
+from infra.metrics_table import COLUMNS
 from infra.store import Store
-from workers.evaluate import COLUMNS
+from workers.stages.s11_promote import PromotionDecision, decide, promote
 
 STEPS = 2
 
 
-def commit_generator(store: Store, stage: str, key: str, sampler: str):
-    """A generator manifest as far as promotion reads it (metrics only)."""
+def commit_generator(store: Store, stage: str, key: str, family: str):
+    """A generator manifest as far as promotion reads it (its card only)."""
     with store.begin(stage, key, config={"key": key}) as writer:
         writer.write_json("note", {"what": "promotion test model"})
-        return writer.commit(metrics={"sampler": sampler, "latent_scale": 1.0, "latent_shape": [2, 4, 4],
-                                      "num_classes": 3, "vae_ref": "vae/none"})
+        card = GeneratorCard(family=family, steps=0, latent_shape=(2, 4, 4), num_classes=3, latent_scale=1.0,
+                             vae_ref="vae/none")
+        return writer.commit(metrics=card.to_metrics())
 
 
 def row(manifest, sampler: str, steps: int, fid: float) -> dict:
@@ -66,7 +68,7 @@ def test_the_gate_refuses_a_negative_tolerance():
 
 def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_store):
     store = local_store
-    base = commit_generator(store, "base", "b1", "ode")
+    base = commit_generator(store, "base", "b1", "flow")
     student = commit_generator(store, "consistency", "c1", "consistency")
     worse = commit_generator(store, "consistency", "c2", "consistency")
     unevaluated = commit_generator(store, "consistency", "c3", "consistency")
@@ -115,8 +117,8 @@ def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_st
 
 def test_promote_takes_a_lookup_function_and_checks_what_it_promotes(local_store):
     store = local_store
-    a = commit_generator(store, "reflow", "r1", "ode")
-    b = commit_generator(store, "reflow", "r2", "ode")
+    a = commit_generator(store, "reflow", "r1", "flow")
+    b = commit_generator(store, "reflow", "r2", "flow")
     fids = {(a.ref, 4, "heun"): 9.0, (b.ref, 4, "heun"): 8.0}
     calls = []
 

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from flows.cli.options import PRESET_HELP, RAY_HELP, STORE_HELP
 from flows.errors import UserError
 
 DEPLOYMENT_NAME = "scheduled"
@@ -25,11 +26,12 @@ def build_deployment(cron: str, config: Path | None, preset: str, store: str | N
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
-    from flows.pipeline import open_store, pipeline
+    from flows.pipeline import pipeline
     from infra.config import load_config
+    from infra.store import Store
 
     cfg = load_config(preset, config)  # refused here, before anything is registered
-    open_store(store)
+    Store.open(store)
     try:
         schedule = CronSchedule(cron=cron, timezone=timezone)
     except ValueError as error:
@@ -44,26 +46,24 @@ def build_deployment(cron: str, config: Path | None, preset: str, store: str | N
     )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def schedule(
-        cron: str = typer.Option(..., "--cron", help='Cron expression, e.g. "0 3 * * 0" (Sundays 03:00).'),
-        config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding any config field."),
-        preset: str = typer.Option("default", "--preset", help="quick or default."),
-        store: Optional[str] = typer.Option(None, "--store", help="Local folder or s3://bucket/prefix."),
-        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster the runs attach to."),
-        name: str = typer.Option(DEPLOYMENT_NAME, "--name", help="Deployment name."),
-        timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the cron (default UTC)."),
-        register_only: bool = typer.Option(False, "--register-only",
-                                           help="Register the deployment and exit; a work pool's worker runs it."),
-    ) -> None:
-        """Run the pipeline on a cron schedule as a Prefect deployment (served in the foreground)."""
-        from prefect import serve
+def schedule(
+    cron: str = typer.Option(..., "--cron", help='Cron expression, e.g. "0 3 * * 0" (Sundays 03:00).'),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding any config field."),
+    preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_HELP),
+    name: str = typer.Option(DEPLOYMENT_NAME, "--name", help="Deployment name."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the cron (default UTC)."),
+    register_only: bool = typer.Option(False, "--register-only",
+                                       help="Register the deployment and exit; a work pool's worker runs it."),
+) -> None:
+    """Run the pipeline on a cron schedule as a Prefect deployment (served in the foreground)."""
+    from prefect import serve
 
-        deployment = build_deployment(cron, config, preset, store, ray_address, name, timezone)
-        if register_only:
-            deployment_id = deployment.apply()
-            typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}")
-            return
-        typer.echo(f"serving deployment 'pipeline/{name}' with cron {cron!r}; Ctrl-C stops it")
-        serve(deployment)
+    deployment = build_deployment(cron, config, preset, store, ray_address, name, timezone)
+    if register_only:
+        deployment_id = deployment.apply()
+        typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}")
+        return
+    typer.echo(f"serving deployment 'pipeline/{name}' with cron {cron!r}; Ctrl-C stops it")
+    serve(deployment)

@@ -17,19 +17,15 @@ from typing import Any, Optional
 
 import typer
 
-STORE_HELP = "Local folder or s3://bucket/prefix (default ./fewstep-store)."
+from flows.cli.options import RAY_HELP, STORE_HELP
+from flows.errors import UserError
+
 SHOWN = (("model", "MODEL"), ("sampler", "SAMPLER"), ("steps", "STEPS"), ("nfe", "NFE"), ("fid", "FID"),
          ("precision", "PRECISION"), ("recall", "RECALL"), ("class_accuracy", "CLASS_ACC"),
          ("seconds_per_image", "S/IMAGE"))
 
 
-def register(app: typer.Typer) -> None:
-    app.command("evaluate")(evaluate)
-
-
 def parse_steps(text: str) -> list[int]:
-    from flows.cli import UserError
-
     try:
         steps = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -41,20 +37,19 @@ def parse_steps(text: str) -> list[int]:
 
 def default_generators(store) -> list:
     """The generators of the latest recorded run; else those sharing the newest generator's VAE."""
-    from flows.cli import UserError
-    from workers.evaluate import is_generator
+    from infra.cards import GeneratorCard
 
     for run in reversed(store.list_runs()):
         manifests = [store.get_ref(ref) for ref in run.get("refs", {}).values()]
-        generators = [m for m in manifests if is_generator(m)]
+        generators = [m for m in manifests if GeneratorCard.is_generator(m)]
         if generators:
             return generators
-    generators = [m for m in store.list_manifests() if is_generator(m)]
+    generators = [m for m in store.list_manifests() if GeneratorCard.is_generator(m)]
     if not generators:
         raise UserError(f"the store {store.uri} holds no generator models; run `fewstep run --store {store.uri}` "
                         "first, or pass --model REF")
-    vae_ref = generators[-1].metrics["vae_ref"]  # oldest first: the last is the newest
-    return [m for m in generators if m.metrics["vae_ref"] == vae_ref]
+    vae_ref = GeneratorCard.from_manifest(generators[-1]).vae_ref  # oldest first: the last is the newest
+    return [m for m in generators if GeneratorCard.from_manifest(m).vae_ref == vae_ref]
 
 
 def format_cell(value: Any) -> str:
@@ -80,10 +75,9 @@ def evaluate(
     n: Optional[int] = typer.Option(None, "--n", help="Generated images per model, sampler and step count."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file; its evaluate: section applies."),
     preset: str = typer.Option("default", "--preset", help="Config preset the file applies to."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Attach to a Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
 ) -> None:
     """Evaluate stored models: FID, precision, recall, class accuracy and seconds per image against NFE."""
-    from flows.cli import UserError
     from infra.config import load_config
     from infra.store import Store
 
@@ -93,25 +87,29 @@ def evaluate(
         overrides.update(flow_steps=parsed, consistency_steps=parsed)
     if n is not None:
         overrides["n"] = n
-    cfg = load_config(preset, config, {"evaluate": overrides} if overrides else None).evaluate
+    full = load_config(preset, config, {"evaluate": overrides} if overrides else None)
+    cfg = full.evaluate
     opened = Store.open(store)
     generators = [opened.get_ref(ref) for ref in model] if model else default_generators(opened)
 
-    from workers.classifier_stage import run_classifier
-    from workers.evaluate import evaluation_inputs, evaluation_rows, run_evaluate
+    from infra.cards import EvaluationCard, FeaturesCard, ImagesCard
+    from infra.metrics_table import read_rows
     from workers.runtime import ensure_ray
+    from workers.stages.s09_classifier import run_classifier
+    from workers.stages.s10_evaluate import evaluation_inputs, run_evaluate
 
     try:
         images, vae = evaluation_inputs(opened, generators)
     except ValueError as error:
         raise UserError(str(error)) from None
     ensure_ray(ray_address)
-    labelled = int(images.metrics.get("num_classes", 0)) > 0
-    classifier = run_classifier(opened, cfg, images) if labelled else None
+    labelled = ImagesCard.from_manifest(images).labelled and cfg.extractor is None
+    classifier = run_classifier(opened, full.classifier, images) if labelled else None
     manifest = run_evaluate(opened, cfg, generators, images, vae, classifier)
-    typer.echo(format_rows(evaluation_rows(opened, manifest)))
-    typer.echo(f"\n{manifest.ref}  extractor {manifest.metrics['extractor']}  n={manifest.metrics['n']}")
+    card = EvaluationCard.from_manifest(manifest)
+    typer.echo(format_rows(read_rows(opened, manifest)))
+    typer.echo(f"\n{manifest.ref}  extractor {card.extractor}  n={card.n}")
     if classifier is not None:
-        typer.echo(f"classifier {classifier.ref}: test accuracy {format_cell(classifier.metrics['test_accuracy'])}")
+        typer.echo(f"classifier {classifier.ref}: test accuracy {format_cell(FeaturesCard.from_manifest(classifier).test_accuracy)}")
     prefix = "s3://" if opened.uri.startswith("s3://") else ""
     typer.echo(f"report: {prefix}{opened.file_path(manifest, 'report.md')}")

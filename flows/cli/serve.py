@@ -16,11 +16,7 @@ from typing import Callable, Optional
 
 import typer
 
-STORE_HELP = "Local folder or s3://bucket/prefix (default ./fewstep-store)."
-
-
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+from flows.cli.options import RAY_HELP, STORE_HELP
 
 
 def serve(
@@ -30,20 +26,16 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", help="Port to listen on (default serve.port, 8765)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file; its serve: section sets limits and resources."),
     preset: str = typer.Option("default", "--preset", help="Config preset the file applies to."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help="Attach to a Ray cluster."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
 ) -> None:
     """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C."""
     from infra.config import load_config
     from infra.store import Store
-    from workers.serve_app import resolve_model
+    from workers.serving.app import resolve_model
 
     serve_config = load_config(preset, config).serve
     opened = Store.open(store)
-    try:
-        manifest = resolve_model(opened, model)
-    except LookupError as error:
-        typer.echo(f"fewstep: error: {error}", err=True)
-        raise typer.Exit(code=2) from None
+    manifest = resolve_model(opened, model)
     serve_foreground(opened.uri, serve_config, manifest.ref, pinned=model is not None, host=host, port=port,
                      ray_address=ray_address)
 
@@ -51,8 +43,9 @@ def serve(
 def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: str | None = None, port: int | None = None,
                      ray_address: str | None = None, echo: Callable[[str], None] = typer.echo) -> None:
     """Start Ray (or attach), deploy the app, print its URL, block until SIGINT/SIGTERM, tear down."""
-    from workers import serve_app
     from workers.runtime import ensure_ray, shutdown_ray
+
+    from workers.serving import app as serve_app
 
     ensure_ray(ray_address)
     stop = threading.Event()

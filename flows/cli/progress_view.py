@@ -1,0 +1,128 @@
+"""The per-stage progress view of ``fewstep run``: one line per stage, live progress on a terminal.
+
+    ✓ ingest        2.1 s   600 images (480 train, 120 test), 10 classes
+    ▸ base        [#######.............]  35%  1050/3000  ETA 1m12s  loss 0.412
+    = latents     reused latents/3f2a9c0d1e2b4a5c
+
+On a terminal the running stage's line is redrawn in place; elsewhere (CI logs) a progress
+line is printed at most every :data:`QUIET_EVERY_S` seconds. Everything else (Ray's and
+Prefect's own logs) stays at warning level unless ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any, Callable, TextIO
+
+from infra.cards import (
+    EvaluationCard,
+    FeaturesCard,
+    GeneratorCard,
+    ImagesCard,
+    LatentsCard,
+    PairsCard,
+    VAECard,
+)
+
+QUIET_EVERY_S = 30.0
+BAR = 20
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def images_headline(m: Any) -> str:
+    c = ImagesCard.from_manifest(m)
+    text = f"{c.n_images} images ({c.n_train} train, {c.n_test} test), {c.num_classes or 'no'} classes"
+    return text + (f", {c.quarantined} quarantined" if c.quarantined else "")
+
+
+def vae_headline(m: Any) -> str:
+    c = VAECard.from_manifest(m)
+    return f"latents {'x'.join(map(str, c.latent_shape))}, scale {_num(c.latent_scale)}, test recon MSE {_num(c.recon_mse)}"
+
+
+def pairs_headline(m: Any) -> str:
+    c = PairsCard.from_manifest(m)
+    return f"{c.pairs} pairs, {c.solver} {c.steps} steps"
+
+
+def generator_headline(m: Any) -> str:
+    c = GeneratorCard.from_manifest(m)
+    return f"{c.steps} steps, final loss {_num(c.final_loss)}"
+
+
+def evaluation_headline(m: Any) -> str:
+    c = EvaluationCard.from_manifest(m)
+    return f"{c.rows} rows, best FID {_num((c.best or {}).get('fid'))} (floor {_num(c.floor_fid)}, VAE ceiling {_num(c.vae_fid)})"
+
+
+# What the view says about a finished stage, from its card.
+HEADLINES: dict[str, Callable[[Any], str]] = {
+    "ingest": images_headline,
+    "vae": vae_headline,
+    "latents": lambda m: f"{LatentsCard.from_manifest(m).n_latents} latents",
+    "pairs": pairs_headline,
+    **{stage: generator_headline for stage in GeneratorCard.STAGES},
+    "classifier": lambda m: f"test accuracy {_num(FeaturesCard.from_manifest(m).test_accuracy, 3)}",
+    "evaluate": evaluation_headline,
+}
+
+
+class ProgressView:
+    """A :class:`workers.progress.Listener` that draws the stages on ``stream``."""
+
+    def __init__(self, stream: TextIO | None = None, tty: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.lock = threading.Lock()
+        self.started_at: dict[str, float] = {}
+        self.last_quiet: dict[str, float] = {}
+        self.last_done: dict[str, int] = {}
+
+    def _line(self, text: str, live: bool = False) -> None:
+        with self.lock:
+            if self.tty:  # redraw the current line; a live line stays open for the next redraw
+                self.stream.write("\r\x1b[2K" + text + ("" if live else "\n"))
+            else:
+                self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def started(self, stage: str) -> None:
+        self.started_at[stage] = self.last_quiet[stage] = time.perf_counter()
+        self._line(f"▸ {stage:<12} running", live=True)
+
+    def reused(self, stage: str, manifest: Any) -> None:
+        self._line(f"= {stage:<12} reused {manifest.ref}")
+
+    def finished(self, stage: str, manifest: Any) -> None:
+        seconds = time.perf_counter() - self.started_at.get(stage, time.perf_counter())
+        try:
+            headline = HEADLINES[stage](manifest) if stage in HEADLINES else ""
+        except Exception as error:  # noqa: BLE001 - a headline never fails the run
+            headline = f"({type(error).__name__})"
+        self._line(f"✓ {stage:<12} {seconds:6.1f} s  {headline}")
+
+    def advanced(self, stage: str, done: int, total: int, note: str) -> None:
+        now = time.perf_counter()
+        started = self.started_at.setdefault(stage, now)
+        if done == self.last_done.get(stage):
+            return  # nothing new (the remote board is polled every second)
+        if not self.tty and done < total and now - self.last_quiet.get(stage, started) < QUIET_EVERY_S:
+            return
+        self.last_done[stage], self.last_quiet[stage] = done, now
+        fraction = min(1.0, done / total) if total else 0.0
+        eta = None if done <= 0 else (now - started) * (total - done) / done
+        bar = "#" * round(fraction * BAR) + "." * (BAR - round(fraction * BAR))
+        self._line(f"▸ {stage:<12} [{bar}] {fraction:4.0%}  {done}/{total}  ETA {fmt_seconds(eta)}  {note}".rstrip(),
+                   live=True)

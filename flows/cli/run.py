@@ -1,0 +1,112 @@
+"""``fewstep run``: the whole pipeline as one Prefect flow run, with a per-stage progress view.
+
+    fewstep run [--config FILE] [--preset quick|default] [--store URI] [--ray-address ADDR] [--serve] [--verbose]
+
+Validates the config and the store before any work, runs the flow (Prefect's ephemeral mode
+without a server, or the server ``PREFECT_API_URL`` names), shows one line per stage, and
+ends with each model's headline quality, the served ref, and how to serve it or open the
+report. Ray's and Prefect's own logs stay at warning level unless ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from flows.cli.options import PRESET_HELP, RAY_HELP, STORE_HELP
+
+QUIET_ENV = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",  # the Prefect UI still gets every log
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+}
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "fewstep", "filelock")
+
+
+def quiet(verbose: bool) -> None:
+    """Keep Ray's and Prefect's chatter out of the view (before either is imported)."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    if verbose:
+        logging.basicConfig(level=logging.INFO)
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding any config field."),
+    preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
+    serve: bool = typer.Option(False, "--serve", help="Leave the Ray Serve endpoint up afterwards."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's and Prefect's own logs."),
+) -> None:
+    """Run the whole pipeline: ingest, VAE, latents, base, reflow, consistency, evaluate, promote."""
+    quiet(verbose)
+    from infra.config import load_config
+    from infra.store import Store
+
+    cfg = load_config(preset, config)
+    opened = Store.open(store)  # a bad store URI fails here, before any work
+
+    from flows.cli.progress_view import ProgressView
+    from flows.pipeline import pipeline
+    from workers import progress
+    from workers.runtime import ensure_ray
+
+    ensure_ray(ray_address, verbose=verbose)
+    progress.listen(ProgressView())
+    try:
+        summary = pipeline(config=cfg.model_dump(mode="json"), store_uri=opened.uri, ray_address=ray_address)
+    finally:
+        progress.listen(None)
+    typer.echo(run_summary(opened, summary))
+    if serve:
+        from flows.cli.serve import serve_foreground
+        from infra.errors import NotCommitted
+
+        if summary["served"] is None:
+            raise NotCommitted("--serve: no model is promoted in this store; see the promotion line above")
+        serve_foreground(opened.uri, cfg.serve, summary["served"], pinned=False, ray_address=ray_address)
+
+
+def run_summary(store, summary: dict[str, Any]) -> str:
+    """Each model's headline quality, the served ref, and what to do next."""
+    from infra.cards import EvaluationCard
+    from infra.metrics_table import REFERENCE, read_rows
+
+    refs = summary["refs"]
+    evaluation = store.get_ref(refs["evaluate"])
+    card = EvaluationCard.from_manifest(evaluation)  # the floor and ceiling
+    rows = read_rows(store, evaluation)
+    lines = [f"fewstep: pipeline finished in {summary['seconds']} s (store {store.uri})", "",
+             f"  FID ({card.extractor}, n={card.n}): floor {fmt(card.floor_fid)}, VAE ceiling {fmt(card.vae_fid)}",
+             f"  {'MODEL':<14} {'BEST':<24} {'AT 1 STEP':<10}"]
+    models = list(dict.fromkeys(r["model"] for r in rows if r["sampler"] != REFERENCE))  # evaluation order
+    for model in models:
+        mine = [r for r in rows if r["model"] == model and r["fid"] is not None]
+        best = min(mine, key=lambda r: r["fid"], default=None)
+        one = min((r["fid"] for r in mine if r["steps"] == 1), default=None)
+        best_text = f"{fmt(best['fid'])} ({best['sampler']}@{best['steps']})" if best else "–"
+        lines.append(f"  {model:<14} {best_text:<24} {fmt(one):<10}")
+    promotion = summary["promotion"]
+    lines += ["", f"  served: {summary['served'] or '(none)'} — {promotion['reason']}",
+              f"  serve it:    fewstep serve --store {store.uri}",
+              f"  report:      {report_location(store, evaluation)}"]
+    return "\n".join(lines)
+
+
+def report_location(store, manifest) -> str:
+    path = store.file_path(manifest, "report.md")
+    return f"s3://{path}" if store.uri.startswith("s3://") else path
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"

@@ -1,0 +1,225 @@
+"""Stage cards: what a committed stage output says about itself, as one typed record each.
+
+A stage writes its card into its manifest's metrics (:meth:`Card.to_metrics`); every reader
+gets it back with :meth:`Card.from_manifest`, never by indexing ``manifest.metrics`` with
+string keys. A manifest of the wrong stage, or one missing a field the card needs, is a
+:class:`CardError` that names the ref and the field; fields with a default are optional by
+design (``None`` means "not measured") and say so in their comment.
+
+    images       ImagesCard       ingest
+    vae          VAECard          vae
+    latents      LatentsCard      latents           (a LatentSpace)
+    pairs        PairsCard        pairs             (a LatentSpace)
+    generator    GeneratorCard    base, reflow, consistency (a LatentSpace)
+    features     FeaturesCard     classifier
+    evaluation   EvaluationCard   evaluate
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from infra.errors import IntegrityError
+from infra.manifest import Manifest, to_jsonable
+
+
+class CardError(IntegrityError):
+    """A manifest that does not hold the card its reader needs (wrong stage, missing field)."""
+
+
+class Card:
+    """Base of every card: a frozen, keyword-only dataclass of JSON-able fields."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ()
+
+    def to_metrics(self) -> dict[str, Any]:
+        return to_jsonable(dataclasses.asdict(self), type(self).__name__)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest):
+        if cls.STAGES and manifest.stage not in cls.STAGES:
+            raise CardError(f"{manifest.ref} is a {manifest.stage!r} output; a {cls.__name__} comes from "
+                            f"{' or '.join(repr(s) for s in cls.STAGES)} (check the ref: `fewstep status` lists them)")
+        return cls.from_metrics(manifest.metrics, manifest.ref)
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any], ref: str):
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in metrics:
+                values[f.name] = _coerce(hints[f.name], metrics[f.name])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise CardError(f"{ref} records no '{f.name}', which its {cls.__name__} needs; it was written by another "
+                                "version of fewstep or by hand: re-run the stage (`fewstep run`) to rebuild it")
+        return cls(**values)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """JSON gives lists where a card holds tuples; everything else is taken as stored."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return value if value is None or len(options) != 1 else _coerce(options[0], value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagesCard(Card):
+    """The images table: how many, of what geometry, with which classes (0 = unlabelled)."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("ingest",)
+
+    n_images: int
+    n_train: int
+    n_test: int
+    num_classes: int
+    image_size: int
+    channels: int
+    source_kind: str
+    classes: tuple[str, ...] = ()  # class names in id order, where the source names them
+    quarantined: int = 0
+    duplicates: int = 0
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes > 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAECard(Card):
+    """A VAE and what it was measured to do on the images it was trained for."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("vae",)
+
+    latent_scale: float  # 1 / std(mean of q(z | x)) on train images
+    latent_shape: tuple[int, int, int]  # (c, h, w)
+    in_channels: int
+    image_size: int
+    latent_channels: int
+    downsample: int
+    recon_mse_train: float
+    measured_on: int  # train images used for the scale
+    recon_mse: float | None = None  # test split; None without one
+    steps: int | None = None  # training steps; None for an imported (pretrained) VAE
+    final_loss: float | None = None
+    resumed_from: int = 0
+    pretrained: str | None = None
+    pretrained_scaling_factor: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentSpace(Card):
+    """Where a latents table or a generator lives: latent geometry, classes, scale and VAE."""
+
+    latent_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    latent_scale: float
+    vae_ref: str
+
+    @property
+    def space(self) -> "LatentSpace":
+        return LatentSpace(latent_shape=self.latent_shape, num_classes=self.num_classes,
+                           latent_scale=self.latent_scale, vae_ref=self.vae_ref)
+
+    def space_fields(self) -> dict[str, Any]:
+        return {"latent_shape": self.latent_shape, "num_classes": self.num_classes,
+                "latent_scale": self.latent_scale, "vae_ref": self.vae_ref}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentsCard(LatentSpace):
+    STAGES: ClassVar[tuple[str, ...]] = ("latents",)
+
+    n_latents: int
+    n_train: int
+    n_test: int
+    dtype: str
+    encoder_nodes: tuple[str, ...] = ()  # the Ray nodes whose actors encoded the rows
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairsCard(LatentSpace):
+    """Reflow pairs (x_0, x_1) in the scaled latent space, and the teacher ODE that made them."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("pairs",)
+
+    pairs: int
+    teacher_ref: str
+    round: int
+    solver: str
+    steps: int
+    guidance: float
+
+
+# --------------------------------------------------------------------------- models
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratorCard(LatentSpace):
+    """A trained generator: its family picks its samplers (models.sampling.family_samplers)."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("base", "reflow", "consistency")
+
+    family: str  # how its network turns noise into latents: models.sampling.FAMILY_SAMPLERS
+    steps: int  # training steps
+    final_loss: float | None = None
+    resumed_from: int = 0
+    guidance: float | None = None  # the guidance it is sampled at (None: the evaluation's)
+    round: int | None = None  # reflow round
+    teacher_ref: str | None = None
+    data_ref: str | None = None
+    nodes: tuple[str, ...] = ()  # the Ray node of each training rank
+
+    @classmethod
+    def is_generator(cls, manifest: Manifest) -> bool:
+        return manifest.stage in cls.STAGES
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeaturesCard(Card):
+    """The evaluation's feature space trained on the real images (a classifier today)."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("classifier",)
+
+    num_classes: int
+    feature_dim: int
+    images_ref: str
+    n_train: int
+    n_test: int
+    final_loss: float
+    test_accuracy: float | None = None  # None without labelled test images
+    train_accuracy: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationCard(Card):
+    """The headline of an evaluate stage; the full table is its ``metrics`` Parquet file."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("evaluate",)
+
+    rows: int
+    extractor: str
+    n: int
+    seed: int
+    knn_k: int
+    n_test: int
+    images_ref: str
+    vae_ref: str
+    models: dict[str, str]  # display name -> ref
+    best: dict[str, Any] | None = None
+    best_by_steps: dict[str, Any] = field(default_factory=dict)
+    floor_fid: float | None = None
+    vae_fid: float | None = None
+    ratios: dict[str, float | None] = field(default_factory=dict)
+    straightness: dict[str, float | None] = field(default_factory=dict)
+    classifier_ref: str | None = None
+    classifier_test_accuracy: float | None = None

@@ -1,0 +1,51 @@
+"""Sampler objects: chosen once from a generator's family, the same for evaluation and serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.consistency import consistency_sample
+from models.dit import DiT, dit_config
+from models.samplers import sample_ode
+from models.sampling import FAMILY_SAMPLERS, SAMPLERS, family_samplers, get_sampler, preferred_sampler
+
+
+def tiny_dit() -> DiT:
+    torch.manual_seed(0)
+    net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=2, num_classes=3, class_dropout_prob=0.0))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def test_every_family_offers_known_samplers_and_each_name_is_its_table_name():
+    assert set(FAMILY_SAMPLERS) == {"flow", "consistency"}
+    for family, names in FAMILY_SAMPLERS.items():
+        assert [s.name for s in family_samplers(family)] == list(names)
+    assert all(sampler.name == name for name, sampler in SAMPLERS.items())
+    with pytest.raises(ValueError, match="unknown generator family 'gan'"):
+        family_samplers("gan")
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        get_sampler("dpm")
+
+
+def test_the_preferred_solver_applies_only_where_the_family_offers_it():
+    assert preferred_sampler("flow", "heun").name == "heun"
+    assert preferred_sampler("consistency", "heun").name == "consistency"
+
+
+def test_samplers_are_the_math_they_wrap():
+    net = tiny_dit()
+    x_0, z, y = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4), torch.tensor([0, 1, 2, 3, 0])
+    heun = get_sampler("heun")
+    assert heun.noise_draws(3) == 1 and heun.guided and heun.has_path
+    out = heun.sample(net, [x_0], y, 3, 2.0)
+    torch.testing.assert_close(out.x_1, sample_ode(net, x_0, y, 3, "heun", 2.0).x_1)
+    assert out.nfe == 6 * 1  # 2 evaluations a step; guidance doubles the batch, not the count
+
+    consistency = get_sampler("consistency")
+    assert consistency.noise_draws(2) == 2 and not consistency.guided and not consistency.has_path
+    out = consistency.sample(net, [x_0, z], y, 2, 7.0)  # guidance is ignored
+    torch.testing.assert_close(out.x_1, consistency_sample(net, x_0, y, 2, noise=[z]).x_1)

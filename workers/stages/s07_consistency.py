@@ -1,0 +1,61 @@
+"""Stage 7, consistency: distil the last flow model into a 1-4 step student.
+
+    f_theta(x_t, t, y) = x_t + (1 - t) v_theta(x_t, t, y)          (f(x, 1) = x exactly)
+    L = E_n d( f_theta(x_{t_n}, t_n), stopgrad f_theta^-(x_hat_{t_{n+1}}, t_{n+1}) )
+
+with x_hat the teacher's one ODE step and f_theta^- an EMA target (see
+:class:`~models.consistency.ConsistencyDistillation`). The student starts from the teacher's
+weights and is trained by the one loop on the latents (fresh noise) or the last round's pairs.
+Writes a consistency-family generator.
+"""
+
+from __future__ import annotations
+
+from infra.cards import GeneratorCard, LatentsCard, PairsCard
+from infra.config import ConsistencyConfig
+from infra.store import Manifest, StageWriter, Store
+from models.consistency import ConsistencyDistillation
+from models.registry import build_model, model_spec
+from workers.batches import LatentBatch, PairBatch
+from workers.data import training_dataset
+from workers.generator import cpu_state, load_network, write_generator
+from workers.runner import run_stage
+from workers.train import TrainJob, check_rows, fit
+
+STAGE = "consistency"
+
+
+def distillation_data(store: Store, data: Manifest):
+    """(training rows, table, columns, batch adapter) of the distillation data: pairs, or latents (fresh noise)."""
+    if data.stage == "pairs":
+        pairs = PairsCard.from_manifest(data)
+        return pairs.pairs, "pairs", ["x_0", "x_1", "label"], PairBatch(pairs.num_classes)
+    latents = LatentsCard.from_manifest(data)
+    return latents.n_train, "latents", ["mean", "logvar", "label"], LatentBatch(latents.latent_scale, latents.num_classes)
+
+
+def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, data: Manifest) -> Manifest:
+    """Consistency distillation of ``teacher`` on ``data`` (latents or pairs); returns the student's manifest."""
+    space = GeneratorCard.from_manifest(teacher).space
+    rows, table, columns, adapt = distillation_data(store, data)
+    check_rows(STAGE, rows, config)
+
+    def build(writer: StageWriter, key: str) -> GeneratorCard:
+        teacher_net = load_network(store, teacher)
+        spec, state = model_spec(teacher_net), cpu_state(teacher_net)
+        student = build_model(spec)
+        student.load_state_dict(state)
+        objective = ConsistencyDistillation(
+            teacher=teacher_net, student=student, num_intervals=config.intervals,
+            solver=config.teacher_solver, guidance=config.guidance,
+            ema_decay=config.target_decay, c=config.huber_c,
+        )
+        job = TrainJob(store=store, stage=STAGE, key=key, model_spec=spec, objective=objective,
+                       config=config, adapt_batch=adapt, init_state=state)
+        result = fit(job, training_dataset(store, data, table, columns))
+        write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
+        return GeneratorCard(family="consistency", steps=result.step, final_loss=result.final_loss,
+                             resumed_from=result.resumed_from, nodes=tuple(result.nodes), guidance=config.guidance,
+                             teacher_ref=teacher.ref, data_ref=data.ref, **space.space_fields())
+
+    return run_stage(store, STAGE, config, [teacher, data], build, source=__name__)
