@@ -5,29 +5,52 @@ Layout under the root (a folder, or ``s3://bucket/prefix``)::
     stages/{stage}/{key}/manifest.json                 the commit record: it alone makes the output exist
     stages/{stage}/{key}/attempts/{attempt}/...        data files, one fresh folder per writer
     checkpoints/{stage}/{key}/step-{n:08d}/...         same protocol, one manifest per step
-    pointers/{name}.json                               {"ref": "stage/key"}, replaced atomically
-    runs/{run_id}.json                                 the refs a pipeline run produced (gc roots)
+    pointers/{name}.json                               {"ref": "stage/key"}, moved by compare-and-swap
+    runs/{run_id}.json                                 a pipeline run: status, heartbeat, refs (gc roots)
+    pins/{name}.json                                   a ref a process serves (``serve --model``; a gc root)
 
 Commit protocol: a :class:`StageWriter` writes every file under its own attempt folder,
-reads each one back to verify size and sha256, then publishes ``manifest.json`` with an
-exclusive create (``If-None-Match: *`` on S3, ``os.link`` locally). Of two writers of one
-key exactly one creates the manifest; the other gets the winner's manifest back. Readers
-only go through manifests, and every read checks the bytes against the manifest.
+reads each one back to verify size and sha256, makes the files durable (fsync of the files
+and their folders, locally), then publishes ``manifest.json`` with an exclusive create
+(``If-None-Match: *`` on S3, proven to work when the store opens; ``os.link`` locally, then
+an fsync of the folder). Of two writers of one key exactly one creates the manifest; the
+other gets the winner's manifest back. Readers only go through manifests (whose file paths
+are checked to stay inside the stage folder), and every read checks the bytes against the
+manifest, including the paths handed to Ray Data (:meth:`Store.verified_paths`).
+
+Runs: a pipeline calls :meth:`Store.begin_run` when it starts, :meth:`Store.heartbeat_run`
+every ``RUN_HEARTBEAT_S`` while it goes (:meth:`Store.keep_alive` does it from a thread) and
+:meth:`Store.finish_run` at the end. ``fewstep gc`` collects nothing but temp files while a
+run's heartbeat is younger than ``RUN_STALE_S``: a running run may reuse any committed output
+and be writing any attempt.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import urlparse
 
 import pyarrow as pa
 
 from infra.backends import Backend, LocalBackend
 from infra.checkpoints import CheckpointStore
-from infra.errors import IntegrityError, InvalidName, InvalidStoreURI, NotCommitted, StoreError, UnknownScheme
+from infra.errors import (
+    AccessDenied,
+    IntegrityError,
+    InvalidName,
+    InvalidStoreURI,
+    NotCommitted,
+    PointerMoved,
+    StoreError,
+    UnknownScheme,
+)
 from infra.manifest import (
     MANIFEST,
     FileEntry,
@@ -36,6 +59,7 @@ from infra.manifest import (
     check_relative_path,
     check_segment,
     new_attempt_id,
+    parse_utc,
     sha256_hex,
     stage_key,
     to_jsonable,
@@ -48,6 +72,23 @@ __all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "
 
 DEFAULT_STORE = "./fewstep-store"
 VERIFY_THREADS = 8
+log = logging.getLogger("fewstep.store")
+
+# A running pipeline rewrites its run record this often; gc takes a run whose heartbeat is
+# older than RUN_STALE_S for dead (ten missed beats: a slow store or a paused VM is not death).
+RUN_HEARTBEAT_S = 60.0
+RUN_STALE_S = 600.0
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+RUN_STATUSES = (RUNNING, FINISHED, FAILED)
+
+
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+# ``put_pointer(..., expect=ANY)``: move the pointer whatever it points at now.
+ANY: Any = _Any()
 
 
 # The pointer promotion moves and the Serve app follows.
@@ -86,6 +127,10 @@ def open_backend(uri: str | None, *, check: bool = True, **s3_options: Any) -> B
         backend = S3Backend(resolve_settings(uri, **s3_options))
         if check:
             backend.probe()
+            try:
+                backend.prove_conditional_create()
+            except AccessDenied:
+                pass  # read-only keys: nothing can be committed with them, and the first write proves it
         return backend
     raise UnknownScheme(
         f"store URI {uri!r} has scheme {scheme!r}; fewstep stores live in a local folder "
@@ -149,7 +194,8 @@ class Store:
 
     def file_path(self, manifest: Manifest, name: str) -> str:
         """Path of a manifest's file (or of a folder of files, e.g. a Ray Data output) inside
-        ``fs``/``pa_filesystem``. Readers that use it directly skip digest checks: see :meth:`verify`."""
+        ``fs``/``pa_filesystem``, for messages and reports. It is NOT checked: to read the bytes
+        with another engine (Ray Data, pyarrow, pandas) use :meth:`verified_paths`."""
         base = self.stage_dir(manifest.stage, manifest.key)
         if name in manifest.files:
             return f"{base}/{manifest.files[name].path}"
@@ -271,7 +317,17 @@ class Store:
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
             list(pool.map(check, entries))
 
-    # -- checkpoints, pointers, runs -----------------------------------------------------------
+    def verified_paths(self, manifest: Manifest, name: str) -> list[str]:
+        """The paths, inside ``fs``/``pa_filesystem``, of file ``name`` or of every file under folder
+        ``name``, each streamed and checked (size + sha256) against the manifest first: what to hand
+        to ``ray.data.read_parquet(paths, filesystem=store.pa_filesystem)``. A corrupt, truncated or
+        missing file raises :class:`IntegrityError` naming it, before any engine reads a byte."""
+        names = [name] if name in manifest.files else [member for member, _ in self._members(manifest, name)]
+        self.verify(manifest, names)
+        base = self.stage_dir(manifest.stage, manifest.key)
+        return [f"{base}/{manifest.files[member].path}" for member in names]
+
+    # -- checkpoints, pointers, runs, pins ----------------------------------------------------
 
     def checkpoints(self, stage: str, key: str) -> CheckpointStore:
         return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"), CODE_VERSION)
@@ -280,35 +336,242 @@ class Store:
         parts = check_relative_path(name, f"{folder[:-1]} name").split("/")
         return self.backend.join(folder, *[check_segment(p, f"{folder[:-1]} name part") for p in parts]) + ".json"
 
-    def put_pointer(self, name: str, ref: str) -> None:
-        """Point ``name`` (e.g. ``serving/current``) at a committed ref, replacing it atomically."""
+    def _scan_json(self, folder: str, check: Callable[[str, Any], Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Every ``folder/**/NAME.json`` as {NAME: check(NAME, parsed)}, and {NAME: why} for the files
+        that cannot be read or fail ``check`` (hand-edited, truncated): listed, never fatal."""
+        base = self.backend.join(folder)
+        names = sorted(rel[: -len(".json")] for rel in self.backend.list_files(base)
+                       if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith("."))
+        good: dict[str, Any] = {}
+        damaged: dict[str, str] = {}
+        for name in names:
+            path = f"{base}/{name}.json"
+            try:
+                data = self.backend.read_bytes(path)
+            except FileNotFoundError:  # removed since the listing
+                continue
+            except StoreError as error:
+                damaged[name] = f"{path} could not be read ({error})"
+                continue
+            try:
+                good[name] = check(name, json.loads(data))
+            except (ValueError, TypeError, KeyError, StoreError) as error:
+                damaged[name] = f"{path} is not a valid {folder[:-1]} record ({error}); fix or delete that file"
+        return good, damaged
+
+    # pointers
+
+    @staticmethod
+    def _pointer_ref(name: str, body: Any) -> str:
+        if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
+            raise ValueError('expected a JSON object {"ref": "stage/key", ...}')
+        split_ref(body["ref"])
+        return body["ref"]
+
+    def put_pointer(self, name: str, ref: str, *, expect: str | None = ANY) -> None:
+        """Point ``name`` (e.g. ``serving/current``) at a committed ref, atomically.
+
+        ``expect`` makes the move a compare-and-swap: the ref the caller read and decided on
+        (``None``: the pointer must not exist yet). If the pointer moved meanwhile, nothing is
+        written and :class:`PointerMoved` says where it points now. Locally the swap holds an
+        ``flock``; on S3 it is a PUT with ``If-Match`` on the ETag read (``If-None-Match: *`` when
+        absent). The default ``ANY`` replaces whatever is there."""
         self.get_ref(ref)
-        body = {"ref": ref, "updated_at": utc_now()}
-        self.backend.replace(self._named_json("pointers", name), json.dumps(body, indent=2).encode())
+        path = self._named_json("pointers", name)
+        body = json.dumps({"ref": ref, "updated_at": utc_now()}, indent=2).encode()
+        if expect is ANY:
+            self.backend.replace(path, body)
+            return
+        if expect is not None:
+            split_ref(expect)
+        seen: list[str | None] = []
+
+        def matches(current: bytes | None) -> bool:
+            found = None if current is None else self._parse_pointer(name, path, current)
+            seen.append(found)
+            return found == expect
+
+        if not self.backend.compare_and_swap(path, body, matches):
+            now = seen[-1] if seen else None
+            if now == expect:  # it matched when read, then the conditional write lost: look again
+                now = self.get_pointer(name)
+            raise PointerMoved(
+                f"pointer {name!r} points at {now or 'nothing'}, not at {expect or 'nothing'} as expected, so it was "
+                f"not moved to {ref}: another process moved it meanwhile; read it again and decide again"
+            )
+
+    def _parse_pointer(self, name: str, path: str, data: bytes) -> str:
+        try:
+            return self._pointer_ref(name, json.loads(data))
+        except (ValueError, TypeError, StoreError) as error:
+            raise IntegrityError(f"pointer {name!r} at {path} is not a valid pointer ({error}); "
+                                 f"fix it, or delete it and promote again") from None
 
     def get_pointer(self, name: str) -> str | None:
+        """The ref ``name`` points at, or None; a hand-broken pointer file is an :class:`IntegrityError`."""
+        path = self._named_json("pointers", name)
         try:
-            return json.loads(self.backend.read_bytes(self._named_json("pointers", name)))["ref"]
+            data = self.backend.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        return self._parse_pointer(name, path, data)
+
+    def scan_pointers(self) -> tuple[dict[str, str], dict[str, str]]:
+        """({name: ref} of every readable pointer, {name: why} of the others)."""
+        return self._scan_json("pointers", self._pointer_ref)
+
+    def list_pointers(self) -> dict[str, str]:
+        """{name: ref} of every pointer; an unreadable one is an :class:`IntegrityError` naming it."""
+        pointers, damaged = self.scan_pointers()
+        if damaged:
+            raise IntegrityError(next(iter(damaged.values())))
+        return pointers
+
+    # pins
+
+    def pin(self, name: str, ref: str) -> None:
+        """Record that this process serves ``ref`` (``fewstep serve --model REF``): ``fewstep gc``
+        keeps a pinned ref and everything it was built from until :meth:`unpin`. Pins never expire,
+        since a crashed server's model is cheap to keep and costly to lose; calling ``pin`` again
+        refreshes ``heartbeat_at``, which ``fewstep status`` shows."""
+        self.get_ref(ref)
+        body = {"ref": ref, "pinned_at": utc_now(), "heartbeat_at": utc_now(), "host": socket.gethostname(),
+                "pid": os.getpid()}
+        path = self._named_json("pins", name)
+        try:
+            previous = json.loads(self.backend.read_bytes(path))
+            if isinstance(previous, dict) and previous.get("ref") == ref and isinstance(previous.get("pinned_at"), str):
+                body["pinned_at"] = previous["pinned_at"]
+        except (FileNotFoundError, ValueError):
+            pass
+        self.backend.replace(path, json.dumps(body, indent=2, sort_keys=True).encode())
+
+    def unpin(self, name: str) -> None:
+        """Remove pin ``name`` (missing is fine)."""
+        self.backend.remove(self._named_json("pins", name))
+
+    def scan_pins(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """({name: pin record} of every readable pin, {name: why} of the others)."""
+
+        def check(name: str, body: Any) -> dict[str, Any]:
+            self._pointer_ref(name, body)
+            return body
+
+        return self._scan_json("pins", check)
+
+    def list_pins(self) -> dict[str, str]:
+        """{name: ref} of every pin; an unreadable one is an :class:`IntegrityError` naming it."""
+        pins, damaged = self.scan_pins()
+        if damaged:
+            raise IntegrityError(next(iter(damaged.values())))
+        return {name: pin["ref"] for name, pin in pins.items()}
+
+    # runs
+
+    _run_lock = threading.Lock()  # one writer of run records at a time in this process (heartbeat thread)
+
+    def _read_run(self, run_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.backend.read_bytes(self._named_json("runs", run_id)))
         except FileNotFoundError:
             return None
 
-    def list_pointers(self) -> dict[str, str]:
-        base = self.backend.join("pointers")
-        names = [rel[: -len(".json")] for rel in self.backend.list_files(base) if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
-        return {name: ref for name in sorted(names) if (ref := self.get_pointer(name)) is not None}
-
-    def record_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None) -> None:
-        """Remember which refs a pipeline run produced; ``fewstep gc`` keeps everything they reach."""
-        for ref in refs.values():
-            self.get_ref(ref)
-        body = {"run_id": run_id, "refs": dict(refs), "info": to_jsonable(dict(info or {}), "info"), "created_at": utc_now()}
+    def _write_run(self, run_id: str, body: Mapping[str, Any]) -> None:
         self.backend.replace(self._named_json("runs", run_id), json.dumps(body, indent=2, sort_keys=True).encode())
 
+    def begin_run(self, run_id: str, info: Mapping[str, Any] | None = None) -> None:
+        """Record a pipeline run at its start: status ``running``, heartbeat now, no refs yet. While
+        its heartbeat is fresh ``fewstep gc`` collects nothing a run could use or be writing."""
+        now = utc_now()
+        body = {"run_id": run_id, "status": RUNNING, "refs": {}, "info": to_jsonable(dict(info or {}), "info"),
+                "started_at": now, "heartbeat_at": now, "created_at": now}
+        with self._run_lock:
+            self._write_run(run_id, body)
+
+    def heartbeat_run(self, run_id: str, refs: Mapping[str, str] | None = None) -> None:
+        """Refresh a running run's heartbeat (call every ``RUN_HEARTBEAT_S``), adding ``refs`` it
+        has produced so far. A run that is no longer ``running`` is left as it is."""
+        with self._run_lock:
+            body = self._read_run(run_id)
+            if body is None:
+                raise NotCommitted(f"run {run_id!r} was not begun in {self.uri}; call begin_run first")
+            if body.get("status") != RUNNING:
+                return
+            body["heartbeat_at"] = utc_now()
+            if refs:
+                body["refs"] = {**body.get("refs", {}), **dict(refs)}
+            self._write_run(run_id, body)
+
+    def finish_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
+                   status: str = FINISHED) -> None:
+        """Record the refs a run produced and its end (``finished`` or ``failed``); ``fewstep gc``
+        keeps everything a run record reaches. Works without :meth:`begin_run` too."""
+        if status not in (FINISHED, FAILED):
+            raise ValueError(f"finish_run(status={status!r}): use {FINISHED!r} or {FAILED!r}")
+        for ref in refs.values():
+            self.get_ref(ref)
+        with self._run_lock:
+            previous = self._read_run(run_id) or {}
+            now = utc_now()
+            body = {"run_id": run_id, "status": status, "refs": dict(refs),
+                    "info": to_jsonable({**previous.get("info", {}), **dict(info or {})}, "info"),
+                    "started_at": previous.get("started_at", now), "heartbeat_at": now,
+                    "finished_at": now, "created_at": previous.get("created_at", now)}
+            self._write_run(run_id, body)
+
+    def record_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
+                   status: str = FINISHED) -> None:
+        """Same as :meth:`finish_run` (the name the pipeline used before runs were recorded at start)."""
+        self.finish_run(run_id, refs, info, status=status)
+
+    @contextmanager
+    def keep_alive(self, run_id: str, *, every_s: float = RUN_HEARTBEAT_S) -> Iterator[None]:
+        """Heartbeat ``run_id`` from a daemon thread every ``every_s`` seconds for the duration of the
+        block. A failed heartbeat is logged and tried again at the next beat; it never stops the run."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.heartbeat_run(run_id)
+                except Exception as error:  # noqa: BLE001 - a missed beat must not kill the pipeline
+                    log.warning("heartbeat of run %s failed (%s); trying again in %.0fs", run_id, error, every_s)
+
+        thread = threading.Thread(target=beat, name=f"fewstep-heartbeat-{run_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=every_s + 30)
+
+    @staticmethod
+    def _run_record(name: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("run_id"), str):
+            raise ValueError('expected a JSON object with "run_id"')
+        refs = body.get("refs", {})
+        if not isinstance(refs, dict) or not all(isinstance(r, str) for r in refs.values()):
+            raise ValueError('"refs" is not an object of stage refs')
+        for ref in refs.values():
+            split_ref(ref)
+        status = body.setdefault("status", FINISHED)  # records written before runs had a status
+        if status not in RUN_STATUSES:
+            raise ValueError(f'"status" is {status!r}, not one of {RUN_STATUSES}')
+        if status == RUNNING and parse_utc(body.get("heartbeat_at", "")) is None:
+            raise ValueError(f'"heartbeat_at" {body.get("heartbeat_at")!r} is not a time')
+        return body
+
+    def scan_runs(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """(every readable run record, oldest first; {run file name: why} of the others)."""
+        runs, damaged = self._scan_json("runs", self._run_record)
+        return sorted(runs.values(), key=lambda run: str(run.get("created_at", ""))), damaged
+
     def list_runs(self) -> list[dict[str, Any]]:
-        base = self.backend.join("runs")
-        runs = [json.loads(self.backend.read_bytes(f"{base}/{rel}")) for rel in self.backend.list_files(base)
-                if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
-        return sorted(runs, key=lambda run: run.get("created_at", ""))
+        """Every run record, oldest first; an unreadable one is an :class:`IntegrityError` naming it."""
+        runs, damaged = self.scan_runs()
+        if damaged:
+            raise IntegrityError(next(iter(damaged.values())))
+        return runs
 
 
 class StageWriter:
@@ -430,9 +693,11 @@ class StageWriter:
             return self._result
         manifest = Manifest.build(stage=self.stage, key=self.key, files=self._verified_entries(), config=self.config,
                                   inputs=self.inputs, metrics=metrics, code_version=CODE_VERSION)
+        # The data must be on disk before the manifest that vouches for it (a no-op on S3).
+        self.store.backend.make_durable(f"{self.prefix}/{path}" for path, _, _ in self._files.values())
         path = f"{self.store.stage_dir(self.stage, self.key)}/{MANIFEST}"
         self.store.backend.create_exclusive(path, manifest.to_json())
-        # Read back whoever won: this also covers servers that ignore If-None-Match.
+        # Read back whoever won (a lost race returns False; the winner's manifest is the answer).
         committed = self.store.get(self.stage, self.key)
         if committed is None:
             raise StoreError(f"{path} vanished right after it was committed; something else is deleting the store")
