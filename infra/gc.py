@@ -40,7 +40,8 @@ from datetime import datetime, timezone
 from infra.backends import FileInfo, is_temp_name
 from infra.errors import GcRefused, StoreError
 from infra.manifest import MANIFEST, Manifest, attempt_time, parse_utc
-from infra.store import RUN_STALE_S, RUNNING, Store
+from infra.roots import RUN_STALE_S, RUNNING
+from infra.store import Store
 
 STAGING, CHECKPOINTS, UNREFERENCED, TEMP = "staging", "checkpoints", "unreferenced", "temp"
 DEFAULT_MIN_AGE_S = 3600.0

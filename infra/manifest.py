@@ -126,6 +126,14 @@ def is_relative_path(value: object) -> bool:
     return not any(not p or p in (".", "..") or "\\" in p or any(ord(c) < 32 for c in p) for p in parts)
 
 
+def split_ref(ref: str) -> tuple[str, str]:
+    """``"vae/3f2a9c0d1e2b4a5c"`` -> ("vae", "3f2a9c0d1e2b4a5c"), each part a valid name."""
+    stage, sep, key = ref.partition("/") if isinstance(ref, str) else ("", "", "")
+    if not sep:
+        raise InvalidName(f"ref {ref!r} is not 'stage/key' (e.g. 'vae/3f2a9c0d1e2b4a5c'); `fewstep status` lists them")
+    return check_segment(stage, "stage name"), check_segment(key, "stage key")
+
+
 def check_relative_path(value: str, what: str) -> str:
     """A file name inside a stage output: ``a/b.parquet`` (see :func:`is_relative_path`)."""
     if not is_relative_path(value):

@@ -28,29 +28,16 @@ and be writing any attempt.
 from __future__ import annotations
 
 import json
-import logging
 import os
-import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlparse
 
 import pyarrow as pa
 
 from infra.backends import Backend, LocalBackend
 from infra.checkpoints import CheckpointStore
-from infra.errors import (
-    AccessDenied,
-    IntegrityError,
-    InvalidName,
-    InvalidStoreURI,
-    NotCommitted,
-    PointerMoved,
-    StoreError,
-    UnknownScheme,
-)
+from infra.errors import AccessDenied, IntegrityError, InvalidName, InvalidStoreURI, NotCommitted, StoreError, UnknownScheme
 from infra.manifest import (
     MANIFEST,
     FileEntry,
@@ -59,47 +46,23 @@ from infra.manifest import (
     check_relative_path,
     check_segment,
     new_attempt_id,
-    parse_utc,
     sha256_hex,
+    split_ref,
     stage_key,
     to_jsonable,
-    utc_now,
 )
+from infra.roots import ANY, FAILED, FINISHED, RUN_HEARTBEAT_S, RUN_STALE_S, RUNNING, RootRecords
 from infra.tables import parquet_bytes_to_table, table_to_parquet_bytes, with_metadata
 from infra.version import CODE_VERSION
 
-__all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE"]
+__all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE", "SERVING_POINTER", "ANY",
+           "RUN_HEARTBEAT_S", "RUN_STALE_S", "RUNNING", "FINISHED", "FAILED", "split_ref"]
 
 DEFAULT_STORE = "./fewstep-store"
 VERIFY_THREADS = 8
-log = logging.getLogger("fewstep.store")
-
-# A running pipeline rewrites its run record this often; gc takes a run whose heartbeat is
-# older than RUN_STALE_S for dead (ten missed beats: a slow store or a paused VM is not death).
-RUN_HEARTBEAT_S = 60.0
-RUN_STALE_S = 600.0
-RUNNING, FINISHED, FAILED = "running", "finished", "failed"
-RUN_STATUSES = (RUNNING, FINISHED, FAILED)
-
-
-class _Any:
-    def __repr__(self) -> str:
-        return "ANY"
-
-
-# ``put_pointer(..., expect=ANY)``: move the pointer whatever it points at now.
-ANY: Any = _Any()
-
 
 # The pointer promotion moves and the Serve app follows.
 SERVING_POINTER = "serving/current"
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    stage, sep, key = ref.partition("/") if isinstance(ref, str) else ("", "", "")
-    if not sep:
-        raise InvalidName(f"ref {ref!r} is not 'stage/key' (e.g. 'vae/3f2a9c0d1e2b4a5c'); `fewstep status` lists them")
-    return check_segment(stage, "stage name"), check_segment(key, "stage key")
 
 
 def with_suffix(name: str, suffix: str) -> str:
@@ -138,8 +101,9 @@ def open_backend(uri: str | None, *, check: bool = True, **s3_options: Any) -> B
     )
 
 
-class Store:
-    """Committed stage outputs, checkpoints and pointers under one root. See the module docstring."""
+class Store(RootRecords):
+    """Committed stage outputs, checkpoints, and the records gc keeps them for (pointers, pins,
+    runs: see :class:`infra.roots.RootRecords`) under one root. See the module docstring."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -327,252 +291,10 @@ class Store:
         base = self.stage_dir(manifest.stage, manifest.key)
         return [f"{base}/{manifest.files[member].path}" for member in names]
 
-    # -- checkpoints, pointers, runs, pins ----------------------------------------------------
+    # -- checkpoints ----------------------------------------------------------------------------
 
     def checkpoints(self, stage: str, key: str) -> CheckpointStore:
         return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"), CODE_VERSION)
-
-    def _named_json(self, folder: str, name: str) -> str:
-        parts = check_relative_path(name, f"{folder[:-1]} name").split("/")
-        return self.backend.join(folder, *[check_segment(p, f"{folder[:-1]} name part") for p in parts]) + ".json"
-
-    def _scan_json(self, folder: str, check: Callable[[str, Any], Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        """Every ``folder/**/NAME.json`` as {NAME: check(NAME, parsed)}, and {NAME: why} for the files
-        that cannot be read or fail ``check`` (hand-edited, truncated): listed, never fatal."""
-        base = self.backend.join(folder)
-        names = sorted(rel[: -len(".json")] for rel in self.backend.list_files(base)
-                       if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith("."))
-        good: dict[str, Any] = {}
-        damaged: dict[str, str] = {}
-        for name in names:
-            path = f"{base}/{name}.json"
-            try:
-                data = self.backend.read_bytes(path)
-            except FileNotFoundError:  # removed since the listing
-                continue
-            except StoreError as error:
-                damaged[name] = f"{path} could not be read ({error})"
-                continue
-            try:
-                good[name] = check(name, json.loads(data))
-            except (ValueError, TypeError, KeyError, StoreError) as error:
-                damaged[name] = f"{path} is not a valid {folder[:-1]} record ({error}); fix or delete that file"
-        return good, damaged
-
-    # pointers
-
-    @staticmethod
-    def _pointer_ref(name: str, body: Any) -> str:
-        if not isinstance(body, dict) or not isinstance(body.get("ref"), str):
-            raise ValueError('expected a JSON object {"ref": "stage/key", ...}')
-        split_ref(body["ref"])
-        return body["ref"]
-
-    def put_pointer(self, name: str, ref: str, *, expect: str | None = ANY) -> None:
-        """Point ``name`` (e.g. ``serving/current``) at a committed ref, atomically.
-
-        ``expect`` makes the move a compare-and-swap: the ref the caller read and decided on
-        (``None``: the pointer must not exist yet). If the pointer moved meanwhile, nothing is
-        written and :class:`PointerMoved` says where it points now. Locally the swap holds an
-        ``flock``; on S3 it is a PUT with ``If-Match`` on the ETag read (``If-None-Match: *`` when
-        absent). The default ``ANY`` replaces whatever is there."""
-        self.get_ref(ref)
-        path = self._named_json("pointers", name)
-        body = json.dumps({"ref": ref, "updated_at": utc_now()}, indent=2).encode()
-        if expect is ANY:
-            self.backend.replace(path, body)
-            return
-        if expect is not None:
-            split_ref(expect)
-        seen: list[str | None] = []
-
-        def matches(current: bytes | None) -> bool:
-            found = None if current is None else self._parse_pointer(name, path, current)
-            seen.append(found)
-            return found == expect
-
-        if not self.backend.compare_and_swap(path, body, matches):
-            now = seen[-1] if seen else None
-            if now == expect:  # it matched when read, then the conditional write lost: look again
-                now = self.get_pointer(name)
-            raise PointerMoved(
-                f"pointer {name!r} points at {now or 'nothing'}, not at {expect or 'nothing'} as expected, so it was "
-                f"not moved to {ref}: another process moved it meanwhile; read it again and decide again"
-            )
-
-    def _parse_pointer(self, name: str, path: str, data: bytes) -> str:
-        try:
-            return self._pointer_ref(name, json.loads(data))
-        except (ValueError, TypeError, StoreError) as error:
-            raise IntegrityError(f"pointer {name!r} at {path} is not a valid pointer ({error}); "
-                                 f"fix it, or delete it and promote again") from None
-
-    def get_pointer(self, name: str) -> str | None:
-        """The ref ``name`` points at, or None; a hand-broken pointer file is an :class:`IntegrityError`."""
-        path = self._named_json("pointers", name)
-        try:
-            data = self.backend.read_bytes(path)
-        except FileNotFoundError:
-            return None
-        return self._parse_pointer(name, path, data)
-
-    def scan_pointers(self) -> tuple[dict[str, str], dict[str, str]]:
-        """({name: ref} of every readable pointer, {name: why} of the others)."""
-        return self._scan_json("pointers", self._pointer_ref)
-
-    def list_pointers(self) -> dict[str, str]:
-        """{name: ref} of every pointer; an unreadable one is an :class:`IntegrityError` naming it."""
-        pointers, damaged = self.scan_pointers()
-        if damaged:
-            raise IntegrityError(next(iter(damaged.values())))
-        return pointers
-
-    # pins
-
-    def pin(self, name: str, ref: str) -> None:
-        """Record that this process serves ``ref`` (``fewstep serve --model REF``): ``fewstep gc``
-        keeps a pinned ref and everything it was built from until :meth:`unpin`. Pins never expire,
-        since a crashed server's model is cheap to keep and costly to lose; calling ``pin`` again
-        refreshes ``heartbeat_at``, which ``fewstep status`` shows."""
-        self.get_ref(ref)
-        body = {"ref": ref, "pinned_at": utc_now(), "heartbeat_at": utc_now(), "host": socket.gethostname(),
-                "pid": os.getpid()}
-        path = self._named_json("pins", name)
-        try:
-            previous = json.loads(self.backend.read_bytes(path))
-            if isinstance(previous, dict) and previous.get("ref") == ref and isinstance(previous.get("pinned_at"), str):
-                body["pinned_at"] = previous["pinned_at"]
-        except (FileNotFoundError, ValueError):
-            pass
-        self.backend.replace(path, json.dumps(body, indent=2, sort_keys=True).encode())
-
-    def unpin(self, name: str) -> None:
-        """Remove pin ``name`` (missing is fine)."""
-        self.backend.remove(self._named_json("pins", name))
-
-    def scan_pins(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        """({name: pin record} of every readable pin, {name: why} of the others)."""
-
-        def check(name: str, body: Any) -> dict[str, Any]:
-            self._pointer_ref(name, body)
-            return body
-
-        return self._scan_json("pins", check)
-
-    def list_pins(self) -> dict[str, str]:
-        """{name: ref} of every pin; an unreadable one is an :class:`IntegrityError` naming it."""
-        pins, damaged = self.scan_pins()
-        if damaged:
-            raise IntegrityError(next(iter(damaged.values())))
-        return {name: pin["ref"] for name, pin in pins.items()}
-
-    # runs
-
-    _run_lock = threading.Lock()  # one writer of run records at a time in this process (heartbeat thread)
-
-    def _read_run(self, run_id: str) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.backend.read_bytes(self._named_json("runs", run_id)))
-        except FileNotFoundError:
-            return None
-
-    def _write_run(self, run_id: str, body: Mapping[str, Any]) -> None:
-        self.backend.replace(self._named_json("runs", run_id), json.dumps(body, indent=2, sort_keys=True).encode())
-
-    def begin_run(self, run_id: str, info: Mapping[str, Any] | None = None) -> None:
-        """Record a pipeline run at its start: status ``running``, heartbeat now, no refs yet. While
-        its heartbeat is fresh ``fewstep gc`` collects nothing a run could use or be writing."""
-        now = utc_now()
-        body = {"run_id": run_id, "status": RUNNING, "refs": {}, "info": to_jsonable(dict(info or {}), "info"),
-                "started_at": now, "heartbeat_at": now, "created_at": now}
-        with self._run_lock:
-            self._write_run(run_id, body)
-
-    def heartbeat_run(self, run_id: str, refs: Mapping[str, str] | None = None) -> None:
-        """Refresh a running run's heartbeat (call every ``RUN_HEARTBEAT_S``), adding ``refs`` it
-        has produced so far. A run that is no longer ``running`` is left as it is."""
-        with self._run_lock:
-            body = self._read_run(run_id)
-            if body is None:
-                raise NotCommitted(f"run {run_id!r} was not begun in {self.uri}; call begin_run first")
-            if body.get("status") != RUNNING:
-                return
-            body["heartbeat_at"] = utc_now()
-            if refs:
-                body["refs"] = {**body.get("refs", {}), **dict(refs)}
-            self._write_run(run_id, body)
-
-    def finish_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
-                   status: str = FINISHED) -> None:
-        """Record the refs a run produced and its end (``finished`` or ``failed``); ``fewstep gc``
-        keeps everything a run record reaches. Works without :meth:`begin_run` too."""
-        if status not in (FINISHED, FAILED):
-            raise ValueError(f"finish_run(status={status!r}): use {FINISHED!r} or {FAILED!r}")
-        for ref in refs.values():
-            self.get_ref(ref)
-        with self._run_lock:
-            previous = self._read_run(run_id) or {}
-            now = utc_now()
-            body = {"run_id": run_id, "status": status, "refs": dict(refs),
-                    "info": to_jsonable({**previous.get("info", {}), **dict(info or {})}, "info"),
-                    "started_at": previous.get("started_at", now), "heartbeat_at": now,
-                    "finished_at": now, "created_at": previous.get("created_at", now)}
-            self._write_run(run_id, body)
-
-    def record_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
-                   status: str = FINISHED) -> None:
-        """Same as :meth:`finish_run` (the name the pipeline used before runs were recorded at start)."""
-        self.finish_run(run_id, refs, info, status=status)
-
-    @contextmanager
-    def keep_alive(self, run_id: str, *, every_s: float = RUN_HEARTBEAT_S) -> Iterator[None]:
-        """Heartbeat ``run_id`` from a daemon thread every ``every_s`` seconds for the duration of the
-        block. A failed heartbeat is logged and tried again at the next beat; it never stops the run."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(every_s):
-                try:
-                    self.heartbeat_run(run_id)
-                except Exception as error:  # noqa: BLE001 - a missed beat must not kill the pipeline
-                    log.warning("heartbeat of run %s failed (%s); trying again in %.0fs", run_id, error, every_s)
-
-        thread = threading.Thread(target=beat, name=f"fewstep-heartbeat-{run_id}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=every_s + 30)
-
-    @staticmethod
-    def _run_record(name: str, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict) or not isinstance(body.get("run_id"), str):
-            raise ValueError('expected a JSON object with "run_id"')
-        refs = body.get("refs", {})
-        if not isinstance(refs, dict) or not all(isinstance(r, str) for r in refs.values()):
-            raise ValueError('"refs" is not an object of stage refs')
-        for ref in refs.values():
-            split_ref(ref)
-        status = body.setdefault("status", FINISHED)  # records written before runs had a status
-        if status not in RUN_STATUSES:
-            raise ValueError(f'"status" is {status!r}, not one of {RUN_STATUSES}')
-        if status == RUNNING and parse_utc(body.get("heartbeat_at", "")) is None:
-            raise ValueError(f'"heartbeat_at" {body.get("heartbeat_at")!r} is not a time')
-        return body
-
-    def scan_runs(self) -> tuple[list[dict[str, Any]], dict[str, str]]:
-        """(every readable run record, oldest first; {run file name: why} of the others)."""
-        runs, damaged = self._scan_json("runs", self._run_record)
-        return sorted(runs.values(), key=lambda run: str(run.get("created_at", ""))), damaged
-
-    def list_runs(self) -> list[dict[str, Any]]:
-        """Every run record, oldest first; an unreadable one is an :class:`IntegrityError` naming it."""
-        runs, damaged = self.scan_runs()
-        if damaged:
-            raise IntegrityError(next(iter(damaged.values())))
-        return runs
-
 
 class StageWriter:
     """Writes one attempt of a stage output; :meth:`commit` makes it visible (see module docstring).
