@@ -196,10 +196,13 @@ class RootRecords:
     # runs
 
     def _read_run(self, run_id: str) -> dict[str, Any] | None:
+        path = self._named_json("runs", run_id)
         try:
-            return json.loads(self.backend.read_bytes(self._named_json("runs", run_id)))
+            return self._run_record(run_id, json.loads(self.backend.read_bytes(path)))
         except FileNotFoundError:
             return None
+        except (ValueError, TypeError, StoreError) as error:
+            raise IntegrityError(f"run record {path} is not valid ({error}); fix or delete that file") from None
 
     def _write_run(self, run_id: str, body: Mapping[str, Any]) -> None:
         self.backend.replace(self._named_json("runs", run_id), json.dumps(body, indent=2, sort_keys=True).encode())
@@ -222,9 +225,10 @@ class RootRecords:
                 raise NotCommitted(f"run {run_id!r} was not begun in {self.uri}; call begin_run first")
             if body.get("status") != RUNNING:
                 return
+            for ref in (refs or {}).values():
+                self.get_ref(ref)
             body["heartbeat_at"] = utc_now()
-            if refs:
-                body["refs"] = {**body.get("refs", {}), **dict(refs)}
+            body["refs"] = {**body.get("refs", {}), **dict(refs or {})}
             self._write_run(run_id, body)
 
     def finish_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
@@ -236,7 +240,11 @@ class RootRecords:
         for ref in refs.values():
             self.get_ref(ref)
         with self._run_lock:
-            previous = self._read_run(run_id) or {}
+            try:
+                previous = self._read_run(run_id) or {}
+            except IntegrityError as error:  # the run's own record, broken by hand: write it whole again
+                log.warning("%s; replacing it with the finished run's record", error)
+                previous = {}
             now = utc_now()
             body = {"run_id": run_id, "status": status, "refs": dict(refs),
                     "info": to_jsonable({**previous.get("info", {}), **dict(info or {})}, "info"),
