@@ -165,7 +165,29 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
     cfg = PipelineConfig.model_validate(config or {})
     started = time.perf_counter()
     refs: dict[str, str] = {}
+    store = Store.open(store_uri)
+    run_id = current_run_id()
+    # A running run is a root for `fewstep gc` (its heartbeat says it is alive) until it finishes.
+    store.begin_run(run_id, {"flow": "pipeline"})
+    try:
+        with store.keep_alive(run_id):
+            decision = run_stages(cfg, store_uri, ray_address, refs)
+    except BaseException:
+        store.finish_run(run_id, refs, {"seconds": round(time.perf_counter() - started, 1)}, status="failed")
+        raise
+    seconds = round(time.perf_counter() - started, 1)
+    store.finish_run(run_id, refs, {"seconds": seconds})
+    served = store.get_pointer(SERVING_POINTER)
+    rows = [{"stage": name, "ref": ref} for name, ref in refs.items()] + [{"stage": "served", "ref": served or "(none)"}]
+    create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
+    create_markdown_artifact(key="fewstep-run-report", markdown=run_report(refs, seconds, decision, served),
+                             description="fewstep run summary")
+    get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
+    return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
 
+
+def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | None, refs: dict[str, str]) -> dict:
+    """Every stage in order, filling ``refs`` as they commit; returns the promotion decision."""
     refs["images"] = ingest_task(store_uri, cfg.ingest, ray_address)
     check_evaluable(Store.open(store_uri).get_ref(refs["images"]), cfg)
     refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
@@ -191,19 +213,7 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
         classifier = refs["classifier"] = classifier_task(store_uri, cfg.classifier, ray_address, refs["images"])
     refs["evaluate"] = evaluate_task(store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"],
                                      classifier)
-    decision = promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"])
-
-    store = Store.open(store_uri)
-    seconds = round(time.perf_counter() - started, 1)
-    run_id = current_run_id()
-    store.record_run(run_id, refs, {"seconds": seconds})
-    served = store.get_pointer(SERVING_POINTER)
-    rows = [{"stage": name, "ref": ref} for name, ref in refs.items()] + [{"stage": "served", "ref": served or "(none)"}]
-    create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
-    create_markdown_artifact(key="fewstep-run-report", markdown=run_report(refs, seconds, decision, served),
-                             description="fewstep run summary")
-    get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
-    return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
+    return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"])
 
 
 def check_evaluable(images: Manifest, cfg: PipelineConfig) -> None:

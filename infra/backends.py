@@ -4,20 +4,43 @@
 and :class:`infra.s3.S3Backend` on an S3 bucket. Paths are plain strings in the backend's
 ``fs``/``pa_filesystem`` namespace: absolute paths locally, ``bucket/key`` on S3.
 
-The one operation that needs care is :meth:`Backend.create_exclusive`: it must publish a
-whole file or nothing, and fail when the file exists, because that is how two writers of
-the same manifest agree on a winner.
+The operations that need care:
+
+- :meth:`Backend.create_exclusive` must publish a whole file or nothing, and fail when the
+  file exists, because that is how two writers of the same manifest agree on a winner.
+- :meth:`Backend.make_durable` is called on every data file before its manifest is
+  published. Locally it fsyncs each file and every folder from the file's up to the root, and
+  ``create_exclusive``/``replace`` fsync the folder after linking, so after a power cut a
+  manifest never sits over data that did not reach the disk. On S3 a PUT is durable once
+  answered, so there is nothing to do.
+- :meth:`Backend.compare_and_swap` replaces a small file only if its current content is the
+  one the caller decided on (pointer moves): under an ``flock`` locally, with ``If-Match`` on S3.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import uuid
-from typing import IO
+from dataclasses import dataclass
+from typing import IO, Callable, Iterable
 
 CHUNK = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int  # bytes
+    modified: float  # last modification, seconds since the epoch (S3: the server's LastModified)
+
+
+def is_temp_name(name: str) -> bool:
+    """``.NAME.<32 hex>.tmp``: what an atomic write leaves behind when its process dies mid-write."""
+    parts = name.rsplit(".", 2)
+    return (name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 32
+            and all(c in "0123456789abcdef" for c in parts[1]))
 
 
 class Backend:
@@ -61,6 +84,19 @@ class Backend:
 
     def list_files(self, path: str) -> dict[str, int]:
         """Every file below ``path`` (recursively) as {path relative to ``path``: size}; {} if none."""
+        return {rel: info.size for rel, info in self.list_info(path).items()}
+
+    def list_info(self, path: str) -> dict[str, FileInfo]:
+        """Every file below ``path`` (recursively) with its size and modification time; {} if none."""
+        raise NotImplementedError
+
+    def make_durable(self, paths: Iterable[str]) -> None:
+        """Make written files (and the folders that name them) survive a power cut before a
+        manifest that lists them is published."""
+
+    def compare_and_swap(self, path: str, data: bytes, matches: Callable[[bytes | None], bool]) -> bool:
+        """Replace ``path`` with ``data`` only if ``matches(current bytes, or None when absent)``
+        holds, atomically with respect to other ``compare_and_swap`` callers: True if replaced."""
         raise NotImplementedError
 
     def list_dirs(self, path: str) -> list[str]:
@@ -125,6 +161,32 @@ class LocalBackend(Backend):
     def make_dirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
+    def _sync_dir(self, directory: str) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def make_durable(self, paths: Iterable[str]) -> None:
+        """fsync each file, then each folder from the files' folders up to the root (a new file is
+        only durable once the folder entry that names it is)."""
+        folders: set[str] = set()
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folder = os.path.dirname(path)
+            while folder.startswith(self.root) and folder not in folders:
+                folders.add(folder)
+                if folder == self.root:
+                    break
+                folder = os.path.dirname(folder)
+        for folder in sorted(folders, key=len, reverse=True):  # deepest first
+            self._sync_dir(folder)
+
     def _write_temp(self, path: str, data: bytes) -> str:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -139,21 +201,46 @@ class LocalBackend(Backend):
         temp = self._write_temp(path, data)
         try:
             os.link(temp, path)
-            return True
         except FileExistsError:
             return False
         finally:
             os.unlink(temp)
+        self._sync_dir(os.path.dirname(path))  # the new name survives a power cut
+        return True
 
     def replace(self, path: str, data: bytes) -> None:
         os.replace(self._write_temp(path, data), path)
+        self._sync_dir(os.path.dirname(path))
 
-    def list_files(self, path: str) -> dict[str, int]:
-        found: dict[str, int] = {}
+    def compare_and_swap(self, path: str, data: bytes, matches: Callable[[bytes | None], bool]) -> bool:
+        # An flock on a sibling lock file serialises every swapper of ``path``; the kernel drops it
+        # when its holder dies, so a crash never leaves the pointer locked.
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f".{name}.lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                try:
+                    current = self.read_bytes(path)
+                except FileNotFoundError:
+                    current = None
+                if not matches(current):
+                    return False
+                self.replace(path, data)
+                return True
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def list_info(self, path: str) -> dict[str, FileInfo]:
+        found: dict[str, FileInfo] = {}
         for directory, _, names in os.walk(path):
             for name in names:
                 full = os.path.join(directory, name)
-                found[os.path.relpath(full, path).replace(os.sep, "/")] = os.path.getsize(full)
+                try:
+                    stat = os.stat(full)
+                except FileNotFoundError:  # removed while we walked
+                    continue
+                found[os.path.relpath(full, path).replace(os.sep, "/")] = FileInfo(stat.st_size, stat.st_mtime)
         return found
 
     def list_dirs(self, path: str) -> list[str]:

@@ -3,8 +3,8 @@
     checkpoints/{stage}/{key}/step-{n:08d}/manifest.json
     checkpoints/{stage}/{key}/step-{n:08d}/attempts/{attempt}/tensors.safetensors, state.json
 
-The same commit protocol as stage outputs: files under a fresh attempt folder, verified,
-then the step's manifest created exclusively. A crash mid-save leaves a step without a
+The same commit protocol as stage outputs: files under a fresh attempt folder, verified and
+made durable, then the step's manifest created exclusively. A crash mid-save leaves a step without a
 manifest, which :meth:`CheckpointStore.latest` never returns. Tensors carry everything
 array-like (model, EMA, optimizer moments, RNG states as uint8); ``state`` is plain JSON.
 """
@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from infra.backends import Backend
 from infra.errors import IntegrityError, NotCommitted
@@ -25,6 +25,7 @@ from infra.manifest import (
     FileEntry,
     canonical_json,
     check_file,
+    describe_invalid,
     new_attempt_id,
     sha256_hex,
     to_jsonable,
@@ -95,6 +96,7 @@ class CheckpointStore:
             expected = FileEntry(path=f"attempts/{attempt}/{name}", size=len(data), sha256=sha256_hex(data))
             check_file(self.label(step), name, f"{base}/{name}", expected, size, digest)
             files[name] = expected
+        self.backend.make_durable(f"{base}/{name}" for name in payload)  # data on disk before its manifest
         body = {"step": int(step), "files": {k: v.model_dump() for k, v in files.items()},
                 "code_version": self.code_version, "created_at": utc_now()}
         record = CheckpointManifest(**body, digest=sha256_hex(canonical_json(body)))
@@ -122,8 +124,9 @@ class CheckpointStore:
             raise NotCommitted(f"{self.label(step)} is not committed; committed steps: {self.steps()}") from None
         try:
             record = CheckpointManifest.model_validate_json(data)
-        except ValueError:
-            raise IntegrityError(f"{path} is not a valid checkpoint manifest; delete {self.step_dir(step)} to resume from an earlier step") from None
+        except ValidationError as error:
+            raise IntegrityError(f"{path} is not a valid checkpoint manifest ({describe_invalid(error)}); "
+                                 f"delete {self.step_dir(step)} to resume from an earlier step") from None
         if record.content_digest() != record.digest or record.step != step:
             raise IntegrityError(f"{path} was modified after commit; delete {self.step_dir(step)} to resume from an earlier step")
         return record

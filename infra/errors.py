@@ -3,9 +3,9 @@
 Every error the store raises is a :class:`StoreError`. Each subclass names the value that
 was wrong and what to do about it, so the CLI can print ``str(error)`` as one line.
 
-Transient failures (5xx answers, throttling, timeouts, reset or refused connections) are
+Transient failures (5xx answers but 501, throttling, timeouts, reset or refused connections) are
 retried by :func:`retry_transient` with exponential backoff; permanent ones (a missing
-bucket, rejected credentials, a 4xx answer, a missing file) are raised at once. The S3
+bucket, rejected credentials, a 4xx answer, 501 Not Implemented, a missing file) are raised at once. The S3
 clients underneath are built with their own retries switched off, so this is the only
 retry layer and its behaviour is the one documented here.
 """
@@ -66,6 +66,19 @@ class InvalidName(StoreError):
     """A stage, key, file or pointer name that is not a safe relative path."""
 
 
+class UnsupportedServer(StoreError):
+    """The S3 server lacks something the store relies on: it answered 501 Not Implemented, or it
+    ignores a conditional write (``If-None-Match: *``) and would let two writers replace each other."""
+
+
+class PointerMoved(StoreError):
+    """A compare-and-swap pointer move found the pointer elsewhere than the caller expected."""
+
+
+class GcRefused(StoreError):
+    """``fewstep gc`` was asked to do something unsafe (e.g. a minimum age below the floor)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Transient or permanent
 
@@ -98,6 +111,8 @@ def _client_error_is_transient(error: BaseException) -> bool | None:
         return None
     code = str(response["Error"].get("Code", ""))
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or (int(code) if code.isdigit() else 0)
+    if code == "NotImplemented" or status == 501:
+        return False  # the server will never do it: asking again only delays the real error
     return code in TRANSIENT_CODES or status == 429 or status >= 500
 
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import PurePath
 from typing import Any, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from infra.errors import IntegrityError, InvalidName
 
@@ -30,6 +30,7 @@ ATTEMPT_TIME = "%Y%m%dT%H%M%SZ"
 KEY_HEX_CHARS = 16  # 64 bits: collisions need ~4e9 keys of one stage
 
 SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,6 +82,15 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def parse_utc(text: str) -> datetime | None:
+    """A time written by :func:`utc_now` (or any ISO-8601 string; naive means UTC); None if unparsable."""
+    try:
+        when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+
+
 def new_attempt_id() -> str:
     """``20261126T145300Z-1a2b3c4d5e6f``: unique per writer, and its age is readable by ``fewstep gc``."""
     return f"{datetime.now(timezone.utc).strftime(ATTEMPT_TIME)}-{uuid.uuid4().hex[:12]}"
@@ -107,10 +117,26 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+def is_relative_path(value: object) -> bool:
+    """``a/b.parquet``: no ``..`` or ``.`` parts, no leading ``/``, no empty parts, no backslashes or
+    control characters. Such a path joined under a folder can never name anything outside it."""
+    if not isinstance(value, str) or not value:
+        return False
+    parts = value.split("/")
+    return not any(not p or p in (".", "..") or "\\" in p or any(ord(c) < 32 for c in p) for p in parts)
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """``"vae/3f2a9c0d1e2b4a5c"`` -> ("vae", "3f2a9c0d1e2b4a5c"), each part a valid name."""
+    stage, sep, key = ref.partition("/") if isinstance(ref, str) else ("", "", "")
+    if not sep:
+        raise InvalidName(f"ref {ref!r} is not 'stage/key' (e.g. 'vae/3f2a9c0d1e2b4a5c'); `fewstep status` lists them")
+    return check_segment(stage, "stage name"), check_segment(key, "stage key")
+
+
 def check_relative_path(value: str, what: str) -> str:
-    """A file name inside a stage output: ``a/b.parquet`` (no ``..``, no leading ``/``, no empty parts)."""
-    parts = value.split("/") if isinstance(value, str) else [""]
-    if not value or any(not p or p in (".", "..") or "\\" in p for p in parts):
+    """A file name inside a stage output: ``a/b.parquet`` (see :func:`is_relative_path`)."""
+    if not is_relative_path(value):
         raise InvalidName(f"{what} {value!r} is not a relative path like 'name' or 'dir/name.parquet'")
     return value
 
@@ -120,13 +146,46 @@ def check_relative_path(value: str, what: str) -> str:
 
 
 class FileEntry(BaseModel):
-    """One stored file: its path relative to the stage's folder, its size in bytes and sha256."""
+    """One stored file: its path relative to the stage's folder, its size in bytes and sha256.
+
+    The path is checked when a manifest is loaded: a crafted entry (``../../x``, ``/etc/x``,
+    ``a\\b``) fails validation, so no read ever leaves the stage folder."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: str
     size: int
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_stage_folder(cls, path: str) -> str:
+        if not is_relative_path(path):
+            raise ValueError(f"path {path!r} is not a relative path inside the stage folder "
+                             "(no '..', no leading '/', no backslash)")
+        return path
+
+    @field_validator("size")
+    @classmethod
+    def _not_negative(cls, size: int) -> int:
+        if size < 0:
+            raise ValueError(f"size {size} is negative")
+        return size
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, digest: str) -> str:
+        if not SHA256_HEX.match(digest):
+            raise ValueError(f"sha256 {digest!r:.80} is not 64 lowercase hex digits")
+        return digest
+
+
+def describe_invalid(error: ValidationError) -> str:
+    """The first problem pydantic found, with where it is: ``files.latents.path: path '../x' is ...``."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 class Manifest(BaseModel):
@@ -149,6 +208,14 @@ class Manifest(BaseModel):
     @property
     def ref(self) -> str:
         return f"{self.stage}/{self.key}"
+
+    @field_validator("files")
+    @classmethod
+    def _relative_names(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in files:
+            if not is_relative_path(name):
+                raise ValueError(f"file name {name!r} is not a relative path like 'name' or 'dir/name.parquet'")
+        return files
 
     @classmethod
     def build(
@@ -188,9 +255,9 @@ class Manifest(BaseModel):
         """Parse and check a stored manifest; a torn or edited one is an :class:`IntegrityError`."""
         try:
             manifest = cls.model_validate_json(data)
-        except ValueError as error:
+        except ValidationError as error:
             raise IntegrityError(
-                f"{where} is not a valid manifest ({str(error).splitlines()[0]}); "
+                f"{where} is not a valid manifest ({describe_invalid(error)}); "
                 "delete that stage folder and re-run the stage"
             ) from None
         if manifest.content_digest() != manifest.digest:

@@ -13,16 +13,28 @@ Both filesystems get them explicitly (pyarrow's S3 filesystem does not read the 
 variables itself). The s3fs client used by the store has its own retries off; every store
 operation goes through :func:`infra.errors.retry_transient` instead. The pyarrow filesystem
 handed to Ray Data keeps pyarrow's standard retry strategy, since those reads bypass the store.
+
+Conditional writes. Manifests are published with ``PUT`` + ``If-None-Match: *``; some
+S3-compatible servers ignore that header and let a second writer replace a committed manifest.
+Before the first exclusive create a process makes on an endpoint+bucket (and when a store is
+opened), :meth:`S3Backend.prove_conditional_create` creates one probe key twice: the second
+create must be refused. A server that accepts it is refused with :class:`UnsupportedServer`;
+the proof is cached per endpoint+bucket for the life of the process. A 412 answer is "the
+object exists" whether or not the server names the failed ``<Condition>``. Pointer moves use
+``If-Match`` with the ETag read (not probed: on a server that ignores it a move is a
+read-compare-write, a best effort).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, TypeVar
 from urllib.parse import urlparse
 
-from infra.backends import Backend
+from infra.backends import Backend, FileInfo
 from infra.errors import (
     DEFAULT_RETRY,
     AccessDenied,
@@ -32,6 +44,7 @@ from infra.errors import (
     RetryPolicy,
     StoreError,
     StoreUnavailable,
+    UnsupportedServer,
     retry_transient,
 )
 
@@ -43,6 +56,10 @@ CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "In
 DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403", "Forbidden"})
 # Opening a store fails fast: a typo in the endpoint should not wait through a long backoff.
 OPEN_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=0.5)
+PROBE_FOLDER = ".fewstep-probe"  # under the store root; each probe key is removed right after
+# (endpoint, bucket) pairs whose server refused a second exclusive create: proven for this process.
+_CONDITIONAL_CREATE_PROVEN: set[tuple[str, str]] = set()
+_PROVING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,27 @@ def client_error_code(error: BaseException) -> str | None:
     return None
 
 
+def client_error_status(error: BaseException) -> int | None:
+    """The HTTP status of the first botocore ClientError in ``error``'s cause chain."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def precondition_failed(error: BaseException) -> bool:
+    """A 412: the object exists (If-None-Match) or changed (If-Match). s3fs turns it into
+    FileExistsError only when the server names the ``<Condition>``; otherwise into OSError(EINVAL)."""
+    if isinstance(error, FileExistsError):
+        return True
+    return client_error_code(error) in ("PreconditionFailed", "412") or client_error_status(error) == 412
+
+
 def _has_class(error: BaseException, *names: str) -> bool:
     seen: set[int] = set()
     current: BaseException | None = error
@@ -141,8 +179,15 @@ def translate(error: BaseException, settings: S3Settings, what: str) -> BaseExce
     if isinstance(error, StoreError) and not isinstance(error, StoreUnavailable):
         return error
     code = client_error_code(error)
-    keys = (f"access key id {settings.access_key_id!r}" if settings.access_key_id
+    # Never the key id itself: error lines end up in logs, Prefect artifacts and bug reports.
+    keys = ("the configured access key, from AWS_ACCESS_KEY_ID or the store options" if settings.access_key_id
             else "the default AWS credential chain")
+    if code == "NotImplemented" or client_error_status(error) == 501:
+        return UnsupportedServer(
+            f"the S3 server at {settings.where} does not implement the operation needed to {what} "
+            "(501 Not Implemented); retrying will not help: use a server that supports it "
+            "(AWS S3, or a current MinIO)"
+        )
     if code == "NoSuchBucket":
         return BucketNotFound(
             f"bucket {settings.bucket!r} does not exist at {settings.where}; create it "
@@ -266,6 +311,50 @@ class S3Backend(Backend):
                 "check AWS_ENDPOINT_URL (or --endpoint-url) and that the server is running"
             ) from None
 
+    def prove_conditional_create(self) -> None:
+        """Refuse a server that ignores ``If-None-Match: *`` (see the module docstring): create one
+        probe key twice; the second create must fail and leave the first bytes. Cached per
+        endpoint+bucket for this process. Read-only credentials cannot prove anything, and cannot
+        commit either: the proof is then left to the first write."""
+        s = self.settings
+        proven_key = (s.endpoint_url or f"aws:{s.region}", s.bucket)
+        if proven_key in _CONDITIONAL_CREATE_PROVEN:
+            return
+        with _PROVING:
+            if proven_key in _CONDITIONAL_CREATE_PROVEN:
+                return
+            probe = self.join(PROBE_FOLDER, f"create-{uuid.uuid4().hex}")
+            what = "check that the server honours conditional writes (PUT with If-None-Match: *)"
+            try:
+                first = self._put_if_absent(probe, b"first", what)
+            except UnsupportedServer:
+                raise UnsupportedServer(
+                    f"the S3 server at {s.where} does not implement conditional writes (PUT with "
+                    "If-None-Match: *, answered 501 Not Implemented); fewstep needs them so two writers of one "
+                    "stage cannot replace each other's manifest: use AWS S3 or a server that supports them"
+                ) from None
+            try:
+                second = self._put_if_absent(probe, b"second", what)
+                kept = self.read_bytes(probe)
+            finally:
+                self.remove(probe)
+            if not first or second or kept != b"first":
+                raise UnsupportedServer(
+                    f"the S3 server at {s.where} ignores If-None-Match: a second exclusive create of "
+                    f"s3://{probe} succeeded and replaced the first, so a second writer could silently replace a "
+                    "committed manifest; fewstep refuses this server: use AWS S3 or one that honours conditional writes"
+                )
+            _CONDITIONAL_CREATE_PROVEN.add(proven_key)
+
+    def _put_if_absent(self, path: str, data: bytes, what: str) -> bool:
+        try:
+            self.call(what, lambda: self.fs.pipe_file(path, data, mode="create"))
+            return True
+        except OSError as error:
+            if precondition_failed(error):  # the object exists, with or without a named <Condition>
+                return False
+            raise
+
     def read_bytes(self, path: str) -> bytes:
         return self.call(f"read s3://{path}", lambda: self.fs.cat_file(path))
 
@@ -281,21 +370,51 @@ class S3Backend(Backend):
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         # PUT with If-None-Match: * : the server refuses (412) when the object exists; a PUT is
-        # atomic, so readers see the whole manifest or none.
-        try:
-            self.call(f"create s3://{path}", lambda: self.fs.pipe_file(path, data, mode="create"))
-            return True
-        except FileExistsError:
-            return False
+        # atomic, so readers see the whole manifest or none. Only on a server proven to honour it.
+        self.prove_conditional_create()
+        return self._put_if_absent(path, data, f"create s3://{path}")
 
     def replace(self, path: str, data: bytes) -> None:
         self.write_bytes(path, data)  # a single PUT replaces an object atomically
 
-    def list_files(self, path: str) -> dict[str, int]:
+    def compare_and_swap(self, path: str, data: bytes, matches: Callable[[bytes | None], bool]) -> bool:
+        # Read the object with its ETag; PUT only if the ETag is still the one read (If-Match), or
+        # if there is still no object (If-None-Match: *). A 412, or an object gone: someone moved it.
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            current, etag = self.call(f"read s3://{path}", lambda: self._get_with_etag(bucket, key))
+            condition = {"IfMatch": etag}
+        except FileNotFoundError:
+            current, condition = None, {"IfNoneMatch": "*"}
+            self.prove_conditional_create()
+        if not matches(current):
+            return False
+        try:
+            self.call(f"replace s3://{path}",
+                      lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition))
+        except OSError as error:
+            if isinstance(error, FileNotFoundError) or precondition_failed(error):
+                return False
+            raise
+        return True
+
+    def _get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]:
+        from fsspec.asyn import sync
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                return await response["Body"].read(), response["ETag"]
+            finally:
+                response["Body"].close()
+
+        return sync(self.fs.loop, get)
+
+    def list_info(self, path: str) -> dict[str, FileInfo]:
         found = self.call(f"list s3://{path}", lambda: self.fs.find(path, detail=True))
         base = path.rstrip("/") + "/"
         # Skip folder markers (empty "dir/" keys some writers, e.g. pyarrow's create_dir, leave).
-        return {full[len(base):]: int(info.get("size") or 0) for full, info in found.items()
+        return {full[len(base):]: FileInfo(int(info.get("size") or 0), _modified(info)) for full, info in found.items()
                 if info.get("type") != "directory" and full.startswith(base) and not full.endswith("/")}
 
     def list_dirs(self, path: str) -> list[str]:
@@ -310,3 +429,11 @@ class S3Backend(Backend):
             self.call(f"remove s3://{path}", lambda: self.fs.rm(path, recursive=True))
         except FileNotFoundError:
             pass
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """LastModified of an s3fs listing entry as epoch seconds (the server's clock)."""
+    when = info.get("LastModified") or info.get("last_modified")
+    if when is None:
+        return float("inf")  # unknown: "just now", so gc never takes it for old
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)

@@ -5,14 +5,24 @@ Layout under the root (a folder, or ``s3://bucket/prefix``)::
     stages/{stage}/{key}/manifest.json                 the commit record: it alone makes the output exist
     stages/{stage}/{key}/attempts/{attempt}/...        data files, one fresh folder per writer
     checkpoints/{stage}/{key}/step-{n:08d}/...         same protocol, one manifest per step
-    pointers/{name}.json                               {"ref": "stage/key"}, replaced atomically
-    runs/{run_id}.json                                 the refs a pipeline run produced (gc roots)
+    pointers/{name}.json                               {"ref": "stage/key"}, moved by compare-and-swap
+    runs/{run_id}.json                                 a pipeline run: status, heartbeat, refs (gc roots)
+    pins/{name}.json                                   a ref a process serves (``serve --model``; a gc root)
 
 Commit protocol: a :class:`StageWriter` writes every file under its own attempt folder,
-reads each one back to verify size and sha256, then publishes ``manifest.json`` with an
-exclusive create (``If-None-Match: *`` on S3, ``os.link`` locally). Of two writers of one
-key exactly one creates the manifest; the other gets the winner's manifest back. Readers
-only go through manifests, and every read checks the bytes against the manifest.
+reads each one back to verify size and sha256, makes the files durable (fsync of the files
+and their folders, locally), then publishes ``manifest.json`` with an exclusive create
+(``If-None-Match: *`` on S3, proven to work when the store opens; ``os.link`` locally, then
+an fsync of the folder). Of two writers of one key exactly one creates the manifest; the
+other gets the winner's manifest back. Readers only go through manifests (whose file paths
+are checked to stay inside the stage folder), and every read checks the bytes against the
+manifest, including the paths handed to Ray Data (:meth:`Store.verified_paths`).
+
+Runs: a pipeline calls :meth:`Store.begin_run` when it starts, :meth:`Store.heartbeat_run`
+every ``RUN_HEARTBEAT_S`` while it goes (:meth:`Store.keep_alive` does it from a thread) and
+:meth:`Store.finish_run` at the end. ``fewstep gc`` collects nothing but temp files while a
+run's heartbeat is younger than ``RUN_STALE_S``: a running run may reuse any committed output
+and be writing any attempt.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import pyarrow as pa
 
 from infra.backends import Backend, LocalBackend
 from infra.checkpoints import CheckpointStore
-from infra.errors import IntegrityError, InvalidName, InvalidStoreURI, NotCommitted, StoreError, UnknownScheme
+from infra.errors import AccessDenied, IntegrityError, InvalidName, InvalidStoreURI, NotCommitted, StoreError, UnknownScheme
 from infra.manifest import (
     MANIFEST,
     FileEntry,
@@ -37,28 +47,22 @@ from infra.manifest import (
     check_segment,
     new_attempt_id,
     sha256_hex,
+    split_ref,
     stage_key,
     to_jsonable,
-    utc_now,
 )
+from infra.roots import ANY, FAILED, FINISHED, RUN_HEARTBEAT_S, RUN_STALE_S, RUNNING, RootRecords
 from infra.tables import parquet_bytes_to_table, table_to_parquet_bytes, with_metadata
 from infra.version import CODE_VERSION
 
-__all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE"]
+__all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE", "SERVING_POINTER", "ANY",
+           "RUN_HEARTBEAT_S", "RUN_STALE_S", "RUNNING", "FINISHED", "FAILED", "split_ref"]
 
 DEFAULT_STORE = "./fewstep-store"
 VERIFY_THREADS = 8
 
-
 # The pointer promotion moves and the Serve app follows.
 SERVING_POINTER = "serving/current"
-
-
-def split_ref(ref: str) -> tuple[str, str]:
-    stage, sep, key = ref.partition("/") if isinstance(ref, str) else ("", "", "")
-    if not sep:
-        raise InvalidName(f"ref {ref!r} is not 'stage/key' (e.g. 'vae/3f2a9c0d1e2b4a5c'); `fewstep status` lists them")
-    return check_segment(stage, "stage name"), check_segment(key, "stage key")
 
 
 def with_suffix(name: str, suffix: str) -> str:
@@ -86,6 +90,10 @@ def open_backend(uri: str | None, *, check: bool = True, **s3_options: Any) -> B
         backend = S3Backend(resolve_settings(uri, **s3_options))
         if check:
             backend.probe()
+            try:
+                backend.prove_conditional_create()
+            except AccessDenied:
+                pass  # read-only keys: nothing can be committed with them, and the first write proves it
         return backend
     raise UnknownScheme(
         f"store URI {uri!r} has scheme {scheme!r}; fewstep stores live in a local folder "
@@ -93,8 +101,9 @@ def open_backend(uri: str | None, *, check: bool = True, **s3_options: Any) -> B
     )
 
 
-class Store:
-    """Committed stage outputs, checkpoints and pointers under one root. See the module docstring."""
+class Store(RootRecords):
+    """Committed stage outputs, checkpoints, and the records gc keeps them for (pointers, pins,
+    runs: see :class:`infra.roots.RootRecords`) under one root. See the module docstring."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -149,7 +158,8 @@ class Store:
 
     def file_path(self, manifest: Manifest, name: str) -> str:
         """Path of a manifest's file (or of a folder of files, e.g. a Ray Data output) inside
-        ``fs``/``pa_filesystem``. Readers that use it directly skip digest checks: see :meth:`verify`."""
+        ``fs``/``pa_filesystem``, for messages and reports. It is NOT checked: to read the bytes
+        with another engine (Ray Data, pyarrow, pandas) use :meth:`verified_paths`."""
         base = self.stage_dir(manifest.stage, manifest.key)
         if name in manifest.files:
             return f"{base}/{manifest.files[name].path}"
@@ -274,45 +284,21 @@ class Store:
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
             list(pool.map(check, entries))
 
-    # -- checkpoints, pointers, runs -----------------------------------------------------------
+    def verified_paths(self, manifest: Manifest, name: str) -> list[str]:
+        """The paths, inside ``fs``/``pa_filesystem``, of file ``name`` or of every file under folder
+        ``name``, each streamed and checked (size + sha256) against the manifest first: what to hand
+        to ``ray.data.read_parquet(paths, filesystem=store.pa_filesystem)``. A corrupt, truncated or
+        missing file raises :class:`IntegrityError` naming it, before any engine reads a byte."""
+        names = [name] if name in manifest.files else [member for member, _ in self._members(manifest, name)]
+        self.verify(manifest, names)
+        base = self.stage_dir(manifest.stage, manifest.key)
+        return [f"{base}/{manifest.files[member].path}" for member in names]
+
+    # -- checkpoints ----------------------------------------------------------------------------
 
     def checkpoints(self, stage: str, key: str, code_version: str | None = None) -> CheckpointStore:
         return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"),
                                code_version or CODE_VERSION)
-
-    def _named_json(self, folder: str, name: str) -> str:
-        parts = check_relative_path(name, f"{folder[:-1]} name").split("/")
-        return self.backend.join(folder, *[check_segment(p, f"{folder[:-1]} name part") for p in parts]) + ".json"
-
-    def put_pointer(self, name: str, ref: str) -> None:
-        """Point ``name`` (e.g. ``serving/current``) at a committed ref, replacing it atomically."""
-        self.get_ref(ref)
-        body = {"ref": ref, "updated_at": utc_now()}
-        self.backend.replace(self._named_json("pointers", name), json.dumps(body, indent=2).encode())
-
-    def get_pointer(self, name: str) -> str | None:
-        try:
-            return json.loads(self.backend.read_bytes(self._named_json("pointers", name)))["ref"]
-        except FileNotFoundError:
-            return None
-
-    def list_pointers(self) -> dict[str, str]:
-        base = self.backend.join("pointers")
-        names = [rel[: -len(".json")] for rel in self.backend.list_files(base) if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
-        return {name: ref for name in sorted(names) if (ref := self.get_pointer(name)) is not None}
-
-    def record_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None) -> None:
-        """Remember which refs a pipeline run produced; ``fewstep gc`` keeps everything they reach."""
-        for ref in refs.values():
-            self.get_ref(ref)
-        body = {"run_id": run_id, "refs": dict(refs), "info": to_jsonable(dict(info or {}), "info"), "created_at": utc_now()}
-        self.backend.replace(self._named_json("runs", run_id), json.dumps(body, indent=2, sort_keys=True).encode())
-
-    def list_runs(self) -> list[dict[str, Any]]:
-        base = self.backend.join("runs")
-        runs = [json.loads(self.backend.read_bytes(f"{base}/{rel}")) for rel in self.backend.list_files(base)
-                if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")]
-        return sorted(runs, key=lambda run: run.get("created_at", ""))
 
 
 class StageWriter:
@@ -436,9 +422,11 @@ class StageWriter:
             return self._result
         manifest = Manifest.build(stage=self.stage, key=self.key, files=self._verified_entries(), config=self.config,
                                   inputs=self.inputs, metrics=metrics, code_version=self.code_version)
+        # The data must be on disk before the manifest that vouches for it (a no-op on S3).
+        self.store.backend.make_durable(f"{self.prefix}/{path}" for path, _, _ in self._files.values())
         path = f"{self.store.stage_dir(self.stage, self.key)}/{MANIFEST}"
         self.store.backend.create_exclusive(path, manifest.to_json())
-        # Read back whoever won: this also covers servers that ignore If-None-Match.
+        # Read back whoever won (a lost race returns False; the winner's manifest is the answer).
         committed = self.store.get(self.stage, self.key)
         if committed is None:
             raise StoreError(f"{path} vanished right after it was committed; something else is deleting the store")

@@ -24,11 +24,7 @@ MATERIALIZE_BYTES = 512 * 2**20
 
 def verified_paths(store: Store, manifest: Manifest, table: str) -> list[str]:
     """Paths of table ``table`` of ``manifest`` (one file, or every file of a folder), each verified."""
-    names = [name for name in manifest.files if name == table or name.startswith(table + "/")]
-    if not names:
-        raise ValueError(f"{manifest.ref} has no table {table!r}; its files are {sorted(manifest.files)}")
-    store.verify(manifest, names)
-    return [store.file_path(manifest, name) for name in names]
+    return store.verified_paths(manifest, table)
 
 
 def read_table_dataset(store: Store, manifest: Manifest, table: str, columns: list[str]):

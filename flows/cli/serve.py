@@ -9,7 +9,9 @@ store's ``serving/current`` pointer, so a later promotion swaps the model while 
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,14 +44,21 @@ def serve(
 
 def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: str | None = None, port: int | None = None,
                      ray_address: str | None = None, echo: Callable[[str], None] = typer.echo) -> None:
-    """Start Ray (or attach), deploy the app, print its URL, block until SIGINT/SIGTERM, tear down."""
-    from workers.runtime import ensure_ray, shutdown_ray
+    """Start Ray (or attach), deploy the app, print its URL, block until SIGINT/SIGTERM, tear down.
 
+    A pinned model is recorded in the store (``pins/``) while it is served, so ``fewstep gc``
+    keeps it and everything it was built from."""
+    from infra.store import Store
+    from workers.runtime import ensure_ray, shutdown_ray
     from workers.serving import app as serve_app
 
     ensure_ray(ray_address)
     stop = threading.Event()
     previous = {}
+    store = Store.open(store_uri)
+    pin = f"serve-{socket.gethostname()}-{os.getpid()}"
+    if pinned:
+        store.pin(pin, ref)
     try:
         url = serve_app.start(store_uri, config, ref if pinned else None, host=host, port=port)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,4 +75,6 @@ def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: st
             signal.signal(sig, handler)
         serve_app.stop()
         shutdown_ray()
+        if pinned:
+            store.unpin(pin)
     echo("fewstep: stopped")

@@ -79,8 +79,12 @@ def status(
     opened = open_store(store, endpoint_url, region)
     manifests, damaged = load_manifests(opened)
     ordered = sorted(manifests.values(), key=lambda m: (m.created_at, m.ref))
-    pointers = opened.list_pointers()
-    runs = opened.list_runs()
+    pointers, bad_pointers = opened.scan_pointers()
+    pins, bad_pins = opened.scan_pins()
+    runs, bad_runs = opened.scan_runs()
+    damaged.update({f"pointer {n}": why for n, why in bad_pointers.items()})
+    damaged.update({f"pin {n}": why for n, why in bad_pins.items()})
+    damaged.update({f"run {n}": why for n, why in bad_runs.items()})
     if as_json:
         typer.echo(json.dumps({
             "store": opened.uri,
@@ -89,6 +93,7 @@ def status(
                         "metrics": m.metrics, "code_version": m.code_version, "digest": m.digest} for m in ordered],
             "damaged": damaged,
             "pointers": pointers,
+            "pins": pins,
             "runs": runs,
         }, indent=2))
         return
@@ -112,8 +117,16 @@ def status(
         typer.echo("pointers:")
         for name, ref in pointers.items():
             typer.echo(f"  {name} -> {ref}")
+    if pins:
+        typer.echo("pins (kept by gc until unpinned):")
+        for name, pin in pins.items():
+            typer.echo(f"  {name} -> {pin['ref']}  (since {str(pin.get('pinned_at', '?'))[:19]}, "
+                       f"heartbeat {str(pin.get('heartbeat_at', '?'))[:19]})")
     if runs:
-        typer.echo(f"runs: {len(runs)} recorded, latest {runs[-1].get('run_id')} at {runs[-1].get('created_at', '?')[:19]}")
+        typer.echo(f"runs: {len(runs)} recorded, latest {runs[-1].get('run_id')} at {str(runs[-1].get('created_at', '?'))[:19]}")
+        for run in runs:
+            if run["status"] == "running":
+                typer.echo(f"  running {run['run_id']}: heartbeat {str(run.get('heartbeat_at'))[:19]}")
 
 
 def gc(
@@ -121,8 +134,8 @@ def gc(
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
     region: Optional[str] = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
     yes: bool = typer.Option(False, "--yes", help="Delete what is listed (without it, only list)."),
-    min_age_hours: float = typer.Option(1.0, "--min-age-hours", min=0.0,
-                                        help="Leave uncommitted attempts younger than this (a stage may still be writing them)."),
+    min_age_hours: float = typer.Option(1.0, "--min-age-hours",
+                                        help="Leave anything written more recently than this (at least 0.25)."),
 ) -> None:
     """List staging leftovers, finished checkpoints and outputs no run references; --yes deletes them."""
     from infra.gc import apply_gc, plan_gc
@@ -131,8 +144,8 @@ def gc(
     plan = plan_gc(opened, min_age_s=min_age_hours * 3600)
     for line in plan.damaged:
         typer.echo(f"damaged (left alone): {line}")
-    if plan.note:
-        typer.echo(f"note: {plan.note}")
+    for note in plan.notes:
+        typer.echo(f"note: {note}")
     if not plan.items:
         typer.echo(f"nothing to collect in {opened.uri}")
         return
@@ -140,7 +153,9 @@ def gc(
     rows = [[item.kind, human_size(item.size), item.path.removeprefix(root), item.reason] for item in plan.items]
     typer.echo(table(rows))
     if yes:
-        apply_gc(opened, plan)
-        typer.echo(f"removed {len(plan.items)} items, {human_size(plan.size)}")
+        result = apply_gc(opened, plan)
+        for item, why in result.kept:
+            typer.echo(f"kept {item.path.removeprefix(root)}: {why}")
+        typer.echo(f"removed {len(result.removed)} items, {human_size(result.size)}")
     else:
         typer.echo(f"would remove {len(plan.items)} items, {human_size(plan.size)}; run again with --yes to delete them")

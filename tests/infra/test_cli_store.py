@@ -7,9 +7,11 @@ import json
 import socket
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 
+import infra.gc
 from infra.store import Store
 
 
@@ -85,7 +87,13 @@ def test_status_of_an_empty_store(app, tmp_path):
     assert result.exit_code == 0 and "no committed stages" in result.stdout
 
 
-def test_gc_lists_then_removes_leftovers_and_unreferenced_outputs(app, store):
+def travel(monkeypatch, hours: float) -> None:
+    """Move gc's clock forward, so what was just written looks ``hours`` old."""
+    later = infra.gc.clock() + timedelta(hours=hours)
+    monkeypatch.setattr(infra.gc, "clock", lambda: later)
+
+
+def test_gc_lists_then_removes_leftovers_and_unreferenced_outputs(app, store, monkeypatch):
     ingest = commit(store, "ingest")
     kept = commit(store, "vae", [ingest])
     orphan = commit(store, "vae-old")
@@ -100,7 +108,8 @@ def test_gc_lists_then_removes_leftovers_and_unreferenced_outputs(app, store):
     assert listed.exit_code == 0, listed.output
     assert "attempts" not in listed.stdout and f"stages/{orphan.ref}" not in listed.stdout
 
-    listed = invoke(app, "gc", "--store", store.uri, "--min-age-hours", "0")
+    travel(monkeypatch, 2)
+    listed = invoke(app, "gc", "--store", store.uri)
     rel = leftover.removeprefix(store.root + "/")
     assert rel in listed.stdout and "never committed" in listed.stdout
     assert f"stages/{orphan.ref}" in listed.stdout and "reached by no pointer" in listed.stdout
@@ -108,20 +117,31 @@ def test_gc_lists_then_removes_leftovers_and_unreferenced_outputs(app, store):
     assert "would remove 3 items" in listed.stdout and "--yes" in listed.stdout
     assert store.get(orphan.stage, orphan.key) is not None  # listing deletes nothing
 
-    removed = invoke(app, "gc", "--store", store.uri, "--min-age-hours", "0", "--yes")
-    assert removed.exit_code == 0 and "removed 3 items" in removed.stdout
+    removed = invoke(app, "gc", "--store", store.uri, "--yes")
+    assert removed.exit_code == 0 and "removed 3 items" in removed.stdout, removed.output
     assert store.get(orphan.stage, orphan.key) is None
     assert store.get(kept.stage, kept.key) == kept and store.get(ingest.stage, ingest.key) == ingest
     assert store.read_json(kept, "info") == {"stage": "vae"}
     assert store.backend.list_files(leftover) == {} and checkpoints.steps() == []
-    again = invoke(app, "gc", "--store", store.uri, "--min-age-hours", "0")
+    again = invoke(app, "gc", "--store", store.uri)
     assert "nothing to collect" in again.stdout
 
 
-def test_gc_without_pointers_or_runs_keeps_every_committed_output(app, local_store):
+def test_gc_refuses_a_minimum_age_below_the_floor(app, local_store):
     commit(local_store, "ingest")
-    result = invoke(app, "gc", "--store", local_store.uri, "--min-age-hours", "0", "--yes")
-    assert result.exit_code == 0 and "no pointer or run record" in result.stdout
+    for hours in ("0", "0.1"):
+        result = invoke(app, "gc", "--store", local_store.uri, "--min-age-hours", hours, "--yes")
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr.startswith("fewstep: error: a minimum age of") and "below the floor of 0.25 h" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert invoke(app, "gc", "--store", local_store.uri, "--min-age-hours", "0.25").exit_code == 0
+
+
+def test_gc_without_pointers_or_runs_keeps_every_committed_output(app, local_store, monkeypatch):
+    commit(local_store, "ingest")
+    travel(monkeypatch, 2)
+    result = invoke(app, "gc", "--store", local_store.uri, "--yes")
+    assert result.exit_code == 0 and "no pointer, pin or run record" in result.stdout
     assert len(local_store.list_manifests()) == 1
 
 

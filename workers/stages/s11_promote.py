@@ -18,16 +18,18 @@ says which case applied. Plain code: no Ray, no Prefect; running apps follow the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from infra.cards import GeneratorCard
+from infra.errors import PointerMoved
 from infra.metrics_table import fid_at, measured_as, read_rows
 from infra.store import SERVING_POINTER, Manifest, Store
 from models.sampling import preferred_sampler
 
 POINTER = SERVING_POINTER
 EVALUATE = "evaluate"  # the stage whose metrics table holds the FIDs
+CAS_ATTEMPTS = 3  # decisions against a pointer that others keep moving
 
 FidLookup = Callable[[str, int, str], "float | None"]  # (model ref, steps, sampler) -> FID
 
@@ -125,14 +127,21 @@ def promote(store: Store, candidate_ref: str, fid: str | FidLookup, served_steps
     lookup = evaluation_lookup(store, fid) if isinstance(fid, str) else fid
     candidate = store.get_ref(candidate_ref)
     sampler = served_sampler(candidate, solver)
-    current_ref = store.get_pointer(pointer)
-    current_fid = None
-    if current_ref is not None and current_ref != candidate_ref:
-        current = store.get(*current_ref.split("/", 1))  # None: the served model was deleted; nothing to defend
-        if current is not None:
-            current_fid = lookup(current_ref, served_steps, served_sampler(current, solver))
-    decision = decide(candidate_ref, current_ref, served_steps, sampler, lookup(candidate_ref, served_steps, sampler),
-                      current_fid, tolerance)
-    if decision.promoted:
-        store.put_pointer(pointer, candidate_ref)
-    return decision
+    for _ in range(CAS_ATTEMPTS):
+        current_ref = store.get_pointer(pointer)
+        current_fid = None
+        if current_ref is not None and current_ref != candidate_ref:
+            current = store.get(*current_ref.split("/", 1))  # None: the served model was deleted; nothing to defend
+            if current is not None:
+                current_fid = lookup(current_ref, served_steps, served_sampler(current, solver))
+        decision = decide(candidate_ref, current_ref, served_steps, sampler,
+                          lookup(candidate_ref, served_steps, sampler), current_fid, tolerance)
+        if not decision.promoted:
+            return decision
+        try:  # only if nobody moved the pointer since we read it; else decide again against the new one
+            store.put_pointer(pointer, candidate_ref, expect=current_ref)
+            return decision
+        except PointerMoved:
+            continue
+    return replace(decision, promoted=False,
+                   reason=f"{pointer} kept moving while {candidate_ref} was being promoted; run promotion again")
