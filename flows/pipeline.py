@@ -201,6 +201,8 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
             store_uri, cfg.reflow, ray_address, teacher, pairs, k)
         refs[f"pairs_{k}"], refs[f"reflow_{k}"] = pairs, teacher
         distil_data = pairs
+    if cfg.consistency.teacher == "base":
+        teacher = refs["base"]
     if cfg.consistency.data == "latents":
         distil_data = refs["latents"]
     refs["consistency"] = consistency_task(store_uri, cfg.consistency, ray_address, teacher, distil_data)

@@ -169,7 +169,7 @@ class GeneratorCard(LatentSpace):
 
     STAGES: ClassVar[tuple[str, ...]] = ("base", "reflow", "consistency")
 
-    family: str  # how its network turns noise into latents: models.sampling.FAMILY_SAMPLERS
+    family: str  # how its network turns noise into latents: models.sampling.FAMILIES
     steps: int  # training steps
     final_loss: float | None = None
     resumed_from: int = 0
@@ -178,6 +178,12 @@ class GeneratorCard(LatentSpace):
     teacher_ref: str | None = None
     data_ref: str | None = None
     nodes: tuple[str, ...] = ()  # the Ray node of each training rank
+    renoise_coupling: float = 0.0  # consistency: re-noise along x_0 (1) or with fresh noise (0)
+    num_intervals: int | None = None  # consistency: the time grid n / N it samples on (None: i / k)
+
+    def sampler_params(self) -> dict[str, Any]:
+        """What its family's samplers need to know about how it was trained (models.sampling)."""
+        return {"coupling": self.renoise_coupling, "num_intervals": self.num_intervals}
 
     @classmethod
     def is_generator(cls, manifest: Manifest) -> bool:

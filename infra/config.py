@@ -137,9 +137,19 @@ class ReflowConfig(GeneratorConfig):
 
 
 class ConsistencyConfig(LoopConfig):
-    """Consistency distillation of the last flow model into a 1-4 step student."""
+    """Consistency distillation of a flow model into a 1-4 step student.
 
-    data: Literal["latents", "pairs"] = "pairs"  # pairs: distil on the last reflow round's pairs
+    The default distils the last reflow round on its own pairs and samples the student by
+    re-noising along each sample's x_0 ("coupled"), on the distillation's time grid: exact for
+    a coupled teacher, and the setup whose 2 and 4 steps beat 1 (BENCHMARKS.md). Distilling the
+    base model needs fresh noise on the latents (teacher: base, data: latents).
+    """
+
+    teacher: Literal["last_reflow", "base"] = "last_reflow"  # the base model when reflow.rounds is 0
+    data: Literal["latents", "pairs"] = "pairs"  # pairs: the last reflow round's (x_0, x_1)
+    renoise: Literal["auto", "fresh", "coupled"] = "auto"  # auto: coupled iff the teacher is a reflow round
+    grid_times: bool = True  # multistep sampling at times on the training grid n / intervals
+    class_dropout: float = Field(0.1, ge=0, lt=1)  # null-label distillation, for unconditional requests
     intervals: int = Field(18, ge=1)  # N of the discretisation 0 = t_0 < ... < t_N = 1
     teacher_solver: Literal["euler", "heun"] = "heun"
     guidance: float = Field(1.0, ge=0)
@@ -148,6 +158,13 @@ class ConsistencyConfig(LoopConfig):
     steps: int = Field(2000, ge=1)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _pairs_follow_their_teacher(self) -> "ConsistencyConfig":
+        if self.teacher == "base" and self.data == "pairs":
+            raise ValueError("teacher: base with data: pairs distils the base model on another model's couplings; "
+                             "set data: latents (fresh noise) for the base teacher")
+        return self
 
 
 class ClassifierConfig(LoopConfig):
@@ -227,6 +244,14 @@ class PipelineConfig(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _steps_fit_the_student(self) -> "PipelineConfig":
+        grid = self.consistency.intervals if self.consistency.grid_times else None
+        if grid is not None and max(self.evaluate.consistency_steps, default=1) > grid:
+            raise ValueError(f"evaluate.consistency_steps {list(self.evaluate.consistency_steps)} go beyond the student's "
+                             f"time grid of consistency.intervals={grid}: use at most {grid} steps, or more intervals")
+        return self
 
 
 # Overrides of the defaults above. "default" is the quality preset (about 10 min on

@@ -27,7 +27,6 @@ x_0 (``coupling = 1``). See ``benchmarks/consistency_toy.py`` for the measured c
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Sequence
 
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from models.conventions import expand_t, full_t, interpolate
-from models.ema import ema_update
+from models.ema import ema_copy, ema_update
 from models.objectives import Batch, LossOutput, Objective, drop_labels, require, unwrap
 from models.samplers import SampleResult, Solver, check_steps, get_solver, guided_velocity
 
@@ -110,7 +109,7 @@ class ConsistencyDistillation(Objective):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.target = copy.deepcopy(unwrap(student)).eval().requires_grad_(False)
+        self.target = ema_copy(unwrap(student))
         self.num_intervals = num_intervals
         self.solver = get_solver(solver)
         self.teacher_v = guided_velocity(self.teacher, guidance)

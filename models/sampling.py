@@ -15,7 +15,7 @@ every image on its own and batch requests freely.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from torch import Tensor, nn
 
@@ -27,6 +27,7 @@ class Sampler(Protocol):
     name: str  # the evaluation table's ``sampler`` column
     guided: bool  # takes a classifier-free guidance scale
     has_path: bool  # integrates an ODE whose path (and straightness) can be recorded
+    max_steps: int | None  # the most steps it can take (None: any)
 
     def noise_draws(self, steps: int) -> int:
         """Standard normal draws of the latent's shape that one image needs at ``steps``."""
@@ -45,6 +46,7 @@ class OdeSampler:
     name: str
     guided: bool = True
     has_path: bool = True
+    max_steps: int | None = None
 
     def noise_draws(self, steps: int) -> int:
         return 1
@@ -56,21 +58,32 @@ class OdeSampler:
 
 @dataclass(frozen=True)
 class ConsistencySampler:
-    """Multistep consistency sampling: x_0 = noise[0], then one fresh draw per extra step.
+    """Multistep consistency sampling from x_0 = noise[0], re-noised between steps.
 
+    ``coupling`` rho re-noises along the sample's own x_0 (z = rho x_0 + sqrt(1 - rho^2) eps):
+    1 for a student of a coupled (reflow) teacher, 0 (fresh draws) for one of the base teacher;
+    ``num_intervals`` puts the step times on the distillation grid n / N (then at most N steps).
     A distilled student learned its teacher's guided trajectories, so it takes no guidance.
     """
 
+    coupling: float = 0.0
+    num_intervals: int | None = None
     name: str = "consistency"
     guided: bool = False
     has_path: bool = False
 
+    @property
+    def max_steps(self) -> int | None:
+        return self.num_intervals
+
     def noise_draws(self, steps: int) -> int:
-        return steps
+        return 1 if self.coupling == 1.0 else steps  # x_0, and one eps per re-noising unless fully coupled
 
     def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int,
                guidance: float) -> SampleResult:
-        return consistency_sample(net, noise[0], y, steps, noise=list(noise[1:]))
+        eps = list(noise[1:]) if self.coupling != 1.0 else None
+        return consistency_sample(net, noise[0], y, steps, noise=eps, num_intervals=self.num_intervals,
+                                  coupling=self.coupling)
 
 
 SAMPLERS: dict[str, Sampler] = {
@@ -79,25 +92,38 @@ SAMPLERS: dict[str, Sampler] = {
     "consistency": ConsistencySampler(),
 }
 
-# Each family's samplers; the first is the family's default.
-FAMILY_SAMPLERS: dict[str, tuple[str, ...]] = {
-    "flow": ("euler", "heun"),
-    "consistency": ("consistency",),
+
+def flow_samplers(**trained: object) -> tuple[Sampler, ...]:
+    return SAMPLERS["euler"], SAMPLERS["heun"]
+
+
+def consistency_samplers(coupling: float = 0.0, num_intervals: int | None = None, **trained: object) -> tuple[Sampler, ...]:
+    return (ConsistencySampler(coupling=coupling, num_intervals=num_intervals),)
+
+
+# Each family's samplers, built with what its model was trained for; the first is the default.
+FAMILIES: dict[str, Callable[..., tuple[Sampler, ...]]] = {
+    "flow": flow_samplers,
+    "consistency": consistency_samplers,
 }
 
 
 def get_sampler(name: str) -> Sampler:
+    """A sampler by its table name, with default parameters (for checks and names, not for drawing)."""
     try:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
 
 
-def family_samplers(family: str) -> tuple[Sampler, ...]:
+def family_samplers(family: str, **trained: object) -> tuple[Sampler, ...]:
+    """The samplers of ``family`` with the parameters its model was trained for (``trained``: e.g.
+    a consistency student's re-noising ``coupling`` and time grid ``num_intervals``)."""
     try:
-        return tuple(SAMPLERS[name] for name in FAMILY_SAMPLERS[family])
+        build = FAMILIES[family]
     except KeyError:
-        raise ValueError(f"unknown generator family {family!r}; expected one of {', '.join(FAMILY_SAMPLERS)}") from None
+        raise ValueError(f"unknown generator family {family!r}; expected one of {', '.join(FAMILIES)}") from None
+    return build(**trained)
 
 
 def preferred_sampler(family: str, preferred: str) -> Sampler:

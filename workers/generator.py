@@ -25,7 +25,7 @@ from infra.config import GeneratorConfig
 from infra.store import Manifest, StageWriter, Store
 from models.dit import DiT, dit_config
 from models.registry import build_model, model_spec
-from models.sampling import Sampler, family_samplers, get_sampler
+from models.sampling import Sampler, family_samplers
 from workers.pixels import tensor_to_uint8
 from workers.vae_kinds import load_vae
 
@@ -108,7 +108,7 @@ class Generator:
     def __init__(self, ref: str, card: GeneratorCard, net: nn.Module, vae: nn.Module,
                  device: torch.device | str = "cpu"):
         self.ref, self.card = ref, card
-        self.samplers = {s.name: s for s in family_samplers(card.family)}  # also checks the family
+        self.samplers = {s.name: s for s in family_samplers(card.family, **card.sampler_params())}
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.vae = vae.to(self.device).eval()
@@ -126,7 +126,7 @@ class Generator:
         if name not in self.samplers:
             raise ValueError(f"{self.ref} is a {self.card.family} model: sample it with "
                              f"{' or '.join(self.samplers)}, not {name!r}")
-        return get_sampler(name)
+        return self.samplers[name]
 
     # -- noise and labels --------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import torch
 from models.consistency import consistency_sample
 from models.dit import DiT, dit_config
 from models.samplers import sample_ode
-from models.sampling import FAMILY_SAMPLERS, SAMPLERS, family_samplers, get_sampler, preferred_sampler
+from models.sampling import FAMILIES, SAMPLERS, family_samplers, get_sampler, preferred_sampler
 
 
 def tiny_dit() -> DiT:
@@ -21,9 +21,8 @@ def tiny_dit() -> DiT:
 
 
 def test_every_family_offers_known_samplers_and_each_name_is_its_table_name():
-    assert set(FAMILY_SAMPLERS) == {"flow", "consistency"}
-    for family, names in FAMILY_SAMPLERS.items():
-        assert [s.name for s in family_samplers(family)] == list(names)
+    assert {family: [s.name for s in family_samplers(family)] for family in FAMILIES} == {
+        "flow": ["euler", "heun"], "consistency": ["consistency"]}
     assert all(sampler.name == name for name, sampler in SAMPLERS.items())
     with pytest.raises(ValueError, match="unknown generator family 'gan'"):
         family_samplers("gan")
@@ -49,3 +48,14 @@ def test_samplers_are_the_math_they_wrap():
     assert consistency.noise_draws(2) == 2 and not consistency.guided and not consistency.has_path
     out = consistency.sample(net, [x_0, z], y, 2, 7.0)  # guidance is ignored
     torch.testing.assert_close(out.x_1, consistency_sample(net, x_0, y, 2, noise=[z]).x_1)
+
+
+def test_a_consistency_sampler_carries_what_its_student_was_trained_for():
+    net = tiny_dit()
+    x_0, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
+    (coupled,) = family_samplers("consistency", coupling=1.0, num_intervals=8)
+    assert coupled.noise_draws(4) == 1 and coupled.max_steps == 8  # re-noised along x_0: no extra draws
+    expected = consistency_sample(net, x_0, y, 4, coupling=1.0, num_intervals=8).x_1
+    torch.testing.assert_close(coupled.sample(net, [x_0], y, 4, 1.0).x_1, expected)
+    (fresh,) = family_samplers("consistency")
+    assert fresh.noise_draws(4) == 4 and fresh.max_steps is None

@@ -176,6 +176,10 @@ class FewstepGenerator:
             raise HTTPException(status_code=422, detail=found)
         sampler = served.generator.sampler(served.sampler)
         steps = body.steps if body.steps is not None else self.limits.default_steps
+        if sampler.max_steps is not None and steps > sampler.max_steps:
+            raise HTTPException(status_code=422, detail=[problem(
+                "steps", f"steps={steps} is more than the served model takes: {served.ref} samples on a grid of "
+                         f"{sampler.max_steps} times; use 1..{sampler.max_steps}")])
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         # A sampler that takes no guidance (a distilled student) batches all its requests together.
         guidance = float(body.guidance) if sampler.guided and body.guidance is not None else 1.0

@@ -5,8 +5,10 @@
 
 with x_hat the teacher's one ODE step and f_theta^- an EMA target (see
 :class:`~models.consistency.ConsistencyDistillation`). The student starts from the teacher's
-weights and is trained by the one loop on the latents (fresh noise) or the last round's pairs.
-Writes a consistency-family generator.
+weights and is trained by the one loop on the latents (fresh noise) or the last round's pairs,
+with label dropout so unconditional requests are trained too. The card records how the student
+is sampled: re-noised along x_0 for a reflow teacher (coupled), with fresh noise for the base
+teacher, at times on the distillation grid.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def distillation_data(store: Store, data: Manifest):
     return latents.n_train, "latents", ["mean", "logvar", "label"], LatentBatch(latents.latent_scale, latents.num_classes)
 
 
+def renoise_coupling(config: ConsistencyConfig, teacher: Manifest) -> float:
+    """How the student is re-noised between steps: along its x_0 (1.0) when the teacher is a
+    coupled (reflow) model, with fresh noise (0.0) for the base teacher's independent coupling."""
+    coupled = config.renoise == "coupled" or (config.renoise == "auto" and GeneratorCard.from_manifest(teacher).round is not None)
+    return 1.0 if coupled else 0.0
+
+
 def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, data: Manifest) -> Manifest:
     """Consistency distillation of ``teacher`` on ``data`` (latents or pairs); returns the student's manifest."""
     space = GeneratorCard.from_manifest(teacher).space
@@ -48,7 +57,7 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
         objective = ConsistencyDistillation(
             teacher=teacher_net, student=student, num_intervals=config.intervals,
             solver=config.teacher_solver, guidance=config.guidance,
-            ema_decay=config.target_decay, c=config.huber_c,
+            ema_decay=config.target_decay, c=config.huber_c, label_dropout=config.class_dropout,
         )
         job = TrainJob(store=store, stage=STAGE, key=key, model_spec=spec, objective=objective,
                        config=config, adapt_batch=adapt, init_state=state)
@@ -56,6 +65,7 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
         return GeneratorCard(family="consistency", steps=result.step, final_loss=result.final_loss,
                              resumed_from=result.resumed_from, nodes=tuple(result.nodes), guidance=config.guidance,
-                             teacher_ref=teacher.ref, data_ref=data.ref, **space.space_fields())
+                             teacher_ref=teacher.ref, data_ref=data.ref, renoise_coupling=renoise_coupling(config, teacher),
+                             num_intervals=config.intervals if config.grid_times else None, **space.space_fields())
 
     return run_stage(store, STAGE, config, [teacher, data], build, source=__name__)
