@@ -11,6 +11,7 @@ config as its only argument. "dit" and "vae" are built in; ``register_kind`` add
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,9 @@ from models.dit import DiT, DiTConfig
 from models.vae import VAE, VAEConfig
 
 _KINDS: dict[str, tuple[type, type[nn.Module]]] = {}
+# Kinds whose modules register themselves when imported; build_model imports them on first use,
+# so a spec of the evaluation's classifier or encoder rebuilds without a prior import.
+_SELF_REGISTERING = {"classifier": "models.classifier", "encoder": "models.encoder"}
 
 
 def register_kind(name: str, config_cls: type, module_cls: type[nn.Module]) -> None:
@@ -78,6 +82,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
         raise ValueError(f'a model spec is {{"kind": ..., "config": {{...}}}}, got {got}')
     kind, raw = spec["kind"], spec["config"]
+    if kind not in _KINDS and kind in _SELF_REGISTERING:
+        importlib.import_module(_SELF_REGISTERING[kind])
     if kind not in _KINDS:
         raise ValueError(f"unknown model kind {kind!r}; registered kinds are {registered_kinds()}")
     config_cls, module_cls = _KINDS[kind]
