@@ -200,12 +200,12 @@ def test_classifier_objective_shifts_with_the_global_rng():
     x, y = torch.rand(16, 1, 16, 16) * 2 - 1, torch.randint(0, 10, (16,))
     objective = ClassifierObjective(max_shift=2)
     torch.manual_seed(0)
-    a = objective.loss(model, {"x_1": x, "y": y}).loss
+    a = objective.loss(model, {"x_1": x, "y": y}).logs["loss"]
     torch.manual_seed(0)
-    b = objective.loss(model, {"x_1": x, "y": y}).loss
-    c = objective.loss(model, {"x_1": x, "y": y}).loss
+    b = objective.loss(model, {"x_1": x, "y": y}).logs["loss"]
+    c = objective.loss(model, {"x_1": x, "y": y}).logs["loss"]
     assert float(a) == float(b) and float(a) != float(c)
-    assert float(a) != float(ClassifierObjective(max_shift=0).loss(model, {"x_1": x, "y": y}).loss)
+    assert float(a) != float(ClassifierObjective(max_shift=0).loss(model, {"x_1": x, "y": y}).logs["loss"])
 
 
 @pytest.fixture
