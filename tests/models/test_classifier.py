@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +12,6 @@ from models.extractors import (
     FeatureExtractor,
     classifier_extractor,
     extract_features,
-    load_inception_extractor,
     load_torchscript_extractor,
 )
 from models.metrics import class_accuracy
@@ -164,22 +160,6 @@ def test_extractor_rejects_outputs_without_one_row_per_image():
     extractor = FeatureExtractor(nn.Flatten(0), name="bad")  # (N, ...) -> one long vector
     with pytest.raises(ValueError, match="one row per image"):
         extractor(torch.zeros(3, 1, 4, 4))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision installed")
-def test_inception_extractor_without_torchvision_says_what_to_install():
-    with pytest.raises(ImportError, match="torchvision"):
-        load_inception_extractor(b"")
-
-
-def test_inception_extractor_loads_local_weights():
-    tv_models = pytest.importorskip("torchvision.models")
-    net = tv_models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    extractor = load_inception_extractor(buffer.getvalue())
-    features = extract_features(extractor, torch.rand(2, 1, 16, 16) * 2 - 1)
-    assert features.shape == (2, 2048)
 
 
 # ---- the classifier objective (fewstep's one training loop) ----------------------------------
