@@ -47,8 +47,8 @@ def small(**overrides) -> Encoder:
 
 
 def test_encoder_shapes_and_the_head_reads_the_features():
-    model = small(in_channels=1, image_size=8)
-    x = torch.rand(5, 1, 8, 8) * 2 - 1
+    model = small(in_channels=1, image_size=12)
+    x = torch.rand(5, 1, 12, 12) * 2 - 1
     features = model.features(x)
     assert features.shape == (5, 16)
     assert model(x).shape == (5, 8)
@@ -64,7 +64,7 @@ def test_encoder_features_do_not_depend_on_the_batch():
 def test_encoder_rejects_images_of_the_wrong_shape_and_bad_configs():
     with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
         small()(torch.zeros(2, 3, 16, 16))
-    for bad in (dict(image_size=10), dict(feature_dim=0), dict(projection_dim=-1)):
+    for bad in (dict(image_size=4), dict(feature_dim=0), dict(projection_dim=-1)):
         with pytest.raises(ValueError):
             EncoderConfig(**bad)
 
