@@ -160,16 +160,16 @@ def _image_uniforms(seed: int, start: int, count: int) -> np.ndarray:
 def shape_labels(start: int, count: int, seed: int) -> np.ndarray:
     """Class ids (count,) int64 of images start..start+count-1: each aligned group of K ids
     holds every class once, in the order permutation(SeedSequence([seed, 1, group]))."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
     k = len(SHAPE_CLASSES)
     indices = np.arange(start, start + count)
-    first, last = start // k, (start + count - 1) // k if count else start // k - 1
-    orders = [
+    first, last = start // k, (start + count - 1) // k
+    orders = np.stack([
         np.argsort(np.random.default_rng(np.random.SeedSequence([seed, _LABEL_STREAM, group])).random(k))
         for group in range(first, last + 1)
-    ]
-    if not orders:
-        return np.zeros(0, dtype=np.int64)
-    return np.stack(orders)[indices // k - first, indices % k].astype(np.int64)  # (count,)
+    ])  # (groups, K): one permutation of the classes per group
+    return orders[indices // k - first, indices % k].astype(np.int64)  # (count,)
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
