@@ -1,10 +1,12 @@
 """Feature extractors for FID and precision/recall: images (N, C, H, W) in [-1, 1] -> (N, D).
 
-Three sources, one wrapper (:class:`FeatureExtractor`, an ``nn.Module`` so ``.to(device)``
+Four sources, one wrapper (:class:`FeatureExtractor`, an ``nn.Module`` so ``.to(device)``
 works):
 
 - :func:`classifier_extractor` - the penultimate layer of fewstep's own classifier
-  (models/classifier.py), the default for small images such as the digits.
+  (models/classifier.py), the default for small labelled images such as the digits.
+- :func:`encoder_extractor` - the self-supervised encoder (models/encoder.py), trained on the
+  data itself: the feature space of unlabeled data.
 - :func:`load_torchscript_extractor` - any user module saved with ``torch.jit.save`` whose
   ``forward`` maps images in [-1, 1] at the dataset's resolution to (N, D) (or (N, D, 1, 1))
   features; it does its own resizing and normalisation. (torch 2.13 marks TorchScript
@@ -31,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.classifier import Classifier
-from models.inception import FEATURE_DIM as INCEPTION_FEATURE_DIM  # noqa: F401  (re-exported)
-from models.inception import Inception3, config_for_state_dict
+from models.encoder import Encoder
+from models.inception import FEATURE_DIM, Inception3, config_for_state_dict
 
 INCEPTION_SIZE = 299  # Inception-v3's input resolution
+INCEPTION_FEATURE_DIM = FEATURE_DIM
 
 
 class FeatureExtractor(nn.Module):
@@ -100,6 +103,23 @@ class _ClassifierFeatures(nn.Module):
 def classifier_extractor(classifier: Classifier, name: str = "classifier") -> FeatureExtractor:
     """The classifier's penultimate layer, (N, feature_dim), as an extractor."""
     return FeatureExtractor(_ClassifierFeatures(classifier), name=name)
+
+
+class _EncoderFeatures(nn.Module):
+    """Adapter so the self-supervised encoder's ``features`` becomes a module's ``forward``."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder.features(x)
+
+
+def encoder_extractor(encoder: Encoder, name: str = "encoder") -> FeatureExtractor:
+    """The self-supervised encoder's features (before its projection head), (N, feature_dim),
+    as an extractor: the feature space of unlabeled data."""
+    return FeatureExtractor(_EncoderFeatures(encoder), name=name)
 
 
 def _as_buffer(data: bytes | BinaryIO, what: str) -> BinaryIO:

@@ -24,6 +24,7 @@ from models.encoder import (
     nt_xent,
     random_resized_crop,
 )
+from models.extractors import encoder_extractor, extract_features
 from models.registry import build_model, model_spec
 from workers.sources.shapes import render_shapes
 
@@ -220,3 +221,13 @@ def test_contrastive_objective_checks_its_input():
         ContrastiveObjective().loss(small(), {"x_1": torch.zeros(1, 3, 32, 32)})
     with pytest.raises(ValueError, match="temperature"):
         ContrastiveObjective(temperature=0.0)
+
+
+def test_encoder_extractor_returns_the_features_before_the_head():
+    model = small().eval()
+    images = torch.rand(7, 3, 32, 32) * 2 - 1
+    extractor = encoder_extractor(model)
+    assert extractor.name == "encoder"
+    features = extract_features(extractor, images, batch_size=3)
+    with torch.no_grad():
+        torch.testing.assert_close(features, model.features(images))

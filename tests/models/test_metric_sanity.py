@@ -34,7 +34,13 @@ from torch import Tensor, nn
 
 from models.classifier import Classifier, ClassifierConfig, train_classifier
 from models.encoder import ContrastiveObjective, Encoder, EncoderConfig, gaussian_blur
-from models.extractors import FeatureExtractor, classifier_extractor, extract_features, load_inception_extractor
+from models.extractors import (
+    FeatureExtractor,
+    classifier_extractor,
+    encoder_extractor,
+    extract_features,
+    load_inception_extractor,
+)
 from models.inception import Inception3, InceptionConfig
 from models.metrics import class_accuracy, fid, kid
 from workers.sources.shapes import render_shapes
@@ -132,15 +138,6 @@ def test_classifier_space(data):
     assert_sane(score(classifier_extractor(classifier), data, N, "classifier features"))
 
 
-class _EncoderFeatures(nn.Module):
-    def __init__(self, encoder: Encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.encoder.features(x)
-
-
 def test_self_supervised_encoder_space(data):
     x, _ = data.train
     torch.manual_seed(0)
@@ -152,8 +149,7 @@ def test_self_supervised_encoder_space(data):
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
-    extractor = FeatureExtractor(_EncoderFeatures(encoder), name="encoder")
-    assert_sane(score(extractor, data, N, "self-supervised encoder features (400 steps)"))
+    assert_sane(score(encoder_extractor(encoder), data, N, "self-supervised encoder features (400 steps)"))
 
 
 def test_inception_space_at_random_init(data):
