@@ -15,6 +15,8 @@ Input images are (N, C, H, W) in [-1, 1] (pixel space, not latents)::
     linear          -> (N, num_classes)     = forward(x), the logits
 
 Unlike the generators, the classifier is called ``model(x)``: it has no time or label input.
+It trains either with :func:`train_classifier` (a self-contained loop) or through fewstep's
+one training loop with :class:`ClassifierObjective` (same loss and augmentation).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.objectives import Batch, LossOutput, Objective, require
 from models.registry import register_kind
 
 
@@ -49,7 +52,8 @@ class ClassifierConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 
 
-def _conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
+def conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
+    """conv-GN-SiLU, conv-GN-SiLU, 2x average pool: (N, in, S, S) -> (N, out, S/2, S/2)."""
     # GroupNorm rather than BatchNorm: features do not depend on train/eval mode or batch makeup.
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
@@ -72,8 +76,8 @@ class Classifier(nn.Module):
         self.feature_dim = config.feature_dim
         w = config.width
         self.body = nn.Sequential(
-            _conv_stage(config.in_channels, w),
-            _conv_stage(w, 2 * w),
+            conv_stage(config.in_channels, w),
+            conv_stage(w, 2 * w),
         )
         flat = 2 * w * (config.image_size // 4) ** 2
         self.embed = nn.Sequential(nn.Linear(flat, config.feature_dim), nn.SiLU())
@@ -161,6 +165,31 @@ def train_classifier(
         losses.append(loss.detach())  # no host sync per step; converted once below
     model.eval()
     return torch.stack(losses).tolist()
+
+
+class ClassifierObjective(Objective):
+    """Cross-entropy of the classifier on batch ``"x_1"`` (images (N, C, S, S) in [-1, 1]) and
+    ``"y"`` (class ids (N,), each in 0..num_classes-1; filter out unlabelled rows first),
+    with the random shifts of :func:`train_classifier` as augmentation.
+
+    L = -mean_n log softmax(f(shift(x_n)))_{y_n}
+
+    Shifts come from torch's global RNG, which the training loop seeds and checkpoints.
+    Logs the loss and the batch accuracy (detached, no host sync).
+    """
+
+    def __init__(self, max_shift: int = 1):
+        if max_shift < 0:
+            raise ValueError(f"max_shift={max_shift} must be >= 0 pixels")
+        self.max_shift = max_shift
+
+    def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
+        x = require(batch, "x_1", "ClassifierObjective")
+        y = require(batch, "y", "ClassifierObjective")
+        logits = model(random_shift(x, self.max_shift))  # (N, num_classes)
+        loss = F.cross_entropy(logits.float(), y)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        return LossOutput(loss=loss, logs={"loss": loss.detach(), "accuracy": accuracy.detach()})
 
 
 # build_model({"kind": "classifier", ...}) rebuilds it once this module is imported.

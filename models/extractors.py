@@ -1,18 +1,21 @@
 """Feature extractors for FID and precision/recall: images (N, C, H, W) in [-1, 1] -> (N, D).
 
-Three sources, one wrapper (:class:`FeatureExtractor`, an ``nn.Module`` so ``.to(device)``
+Four sources, one wrapper (:class:`FeatureExtractor`, an ``nn.Module`` so ``.to(device)``
 works):
 
 - :func:`classifier_extractor` - the penultimate layer of fewstep's own classifier
-  (models/classifier.py), the default for small images such as the digits.
+  (models/classifier.py), the default for small labelled images such as the digits.
+- :func:`encoder_extractor` - the self-supervised encoder (models/encoder.py), trained on the
+  data itself: the feature space of unlabeled data.
 - :func:`load_torchscript_extractor` - any user module saved with ``torch.jit.save`` whose
   ``forward`` maps images in [-1, 1] at the dataset's resolution to (N, D) (or (N, D, 1, 1))
   features; it does its own resizing and normalisation. (torch 2.13 marks TorchScript
   deprecated in favour of ``torch.export``; it still loads, with a DeprecationWarning.)
-- :func:`load_inception_extractor` - torchvision's Inception-v3 from a local weights file,
-  2048-d pool features. Needs torchvision, an optional dependency fewstep does not require.
-  torchvision's weights are not the TF "pt_inception-2015-12-05" weights of published FIDs,
-  so its numbers track but do not equal the literature's.
+- :func:`load_inception_extractor` - Inception-v3 (models/inception.py, plain torch) from a
+  local torchvision-style weights file, 2048-d pool features. torchvision's ImageNet weights
+  are not the TF "pt_inception-2015-12-05" weights of published FIDs, so their numbers track
+  but do not equal the literature's; the TF weights (as pytorch-fid ships them) load too,
+  with the TF graph's pooling.
 
 No file access here (``models/`` reads no files): the loaders take the serialized module as
 ``bytes`` or an already-opened binary file object. The caller (``workers/``) reads them from
@@ -22,6 +25,7 @@ a local path or from the artifact store, which is also how an extractor on S3 is
 from __future__ import annotations
 
 import io
+import pickle
 from typing import BinaryIO, Callable
 
 import torch
@@ -29,9 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.classifier import Classifier
+from models.encoder import Encoder
+from models.inception import FEATURE_DIM, Inception3, config_for_state_dict
 
 INCEPTION_SIZE = 299  # Inception-v3's input resolution
-INCEPTION_FEATURE_DIM = 2048
+INCEPTION_FEATURE_DIM = FEATURE_DIM
 
 
 class FeatureExtractor(nn.Module):
@@ -99,6 +105,23 @@ def classifier_extractor(classifier: Classifier, name: str = "classifier") -> Fe
     return FeatureExtractor(_ClassifierFeatures(classifier), name=name)
 
 
+class _EncoderFeatures(nn.Module):
+    """Adapter so the self-supervised encoder's ``features`` becomes a module's ``forward``."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder.features(x)
+
+
+def encoder_extractor(encoder: Encoder, name: str = "encoder") -> FeatureExtractor:
+    """The self-supervised encoder's features (before its projection head), (N, feature_dim),
+    as an extractor: the feature space of unlabeled data."""
+    return FeatureExtractor(_EncoderFeatures(encoder), name=name)
+
+
 def _as_buffer(data: bytes | BinaryIO, what: str) -> BinaryIO:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(data))
@@ -134,7 +157,8 @@ def _inception_prepare(images: Tensor) -> Tensor:
     """[-1, 1] images of any size and 1 or 3 channels -> (N, 3, 299, 299) in [-1, 1].
 
     Google's Inception-v3 expects inputs scaled to [-1, 1], which fewstep's images already are
-    (so torchvision's ``transform_input`` stays off).
+    (so torchvision's ``transform_input``, which maps ImageNet-normalised input there, stays
+    off). The resize is bilinear without corner alignment, as pytorch-fid's.
     """
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)  # grey -> RGB, (N, 3, H, W)
@@ -147,38 +171,54 @@ def _inception_prepare(images: Tensor) -> Tensor:
     )  # (N, 3, 299, 299)
 
 
+class _InceptionFeatures(nn.Module):
+    """Adapter so Inception-v3's 2048-d pool layer becomes a module's ``forward``."""
+
+    def __init__(self, inception: Inception3):
+        super().__init__()
+        self.inception = inception
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inception.features(x)
+
+
 def load_inception_extractor(
     data: bytes | BinaryIO,
     map_location: torch.device | None = None,
 ) -> FeatureExtractor:
-    """torchvision's Inception-v3 from a local ``state_dict`` (bytes or opened file): 2048-d
-    pool features of images resized to 299x299. Requires torchvision.
+    """Inception-v3 (models/inception.py) from a local torchvision-style ``state_dict`` (bytes or
+    opened file): 2048-d pool features of images resized to 299x299. No torchvision needed.
 
-    The weights are read with ``torch.load(weights_only=True)``: tensors only, no pickled code.
-    ``map_location``, when given, is the device the extractor is placed on.
+    The state dict decides the variant (``config_for_state_dict``): torchvision's ImageNet
+    weights with or without the ``AuxLogits`` head (name "inception_v3"), or the TF FID graph's
+    1008-class weights with its pooling (name "inception_v3_tf"). The weights are read with
+    ``torch.load(weights_only=True)``: tensors only, no pickled code. ``map_location``, when
+    given, is the device the extractor is placed on.
     """
     try:
-        import torchvision.models as tv_models  # optional dependency, imported only here
-    except ImportError as error:
-        raise ImportError(
-            "the Inception-v3 extractor needs torchvision, which is not installed. Install the "
-            "torchvision build that matches your torch (pip install torchvision==<matching>), "
-            "or use the default classifier extractor or a TorchScript extractor instead"
+        state = torch.load(
+            _as_buffer(data, "Inception-v3 weights"), map_location=map_location, weights_only=True
+        )
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"could not read the Inception-v3 weights ({type(error).__name__}: {str(error)[:200]}); "
+            "pass a file written by torch.save(inception_v3(...).state_dict(), path)"
         ) from error
-    state = torch.load(
-        _as_buffer(data, "Inception-v3 weights"), map_location=map_location, weights_only=True
-    )
-    net = tv_models.inception_v3(
-        weights=None, aux_logits=True, transform_input=False, init_weights=False
-    )
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"the Inception-v3 weights hold a {type(state).__name__}, not a state dict; "
+            "save them with torch.save(inception_v3(...).state_dict(), path)"
+        )
+    config = config_for_state_dict(state)
+    net = Inception3(config)
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(
-            "the weights do not fit torchvision's inception_v3 (with aux_logits): "
-            f"{error}. Save them with torch.save(inception_v3(...).state_dict(), path)"
+            f"the weights do not fit Inception-v3 with torchvision's names ({config}): {error}. "
+            "Save them with torch.save(inception_v3(...).state_dict(), path)"
         ) from error
-    net.fc = nn.Identity()  # the 2048-d pool features instead of the 1000 ImageNet logits
     if map_location is not None:
         net.to(map_location)
-    return FeatureExtractor(net, name="inception_v3", prepare=_inception_prepare)
+    name = "inception_v3_tf" if config.tf_pooling else "inception_v3"
+    return FeatureExtractor(_InceptionFeatures(net), name=name, prepare=_inception_prepare)

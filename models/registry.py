@@ -19,9 +19,9 @@ from typing import Any
 from torch import nn
 
 _KINDS: dict[str, tuple[type, type[nn.Module]]] = {}
-
 # The module that registers each kind fewstep ships (imported on first use, see build_model).
-BUILTIN_KINDS = {"dit": "models.dit", "vae": "models.vae", "classifier": "models.classifier"}
+BUILTIN_KINDS = {"dit": "models.dit", "vae": "models.vae", "classifier": "models.classifier",
+                 "encoder": "models.encoder"}
 
 
 def register_kind(name: str, config_cls: type, module_cls: type[nn.Module]) -> None:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import importlib.util
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.classifier import Classifier, ClassifierConfig, random_shift, train_classifier
+from models.classifier import Classifier, ClassifierConfig, ClassifierObjective, random_shift, train_classifier
 from models.extractors import (
     FeatureExtractor,
     classifier_extractor,
     extract_features,
-    load_inception_extractor,
     load_torchscript_extractor,
 )
 from models.metrics import class_accuracy
@@ -166,17 +162,61 @@ def test_extractor_rejects_outputs_without_one_row_per_image():
         extractor(torch.zeros(3, 1, 4, 4))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision installed")
-def test_inception_extractor_without_torchvision_says_what_to_install():
-    with pytest.raises(ImportError, match="torchvision"):
-        load_inception_extractor(b"")
+# ---- the classifier objective (fewstep's one training loop) ----------------------------------
 
 
-def test_inception_extractor_loads_local_weights():
-    tv_models = pytest.importorskip("torchvision.models")
-    net = tv_models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    extractor = load_inception_extractor(buffer.getvalue())
-    features = extract_features(extractor, torch.rand(2, 1, 16, 16) * 2 - 1)
-    assert features.shape == (2, 2048)
+def test_classifier_objective_without_shift_is_plain_cross_entropy():
+    model = Classifier(ClassifierConfig(width=8, feature_dim=16))
+    x, y = torch.rand(6, 1, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3, 4, 5])
+    out = ClassifierObjective(max_shift=0).loss(model, {"x_1": x, "y": y})
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x), y))
+    assert set(out.logs) == {"loss", "accuracy"}
+    assert float(out.logs["accuracy"]) == pytest.approx(class_accuracy(model(x), y))
+    assert not out.logs["loss"].requires_grad
+
+
+def test_classifier_objective_shifts_with_the_global_rng():
+    model = Classifier(ClassifierConfig(width=8, feature_dim=16))
+    x, y = torch.rand(16, 1, 16, 16) * 2 - 1, torch.randint(0, 10, (16,))
+    objective = ClassifierObjective(max_shift=2)
+    torch.manual_seed(0)
+    a = objective.loss(model, {"x_1": x, "y": y}).logs["loss"]
+    torch.manual_seed(0)
+    b = objective.loss(model, {"x_1": x, "y": y}).logs["loss"]
+    c = objective.loss(model, {"x_1": x, "y": y}).logs["loss"]
+    assert float(a) == float(b) and float(a) != float(c)
+    assert float(a) != float(ClassifierObjective(max_shift=0).loss(model, {"x_1": x, "y": y}).logs["loss"])
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_classifier_objective_trains_in_a_plain_loop(one_thread):
+    x_train, y_train, _, _ = digits_16()
+    torch.manual_seed(0)
+    model = Classifier(ClassifierConfig(width=8, feature_dim=16))
+    objective = ClassifierObjective(max_shift=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        index = torch.randint(0, len(y_train), (32,))
+        out = objective.loss(model, {"x_1": x_train[index], "y": y_train[index]})
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.logs["loss"])
+    first, last = torch.stack(losses[:10]).mean(), torch.stack(losses[-10:]).mean()
+    assert last < 0.5 * first, (float(first), float(last))
+
+
+def test_classifier_objective_names_missing_keys_and_bad_shifts():
+    model = Classifier(ClassifierConfig(width=8))
+    with pytest.raises(KeyError, match="'y'"):
+        ClassifierObjective().loss(model, {"x_1": torch.zeros(2, 1, 16, 16)})
+    with pytest.raises(ValueError, match="max_shift"):
+        ClassifierObjective(max_shift=-1)
