@@ -147,8 +147,7 @@ def evaluate_task(store_uri: str | None, section: EvaluateConfig, ray_address: s
 @task(name="promote", task_run_name="promote", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=retry_only_transient)
 def promote_task(store_uri: str | None, section: ServeConfig, candidate: str, evaluation: str) -> dict:
-    decision = promote(Store.open(store_uri), candidate, evaluation, section.steps, section.promote_tolerance,
-                       solver=section.solver)
+    decision = promote(Store.open(store_uri), candidate, evaluation, section.steps, solver=section.solver)
     get_run_logger().info("promotion: %s", decision.reason)
     return decision.as_dict()
 

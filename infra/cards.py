@@ -225,7 +225,10 @@ class EvaluationCard(Card):
     best_by_steps: dict[str, Any] = field(default_factory=dict)
     floor_fid: float | None = None
     vae_fid: float | None = None
-    ratios: dict[str, float | None] = field(default_factory=dict)
+    ratios: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> value, low, high, bar, verdict
+    floor_fid_interval: tuple[float | None, float | None] | None = None
     straightness: dict[str, float | None] = field(default_factory=dict)
     classifier_ref: str | None = None
     classifier_test_accuracy: float | None = None
+    fid_resamples: int | None = None
+    interval_level: float | None = None

@@ -190,6 +190,10 @@ class EvaluateConfig(Section):
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
     knn_k: int = Field(3, ge=1)
     seed: int = 1234
+    fid_resamples: int = Field(100, ge=2)  # paired bootstrap draws behind every FID interval
+    kid_subsets: int = Field(50, ge=2)
+    kid_subset_size: int = Field(1000, ge=2)  # capped at the sizes of the sets compared
+    interval_level: float = Field(0.95, gt=0, lt=1)
     resources: Resources = Resources()  # workers = evaluation tasks in flight
 
     @model_validator(mode="after")
@@ -217,7 +221,6 @@ class ServeConfig(Section):
     poll_s: float = Field(1.0, gt=0)  # how often a replica looks at the serving/current pointer
     max_replicas: int | None = Field(None, ge=1)  # set: autoscale between resources.workers and this
     target_ongoing_requests: float = Field(8.0, gt=0)  # the autoscaler's per-replica target
-    promote_tolerance: float = Field(0.05, ge=0)  # relative FID slack
     resources: Resources = Resources()  # workers = replicas (the autoscaling minimum with max_replicas)
 
     @model_validator(mode="after")

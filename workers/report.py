@@ -17,8 +17,22 @@ import numpy as np
 from PIL import Image
 
 from infra.cards import EvaluationCard
-from infra.metrics_table import CEILING, FLOOR, REFERENCE, TABLE, finite, rows_table
+from infra.metrics_table import (
+    CEILING,
+    DRAWS,
+    FLOOR,
+    TABLE,
+    best_by_steps,
+    best_row,
+    finite,
+    generated,
+    reference_fid,
+    reference_row,
+    rows_table,
+)
 from infra.store import StageWriter
+from infra.tables import tensors_to_table
+from workers.quality import Ratio
 
 GRID_PER_CLASS = 4
 GRID_MAX_CLASSES = 10
@@ -33,73 +47,8 @@ class Evaluation:
     grids: dict[str, bytes]  # store file name -> PNG
     straightness: dict[str, dict[str, Any]]  # model -> {"value", "sampler", "steps", "paths", "ref"}
     info: dict[str, Any] = field(default_factory=dict)  # extractor, n, seed, refs, test size, classifier accuracy
-
-
-def generated(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r["sampler"] != REFERENCE and r["fid"] is not None and math.isfinite(r["fid"])]
-
-
-def reference_fid(rows: Sequence[dict[str, Any]], model: str) -> float | None:
-    return next((r["fid"] for r in rows if r["sampler"] == REFERENCE and r["model"] == model), None)
-
-
-def best_row(rows: Sequence[dict[str, Any]], model: str | None = None,
-             steps: int | None = None) -> dict[str, Any] | None:
-    """The lowest-FID generated row, optionally of one model and/or one step count."""
-    chosen = [r for r in generated(rows)
-              if (model is None or r["model"] == model) and (steps is None or r["steps"] == steps)]
-    return min(chosen, key=lambda r: r["fid"]) if chosen else None
-
-
-def best_by_steps(rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    return {s: best_row(rows, steps=s) for s in sorted({r["steps"] for r in generated(rows)})}
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """FID(numerator) / FID(denominator): below 1 the numerator is better."""
-
-    name: str
-    numerator: str
-    denominator: str
-    value: float | None
-
-
-def stage_of(row: dict[str, Any]) -> str:
-    return str(row["stage_key"]).split("/", 1)[0]
-
-
-def reflow_round(model: str) -> int:
-    """The round of a ``reflow-<k>`` (or ``reflow-<k>-<key>``) model name; 0 when it has none."""
-    parts = model.split("-")
-    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def quality_ratios(rows: Sequence[dict[str, Any]]) -> list[Ratio]:
-    """The quality bars: consistency@1 vs base (best, and @1); the last reflow round @2 vs base best.
-
-    Models are found by the stage of their ref (the first by name where a stage has several).
-    """
-    by_stage: dict[str, list[str]] = {}
-    for r in generated(rows):
-        names = by_stage.setdefault(stage_of(r), [])
-        if r["model"] not in names:
-            names.append(r["model"])
-    base = min(by_stage.get("base", []), default=None)
-    consistency = min(by_stage.get("consistency", []), default=None)
-    last_reflow = max(by_stage.get("reflow", []), key=lambda m: (reflow_round(m), m), default=None)
-
-    def ratio(name: str, top: str | None, top_steps: int, bottom: str | None, bottom_steps: int | None) -> Ratio:
-        a = best_row(rows, top, top_steps) if top else None
-        b = best_row(rows, bottom, bottom_steps) if bottom else None
-        value = a["fid"] / b["fid"] if a and b and b["fid"] > 0 else None
-        return Ratio(name, f"{top}@{top_steps}", f"{bottom}@{bottom_steps}" if bottom_steps else f"{bottom} best", value)
-
-    return [
-        ratio("consistency@1 / base best", consistency, 1, base, None),
-        ratio("consistency@1 / base@1", consistency, 1, base, 1),
-        ratio("last reflow@2 / base best", last_reflow, 2, base, None),
-    ]
+    ratios: list[Ratio] = field(default_factory=list)  # the quality bars, on excess over the floor
+    draws: dict[str, list[float]] = field(default_factory=dict)  # row_key -> paired FID bootstrap draws
 
 
 def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
@@ -111,20 +60,25 @@ def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     figure = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    lines: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {}
     for r in generated(rows):
-        lines.setdefault((r["model"], r["sampler"]), []).append((r["nfe"], r["fid"]))
+        low = r["fid"] - r["fid_low"] if finite(r.get("fid_low")) else 0.0
+        high = r["fid_high"] - r["fid"] if finite(r.get("fid_high")) else 0.0
+        lines.setdefault((r["model"], r["sampler"]), []).append((r["nfe"], r["fid"], max(low, 0.0), max(high, 0.0)))
     for (model, sampler), points in lines.items():
         points.sort()
-        label = model if sampler == "consistency" else f"{model} ({sampler})"
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        label = model if sampler == model.split("-")[0] else f"{model} ({sampler})"
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[[p[2] for p in points], [p[3] for p in points]],
+                    marker="o", capsize=2, label=label)
     for model, label, color in ((FLOOR, "real train vs test (floor)", "black"),
                                 (CEILING, "VAE reconstructions (ceiling)", "grey")):
-        value = reference_fid(rows, model)
-        if value is not None and math.isfinite(value):
-            ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
+        row = reference_row(rows, model)
+        if row is not None and finite(row["fid"]):
+            ax.axhline(row["fid"], linestyle="--", color=color, linewidth=1, label=label)
+            if finite(row.get("fid_low")) and finite(row.get("fid_high")):
+                ax.axhspan(row["fid_low"], row["fid_high"], color=color, alpha=0.08)
     ax.set_xscale("log")
-    nfes = sorted({nfe for points in lines.values() for nfe, _ in points})
+    nfes = sorted({point[0] for points in lines.values() for point in points})
     if nfes:  # plain numbers at the measured NFEs, not 10^0, 2x10^0, ...
         ax.set_xticks(nfes, [str(v) for v in nfes])
         ax.xaxis.set_minor_locator(NullLocator())
@@ -171,6 +125,15 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def span(low: Any, high: Any, digits: int = 4) -> str:
+    return f"[{fmt(low, digits)}, {fmt(high, digits)}]" if finite(low) and finite(high) else ""
+
+
+def kid_cell(row: dict[str, Any]) -> str:
+    scaled = [row.get(k) * 1000 if finite(row.get(k)) else None for k in ("kid", "kid_low", "kid_high")]
+    return f"{fmt(scaled[0], 3)} {span(scaled[1], scaled[2], 3)}"
+
+
 def render_report(evaluation: Evaluation, location: str) -> str:
     """The markdown report: settings, plot, table, best per step count, quality bars, straightness, grids."""
     rows, info = evaluation.rows, evaluation.info
@@ -184,24 +147,34 @@ def render_report(evaluation: Evaluation, location: str) -> str:
         lines.append(f"Classifier `{info['classifier_ref']}`: test accuracy {fmt(info['classifier_test_accuracy'])} "
                      "(class accuracy of samples is measured with it).")
     lines += ["FID is only comparable between rows of one feature space and one n. "
-              f"Files are under `{location}`.", "",
+              f"Files are under `{location}`.",
+              f"Intervals ({fmt(100 * info.get('interval_level', 0.95), 3)}%): FID by a paired bootstrap "
+              f"({info.get('fid_resamples', '?')} draws, basic interval: for the population FID, so it may reach "
+              "below 0 near the floor), KID over random subsets. Read models against the floor: a difference "
+              "inside the intervals is not a result.", "",
               "## FID against NFE", "", "![FID vs NFE](fid_vs_nfe.png)", "",
               "## All rows", "",
-              "| model | sampler | steps | NFE | guidance | FID | precision | recall | class acc. | s / image | stage |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| model | sampler | steps | NFE | guidance | FID [interval] | KID ×1000 [interval] | precision | recall "
+              "| class acc. | s / image | stage |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['guidance'])} | "
-                     f"{fmt(r['fid'])} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
+                     f"{fmt(r['fid'])} {span(r.get('fid_low'), r.get('fid_high'))} | "
+                     f"{kid_cell(r)} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
                      f"{fmt(r['class_accuracy'], 3)} | {fmt(r['seconds_per_image'], 3)} | `{r['stage_key']}` |")
     lines += ["", f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
               f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).", "",
               "## Best at each step count", "", "| steps | model | sampler | FID |", "|---:|---|---|---:|"]
     for steps, r in best_by_steps(rows).items():
         lines.append(f"| {steps} | {r['model']} | {r['sampler']} | {fmt(r['fid'])} |")
-    lines += ["", "## Quality bars", "", "| ratio | value | |", "|---|---:|---|"]
-    for ratio in quality_ratios(rows):
-        verdict = "–" if ratio.value is None else ("better" if ratio.value < 1 else "worse")
-        lines.append(f"| FID {ratio.numerator} / FID {ratio.denominator} | {fmt(ratio.value, 3)} | {verdict} |")
+    lines += ["", "## Quality bars (excess FID over the floor)", "",
+              "ratio = (FID − floor) / (FID of the denominator − floor); met when the interval's top is at or "
+              "below the bar.", "",
+              "| bar | numerator | denominator | ratio [interval] | bar | verdict |", "|---|---|---|---:|---:|---|"]
+    for ratio in evaluation.ratios:
+        verdict = ratio.verdict + (f" ({ratio.note})" if ratio.note else "")
+        lines.append(f"| {ratio.name} | {ratio.numerator} | {ratio.denominator} | {fmt(ratio.value, 3)} "
+                     f"{span(ratio.low, ratio.high, 3)} | ≤ {fmt(ratio.bar, 3)} | {verdict} |")
     if evaluation.straightness:
         lines += ["", "## Straightness of the flow models' paths", "",
                   "S = ∫ E‖(x_1 − x_0) − v_t‖² dt on the sampler's own path (0 = straight).", "",
@@ -223,13 +196,17 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
     def kept(value: Any) -> Any:
         return value if finite(value) else None
 
+    floor = reference_row(rows, FLOOR)
+
     return EvaluationCard(
         rows=len(rows),
         best=brief(best_row(rows)),
         best_by_steps={str(s): brief(r) for s, r in best_by_steps(rows).items()},
         floor_fid=kept(reference_fid(rows, FLOOR)),
         vae_fid=kept(reference_fid(rows, CEILING)),
-        ratios={ratio.name: kept(ratio.value) for ratio in quality_ratios(rows)},
+        ratios={ratio.name: {k: (kept(v) if isinstance(v, float) else v) for k, v in ratio.as_dict().items()}
+                for ratio in evaluation.ratios},
+        floor_fid_interval=(kept(floor.get("fid_low")), kept(floor.get("fid_high"))) if floor else None,
         straightness={model: s["value"] for model, s in evaluation.straightness.items()},
         **info,
     )
@@ -243,6 +220,10 @@ def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> EvaluationC
     })
     title = f"FID vs NFE — {info['extractor']}, n={info['n']}"
     writer.write_bytes("fid_vs_nfe.png", plot_fid_vs_nfe(evaluation.rows, title))
+    if evaluation.draws:
+        keys = sorted(evaluation.draws)
+        writer.write_table(DRAWS, tensors_to_table({"row": np.array(keys),
+                                                    "draws": np.array([evaluation.draws[k] for k in keys])}))
     for name, png in sorted(evaluation.grids.items()):
         writer.write_bytes(name, png)
     writer.write_json("straightness", evaluation.straightness)

@@ -18,10 +18,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 from evaluate_fixtures import commit, commit_tiny_run  # noqa: E402
 from infra.cards import EvaluationCard, FeaturesCard, GeneratorCard, ImagesCard  # noqa: E402
 from infra.config import ClassifierConfig, ConfigError, EvaluateConfig, Resources  # noqa: E402
-from infra.metrics_table import CEILING, COLUMNS, FLOOR, REFERENCE, fid_at, read_rows  # noqa: E402
+from infra.metrics_table import (  # noqa: E402
+    CEILING,
+    COLUMNS,
+    FLOOR,
+    REFERENCE,
+    best_by_steps,
+    fid_at,
+    read_draws,
+    read_rows,
+    row_key,
+)
 from infra.store import Store  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
-from workers.report import best_by_steps, make_grid, quality_ratios  # noqa: E402
+from models.metrics import Draws  # noqa: E402
+from workers.quality import quality_ratios  # noqa: E402
+from workers.report import make_grid  # noqa: E402
 from workers.stages.s09_classifier import run_classifier  # noqa: E402
 from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa: E402
 
@@ -91,6 +103,13 @@ def test_every_output_is_committed_and_loads(evaluated):
         # Random generators decode noise: much further from the test set than real train images are.
         assert math.isfinite(row["fid"]) and row["fid"] > rows[0]["fid"]
     assert 0.0 <= rows[0]["class_accuracy"] <= 1.0 and rows[0]["fid"] > 0
+    # Every FID and KID carries an interval; the paired FID draws are stored, one list per row.
+    draws = read_draws(store, manifest)
+    assert set(draws) == {row_key(r) for r in rows}
+    assert len({len(d) for d in draws.values()}) == 1 and len(next(iter(draws.values()))) == CONFIG.fid_resamples
+    for r in rows:
+        assert r["fid_low"] < r["fid_high"] and r["kid_low"] < r["kid_high"], r
+        assert math.isfinite(r["kid"])
     # The models really differ (random weights, not AdaLN-Zero's zero velocity for all).
     assert len({round(r["fid"], 6) for r in rows[2:]}) > 3
 
@@ -102,7 +121,9 @@ def test_every_output_is_committed_and_loads(evaluated):
     report = store.read_bytes(manifest, "report.md").decode()
     assert "fid_vs_nfe.png" in report and classifier.ref in report
     assert all(f"grids/{m}-{s}-{k}.png" in report for m, s, k, _ in CELLS)
-    assert "consistency@1 / FID base best" in report and "reflow-1@2" in report
+    assert "consistency@1 / base best" in report and "reflow-1 (euler@2)" in report and "excess FID over the floor" in report
+    ratio = card.ratios["consistency@1 / base best"]
+    assert ratio["value"] is not None and ratio["low"] < ratio["high"] and ratio["bar"] == 1.3
     assert card.floor_fid == pytest.approx(rows[0]["fid"])
     assert card.classifier_test_accuracy == FeaturesCard.from_manifest(classifier).test_accuracy
 
@@ -180,25 +201,38 @@ def test_refuses_what_it_cannot_evaluate(evaluated):
 # --------------------------------------------------------------------------- pure pieces
 
 
-def test_best_per_step_count_and_quality_ratios():
-    def row(model, sampler, steps, fid):
+def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
+    def row(model, sampler, steps, fid, nfe=None):
         stage = model.split("-")[0]
-        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid, "stage_key": f"{stage}/k{model}"}
+        return {"model": model, "sampler": sampler, "steps": steps, "nfe": nfe or steps, "fid": fid,
+                "stage_key": f"{stage}/k{model}"}
 
-    rows = [row(FLOOR, REFERENCE, 0, 1.0), row("base", "euler", 1, 80.0), row("base", "heun", 1, 60.0),
-            row("base", "euler", 8, 10.0), row("reflow-1", "euler", 2, 30.0), row("reflow-2", "euler", 2, 20.0),
-            row("consistency", "consistency", 1, 15.0)]
+    rows = [row(FLOOR, REFERENCE, 0, 2.0), row("base", "euler", 1, 82.0), row("base", "heun", 1, 62.0, nfe=2),
+            row("base", "euler", 8, 12.0), row("reflow-1", "euler", 2, 32.0), row("reflow-2", "euler", 2, 22.0),
+            row("consistency", "consistency", 1, 17.0), row("consistency", "consistency", 2, 14.0)]
     best = best_by_steps(rows)
     assert [(s, r["model"], r["sampler"]) for s, r in best.items()] == [
-        (1, "consistency", "consistency"), (2, "reflow-2", "euler"), (8, "base", "euler")]
-    ratios = {r.name: r.value for r in quality_ratios(rows)}
-    assert ratios["consistency@1 / base best"] == pytest.approx(15.0 / 10.0)
-    assert ratios["consistency@1 / base@1"] == pytest.approx(15.0 / 60.0)
-    assert ratios["last reflow@2 / base best"] == pytest.approx(20.0 / 10.0)  # reflow-2, not reflow-1
-    assert {r.name: r.value for r in quality_ratios(rows[:4])}["consistency@1 / base best"] is None
-    # Found by stage, whatever the display name (two base models get key suffixes).
-    renamed = [{**r, "model": "base-1234abcd"} if r["model"] == "base" else r for r in rows]
-    assert {r.name: r.value for r in quality_ratios(renamed)}["consistency@1 / base@1"] == pytest.approx(15.0 / 60.0)
+        (1, "consistency", "consistency"), (2, "consistency", "consistency"), (8, "base", "euler")]
+    ratios = {r.name: r for r in quality_ratios(rows)}
+    assert ratios["consistency@1 / base best"].value == pytest.approx((17 - 2) / (12 - 2))
+    assert ratios["consistency@1 / base@1"].value == pytest.approx((17 - 2) / (82 - 2))  # Euler: 1 NFE, not Heun's 2
+    assert ratios["best reflow@2 / base best"].value == pytest.approx((22 - 2) / (12 - 2))  # the best round
+    assert ratios["best consistency@2-4 / consistency@1"].value == pytest.approx((14 - 2) / (17 - 2))
+    assert all(r.low is None and "no paired draws" in r.note for r in ratios.values())
+
+    # With paired draws, every ratio gets an interval from them.
+    generator = torch.Generator().manual_seed(0)
+    draws = {f"{r['model']}|{r['sampler']}|{r['steps']}": Draws(r["fid"], r["fid"] + torch.randn(50, generator=generator,
+                                                                                                   dtype=torch.float64))
+             for r in rows}
+    paired = {r.name: r for r in quality_ratios(rows, draws)}
+    bar = paired["consistency@1 / base best"]
+    assert bar.low < bar.value < bar.high and bar.bar == 1.3 and bar.verdict in ("not met", "within interval of the bar")
+    assert paired["consistency@1 / base@1"].verdict == "met"  # (17-2)/(82-2) = 0.19, well under 0.25
+    # A denominator at the floor has no ratio (it cannot be told from real data).
+    at_floor = [dict(r, fid=2.0) if r["model"] == "base" and r["steps"] == 8 else r for r in rows]
+    undefined = {r.name: r for r in quality_ratios(at_floor)}["consistency@1 / base best"]
+    assert undefined.value is None and "not above the floor" in undefined.note and undefined.verdict == "–"
 
 
 def test_grid_puts_one_class_per_column():

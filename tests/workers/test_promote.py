@@ -10,7 +10,7 @@ import pytest
 from infra.cards import GeneratorCard
 from infra.metrics_table import COLUMNS
 from infra.store import Store
-from workers.stages.s11_promote import PromotionDecision, decide, promote
+from workers.stages.s11_promote import PromotionDecision, Scored, decide, promote
 
 STEPS = 2
 
@@ -24,10 +24,10 @@ def commit_generator(store: Store, stage: str, key: str, family: str):
         return writer.commit(metrics=card.to_metrics())
 
 
-def row(manifest, sampler: str, steps: int, fid: float) -> dict:
+def row(manifest, sampler: str, steps: int, fid: float, half_width: float = 0.5) -> dict:
     values = dict.fromkeys(COLUMNS)
     values.update(model=manifest.stage, stage_key=manifest.ref, sampler=sampler, steps=steps, nfe=steps, n=100,
-                  extractor="test", fid=fid)
+                  extractor="test", fid=fid, fid_low=fid - half_width, fid_high=fid + half_width)
     return values
 
 
@@ -38,32 +38,35 @@ def commit_evaluation(store: Store, key: str, models, rows):
         return writer.commit(metrics={"rows": len(rows)})
 
 
+def score(fid, low=None, high=None, evaluation="evaluate/e", draws=()):
+    return None if fid is None else Scored(fid, low, high, evaluation, tuple(draws))
+
+
 @pytest.mark.parametrize(
-    "current, candidate_fid, current_fid, promoted, why",
+    "current, candidate, served, promoted, why",
     [
         (None, None, None, True, "nothing was served"),
-        ("base/old", 10.0, 10.0, True, "<="),
-        ("base/old", 10.4, 10.0, True, "<="),  # inside the 5% slack
-        ("base/old", 10.6, 10.0, False, "worse"),
-        ("base/old", 2.0, 10.0, True, "<="),
-        ("base/old", None, 10.0, False, "no finite FID"),
-        ("base/old", math.nan, 10.0, False, "no finite FID"),
-        ("base/old", 50.0, None, True, "no FID"),
-        ("base/new", 1.0, 1.0, False, "already served"),
+        ("base/new", score(1.0), score(1.0), False, "already served"),
+        ("base/old", None, score(10.0), False, "no finite FID"),
+        ("base/old", score(math.nan), score(10.0), False, "no finite FID"),
+        ("base/old", score(50.0), None, True, "no FID at 2 step(s) to defend it"),
+        # Two evaluations: intervals that overlap are no result; one wholly above is a regression.
+        ("base/old", score(10.6, 9.8, 11.4, "evaluate/b"), score(10.0, 9.2, 10.8, "evaluate/a"), True, "not worse"),
+        ("base/old", score(12.0, 11.5, 12.5, "evaluate/b"), score(10.0, 9.2, 10.8, "evaluate/a"), False, "worse beyond"),
+        # One evaluation: the paired difference decides, even where the intervals overlap.
+        ("base/old", score(10.6, 9.0, 12.0, draws=[10.5, 10.6, 10.7, 10.8] * 25),
+         score(10.0, 8.5, 11.5, draws=[10.0, 10.1, 10.1, 10.2] * 25), False, "worse beyond"),
+        ("base/old", score(10.1, 9.0, 12.0, draws=[9.9, 10.3, 10.0, 10.2] * 25),
+         score(10.0, 8.5, 11.5, draws=[10.1, 10.0, 10.2, 9.8] * 25), True, "not worse"),
     ],
 )
-def test_the_gate_on_numbers(current, candidate_fid, current_fid, promoted, why):
-    decision = decide("base/new", current, STEPS, "euler", candidate_fid, current_fid, tolerance=0.05)
+def test_the_gate_compares_with_the_interval(current, candidate, served, promoted, why):
+    decision = decide("base/new", current, STEPS, "euler", candidate, served)
     assert isinstance(decision, PromotionDecision)
-    assert decision.promoted is promoted
+    assert decision.promoted is promoted, decision.reason
     assert why in decision.reason
-    if promoted and current_fid is not None and candidate_fid is not None and current != "base/new":
-        assert decision.threshold == pytest.approx(current_fid * 1.05)
-
-
-def test_the_gate_refuses_a_negative_tolerance():
-    with pytest.raises(ValueError, match="tolerance=-0.1"):
-        decide("base/a", "base/b", 1, "euler", 1.0, 1.0, tolerance=-0.1)
+    paired = candidate is not None and served is not None and candidate.draws and current != "base/new"
+    assert (decision.difference is not None) == bool(paired)
 
 
 def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_store):
@@ -78,39 +81,43 @@ def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_st
     ])
 
     # Nothing served yet: the first candidate goes in.
-    decision = promote(store, base.ref, first.ref, served_steps=STEPS, tolerance=0.05)
+    decision = promote(store, base.ref, first.ref, served_steps=STEPS)
     assert decision.promoted and decision.current is None
     assert store.get_pointer("serving/current") == base.ref
 
     # The base model is served with Euler, so its FID is the Euler one (30), not Heun's 20 or 8 steps' 5.
-    decision = promote(store, student.ref, first.ref, served_steps=STEPS, tolerance=0.05)
+    decision = promote(store, student.ref, first.ref, served_steps=STEPS)
     assert decision.promoted, decision.reason
     assert (decision.candidate_fid, decision.current_fid, decision.sampler) == (12.0, 30.0, "consistency")
     assert store.get_pointer("serving/current") == student.ref
 
-    # A later run's evaluation that did not score the served model: its FID comes from e1.
-    second = commit_evaluation(store, "e2", [worse, unevaluated], [
-        row(worse, "consistency", STEPS, 13.0), row(unevaluated, "consistency", 1, 1.0),
+    # A later run's evaluation that did not score the served model: its FID comes from e1, and the
+    # intervals of two evaluations are compared: [13.5, 14.5] lies above [11.5, 12.5].
+    close = commit_generator(store, "consistency", "c4", "consistency")
+    second = commit_evaluation(store, "e2", [worse, unevaluated, close], [
+        row(worse, "consistency", STEPS, 14.0), row(unevaluated, "consistency", 1, 1.0),
+        row(close, "consistency", STEPS, 12.6),
     ])
-    decision = promote(store, worse.ref, second.ref, served_steps=STEPS, tolerance=0.05)
-    assert not decision.promoted and "worse" in decision.reason
-    assert decision.current_fid == 12.0 and decision.threshold == pytest.approx(12.6)
+    decision = promote(store, worse.ref, second.ref, served_steps=STEPS)
+    assert not decision.promoted and "worse beyond the interval" in decision.reason
+    assert decision.current_fid == 12.0 and decision.difference is None
     assert store.get_pointer("serving/current") == student.ref
 
     # Measured another way (another extractor: other data, another feature space): no comparison.
     other_space = commit_evaluation(store, "e3", [worse], [{**row(worse, "consistency", STEPS, 99.0),
                                                             "extractor": "classifier/other"}])
-    decision = promote(store, worse.ref, other_space.ref, served_steps=STEPS, tolerance=0.05)
+    decision = promote(store, worse.ref, other_space.ref, served_steps=STEPS)
     assert decision.promoted and decision.current_fid is None and "no FID" in decision.reason
     store.put_pointer("serving/current", student.ref)
 
-    # With a larger slack the same candidate passes.
-    decision = promote(store, worse.ref, second.ref, served_steps=STEPS, tolerance=0.1)
-    assert decision.promoted
-    assert store.get_pointer("serving/current") == worse.ref
+    # A worse point value inside the intervals is no result: it passes.
+    decision = promote(store, close.ref, second.ref, served_steps=STEPS)
+    assert decision.promoted, decision.reason
+    assert store.get_pointer("serving/current") == close.ref
+    worse = close
 
     # Evaluated only at 1 step, not at the served 2: refused, whatever its 1-step FID.
-    decision = promote(store, unevaluated.ref, second.ref, served_steps=STEPS, tolerance=0.05)
+    decision = promote(store, unevaluated.ref, second.ref, served_steps=STEPS)
     assert not decision.promoted and "no finite FID at 2 step(s)" in decision.reason
     assert store.get_pointer("serving/current") == worse.ref
 
@@ -119,21 +126,21 @@ def test_promote_takes_a_lookup_function_and_checks_what_it_promotes(local_store
     store = local_store
     a = commit_generator(store, "reflow", "r1", "flow")
     b = commit_generator(store, "reflow", "r2", "flow")
-    fids = {(a.ref, 4, "heun"): 9.0, (b.ref, 4, "heun"): 8.0}
+    fids = {(a.ref, 4, "heun"): score(9.0), (b.ref, 4, "heun"): score(8.0)}
     calls = []
 
     def lookup(ref, steps, sampler):
         calls.append((ref, steps, sampler))
         return fids.get((ref, steps, sampler))
 
-    assert promote(store, a.ref, lookup, served_steps=4, tolerance=0.0, solver="heun").promoted
-    assert promote(store, b.ref, lookup, served_steps=4, tolerance=0.0, solver="heun").promoted
+    assert promote(store, a.ref, lookup, served_steps=4, solver="heun").promoted
+    assert promote(store, b.ref, lookup, served_steps=4, solver="heun").promoted
     assert (a.ref, 4, "heun") in calls and store.get_pointer("serving/current") == b.ref
 
     vae = store.begin("vae", "v", config={})
     vae.write_json("note", {})
     vae_manifest = vae.commit(metrics={})
     with pytest.raises(ValueError, match="not a generator"):
-        promote(store, vae_manifest.ref, lookup, served_steps=4, tolerance=0.0)
+        promote(store, vae_manifest.ref, lookup, served_steps=4)
     with pytest.raises(ValueError, match="pass an 'evaluate' ref"):
-        promote(store, a.ref, vae_manifest.ref, served_steps=4, tolerance=0.0)
+        promote(store, a.ref, vae_manifest.ref, served_steps=4)

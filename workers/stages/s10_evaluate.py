@@ -41,14 +41,15 @@ from torch import nn
 
 from infra.cards import FeaturesCard, GeneratorCard, ImagesCard, VAECard
 from infra.config import ConfigError, EvaluateConfig
-from infra.metrics_table import CEILING, FLOOR, REFERENCE
+from infra.metrics_table import CEILING, FLOOR, REFERENCE, row_key
 from infra.store import Manifest, StageWriter, Store
-from models.metrics import class_accuracy, fid, precision_recall
+from models.metrics import class_accuracy, fid_draws, interval, kid_draws, precision_recall
 from models.samplers import straightness
 from workers import progress
 from workers.data import read_split
 from workers.generator import Generator, Request
 from workers.pixels import tensor_to_uint8, to_model_range
+from workers.quality import quality_ratios
 from workers.report import Evaluation, make_grid, write_evaluation
 from workers.runner import run_stage
 from workers.scoring import ExtractorSource, Scored, Scorer, extractor_source
@@ -263,7 +264,8 @@ def run_bounded(submit: Sequence[Callable[[], "ray.ObjectRef"]], limit: int,
 
 def scored_row(model: str, stage_key: str, sampler: str, steps: int, nfe: int, guidance: float | None,
                extractor: str, real: Scored, fake: Scored, k: int, seconds: float | None) -> dict[str, Any]:
-    """One table row: fake vs real features, and the classifier's verdict on the fake images."""
+    """One table row: precision/recall of fake vs real features, and the classifier's verdict on the fake
+    images (FID and KID, with their intervals, come from :func:`with_intervals`, over every row at once)."""
     real_f, fake_f = torch.tensor(real.features), torch.tensor(fake.features)  # copies: Ray hands read-only arrays
     pr = precision_recall(real_f, fake_f, k=k)
     accuracy = None
@@ -274,10 +276,30 @@ def scored_row(model: str, stage_key: str, sampler: str, steps: int, nfe: int, g
     n = len(fake.features)
     return {
         "model": model, "stage_key": stage_key, "sampler": sampler, "steps": steps, "nfe": nfe,
-        "guidance": guidance, "n": n, "extractor": extractor, "fid": fid(fake_f, real_f),
+        "guidance": guidance, "n": n, "extractor": extractor, "fid": None,
         "precision": pr.precision, "recall": pr.recall, "class_accuracy": accuracy,
         "seconds_per_image": None if seconds is None else seconds / n,
     }
+
+
+def with_intervals(config: EvaluateConfig, reference: np.ndarray, rows: list[dict[str, Any]],
+                   features: dict[str, np.ndarray]) -> dict[str, Any]:
+    """FID and KID of every row against the reference (the real test split) with intervals, in one
+    paired computation, and the quality ratios on excess over the floor; returns the FID draws.
+
+    Every bootstrap draw resamples the same reference rows for every row, so the floor, a baseline
+    and a candidate move together and their differences and ratios have honest intervals.
+    """
+    reference_t = torch.tensor(reference)
+    named = {key: torch.tensor(f) for key, f in features.items()}
+    fids = fid_draws(reference_t, named, resamples=config.fid_resamples, seed=config.seed)
+    kids = kid_draws(reference_t, named, subsets=config.kid_subsets, subset_size=config.kid_subset_size,
+                     seed=config.seed)
+    for row in rows:
+        key = row_key(row)
+        f, k = interval(fids[key], config.interval_level), interval(kids[key], config.interval_level)
+        row.update(fid=f.value, fid_low=f.low, fid_high=f.high, kid=k.value, kid_low=k.low, kid_high=k.high)
+    return fids
 
 
 def check_sizes(config: EvaluateConfig, n_test: int, images_ref: str) -> None:
@@ -326,25 +348,30 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
         scored_row(CEILING, vae.ref, REFERENCE, 0, 0, None, name, reference.test, reference.recon, k,
                    reference.recon_seconds),
     ]
+    features = {row_key(rows[0]): reference.train.features, row_key(rows[1]): reference.recon.features}
     grids = dict(reference.grids)
     paths: dict[str, dict[str, Any]] = {}
     for result in results[1:]:
         c = result.cell
         rows.append(scored_row(c.model, c.ref, c.sampler, c.steps, result.nfe, c.guidance, name, reference.test,
                                result.scored, k, result.seconds))
+        features[row_key(rows[-1])] = result.scored.features
         grids[c.grid_name] = result.grid
         if result.straightness is not None:  # a diverged path (inf/NaN) is recorded as None
             value = result.straightness if math.isfinite(result.straightness) else None
             paths[c.model] = {"value": value, "sampler": c.sampler, "steps": c.steps,
                               "paths": STRAIGHTNESS_BATCH, "ref": c.ref}
-    features = FeaturesCard.from_manifest(classifier) if classifier is not None else None
+    space = FeaturesCard.from_manifest(classifier) if classifier is not None else None
     info = {
         "extractor": name, "n": config.n, "seed": config.seed, "knn_k": k, "n_test": len(reference.test.features),
         "images_ref": images.ref, "vae_ref": vae.ref, "classifier_ref": classifier_ref,
-        "classifier_test_accuracy": features.test_accuracy if features is not None else None,
+        "classifier_test_accuracy": space.test_accuracy if space is not None else None,
         "models": {c.model: c.ref for c in cells},
+        "fid_resamples": config.fid_resamples, "interval_level": config.interval_level,
     }
-    return Evaluation(rows, grids, paths, info)
+    draws = with_intervals(config, reference.test.features, rows, features)
+    ratios = quality_ratios(rows, draws, config.interval_level)
+    return Evaluation(rows, grids, paths, info, ratios, {key: d.draws.tolist() for key, d in draws.items()})
 
 
 # --------------------------------------------------------------------------- the stage

@@ -1,18 +1,24 @@
 """Stage 11, promote: point ``serving/current`` at a candidate only if it is not worse.
 
     promote  iff  nothing is served yet
-             or   FID_candidate(k) <= FID_current(k) * (1 + tolerance)
+             or   the candidate is not worse than the served model beyond the interval:
+                  one evaluation scored both -> the paired bootstrap interval of
+                      FID_candidate(k) - FID_current(k) does not lie above 0;
+                  two evaluations (the served model scored by an earlier run) ->
+                      the candidate's FID interval does not lie above the served model's
 
-where ``k`` is the served step count (``serve.steps``) and FID(k) is the model's FID at ``k``
+where ``k`` is the served step count (``serve.steps``) and FID(k) the model's FID at ``k``
 steps with the sampler it is served with (:func:`models.sampling.preferred_sampler` of its
-family and the serve solver). The FIDs come from a lookup ``(model ref, steps, sampler) -> FID or None``; pass an
-evaluate stage's ref and the lookup reads its metrics table (falling back to the newest other
-evaluate manifest that scored the served model, for a model that an earlier run promoted).
+family and the serve solver). A difference inside the interval is not a result, so it does
+not keep a model out; a real regression does. The FIDs come from a lookup ``(model ref,
+steps, sampler) -> Scored or None``; pass an evaluate stage's ref and the lookup reads its
+metrics and draws tables (falling back to the newest other evaluate manifest that scored the
+served model the same way, for a model that an earlier run promoted).
 
 A candidate without a finite FID at ``k`` is never promoted over a served model: it would be
 a blind swap. A served model without an FID at ``k`` (promoted by hand, or the served step
-count changed) cannot be defended, so the evaluated candidate replaces it. The decision
-says which case applied. Plain code: no Ray, no Prefect; running apps follow the pointer.
+count changed) cannot be defended, so the evaluated candidate replaces it. The pointer moves
+by compare-and-swap. Plain code: no Ray, no Prefect; running apps follow the pointer.
 """
 
 from __future__ import annotations
@@ -21,17 +27,33 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
+import torch
+
 from infra.cards import GeneratorCard
 from infra.errors import PointerMoved
-from infra.metrics_table import fid_at, measured_as, read_rows
+from infra.metrics_table import measured_as, read_draws, read_rows, row_at, row_key
 from infra.store import SERVING_POINTER, Manifest, Store
+from models.metrics import Draws, interval
 from models.sampling import preferred_sampler
 
 POINTER = SERVING_POINTER
 EVALUATE = "evaluate"  # the stage whose metrics table holds the FIDs
 CAS_ATTEMPTS = 3  # decisions against a pointer that others keep moving
 
-FidLookup = Callable[[str, int, str], "float | None"]  # (model ref, steps, sampler) -> FID
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's FID at one step count and sampler, as one evaluation measured it."""
+
+    fid: float
+    low: float | None  # its bootstrap interval
+    high: float | None
+    evaluation: str  # the evaluate ref it comes from
+    draws: tuple[float, ...] = ()  # paired bootstrap draws: comparable within one evaluation
+
+
+Lookup = Callable[[str, int, str], "Scored | None"]  # (model ref, steps, sampler) -> its FID
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,7 @@ class PromotionDecision:
     sampler: str  # the candidate's sampler at which its FID was read
     candidate_fid: float | None
     current_fid: float | None
-    threshold: float | None  # current_fid * (1 + tolerance): the worst candidate FID that passes
+    difference: tuple[float, float] | None  # interval of FID_candidate - FID_current, when paired
     reason: str
 
     def as_dict(self) -> dict[str, Any]:
@@ -62,14 +84,15 @@ def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def decide(candidate: str, current: str | None, steps: int, sampler: str, candidate_fid: float | None,
-           current_fid: float | None, tolerance: float) -> PromotionDecision:
-    """The gate itself, on numbers only (see the module docstring)."""
-    if tolerance < 0 or not math.isfinite(tolerance):
-        raise ValueError(f"tolerance={tolerance} must be a finite relative slack >= 0 (e.g. 0.05 for 5%)")
+def decide(candidate: str, current: str | None, steps: int, sampler: str, candidate_score: Scored | None,
+           current_score: Scored | None, level: float = 0.95) -> PromotionDecision:
+    """The gate itself, on the scores only (see the module docstring)."""
+    candidate_fid = candidate_score.fid if candidate_score is not None else None
+    current_fid = current_score.fid if current_score is not None else None
 
-    def verdict(promoted: bool, reason: str, threshold: float | None = None) -> PromotionDecision:
-        return PromotionDecision(promoted, candidate, current, steps, sampler, candidate_fid, current_fid, threshold, reason)
+    def verdict(promoted: bool, reason: str, difference: tuple[float, float] | None = None) -> PromotionDecision:
+        return PromotionDecision(promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference,
+                                 reason)
 
     if current == candidate:
         return verdict(False, f"{candidate} is already served")
@@ -80,15 +103,34 @@ def decide(candidate: str, current: str | None, steps: int, sampler: str, candid
                               f"(got {candidate_fid}); evaluate it at the served step count before promoting")
     if not finite(current_fid):
         return verdict(True, f"the served {current} has no FID at {steps} step(s) to defend it")
-    threshold = current_fid * (1 + tolerance)
-    if candidate_fid <= threshold:
-        return verdict(True, f"FID {candidate_fid:.4g} <= {current_fid:.4g} x (1 + {tolerance:g}) = {threshold:.4g}",
-                       threshold)
-    return verdict(False, f"FID {candidate_fid:.4g} is worse than the served {current_fid:.4g} "
-                          f"beyond the tolerance {tolerance:g} (limit {threshold:.4g})", threshold)
+    paired = (candidate_score.evaluation == current_score.evaluation and candidate_score.draws
+              and len(candidate_score.draws) == len(current_score.draws))
+    if paired:
+        d = interval(Draws(candidate_fid - current_fid, torch.tensor(candidate_score.draws, dtype=torch.float64)
+                           - torch.tensor(current_score.draws, dtype=torch.float64)), level)
+        text = (f"FID {candidate_fid:.4g} vs the served {current_fid:.4g}: difference {d.value:+.4g}, "
+                f"{100 * level:g}% interval [{d.low:+.4g}, {d.high:+.4g}]")
+        if d.low > 0:
+            return verdict(False, f"{text}: worse beyond the interval", (d.low, d.high))
+        return verdict(True, f"{text}: not worse beyond the interval", (d.low, d.high))
+    if finite(candidate_score.low) and finite(current_score.high):
+        text = (f"FID {candidate_fid:.4g} [{candidate_score.low:.4g}, {candidate_score.high:.4g}] vs the served "
+                f"{current_fid:.4g} [{current_score.low:.4g}, {current_score.high:.4g}] (two evaluations)")
+        worse = candidate_score.low > current_score.high
+    else:
+        text = f"FID {candidate_fid:.4g} vs the served {current_fid:.4g} (no intervals)"
+        worse = candidate_fid > current_fid
+    return verdict(not worse, f"{text}: {'worse beyond the interval' if worse else 'not worse beyond the interval'}")
 
 
-def evaluation_lookup(store: Store, evaluate_ref: str) -> FidLookup:
+def scored(row: dict[str, Any] | None, evaluation: str, draws: dict[str, list[float]]) -> Scored | None:
+    if row is None:
+        return None
+    return Scored(row["fid"], row.get("fid_low"), row.get("fid_high"), evaluation,
+                  tuple(draws.get(row_key(row), ())))
+
+
+def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
     """FIDs from the evaluate manifest ``evaluate_ref``; a model it did not score is looked up in
     the newest other evaluate manifest that did (an earlier run's, for the served model), but
     only in rows measured the same way: the same extractor (a classifier trained on the same
@@ -98,29 +140,29 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> FidLookup:
     if primary.stage != EVALUATE:
         raise ValueError(f"{evaluate_ref} is a {primary.stage!r} output; pass an {EVALUATE!r} ref (its metrics table "
                          "holds the FIDs)")
-    primary_rows = read_rows(store, primary)
+    primary_rows, primary_draws = read_rows(store, primary), read_draws(store, primary)
     comparable = measured_as(primary_rows)
 
-    def lookup(ref: str, steps: int, sampler: str) -> float | None:
+    def lookup(ref: str, steps: int, sampler: str) -> Scored | None:
         if ref in primary.inputs:
-            return fid_at(primary_rows, ref, steps, sampler)
+            return scored(row_at(primary_rows, ref, steps, sampler), primary.ref, primary_draws)
         for other in reversed(store.list_manifests(EVALUATE)):
             if ref not in other.inputs:
                 continue
             rows = [r for r in read_rows(store, other) if (r["extractor"], r["n"]) in comparable]
-            found = fid_at(rows, ref, steps, sampler)
+            found = row_at(rows, ref, steps, sampler)
             if found is not None:
-                return found
+                return scored(found, other.ref, read_draws(store, other))
         return None
 
     return lookup
 
 
-def promote(store: Store, candidate_ref: str, fid: str | FidLookup, served_steps: int, tolerance: float,
-            solver: str = "euler", pointer: str = POINTER) -> PromotionDecision:
+def promote(store: Store, candidate_ref: str, fid: str | Lookup, served_steps: int, solver: str = "euler",
+            pointer: str = POINTER, level: float = 0.95) -> PromotionDecision:
     """Decide, and move ``pointer`` to ``candidate_ref`` when the gate passes.
 
-    ``fid`` is an evaluate stage's ref or a lookup ``(ref, steps, sampler) -> FID | None``;
+    ``fid`` is an evaluate stage's ref or a lookup ``(ref, steps, sampler) -> Scored | None``;
     ``solver`` is how flow models are served (``serve.solver``)."""
     if served_steps < 1:
         raise ValueError(f"served_steps={served_steps} must be >= 1")
@@ -129,13 +171,13 @@ def promote(store: Store, candidate_ref: str, fid: str | FidLookup, served_steps
     sampler = served_sampler(candidate, solver)
     for _ in range(CAS_ATTEMPTS):
         current_ref = store.get_pointer(pointer)
-        current_fid = None
+        current_score = None
         if current_ref is not None and current_ref != candidate_ref:
             current = store.get(*current_ref.split("/", 1))  # None: the served model was deleted; nothing to defend
             if current is not None:
-                current_fid = lookup(current_ref, served_steps, served_sampler(current, solver))
+                current_score = lookup(current_ref, served_steps, served_sampler(current, solver))
         decision = decide(candidate_ref, current_ref, served_steps, sampler,
-                          lookup(candidate_ref, served_steps, sampler), current_fid, tolerance)
+                          lookup(candidate_ref, served_steps, sampler), current_score, level)
         if not decision.promoted:
             return decision
         try:  # only if nobody moved the pointer since we read it; else decide again against the new one
