@@ -93,8 +93,10 @@ def model_names(generators: Sequence[Manifest]) -> list[str]:
 def sampler_steps(config: EvaluateConfig) -> dict[str, tuple[int, ...]]:
     """The step counts each sampler is evaluated at (samplers left out are not evaluated)."""
     flow = tuple(sorted(set(config.flow_steps)))
+    diffusion = tuple(sorted(set(config.diffusion_steps)))
     return {**{solver: flow for solver in config.flow_solvers},
-            "consistency": tuple(sorted(set(config.consistency_steps)))}
+            "consistency": tuple(sorted(set(config.consistency_steps))),
+            **{sampler: diffusion for sampler in config.diffusion_samplers}}
 
 
 def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[Cell]:
