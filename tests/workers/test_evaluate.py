@@ -181,7 +181,8 @@ def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
     store, run, classifier, _ = evaluated
     ddpm = commit_diffusion(store, run)
     config = CONFIG.model_copy(update={"flow_steps": (1,), "flow_solvers": ("euler",),
-                                       "diffusion_steps": (5, DIFFUSION_T), "diffusion_samplers": ("ddpm", "ddim")})
+                                       "diffusion_steps": (5, DIFFUSION_T, 2 * DIFFUSION_T),  # beyond T: left out
+                                       "diffusion_samplers": ("ddpm", "ddim")})
     manifest = run_evaluate(store, config, [run.base, ddpm], run.images, run.vae, classifier)
     rows = read_rows(store, manifest)
     cells = by_cell(rows[2:])
