@@ -296,6 +296,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ingest": {"limit": 600},
         "vae": {"steps": 150, "base_channels": 16, "batch_size": 64, "warmup_steps": 15},
         "base": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},
+        "ddpm": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},  # as base; still off
         "pairs": {"pairs": 256, "steps": 8},
         "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
         "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
