@@ -131,7 +131,7 @@ def course_notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
         row = min((r for r in mine if r["steps"] == steps), key=lambda r: r["fid"], default=None)
         if row is None:
             lines.append(f"| {label} | {notes_fid} @ {target} | – | – | – | – | – | " + "– | " * len(extra)
-                         + f"not evaluated in this run (no `{stage}` stage rows) |")
+                         + f"not in this run (no `{stage}` stage rows with a finite FID) |")
             continue
         note = "" if steps == target else f"{target} steps not evaluated: nearest evaluated step count {steps}"
         lines.append(f"| {label} | {notes_fid} @ {target} | {row['model']} | {row['sampler']} | {row['steps']} | "

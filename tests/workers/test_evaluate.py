@@ -233,7 +233,7 @@ def test_course_notes_table_lines_up_the_four_systems_with_their_intervals():
     assert table[1].split(" | ")[7:9] == ["7", "9"]
     # A system the run did not train is said to be missing, not dropped.
     missing = [line for line in course_notes_section(rows[:4]) if line.startswith("| DDPM")]
-    assert "not evaluated in this run (no `ddpm` stage rows)" in missing[0]
+    assert "not in this run (no `ddpm` stage rows with a finite FID)" in missing[0]
 
 
 
