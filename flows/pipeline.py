@@ -2,6 +2,7 @@
 
     ingest -> vae -> latents -> base -> (pairs -> reflow) x rounds -> consistency
            -> classifier -> evaluate -> promote
+                      latents -> ddpm (optional, ddpm.enabled) -> evaluate
 
 Every stage is already a Ray driver, so the tasks run in the flow's own process (no Ray
 task runner); a task receives only its own config section, and what passes between tasks
@@ -29,6 +30,7 @@ from infra.config import (  # noqa: E402
     ClassifierConfig,
     ConfigError,
     ConsistencyConfig,
+    DDPMConfig,
     EvaluateConfig,
     GeneratorConfig,
     IngestConfig,
@@ -50,6 +52,7 @@ from workers.stages.s04_base import run_base  # noqa: E402
 from workers.stages.s05_pairs import run_pairs  # noqa: E402
 from workers.stages.s06_reflow import run_reflow  # noqa: E402
 from workers.stages.s07_consistency import run_consistency  # noqa: E402
+from workers.stages.s08_ddpm import run_ddpm  # noqa: E402
 from workers.stages.s09_classifier import run_classifier  # noqa: E402
 from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
 from workers.stages.s11_promote import promote  # noqa: E402
@@ -107,6 +110,11 @@ def latents_task(store_uri: str | None, section: LatentsConfig, ray_address: str
 @stage_task("base")
 def base_task(store_uri: str | None, section: GeneratorConfig, ray_address: str | None, latents: str) -> str:
     return run_and_publish(store_uri, ray_address, run_base, section, [latents])
+
+
+@stage_task("ddpm")
+def ddpm_task(store_uri: str | None, section: DDPMConfig, ray_address: str | None, latents: str) -> str:
+    return run_and_publish(store_uri, ray_address, run_ddpm, section, [latents])
 
 
 @stage_task("pairs")
@@ -205,7 +213,11 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
     if cfg.consistency.data == "latents":
         distil_data = refs["latents"]
     refs["consistency"] = consistency_task(store_uri, cfg.consistency, ray_address, teacher, distil_data)
+    if cfg.ddpm.enabled:  # the diffusion baseline: evaluated beside the others, never the promotion candidate
+        refs["ddpm"] = ddpm_task(store_uri, cfg.ddpm, ray_address, refs["latents"])
     generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
+    if "ddpm" in refs:
+        generators.append(refs["ddpm"])
     defender = served_on_same_data(Store.open(store_uri), refs["vae"])
     if defender is not None and defender not in generators:
         generators.append(defender)  # scored beside the candidate, so the promotion gate compares like with like

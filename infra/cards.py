@@ -10,7 +10,7 @@ design (``None`` means "not measured") and say so in their comment.
     vae          VAECard          vae
     latents      LatentsCard      latents           (a LatentSpace)
     pairs        PairsCard        pairs             (a LatentSpace)
-    generator    GeneratorCard    base, reflow, consistency (a LatentSpace)
+    generator    GeneratorCard    base, ddpm, reflow, consistency (a LatentSpace)
     features     FeaturesCard     classifier
     evaluation   EvaluationCard   evaluate
 """
@@ -167,7 +167,7 @@ class PairsCard(LatentSpace):
 class GeneratorCard(LatentSpace):
     """A trained generator: its family picks its samplers (models.sampling.family_samplers)."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("base", "reflow", "consistency")
+    STAGES: ClassVar[tuple[str, ...]] = ("base", "ddpm", "reflow", "consistency")
 
     family: str  # how its network turns noise into latents: models.sampling.FAMILIES
     steps: int  # training steps
@@ -180,10 +180,17 @@ class GeneratorCard(LatentSpace):
     nodes: tuple[str, ...] = ()  # the Ray node of each training rank
     renoise_coupling: float = 0.0  # consistency: re-noise along x_0 (1) or with fresh noise (0)
     num_intervals: int | None = None  # consistency: the time grid n / N it samples on (None: i / k)
+    diffusion_schedule: str | None = None  # diffusion: its beta schedule ("linear" or "cosine")
+    diffusion_steps: int | None = None  # diffusion: T, its discrete training steps
 
     def sampler_params(self) -> dict[str, Any]:
         """What its family's samplers need to know about how it was trained (models.sampling)."""
-        return {"coupling": self.renoise_coupling, "num_intervals": self.num_intervals}
+        params: dict[str, Any] = {"coupling": self.renoise_coupling, "num_intervals": self.num_intervals}
+        if self.diffusion_schedule is not None:
+            params["diffusion_schedule"] = self.diffusion_schedule
+        if self.diffusion_steps is not None:
+            params["diffusion_steps"] = self.diffusion_steps
+        return params
 
     @classmethod
     def is_generator(cls, manifest: Manifest) -> bool:

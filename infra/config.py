@@ -115,6 +115,24 @@ class GeneratorConfig(LoopConfig):
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
 
 
+class DDPMConfig(GeneratorConfig):
+    """The optional DDPM baseline: the base DiT trained on the variance-preserving diffusion path
+    with eps-prediction (models.diffusion), sampled with DDPM (ancestral) and DDIM. It is
+    evaluated beside the flow models but never promoted by the pipeline (promotion takes the
+    consistency student). ``time_sampling`` is unused: diffusion steps are drawn uniformly."""
+
+    enabled: bool = False  # off in quick and default; the RGB quality preset turns it on
+    schedule: Literal["linear", "cosine"] = "linear"  # cosine needs x_1 clipping latents lack (models.diffusion)
+    diffusion_steps: int = Field(1000, ge=2)  # T, the discrete training steps (linear: T > 20)
+
+    @model_validator(mode="after")
+    def _schedule_fits_its_steps(self) -> "DDPMConfig":
+        if self.schedule == "linear" and self.diffusion_steps <= 20:
+            raise ValueError(f"the linear schedule's last beta is 20 / T, so it needs diffusion_steps > 20, got "
+                             f"{self.diffusion_steps}; raise it or use schedule: cosine")
+        return self
+
+
 class PairsConfig(Section):
     """Reflow pairs: (x_0, x_1) couplings from the teacher's ODE, on an actor pool."""
 
@@ -185,6 +203,8 @@ class EvaluateConfig(Section):
     flow_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     flow_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
     consistency_steps: tuple[int, ...] = (1, 2, 4)
+    diffusion_steps: tuple[int, ...] = (10, 50, 250, 1000)  # at most ddpm.diffusion_steps (T)
+    diffusion_samplers: tuple[Literal["ddpm", "ddim"], ...] = ("ddpm", "ddim")
     guidance: float = Field(1.0, ge=0)  # for base models; reflow models use their pairs' guidance
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
@@ -198,7 +218,7 @@ class EvaluateConfig(Section):
 
     @model_validator(mode="after")
     def _positive_steps(self) -> "EvaluateConfig":
-        for field in ("flow_steps", "consistency_steps"):
+        for field in ("flow_steps", "consistency_steps", "diffusion_steps"):
             bad = [s for s in getattr(self, field) if s < 1]
             if bad:
                 raise ValueError(f"{field} must be positive step counts, got {bad}")
@@ -210,6 +230,9 @@ class ServeConfig(Section):
     port: int = Field(8765, ge=0, le=65535)
     steps: int = Field(1, ge=1)  # the served (and promotion-gated) step count
     max_n: int = Field(64, ge=1)
+    # The most steps one HTTP request may ask for, whatever the model; a model's sampler may allow
+    # fewer (a consistency student: its time grid; a diffusion model: its T). Serving a diffusion
+    # model at its 1000 steps needs max_steps: 1000 here. Promotion only compares FIDs at `steps`.
     max_steps: int = Field(64, ge=1)
     max_guidance: float = Field(10.0, ge=0)
     max_batch_size: int = Field(64, ge=1)
@@ -241,6 +264,7 @@ class PipelineConfig(Section):
     vae: VAEConfig = VAEConfig()
     latents: LatentsConfig = LatentsConfig()
     base: GeneratorConfig = GeneratorConfig()
+    ddpm: DDPMConfig = DDPMConfig()
     pairs: PairsConfig = PairsConfig()
     reflow: ReflowConfig = ReflowConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
@@ -256,6 +280,16 @@ class PipelineConfig(Section):
                              f"time grid of consistency.intervals={grid}: use at most {grid} steps, or more intervals")
         return self
 
+    @model_validator(mode="after")
+    def _steps_fit_the_diffusion_schedule(self) -> "PipelineConfig":
+        T = self.ddpm.diffusion_steps
+        beyond = sorted(s for s in set(self.evaluate.diffusion_steps) if s > T)
+        if beyond:
+            raise ValueError(f"evaluate.diffusion_steps {beyond} go beyond the diffusion model's "
+                             f"ddpm.diffusion_steps={T} training steps: a sampler visits at most T of them; "
+                             f"use at most {T} steps, or raise ddpm.diffusion_steps")
+        return self
+
 
 # Overrides of the defaults above. "default" is the quality preset (about 10 min on
 # 2 CPU cores); "quick" runs the whole chain in a few minutes, for trying it and for tests.
@@ -265,6 +299,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ingest": {"limit": 600},
         "vae": {"steps": 150, "base_channels": 16, "batch_size": 64, "warmup_steps": 15},
         "base": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},
+        "ddpm": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},  # as base; still off
         "pairs": {"pairs": 256, "steps": 8},
         "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
         "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},

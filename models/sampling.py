@@ -5,6 +5,7 @@ its samplers, named as the evaluation table names them:
 
     flow          euler, heun     integrate dx/dt = v(x, t, y) from t = 0 to 1   (models.samplers)
     consistency   consistency     x_hat = f(x_t, t), re-noised between steps      (models.consistency)
+    diffusion     ddim, ddpm      eps-prediction down the VP chain's steps        (models.diffusion)
 
 Evaluation, serving and promotion resolve a name to an object here, once, at their edge;
 nothing else branches on a family or a sampler name. A sampler says how many standard
@@ -14,12 +15,13 @@ every image on its own and batch requests freely.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 from torch import Tensor, nn
 
 from models.consistency import consistency_sample
+from models.diffusion import DiffusionUpdate, VPSchedule, diffusion_sample, get_update, vp_schedule
 from models.samplers import SampleResult, sample_ode
 
 
@@ -86,10 +88,47 @@ class ConsistencySampler:
                                   coupling=self.coupling)
 
 
+@dataclass(frozen=True)
+class DiffusionSampler:
+    """A diffusion (eps-prediction) model sampled down its schedule's steps: ``ddpm`` or ``ddim``.
+
+    Built with the schedule the model was trained on (its card's name and T): at most T steps,
+    one network evaluation each. ``ddim`` (eta = 0) is deterministic: one draw, x_0 = noise[0].
+    ``ddpm`` (ancestral, variance beta_tilde) draws x_0 = noise[0] and one fresh N(0, I) per
+    step but the last: ``steps`` draws for ``steps`` steps, so every image keeps its own.
+    """
+
+    name: str  # "ddpm" or "ddim" (models.diffusion.UPDATES)
+    schedule_name: str = "linear"
+    num_steps: int = 1000  # T of the schedule
+    guided: bool = True
+    has_path: bool = False
+    schedule: VPSchedule = field(init=False, repr=False, compare=False)
+    update: DiffusionUpdate = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "update", get_update(self.name))
+        object.__setattr__(self, "schedule", vp_schedule(self.schedule_name, self.num_steps))
+
+    @property
+    def max_steps(self) -> int:
+        return self.num_steps
+
+    def noise_draws(self, steps: int) -> int:
+        return steps if self.update.stochastic else 1  # x_0, and one z per ancestral step but the last
+
+    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int,
+               guidance: float) -> SampleResult:
+        z = list(noise[1:]) if self.update.stochastic else None
+        return diffusion_sample(net, noise[0], y, steps, self.schedule, self.update, guidance, noise=z)
+
+
 SAMPLERS: dict[str, Sampler] = {
     "euler": OdeSampler("euler"),
     "heun": OdeSampler("heun"),
     "consistency": ConsistencySampler(),
+    "ddim": DiffusionSampler("ddim"),
+    "ddpm": DiffusionSampler("ddpm"),
 }
 
 
@@ -101,10 +140,19 @@ def consistency_samplers(coupling: float = 0.0, num_intervals: int | None = None
     return (ConsistencySampler(coupling=coupling, num_intervals=num_intervals),)
 
 
+def diffusion_samplers(diffusion_schedule: str = "linear", diffusion_steps: int = 1000,
+                       **trained: object) -> tuple[Sampler, ...]:
+    """DDIM first (the default: deterministic, and the better of the two at the few steps a
+    service takes), then DDPM; both on the schedule the model was trained on."""
+    return (DiffusionSampler("ddim", diffusion_schedule, diffusion_steps),
+            DiffusionSampler("ddpm", diffusion_schedule, diffusion_steps))
+
+
 # Each family's samplers, built with what its model was trained for; the first is the default.
 FAMILIES: dict[str, Callable[..., tuple[Sampler, ...]]] = {
     "flow": flow_samplers,
     "consistency": consistency_samplers,
+    "diffusion": diffusion_samplers,
 }
 
 
@@ -118,7 +166,8 @@ def get_sampler(name: str) -> Sampler:
 
 def family_samplers(family: str, **trained: object) -> tuple[Sampler, ...]:
     """The samplers of ``family`` with the parameters its model was trained for (``trained``: e.g.
-    a consistency student's re-noising ``coupling`` and time grid ``num_intervals``)."""
+    a consistency student's re-noising ``coupling`` and time grid ``num_intervals``, a diffusion
+    model's ``diffusion_schedule`` and ``diffusion_steps``); without them, the defaults."""
     try:
         build = FAMILIES[family]
     except KeyError:

@@ -29,6 +29,7 @@ from infra.metrics_table import (
     reference_fid,
     reference_row,
     rows_table,
+    stage_of,
 )
 from infra.store import StageWriter
 from infra.tables import tensors_to_table
@@ -49,6 +50,44 @@ class Evaluation:
     info: dict[str, Any] = field(default_factory=dict)  # extractor, n, seed, refs, test size, classifier accuracy
     ratios: list[Ratio] = field(default_factory=list)  # the quality bars, on excess over the floor
     draws: dict[str, list[float]] = field(default_factory=dict)  # row_key -> paired FID bootstrap draws
+
+
+def course_notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The course notes' four-system comparison on this run's table, as markdown lines.
+
+    DDPM@1000, flow matching (base) @50, the best reflow round @2 and consistency @1: each the
+    lowest-FID row of that stage's model (found by the stage of its ref; the first by name where
+    a stage has several, every round for reflow) at the target step count, over its samplers.
+    Where the target was not evaluated, the nearest evaluated step count stands in (the larger
+    on a tie) and the row says so. Shows ``fid`` and, where the table has them, its interval
+    columns (those named ``fid_*`` or ``kid*``). The notes' own FIDs are on their data and
+    feature space: compare the ordering, not the values.
+    """
+    systems = (("DDPM", "ddpm", 1000, 7.9), ("flow matching", "base", 50, 7.5),
+               ("2-rectified flow (best reflow)", "reflow", 2, 8.0), ("consistency model", "consistency", 1, 9.5))
+    scored = generated(rows)
+    extra = list(dict.fromkeys(c for r in rows for c in r if c.startswith(("fid_", "kid"))))
+    lines = ["", "## Course-notes table", "",
+             "The course notes' comparison (their FIDs in the second column, on their data and feature space: "
+             "compare the ordering, not the values) on this run's rows.", "",
+             "| system | notes: FID @ steps | model | sampler | steps | NFE | FID | " + "".join(f"{c} | " for c in extra)
+             + "note |", "|---|---|---|---|---:|---:|---:|" + "---:|" * len(extra) + "---|"]
+    for label, stage, target, notes_fid in systems:
+        mine = [r for r in scored if stage_of(r) == stage]
+        if stage != "reflow":  # one model of the stage; reflow: the best of every round
+            first = min((r["model"] for r in mine), default=None)
+            mine = [r for r in mine if r["model"] == first]
+        steps = min({r["steps"] for r in mine}, key=lambda s: (abs(s - target), -s), default=None)
+        row = min((r for r in mine if r["steps"] == steps), key=lambda r: r["fid"], default=None)
+        if row is None:
+            lines.append(f"| {label} | {notes_fid} @ {target} | – | – | – | – | – | " + "– | " * len(extra)
+                         + f"not in this run (no `{stage}` stage rows with a finite FID) |")
+            continue
+        note = "" if steps == target else f"{target} steps not evaluated: nearest evaluated step count {steps}"
+        lines.append(f"| {label} | {notes_fid} @ {target} | {row['model']} | {row['sampler']} | {row['steps']} | "
+                     f"{row['nfe']} | {fmt(row['fid'])} | " + "".join(f"{fmt(row.get(c))} | " for c in extra)
+                     + f"{note} |")
+    return lines
 
 
 def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
@@ -175,6 +214,7 @@ def render_report(evaluation: Evaluation, location: str) -> str:
         verdict = ratio.verdict + (f" ({ratio.note})" if ratio.note else "")
         lines.append(f"| {ratio.name} | {ratio.numerator} | {ratio.denominator} | {fmt(ratio.value, 3)} "
                      f"{span(ratio.low, ratio.high, 3)} | ≤ {fmt(ratio.bar, 3)} | {verdict} |")
+    lines += course_notes_section(rows)
     if evaluation.straightness:
         lines += ["", "## Straightness of the flow models' paths", "",
                   "S = ∫ E‖(x_1 − x_0) − v_t‖² dt on the sampler's own path (0 = straight).", "",

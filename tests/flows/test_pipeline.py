@@ -18,6 +18,7 @@ import yaml
 
 from infra.cards import GeneratorCard
 from infra.config import load_config
+from infra.metrics_table import read_rows
 from infra.store import Store
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
@@ -34,6 +35,9 @@ TINY = {
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "classifier", "evaluate"}
+# The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps.
+WITH_DDPM = {**TINY, "ddpm": {"enabled": True, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
+             "evaluate": {**TINY["evaluate"], "diffusion_steps": [2]}}
 
 
 def committed(store: Store) -> dict[str, str]:
@@ -45,12 +49,18 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     from flows.pipeline import pipeline
 
     store_uri = str(tmp_path / "store")
-    config = load_config("quick", overrides=TINY).model_dump(mode="json")
+    config = load_config("quick", overrides=WITH_DDPM).model_dump(mode="json")
 
     first = pipeline(config=config, store_uri=store_uri)
     store = Store.open(store_uri)
-    assert {m.stage for m in store.list_manifests()} == STAGES
+    assert {m.stage for m in store.list_manifests()} == STAGES | {"ddpm"}
     assert first["promotion"]["promoted"], first["promotion"]
+    # The DDPM baseline is evaluated beside the others at its step counts, and never the promotion candidate.
+    ddpm = first["refs"]["ddpm"]
+    assert GeneratorCard.from_manifest(store.get_ref(ddpm)).family == "diffusion"
+    assert store.get_ref(ddpm).inputs == [first["refs"]["latents"]]
+    rows = read_rows(store, store.get_ref(first["refs"]["evaluate"]))
+    assert {(r["sampler"], r["steps"], r["nfe"]) for r in rows if r["stage_key"] == ddpm} == {("ddpm", 2, 2), ("ddim", 2, 2)}
     assert store.get_pointer("serving/current") == first["refs"]["consistency"]
     assert [run["refs"] for run in store.list_runs()] == [first["refs"]]
 
@@ -63,10 +73,10 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert committed(store) == before, "the re-run recomputed a stage"
 
     # One changed field re-runs only what is downstream of it.
-    changed = load_config("quick", overrides={**TINY, "consistency": {**TINY["consistency"], "intervals": 3}})
+    changed = load_config("quick", overrides={**WITH_DDPM, "consistency": {**TINY["consistency"], "intervals": 3}})
     third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
     same = {name for name in first["refs"] if third["refs"][name] == first["refs"][name]}
-    assert same == {"images", "vae", "latents", "base", "pairs_1", "reflow_1", "classifier"}
+    assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "classifier"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from infra.cards import CardError, GeneratorCard, ImagesCard, LatentSpace, LatentsCard, VAECard
-from infra.config import ConsistencyConfig, EvaluateConfig, GeneratorConfig, Resources, ServeConfig
+from infra.config import (
+    ConfigError,
+    ConsistencyConfig,
+    DDPMConfig,
+    EvaluateConfig,
+    GeneratorConfig,
+    Resources,
+    ServeConfig,
+    load_config,
+)
+from models.sampling import family_samplers
 
 
 def commit(store, stage: str, metrics: dict):
@@ -60,3 +70,35 @@ def test_the_global_batch_must_split_over_the_workers():
     GeneratorConfig(batch_size=64, resources=Resources(workers=4))
     with pytest.raises(ValueError, match="does not split evenly over resources.workers=3"):
         GeneratorConfig(batch_size=64, resources=Resources(workers=3))
+
+
+def test_a_diffusion_card_names_its_schedule_and_its_samplers_use_it(local_store):
+    card = GeneratorCard(family="diffusion", steps=10, latent_shape=(2, 4, 4), num_classes=3, latent_scale=1.0,
+                         vae_ref="vae/abc", diffusion_schedule="cosine", diffusion_steps=200)
+    back = GeneratorCard.from_manifest(commit(local_store, "ddpm", card.to_metrics()))
+    assert back == card and GeneratorCard.is_generator(commit(local_store, "ddpm", card.to_metrics()))
+    samplers = family_samplers(back.family, **back.sampler_params())
+    assert [(s.name, s.schedule_name, s.max_steps) for s in samplers] == [("ddim", "cosine", 200), ("ddpm", "cosine", 200)]
+    # The other families' parameters pass as before, and a card without diffusion fields gives none.
+    student = GeneratorCard(family="consistency", steps=1, latent_shape=(2, 4, 4), num_classes=3, latent_scale=1.0,
+                            vae_ref="vae/abc", renoise_coupling=1.0, num_intervals=8)
+    assert student.sampler_params() == {"coupling": 1.0, "num_intervals": 8}
+    (consistency,) = family_samplers(student.family, **student.sampler_params())
+    assert consistency.max_steps == 8 and consistency.noise_draws(3) == 1
+
+
+def test_the_ddpm_section_is_off_by_default_and_its_steps_are_checked_against_T():
+    for preset in ("quick", "default"):
+        cfg = load_config(preset)
+        assert not cfg.ddpm.enabled and cfg.ddpm.schedule == "linear" and cfg.ddpm.diffusion_steps == 1000
+        assert cfg.evaluate.diffusion_steps == (10, 50, 250, 1000) and cfg.evaluate.diffusion_samplers == ("ddpm", "ddim")
+    assert DDPMConfig(steps=5).keyed() != DDPMConfig(steps=5, schedule="cosine").keyed()
+    with pytest.raises(ConfigError, match=r"evaluate.diffusion_steps \[1000\] go beyond .*ddpm.diffusion_steps=500"):
+        load_config(overrides={"ddpm": {"diffusion_steps": 500}})
+    load_config(overrides={"ddpm": {"diffusion_steps": 500}, "evaluate": {"diffusion_steps": [5, 500]}})
+    with pytest.raises(ConfigError, match="needs diffusion_steps > 20, got 20"):
+        load_config(overrides={"ddpm": {"diffusion_steps": 20}, "evaluate": {"diffusion_steps": [10]}})
+    with pytest.raises(ConfigError, match="diffusion_samplers"):
+        load_config(overrides={"evaluate": {"diffusion_samplers": ["euler"]}})
+    with pytest.raises(ConfigError, match=r"diffusion_steps must be positive step counts, got \[0\]"):
+        load_config(overrides={"evaluate": {"diffusion_steps": [0, 10]}})

@@ -11,7 +11,7 @@ from infra.version import ROOT, import_closure, source_digest
 from workers.stages import STAGE_MODULES
 
 UPSTREAM = ("ingest", "vae", "latents")
-GENERATORS = ("base", "pairs", "reflow", "consistency")
+GENERATORS = ("base", "ddpm", "pairs", "reflow", "consistency")
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_a_dit_change_rekeys_base_and_below_but_not_ingest_vae_latents(tree):
     edit(tree / "models" / "dit.py", "def modulate(", "def _unused():\n    return 0\n\n\ndef modulate(")
     after = digests(tree)
     assert all(after[stage] == before[stage] for stage in UPSTREAM)
-    # base trains the DiT; pairs, reflow and consistency load and run one (their inputs change too).
+    # base and ddpm train the DiT; pairs, reflow and consistency load and run one (their inputs change too).
     assert all(after[stage] != before[stage] for stage in GENERATORS + ("evaluate",))
 
 

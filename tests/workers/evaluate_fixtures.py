@@ -1,5 +1,6 @@
 """A tiny stored run for evaluation tests: real digits through the ingest stage, then a VAE and
-three generators (base, reflow round 1, consistency) committed directly with random weights.
+three generators (base, reflow round 1, consistency) committed directly with random weights,
+and with ``diffusion=True`` a fourth, a diffusion-family ``ddpm`` model (:func:`commit_diffusion`).
 
 Training is not what these tests check, so no Ray Train fit is spent on it: the manifests carry
 exactly what the generative stages write (the same spec builder and metric helpers), and the
@@ -8,7 +9,7 @@ weights are random but not zero (AdaLN-Zero would make every velocity 0 and ever
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,10 +31,11 @@ class TinyRun:
     base: Manifest
     reflow: Manifest
     consistency: Manifest
+    ddpm: Manifest | None = None  # with commit_tiny_run(..., diffusion=True)
 
     @property
     def generators(self) -> list[Manifest]:
-        return [self.base, self.reflow, self.consistency]
+        return [self.base, self.reflow, self.consistency] + ([self.ddpm] if self.ddpm is not None else [])
 
 
 def commit(store: Store, stage: str, config: dict, inputs: list[Manifest], models: dict, metrics: dict) -> Manifest:
@@ -53,7 +55,19 @@ def random_generator(spec: dict, seed: int) -> torch.nn.Module:
     return net.eval()
 
 
-def commit_tiny_run(store: Store, vae_seed: int = 0) -> TinyRun:
+DIFFUSION_T = 100  # the tiny diffusion model's training steps: evaluation tests sample it at up to T
+
+
+def commit_diffusion(store: Store, run: TinyRun, seed: int = 4) -> Manifest:
+    """A random-weight diffusion-family generator (stage ``ddpm``) on the run's VAE, as s08_ddpm writes it."""
+    base = GeneratorCard.from_manifest(run.base)
+    net = random_generator(dit_spec(GeneratorConfig(model="DiT-T/2"), base.space), seed)
+    card = GeneratorCard(family="diffusion", steps=0, diffusion_schedule="linear", diffusion_steps=DIFFUSION_T,
+                         **base.space_fields())
+    return commit(store, "ddpm", {"seed": seed}, [run.vae], {"model": net, "raw": net}, card.to_metrics())
+
+
+def commit_tiny_run(store: Store, vae_seed: int = 0, diffusion: bool = False) -> TinyRun:
     images = run_ingest(store, IngestConfig(source="digits", limit=120, image_size=16))
     torch.manual_seed(vae_seed)
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT_SHAPE[0], base_channels=8, downsample=4))
@@ -72,4 +86,5 @@ def commit_tiny_run(store: Store, vae_seed: int = 0) -> TinyRun:
     base = generator("base", 1, [vae_m], "flow")
     reflow = generator("reflow", 2, [base], "flow", round=1, teacher_ref=base.ref, guidance=1.0)
     consistency = generator("consistency", 3, [reflow], "consistency", teacher_ref=reflow.ref, guidance=1.0)
-    return TinyRun(images, vae_m, base, reflow, consistency)
+    run = TinyRun(images, vae_m, base, reflow, consistency)
+    return replace(run, ddpm=commit_diffusion(store, run)) if diffusion else run

@@ -15,7 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from evaluate_fixtures import commit, commit_tiny_run  # noqa: E402
+from evaluate_fixtures import DIFFUSION_T, commit, commit_diffusion, commit_tiny_run  # noqa: E402
 from infra.cards import EvaluationCard, FeaturesCard, GeneratorCard, ImagesCard  # noqa: E402
 from infra.config import ClassifierConfig, ConfigError, EvaluateConfig, Resources  # noqa: E402
 from infra.metrics_table import (  # noqa: E402
@@ -33,7 +33,7 @@ from infra.store import Store  # noqa: E402
 from models.classifier import Classifier  # noqa: E402
 from models.metrics import Draws  # noqa: E402
 from workers.quality import quality_ratios  # noqa: E402
-from workers.report import make_grid  # noqa: E402
+from workers.report import course_notes_section, make_grid  # noqa: E402
 from workers.stages.s09_classifier import run_classifier  # noqa: E402
 from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa: E402
 
@@ -198,7 +198,63 @@ def test_refuses_what_it_cannot_evaluate(evaluated):
         run_evaluate(store, CONFIG.model_copy(update={"n": 3}), [run.base], run.images, run.vae, classifier)
 
 
+def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
+    store, run, classifier, _ = evaluated
+    ddpm = commit_diffusion(store, run)
+    config = CONFIG.model_copy(update={"flow_steps": (1,), "flow_solvers": ("euler",),
+                                       "diffusion_steps": (5, DIFFUSION_T, 2 * DIFFUSION_T),  # beyond T: left out
+                                       "diffusion_samplers": ("ddpm", "ddim")})
+    manifest = run_evaluate(store, config, [run.base, ddpm], run.images, run.vae, classifier)
+    rows = read_rows(store, manifest)
+    cells = by_cell(rows[2:])
+    assert set(cells) == {("base", "euler", 1), ("ddpm", "ddim", 5), ("ddpm", "ddim", DIFFUSION_T),
+                          ("ddpm", "ddpm", 5), ("ddpm", "ddpm", DIFFUSION_T)}
+    for (model, sampler, steps), row in cells.items():
+        assert row["nfe"] == steps and row["guidance"] == 1.0 and math.isfinite(row["fid"])
+        assert row["stage_key"] == (ddpm.ref if model == "ddpm" else run.base.ref)
+    # Ancestral and deterministic sampling draw different images from the same x_0.
+    assert cells[("ddpm", "ddpm", 5)]["fid"] != pytest.approx(cells[("ddpm", "ddim", 5)]["fid"])
+    assert EvaluationCard.from_manifest(manifest).models == {"base": run.base.ref, "ddpm": ddpm.ref}
+    assert store.read_json(manifest, "straightness").keys() == {"base"}  # no ODE path for a diffusion model
+    report = store.read_bytes(manifest, "report.md").decode()
+    assert f"grids/ddpm-ddpm-{DIFFUSION_T}.png" in report and "## Course-notes table" in report
+    assert f"1000 steps not evaluated: nearest evaluated step count {DIFFUSION_T}" in report
+    # Only the samplers asked for: the diffusion steps apply to the diffusion samplers named.
+    only_ddim = config.model_copy(update={"diffusion_samplers": ("ddim",), "diffusion_steps": (5,)})
+    assert {(r["model"], r["sampler"], r["steps"]) for r in
+            compute_evaluation(store, only_ddim, [ddpm], run.images, run.vae, classifier).rows[2:]} == {("ddpm", "ddim", 5)}
+
+
 # --------------------------------------------------------------------------- pure pieces
+
+
+def test_course_notes_table_lines_up_the_four_systems_with_their_intervals():
+    def row(model, sampler, steps, fid, **extra):
+        stage = model.split("-")[0]
+        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid,
+                "stage_key": f"{stage}/k{model}", **extra}
+
+    rows = [row(FLOOR, REFERENCE, 0, 1.0), row("base", "euler", 32, 12.0), row("base", "heun", 32, 11.0),
+            row("base", "euler", 64, 13.0), row("ddpm", "ddpm", 1000, 9.0), row("ddpm", "ddim", 1000, 8.0),
+            row("ddpm", "ddim", 10, 30.0), row("reflow-1", "euler", 2, 25.0), row("reflow-2", "euler", 2, 20.0),
+            row("consistency", "consistency", 1, 15.0)]
+    table = [line for line in course_notes_section(rows) if line.startswith("| ")]
+    assert table[0].split(" | ")[-1] == "note |" and "fid_" not in table[0]  # no interval columns in this table
+    ddpm, fm, reflow, cm = (line.split(" | ") for line in table[1:])
+    assert ddpm[2:7] == ["ddpm", "ddim", "1000", "1000", "8"] and ddpm[-1] == " |"
+    # 50 not evaluated: 64 is the nearest; its best sampler there, and the row says so.
+    assert fm[2:7] == ["base", "euler", "64", "64", "13"] and "nearest evaluated step count 64" in fm[-1]
+    assert reflow[2:7] == ["reflow-2", "euler", "2", "2", "20"]  # the best round
+    assert cm[2:7] == ["consistency", "consistency", "1", "1", "15"]
+
+    # With the interval columns the lead's table adds, they are shown beside the FID.
+    wide = [{**r, "fid_low": r["fid"] - 1.0, "fid_high": r["fid"] + 1.0} for r in rows]
+    table = [line for line in course_notes_section(wide) if line.startswith("| ")]
+    assert "| FID | fid_low | fid_high | note |" in table[0]
+    assert table[1].split(" | ")[7:9] == ["7", "9"]
+    # A system the run did not train is said to be missing, not dropped.
+    missing = [line for line in course_notes_section(rows[:4]) if line.startswith("| DDPM")]
+    assert "not in this run (no `ddpm` stage rows with a finite FID)" in missing[0]
 
 
 def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():

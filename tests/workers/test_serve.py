@@ -3,12 +3,14 @@
 The subprocess attaches to the session's Ray (RAY_ADDRESS), serves tiny untrained generators
 from a local store on a free port outside 8000-9000, and must exit 0 on Ctrl-C. Tests run in
 file order against the one app: valid requests, batching and seeds, bad input, the model
-card, the playground in a headless browser, the hot swap, and last the shutdown.
+card, the playground in a headless browser, the hot swap, a diffusion model, and last the
+shutdown. Before the app, a diffusion generator is drawn through ``Generator`` in process.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -36,6 +38,7 @@ from infra.store import Manifest, Store
 from models.dit import DiT, dit_config
 from models.registry import model_spec
 from models.vae import VAE, VAEConfig
+from workers.generator import Generator, Request
 from workers.stages.s11_promote import promote
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,6 +46,7 @@ pytestmark = pytest.mark.timeout(300)
 NUM_CLASSES = 3
 LATENT = (2, 4, 4)  # (C, H, W): a 4x downsampling VAE decodes it to 16x16 grayscale
 SERVED_STEPS = 2
+DIFFUSION_T = 6  # a cosine schedule of 6 steps: below the app's max_steps, so the model's own limit shows
 SERVE_YAML = f"""
 serve:
   steps: {SERVED_STEPS}
@@ -71,8 +75,9 @@ def commit_vae(store: Store) -> Manifest:
         return writer.commit(metrics=card.to_metrics())
 
 
-def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest) -> Manifest:
-    """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y."""
+def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest, **trained) -> Manifest:
+    """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y;
+    ``trained``: the card fields its family's samplers read (e.g. a diffusion model's schedule)."""
     torch.manual_seed(seed)
     net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
                          class_dropout_prob=0.0))
@@ -82,8 +87,14 @@ def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Mani
     with store.begin(stage, f"tiny{seed}", config={"seed": seed}, inputs=[vae]) as writer:
         writer.write_model("model", net, model_spec(net))
         card = GeneratorCard(family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0,
-                             vae_ref=vae.ref)
+                             vae_ref=vae.ref, **trained)
         return writer.commit(metrics=card.to_metrics())
+
+
+def commit_diffusion(store: Store, vae: Manifest, seed: int = 5) -> Manifest:
+    """A diffusion-family generator as the ddpm stage writes it."""
+    return commit_generator(store, "ddpm", "diffusion", seed, vae, diffusion_schedule="cosine",
+                            diffusion_steps=DIFFUSION_T)
 
 
 def commit_evaluation(store: Store, rows: list[tuple[Manifest, str, int, float]], inputs: list[Manifest]) -> Manifest:
@@ -96,6 +107,36 @@ def commit_evaluation(store: Store, rows: list[tuple[Manifest, str, int, float]]
     with store.begin("evaluate", "tiny", config={"test": True}, inputs=inputs) as writer:
         writer.write_table("metrics", pa.Table.from_pylist(table))
         return writer.commit(metrics={"rows": len(table)})
+
+
+# --------------------------------------------------------------------------- a diffusion model, in process
+
+
+def test_a_diffusion_generator_draws_with_both_samplers_deterministically_per_seed(tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    generator = Generator.load(store, commit_diffusion(store, commit_vae(store)), "cpu")
+    assert list(generator.samplers) == ["ddim", "ddpm"]
+    drawn = {}
+    for sampler in ("ddim", "ddpm"):
+        request = Request(n=3, steps=4, sampler=sampler, labels=(0, 2, NUM_CLASSES), guidance=2.0, seed=7)
+        images = generator.generate(request)
+        assert images.pixels.shape == (3, 16, 16, 1) and images.nfe == 4
+        np.testing.assert_array_equal(generator.generate(request).pixels, images.pixels)  # same seed, same images
+        reseeded = generator.generate(dataclasses.replace(request, seed=8)).pixels
+        assert not np.array_equal(reseeded, images.pixels)
+        # Batched with another request, each image keeps its own draws (every ancestral z included).
+        other = Request(n=2, steps=4, sampler=sampler, labels=(1, 1), guidance=2.0, seed=99)
+        together = generator.generate_many([other, request])
+        assert np.abs(together[1].pixels.astype(int) - images.pixels.astype(int)).max() <= 1
+        drawn[sampler] = images.pixels
+    assert not np.array_equal(drawn["ddim"], drawn["ddpm"])  # the ancestral sampler's fresh noise shows
+    # DDIM needs x_0 only; DDPM x_0 and one draw per step but the last.
+    assert generator.noise_for(Request(n=2, steps=4, sampler="ddpm")).shape == (4, 2, *LATENT)
+    assert generator.noise_for(Request(n=2, steps=4, sampler="ddim")).shape == (1, 2, *LATENT)
+    with pytest.raises(ValueError, match=f"at most the schedule's T = {DIFFUSION_T}"):
+        generator.generate(Request(n=1, steps=DIFFUSION_T + 1, sampler="ddim"))
+    with pytest.raises(ValueError, match="sample it with ddim or ddpm, not 'euler'"):
+        generator.sampler("euler")
 
 
 # --------------------------------------------------------------------------- the app
@@ -399,6 +440,29 @@ def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
         assert client.get("/healthz").json() == {"status": "ok", "model": app.flow.ref, "swap_error": None}
         body = client.post("/v1/generate", json={"n": 2, "guidance": 2.0, "labels": [0, 1]}).json()
         assert body["model"] == app.flow.ref and body["guidance"] == 2.0
+
+
+def test_a_diffusion_model_is_served_like_any_other(app):
+    """Promotion never picks the ddpm model in a pipeline, but served (here by moving the pointer) it works."""
+    ddpm = commit_diffusion(app.store, app.store.get_ref("vae/tiny"))
+    app.store.put_pointer("serving/current", ddpm.ref)
+    with app.client() as client:
+        deadline = time.monotonic() + 60
+        while client.get("/healthz").json()["model"] != ddpm.ref:
+            assert time.monotonic() < deadline, client.get("/healthz").json()
+            time.sleep(0.1)
+        ask = {"n": 2, "labels": [0, 1], "guidance": 1.5, "seed": 21}
+        body = client.post("/v1/generate", json=ask).json()
+        assert (body["model"], body["family"], body["sampler"]) == (ddpm.ref, "diffusion", "ddim")
+        assert body["steps"] == body["nfe"] == SERVED_STEPS and body["guidance"] == 1.5  # guided, like a flow model
+        assert client.post("/v1/generate", json=ask).json()["images"] == body["images"]  # same seed, same images
+        assert client.post("/v1/generate", json={**ask, "seed": 22}).json()["images"] != body["images"]
+        # Up to its T steps; beyond them the model's own limit answers (below the config's max_steps of 8).
+        assert client.post("/v1/generate", json={"n": 1, "steps": DIFFUSION_T}).json()["nfe"] == DIFFUSION_T
+        beyond = client.post("/v1/generate", json={"n": 1, "steps": DIFFUSION_T + 1})
+        assert beyond.status_code == 422 and f"use 1..{DIFFUSION_T}" in beyond.text
+        card = client.get("/v1/model").json()
+        assert card["family"] == "diffusion" and card["sampler"] == "ddim" and card["ref"] == ddpm.ref
 
 
 def test_ctrl_c_stops_the_app_cleanly(app):

@@ -7,6 +7,7 @@
     s05_pairs        reflow pairs from the teacher's ODE (Ray Data actor pool)
     s06_reflow       flow matching on the pairs (Ray Train), once per round
     s07_consistency  consistency distillation into a 1-4 step student (Ray Train)
+    s08_ddpm         optional: the DDPM baseline, eps-prediction of the same DiT (Ray Train)
     s09_classifier   the evaluation's feature space (Ray task)
     s10_evaluate     FID against steps for every model (Ray tasks)
     s11_promote      move serving/current when the candidate is not worse (plain code)
@@ -26,6 +27,7 @@ STAGE_MODULES = {
     "pairs": "workers.stages.s05_pairs",
     "reflow": "workers.stages.s06_reflow",
     "consistency": "workers.stages.s07_consistency",
+    "ddpm": "workers.stages.s08_ddpm",
     "classifier": "workers.stages.s09_classifier",
     "evaluate": "workers.stages.s10_evaluate",
 }

@@ -1,6 +1,6 @@
 """Stage 10, evaluate: FID against NFE for every model of a run, on Ray.
 
-For each generator (base, each reflow round, consistency) and each of its samplers and step
+For each generator (base, each reflow round, consistency, ddpm) and each of its samplers and step
 counts the stage draws ``n`` images, decodes them with the VAE and scores them in one
 feature space (:mod:`workers.scoring`):
 
@@ -94,14 +94,17 @@ def model_names(generators: Sequence[Manifest]) -> list[str]:
 def sampler_steps(config: EvaluateConfig) -> dict[str, tuple[int, ...]]:
     """The step counts each sampler is evaluated at (samplers left out are not evaluated)."""
     flow = tuple(sorted(set(config.flow_steps)))
+    diffusion = tuple(sorted(set(config.diffusion_steps)))
     return {**{solver: flow for solver in config.flow_solvers},
-            "consistency": tuple(sorted(set(config.consistency_steps)))}
+            "consistency": tuple(sorted(set(config.consistency_steps))),
+            **{sampler: diffusion for sampler in config.diffusion_samplers}}
 
 
 def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[Cell]:
     """Every (model, sampler, steps) to evaluate; the straightness of each ODE model's paths once,
     with its first sampler at its largest step count. A model is sampled at the guidance its card
-    names (reflow: its pairs'; consistency: its teacher's, built in) or else the evaluation's."""
+    names (reflow: its pairs'; consistency: its teacher's, built in) or else the evaluation's. Step
+    counts beyond what a model's sampler takes (a diffusion model's T) are left out, with a warning."""
     from models.sampling import family_samplers
 
     plan, cells = sampler_steps(config), []
@@ -109,8 +112,13 @@ def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[C
         card = GeneratorCard.from_manifest(m)
         guidance = card.guidance if card.guidance is not None else config.guidance
         path_measured = False
-        for sampler in family_samplers(card.family):
+        for sampler in family_samplers(card.family, **card.sampler_params()):
             steps = plan.get(sampler.name, ())
+            beyond = [s for s in steps if sampler.max_steps is not None and s > sampler.max_steps]
+            if beyond:  # a diffusion model's T, a student's time grid
+                log.warning("evaluate: %s takes at most %d steps with %s; leaving out %s", name, sampler.max_steps,
+                            sampler.name, beyond)
+                steps = tuple(s for s in steps if s not in beyond)
             for s in steps:
                 measure = sampler.has_path and not path_measured and s == steps[-1]
                 cells.append(Cell(name, m.ref, sampler.name, s, guidance, with_straightness=measure))
