@@ -45,7 +45,7 @@ from infra.store import SERVING_POINTER, Manifest, Store
 from workers.generator import Request
 from workers.serving.http import encode_images, make_api
 from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
-from workers.serving.swap import RETRY_S, Served, Watch
+from workers.serving.swap import RETRY_S, Served, Watch, load_served
 
 log = logging.getLogger("fewstep.serve")
 
@@ -265,6 +265,13 @@ def resolve_model(store: Store, model: str | None) -> Manifest:
                           "consistency ref")
     GeneratorCard.from_manifest(manifest)
     return manifest
+
+
+def check_servable(store: Store, ref: str, config: ServeConfig) -> None:
+    """Load ``ref`` here, in the driver, as a replica would and draw its sanity batch: a corrupt or
+    non-finite model fails in seconds with :class:`IntegrityError` / :class:`UnfitModel`, not after
+    Serve has retried its replicas."""
+    load_served(store, ref, config.solver, config.steps)
 
 
 def start(store_uri: str, config: ServeConfig, model: str | None = None, *, host: str | None = None,
