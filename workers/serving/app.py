@@ -109,7 +109,7 @@ class FewstepGenerator:
                                "run `fewstep run`, or serve one with --model REF")
         if self.served is None or self.served.ref != target:
             self.served = await asyncio.to_thread(self.watch_store.load, target)
-            log.info("serving %s", target)
+            log.info("serving %s from the store %s", target, self.store.uri)
         if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self.watch())
 
