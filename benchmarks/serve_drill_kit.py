@@ -145,6 +145,20 @@ def free_port() -> int:
             return port
 
 
+def start_ray() -> None:
+    """Attach to the cluster RAY_ADDRESS names, else start a local Ray with 4 logical CPUs (as the tests do).
+
+    ``local`` is explicit: a bare ``ray.init()`` would attach to any cluster ``ray start`` left on the machine."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
 @contextmanager
 def serving(store_uri: str, config: ServeConfig, model: str | None = None) -> Iterator[str]:
     """The real app (the code ``fewstep serve`` runs) on a free loopback port; Ray must be up."""

@@ -480,6 +480,7 @@ def test_ctrl_c_stops_the_app_cleanly(app):
     app.process.send_signal(signal.SIGINT)
     assert app.process.wait(timeout=90) == 0, app.log.read_text()[-4000:]
     assert "fewstep: stopped" in app.log.read_text()
+    assert "the store watcher failed" not in app.log.read_text()  # it stops with the replica, quietly
     with socket.socket() as probe:  # the HTTP proxy is gone with the app
         assert probe.connect_ex(("127.0.0.1", app.port)) != 0
 

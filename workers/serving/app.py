@@ -93,6 +93,16 @@ class FewstepGenerator:
         self.draw.set_max_batch_size(max_batch_size)
         self.draw.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
+    def __del__(self) -> None:
+        """Serve's graceful shutdown calls this on the replica's event loop: stop watching the store
+        before the loop's thread pool goes, or the next poll fails to schedule."""
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None and not watcher.done():
+            try:
+                watcher.cancel()
+            except RuntimeError:  # garbage-collected after its loop closed: nothing left to stop
+                pass
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self, self.limits.max_body_bytes)
 
