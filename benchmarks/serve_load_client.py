@@ -5,8 +5,8 @@
 
 ``concurrency`` workers each send their next request when the last one returns, until
 ``requests`` were sent or the stop file exists. A request is valid or, with probability
-``invalid``, one of :data:`INVALID` (malformed JSON, wrong types, out-of-range values, an
-oversized body...). One JSON line per answered request goes to ``--out`` as it lands:
+``invalid``, the next of :data:`INVALID` in turn (malformed JSON, wrong types, out-of-range
+values, an oversized body...). One JSON line per answered request goes to ``--out`` as it lands:
 ``{"i", "valid", "kind", "start", "end", "status", "model", "error"}`` with wall-clock
 times (``time.time()``, comparable across processes); status 0 means no answer (connection
 refused, reset or timed out). The limits assumed are the drills' (benchmarks/serve_drill_kit.py:
@@ -70,8 +70,8 @@ async def run(url: str, requests: int, concurrency: int, invalid: float, seed: i
     rng = random.Random(seed)
     plan = []
     for i in range(requests):
-        if rng.random() < invalid:
-            kind, raw = INVALID[rng.randrange(len(INVALID))]
+        if rng.random() < invalid:  # the invalid kinds in turn, so that a short run meets each of them
+            kind, raw = INVALID[sum(not valid for _, valid, _, _ in plan) % len(INVALID)]
             plan.append((i, False, kind, raw))
         else:
             plan.append((i, True, "valid", json.dumps(valid_body(rng)).encode()))
