@@ -242,6 +242,7 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies get 413
     solver: Literal["euler", "heun"] = "euler"  # how flow (ODE) models are sampled
     poll_s: float = Field(1.0, gt=0)  # how often a replica looks at the serving/current pointer
+    swap_retry_s: float = Field(300.0, gt=0)  # a model that failed to load is tried again after this (doubling)
     max_replicas: int | None = Field(None, ge=1)  # set: autoscale between resources.workers and this
     target_ongoing_requests: float = Field(8.0, gt=0)  # the autoscaler's per-replica target
     resources: Resources = Resources()  # workers = replicas (the autoscaling minimum with max_replicas)

@@ -158,7 +158,8 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # address="local": always a cluster of our own, never one another process started on this machine
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield ray
     os.environ.pop("RAY_ADDRESS", None)

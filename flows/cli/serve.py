@@ -31,13 +31,19 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
 ) -> None:
     """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C."""
+    from flows.errors import UserError
     from infra.config import load_config
     from infra.store import Store
-    from workers.serving.app import resolve_model
+    from workers.serving.app import check_servable, resolve_model
+    from workers.serving.swap import UnfitModel
 
     serve_config = load_config(preset, config).serve
     opened = Store.open(store)
     manifest = resolve_model(opened, model)
+    try:
+        check_servable(opened, manifest.ref, serve_config)  # a NaN model fails here, in one line
+    except UnfitModel as error:
+        raise UserError(str(error)) from None
     serve_foreground(opened.uri, serve_config, manifest.ref, pinned=model is not None, host=host, port=port,
                      ray_address=ray_address)
 

@@ -18,10 +18,11 @@ most one level).
 
 Hot swap: unless the app is pinned to a ``model`` (its ``user_config``), each replica reads
 the ``serving/current`` pointer every ``poll_s`` seconds and, when it moved, loads the new
-generator beside the old one (digests verified) and swaps one attribute. A batch holds the
-model it started with, so requests in flight finish on the old model and none is dropped;
-the response's ``model`` names the one that drew it. A model that fails to load leaves the
-old one serving and shows up in ``/healthz``.
+generator beside the old one (digests verified, a seeded sanity batch drawn) and swaps one
+attribute. A batch holds the model it started with, so requests in flight finish on the old
+model and none is dropped; the response's ``model`` names the one that drew it. A model that
+fails to load or draws non-finite images leaves the old one serving, is retried only after a
+back-off, and makes ``/healthz`` say ``degraded`` (:mod:`workers.serving.swap`).
 """
 
 from __future__ import annotations
@@ -41,11 +42,10 @@ from infra.cards import GeneratorCard
 from infra.config import ServeConfig
 from infra.errors import NotCommitted
 from infra.store import SERVING_POINTER, Manifest, Store
-from models.sampling import preferred_sampler
-from workers.generator import Generator, Request
+from workers.generator import Request
 from workers.serving.http import encode_images, make_api
-from workers.serving.model_card import model_card
 from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
+from workers.serving.swap import RETRY_S, Served, Watch, load_served
 
 log = logging.getLogger("fewstep.serve")
 
@@ -53,25 +53,15 @@ POINTER = SERVING_POINTER
 APP_NAME = "fewstep"
 
 
-@dataclass(frozen=True)
-class Served:
-    """A loaded generator, the sampler it is served with, and what /v1/model says about it."""
-
-    generator: Generator
-    sampler: str
-    card: dict[str, Any]  # computed once, at load
-
-    @property
-    def ref(self) -> str:
-        return self.generator.ref
-
-
-def load_served(store: Store, ref: str, solver: str) -> Served:
-    """Load ``ref`` (every file's sha256 checked on read) and describe it."""
-    manifest = store.get_ref(ref)
-    generator = Generator.load(store, manifest)
-    sampler = preferred_sampler(generator.card.family, solver).name
-    return Served(generator, sampler, model_card(store, manifest, sampler))
+def log_to_stderr() -> None:
+    """The replica's own log lines (swaps, failed swaps, store trouble) on its stderr, which Ray keeps
+    in the worker's log file and forwards to a driver started with ``log_to_driver``."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s -- %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 @dataclass(frozen=True)
@@ -92,15 +82,26 @@ class FewstepGenerator:
     """One replica: a generator in memory, a batch queue, a watcher on the serving pointer."""
 
     def __init__(self, store_uri: str, limits: Limits, max_batch_size: int, batch_wait_timeout_s: float,
-                 poll_s: float, pointer: str = POINTER):
+                 poll_s: float, pointer: str = POINTER, retry_s: float = RETRY_S):
+        log_to_stderr()
         self.store = Store.open(store_uri)  # credentials from this replica's environment
         self.limits, self.poll_s, self.pointer = limits, poll_s, pointer
+        self.watch_store = Watch(self.store, pointer, limits.solver, limits.default_steps, retry_s=retry_s)
         self.served: Served | None = None
         self.pinned: str | None = None
-        self.swap_error: str | None = None
         self.watcher: asyncio.Task | None = None
         self.draw.set_max_batch_size(max_batch_size)
         self.draw.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown calls this on the replica's event loop: stop watching the store
+        before the loop's thread pool goes, or the next poll fails to schedule."""
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None and not watcher.done():
+            try:
+                watcher.cancel()
+            except RuntimeError:  # garbage-collected after its loop closed: nothing left to stop
+                pass
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self, self.limits.max_body_bytes)
@@ -108,33 +109,32 @@ class FewstepGenerator:
     # -- which model -------------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``{"model": ref}`` pins the app to a model; ``{"model": None}`` follows the pointer."""
+        """``{"model": ref}`` pins the app to a model; ``{"model": None}`` follows the pointer.
+
+        The first model must load and pass the sanity batch, or the replica does not start."""
         self.pinned = user_config["model"]
         target = self.pinned or await asyncio.to_thread(self.store.get_pointer, self.pointer)
         if target is None:
             raise RuntimeError(f"no model is promoted in {self.store.uri} (pointer {self.pointer!r} is unset): "
                                "run `fewstep run`, or serve one with --model REF")
         if self.served is None or self.served.ref != target:
-            self.served = await asyncio.to_thread(load_served, self.store, target, self.limits.solver)
-            log.info("serving %s", target)
-        if self.pinned is None and self.watcher is None:
+            self.served = await asyncio.to_thread(self.watch_store.load, target)
+            log.info("serving %s from the store %s", target, self.store.uri)
+        if self.watcher is None:
             self.watcher = asyncio.get_running_loop().create_task(self.watch())
 
     async def watch(self) -> None:
-        """Follow the pointer; load a new model next to the old one, then swap one reference."""
+        """Every ``poll_s``: check the store, and follow the pointer unless pinned (see :class:`Watch`)."""
         while True:
             await asyncio.sleep(self.poll_s)
-            if self.pinned is not None:
-                continue
+            served = self.served
             try:
-                ref = await asyncio.to_thread(self.store.get_pointer, self.pointer)
-                if ref is not None and ref != self.served.ref:
-                    log.info("pointer %s moved to %s; loading it", self.pointer, ref)
-                    self.served = await asyncio.to_thread(load_served, self.store, ref, self.limits.solver)
-                    self.swap_error = None
-            except Exception as error:  # noqa: BLE001 - keep serving the old model, and say why in /healthz
-                self.swap_error = f"{type(error).__name__}: {error}"
-                log.exception("could not switch to the model at %s; still serving %s", self.pointer, self.served.ref)
+                polled = await asyncio.to_thread(self.watch_store.poll, served, self.pinned is None)
+            except Exception:  # noqa: BLE001 - a bug in one poll must not stop the watcher
+                log.exception("the store watcher failed; still serving %s", served.ref)
+                continue
+            if self.served is served:  # a reconfigure meanwhile wins
+                self.served = polled
 
     # -- batching -----------------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ class FewstepGenerator:
                 "served_steps": self.limits.default_steps, "limits": self.limits.as_dict()}
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.served.ref, "swap_error": self.swap_error}
+        return self.watch_store.health(self.served)
 
 
 # --------------------------------------------------------------------------- building and running
@@ -244,7 +244,7 @@ def build_app(store_uri: str, config: ServeConfig, model: str | None = None, *,
     batch = config.max_batch_size if max_batch_size is None else max_batch_size
     deployment = FewstepGenerator.options(**deployment_options(config, model, batch))
     return deployment.bind(str(store_uri), Limits.from_config(config), batch, config.batch_wait_timeout_s,
-                           config.poll_s)
+                           config.poll_s, retry_s=config.swap_retry_s)
 
 
 class AppArgs(BaseModel):
@@ -275,6 +275,13 @@ def resolve_model(store: Store, model: str | None) -> Manifest:
                           "consistency ref")
     GeneratorCard.from_manifest(manifest)
     return manifest
+
+
+def check_servable(store: Store, ref: str, config: ServeConfig) -> None:
+    """Load ``ref`` here, in the driver, as a replica would and draw its sanity batch: a corrupt or
+    non-finite model fails in seconds with :class:`IntegrityError` / :class:`UnfitModel`, not after
+    Serve has retried its replicas."""
+    load_served(store, ref, config.solver, config.steps)
 
 
 def start(store_uri: str, config: ServeConfig, model: str | None = None, *, host: str | None = None,

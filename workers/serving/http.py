@@ -2,7 +2,7 @@
 
     POST /v1/generate   {n, steps?, labels?, guidance?, seed?, format?} -> images + model ref + steps
     GET  /v1/model      ref, family, sampler, lineage and evaluation rows of the served model
-    GET  /healthz       ok or degraded, the served ref, the last failed model swap (if any)
+    GET  /healthz       ok or degraded (with reasons), the served ref, the last failed model swap (if any)
     GET  /              the playground page;  GET /docs  OpenAPI
 """
 
