@@ -1,7 +1,7 @@
 """The ``pipeline`` Prefect flow: one task per stage, in order, each a plain call into workers/.
 
     ingest -> vae -> latents -> base -> (pairs -> reflow) x rounds -> consistency
-           -> classifier -> evaluate -> promote
+           -> features -> evaluate -> promote
                       latents -> ddpm (optional, ddpm.enabled) -> evaluate
 
 Every stage is already a Ray driver, so the tasks run in the flow's own process (no Ray
@@ -27,11 +27,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 
 from infra.cards import GeneratorCard, ImagesCard  # noqa: E402
 from infra.config import (  # noqa: E402
-    ClassifierConfig,
-    ConfigError,
     ConsistencyConfig,
     DDPMConfig,
     EvaluateConfig,
+    FeaturesConfig,
     GeneratorConfig,
     IngestConfig,
     LatentsConfig,
@@ -53,7 +52,7 @@ from workers.stages.s05_pairs import run_pairs  # noqa: E402
 from workers.stages.s06_reflow import run_reflow  # noqa: E402
 from workers.stages.s07_consistency import run_consistency  # noqa: E402
 from workers.stages.s08_ddpm import run_ddpm  # noqa: E402
-from workers.stages.s09_classifier import run_classifier  # noqa: E402
+from workers.stages.s09_features import run_features  # noqa: E402
 from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
 from workers.stages.s11_promote import promote  # noqa: E402
 
@@ -133,18 +132,18 @@ def consistency_task(store_uri: str | None, section: ConsistencyConfig, ray_addr
     return run_and_publish(store_uri, ray_address, run_consistency, section, [teacher, data])
 
 
-@stage_task("classifier")
-def classifier_task(store_uri: str | None, section: ClassifierConfig, ray_address: str | None, images: str) -> str:
-    return run_and_publish(store_uri, ray_address, run_classifier, section, [images])
+@stage_task("features")
+def features_task(store_uri: str | None, section: FeaturesConfig, ray_address: str | None, images: str) -> str:
+    return run_and_publish(store_uri, ray_address, run_features, section, [images])
 
 
 @stage_task("evaluate")
 def evaluate_task(store_uri: str | None, section: EvaluateConfig, ray_address: str | None,
-                  generators: list[str], images: str, vae: str, classifier: str | None) -> str:
+                  generators: list[str], images: str, vae: str, features: str | None) -> str:
     ensure_ray(ray_address)
     store = Store.open(store_uri)
     manifest = run_evaluate(store, section, [store.get_ref(ref) for ref in generators], store.get_ref(images),
-                            store.get_ref(vae), store.get_ref(classifier) if classifier else None)
+                            store.get_ref(vae), store.get_ref(features) if features else None)
     create_table_artifact(key="fewstep-fid-vs-steps", table=[stringify(row) for row in read_rows(store, manifest)],
                           description=f"{manifest.ref} — FID, precision, recall and class accuracy against steps")
     create_markdown_artifact(key="fewstep-evaluation-report", markdown=store.read_bytes(manifest, "report.md").decode(),
@@ -168,7 +167,7 @@ def stringify(row: dict[str, Any]) -> dict[str, Any]:
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
              ray_address: str | None = None) -> dict[str, Any]:
-    """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> classifier -> evaluate -> promote."""
+    """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> features -> evaluate -> promote."""
     cfg = PipelineConfig.model_validate(config or {})
     started = time.perf_counter()
     refs: dict[str, str] = {}
@@ -196,7 +195,6 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
 def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | None, refs: dict[str, str]) -> dict:
     """Every stage in order, filling ``refs`` as they commit; returns the promotion decision."""
     refs["images"] = ingest_task(store_uri, cfg.ingest, ray_address)
-    check_evaluable(Store.open(store_uri).get_ref(refs["images"]), cfg)
     refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
     refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"])
@@ -221,19 +219,12 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
     defender = served_on_same_data(Store.open(store_uri), refs["vae"])
     if defender is not None and defender not in generators:
         generators.append(defender)  # scored beside the candidate, so the promotion gate compares like with like
-    classifier = None
-    if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the classifier's features
-        classifier = refs["classifier"] = classifier_task(store_uri, cfg.classifier, ray_address, refs["images"])
+    features = None
+    if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
+        features = refs["features"] = features_task(store_uri, cfg.features, ray_address, refs["images"])
     refs["evaluate"] = evaluate_task(store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"],
-                                     classifier)
+                                     features)
     return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"])
-
-
-def check_evaluable(images: Manifest, cfg: PipelineConfig) -> None:
-    """Unlabeled data has no classifier to measure FID with: say so before hours of training."""
-    if not ImagesCard.from_manifest(images).labelled and cfg.evaluate.extractor is None:
-        raise ConfigError(f"{images.ref} has no labels, so fewstep cannot train its default FID feature "
-                          "extractor; set evaluate.extractor to a local TorchScript or Inception-v3 file")
 
 
 def served_on_same_data(store: Store, vae_ref: str) -> str | None:

@@ -11,7 +11,7 @@ design (``None`` means "not measured") and say so in their comment.
     latents      LatentsCard      latents           (a LatentSpace)
     pairs        PairsCard        pairs             (a LatentSpace)
     generator    GeneratorCard    base, ddpm, reflow, consistency (a LatentSpace)
-    features     FeaturesCard     classifier
+    features     FeaturesCard     features
     evaluation   EvaluationCard   evaluate
 """
 
@@ -199,18 +199,25 @@ class GeneratorCard(LatentSpace):
 
 @dataclass(frozen=True, kw_only=True)
 class FeaturesCard(Card):
-    """The evaluation's feature space trained on the real images (a classifier today)."""
+    """The evaluation's feature space, learnt from the real train images: a classifier (labelled
+    data; its test accuracy says how far to trust it) or a self-supervised encoder."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("classifier",)
+    STAGES: ClassVar[tuple[str, ...]] = ("features",)
 
-    num_classes: int
+    kind: str  # "classifier" | "encoder"
+    num_classes: int  # 0 for an encoder
     feature_dim: int
     images_ref: str
     n_train: int
     n_test: int
-    final_loss: float
-    test_accuracy: float | None = None  # None without labelled test images
+    final_loss: float | None
+    steps: int
+    test_accuracy: float | None = None  # a classifier's, on the test split
     train_accuracy: float | None = None
+
+    @property
+    def classifies(self) -> bool:
+        return self.kind == "classifier"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,7 +242,7 @@ class EvaluationCard(Card):
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> value, low, high, bar, verdict
     floor_fid_interval: tuple[float | None, float | None] | None = None
     straightness: dict[str, float | None] = field(default_factory=dict)
-    classifier_ref: str | None = None
-    classifier_test_accuracy: float | None = None
+    features_ref: str | None = None
+    features_test_accuracy: float | None = None
     fid_resamples: int | None = None
     interval_level: float | None = None

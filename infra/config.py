@@ -58,6 +58,8 @@ class IngestConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     limit: int | None = Field(None, ge=1)  # keep the first N images (by id), for quick runs
+    shapes_count: int = Field(20000, ge=10, le=10_000_000)  # source "shapes": how many images to render
+    shapes_seed: int = 0  # source "shapes": image i depends only on (seed, i)
     resources: Resources = Resources()
 
 
@@ -185,16 +187,19 @@ class ConsistencyConfig(LoopConfig):
         return self
 
 
-class ClassifierConfig(LoopConfig):
-    """The evaluation's default feature space: a small CNN trained on the labelled train split."""
+class FeaturesConfig(LoopConfig):
+    """The evaluation's feature space, learnt from the train split: a classifier for labelled
+    images, a self-supervised (SimCLR) encoder for unlabelled ones (``kind: auto`` picks)."""
 
+    kind: Literal["auto", "classifier", "encoder"] = "auto"
     width: int = Field(32, ge=1)
     feature_dim: int = Field(64, ge=2)
-    max_shift: int = Field(1, ge=0)  # pixels of random translation while training
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(128, ge=1)
+    max_shift: int = Field(1, ge=0)  # classifier: pixels of random translation while training
+    temperature: float = Field(0.2, gt=0)  # encoder: NT-Xent temperature
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
     ema_decay: float = Field(0.0, ge=0, le=1)
 
 
@@ -269,7 +274,7 @@ class PipelineConfig(Section):
     pairs: PairsConfig = PairsConfig()
     reflow: ReflowConfig = ReflowConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
-    classifier: ClassifierConfig = ClassifierConfig()
+    features: FeaturesConfig = FeaturesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
 
@@ -304,7 +309,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pairs": {"pairs": 256, "steps": 8},
         "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
         "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
-        "classifier": {"steps": 150},
+        "features": {"steps": 150},
         "evaluate": {"n": 200, "flow_steps": [1, 2, 4, 8], "flow_solvers": ["euler"], "consistency_steps": [1, 2]},
     },
 }

@@ -182,9 +182,11 @@ def render_report(evaluation: Evaluation, location: str) -> str:
         f"{info['n_test']} real test images (`{info['images_ref']}`); seed {info['seed']}; "
         f"precision/recall with k = {info['knn_k']}.",
     ]
-    if info.get("classifier_ref"):
-        lines.append(f"Classifier `{info['classifier_ref']}`: test accuracy {fmt(info['classifier_test_accuracy'])} "
-                     "(class accuracy of samples is measured with it).")
+    if info.get("features_test_accuracy") is not None:
+        lines.append(f"Feature space `{info['features_ref']}` is a classifier: test accuracy "
+                     f"{fmt(info['features_test_accuracy'])} (class accuracy of samples is measured with it).")
+    elif info.get("features_ref"):
+        lines.append(f"Feature space `{info['features_ref']}` is a self-supervised encoder (the images have no labels).")
     lines += ["FID is only comparable between rows of one feature space and one n. "
               f"Files are under `{location}`.",
               f"Intervals ({fmt(100 * info.get('interval_level', 0.95), 3)}%): FID by a paired bootstrap "

@@ -1,9 +1,11 @@
-"""The evaluation's feature space: images -> features (FID, precision, recall) and class logits.
+"""The evaluation's feature space: images -> features (FID, KID, precision, recall) and class logits.
 
-A feature space is the classifier stage's network (its penultimate layer; the default), or a
-local file the user names (``evaluate.extractor``: a TorchScript module or Inception-v3
-weights). :class:`ExtractorSource` says which, resolved once on the driver; every Ray task
-rebuilds the same :class:`Scorer` from it.
+A feature space is the features stage's network (a classifier's penultimate layer, or a
+self-supervised encoder's features; the default), or a local file the user names
+(``evaluate.extractor``: a TorchScript module or Inception-v3 weights). :class:`ExtractorSource`
+says which, resolved once on the driver; every Ray task rebuilds the same :class:`Scorer` from
+it. Class logits (for class accuracy) come from the features stage's network when it is a
+classifier, whatever the feature space.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from infra.cards import FeaturesCard
 from infra.config import ConfigError, EvaluateConfig
 from infra.manifest import sha256_hex
 from infra.store import Manifest, Store
 from models.classifier import Classifier
 from models.extractors import (
     classifier_extractor,
+    encoder_extractor,
     extract_features,
     load_inception_extractor,
     load_torchscript_extractor,
@@ -29,10 +33,15 @@ from models.extractors import (
 from workers.pixels import to_model_range
 
 SCORE_BATCH = 512
+FEATURES = "features"  # the network's file name in a features manifest
+
+# A features card's kind -> the extractor of its network.
+EXTRACTORS = {"classifier": classifier_extractor, "encoder": encoder_extractor}
 
 
-def load_classifier(store: Store, classifier: Manifest) -> Classifier:
-    return store.load_model(classifier, "classifier").eval()
+def load_features(store: Store, features: Manifest) -> tuple[FeaturesCard, nn.Module]:
+    """The features stage's card and network (classifier or encoder), in eval mode."""
+    return FeaturesCard.from_manifest(features), store.load_model(features, FEATURES).eval()
 
 
 @torch.no_grad()
@@ -53,21 +62,21 @@ def accuracy(classifier: Classifier, pixels: np.ndarray, labels: np.ndarray) -> 
 
 @dataclass(frozen=True)
 class ExtractorSource:
-    """How a task rebuilds the feature extractor: the classifier's features, or a user file's bytes."""
+    """How a task rebuilds the feature extractor: the features stage's network, or a user file's bytes."""
 
-    kind: str  # "classifier" | "torchscript" | "inception"
+    kind: str  # "features" | "torchscript" | "inception"
     name: str  # what the table's extractor column says
     data: Any = None  # bytes, or a Ray ObjectRef to them, for user files
     sha256: str | None = None
 
 
-def extractor_source(config: EvaluateConfig, classifier: Manifest | None) -> ExtractorSource:
+def extractor_source(config: EvaluateConfig, features: Manifest | None) -> ExtractorSource:
     """Resolve ``evaluate.extractor`` on the driver: read the local file once, name it by its digest."""
     if config.extractor is None:
-        if classifier is None:
-            raise ConfigError("evaluate needs a feature space: pass the classifier stage's manifest, or set "
+        if features is None:
+            raise ConfigError("evaluate needs a feature space: pass the features stage's manifest, or set "
                               "evaluate.extractor to a local TorchScript or Inception-v3 file")
-        return ExtractorSource("classifier", classifier.ref)
+        return ExtractorSource(FEATURES, features.ref)
     path = Path(config.extractor).expanduser()
     if "://" in config.extractor or not path.is_file():
         raise ConfigError(f"evaluate.extractor={config.extractor!r} is not a local file; give the path of a "
@@ -95,13 +104,14 @@ class Scorer:
         self.classifier = classifier.to(device).eval() if classifier is not None else None
 
     @classmethod
-    def load(cls, store: Store, source: ExtractorSource, classifier_ref: str | None, device: str) -> "Scorer":
+    def load(cls, store: Store, source: ExtractorSource, features_ref: str | None, device: str) -> "Scorer":
         import ray
 
         device = torch.device(device)
-        classifier = load_classifier(store, store.get_ref(classifier_ref)) if classifier_ref else None
-        if source.kind == "classifier":
-            extractor = classifier_extractor(classifier, name=source.name)
+        card, network = load_features(store, store.get_ref(features_ref)) if features_ref else (None, None)
+        classifier = network if card is not None and card.classifies else None
+        if source.kind == FEATURES:
+            extractor = EXTRACTORS[card.kind](network, name=source.name)
         else:
             data = ray.get(source.data) if isinstance(source.data, ray.ObjectRef) else source.data
             if source.kind == "inception":

@@ -5,7 +5,7 @@
 Without ``--model`` it evaluates the generators of the latest run recorded in the store
 (``fewstep run`` records one), or, in a store without runs, every generator that decodes
 with the newest generator's VAE. The images and the VAE come from the models' lineage; the
-classifier stage is reused when it exists. Prints the metrics table and where the report,
+features stage (the feature space) is reused when it exists. Prints the metrics table and where the report,
 plot and grids are. ``--steps`` replaces both ``evaluate.flow_steps`` and
 ``evaluate.consistency_steps``.
 """
@@ -92,10 +92,10 @@ def evaluate(
     opened = Store.open(store)
     generators = [opened.get_ref(ref) for ref in model] if model else default_generators(opened)
 
-    from infra.cards import EvaluationCard, FeaturesCard, ImagesCard
+    from infra.cards import EvaluationCard, FeaturesCard
     from infra.metrics_table import read_rows
     from workers.runtime import ensure_ray
-    from workers.stages.s09_classifier import run_classifier
+    from workers.stages.s09_features import run_features
     from workers.stages.s10_evaluate import evaluation_inputs, run_evaluate
 
     try:
@@ -103,13 +103,14 @@ def evaluate(
     except ValueError as error:
         raise UserError(str(error)) from None
     ensure_ray(ray_address)
-    labelled = ImagesCard.from_manifest(images).labelled and cfg.extractor is None
-    classifier = run_classifier(opened, full.classifier, images) if labelled else None
-    manifest = run_evaluate(opened, cfg, generators, images, vae, classifier)
+    features = run_features(opened, full.features, images) if cfg.extractor is None else None
+    manifest = run_evaluate(opened, cfg, generators, images, vae, features)
     card = EvaluationCard.from_manifest(manifest)
     typer.echo(format_rows(read_rows(opened, manifest)))
     typer.echo(f"\n{manifest.ref}  extractor {card.extractor}  n={card.n}")
-    if classifier is not None:
-        typer.echo(f"classifier {classifier.ref}: test accuracy {format_cell(FeaturesCard.from_manifest(classifier).test_accuracy)}")
+    if features is not None:
+        space = FeaturesCard.from_manifest(features)
+        detail = f"test accuracy {format_cell(space.test_accuracy)}" if space.classifies else "self-supervised encoder"
+        typer.echo(f"feature space {features.ref} ({space.kind}): {detail}")
     prefix = "s3://" if opened.uri.startswith("s3://") else ""
     typer.echo(f"report: {prefix}{opened.file_path(manifest, 'report.md')}")

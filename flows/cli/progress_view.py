@@ -62,6 +62,13 @@ def generator_headline(m: Any) -> str:
     return f"{c.steps} steps, final loss {_num(c.final_loss)}"
 
 
+def features_headline(m: Any) -> str:
+    c = FeaturesCard.from_manifest(m)
+    if c.classifies:
+        return f"classifier, test accuracy {_num(c.test_accuracy, 3)}"
+    return f"self-supervised encoder ({c.feature_dim}-d), final loss {_num(c.final_loss)}"
+
+
 def evaluation_headline(m: Any) -> str:
     c = EvaluationCard.from_manifest(m)
     return f"{c.rows} rows, best FID {_num((c.best or {}).get('fid'))} (floor {_num(c.floor_fid)}, VAE ceiling {_num(c.vae_fid)})"
@@ -74,7 +81,7 @@ HEADLINES: dict[str, Callable[[Any], str]] = {
     "latents": lambda m: f"{LatentsCard.from_manifest(m).n_latents} latents",
     "pairs": pairs_headline,
     **{stage: generator_headline for stage in GeneratorCard.STAGES},
-    "classifier": lambda m: f"test accuracy {_num(FeaturesCard.from_manifest(m).test_accuracy, 3)}",
+    "features": features_headline,
     "evaluate": evaluation_headline,
 }
 

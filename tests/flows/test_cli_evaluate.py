@@ -20,8 +20,9 @@ TINY_CONFIG = """\
 evaluate:
   n: 32
   flow_solvers: [euler]
-classifier:
+features:
   steps: 30
+  batch_size: 32
 """
 
 
@@ -58,7 +59,7 @@ def test_evaluates_the_latest_run_and_prints_the_table(ray_started, tmp_path, ca
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:5] == ["MODEL", "SAMPLER", "STEPS", "NFE", "FID"]
-    models = [line.split()[:3] for line in lines[1:] if line.strip() and not line.startswith(("evaluate/", "classifier", "report"))]
+    models = [line.split()[:3] for line in lines[1:] if line.strip() and not line.startswith(("evaluate/", "feature space", "report"))]
     assert models == [["real-train", "reference", "0"], ["vae-recon", "reference", "0"],
                       ["base", "euler", "1"], ["base", "euler", "2"],
                       ["consistency", "consistency", "1"], ["consistency", "consistency", "2"]]

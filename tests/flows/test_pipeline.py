@@ -31,10 +31,10 @@ TINY = {
     "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "classifier": {"steps": 30},
+    "features": {"steps": 30, "batch_size": 32},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
-STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "classifier", "evaluate"}
+STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate"}
 # The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps.
 WITH_DDPM = {**TINY, "ddpm": {"enabled": True, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
              "evaluate": {**TINY["evaluate"], "diffusion_steps": [2]}}
@@ -76,7 +76,7 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     changed = load_config("quick", overrides={**WITH_DDPM, "consistency": {**TINY["consistency"], "intervals": 3}})
     third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
     same = {name for name in first["refs"] if third["refs"][name] == first["refs"][name]}
-    assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "classifier"}
+    assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "features"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     states = sorted(run["state_type"] for run in flow_runs)
     assert "COMPLETED" in states and len(flow_runs) == 2, states
     task_names = {run["name"] for run in api(prefect_server, "/task_runs/filter", {})}
-    assert {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "classifier", "evaluate",
+    assert {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "features", "evaluate",
             "promote"} <= task_names, task_names
     artifact_keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key")}
     assert {"fewstep-run-summary", "fewstep-run-report", "fewstep-fid-vs-steps", "fewstep-evaluation-report",
@@ -190,3 +190,32 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     bad = cli(["schedule", "--cron", "every sunday", "--register-only", "--store", s3_uri], env)
     output, _ = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "invalid cron expression" in output and "Traceback" not in output, output
+
+
+def test_an_unlabelled_rgb_folder_runs_end_to_end(prefect_harness, ray_local, tmp_path):
+    """A flat folder of RGB images (no labels): unconditional models, a self-supervised feature
+    space, a promoted student that draws images for requests without labels."""
+    from flows.pipeline import pipeline
+    from infra.cards import FeaturesCard, GeneratorCard, ImagesCard
+    from workers.generator import Generator, Request
+    from workers.pixels import encode_png
+    from workers.sources.shapes import render_shapes
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, pixels in enumerate(render_shapes(0, 240, seed=5).pixels):
+        (folder / f"photo{i:03d}.png").write_bytes(encode_png(pixels))
+    overrides = {**TINY, "ingest": {"source": str(folder), "channels": 3, "image_size": 16},
+                 "ddpm": {"enabled": False}}
+    summary = pipeline(config=load_config("quick", overrides=overrides).model_dump(mode="json"),
+                       store_uri=str(tmp_path / "store"))
+    store = Store.open(str(tmp_path / "store"))
+    refs = summary["refs"]
+    assert ImagesCard.from_manifest(store.get_ref(refs["images"])).num_classes == 0
+    assert FeaturesCard.from_manifest(store.get_ref(refs["features"])).kind == "encoder"
+    assert summary["promotion"]["promoted"] and summary["served"] == refs["consistency"]
+    student = GeneratorCard.from_manifest(store.get_ref(refs["consistency"]))
+    assert student.num_classes == 0
+    generator = Generator.load(store, store.get_ref(summary["served"]), device="cpu")
+    images = generator.generate(Request(n=3, steps=1, sampler=next(iter(generator.samplers)), seed=4))
+    assert images.pixels.shape == (3, 16, 16, 3) and images.labels.tolist() == [0, 0, 0]

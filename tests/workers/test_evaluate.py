@@ -1,4 +1,4 @@
-"""The classifier and evaluate stages on a tiny stored run: real digits, random-weight generators."""
+"""The features and evaluate stages on a tiny stored run: real digits, random-weight generators."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from evaluate_fixtures import DIFFUSION_T, commit, commit_diffusion, commit_tiny_run  # noqa: E402
 from infra.cards import EvaluationCard, FeaturesCard, GeneratorCard, ImagesCard  # noqa: E402
-from infra.config import ClassifierConfig, ConfigError, EvaluateConfig, Resources  # noqa: E402
+from infra.config import ConfigError, EvaluateConfig, FeaturesConfig, Resources  # noqa: E402
 from infra.metrics_table import (  # noqa: E402
     CEILING,
     COLUMNS,
@@ -34,14 +34,14 @@ from models.classifier import Classifier  # noqa: E402
 from models.metrics import Draws  # noqa: E402
 from workers.quality import quality_ratios  # noqa: E402
 from workers.report import course_notes_section, make_grid  # noqa: E402
-from workers.stages.s09_classifier import run_classifier  # noqa: E402
+from workers.stages.s09_features import run_features  # noqa: E402
 from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
 CONFIG = EvaluateConfig(n=64, flow_steps=(1, 2), flow_solvers=("euler", "heun"), consistency_steps=(1, 2),
                         resources=Resources(workers=2))
-CLASSIFIER = ClassifierConfig(steps=60)
+CLASSIFIER = FeaturesConfig(steps=60, batch_size=32)
 CELLS = [("base", "euler", 1, 1), ("base", "euler", 2, 2), ("base", "heun", 1, 2), ("base", "heun", 2, 4),
          ("reflow-1", "euler", 1, 1), ("reflow-1", "euler", 2, 2), ("reflow-1", "heun", 1, 2), ("reflow-1", "heun", 2, 4),
          ("consistency", "consistency", 1, 1), ("consistency", "consistency", 2, 2)]  # model, sampler, steps, NFE
@@ -51,7 +51,7 @@ CELLS = [("base", "euler", 1, 1), ("base", "euler", 2, 2), ("base", "heun", 1, 2
 def evaluated(ray_local, tmp_path_factory):
     store = Store.open(str(tmp_path_factory.mktemp("evaluate") / "store"))
     run = commit_tiny_run(store)
-    classifier = run_classifier(store, CLASSIFIER, run.images)
+    classifier = run_features(store, CLASSIFIER, run.images)
     manifest = run_evaluate(store, CONFIG, run.generators, run.images, run.vae, classifier)
     return store, run, classifier, manifest
 
@@ -66,10 +66,10 @@ def test_classifier_stage_reports_test_accuracy_and_is_reused(evaluated):
     assert card.n_test == images.n_test and card.n_train == images.n_train
     # Digits are easy: far above chance (0.1) after 60 steps, and a real share.
     assert 0.5 < card.test_accuracy <= 1.0
-    assert isinstance(store.load_model(classifier, "classifier"), Classifier)
+    assert card.kind == "classifier" and isinstance(store.load_model(classifier, "features"), Classifier)
     # Its key is its own section's (not where it runs), so evaluation settings never retrain it.
     moved = CLASSIFIER.model_copy(update={"resources": Resources(workers=1, cpus=2)})
-    assert run_classifier(store, moved, run.images).ref == classifier.ref
+    assert run_features(store, moved, run.images).ref == classifier.ref
 
 
 def test_every_output_is_committed_and_loads(evaluated):
@@ -125,7 +125,7 @@ def test_every_output_is_committed_and_loads(evaluated):
     ratio = card.ratios["consistency@1 / base best"]
     assert ratio["value"] is not None and ratio["low"] < ratio["high"] and ratio["bar"] == 1.3
     assert card.floor_fid == pytest.approx(rows[0]["fid"])
-    assert card.classifier_test_accuracy == FeaturesCard.from_manifest(classifier).test_accuracy
+    assert card.features_test_accuracy == FeaturesCard.from_manifest(classifier).test_accuracy
 
 
 def test_fid_at_reads_the_table(evaluated):

@@ -1,11 +1,12 @@
-"""The built-in datasets as raw rows: scikit-learn's digits (the quick smoke test)."""
+"""The built-in datasets as raw rows: scikit-learn's digits (the quick smoke test) and the
+procedural RGB shapes benchmark (the quality preset), rendered in blocks on Ray Data."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from workers.pixels import encode_png
-from workers.sources import blocks_for
+from workers.sources import ROWS_PER_BLOCK, blocks_for
 
 
 def digits_dataset(limit: int | None):
@@ -22,3 +23,34 @@ def digits_dataset(limit: int | None):
         for i in range(n)
     ]
     return ray.data.from_items(items, override_num_blocks=blocks_for(n)), [str(k) for k in range(10)]
+
+
+def render_block(batch: dict, seed: int) -> dict:
+    """Ray Data UDF: rows {"start", "count"} -> raw rows of shapes images ``start .. start + count``."""
+    from workers.sources.shapes import render_shapes
+
+    ids, paths, labels, data = [], [], [], []
+    for start, count in zip(batch["start"], batch["count"]):
+        rendered = render_shapes(int(start), int(count), seed)
+        for offset, (pixels, label) in enumerate(zip(rendered.pixels, rendered.labels)):
+            i = int(start) + offset
+            ids.append(f"shapes-{i:07d}")
+            paths.append(f"shapes[{seed}][{i}]")
+            labels.append(int(label))
+            data.append(encode_png(pixels))
+    return {"id": np.array(ids), "path": np.array(paths), "label": np.array(labels, dtype=np.int64),
+            "data": np.array(data, dtype=object), "error": np.array([""] * len(ids))}
+
+
+def shapes_dataset(count: int, seed: int, limit: int | None):
+    """(raw rows, class names) of ``count`` (or ``limit``) procedural 32x32 RGB shapes, 10 classes.
+
+    Image i depends only on (seed, i), so any block boundaries render the same dataset."""
+    import ray.data
+
+    from workers.sources.shapes import SHAPE_CLASSES
+
+    n = count if limit is None else min(limit, count)
+    blocks = [{"start": start, "count": min(ROWS_PER_BLOCK, n - start)} for start in range(0, n, ROWS_PER_BLOCK)]
+    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+    return ds.map_batches(render_block, batch_size=1, fn_kwargs={"seed": seed}), list(SHAPE_CLASSES)

@@ -87,7 +87,7 @@ def builtin_fingerprint(kind: str) -> str:
         import sklearn
 
         return f"sklearn-digits/{sklearn.__version__}"
-    return f"{kind}/procedural"
+    return f"{kind}/procedural"  # its size and seed are in the stage's config section
 
 
 def resolve_source(store: Store, source: str) -> Source:

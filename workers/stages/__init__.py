@@ -8,7 +8,7 @@
     s06_reflow       flow matching on the pairs (Ray Train), once per round
     s07_consistency  consistency distillation into a 1-4 step student (Ray Train)
     s08_ddpm         optional: the DDPM baseline, eps-prediction of the same DiT (Ray Train)
-    s09_classifier   the evaluation's feature space (Ray task)
+    s09_features     the evaluation's feature space: a classifier, or an encoder for unlabelled data
     s10_evaluate     FID against steps for every model (Ray tasks)
     s11_promote      move serving/current when the candidate is not worse (plain code)
 
@@ -28,7 +28,7 @@ STAGE_MODULES = {
     "reflow": "workers.stages.s06_reflow",
     "consistency": "workers.stages.s07_consistency",
     "ddpm": "workers.stages.s08_ddpm",
-    "classifier": "workers.stages.s09_classifier",
+    "features": "workers.stages.s09_features",
     "evaluate": "workers.stages.s10_evaluate",
 }
 

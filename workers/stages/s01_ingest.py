@@ -1,6 +1,7 @@
 """Stage 1, ingest: a dataset on disk or S3 -> the ``images`` table every later stage reads.
 
-Sources (``IngestConfig.source``, see :mod:`workers.sources`): the built-in ``digits``; an
+Sources (``IngestConfig.source``, see :mod:`workers.sources`): the built-in ``digits`` and
+``shapes`` (procedural RGB, ``shapes_count`` images from ``shapes_seed``); an
 image folder (png/jpg/..., recursive, local or ``s3://``; first-level sub-folders are the
 classes, or no labels at all); a Parquet file or folder with a column of encoded images.
 
@@ -27,7 +28,7 @@ from infra.schemas import IMAGES_SCHEMA, QUARANTINE_SCHEMA
 from infra.store import Manifest, StageWriter, Store
 from workers.pixels import DECODE_ERRORS, encode_png, prepare_image
 from workers.runner import run_stage
-from workers.sources.builtin import digits_dataset
+from workers.sources.builtin import digits_dataset, shapes_dataset
 from workers.sources.files import folder_dataset, parquet_dataset
 from workers.sources.listing import Source, resolve_source
 
@@ -80,6 +81,8 @@ def raw_dataset(source: Source, config: IngestConfig):
     """(raw rows, class names) for the source's kind."""
     if source.kind == "digits":
         return digits_dataset(config.limit)
+    if source.kind == "shapes":
+        return shapes_dataset(config.shapes_count, config.shapes_seed, config.limit)
     if source.kind == "folder":
         return folder_dataset(source, config.limit)
     if source.kind == "parquet":

@@ -182,7 +182,7 @@ def cell_request(generator: Generator, cell: Cell, labels: np.ndarray, seed: int
 
 
 def evaluate_cell(store: Store, cell: Cell, n: int, seed: int, source: ExtractorSource,
-                  classifier_ref: str | None, device: str = "cpu") -> CellResult:
+                  features_ref: str | None, device: str = "cpu") -> CellResult:
     """Draw ``n`` images of one cell, decode, score; the straightness on a small batch if asked."""
     generator = Generator.load(store, store.get_ref(cell.ref), device)
     labels = requested_labels(n, generator.num_classes)
@@ -196,7 +196,7 @@ def evaluate_cell(store: Store, cell: Cell, n: int, seed: int, source: Extractor
         parts.append(images.pixels)
         nfe = images.nfe
     pixels = np.concatenate(parts)  # (n, H, W, C)
-    scorer = Scorer.load(store, source, classifier_ref, device)
+    scorer = Scorer.load(store, source, features_ref, device)
     path_straightness = measure_straightness(generator, cell, seed) if cell.with_straightness else None
     grid = make_grid(pixels, labels, generator.num_classes)
     return CellResult(cell, scorer.score(pixels, labels), nfe, seconds, grid, path_straightness)
@@ -224,7 +224,7 @@ def reconstruct(vae: nn.Module, pixels: np.ndarray, device: torch.device, batch:
 
 
 def evaluate_references(store: Store, images_ref: str, vae_ref: str, n: int, source: ExtractorSource,
-                        classifier_ref: str | None, device: str = "cpu") -> ReferenceResult:
+                        features_ref: str | None, device: str = "cpu") -> ReferenceResult:
     """Real test images (the target), the first ``n`` train images (the floor) and their VAE reconstructions."""
     images = store.get_ref(images_ref)
     num_classes = ImagesCard.from_manifest(images).num_classes
@@ -234,7 +234,7 @@ def evaluate_references(store: Store, images_ref: str, vae_ref: str, n: int, sou
     started = time.perf_counter()
     recon = reconstruct(vae, train.pixels, torch.device(device))
     recon_seconds = time.perf_counter() - started
-    scorer = Scorer.load(store, source, classifier_ref, device)
+    scorer = Scorer.load(store, source, features_ref, device)
     return ReferenceResult(
         test=scorer.score(test.pixels, test.labels),
         train=scorer.score(train.pixels, train.labels),
@@ -319,23 +319,23 @@ def check_sizes(config: EvaluateConfig, n_test: int, images_ref: str) -> None:
 
 
 def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequence[Manifest], images: Manifest,
-                       vae: Manifest, classifier: Manifest | None, source: ExtractorSource | None = None) -> Evaluation:
+                       vae: Manifest, features: Manifest | None, source: ExtractorSource | None = None) -> Evaluation:
     """Run every cell and the reference task on Ray; return the rows, grids and straightness."""
     from workers.runtime import ensure_ray
 
     ensure_ray()
-    source = source or extractor_source(config, classifier)
+    source = source or extractor_source(config, features)
     if source.data is not None and not isinstance(source.data, ray.ObjectRef):
         source = replace(source, data=ray.put(source.data))  # one copy in the object store, not one per task
-    classifier_ref = classifier.ref if classifier is not None else None
+    features_ref = features.ref if features is not None else None
     resources = config.resources
     device = "cuda" if resources.gpus > 0 else "cpu"
     options = dict(num_cpus=resources.cpus, num_gpus=resources.gpus or None)
     cells = plan_cells(config, generators)
     submit: list[Callable[[], Any]] = [lambda: _reference_task.options(**options).remote(
-        store, images.ref, vae.ref, config.n, source, classifier_ref, device)]
+        store, images.ref, vae.ref, config.n, source, features_ref, device)]
     submit += [(lambda c=c: _cell_task.options(**options).remote(store, c, config.n, config.seed, source,
-                                                                 classifier_ref, device)) for c in cells]
+                                                                 features_ref, device)) for c in cells]
     finished = [0]
 
     def on_done(index: int, result: Any) -> None:
@@ -356,28 +356,28 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
         scored_row(CEILING, vae.ref, REFERENCE, 0, 0, None, name, reference.test, reference.recon, k,
                    reference.recon_seconds),
     ]
-    features = {row_key(rows[0]): reference.train.features, row_key(rows[1]): reference.recon.features}
+    scored = {row_key(rows[0]): reference.train.features, row_key(rows[1]): reference.recon.features}
     grids = dict(reference.grids)
     paths: dict[str, dict[str, Any]] = {}
     for result in results[1:]:
         c = result.cell
         rows.append(scored_row(c.model, c.ref, c.sampler, c.steps, result.nfe, c.guidance, name, reference.test,
                                result.scored, k, result.seconds))
-        features[row_key(rows[-1])] = result.scored.features
+        scored[row_key(rows[-1])] = result.scored.features
         grids[c.grid_name] = result.grid
         if result.straightness is not None:  # a diverged path (inf/NaN) is recorded as None
             value = result.straightness if math.isfinite(result.straightness) else None
             paths[c.model] = {"value": value, "sampler": c.sampler, "steps": c.steps,
                               "paths": STRAIGHTNESS_BATCH, "ref": c.ref}
-    space = FeaturesCard.from_manifest(classifier) if classifier is not None else None
+    space = FeaturesCard.from_manifest(features) if features is not None else None
     info = {
         "extractor": name, "n": config.n, "seed": config.seed, "knn_k": k, "n_test": len(reference.test.features),
-        "images_ref": images.ref, "vae_ref": vae.ref, "classifier_ref": classifier_ref,
-        "classifier_test_accuracy": space.test_accuracy if space is not None else None,
+        "images_ref": images.ref, "vae_ref": vae.ref, "features_ref": features_ref,
+        "features_test_accuracy": space.test_accuracy if space is not None else None,
         "models": {c.model: c.ref for c in cells},
         "fid_resamples": config.fid_resamples, "interval_level": config.interval_level,
     }
-    draws = with_intervals(config, reference.test.features, rows, features)
+    draws = with_intervals(config, reference.test.features, rows, scored)
     ratios = quality_ratios(rows, draws, config.interval_level)
     return Evaluation(rows, grids, paths, info, ratios, {key: d.draws.tolist() for key, d in draws.items()})
 
@@ -386,7 +386,7 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
 
 
 def run_evaluate(store: Store, config: EvaluateConfig, generators: Sequence[Manifest], images: Manifest,
-                 vae: Manifest, classifier: Manifest | None) -> Manifest:
+                 vae: Manifest, features: Manifest | None) -> Manifest:
     """Evaluate ``generators`` (stage ``evaluate``); returns its manifest (see the module docstring)."""
     generators = list(generators)
     found_images, found_vae = evaluation_inputs(store, generators)
@@ -395,12 +395,12 @@ def run_evaluate(store: Store, config: EvaluateConfig, generators: Sequence[Mani
                          f"but evaluate got {images.ref} and {vae.ref}; pass the run's own images and vae")
     VAECard.from_manifest(vae)
     check_sizes(config, ImagesCard.from_manifest(images).n_test, images.ref)
-    source = extractor_source(config, classifier)
-    inputs = [images, vae, *([classifier] if classifier is not None else []), *generators]
+    source = extractor_source(config, features)
+    inputs = [images, vae, *([features] if features is not None else []), *generators]
     # The key: what changes the numbers (not where they run); a user extractor by its digest.
     section = {**config.keyed(), "extractor_sha256": source.sha256}
 
     def build(writer: StageWriter, key: str):
-        return write_evaluation(writer, compute_evaluation(store, config, generators, images, vae, classifier, source))
+        return write_evaluation(writer, compute_evaluation(store, config, generators, images, vae, features, source))
 
     return run_stage(store, STAGE, section, inputs, build, source=__name__)
