@@ -144,6 +144,7 @@ class LatentsCard(LatentSpace):
     n_train: int
     n_test: int
     dtype: str
+    draw: str = "mean"  # what the generators train on: "mean" or "sample" of q(z | x)
     encoder_nodes: tuple[str, ...] = ()  # the Ray nodes whose actors encoded the rows
 
 

@@ -23,15 +23,27 @@ def labels_for_training(labels: Tensor, num_classes: int) -> Tensor:
 
 @dataclass(frozen=True)
 class LatentBatch:
-    """Latents rows -> {"x_1", "y"}: a posterior sample z = mean + std * eps, times the scale."""
+    """Latents rows -> {"x_1", "y"}: the posterior mean, or a sample z = mean + std * eps, times the scale.
+
+    Which one is the latents stage's decision (its card's ``draw``): a small VAE whose posterior
+    std is as large as the spread of its means would otherwise ask the generator to model as
+    much i.i.d. noise as signal.
+    """
 
     scale: float
     num_classes: int
+    sample: bool = False
 
     def __call__(self, rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        mean, logvar = rows["mean"].float(), rows["logvar"].float()
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z = rows["mean"].float()
+        if self.sample:
+            z = z + torch.exp(0.5 * rows["logvar"].float()) * torch.randn_like(z)
         return {"x_1": z * self.scale, "y": labels_for_training(rows["label"].long(), self.num_classes)}
+
+    @classmethod
+    def of(cls, latents) -> "LatentBatch":
+        """The adapter a latents card asks for (``latents``: an infra.cards.LatentsCard)."""
+        return cls(latents.latent_scale, latents.num_classes, sample=latents.draw == "sample")
 
 
 @dataclass(frozen=True)

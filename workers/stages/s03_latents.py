@@ -169,7 +169,9 @@ def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Mani
             "fewstep.images_ref": images.ref,
             "fewstep.latent_scale": repr(vae_card.latent_scale),
             "fewstep.dtype": DTYPE,
-            "fewstep.moments": "mean, logvar of q(z|x); train on latent_scale * (mean + exp(logvar/2) * eps)",
+            "fewstep.moments": "mean, logvar of q(z|x); generators train on latent_scale * mean "
+                               "(or * (mean + exp(logvar/2) * eps) with draw: sample)",
+            "fewstep.draw": config.draw,
         }
         with preserved_order():
             ds = encoded_dataset(store, images, spec, state, images_card.channels, config)
@@ -177,6 +179,6 @@ def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Mani
         return LatentsCard(n_latents=written.rows, n_train=written.splits.get("train", 0),
                            n_test=written.splits.get("test", 0), latent_shape=written.shape,
                            latent_scale=vae_card.latent_scale, num_classes=images_card.num_classes,
-                           vae_ref=vae.ref, dtype=DTYPE, encoder_nodes=written.nodes)
+                           vae_ref=vae.ref, dtype=DTYPE, encoder_nodes=written.nodes, draw=config.draw)
 
     return run_stage(store, STAGE, config, [images, vae], build, source=__name__)

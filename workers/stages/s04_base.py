@@ -34,7 +34,7 @@ def run_base(store: Store, config: GeneratorConfig, latents: Manifest) -> Manife
         job = TrainJob(
             store=store, stage=STAGE, key=key, model_spec=spec,
             objective=FlowMatching(time_sampler(config.time_sampling), label_dropout=config.class_dropout),
-            config=config, adapt_batch=LatentBatch(data.latent_scale, data.num_classes),
+            config=config, adapt_batch=LatentBatch.of(data),
         )
         result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)

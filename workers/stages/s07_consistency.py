@@ -33,7 +33,7 @@ def distillation_data(store: Store, data: Manifest):
         pairs = PairsCard.from_manifest(data)
         return pairs.pairs, "pairs", ["x_0", "x_1", "label"], PairBatch(pairs.num_classes)
     latents = LatentsCard.from_manifest(data)
-    return latents.n_train, "latents", ["mean", "logvar", "label"], LatentBatch(latents.latent_scale, latents.num_classes)
+    return latents.n_train, "latents", ["mean", "logvar", "label"], LatentBatch.of(latents)
 
 
 def renoise_coupling(config: ConsistencyConfig, teacher: Manifest) -> float:

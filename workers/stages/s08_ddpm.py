@@ -51,7 +51,7 @@ def run_ddpm(store: Store, config: DDPMConfig, latents: Manifest) -> Manifest:
         job = TrainJob(
             store=store, stage=STAGE, key=key, model_spec=spec,
             objective=DDPMObjective(schedule, label_dropout=config.class_dropout),
-            config=config, adapt_batch=LatentBatch(data.latent_scale, data.num_classes),
+            config=config, adapt_batch=LatentBatch.of(data),
         )
         result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
