@@ -38,6 +38,7 @@ from infra.config import (  # noqa: E402
     ReflowConfig,
     ServeConfig,
     VAEConfig,
+    validate_config,
 )
 from infra.metrics_table import read_rows  # noqa: E402
 from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
@@ -162,7 +163,7 @@ def stringify(row: dict[str, Any]) -> dict[str, Any]:
 def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
              ray_address: str | None = None) -> dict[str, Any]:
     """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> classifier -> evaluate -> promote."""
-    cfg = PipelineConfig.model_validate(config or {})
+    cfg = validate_config(config or {}, "the flow's config parameter")  # names a bad field; preflights files
     started = time.perf_counter()
     refs: dict[str, str] = {}
     store = Store.open(store_uri)

@@ -38,6 +38,26 @@ def test_bad_config_is_refused_before_any_work(tmp_path, yaml_text, expected):
     assert not (tmp_path / "store").exists(), "work started before the config was checked"
 
 
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("base:\n  model: DiT-ZZZ/2\n", "base.model = 'DiT-ZZZ/2'"),
+    ("evaluate:\n  extractor: {tmp}/missing.pt\n", "evaluate.extractor = '{tmp}/missing.pt' is not a local file"),
+    ("base:\n  lr: .inf\n", "base.lr = inf"),
+    ("base:\n  steps: '100'\n", "base.steps = '100'"),
+    ("evaluate:\n  n: 1000000000\n", "evaluate.n = 1000000000"),
+    ("base:\n  steps: 10\n  steps: 20\n", "key 'steps' appears twice in one mapping (lines 2 and 3)"),
+])
+def test_config_errors_are_one_line_before_any_stage(tmp_path, yaml_text, expected):
+    """Resolvable names and files are checked with the config: exit 2, one line, the store untouched."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text.format(tmp=tmp_path))
+    done = fewstep("run", "--config", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: "), done.stderr
+    assert expected.format(tmp=tmp_path) in lines[0], done.stderr
+    assert not (tmp_path / "store").exists(), "work started before the config was checked"
+
+
 def test_unknown_preset_and_missing_config_file(tmp_path):
     done = fewstep("run", "--preset", "fast", cwd=tmp_path)
     assert done.returncode == 2 and "unknown preset 'fast'" in done.stderr
