@@ -107,6 +107,11 @@ def test_endpoint_and_keys_come_from_the_aws_variables():
     (TimeoutError("read timed out"), True),
     (FileNotFoundError("x"), False),
     (ValueError("bad config"), False),
+    # pyarrow's S3 filesystem (Ray Data's reads and writes): no errno, the kind is in the message.
+    (OSError("When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+             "HeadObject operation: curlCode: 7, Could not connect to server"), True),
+    (OSError("When reading 'k': AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate"), True),
+    (OSError("When getting information for key 'k': AWS Error ACCESS_DENIED during HeadObject operation"), False),
 ])
 def test_transient_errors_are_told_from_permanent_ones(error, transient):
     assert is_transient_store_error(error) is transient
