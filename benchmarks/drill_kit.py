@@ -313,6 +313,7 @@ class WatchedRun:
         with open(self.log_path, "a") as sink:
             for line in self.process.stdout:
                 sink.write(line)
+                sink.flush()
                 self.tail = (self.tail + [line.rstrip()])[-60:]
                 parts = line.split()
                 if len(parts) >= 2 and parts[0] in ("▸", "✓", "="):

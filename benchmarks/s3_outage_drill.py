@@ -170,13 +170,15 @@ def pipeline_drill(config_name: str, workdir: Path, moto: MotoServer, relay: Tcp
                     break
             code = run.wait(60)
             output = run.log_path.read_text()
-            last = next((line for line in reversed(output.splitlines()) if line.strip()), "")
+            lines = output.splitlines()
+            # The CLI's own last word (Ray's and Prefect's log lines may follow or precede it).
+            last = next((line for line in reversed(lines) if line.startswith("fewstep: error:")), "") or \
+                next((line for line in reversed(lines) if line.strip()), "")
             runs.append({"index": index, "exit_code": code, "wall_s": round(run.elapsed(), 1), "last_line": last,
                          "tracebacks_in_output": output.count("Traceback (most recent call last)")})
             log(f"run {index}: exit {code} after {run.elapsed():.0f} s: {last[:160]}")
             if code != 0:
-                clear = code == 2 and last.startswith("fewstep: error:") and \
-                    ("unavailable" in last.lower() or "endpoint" in last.lower() or "S3" in last)
+                clear = code == 2 and last.startswith("fewstep: error:") and "transient" in last
                 if current is not None:
                     current.outcome = "clear transient error" if clear else f"unclear failure: exit {code}: {last[:200]}"
                     current.error = last

@@ -26,6 +26,7 @@ What a value must be, everywhere:
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -60,9 +61,13 @@ class Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _lists_are_tuples_and_booleans_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        # YAML and JSON have lists, tuple fields want tuples (strict mode takes no list); the items stay strict.
+        if isinstance(value, list) and typing.get_origin(annotation) is tuple:
+            return tuple(value)
         # Strict mode refuses true for int and float fields, but a Literal[1, 3] would take it as 1.
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation is not bool:
+        if isinstance(value, bool) and annotation is not bool:
             raise ValueError(f"a boolean is not a value of this field; give a {info.field_name} of its type")
         return value
 
@@ -226,10 +231,9 @@ class ClassifierConfig(LoopConfig):
 
 class EvaluateConfig(Section):
     n: int = Field(1000, ge=2, le=MAX_EVAL_IMAGES)  # generated images per (model, sampler, steps)
-    # Lists in YAML/JSON become tuples (strict=False on the container; the items stay strict).
-    flow_steps: tuple[int, ...] = Field((1, 2, 4, 8, 16, 32), strict=False)
-    flow_solvers: tuple[Literal["euler", "heun"], ...] = Field(("euler", "heun"), strict=False)
-    consistency_steps: tuple[int, ...] = Field((1, 2, 4), strict=False)
+    flow_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    flow_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
+    consistency_steps: tuple[int, ...] = (1, 2, 4)
     guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)  # for base models; reflow models use their pairs' guidance
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`

@@ -87,3 +87,20 @@ def test_a_mistyped_option_prints_usage_and_exits_2_through_the_console_script(t
     assert done.returncode == 2, done.stderr
     assert "Usage: fewstep serve" in done.stderr and "No such option: --bogus" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_store_outage_inside_ray_train_is_transient_and_reaches_the_user():
+    """Ray Train's WorkerGroupError carries each worker's exception, not a __cause__ (S3 drill finding)."""
+    from ray.train import WorkerGroupError
+
+    from infra.errors import StoreUnavailable
+    from workers.errors import is_transient
+
+    outage = StoreUnavailable("list s3://b/store/checkpoints at http://127.0.0.1:1 failed 5 times with transient errors")
+    failed = WorkerGroupError("[Rank 0 Error Snippet]: ...", {0: outage, 1: outage})
+    assert is_transient(failed), "Prefect would not retry a stage that lost S3 for a moment"
+    assert user_cause(failed) is outage
+    bug = WorkerGroupError("[Rank 0 Error Snippet]: ...", {0: outage, 1: ValueError("a bug")})
+    assert not is_transient(bug) and user_cause(bug) is outage
+    assert not is_transient(WorkerGroupError("...", {0: ValueError("a bug")}))
+    assert user_cause(WorkerGroupError("...", {0: ValueError("a bug")})) is None
