@@ -28,9 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from infra.config import PipelineConfig  # noqa: E402
+from workers.stages import STAGE_MODULES  # noqa: E402
+
+OPTIONAL_STAGES = ("ddpm",)  # off unless the config turns it on
 # The pipeline's stages in the order a run reaches them, and "promote" (after evaluate commits).
-STAGES = ("ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "classifier", "evaluate")
+STAGES = tuple(stage for stage in STAGE_MODULES if stage not in OPTIONAL_STAGES)
 KILLABLE = (*STAGES, "promote")
+# The feature-space section of the config (named after its stage).
+FEATURES = next(name for name in ("features", "classifier") if name in PipelineConfig.model_fields)
 
 # tests/flows/test_pipeline.py's TINY: the quick preset, smaller still; every stage runs.
 TINY: dict[str, Any] = {
@@ -40,7 +46,7 @@ TINY: dict[str, Any] = {
     "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "classifier": {"steps": 30},
+    FEATURES: {"steps": 30},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 # Smaller again, for the tests' fast variants: Ray Train's start-up dominates either way.
@@ -51,10 +57,11 @@ MICRO: dict[str, Any] = {
     "base": {"steps": 12, "batch_size": 32, "checkpoint_every": 4},
     "reflow": {"steps": 4, "batch_size": 32, "checkpoint_every": 2},
     "consistency": {"intervals": 4, "steps": 4, "batch_size": 32, "checkpoint_every": 2},
-    "classifier": {"steps": 10},
+    FEATURES: {"steps": 10},
     "evaluate": {"n": 16, "flow_steps": [1], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 CONFIGS = {"tiny": TINY, "micro": MICRO}
+_STARTED_RAY: list[str] = []  # the address of the Ray this process started, if it did
 
 
 def free_port() -> int:
@@ -80,6 +87,7 @@ def ensure_ray_cluster() -> str:
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     os.environ["RAY_ADDRESS"] = address = ray.get_runtime_context().gcs_address
+    _STARTED_RAY.append(address)
     return address
 
 
@@ -366,7 +374,7 @@ class Audit:
     verified: int = 0
     torn: list[str] = field(default_factory=list)  # manifests that do not parse, or whose files do not verify
     per_stage: dict[str, int] = field(default_factory=dict)
-    staging_attempts: int = 0  # attempt folders no manifest names (gc's to collect)
+    staging_attempts: int = 0  # attempt folders with files that no manifest names (gc's to collect)
     tmp_files: int = 0
     pointers: dict[str, str] = field(default_factory=dict)
     broken_pointers: dict[str, str] = field(default_factory=dict)
@@ -408,8 +416,18 @@ def audit_store(store) -> Audit:
     return audit
 
 
+def stop_own_ray() -> None:
+    """Stop the Ray :func:`ensure_ray_cluster` started here (its log lines would follow the figures)."""
+    import ray
+
+    if _STARTED_RAY and ray.is_initialized():
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+
+
 def emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    """The figures: a table, or with ``--json`` one JSON object on the last line."""
+    stop_own_ray()
+    print("\n".join(lines), file=sys.stderr if as_json else sys.stdout, flush=True)
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        print("\n".join(lines))
+        print(json.dumps(result, default=str), flush=True)

@@ -44,14 +44,17 @@ def test_plan_covers_every_stage_in_order_and_is_seeded():
     stages = [p.stage for p in plan]
     assert set(stages) == set(kill_drill.KILLABLE) and len(stages) == 12
     assert stages == sorted(stages, key=kill_drill.KILLABLE.index)
-    assert all(0 <= p.delay_s <= kill_drill.TYPICAL_S[p.stage] for p in plan)
+    assert all(0 <= p.delay_s <= kill_drill.TYPICAL_S.get(p.stage, 15.0) for p in plan)
     assert kill_drill.plan_kills(12, seed=3) == plan and kill_drill.plan_kills(12, seed=4) != plan
 
 
 def check_kill_drill(result: dict, kills: int) -> None:
+    from drill_kit import STAGES
+
     assert result["violations"] == [], result["violations"]
     assert result["kills_done"] >= kills - 1  # the last point may fall after the run finished
-    assert result["manifests"] == result["verified"] == 9 and result["torn"] == 0 and result["recomputed"] == 0
+    assert result["manifests"] == result["verified"] == len(STAGES) and result["torn"] == 0
+    assert result["recomputed"] == 0
     runs = result["runs"]
     assert runs[-1]["landed"] == "finished" and runs[-1]["exit_code"] == 0
     # Every re-run skipped what had committed before it: reused stages never go down.
