@@ -10,8 +10,9 @@ An outage starts at the first S3 traffic after it is due, so it cuts requests, n
 the store on that endpoint and these outages, each counted from its stage's start:
 
     vae          refused   4 s   (inside the store's own retries, or one Prefect task retry)
-    base         refused  20 s   (beyond the store's retries: the stage's task is retried)
-    reflow       refused 150 s   (beyond every retry: the run must fail with a clear message)
+    base         refused  20 s   (beyond the store's retries: Ray Train or Prefect retries)
+    pairs        refused 120 s   (beyond every retry: the run must fail with a clear message)
+    reflow       refused  60 s   (in the re-run; Ray Train restarts its workers, Prefect its task)
     consistency  hung     15 s   (in the re-run: requests wait, then complete)
 
 When a run fails, it is re-run after the endpoint is back (as a user would), until one
@@ -69,7 +70,8 @@ class Outage:
 
 
 PIPELINE_OUTAGES = (Outage("vae", 3.0, "refuse", 4.0), Outage("base", 5.0, "refuse", 20.0),
-                    Outage("reflow", 3.0, "refuse", 150.0), Outage("consistency", 3.0, "hang", 15.0))
+                    Outage("pairs", 0.5, "refuse", 120.0), Outage("reflow", 3.0, "refuse", 60.0),
+                    Outage("consistency", 3.0, "hang", 15.0))
 STAGE_OUTAGES = (Outage("vae", 2.0, "refuse", 4.0), Outage("latents", 1.0, "refuse", 60.0))
 
 

@@ -100,4 +100,4 @@ def test_s3_outages_through_the_pipeline(ray_local, tmp_path):
     result = s3_drill.drill("pipeline", "tiny", tmp_path)
     report(s3_drill, result)
     check_s3_drill(result)
-    assert result["clear_transient_errors"] >= 1  # the 150 s outage outlasts every retry
+    assert len(result["runs"]) >= 1 and result["per_stage"] and max(result["per_stage"].values()) == 1
