@@ -243,9 +243,9 @@ class TcpRelay:
                 pass
             listener.close()
         for conn in doomed:
-            try:  # RST, not FIN: the peer sees a reset, as from a vanished server
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
+            try:  # shutdown wakes the pump blocked in recv (close alone would not: the peer would wait forever)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # then RST
+                conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
