@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from infra.cards import GeneratorCard, ImagesCard  # noqa: E402
+from infra.cards import GeneratorCard  # noqa: E402
 from infra.config import (  # noqa: E402
     ConsistencyConfig,
     DDPMConfig,
@@ -39,6 +39,7 @@ from infra.config import (  # noqa: E402
     ReflowConfig,
     ServeConfig,
     VAEConfig,
+    validate_config,
 )
 from infra.metrics_table import read_rows  # noqa: E402
 from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
@@ -168,7 +169,7 @@ def stringify(row: dict[str, Any]) -> dict[str, Any]:
 def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
              ray_address: str | None = None) -> dict[str, Any]:
     """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> features -> evaluate -> promote."""
-    cfg = PipelineConfig.model_validate(config or {})
+    cfg = validate_config(config or {}, "the flow's config parameter")  # names a bad field; preflights files
     started = time.perf_counter()
     refs: dict[str, str] = {}
     store = Store.open(store_uri)

@@ -89,6 +89,8 @@ class ImagesCard(Card):
     classes: tuple[str, ...] = ()  # class names in id order, where the source names them
     quarantined: int = 0
     duplicates: int = 0
+    skipped: int = 0  # files in the source that were not read (hidden names, extensions not read)
+    skipped_examples: tuple[str, ...] = ()  # a few of them, "path: why"
 
     @property
     def labelled(self) -> bool:

@@ -5,16 +5,43 @@ hashes that section's values except its :class:`Resources` (where a stage runs i
 it computes), so changing one field re-runs that stage and the ones below it, and moving a
 stage to more workers or onto GPUs does not. ``load_config`` merges a preset with a
 user's YAML file and refuses unknown fields or wrong values before any work starts.
+
+What a value must be, everywhere:
+
+- finite: ``.inf`` / ``.nan`` are refused for every float (no "no clipping" infinity:
+  ``grad_clip: 1e6`` clips nothing);
+- of its type, strictly: ``"100"`` and ``true`` are not integers, ``1`` is not a boolean; an
+  integer is accepted where a float is expected (``lr: 1`` is 1.0);
+- within bounds: below, what makes sense; above, what a run on one cluster could use
+  (:data:`MAX_STEPS` optimiser steps, :data:`MAX_BATCH` per batch, :data:`MAX_EVAL_IMAGES`
+  generated images per evaluation row, :data:`MAX_PAIRS` reflow pairs, :data:`MAX_NFE`
+  network evaluations per sample, :data:`MAX_WORKERS` workers, ``image_size`` <= 1024, guidance
+  <= :data:`MAX_GUIDANCE`, ``lr`` <= 1, seeds in 0 .. 2**32 - 1), so a typo like ``steps: 1.0e12``
+  is refused, not run;
+- once: a YAML key repeated in one mapping is an error naming the key and both lines;
+- resolvable before any stage runs (:func:`preflight`): ``base.model`` / ``reflow.model`` name a
+  DiT preset, ``evaluate.extractor`` is a local file, ``vae.pretrained`` a local folder.
 """
 
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+# Upper bounds (see the module docstring): far above any sensible run, far below a typo.
+MAX_STEPS = 10_000_000  # optimiser steps (and warm-up, checkpoint interval)
+MAX_BATCH = 65_536  # rows per batch (global training batch, encoder and sampler batches)
+MAX_EVAL_IMAGES = 200_000  # generated images per (model, sampler, steps) row; FID-50k is the usual
+MAX_PAIRS = 10_000_000  # reflow (noise, sample) pairs per round
+MAX_NFE = 1_000  # ODE steps or consistency steps / intervals per sample
+MAX_WORKERS = 1_024  # Ray Train workers, Data actors, evaluation tasks or Serve replicas per stage
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1 (what every RNG fewstep seeds accepts)
 
 
 class ConfigError(ValueError):
@@ -29,7 +56,20 @@ class StageInputError(ConfigError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no "100" -> 100, no true -> 1 (ints still fill float fields); allow_inf_nan: no .inf/.nan.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _lists_are_tuples_and_booleans_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        # YAML and JSON have lists, tuple fields want tuples (strict mode takes no list); the items stay strict.
+        if isinstance(value, list) and typing.get_origin(annotation) is tuple:
+            return tuple(value)
+        # Strict mode refuses true for int and float fields, but a Literal[1, 3] would take it as 1.
+        if isinstance(value, bool) and annotation is not bool:
+            raise ValueError(f"a boolean is not a value of this field; give a {info.field_name} of its type")
+        return value
 
     def keyed(self) -> dict[str, Any]:
         """The values that decide the stage's output: every field but its :class:`Resources`."""
@@ -44,9 +84,9 @@ class Resources(Section):
     actors, concurrent evaluation tasks, or Serve replicas. Each gets ``cpus`` and ``gpus``.
     """
 
-    workers: int = Field(1, ge=1)
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    cpus: float = Field(1.0, gt=0, le=1024)
+    gpus: float = Field(0.0, ge=0, le=16)
 
 
 class IngestConfig(Section):
@@ -57,25 +97,25 @@ class IngestConfig(Section):
     channels: Literal[1, 3] = 1
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    limit: int | None = Field(None, ge=1)  # keep the first N images (by id), for quick runs
+    limit: int | None = Field(None, ge=1, le=10**9)  # keep the first N images (by id), for quick runs
     shapes_count: int = Field(20000, ge=10, le=10_000_000)  # source "shapes": how many images to render
-    shapes_seed: int = 0  # source "shapes": image i depends only on (seed, i)
+    shapes_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # source "shapes": image i depends only on (seed, i)
     resources: Resources = Resources()
 
 
 class LoopConfig(Section):
     """What the one training loop (``workers.train.fit``) reads: every trained model has these."""
 
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(128, ge=1)  # the global batch, split evenly over the training workers
-    lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
+    steps: int = Field(3000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)  # the global batch, split evenly over the training workers
+    lr: float = Field(1e-3, gt=0, le=1)
+    warmup_steps: int = Field(100, ge=0, le=MAX_STEPS)
+    grad_clip: float = Field(1.0, gt=0, le=1e6)  # max gradient norm; 1e6 clips nothing
     ema_decay: float = Field(0.999, ge=0, le=1)  # 0: no average (the EMA is the model itself)
-    ema_warmup: int = Field(10, ge=0)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
-    checkpoint_every: int = Field(500, ge=1)
+    ema_warmup: int = Field(10, ge=0, le=MAX_STEPS)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
+    checkpoint_every: int = Field(500, ge=1, le=MAX_STEPS)
     cache_data: bool = True  # hold each worker's shard in memory; False streams it every epoch
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     resources: Resources = Resources()
 
     @model_validator(mode="after")
@@ -91,21 +131,21 @@ class VAEConfig(LoopConfig):
     """The vae stage: train the small KL-VAE through the loop, or import a local diffusers one."""
 
     pretrained: str | None = None  # a local diffusers AutoencoderKL folder instead of training
-    latent_channels: int = Field(4, ge=1)
-    base_channels: int = Field(32, ge=4)
+    latent_channels: int = Field(4, ge=1, le=64)
+    base_channels: int = Field(32, ge=4, le=1024)
     downsample: Literal[4, 8] = 4
-    beta: float = Field(1e-4, ge=0)
-    measure_images: int = Field(4096, ge=2)  # train images (first by id) for the latent scale
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(50, ge=0)
+    beta: float = Field(1e-4, ge=0, le=100)
+    measure_images: int = Field(4096, ge=2, le=1_000_000)  # train images (first by id) for the latent scale
+    steps: int = Field(600, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    lr: float = Field(2e-3, gt=0, le=1)
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
     ema_decay: float = Field(0.0, ge=0, le=1)  # the VAE is used as trained
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
 
 
 class LatentsConfig(Section):
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     # What the generators learn: the posterior mean of each image (default), or a fresh posterior
     # sample every epoch. A small VAE's posterior std can be as large as the spread of its means
     # (measured: 0.68 vs 0.66 on the shapes benchmark), so samples would be half i.i.d. noise.
@@ -116,9 +156,18 @@ class LatentsConfig(Section):
 class GeneratorConfig(LoopConfig):
     """A DiT trained by flow matching: the base stage (and, with other defaults, reflow)."""
 
-    model: str = "DiT-T/2"
+    model: str = "DiT-T/2"  # a preset of models.dit.DIT_PRESETS
     class_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout for classifier-free guidance
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        from models.dit import DIT_PRESETS  # the one list of DiT sizes (imports torch: only when validating)
+
+        if model not in DIT_PRESETS:
+            raise ValueError(f"unknown DiT preset; choose one of {', '.join(DIT_PRESETS)}")
+        return model
 
 
 class DDPMConfig(GeneratorConfig):
@@ -129,7 +178,7 @@ class DDPMConfig(GeneratorConfig):
 
     enabled: bool = False  # off in quick and default; the RGB quality preset turns it on
     schedule: Literal["linear", "cosine"] = "linear"  # cosine needs x_1 clipping latents lack (models.diffusion)
-    diffusion_steps: int = Field(1000, ge=2)  # T, the discrete training steps (linear: T > 20)
+    diffusion_steps: int = Field(1000, ge=2, le=100_000)  # T, the discrete training steps (linear: T > 20)
 
     @model_validator(mode="after")
     def _schedule_fits_its_steps(self) -> "DDPMConfig":
@@ -142,11 +191,11 @@ class DDPMConfig(GeneratorConfig):
 class PairsConfig(Section):
     """Reflow pairs: (x_0, x_1) couplings from the teacher's ODE, on an actor pool."""
 
-    pairs: int = Field(4096, ge=1)
+    pairs: int = Field(4096, ge=1, le=MAX_PAIRS)
     solver: Literal["euler", "heun"] = "heun"
-    steps: int = Field(32, ge=1)
-    guidance: float = Field(1.0, ge=0)
-    batch_size: int = Field(512, ge=1)
+    steps: int = Field(32, ge=1, le=MAX_NFE)
+    guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)
+    batch_size: int = Field(512, ge=1, le=MAX_BATCH)
     resources: Resources = Resources()  # workers = sampler actors
 
 
@@ -154,9 +203,9 @@ class ReflowConfig(GeneratorConfig):
     """Each reflow round: flow matching on the last teacher's pairs, warm-started from it."""
 
     rounds: int = Field(1, ge=0, le=3)
-    steps: int = Field(2000, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    steps: int = Field(2000, ge=1, le=MAX_STEPS)
+    lr: float = Field(5e-4, gt=0, le=1)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
 
 
@@ -174,14 +223,14 @@ class ConsistencyConfig(LoopConfig):
     renoise: Literal["auto", "fresh", "coupled"] = "auto"  # auto: coupled iff the teacher is a reflow round
     grid_times: bool = True  # multistep sampling at times on the training grid n / intervals
     class_dropout: float = Field(0.1, ge=0, lt=1)  # null-label distillation, for unconditional requests
-    intervals: int = Field(18, ge=1)  # N of the discretisation 0 = t_0 < ... < t_N = 1
+    intervals: int = Field(18, ge=1, le=MAX_NFE)  # N of the discretisation 0 = t_0 < ... < t_N = 1
     teacher_solver: Literal["euler", "heun"] = "heun"
-    guidance: float = Field(1.0, ge=0)
+    guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)
     target_decay: float = Field(0.95, ge=0, lt=1)  # the EMA target f_theta^-
-    huber_c: float | None = Field(None, gt=0)  # None: 0.00054 * sqrt(dim)
-    steps: int = Field(2000, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    huber_c: float | None = Field(None, gt=0, le=100)  # None: 0.00054 * sqrt(dim)
+    steps: int = Field(2000, ge=1, le=MAX_STEPS)
+    lr: float = Field(2e-4, gt=0, le=1)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
 
     @model_validator(mode="after")
     def _pairs_follow_their_teacher(self) -> "ConsistencyConfig":
@@ -196,64 +245,64 @@ class FeaturesConfig(LoopConfig):
     images, a self-supervised (SimCLR) encoder for unlabelled ones (``kind: auto`` picks)."""
 
     kind: Literal["auto", "classifier", "encoder"] = "auto"
-    width: int = Field(32, ge=1)
-    feature_dim: int = Field(64, ge=2)
-    max_shift: int = Field(1, ge=0)  # classifier: pixels of random translation while training
-    temperature: float = Field(0.2, gt=0)  # encoder: NT-Xent temperature
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
+    width: int = Field(32, ge=1, le=1024)
+    feature_dim: int = Field(64, ge=2, le=4096)
+    max_shift: int = Field(1, ge=0, le=64)  # classifier: pixels of random translation while training
+    temperature: float = Field(0.2, gt=0, le=100)  # encoder: NT-Xent temperature
+    steps: int = Field(1000, ge=1, le=MAX_STEPS)
+    batch_size: int = Field(128, ge=2, le=MAX_BATCH)
+    lr: float = Field(2e-3, gt=0, le=1)
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)
     ema_decay: float = Field(0.0, ge=0, le=1)
 
 
 class EvaluateConfig(Section):
-    n: int = Field(1000, ge=2)  # generated images per (model, sampler, steps)
+    n: int = Field(1000, ge=2, le=MAX_EVAL_IMAGES)  # generated images per (model, sampler, steps)
     flow_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     flow_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
     consistency_steps: tuple[int, ...] = (1, 2, 4)
     diffusion_steps: tuple[int, ...] = (10, 50, 250, 1000)  # at most ddpm.diffusion_steps (T)
     diffusion_samplers: tuple[Literal["ddpm", "ddim"], ...] = ("ddpm", "ddim")
-    guidance: float = Field(1.0, ge=0)  # for base models; reflow models use their pairs' guidance
+    guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)  # for base models; reflow models use their pairs' guidance
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
-    knn_k: int = Field(3, ge=1)
-    seed: int = 1234
-    fid_resamples: int = Field(100, ge=2)  # paired bootstrap draws behind every FID interval
-    kid_subsets: int = Field(50, ge=2)
-    kid_subset_size: int = Field(1000, ge=2)  # capped at the sizes of the sets compared
+    knn_k: int = Field(3, ge=1, le=100)
+    seed: int = Field(1234, ge=0, lt=SEED_LIMIT)
+    fid_resamples: int = Field(100, ge=2, le=100_000)  # paired bootstrap draws behind every FID interval
+    kid_subsets: int = Field(50, ge=2, le=100_000)
+    kid_subset_size: int = Field(1000, ge=2, le=MAX_EVAL_IMAGES)  # capped at the sizes of the sets compared
     interval_level: float = Field(0.95, gt=0, lt=1)
     resources: Resources = Resources()  # workers = evaluation tasks in flight
 
     @model_validator(mode="after")
     def _positive_steps(self) -> "EvaluateConfig":
         for field in ("flow_steps", "consistency_steps", "diffusion_steps"):
-            bad = [s for s in getattr(self, field) if s < 1]
+            bad = [s for s in getattr(self, field) if not 1 <= s <= MAX_NFE]
             if bad:
-                raise ValueError(f"{field} must be positive step counts, got {bad}")
+                raise ValueError(f"{field} must be step counts in 1..{MAX_NFE}, got {bad}")
         return self
 
 
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
-    steps: int = Field(1, ge=1)  # the served (and promotion-gated) step count
-    max_n: int = Field(64, ge=1)
+    steps: int = Field(1, ge=1, le=MAX_NFE)  # the served (and promotion-gated) step count
+    max_n: int = Field(64, ge=1, le=4096)
     # The most steps one HTTP request may ask for, whatever the model; a model's sampler may allow
     # fewer (a consistency student: its time grid; a diffusion model: its T). Serving a diffusion
     # model at its 1000 steps needs max_steps: 1000 here. Promotion only compares FIDs at `steps`.
-    max_steps: int = Field(64, ge=1)
-    max_guidance: float = Field(10.0, ge=0)
-    max_batch_size: int = Field(64, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_queued_requests: int = Field(256, ge=1)
-    max_ongoing_requests: int = Field(128, ge=1)  # per replica; at least max_batch_size, or batches never fill
-    max_body_bytes: int = Field(65536, ge=1024)  # larger request bodies get 413
+    max_steps: int = Field(64, ge=1, le=MAX_NFE)
+    max_guidance: float = Field(10.0, ge=0, le=MAX_GUIDANCE)
+    max_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=60)
+    max_queued_requests: int = Field(256, ge=1, le=10**6)
+    max_ongoing_requests: int = Field(128, ge=1, le=10**6)  # per replica; at least max_batch_size, or batches never fill
+    max_body_bytes: int = Field(65536, ge=1024, le=64 * 2**20)  # larger request bodies get 413
     solver: Literal["euler", "heun"] = "euler"  # how flow (ODE) models are sampled
-    poll_s: float = Field(1.0, gt=0)  # how often a replica looks at the serving/current pointer
-    swap_retry_s: float = Field(300.0, gt=0)  # a model that failed to load is tried again after this (doubling)
-    max_replicas: int | None = Field(None, ge=1)  # set: autoscale between resources.workers and this
-    target_ongoing_requests: float = Field(8.0, gt=0)  # the autoscaler's per-replica target
+    poll_s: float = Field(1.0, gt=0, le=3600)  # how often a replica looks at the serving/current pointer
+    swap_retry_s: float = Field(300.0, gt=0, le=86_400)  # a model that failed to load is tried again after this (doubling)
+    max_replicas: int | None = Field(None, ge=1, le=MAX_WORKERS)  # set: autoscale between resources.workers and this
+    target_ongoing_requests: float = Field(8.0, gt=0, le=10**6)  # the autoscaler's per-replica target
     resources: Resources = Resources()  # workers = replicas (the autoscaling minimum with max_replicas)
 
     @model_validator(mode="after")
@@ -345,14 +394,76 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line per problem, naming the field and the value; a single problem is a single line."""
+    problems = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  - unknown field '{where}': remove it or check its spelling")
+            problems.append(f"unknown field '{where}': remove it or check its spelling")
         else:
-            lines.append(f"  - {where} = {item.get('input')!r}: {item['msg']}")
-    return "\n".join(lines)
+            problems.append(f"{where} = {item.get('input')!r}: {item['msg']}")
+    if len(problems) == 1:
+        return f"invalid configuration in {source}: {problems[0]}"
+    return "\n".join([f"invalid configuration in {source}:", *(f"  - {p}" for p in problems)])
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names one key twice (PyYAML would silently keep the last)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated within one mapping (``<<`` merges may be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = first_line.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(f"key {key!r} appears twice in one mapping (lines {line} and "
+                                        f"{key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, with repeated keys refused (one line, naming the key and both lines)."""
+    try:
+        return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as error:
+        raise ConfigError(f"config file {str(path)!r}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+
+
+def preflight(config: PipelineConfig) -> None:
+    """What a config names outside itself must exist before any stage runs: one line, naming the field.
+
+    (Model names are checked by their field; these depend on the machine the flow runs on.)
+    """
+    extractor = config.evaluate.extractor
+    if extractor is not None and ("://" in extractor or not Path(extractor).expanduser().is_file()):
+        raise ConfigError(f"evaluate.extractor = {extractor!r} is not a local file: give the path of a TorchScript "
+                          "module (torch.jit.save) or of Inception-v3 weights (extractor_kind: inception), "
+                          "or remove it to use the classifier's features")
+    pretrained = config.vae.pretrained
+    if pretrained is not None and not Path(pretrained).expanduser().is_dir():
+        raise ConfigError(f"vae.pretrained = {pretrained!r} is not a local folder: give the folder of a diffusers "
+                          "AutoencoderKL (its config.json and weights), or remove it to train fewstep's VAE")
+
+
+def validate_config(data: Mapping[str, Any], source: str = "the configuration") -> PipelineConfig:
+    """``data`` validated into a PipelineConfig and preflighted; every problem is a :class:`ConfigError`."""
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, source)) from None
+    preflight(config)
+    return config
 
 
 def load_config(
@@ -360,7 +471,7 @@ def load_config(
     file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> PipelineConfig:
-    """The preset, then the YAML ``file``, then ``overrides``, validated into a PipelineConfig."""
+    """The preset, then the YAML ``file``, then ``overrides``, validated and preflighted into a PipelineConfig."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
     data = deep_merge({}, PRESETS[preset])
@@ -369,17 +480,11 @@ def load_config(
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist: pass the path of a YAML file")
-        try:
-            user = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        user = read_yaml(path) or {}
         if not isinstance(user, Mapping):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(user).__name__}")
         data = deep_merge(data, user)
         source = f"{path} (on preset {preset!r})"
     if overrides:
         data = deep_merge(data, overrides)
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, source)) from None
+    return validate_config(data, source)

@@ -93,6 +93,10 @@ TRANSIENT_ERRNOS = frozenset({
     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
     errno.EBUSY, errno.EREMOTEIO, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN,
 })
+# pyarrow's S3 filesystem (what Ray Data reads and writes through) raises plain OSErrors without
+# an errno; these words in the message mark the transient ones (the list Ray Data retries on).
+TRANSIENT_MESSAGES = ("AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
+                      "AWS Error INTERNAL_FAILURE", "AWS Error UNKNOWN (HTTP status 503)")
 # botocore / aiohttp exception class names that are network trouble, matched by name so this
 # module imports neither (a whole class hierarchy, e.g. EndpointConnectionError, is covered by
 # checking every class in the exception's MRO).
@@ -130,6 +134,8 @@ def _one_is_transient(error: BaseException) -> bool | None:
     if isinstance(error, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)):
         return False
     if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
+        return True
+    if isinstance(error, OSError) and any(marker in str(error) for marker in TRANSIENT_MESSAGES):
         return True
     return None
 

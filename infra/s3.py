@@ -54,6 +54,7 @@ DEFAULT_REGION = "us-east-1"
 CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
                               "InvalidClientTokenId", "AuthorizationHeaderMalformed"})
 DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403", "Forbidden"})
+OPERATION_MIN_MIB_S = 1.0  # the slowest upload an operation's deadline allows for
 # Opening a store fails fast: a typo in the endpoint should not wait through a long backoff.
 OPEN_RETRY = RetryPolicy(attempts=3, base_delay_s=0.1, max_delay_s=0.5)
 PROBE_FOLDER = ".fewstep-probe"  # under the store root; each probe key is removed right after
@@ -75,6 +76,10 @@ class S3Settings:
     session_token: str | None = field(default=None, repr=False)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
+    # Every store operation's deadline, plus 1 s per MiB it sends (OPERATION_MIN_MIB_S): the read
+    # timeout does not cover a PUT waiting for "100 Continue" (aiobotocore sends every PUT with
+    # "Expect: 100-continue"), so a PUT on a connection the network dropped would wait forever.
+    operation_timeout_s: float = 120.0
     retry: RetryPolicy = DEFAULT_RETRY
 
     @property
@@ -284,6 +289,10 @@ class S3Backend(Backend):
 
     # -- calls ------------------------------------------------------------------------------
 
+    def deadline(self, nbytes: int = 0) -> float:
+        """Seconds one operation may take (fsspec raises FSTimeoutError, a transient error, after it)."""
+        return self.settings.operation_timeout_s + nbytes / (OPERATION_MIN_MIB_S * 2**20)
+
     def call(self, what: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
         """``fn()`` with transient retries; failures become StoreErrors that say what to do."""
         try:
@@ -303,7 +312,8 @@ class S3Backend(Backend):
         s = self.settings
         prefix = f"{s.prefix}/" if s.prefix else ""
         try:
-            self.call("list the bucket", lambda: self.fs.call_s3("list_objects_v2", Bucket=s.bucket, Prefix=prefix, MaxKeys=1),
+            self.call("list the bucket", lambda: self.fs.call_s3("list_objects_v2", Bucket=s.bucket, Prefix=prefix, MaxKeys=1,
+                                                      timeout=self.deadline()),
                       policy=OPEN_RETRY)
         except StoreUnavailable as error:
             raise EndpointUnreachable(
@@ -348,7 +358,7 @@ class S3Backend(Backend):
 
     def _put_if_absent(self, path: str, data: bytes, what: str) -> bool:
         try:
-            self.call(what, lambda: self.fs.pipe_file(path, data, mode="create"))
+            self.call(what, lambda: self.fs.pipe_file(path, data, mode="create", timeout=self.deadline(len(data))))
             return True
         except OSError as error:
             if precondition_failed(error):  # the object exists, with or without a named <Condition>
@@ -356,7 +366,7 @@ class S3Backend(Backend):
             raise
 
     def read_bytes(self, path: str) -> bytes:
-        return self.call(f"read s3://{path}", lambda: self.fs.cat_file(path))
+        return self.call(f"read s3://{path}", lambda: self.fs.cat_file(path, timeout=self.deadline()))
 
     def open_read(self, path: str) -> IO[bytes]:
         return self.call(f"open s3://{path}", lambda: self.fs.open(path, "rb", block_size=8 * 2**20))
@@ -366,7 +376,7 @@ class S3Backend(Backend):
         return self.call(f"read s3://{path}", lambda: Backend.hash_file(self, path))
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        self.call(f"write s3://{path}", lambda: self.fs.pipe_file(path, data))
+        self.call(f"write s3://{path}", lambda: self.fs.pipe_file(path, data, timeout=self.deadline(len(data))))
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         # PUT with If-None-Match: * : the server refuses (412) when the object exists; a PUT is
@@ -391,7 +401,8 @@ class S3Backend(Backend):
             return False
         try:
             self.call(f"replace s3://{path}",
-                      lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition))
+                      lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition,
+                                              timeout=self.deadline(len(data))))
         except OSError as error:
             if isinstance(error, FileNotFoundError) or precondition_failed(error):
                 return False
@@ -408,10 +419,10 @@ class S3Backend(Backend):
             finally:
                 response["Body"].close()
 
-        return sync(self.fs.loop, get)
+        return sync(self.fs.loop, get, timeout=self.deadline())
 
     def list_info(self, path: str) -> dict[str, FileInfo]:
-        found = self.call(f"list s3://{path}", lambda: self.fs.find(path, detail=True))
+        found = self.call(f"list s3://{path}", lambda: self.fs.find(path, detail=True, timeout=self.deadline()))
         base = path.rstrip("/") + "/"
         # Skip folder markers (empty "dir/" keys some writers, e.g. pyarrow's create_dir, leave).
         return {full[len(base):]: FileInfo(int(info.get("size") or 0), _modified(info)) for full, info in found.items()
@@ -419,14 +430,14 @@ class S3Backend(Backend):
 
     def list_dirs(self, path: str) -> list[str]:
         try:
-            entries = self.call(f"list s3://{path}", lambda: self.fs.ls(path, detail=True))
+            entries = self.call(f"list s3://{path}", lambda: self.fs.ls(path, detail=True, timeout=self.deadline()))
         except FileNotFoundError:
             return []
         return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
 
     def remove(self, path: str) -> None:
         try:
-            self.call(f"remove s3://{path}", lambda: self.fs.rm(path, recursive=True))
+            self.call(f"remove s3://{path}", lambda: self.fs.rm(path, recursive=True, timeout=self.deadline()))
         except FileNotFoundError:
             pass
 

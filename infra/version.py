@@ -14,7 +14,9 @@ A stage is keyed by its own import closure inside the package (``models``, ``inf
 
 Modules whose source cannot change an output are left out (:data:`KEY_NEUTRAL`): the config
 module (each stage hashes its section's *values* instead), error types, Ray start-up and
-progress reporting. ``CODE_VERSION`` is the same digest over the whole package, for
+progress reporting. What they import is not followed either (the config module checks model
+names against ``models.dit``; that must not key ingest on the DiT): a stage that uses a module
+imports it itself. ``CODE_VERSION`` is the same digest over the whole package, for
 ``fewstep version`` and for stores written without a stage module. Set
 ``FEWSTEP_CODE_VERSION`` to pin every version (e.g. to reuse a store across a refactor).
 """
@@ -84,6 +86,8 @@ def import_closure(name: str, root: Path = ROOT) -> tuple[str, ...]:
         if module in seen:
             continue
         seen.add(module)
+        if module in KEY_NEUTRAL and module != name:
+            continue  # a neutral module's imports shape no output through it
         todo.extend(imported_modules(module, root) - seen)
     return tuple(sorted(seen))
 

@@ -17,8 +17,18 @@ RAY_TRANSIENT = (
 )
 
 
+def inner_errors(error: BaseException) -> list[BaseException]:
+    """What a Ray Train failure carries instead of a ``__cause__``: each worker's exception
+    (``WorkerGroupError.worker_failures``) or the controller's (``ControllerError``)."""
+    failures = getattr(error, "worker_failures", None)
+    inner = [e for e in failures.values() if isinstance(e, BaseException)] if isinstance(failures, dict) else []
+    controller = getattr(error, "controller_failure", None)
+    return inner + ([controller] if isinstance(controller, BaseException) else [])
+
+
 def is_transient(error: BaseException) -> bool:
-    """True for errors a retry can fix: lost Ray actors or nodes, transient store errors."""
+    """True for errors a retry can fix: lost Ray actors or nodes, transient store errors, and a
+    Ray Train failure whose every worker failed with one of those."""
     from infra.errors import is_transient_store_error
 
     seen: set[int] = set()
@@ -32,5 +42,8 @@ def is_transient(error: BaseException) -> bool:
             cause = error.as_instanceof_cause()
             if cause is not error and is_transient(cause):
                 return True
+        inner = inner_errors(error)
+        if inner and all(is_transient(e) for e in inner):
+            return True
         error = error.__cause__ or error.__context__
     return False

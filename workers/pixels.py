@@ -8,7 +8,17 @@ Conventions, in one place:
       x = u / 127.5 - 1          u = round((x + 1) * 127.5), clipped to 0..255
 
   :func:`to_model_range` / :func:`from_model_range` convert numpy arrays, and
-  :func:`tensor_to_model_range` / :func:`tensor_to_uint8` torch tensors, by those two formulas.
+  :func:`tensor_to_model_range` / :func:`tensor_to_uint8` torch tensors, by those two formulas;
+- a source image wider than 8 bits per sample is brought to 8 bits by the range its *type* can
+  hold, never by the image's own min/max (a dark 16-bit photo stays dark), see :func:`to_8bit`:
+
+      16-bit (PIL I;16, I;16B, ...; 16-bit PNG/TIFF)   u = round(v / 257)     0..65535 -> 0..255
+      32-bit integer (PIL I)                           the same, for values in 0..65535
+      32-bit float (PIL F)                             u = round(255 v)      0..1 -> 0..255
+
+  A 32-bit integer image with values outside 0..65535, or a float image with values outside
+  [0, 1] (or NaN/inf), has no range to read it by: :class:`UnsupportedPixels`, which ingest
+  quarantines with the reason. (16-bit RGB(A) PNGs are already read as 8-bit by PIL, v >> 8.)
 """
 
 from __future__ import annotations
@@ -23,8 +33,18 @@ from torch import Tensor
 
 MODES = {1: "L", 3: "RGB"}
 
+
+
+class UnsupportedPixels(ValueError):
+    """An image whose pixel values fewstep cannot map to 8 bits; the message says which and why."""
+
+
 # Errors a broken or foreign file raises while PIL opens or decodes it. Anything else is a bug.
+# (UnsupportedPixels is a ValueError, so it is one of them.)
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")  # unsigned 16-bit grayscale, any byte order
+UINT16_MAX = 65535
 
 
 def mode_for(channels: int) -> str:
@@ -40,9 +60,43 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grayscale image -> ``L``, scaled by its type's range.
+
+    u = round(v / 257) for 16-bit (and 32-bit integer within 0..65535), u = round(255 v) for float
+    in [0, 1]; see the module docstring. Other modes come back unchanged. PIL's own
+    ``convert("L")`` clips instead (v > 255 -> white), which is what this replaces.
+    """
+    mode = image.mode
+    if mode not in UINT16_MODES and mode not in ("I", "F"):
+        if mode.startswith(("I;", "F;")):
+            raise UnsupportedPixels(f"pixel mode {mode!r} is not supported; save the image as 8- or 16-bit")
+        return image
+    v = np.asarray(image)  # (H, W): uint16 (any byte order), int32 or float32
+    if v.size == 0:
+        raise UnsupportedPixels(f"the image has no pixels ({image.width}x{image.height})")
+    if mode == "F":
+        lo, hi = float(np.min(v)), float(np.max(v))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise UnsupportedPixels("float pixels include NaN or infinity; save finite values in [0, 1]")
+        if lo < 0.0 or hi > 1.0:
+            raise UnsupportedPixels(f"float pixels span [{lo:.4g}, {hi:.4g}], outside [0, 1] (the float range fewstep "
+                                    "reads); rescale them to [0, 1] or save the image as 8- or 16-bit")
+        u = np.rint(v.astype(np.float64) * 255.0)
+    else:
+        lo, hi = int(np.min(v)), int(np.max(v))
+        if lo < 0 or hi > UINT16_MAX:
+            raise UnsupportedPixels(f"32-bit integer pixels span [{lo}, {hi}], outside 0..{UINT16_MAX} (the 16-bit range "
+                                    "fewstep reads them by); save the image as 8- or 16-bit")
+        u = np.rint(v.astype(np.float64) / 257.0)  # 65535 / 255 = 257 exactly
+    return Image.fromarray(u.astype(np.uint8))  # (H, W) uint8 -> mode L
+
+
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert to ``L`` or ``RGB``; transparent pixels are composed over white first."""
+    """Convert to ``L`` or ``RGB`` (wide pixels through :func:`to_8bit`); transparent pixels are
+    composed over white first."""
     mode = mode_for(channels)
+    image = to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

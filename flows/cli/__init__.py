@@ -65,6 +65,11 @@ def user_cause(error: BaseException) -> BaseException | None:
             continue
         if isinstance(error, kinds):
             return error
+        failures = getattr(error, "worker_failures", None)  # Ray Train: each worker's exception, no __cause__
+        if isinstance(failures, dict):
+            found = [cause for cause in map(user_cause, failures.values()) if cause is not None]
+            if found:
+                return found[0]
         error = error.__cause__
     return None
 

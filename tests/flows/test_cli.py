@@ -38,6 +38,26 @@ def test_bad_config_is_refused_before_any_work(tmp_path, yaml_text, expected):
     assert not (tmp_path / "store").exists(), "work started before the config was checked"
 
 
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("base:\n  model: DiT-ZZZ/2\n", "base.model = 'DiT-ZZZ/2'"),
+    ("evaluate:\n  extractor: {tmp}/missing.pt\n", "evaluate.extractor = '{tmp}/missing.pt' is not a local file"),
+    ("base:\n  lr: .inf\n", "base.lr = inf"),
+    ("base:\n  steps: '100'\n", "base.steps = '100'"),
+    ("evaluate:\n  n: 1000000000\n", "evaluate.n = 1000000000"),
+    ("base:\n  steps: 10\n  steps: 20\n", "key 'steps' appears twice in one mapping (lines 2 and 3)"),
+])
+def test_config_errors_are_one_line_before_any_stage(tmp_path, yaml_text, expected):
+    """Resolvable names and files are checked with the config: exit 2, one line, the store untouched."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text.format(tmp=tmp_path))
+    done = fewstep("run", "--config", str(config), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewstep: error: "), done.stderr
+    assert expected.format(tmp=tmp_path) in lines[0], done.stderr
+    assert not (tmp_path / "store").exists(), "work started before the config was checked"
+
+
 def test_unknown_preset_and_missing_config_file(tmp_path):
     done = fewstep("run", "--preset", "fast", cwd=tmp_path)
     assert done.returncode == 2 and "unknown preset 'fast'" in done.stderr
@@ -67,3 +87,20 @@ def test_a_mistyped_option_prints_usage_and_exits_2_through_the_console_script(t
     assert done.returncode == 2, done.stderr
     assert "Usage: fewstep serve" in done.stderr and "No such option: --bogus" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_store_outage_inside_ray_train_is_transient_and_reaches_the_user():
+    """Ray Train's WorkerGroupError carries each worker's exception, not a __cause__ (S3 drill finding)."""
+    from ray.train import WorkerGroupError
+
+    from infra.errors import StoreUnavailable
+    from workers.errors import is_transient
+
+    outage = StoreUnavailable("list s3://b/store/checkpoints at http://127.0.0.1:1 failed 5 times with transient errors")
+    failed = WorkerGroupError("[Rank 0 Error Snippet]: ...", {0: outage, 1: outage})
+    assert is_transient(failed), "Prefect would not retry a stage that lost S3 for a moment"
+    assert user_cause(failed) is outage
+    bug = WorkerGroupError("[Rank 0 Error Snippet]: ...", {0: outage, 1: ValueError("a bug")})
+    assert not is_transient(bug) and user_cause(bug) is outage
+    assert not is_transient(WorkerGroupError("...", {0: ValueError("a bug")}))
+    assert user_cause(WorkerGroupError("...", {0: ValueError("a bug")})) is None

@@ -107,6 +107,11 @@ def test_endpoint_and_keys_come_from_the_aws_variables():
     (TimeoutError("read timed out"), True),
     (FileNotFoundError("x"), False),
     (ValueError("bad config"), False),
+    # pyarrow's S3 filesystem (Ray Data's reads and writes): no errno, the kind is in the message.
+    (OSError("When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+             "HeadObject operation: curlCode: 7, Could not connect to server"), True),
+    (OSError("When reading 'k': AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate"), True),
+    (OSError("When getting information for key 'k': AWS Error ACCESS_DENIED during HeadObject operation"), False),
 ])
 def test_transient_errors_are_told_from_permanent_ones(error, transient):
     assert is_transient_store_error(error) is transient
@@ -175,3 +180,41 @@ def test_store_reads_survive_transient_s3_failures(s3_uri, monkeypatch):
     monkeypatch.setattr(store.fs, "cat_file", forbidden)
     with pytest.raises(AccessDenied, match="access denied to s3://"):
         store.read_bytes(manifest, "blob")
+
+
+@pytest.mark.timeout(120)
+def test_a_put_on_a_connection_that_never_answers_times_out_as_transient():
+    """aiobotocore sends PUTs with "Expect: 100-continue" and waits for the 100 with no read timeout:
+    a server (or a network) that accepts and never answers hung a stage for good (S3 outage drill)."""
+    import dataclasses
+    import socket
+    import threading
+    import time
+
+    from infra.errors import RetryPolicy, StoreUnavailable
+    from infra.s3 import S3Backend, resolve_settings
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def swallow() -> None:  # accept, read whatever comes, never answer
+        while True:
+            conn, _ = server.accept()
+            threading.Thread(target=lambda c=conn: [None for _ in iter(lambda: c.recv(65536), b"")], daemon=True).start()
+
+    threading.Thread(target=swallow, daemon=True).start()
+    settings = resolve_settings("s3://bucket/store", endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}",
+                                access_key_id="id", secret_access_key="secret", env={})
+    settings = dataclasses.replace(settings, read_timeout_s=2.0, operation_timeout_s=2.0,
+                                   retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01))
+    backend = S3Backend(settings)
+    for what, call in [("write", lambda: backend.write_bytes("bucket/store/x", b"x" * 100)),
+                       ("create", lambda: backend._put_if_absent("bucket/store/y", b"y", "create")),
+                       ("read", lambda: backend.read_bytes("bucket/store/x"))]:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            call()
+        assert time.monotonic() - started < 20, what
+        assert is_transient_store_error(caught.value) and "failed 2 times" in str(caught.value), what
+    server.close()

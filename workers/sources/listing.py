@@ -3,11 +3,19 @@
 The fingerprint (each file's path, size and modification time or ETag) goes into the ingest
 stage's key, so a scheduled re-run on changed data builds a new images table while an
 unchanged dataset returns the committed one at once.
+
+Files the source holds but ingest does not read are counted, never dropped in silence: hidden
+names (any path part starting with ``.`` or ``_``: ``.DS_Store``, Spark's ``_SUCCESS``) and
+extensions of the other kind or of no kind fewstep reads (``.heic``, ``.avif``, ``.txt``, ...).
+:attr:`Source.skipped` counts them and :attr:`Source.skipped_examples` names a few, with why;
+the images card reports both. They are not part of the fingerprint (a new ``notes.txt`` does
+not re-run the pipeline).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,9 +26,12 @@ import pyarrow.fs as pafs
 from infra.config import StageInputError
 from infra.store import Store
 
+log = logging.getLogger("fewstep.ingest")
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BUILTIN = ("digits", "shapes")
 ID_HEX = 20  # 80 bits of sha1: no collisions at any dataset size we will meet
+SKIPPED_EXAMPLES = 3  # how many skipped files a source names (with the reason)
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class Source:
     fs: Any  # fsspec filesystem (None for built-in sets)
     pa_fs: pafs.FileSystem | None
     fingerprint: str
+    skipped: int = 0  # files under the root that are not read (hidden names, other extensions)
+    skipped_examples: tuple[str, ...] = ()  # "rel/path: why", the first few in path order
 
 
 def content_id(data: bytes | str) -> str:
@@ -74,6 +87,20 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
+def _extension(rel: str) -> str:
+    name = rel.rsplit("/", 1)[-1]
+    return name[name.rfind("."):].lower() if "." in name else ""
+
+
+def _skip_reason(rel: str, kind: str) -> str:
+    """Why a listed file is not read by a source of ``kind`` (folder or parquet)."""
+    if _hidden(rel):
+        return "hidden name (starts with '.' or '_')"
+    wanted = "an image (" + ", ".join(IMAGE_EXTENSIONS) + ")" if kind == "folder" else "a .parquet file"
+    extension = _extension(rel)
+    return f"{'extension ' + repr(extension) if extension else 'no extension'}: not {wanted}"
+
+
 def _fingerprint(kind: str, files: tuple[SourceFile, ...]) -> str:
     digest = hashlib.sha256(kind.encode())
     for f in files:
@@ -106,23 +133,30 @@ def resolve_source(store: Store, source: str) -> Source:
     else:
         infos = fs.find(root, detail=True)
         base = root.rstrip("/")
-    files = []
+    listed, hidden = [], []
     for path, info in sorted(infos.items()):
         rel = posixpath.relpath(path, base) if base else path
-        if info.get("type", "file") != "file" or _hidden(rel):
+        if info.get("type", "file") != "file":
             continue
-        files.append(SourceFile(path, rel, int(info.get("size") or 0), _version(info)))
-    images = tuple(f for f in files if f.rel.lower().endswith(IMAGE_EXTENSIONS))
-    tables = tuple(f for f in files if f.rel.lower().endswith(".parquet"))
+        (hidden if _hidden(rel) else listed).append(SourceFile(path, rel, int(info.get("size") or 0), _version(info)))
+    images = tuple(f for f in listed if f.rel.lower().endswith(IMAGE_EXTENSIONS))
+    tables = tuple(f for f in listed if f.rel.lower().endswith(".parquet"))
     if images and tables:
         raise StageInputError(
             f"ingest source {source!r} holds both image files ({len(images)}) and Parquet files "
             f"({len(tables)}); point 'ingest.source' at a folder with only one kind"
         )
     if not images and not tables:
+        others = sorted([*listed, *hidden], key=lambda f: f.rel)
+        seen = f"; it holds {len(others)} other file(s), e.g. {others[0].rel!r}" if others else ""
         raise StageInputError(
-            f"ingest source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files"
+            f"ingest source {source!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files{seen}"
         )
     kind = "folder" if images else "parquet"
     chosen = images or tables
-    return Source(kind, root, chosen, fs, pa_fs, _fingerprint(kind, chosen))
+    read = {f.path for f in chosen}
+    skipped = sorted((f for f in [*listed, *hidden] if f.path not in read), key=lambda f: f.rel)
+    examples = tuple(f"{f.rel}: {_skip_reason(f.rel, kind)}" for f in skipped[:SKIPPED_EXAMPLES])
+    if skipped:
+        log.warning("ingest: %d file(s) in %r are not read, e.g. %s", len(skipped), source, examples[0])
+    return Source(kind, root, chosen, fs, pa_fs, _fingerprint(kind, chosen), len(skipped), examples)

@@ -152,6 +152,7 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
         return ImagesCard(n_images=images.num_rows, n_train=images.num_rows - n_test, n_test=n_test,
                           num_classes=num_classes, image_size=config.image_size, channels=config.channels,
                           source_kind=source.kind, classes=tuple(classes), quarantined=quarantine.num_rows,
-                          duplicates=int((~keep).sum()))
+                          duplicates=int((~keep).sum()), skipped=source.skipped,
+                          skipped_examples=source.skipped_examples)
 
     return run_stage(store, STAGE, key_config, [], build, source=__name__)

@@ -1,0 +1,124 @@
+"""The configuration refuses what it cannot run: non-finite numbers, coerced types, absurd sizes,
+repeated YAML keys, unknown models and missing files, each naming the field before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.config import (
+    MAX_EVAL_IMAGES,
+    MAX_STEPS,
+    ConfigError,
+    EvaluateConfig,
+    GeneratorConfig,
+    IngestConfig,
+    PipelineConfig,
+    load_config,
+    validate_config,
+)
+
+
+def load_yaml(tmp_path: Path, text: str) -> PipelineConfig:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return load_config("quick", path)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("base:\n  lr: .inf\n", "base.lr = inf"),
+    ("base:\n  grad_clip: .inf\n", "base.grad_clip = inf"),
+    ("pairs:\n  guidance: .inf\n", "pairs.guidance = inf"),
+    ("consistency:\n  guidance: -.inf\n", "consistency.guidance = -inf"),
+    ("evaluate:\n  guidance: .nan\n", "evaluate.guidance = nan"),
+    ("vae:\n  beta: .nan\n", "vae.beta = nan"),
+    ("serve:\n  max_guidance: .inf\n", "serve.max_guidance = inf"),
+    ("base:\n  resources: {cpus: .inf}\n", "base.resources.cpus = inf"),
+])
+def test_non_finite_floats_are_refused_in_every_section(tmp_path, text, field):
+    with pytest.raises(ConfigError, match="finite number") as error:
+        load_yaml(tmp_path, text)
+    assert field in str(error.value)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("base:\n  steps: '100'\n", "base.steps = '100'"),
+    ("base:\n  steps: true\n", "base.steps = True"),
+    ("base:\n  steps: 100.0\n", "base.steps = 100.0"),
+    ("ingest:\n  channels: true\n", "ingest.channels = True"),
+    ("base:\n  cache_data: 1\n", "base.cache_data = 1"),
+    ("ingest:\n  source: 7\n", "ingest.source = 7"),
+    ("evaluate:\n  flow_steps: [1, '2']\n", "evaluate.flow_steps.1 = '2'"),
+    ("base:\n  resources: {workers: '2'}\n", "base.resources.workers = '2'"),
+])
+def test_no_type_coercion(tmp_path, text, field):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, text)
+    assert field in str(error.value)
+
+
+def test_integers_still_fill_float_fields_and_lists_fill_tuples(tmp_path):
+    config = load_yaml(tmp_path, "base:\n  lr: 1\n  grad_clip: 2\nevaluate:\n  flow_steps: [1, 3]\n")
+    assert config.base.lr == 1.0 and isinstance(config.base.lr, float) and config.base.grad_clip == 2.0
+    assert config.evaluate.flow_steps == (1, 3)
+    # What the flow receives (model_dump(mode="json")) validates back to the same config.
+    assert validate_config(config.model_dump(mode="json")) == config
+
+
+@pytest.mark.parametrize("text, field", [
+    ("base:\n  steps: 1000000000000\n", "base.steps"),
+    ("base:\n  steps: 1.0e+12\n", "base.steps"),
+    ("evaluate:\n  n: 1000000000\n", "evaluate.n"),
+    ("pairs:\n  pairs: 100000000000\n", "pairs.pairs"),
+    ("pairs:\n  steps: 100000\n", "pairs.steps"),
+    ("ingest:\n  image_size: 65536\n", "ingest.image_size"),
+    ("base:\n  resources: {workers: 100000}\n", "base.resources.workers"),
+    ("base:\n  batch_size: 100000000\n", "base.batch_size"),
+    ("evaluate:\n  flow_steps: [1, 100000]\n", "evaluate"),
+    ("consistency:\n  intervals: 1000000\n", "consistency.intervals"),
+    ("base:\n  lr: 10\n", "base.lr"),
+    ("base:\n  seed: -1\n", "base.seed"),
+    ("base:\n  seed: 99999999999\n", "base.seed"),
+])
+def test_sizes_have_upper_bounds(tmp_path, text, field):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, text)
+    assert field in str(error.value)
+
+
+def test_bounds_leave_room_for_real_runs():
+    assert GeneratorConfig(steps=MAX_STEPS).steps == MAX_STEPS
+    assert EvaluateConfig(n=50_000).n == 50_000 <= MAX_EVAL_IMAGES
+    assert IngestConfig(image_size=1024, limit=10**8).image_size == 1024
+
+
+def test_duplicate_yaml_keys_name_the_key_and_both_lines(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, "base:\n  steps: 10\n  lr: 0.001\n  steps: 20\n")
+    message = str(error.value)
+    assert "'steps'" in message and "lines 2 and 4" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="key 'base' appears twice"):
+        load_yaml(tmp_path, "base: {steps: 10}\nvae: {steps: 5}\nbase: {lr: 0.01}\n")
+    # The same key in two sections is not a duplicate, and a merge key may be overridden.
+    config = load_yaml(tmp_path, "base:\n  steps: 10\nreflow:\n  steps: 20\n")
+    assert (config.base.steps, config.reflow.steps) == (10, 20)
+    config = load_yaml(tmp_path, "base: &b {steps: 10, lr: 0.01}\nreflow:\n  <<: *b\n  steps: 30\n")
+    assert (config.reflow.steps, config.reflow.lr) == (30, 0.01)
+
+
+def test_unknown_model_and_missing_files_are_refused_when_loading(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, "base:\n  model: DiT-ZZZ/2\n")
+    assert "base.model = 'DiT-ZZZ/2'" in str(error.value) and "DiT-T/2" in str(error.value)
+    with pytest.raises(ConfigError, match="reflow.model = 'DiT-Q'"):
+        load_yaml(tmp_path, "reflow:\n  model: DiT-Q\n")
+    with pytest.raises(ConfigError, match=r"evaluate.extractor = '.*missing.pt' is not a local file"):
+        load_yaml(tmp_path, f"evaluate:\n  extractor: {tmp_path / 'missing.pt'}\n")
+    with pytest.raises(ConfigError, match="vae.pretrained = .* is not a local folder"):
+        load_yaml(tmp_path, f"vae:\n  pretrained: {tmp_path / 'no-vae'}\n")
+    (tmp_path / "features.pt").write_bytes(b"x")
+    assert load_yaml(tmp_path, f"evaluate:\n  extractor: {tmp_path / 'features.pt'}\n").evaluate.extractor
+    # The flow's own entry point checks the same (a scheduled run gets a dict, not a file).
+    with pytest.raises(ConfigError, match="evaluate.extractor"):
+        validate_config({"evaluate": {"extractor": str(tmp_path / "gone.pt")}})
