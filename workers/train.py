@@ -46,7 +46,8 @@ from models.ema import ema_copy, ema_decay, ema_update
 from models.objectives import Objective, unwrap
 from models.registry import build_model
 from workers import progress
-from workers.data import order_preserving_options, preserved_order
+from workers.data import order_preserving_options
+from workers.parts import ordered
 from workers.runtime import threads_for, use_threads
 
 log = logging.getLogger("fewstep.train")
@@ -165,8 +166,7 @@ def split_once(dataset: "ray.data.Dataset", workers: int) -> list:
 
     The driver owns the blocks, so a worker restarted after a crash reads the same shard again.
     """
-    with preserved_order():
-        return dataset.materialize().split(workers, equal=True)
+    return ordered(dataset).materialize().split(workers, equal=True)
 
 
 def check_room_for_data(stage: str, resources: Resources) -> None:
