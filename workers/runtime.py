@@ -101,9 +101,35 @@ def local_node_cores() -> int | None:
     return max(1, min(machine_cores(), advertised or machine_cores()))
 
 
+THREADS_ENV = "FEWSTEP_TORCH_THREADS"  # set: every stage worker runs exactly this many torch threads
+
+
 def threads_for(cpus: float, workers: int, data_cores: int) -> int:
-    """:func:`worker_threads` for the Ray cluster this driver is attached to (call on the driver)."""
+    """:func:`worker_threads` for the Ray cluster this driver is attached to (call on the driver).
+
+    ``FEWSTEP_TORCH_THREADS`` overrides it, e.g. on a machine shared with other work, where
+    threads that wait for each other at every parallel region lose more than they gain.
+    """
+    forced = os.environ.get(THREADS_ENV)
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"{THREADS_ENV}={forced!r} must be a positive integer (torch threads per worker)")
+        return int(forced)
     return worker_threads(cpus, workers, data_cores, local_node_cores())
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for a worker process that runs ``threads`` torch threads.
+
+    With several threads, OpenMP's waiting threads sleep instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``): on a machine where anything else runs, a spinning thread
+    burns the core its partner needs, and a 2-thread loop on 2 busy cores ran 70x slower than
+    one thread (BENCHMARKS.md, "Training"). ``OMP_WAIT_POLICY`` set in the driver's
+    environment wins.
+    """
+    if threads <= 1:
+        return {}
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def use_threads(threads: int | None) -> int:

@@ -48,9 +48,15 @@ from models.registry import build_model
 from workers import progress
 from workers.data import order_preserving_options
 from workers.parts import ordered
-from workers.runtime import threads_for, use_threads
+from workers.runtime import threads_for, use_threads, worker_env
 
 log = logging.getLogger("fewstep.train")
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
+# and a worker's ray.train.report waits for the next poll to take it: every checkpoint, and the
+# end of every run, waited about a second for it (BENCHMARKS.md, "Training"). A poll is one small
+# actor call per worker; 0.2 s keeps that under 1% of a core. Set the variable to override.
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 BatchAdapter = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -122,15 +128,17 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
             use_gpu=use_gpu,
             resources_per_worker={"CPU": resources.cpus, **({"GPU": resources.gpus} if use_gpu else {})},
         )
+        threads = threads_for(resources.cpus, resources.workers, data_cores=0 if cached else 1)
         run_config = ray.train.RunConfig(
             name=f"fewstep-{job.stage}-{job.key[:12]}",
             storage_path=storage_path or os.path.join(os.path.expanduser("~"), "ray_results"),
             # Ray restarts the worker group after a crash; the loop resumes from the store.
             failure_config=ray.train.FailureConfig(max_failures=3),
+            worker_runtime_env={"env_vars": worker_env(threads)},
         )
         # Cached: read once here, one ordered shard per rank; streamed: Ray Train splits it per epoch.
         shards = split_once(dataset, resources.workers) if cached else None
-        threads = threads_for(resources.cpus, resources.workers, data_cores=0 if cached else 1)
+        os.environ.setdefault(POLL_ENV, POLL_S)  # read (and passed on to the controller) by trainer.fit()
         with progress.watching(job.stage, f"fewstep-progress-{job.stage}-{job.key}") as remote:
             trainer = ray.train.torch.TorchTrainer(
                 train_loop_per_worker,

@@ -117,3 +117,17 @@ def test_a_cached_shard_lets_the_workers_hold_every_cpu(ray_local, tmp_path):
 ])
 def test_worker_threads(cpus, workers, data_cores, local_cores, threads):
     assert worker_threads(cpus, workers, data_cores, local_cores) == threads
+
+
+def test_workers_with_several_threads_wait_passively(monkeypatch):
+    from workers.runtime import threads_for, worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert worker_env(1) == {} and worker_env(2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    assert worker_env(4) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setenv("FEWSTEP_TORCH_THREADS", "3")
+    assert threads_for(1, 1, 0) == 3
+    monkeypatch.setenv("FEWSTEP_TORCH_THREADS", "many")
+    with pytest.raises(ValueError, match="FEWSTEP_TORCH_THREADS='many' must be a positive integer"):
+        threads_for(1, 1, 0)

@@ -29,7 +29,7 @@ from workers import progress
 from workers.generator import cpu_state, load_network, seeded_normal
 from workers.parts import add_written, rows_per_part, write_parts
 from workers.runner import run_stage
-from workers.runtime import threads_for, use_threads
+from workers.runtime import threads_for, use_threads, worker_env
 
 STAGE = "pairs"
 ROUND_SEED_OFFSET = 17  # round k draws its x_0 from seed k + 17
@@ -81,6 +81,7 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
         ensure_ray()
         model = load_network(store, teacher)
         resources = config.resources
+        threads = threads_for(resources.cpus, resources.workers, data_cores=0)
         rows = ray.data.range(config.pairs).map_batches(with_labels, batch_format="numpy",
                                                         fn_kwargs={"num_classes": space.num_classes})
         pairs = rows.map_batches(
@@ -88,9 +89,10 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
             fn_constructor_kwargs=dict(spec=model_spec(model), state=cpu_state(model), shape=space.latent_shape,
                                        seed=round_index + ROUND_SEED_OFFSET, solver=config.solver,
                                        steps=config.steps, guidance=config.guidance,
-                                       threads=threads_for(resources.cpus, resources.workers, data_cores=0)),
+                                       threads=threads),
             batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=resources.workers),
             num_cpus=resources.cpus, num_gpus=resources.gpus or None,
+            runtime_env={"env_vars": worker_env(threads)},
         )
         metadata = {"fewstep.teacher": teacher.ref, "fewstep.teacher_digest": teacher.digest,
                     "fewstep.solver": config.solver, "fewstep.steps": str(config.steps),
