@@ -116,7 +116,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     """
     checkpoints = job.store.checkpoints(job.stage, job.key)
     latest = checkpoints.latest()
-    started = time.time()
+    started, split_s = time.time(), None
     if latest is None or latest.step < job.config.steps:
         resources = job.config.resources
         cached = job.config.cache_data
@@ -137,7 +137,9 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
             worker_runtime_env={"env_vars": worker_env(threads)},
         )
         # Cached: read once here, one ordered shard per rank; streamed: Ray Train splits it per epoch.
+        split_started = time.perf_counter()
         shards = split_once(dataset, resources.workers) if cached else None
+        split_s = time.perf_counter() - split_started
         os.environ.setdefault(POLL_ENV, POLL_S)  # read (and passed on to the controller) by trainer.fit()
         with progress.watching(job.stage, f"fewstep-progress-{job.stage}-{job.key}") as remote:
             trainer = ray.train.torch.TorchTrainer(
@@ -155,8 +157,9 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     if latest is None or latest.step < job.config.steps:
         raise RuntimeError(f"{job.stage}: training ended without a final checkpoint (latest={latest and latest.step})")
     timing = dict(latest.state.get("timing", {}))
-    if timing:
+    if timing and split_s is not None:  # trained just now (not returned from an earlier run's checkpoint)
         timing["teardown_s"] = round(time.time() - started - timing.get("until_last_step_s", 0.0), 3)
+        timing["split_s"] = round(split_s, 3)
     return TrainResult(
         step=latest.step,
         model_state=strip(latest.tensors, "model."),
@@ -255,7 +258,8 @@ class Timing:
     process group); setup_s: model, optimizer, resume, DDP wrap; data_s: the first pass over
     the shard; steps_s: the optimizer steps; checkpoint_s: checkpoint commits and the report
     barrier (all but the last); until_last_step_s: ``fit`` to the last step. ``fit`` adds
-    teardown_s: the last commit, then the controller noticing the end and stopping the workers.
+    split_s (the driver reading and splitting a cached dataset, inside start_s) and teardown_s
+    (the last commit, then the controller noticing the end and stopping the workers).
     """
 
     def __init__(self, fit_started: float | None):
