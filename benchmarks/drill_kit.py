@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from infra.config import PipelineConfig  # noqa: E402
 from workers.stages import STAGE_MODULES  # noqa: E402
 
 OPTIONAL_STAGES = ("ddpm",)  # off unless the config turns it on
@@ -36,7 +35,7 @@ OPTIONAL_STAGES = ("ddpm",)  # off unless the config turns it on
 STAGES = tuple(stage for stage in STAGE_MODULES if stage not in OPTIONAL_STAGES)
 KILLABLE = (*STAGES, "promote")
 # The feature-space section of the config (named after its stage).
-FEATURES = next(name for name in ("features", "classifier") if name in PipelineConfig.model_fields)
+FEATURES = "features"
 
 # tests/flows/test_pipeline.py's TINY: the quick preset, smaller still; every stage runs.
 TINY: dict[str, Any] = {

@@ -53,7 +53,7 @@ from drill_kit import (  # noqa: E402
 # Upper end of the kill delay per stage: about 3/4 of its duration with the tiny config on a
 # loaded 2-core machine. On a faster machine more kills land right after a commit (reported).
 TYPICAL_S = {"ingest": 15.0, "vae": 40.0, "latents": 15.0, "base": 45.0, "pairs": 6.0, "reflow": 45.0,
-             "consistency": 45.0, "classifier": 15.0, "features": 15.0, "evaluate": 3.0, "promote": 1.0}
+             "consistency": 45.0, "features": 15.0, "evaluate": 3.0, "promote": 1.0}
 RUN_TIMEOUT_S = 1800.0
 
 

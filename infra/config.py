@@ -293,8 +293,9 @@ class ServeConfig(Section):
     # model at its 1000 steps needs max_steps: 1000 here. Promotion only compares FIDs at `steps`.
     max_steps: int = Field(64, ge=1, le=MAX_NFE)
     max_guidance: float = Field(10.0, ge=0, le=MAX_GUIDANCE)
-    max_batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=60)
+    max_batch_size: int = Field(64, ge=1, le=MAX_BATCH)  # requests merged into one batch, at most
+    max_batch_images_steps: int = Field(4096, ge=1, le=MAX_BATCH * MAX_NFE)  # images x steps of one batch, at most (its work)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=60)  # the longest a batch waits for company
     max_queued_requests: int = Field(256, ge=1, le=10**6)
     max_ongoing_requests: int = Field(128, ge=1, le=10**6)  # per replica; at least max_batch_size, or batches never fill
     max_body_bytes: int = Field(65536, ge=1024, le=64 * 2**20)  # larger request bodies get 413
@@ -315,6 +316,9 @@ class ServeConfig(Section):
                              "(the autoscaling minimum); raise max_replicas or leave it unset")
         if self.steps > self.max_steps:
             raise ValueError(f"the served steps={self.steps} exceed max_steps={self.max_steps}")
+        if self.max_n * self.steps > self.max_batch_images_steps:
+            raise ValueError(f"max_batch_images_steps={self.max_batch_images_steps} is below max_n={self.max_n} x the served "
+                             f"steps={self.steps}: a request at the limits could never be drawn; raise it or lower max_n")
         return self
 
 

@@ -1,8 +1,9 @@
-"""Starting or attaching to Ray, once per driver process."""
+"""Starting or attaching to Ray, once per driver process, and how many torch threads its workers run."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -57,3 +58,85 @@ def shutdown_ray() -> None:
 def current_node() -> str:
     """The Ray node id this code runs on ("local" outside Ray)."""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(cpus: float, workers: int, data_cores: int, local_cores: int | None) -> int:
+    """Torch threads for each of ``workers`` Ray workers that hold ``cpus`` CPUs each.
+
+        threads = max(floor(cpus), (local_cores - data_cores) // workers),  capped at local_cores
+
+    ``local_cores`` is None on a cluster of several nodes (or one that is not this machine):
+    a worker then runs exactly the CPUs it holds, as Ray's OMP_NUM_THREADS does. On a
+    single-node cluster on this machine nothing else runs while a stage runs (stages run one
+    at a time), so the stage's workers share the cores that Ray Data does not need meanwhile
+    (``data_cores``: 0 when the data was read before the work starts, 1 when it streams
+    alongside). That matters because a local Ray advertises more logical CPUs than the
+    machine has cores (:func:`ensure_ray`): on 2 cores a lone worker holding 1 of 4 logical
+    CPUs would otherwise run 1 thread and leave a core idle.
+    """
+    held = max(1, math.floor(cpus))
+    if local_cores is None:
+        return held
+    shared = (local_cores - data_cores) // max(1, workers)
+    return max(1, min(local_cores, max(held, shared)))
+
+
+def local_node_cores() -> int | None:
+    """This machine's usable cores when the Ray cluster is exactly one node on this machine, else None.
+
+    Usable = min(the machine's cores, the CPUs the node advertises): a node started with
+    ``--num-cpus 1`` on a big machine keeps its workers to one core.
+    """
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) != 1 or nodes[0]["NodeID"] != ray.get_runtime_context().get_node_id():
+        return None
+    advertised = int(nodes[0].get("Resources", {}).get("CPU", 0))
+    return max(1, min(machine_cores(), advertised or machine_cores()))
+
+
+THREADS_ENV = "FEWSTEP_TORCH_THREADS"  # set: every stage worker runs exactly this many torch threads
+
+
+def threads_for(cpus: float, workers: int, data_cores: int) -> int:
+    """:func:`worker_threads` for the Ray cluster this driver is attached to (call on the driver).
+
+    ``FEWSTEP_TORCH_THREADS`` overrides it, e.g. on a machine shared with other work, where
+    threads that wait for each other at every parallel region lose more than they gain.
+    """
+    forced = os.environ.get(THREADS_ENV)
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"{THREADS_ENV}={forced!r} must be a positive integer (torch threads per worker)")
+        return int(forced)
+    return worker_threads(cpus, workers, data_cores, local_node_cores())
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for a worker process that runs ``threads`` torch threads.
+
+    With several threads, OpenMP's waiting threads sleep instead of spinning
+    (``OMP_WAIT_POLICY=PASSIVE``): on a machine where anything else runs, a spinning thread
+    burns the core its partner needs, and a 2-thread loop on 2 busy cores ran 70x slower than
+    one thread (BENCHMARKS.md, "Training"). ``OMP_WAIT_POLICY`` set in the driver's
+    environment wins.
+    """
+    if threads <= 1:
+        return {}
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def use_threads(threads: int | None) -> int:
+    """In a Ray worker: run ``threads`` torch threads (None: keep Ray's OMP_NUM_THREADS); returns the count."""
+    import torch
+
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -12,6 +12,16 @@ Ray's ``torch_fashion_mnist`` example):
 - checkpoints (model, EMA, optimizer, objective state, step, RNG, curve) committed to the
   artifact store every ``checkpoint_every`` steps. A run restarted by Ray after a worker
   died, or a stage re-run after the driver died, resumes from the latest one.
+
+Two things keep it close to a plain loop on a small machine (BENCHMARKS.md, "Training"):
+
+- threads: each worker runs :func:`workers.runtime.threads_for` torch threads, i.e. the CPUs it
+  holds, and on a single-node local cluster the cores Ray Data does not need while it trains;
+- data: with ``cache_data`` (the default) the driver reads the dataset once into Ray's object
+  store and splits it into one equal, ordered shard per worker before the workers start; each
+  worker holds its shard as tensors. No split coordinator runs beside the training, and a
+  restarted worker reads the same shard again. ``cache_data: false`` streams each epoch
+  through Ray Train's own dataset split instead, for data larger than memory.
 """
 
 from __future__ import annotations
@@ -37,8 +47,16 @@ from models.objectives import Objective, unwrap
 from models.registry import build_model
 from workers import progress
 from workers.data import order_preserving_options
+from workers.parts import ordered
+from workers.runtime import threads_for, use_threads, worker_env
 
 log = logging.getLogger("fewstep.train")
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
+# and a worker's ray.train.report waits for the next poll to take it: every checkpoint, and the
+# end of every run, waited about a second for it (BENCHMARKS.md, "Training"). A poll is one small
+# actor call per worker; 0.2 s keeps that under 1% of a core. Set the variable to override.
+POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
 
 BatchAdapter = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -67,6 +85,7 @@ class TrainJob:
     crash: CrashOnce | None = None
     log_every: int = 25
     progress: progress.RemoteProgress | None = None  # set by fit() while someone watches
+    threads: int | None = None  # torch threads per worker; set by fit() (None: Ray's OMP_NUM_THREADS)
 
     @property
     def worker_batch(self) -> int:
@@ -82,6 +101,8 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     nodes: list[str] = field(default_factory=list)  # the Ray node of each rank in the last attempt
+    threads: int = 0  # torch threads rank 0 ran (0: not recorded)
+    timing: dict[str, float] = field(default_factory=dict)  # where rank 0's wall time went (see Timing)
 
     @property
     def final_loss(self) -> float | None:
@@ -95,28 +116,39 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     """
     checkpoints = job.store.checkpoints(job.stage, job.key)
     latest = checkpoints.latest()
+    started, split_s = time.time(), None
     if latest is None or latest.step < job.config.steps:
         resources = job.config.resources
-        check_room_for_data(job.stage, resources)
+        cached = job.config.cache_data
+        if not cached:
+            check_room_for_data(job.stage, resources)
         use_gpu = resources.gpus > 0
         scaling = ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": resources.cpus, **({"GPU": resources.gpus} if use_gpu else {})},
         )
+        threads = threads_for(resources.cpus, resources.workers, data_cores=0 if cached else 1)
         run_config = ray.train.RunConfig(
             name=f"fewstep-{job.stage}-{job.key[:12]}",
             storage_path=storage_path or os.path.join(os.path.expanduser("~"), "ray_results"),
             # Ray restarts the worker group after a crash; the loop resumes from the store.
             failure_config=ray.train.FailureConfig(max_failures=3),
+            worker_runtime_env={"env_vars": worker_env(threads)},
         )
+        # Cached: read once here, one ordered shard per rank; streamed: Ray Train splits it per epoch.
+        split_started = time.perf_counter()
+        shards = split_once(dataset, resources.workers) if cached else None
+        split_s = time.perf_counter() - split_started
+        os.environ.setdefault(POLL_ENV, POLL_S)  # read (and passed on to the controller) by trainer.fit()
         with progress.watching(job.stage, f"fewstep-progress-{job.stage}-{job.key}") as remote:
             trainer = ray.train.torch.TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={"job": dataclasses.replace(job, progress=remote)},
+                train_loop_config={"job": dataclasses.replace(job, progress=remote, threads=threads),
+                                   "shards": shards, "fit_started": started},
                 scaling_config=scaling,
                 run_config=run_config,
-                datasets={"train": dataset},
+                datasets=None if cached else {"train": dataset},
                 # A fixed row order per shard: the seeded epoch orders then make runs replayable.
                 dataset_config=ray.train.DataConfig(execution_options=order_preserving_options()),
             )
@@ -124,6 +156,10 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         latest = checkpoints.latest()
     if latest is None or latest.step < job.config.steps:
         raise RuntimeError(f"{job.stage}: training ended without a final checkpoint (latest={latest and latest.step})")
+    timing = dict(latest.state.get("timing", {}))
+    if timing and split_s is not None:  # trained just now (not returned from an earlier run's checkpoint)
+        timing["teardown_s"] = round(time.time() - started - timing.get("until_last_step_s", 0.0), 3)
+        timing["split_s"] = round(split_s, 3)
     return TrainResult(
         step=latest.step,
         model_state=strip(latest.tensors, "model."),
@@ -131,7 +167,17 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         curve=list(latest.state.get("curve", [])),
         resumed_from=int(latest.state.get("resumed_from", 0)),
         nodes=list(latest.state.get("nodes", [])),
+        threads=int(latest.state.get("threads", 0)),
+        timing=timing,
     )
+
+
+def split_once(dataset: "ray.data.Dataset", workers: int) -> list:
+    """The dataset read once into Ray's object store (in row order), split into ``workers`` equal shards.
+
+    The driver owns the blocks, so a worker restarted after a crash reads the same shard again.
+    """
+    return ordered(dataset).materialize().split(workers, equal=True)
 
 
 def check_room_for_data(stage: str, resources: Resources) -> None:
@@ -205,8 +251,38 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tenso
     optimizer.load_state_dict(state_dict)
 
 
+class Timing:
+    """Where rank 0's wall time goes, in seconds, stored with each checkpoint (``TrainResult.timing``).
+
+    start_s: from ``fit`` on the driver to this loop's first line (controller, worker group,
+    process group); setup_s: model, optimizer, resume, DDP wrap; data_s: the first pass over
+    the shard; steps_s: the optimizer steps; checkpoint_s: checkpoint commits and the report
+    barrier (all but the last); until_last_step_s: ``fit`` to the last step. ``fit`` adds
+    split_s (the driver reading and splitting a cached dataset, inside start_s) and teardown_s
+    (the last commit, then the controller noticing the end and stopping the workers).
+    """
+
+    def __init__(self, fit_started: float | None):
+        self.fit_started = fit_started or time.time()
+        self.entered = time.time()
+        self.totals: dict[str, float] = {"start_s": self.entered - self.fit_started}
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Add the time since the previous lap to ``phase``."""
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.mark
+        self.mark = now
+
+    def as_dict(self) -> dict[str, float]:
+        return {**{k: round(v, 3) for k, v in self.totals.items()},
+                "until_last_step_s": round(time.time() - self.fit_started, 3)}
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     job: TrainJob = loop_config["job"]
+    timing = Timing(loop_config.get("fit_started"))
+    threads = use_threads(job.threads)
     config = job.config
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -250,9 +326,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     move_objective(objective, device)
     model = ray.train.torch.prepare_model(model)
     nodes = worker_nodes(context.get_world_size())
+    timing.lap("setup_s")
 
-    shard = ray.train.get_dataset_shard("train")
-    batches = CachedShard(shard, device) if config.cache_data else StreamedShard(shard, device)
+    shards = loop_config.get("shards")
+    if shards is not None:
+        batches = CachedShard(shards[rank], device)
+        batches.data = batches.load()  # the first pass, timed apart from the steps
+    else:
+        batches = StreamedShard(ray.train.get_dataset_shard("train"), device)
+    timing.lap("data_s")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, logged_loss = time.perf_counter(), None
 
@@ -289,6 +371,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     if job.progress is not None:
                         job.progress.report(step, config.steps, f"loss {mean_loss:.4g}")
             if step % config.checkpoint_every == 0 or step == config.steps:
+                timing.lap("steps_s")
                 if rank == 0:
                     tensors = {
                         **with_prefix(unwrap(model).state_dict(), "model."),
@@ -298,10 +381,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         **rng_state_tensors(),
                     }
                     checkpoints.save(step, tensors, {"curve": curve, "resumed_from": resumed_from, "epoch": epoch,
-                                                     "position": position, "nodes": nodes})
+                                                     "position": position, "nodes": nodes, "threads": threads,
+                                                     "timing": timing.as_dict()})
                     checkpoints.prune(keep=2)
                 # Every worker reports at the same steps: ray.train.report is a barrier.
                 ray.train.report({"step": step, "loss": curve[-1]["loss"] if curve else float("nan")})
+                timing.lap("checkpoint_s")
             if job.crash is not None and rank == 0 and step == job.crash.step and not os.path.exists(job.crash.marker):
                 with open(job.crash.marker, "w") as marker:
                     marker.write(str(step))

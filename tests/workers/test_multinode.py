@@ -19,7 +19,7 @@ def test_latents_actors_and_training_workers_span_two_nodes(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=400, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
     assert len(result["nodes"]) == 2
     assert set(result["encoder_nodes"]) == set(result["nodes"]), result
     assert result["steps"] == 6

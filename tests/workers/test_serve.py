@@ -58,6 +58,7 @@ serve:
   max_steps: 8
   max_guidance: 5.0
   max_batch_size: 16
+  max_batch_images_steps: 32
   batch_wait_timeout_s: 0.05
   max_ongoing_requests: 64
   max_body_bytes: 4096
@@ -288,6 +289,75 @@ def test_concurrent_requests_share_a_forward_pass_and_keep_their_seeds(app):
     # Per-image seeds: the same images; a batched matmul may round one pixel differently by one level.
     assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
     assert [len(r["images"]) for r in together] == sizes
+
+
+def test_binary_answers_carry_the_same_pixels_as_json(app):
+    body = {"n": 3, "steps": 2, "labels": [0, 2, 3], "seed": 11}
+    with app.client() as client:
+        reference = client.post("/v1/generate", json={**body, "format": "array"}).json()
+        pixels = np.asarray(reference["images"], dtype=np.uint8)  # (3, 16, 16, 1)
+
+        raw = client.post("/v1/generate", json=body, headers={"accept": "application/octet-stream"})
+        assert raw.status_code == 200 and raw.headers["content-type"] == "application/octet-stream"
+        shape = tuple(int(d) for d in raw.headers["x-shape"].split(","))
+        assert shape == (3, 16, 16, 1) and raw.headers["x-dtype"] == "uint8"
+        np.testing.assert_array_equal(np.frombuffer(raw.content, np.uint8).reshape(shape), pixels)
+        assert raw.headers["x-model"] == reference["model"] and raw.headers["x-seed"] == "11"
+        assert raw.headers["x-labels"] == "0,2,3" and raw.headers["x-steps"] == "2" and raw.headers["x-nfe"] == "2"
+
+        png = client.post("/v1/generate", json={**body, "n": 1, "labels": [0]}, headers={"accept": "image/png"})
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        image = Image.open(io.BytesIO(png.content))
+        assert image.format == "PNG" and image.mode == "L"
+        np.testing.assert_array_equal(np.asarray(image), pixels[0, :, :, 0])  # image i depends on (seed, i) only
+
+        many = client.post("/v1/generate", json=body, headers={"accept": "image/png"})
+        assert many.status_code == 406 and "n=3" in many.json()["detail"]
+        # A client that takes anything gets JSON.
+        assert client.post("/v1/generate", json=body, headers={"accept": "*/*"}).json()["seed"] == 11
+
+
+def test_a_batch_is_capped_by_images_times_steps(app):
+    """max_batch_images_steps=32: a request of 16 images x 2 steps fills a batch alone, even in a crowd."""
+    def ask(seed: int, n: int) -> dict:
+        with app.client() as client:
+            response = client.post("/v1/generate", json={"n": n, "steps": 2, "seed": seed})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+    with ThreadPoolExecutor(6) as pool:
+        full = list(pool.map(lambda i: ask(i, 16), range(6)))
+    assert [r["batch_requests"] for r in full] == [1] * 6
+    with app.client() as client:
+        too_big = client.post("/v1/generate", json={"n": 16, "steps": 4})
+        assert too_big.status_code == 422 and "max_batch_images_steps=32" in too_big.text
+        assert client.get("/v1/model").json()["limits"]["max_batch_images_steps"] == 32
+
+
+def test_batch_cost_caps_requests_and_work_and_stops_waiting_for_absent_company():
+    from workers.generator import Request
+    from workers.serving.app import BatchFill, Ticket, batch_cost
+
+    fill = BatchFill(max_requests=4, max_images_steps=64)
+    def tickets(*sizes: tuple[int, int]) -> list:
+        return [Ticket(r, fill.cost(r), fill) for r in (Request(n=n, steps=s, sampler="") for n, s in sizes)]
+
+    fill.expected = 8  # a crowd is expected: the batch waits until it is full
+    assert batch_cost(tickets((1, 1), (1, 1))) == 2  # each request costs at least 1 of the 4
+    assert batch_cost(tickets(*[(1, 1)] * 5)) > 4  # a fifth request does not fit
+    assert batch_cost(tickets((16, 4))) == 4  # 64 images x steps fill the batch alone
+    assert batch_cost(tickets((16, 4), (1, 1))) > 4
+    assert batch_cost(tickets((8, 4), (8, 2))) == 3  # 48 of 64
+    fill.expected = 2  # the last batch held two: two make a batch, no more waiting
+    assert batch_cost(tickets((1, 1))) == 1 and batch_cost(tickets((1, 1), (1, 1))) == 4
+    assert batch_cost(tickets((16, 4), (1, 1))) > 4  # never over the budget
+
+
+def test_a_served_step_count_that_cannot_fit_a_batch_is_refused():
+    from infra.config import ServeConfig
+
+    with pytest.raises(ValueError, match="max_batch_images_steps=64 is below max_n=64 x the served steps=2"):
+        ServeConfig(max_batch_images_steps=64, steps=2)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -14,6 +14,7 @@ from models.dit import DiT, dit_config
 from models.objectives import FlowMatching
 from models.registry import model_spec
 from workers.batches import PairBatch
+from workers.runtime import machine_cores, worker_threads
 from workers.train import CrashOnce, TrainJob, fit
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,6 +56,10 @@ def test_fit_trains_and_checkpoints(ray_local, tmp_path):
     assert [point["step"] for point in result.curve] == [5, 10, 15]  # log_every=5
     assert result.curve[-1]["loss"] < result.curve[0]["loss"], result.curve
     assert store.checkpoints("unit", "plain").latest().step == 15
+    # One worker holding 1 of the local cluster's 4 logical CPUs runs on every core of this
+    # machine: the shard was read before training, so Ray Data needs none meanwhile.
+    assert result.threads == min(machine_cores(), 4), result
+    assert {"start_s", "setup_s", "data_s", "steps_s", "checkpoint_s", "teardown_s"} <= set(result.timing), result.timing
     # A second fit on a finished key returns the stored result without training.
     again = fit(job_for(store, "plain", steps=15), dataset(ray_local), storage_path=str(tmp_path / "ray"))
     assert all(torch.equal(again.ema_state[k], result.ema_state[k]) for k in result.ema_state)
@@ -81,9 +86,48 @@ def test_killed_worker_resumes_from_checkpoint_with_ema(ray_local, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_worker_group_that_would_starve_ray_data_is_refused_not_hung(ray_local, tmp_path):
+    """Streamed shards are read while the workers train: workers holding every CPU would hang."""
     store = Store.open(str(tmp_path / "store"))
     job = job_for(store, "starved", steps=5)
-    greedy = job.config.model_copy(update={"resources": Resources(workers=2, cpus=2)})
+    greedy = job.config.model_copy(update={"resources": Resources(workers=2, cpus=2), "cache_data": False})
     job = dataclasses.replace(job, config=greedy)
     with pytest.raises(ValueError, match=r"Ray Data needs at least 1 more"):
         fit(job, dataset(ray_local), storage_path=str(tmp_path / "ray"))
+
+
+def test_a_cached_shard_lets_the_workers_hold_every_cpu(ray_local, tmp_path):
+    """Cached shards are read before the workers start: a worker may hold the whole cluster."""
+    store = Store.open(str(tmp_path / "store"))
+    job = job_for(store, "whole", steps=5)
+    job = dataclasses.replace(job, config=job.config.model_copy(update={"resources": Resources(workers=1, cpus=4)}))
+    result = fit(job, dataset(ray_local), storage_path=str(tmp_path / "ray"))
+    assert result.step == 5 and result.threads == min(machine_cores(), 4)
+
+
+@pytest.mark.parametrize("cpus, workers, data_cores, local_cores, threads", [
+    (1, 1, 0, None, 1),   # a cluster of several nodes: exactly the CPUs held (Ray's OMP_NUM_THREADS)
+    (2.5, 1, 0, None, 2),
+    (0.5, 1, 0, None, 1),
+    (1, 1, 0, 2, 2),      # alone on a 2-core machine, data read before: both cores
+    (1, 1, 1, 2, 1),      # data streamed alongside: one core left to it
+    (1, 2, 0, 8, 4),      # two workers share 8 cores
+    (1, 3, 1, 8, 2),
+    (6, 1, 0, 4, 4),      # never more threads than the machine has cores
+    (3, 4, 0, 8, 3),      # never fewer than the CPUs held
+])
+def test_worker_threads(cpus, workers, data_cores, local_cores, threads):
+    assert worker_threads(cpus, workers, data_cores, local_cores) == threads
+
+
+def test_workers_with_several_threads_wait_passively(monkeypatch):
+    from workers.runtime import threads_for, worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert worker_env(1) == {} and worker_env(2) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    assert worker_env(4) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setenv("FEWSTEP_TORCH_THREADS", "3")
+    assert threads_for(1, 1, 0) == 3
+    monkeypatch.setenv("FEWSTEP_TORCH_THREADS", "many")
+    with pytest.raises(ValueError, match="FEWSTEP_TORCH_THREADS='many' must be a positive integer"):
+        threads_for(1, 1, 0)

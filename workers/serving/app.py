@@ -16,6 +16,12 @@ i.e. one forward pass per sampling step. Image ``i`` of a request is drawn from 
 bit of float arithmetic: a batched matmul may round differently, which moves a pixel by at
 most one level).
 
+A batch is capped by the work it holds, not by its request count alone (:func:`batch_cost`):
+at most ``max_batch_images_steps`` images x steps and at most ``max_batch_size`` requests. It
+waits up to ``batch_wait_timeout_s`` for company, but only for as many requests as the last
+batch held: a lone client is never kept waiting, and a steady crowd fills each batch without
+sitting out the whole timeout.
+
 Hot swap: unless the app is pinned to a ``model`` (its ``user_config``), each replica reads
 the ``serving/current`` pointer every ``poll_s`` seconds and, when it moved, loads the new
 generator beside the old one (digests verified, a seeded sanity batch drawn) and swaps one
@@ -43,7 +49,7 @@ from infra.config import ServeConfig
 from infra.errors import NotCommitted
 from infra.store import SERVING_POINTER, Manifest, Store
 from workers.generator import Request
-from workers.serving.http import encode_images, make_api
+from workers.serving.http import Generated, make_api
 from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
 from workers.serving.swap import RETRY_S, Served, Watch, load_served
 
@@ -76,13 +82,46 @@ class Drawn:
     batch_requests: int  # requests that shared its forward passes
 
 
+class BatchFill:
+    """A replica's batch budget, and how many requests the last batch held (what the next one waits for)."""
+
+    def __init__(self, max_requests: int, max_images_steps: int):
+        self.max_requests, self.max_images_steps = max_requests, max_images_steps
+        self.expected = 1
+
+    def cost(self, request: Request) -> float:
+        """max(1, n * steps * max_requests / max_images_steps): a budget of ``max_requests`` then
+        holds at most max_requests requests and at most max_images_steps images x steps."""
+        return max(1.0, request.n * request.steps * self.max_requests / self.max_images_steps)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One request in the batch queue, with its cost in the replica's budget."""
+
+    request: Request
+    cost: float
+    fill: BatchFill
+
+
+def batch_cost(tickets: list[Ticket]) -> float:
+    """Serve's ``batch_size_fn``: the batch's cost, or the whole budget once it holds as many
+    requests as the last batch did (so it stops waiting for company that is not coming)."""
+    fill = tickets[0].fill
+    cost = sum(ticket.cost for ticket in tickets)
+    if cost <= fill.max_requests and len(tickets) >= fill.expected:
+        return float(fill.max_requests)
+    return cost
+
+
 @serve.deployment(name="FewstepGenerator")
 @serve.ingress()
 class FewstepGenerator:
     """One replica: a generator in memory, a batch queue, a watcher on the serving pointer."""
 
     def __init__(self, store_uri: str, limits: Limits, max_batch_size: int, batch_wait_timeout_s: float,
-                 poll_s: float, pointer: str = POINTER, retry_s: float = RETRY_S):
+                 poll_s: float, pointer: str = POINTER, retry_s: float = RETRY_S,
+                 max_batch_images_steps: int | None = None):
         log_to_stderr()
         self.store = Store.open(store_uri)  # credentials from this replica's environment
         self.limits, self.poll_s, self.pointer = limits, poll_s, pointer
@@ -90,7 +129,10 @@ class FewstepGenerator:
         self.served: Served | None = None
         self.pinned: str | None = None
         self.watcher: asyncio.Task | None = None
-        self.draw.set_max_batch_size(max_batch_size)
+        if max_batch_images_steps is None:
+            max_batch_images_steps = ServeConfig.model_fields["max_batch_images_steps"].default
+        self.fill = BatchFill(max_batch_size, max_batch_images_steps)
+        self.draw.set_max_batch_size(max_batch_size)  # the budget, in the units of BatchFill.cost
         self.draw.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def __del__(self) -> None:
@@ -138,14 +180,15 @@ class FewstepGenerator:
 
     # -- batching -----------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def draw(self, requests: list[Request]) -> list[Drawn | Exception]:
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
+    async def draw(self, tickets: list[Ticket]) -> list[Drawn | Exception]:
         """One forward pass per step for each (steps, sampler, guidance) group of the batch.
 
         Requests name no sampler: the batch draws with the sampler the served model is served with
         (a swap between validation and drawing changes the model, never fails the request)."""
         served = self.served  # the whole batch runs on the model it started with
-        requests = [dataclasses.replace(r, sampler=served.sampler) for r in requests]
+        self.fill.expected = len(tickets)
+        requests = [dataclasses.replace(t.request, sampler=served.sampler) for t in tickets]
         out: list[Drawn | Exception | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
@@ -169,7 +212,7 @@ class FewstepGenerator:
 
     # -- what the routes do -------------------------------------------------------------------
 
-    async def generate(self, body: GenerateBody) -> dict[str, Any]:
+    async def generate(self, body: GenerateBody) -> Generated:
         served = self.served
         found = problems(body, self.limits, served.generator.num_classes)
         if found:
@@ -180,37 +223,32 @@ class FewstepGenerator:
             raise HTTPException(status_code=422, detail=[problem(
                 "steps", f"steps={steps} is more than the served model takes: {served.ref} samples on a grid of "
                          f"{sampler.max_steps} times; use 1..{sampler.max_steps}")])
+        if body.n * steps > self.fill.max_images_steps:
+            raise HTTPException(status_code=422, detail=[problem(
+                "n", f"n={body.n} images x steps={steps} = {body.n * steps} is more than one batch may hold "
+                     f"(serve.max_batch_images_steps={self.fill.max_images_steps}); ask for fewer images or steps")])
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         # A sampler that takes no guidance (a distilled student) batches all its requests together.
         guidance = float(body.guidance) if sampler.guided and body.guidance is not None else 1.0
         request = Request(n=body.n, steps=steps, sampler="", guidance=guidance, seed=seed,
                           labels=tuple(body.labels) if body.labels is not None else None)
-        drawn = await self.draw(request)
+        drawn = await self.draw(Ticket(request, self.fill.cost(request), self.fill))
         if isinstance(drawn, ValueError):
             raise HTTPException(status_code=422, detail=[problem("labels", str(drawn))])
         if isinstance(drawn, Exception):
             raise HTTPException(status_code=500, detail=f"generation failed: {type(drawn).__name__}: {drawn}")
         generator = drawn.served.generator
         guided = generator.sampler(drawn.sampler).guided
-        return {
-            "model": drawn.served.ref,
-            "family": generator.card.family,
-            "sampler": drawn.sampler,
-            "steps": steps,
-            "nfe": drawn.nfe,
-            "guidance": guidance if guided else None,
-            "seed": seed,
-            "labels": [int(y) for y in generator.labels_for(request)],
-            "format": body.format,
-            "shape": list(drawn.pixels.shape[1:]),
-            "images": encode_images(drawn.pixels, body.format),
-            "batch_requests": drawn.batch_requests,
-            "seconds": round(drawn.seconds, 6),
-        }
+        return Generated(
+            model=drawn.served.ref, family=generator.card.family, sampler=drawn.sampler, steps=steps,
+            nfe=drawn.nfe, guidance=guidance if guided else None, seed=seed,
+            labels=[int(y) for y in generator.labels_for(request)], pixels=drawn.pixels,
+            batch_requests=drawn.batch_requests, seconds=drawn.seconds)
 
     def model_info(self) -> dict[str, Any]:
         return {**self.served.card, "pinned": self.pinned is not None, "pointer": self.pointer,
-                "served_steps": self.limits.default_steps, "limits": self.limits.as_dict()}
+                "served_steps": self.limits.default_steps,
+                "limits": {**self.limits.as_dict(), "max_batch_images_steps": self.fill.max_images_steps}}
 
     def health(self) -> dict[str, Any]:
         return self.watch_store.health(self.served)
@@ -244,7 +282,8 @@ def build_app(store_uri: str, config: ServeConfig, model: str | None = None, *,
     batch = config.max_batch_size if max_batch_size is None else max_batch_size
     deployment = FewstepGenerator.options(**deployment_options(config, model, batch))
     return deployment.bind(str(store_uri), Limits.from_config(config), batch, config.batch_wait_timeout_s,
-                           config.poll_s, retry_s=config.swap_retry_s)
+                           config.poll_s, POINTER, retry_s=config.swap_retry_s,
+                           max_batch_images_steps=config.max_batch_images_steps)
 
 
 class AppArgs(BaseModel):

@@ -10,6 +10,14 @@ shorter side scaled to ``image_size`` and centre-cropped, and stored as PNG. The
 the id, so an image keeps its side when the dataset grows. Files that cannot be read or
 decoded go to the ``quarantine`` table with the reason; too many of them fail the stage
 before anything is committed. The stage key includes the source's fingerprint.
+
+Streaming: the rows never gather on the driver. Ray Data tasks write the ``images`` table
+(and the quarantine) as ordered Parquet parts, ``images/part-<first id>.parquet``
+(:mod:`workers.parts`), and the driver sums one stats row per part. Built-in sets and folders
+produce their rows in id order with unique ids, so they stream straight through; a Parquet
+source (ids from the image bytes) is decoded once into Ray's object store, then sorted by id
+and deduplicated by Ray Data (a distributed sort: the first row of each id, by label and path,
+is kept). The same config gives the same parts, byte for byte.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import hashlib
 import json
 import logging
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,6 +33,9 @@ from infra.cards import ImagesCard
 from infra.config import IngestConfig, StageInputError
 from infra.schemas import IMAGES_SCHEMA, QUARANTINE_SCHEMA
 from infra.store import Manifest, StageWriter, Store
+from workers import progress
+from workers.data import preserved_order
+from workers.parts import add_written, bound, first_of_each_id, ordered, rows_per_part, write_parts
 from workers.pixels import DECODE_ERRORS, encode_png, prepare_image
 from workers.runner import run_stage
 from workers.sources.builtin import digits_dataset, shapes_dataset
@@ -41,6 +51,9 @@ DECODED_SCHEMA = pa.schema([
     ("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("image", pa.binary()),
     ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
 ])
+# Sources whose raw rows come in id order with unique ids (built-in sets; folders, listed and
+# sorted on the driver). Any other source is sorted and deduplicated by Ray Data.
+ORDERED_KINDS = ("digits", "shapes", "folder")
 
 
 def assign_split(image_id: str, test_fraction: float) -> str:
@@ -90,15 +103,40 @@ def raw_dataset(source: Source, config: IngestConfig):
     raise StageInputError(f"ingest source kind {source.kind!r} is not readable yet")
 
 
-def collect(ds) -> pa.Table:
-    parts = [batch for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-    return pa.concat_tables(parts).combine_chunks() if parts else DECODED_SCHEMA.empty_table()
+def image_parts(batch: pa.Table, test_fraction: float) -> tuple[dict[str, pa.Table], dict]:
+    """One part of decoded rows (sorted by id) -> its ``images`` and ``quarantine`` tables, and stats."""
+    bad_mask = pc.not_equal(batch["error"], "")
+    bad, good = batch.filter(bad_mask), batch.filter(pc.invert(bad_mask))
+    splits = pa.array([assign_split(i, test_fraction) for i in good["id"].to_pylist()], pa.string())
+    images = pa.table({"id": good["id"], "split": splits, "label": good["label"], "image": good["image"],
+                       "width": good["width"], "height": good["height"]}, schema=IMAGES_SCHEMA)
+    quarantine = pa.table({"id": bad["id"], "path": bad["path"], "reason": bad["error"]}, schema=QUARANTINE_SCHEMA)
+    copies = good["copies"] if "copies" in good.column_names else None
+    top = pc.max(good["label"]).as_py() if good.num_rows else None
+    stats = {
+        "images": good.num_rows, "test": int(pc.sum(pc.equal(splits, "test")).as_py() or 0), "bad": bad.num_rows,
+        "duplicates": int(pc.sum(copies).as_py() or 0) - good.num_rows if copies is not None else 0,
+        "max_label": -1 if top is None else int(top),
+        "examples": json.dumps([[p, r] for p, r in zip(bad["path"].to_pylist()[:3], bad["error"].to_pylist()[:3])]),
+    }
+    return {"images": images, "quarantine": quarantine}, stats
 
 
-def num_classes_of(labels: pa.ChunkedArray) -> int:
-    """max(label) + 1 over labelled rows; 0 when nothing is labelled."""
-    top = pc.max(labels).as_py()
-    return 0 if top is None or top < 0 else int(top) + 1
+def sorted_unique(decoded, limit: int | None) -> tuple[object, object, int]:
+    """(good rows sorted by id, one per id, the first ``limit``; bad rows sorted by id; decoded rows).
+
+    The decode runs once: its output is held in Ray's object store for the two branches.
+    """
+    from ray.data.expressions import col
+
+    decoded = ordered(decoded).materialize()
+    good = decoded.filter(expr=col("error") == "").sort("id")
+    good = good.map_batches(first_of_each_id, batch_size=None, batch_format="pyarrow",
+                            fn_kwargs={"tie_break": ("label", "path")})
+    if limit is not None:
+        good = good.limit(limit)
+    bad = decoded.filter(expr=col("error") != "").sort("id")
+    return good, bad, decoded.count()
 
 
 def run_ingest(store: Store, config: IngestConfig) -> Manifest:
@@ -113,46 +151,49 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
         ds, classes = raw_dataset(source, config)
         ds = ds.map_batches(decode_images, batch_format="pyarrow", batch_size=64,
                             fn_kwargs={"image_size": config.image_size, "channels": config.channels})
-        rows = collect(ds).sort_by([("id", "ascending"), ("label", "ascending"), ("path", "ascending")])
-
-        bad_mask = pc.not_equal(rows["error"], "")
-        bad, good = rows.filter(bad_mask), rows.filter(pc.invert(bad_mask))
-        total = rows.num_rows
-        if total == 0 or bad.num_rows / total > config.max_bad_fraction or good.num_rows == 0:
-            examples = "; ".join(f"{p}: {r}" for p, r in zip(bad["path"].to_pylist()[:3], bad["error"].to_pylist()[:3]))
+        metadata = {
+            "fewstep.image_size": str(config.image_size), "fewstep.channels": str(config.channels),
+            "fewstep.classes": json.dumps(classes), "fewstep.source_fingerprint": source.fingerprint,
+            **({"fewstep.num_classes": str(len(classes))} if classes else {}),
+        }
+        make = bound(image_parts, test_fraction=config.test_fraction)
+        rows = rows_per_part(config.image_size**2 * config.channels)
+        parts: list[dict] = []
+        with preserved_order():
+            if source.kind in ORDERED_KINDS:  # one streaming pass; the limit was applied at the source
+                branches, total = [ds], None
+            else:
+                good, bad, total = sorted_unique(ds, config.limit)
+                branches = [good, bad]
+            for branch in branches:
+                for stats in write_parts(branch, writer, make, rows, metadata):
+                    parts.append(stats)
+                    if total:
+                        progress.advance(STAGE, sum(p["rows"] for p in parts), total)
+        n_images, n_bad = sum(p["images"] for p in parts), sum(p["bad"] for p in parts)
+        total = total if total is not None else n_images + n_bad
+        if total == 0 or n_bad / total > config.max_bad_fraction or n_images == 0:
+            examples = "; ".join([f"{p}: {r}" for part in parts for p, r in json.loads(part["examples"])][:3])
             raise StageInputError(
-                f"ingest: {bad.num_rows} of {total} images from {config.source!r} are unusable, more than "
+                f"ingest: {n_bad} of {total} images from {config.source!r} are unusable, more than "
                 f"max_bad_fraction={config.max_bad_fraction}; e.g. {examples or 'no images at all'}. "
                 "Fix or remove those files, or raise 'ingest.max_bad_fraction'"
             )
-        # Identical content -> one id (Parquet): keep the first of each run of equal ids.
-        ids = good["id"].to_numpy(zero_copy_only=False)
-        keep = np.ones(len(ids), dtype=bool)
-        keep[1:] = ids[1:] != ids[:-1]
-        good = good.filter(pa.array(keep))
-        if config.limit is not None:
-            good = good.slice(0, config.limit)
-        splits = pa.array([assign_split(i, config.test_fraction) for i in good["id"].to_pylist()], pa.string())
-        images = pa.table({"id": good["id"], "split": splits, "label": good["label"], "image": good["image"],
-                           "width": good["width"], "height": good["height"]}, schema=IMAGES_SCHEMA)
-        quarantine = pa.table({"id": bad["id"], "path": bad["path"], "reason": bad["error"]}, schema=QUARANTINE_SCHEMA)
+        folders = add_written(writer, parts)
+        if "quarantine" not in folders:
+            writer.write_table("quarantine", QUARANTINE_SCHEMA.empty_table())
+        else:
+            first = next(p for p in parts if p["bad"])
+            log.warning("ingest: quarantined %d file(s), e.g. %s", n_bad, json.loads(first["examples"])[0])
 
         # Named classes (folders, string labels, digits) count even when `limit` left one out.
-        num_classes = len(classes) or num_classes_of(images["label"])
-        writer.write_table("images", images, metadata={
-            "fewstep.image_size": str(config.image_size), "fewstep.channels": str(config.channels),
-            "fewstep.num_classes": str(num_classes), "fewstep.classes": json.dumps(classes),
-            "fewstep.source_fingerprint": source.fingerprint,
-        })
-        writer.write_table("quarantine", quarantine)
-        if quarantine.num_rows:
-            log.warning("ingest: quarantined %d file(s), e.g. %s: %s", quarantine.num_rows,
-                        quarantine["path"][0].as_py(), quarantine["reason"][0].as_py())
-        n_test = int(pc.sum(pc.equal(images["split"], "test")).as_py() or 0)
-        return ImagesCard(n_images=images.num_rows, n_train=images.num_rows - n_test, n_test=n_test,
+        top = max(p["max_label"] for p in parts)
+        num_classes = len(classes) or (top + 1 if top >= 0 else 0)
+        n_test = sum(p["test"] for p in parts)
+        return ImagesCard(n_images=n_images, n_train=n_images - n_test, n_test=n_test,
                           num_classes=num_classes, image_size=config.image_size, channels=config.channels,
-                          source_kind=source.kind, classes=tuple(classes), quarantined=quarantine.num_rows,
-                          duplicates=int((~keep).sum()), skipped=source.skipped,
+                          source_kind=source.kind, classes=tuple(classes), quarantined=n_bad,
+                          duplicates=sum(p["duplicates"] for p in parts), skipped=source.skipped,
                           skipped_examples=source.skipped_examples)
 
     return run_stage(store, STAGE, key_config, [], build, source=__name__)

@@ -32,7 +32,7 @@ from workers import progress
 from workers.data import preserved_order, verified_paths
 from workers.pixels import decode_batch
 from workers.runner import run_stage
-from workers.runtime import current_node
+from workers.runtime import current_node, threads_for, use_threads, worker_env
 from workers.vae_kinds import load_vae
 
 log = logging.getLogger("fewstep.latents")
@@ -51,7 +51,8 @@ class LatentEncoder:
     return: {"id", "split", "label", "mean": (N, c, h, w) float32, "logvar": (N, c, h, w) float32}
     """
 
-    def __init__(self, spec: dict, state: Any, channels: int, device: str = "cpu"):
+    def __init__(self, spec: dict, state: Any, channels: int, device: str = "cpu", threads: int | None = None):
+        use_threads(threads)
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(
                 f"the latents actor was asked for device {device!r} but sees no CUDA device; "
@@ -100,14 +101,17 @@ def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, chan
     # One Parquet file reads as one block, and a block goes to one actor: split it so every
     # actor of the pool (on every node) gets work. Order is kept (no shuffle).
     ds = ds.repartition(max(1, 4 * resources.workers))
+    threads = threads_for(resources.cpus, resources.workers, data_cores=0)
     return ds.map_batches(
         LatentEncoder,
-        fn_constructor_kwargs={"spec": spec, "state": state, "channels": channels, "device": device},
+        fn_constructor_kwargs={"spec": spec, "state": state, "channels": channels, "device": device,
+                               "threads": threads},
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=resources.workers),
         num_cpus=resources.cpus,
         num_gpus=resources.gpus,
+        runtime_env={"env_vars": worker_env(threads)},
     )
 
 

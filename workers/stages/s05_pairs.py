@@ -6,24 +6,30 @@ Rows are {id, label}; label ``i mod K`` for row ``i`` (or the null class without
 A re-run reproduces every pair whatever the batching or the number of actors. The pairs
 table (fixed-shape tensor columns ``x_0``, ``x_1`` in the scaled latent space) names its
 teacher, solver, steps and guidance in its metadata and its :class:`~infra.cards.PairsCard`.
+
+Streaming: the ids come from ``ray.data.range`` and the pairs go straight from the actors to
+Ray Data tasks that write them as ordered parts, ``pairs/part-<first id>.parquet``
+(:mod:`workers.parts`); the driver only counts them, so its memory does not grow with ``pairs``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
 from infra.cards import GeneratorCard, PairsCard
 from infra.config import PairsConfig
 from infra.store import Manifest, StageWriter, Store
-from infra.tables import tensors_to_table
+from infra.tables import table_column_to_numpy, tensors_to_table
 from models.registry import build_model, model_spec
 from models.samplers import sample_ode
 from workers import progress
-from workers.data import preserved_order
 from workers.generator import cpu_state, load_network, seeded_normal
+from workers.parts import add_written, rows_per_part, write_parts
 from workers.runner import run_stage
+from workers.runtime import threads_for, use_threads, worker_env
 
 STAGE = "pairs"
 ROUND_SEED_OFFSET = 17  # round k draws its x_0 from seed k + 17
@@ -33,7 +39,8 @@ class PairSampler:
     """Ray Data class UDF: holds the teacher once; maps rows {id, label} to {x_0, x_1, label}."""
 
     def __init__(self, spec: dict, state: dict[str, Tensor], shape: tuple[int, ...], seed: int,
-                 solver: str, steps: int, guidance: float, device: str = "auto"):
+                 solver: str, steps: int, guidance: float, device: str = "auto", threads: int | None = None):
+        use_threads(threads)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
         self.model = build_model(spec)
         self.model.load_state_dict(state)
@@ -49,6 +56,18 @@ class PairSampler:
                 "x_0": x_0.cpu().numpy().astype(np.float32), "x_1": x_1.cpu().numpy().astype(np.float32)}
 
 
+def with_labels(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """Ray Data UDF: ids -> {id, label}, label = id mod K (the null class 0 when K = 0)."""
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    return {"id": ids, "label": ids % num_classes if num_classes else np.zeros_like(ids)}
+
+
+def pair_tables(batch: pa.Table) -> tuple[dict[str, pa.Table], dict]:
+    """One part of sampled pairs -> the ``pairs`` table (fixed-shape tensor columns)."""
+    columns = {name: table_column_to_numpy(batch, name) for name in ("id", "label", "x_0", "x_1")}
+    return {"pairs": tensors_to_table(columns)}, {}
+
+
 def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index: int) -> Manifest:
     """Pairs from ``teacher`` for reflow round ``round_index``; returns the pairs manifest."""
     import ray
@@ -57,33 +76,34 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
     section = {**config.keyed(), "round": round_index}
 
     def build(writer: StageWriter, key: str) -> PairsCard:
+        from workers.runtime import ensure_ray
+
+        ensure_ray()
         model = load_network(store, teacher)
-        k = max(1, space.num_classes)
-        rows = ray.data.from_items([{"id": i, "label": i % k if space.num_classes else 0} for i in range(config.pairs)])
         resources = config.resources
+        threads = threads_for(resources.cpus, resources.workers, data_cores=0)
+        rows = ray.data.range(config.pairs).map_batches(with_labels, batch_format="numpy",
+                                                        fn_kwargs={"num_classes": space.num_classes})
         pairs = rows.map_batches(
             PairSampler,
             fn_constructor_kwargs=dict(spec=model_spec(model), state=cpu_state(model), shape=space.latent_shape,
                                        seed=round_index + ROUND_SEED_OFFSET, solver=config.solver,
-                                       steps=config.steps, guidance=config.guidance),
+                                       steps=config.steps, guidance=config.guidance,
+                                       threads=threads),
             batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=resources.workers),
             num_cpus=resources.cpus, num_gpus=resources.gpus or None,
+            runtime_env={"env_vars": worker_env(threads)},
         )
-        columns: dict[str, list[np.ndarray]] = {"id": [], "label": [], "x_0": [], "x_1": []}
-        with preserved_order():
-            for batch in pairs.iter_batches(batch_size=None, batch_format="numpy"):
-                for name in columns:
-                    columns[name].append(np.asarray(batch[name]))
-                progress.advance(STAGE, sum(len(part) for part in columns["id"]), config.pairs)
-        arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
-        order = np.argsort(arrays["id"])
-        table = tensors_to_table({name: array[order] for name, array in arrays.items()})
-        writer.write_table("pairs", table, metadata={
-            "fewstep.teacher": teacher.ref, "fewstep.teacher_digest": teacher.digest,
-            "fewstep.solver": config.solver, "fewstep.steps": str(config.steps),
-            "fewstep.guidance": str(config.guidance),
-        })
-        return PairsCard(pairs=int(len(order)), teacher_ref=teacher.ref, round=round_index, solver=config.solver,
-                         steps=config.steps, guidance=config.guidance, **space.space_fields())
+        metadata = {"fewstep.teacher": teacher.ref, "fewstep.teacher_digest": teacher.digest,
+                    "fewstep.solver": config.solver, "fewstep.steps": str(config.steps),
+                    "fewstep.guidance": str(config.guidance)}
+        row_bytes = 2 * 4 * int(np.prod(space.latent_shape))
+        parts = []
+        for stats in write_parts(pairs, writer, pair_tables, rows_per_part(row_bytes), metadata):
+            parts.append(stats)
+            progress.advance(STAGE, sum(p["rows"] for p in parts), config.pairs)
+        add_written(writer, parts)
+        return PairsCard(pairs=sum(p["rows"] for p in parts), teacher_ref=teacher.ref, round=round_index,
+                         solver=config.solver, steps=config.steps, guidance=config.guidance, **space.space_fields())
 
     return run_stage(store, STAGE, section, [teacher], build, source=__name__)
