@@ -41,12 +41,30 @@ class Resources(Section):
     """Where a distributed stage runs, never what it computes (so it is left out of stage keys).
 
     ``workers`` counts what the stage's engine runs: Ray Train workers (DDP ranks), Ray Data
-    actors, concurrent evaluation tasks, or Serve replicas. Each gets ``cpus`` and ``gpus``.
+    actors, concurrent evaluation tasks, or Serve replicas. Each gets ``cpus`` and ``gpus``,
+    and ``custom``: Ray custom resources (``{"trainer": 1}``) that pin it to the nodes started
+    with them (``ray start --resources '{"trainer": 4}'``, a KubeRay group's ``rayStartParams``).
     """
 
     workers: int = Field(1, ge=1)
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _custom_names_are_custom(self) -> "Resources":
+        builtin = {"CPU": "cpus", "GPU": "gpus"}
+        for name, amount in self.custom.items():
+            if name in builtin:
+                raise ValueError(f"custom resource {name!r} is Ray's own: set resources.{builtin[name]} instead")
+            if name in ("memory", "object_store_memory") or name.startswith("node:"):
+                raise ValueError(f"custom resource {name!r} is reserved by Ray: name your own, e.g. 'trainer'")
+            if not amount > 0:
+                raise ValueError(f"custom resource {name!r} = {amount}: an amount must be positive")
+        return self
+
+    def __hash__(self) -> int:  # frozen, but ``custom`` is a dict: hash its items
+        return hash((self.workers, self.cpus, self.gpus, tuple(sorted(self.custom.items()))))
 
 
 class IngestConfig(Section):

@@ -37,6 +37,7 @@ from models.objectives import Objective, unwrap
 from models.registry import build_model
 from workers import progress
 from workers.data import order_preserving_options
+from workers.runtime import worker_resources
 
 log = logging.getLogger("fewstep.train")
 
@@ -102,7 +103,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         scaling = ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": resources.cpus, **({"GPU": resources.gpus} if use_gpu else {})},
+            resources_per_worker=worker_resources(resources),  # custom resources pin it to their nodes
         )
         run_config = ray.train.RunConfig(
             name=f"fewstep-{job.stage}-{job.key[:12]}",

@@ -43,6 +43,7 @@ from infra.errors import NotCommitted
 from infra.store import SERVING_POINTER, Manifest, Store
 from models.sampling import preferred_sampler
 from workers.generator import Generator, Request
+from workers.runtime import remote_options
 from workers.serving.http import encode_images, make_api
 from workers.serving.model_card import model_card
 from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
@@ -229,7 +230,7 @@ def deployment_options(config: ServeConfig, model: str | None, max_batch_size: i
             "target_ongoing_requests": config.target_ongoing_requests}}
     return {
         **scaling,
-        "ray_actor_options": {"num_cpus": resources.cpus, "num_gpus": resources.gpus},
+        "ray_actor_options": remote_options(resources),
         "max_ongoing_requests": max(config.max_ongoing_requests, max_batch_size),
         "max_queued_requests": config.max_queued_requests,
         "max_constructor_retry_count": 3,  # a model that fails to load fails the deploy, not 20 retries later

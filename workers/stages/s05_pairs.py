@@ -24,6 +24,7 @@ from workers import progress
 from workers.data import preserved_order
 from workers.generator import cpu_state, load_network, seeded_normal
 from workers.runner import run_stage
+from workers.runtime import current_node, remote_options
 
 STAGE = "pairs"
 ROUND_SEED_OFFSET = 17  # round k draws its x_0 from seed k + 17
@@ -40,13 +41,15 @@ class PairSampler:
         self.model.to(self.device).eval()
         self.shape, self.seed = tuple(shape), seed
         self.solver, self.steps, self.guidance = solver, steps, guidance
+        self.node = current_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x_0 = seeded_normal(self.seed, batch["id"], self.shape)[0].to(self.device)  # (B, C, H, W)
         y = torch.as_tensor(batch["label"], dtype=torch.long, device=self.device)
         x_1 = sample_ode(self.model, x_0, y, self.steps, self.solver, self.guidance).x_1
         return {"id": batch["id"], "label": batch["label"],
-                "x_0": x_0.cpu().numpy().astype(np.float32), "x_1": x_1.cpu().numpy().astype(np.float32)}
+                "x_0": x_0.cpu().numpy().astype(np.float32), "x_1": x_1.cpu().numpy().astype(np.float32),
+                "node": np.full(len(batch["id"]), self.node)}  # which Ray node drew it; not stored
 
 
 def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index: int) -> Manifest:
@@ -67,13 +70,15 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
                                        seed=round_index + ROUND_SEED_OFFSET, solver=config.solver,
                                        steps=config.steps, guidance=config.guidance),
             batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=resources.workers),
-            num_cpus=resources.cpus, num_gpus=resources.gpus or None,
+            **remote_options(resources),
         )
         columns: dict[str, list[np.ndarray]] = {"id": [], "label": [], "x_0": [], "x_1": []}
+        nodes: set[str] = set()
         with preserved_order():
             for batch in pairs.iter_batches(batch_size=None, batch_format="numpy"):
                 for name in columns:
                     columns[name].append(np.asarray(batch[name]))
+                nodes.update(str(node) for node in np.unique(batch["node"]))
                 progress.advance(STAGE, sum(len(part) for part in columns["id"]), config.pairs)
         arrays = {name: np.concatenate(parts) for name, parts in columns.items()}
         order = np.argsort(arrays["id"])
@@ -84,6 +89,7 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
             "fewstep.guidance": str(config.guidance),
         })
         return PairsCard(pairs=int(len(order)), teacher_ref=teacher.ref, round=round_index, solver=config.solver,
-                         steps=config.steps, guidance=config.guidance, **space.space_fields())
+                         steps=config.steps, guidance=config.guidance, sampler_nodes=tuple(sorted(nodes)),
+                         **space.space_fields())
 
     return run_stage(store, STAGE, section, [teacher], build, source=__name__)

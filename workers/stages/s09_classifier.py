@@ -28,6 +28,7 @@ from models.registry import build_model, model_spec
 from workers.data import read_split
 from workers.pixels import to_model_range
 from workers.runner import run_stage
+from workers.runtime import remote_options
 from workers.scoring import accuracy
 
 log = logging.getLogger("fewstep.classifier")
@@ -83,7 +84,7 @@ def run_classifier(store: Store, config: ClassifierConfig, images: Manifest) -> 
 
         ensure_ray()
         resources = config.resources
-        task = _fit_task.options(num_cpus=resources.cpus, num_gpus=resources.gpus or None)
+        task = _fit_task.options(**remote_options(resources))
         result: FitResult = ray.get(task.remote(store, images.ref, config, "cuda" if resources.gpus > 0 else "cpu"))
         classifier = build_model(result.spec)
         classifier.load_state_dict(result.state)
