@@ -46,7 +46,8 @@ def serve(
                                                     "(env var references, pip, ...); never literal secrets."),
     file: Optional[Path] = typer.Argument(None, metavar="[FILE]", help="With --emit-config: where to write it."),
 ) -> None:
-    """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C."""
+    """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C; with
+    --emit-config, write the Ray Serve config that starts it on a cluster instead."""
     from infra.config import load_config
     from infra.store import Store
     from workers.serving.app import resolve_model
@@ -56,7 +57,8 @@ def serve(
                         "--emit-config: `fewstep serve --emit-config serve.yaml`")
     serve_config = load_config(preset, config).serve
     if emit_config:
-        text = emit_serve_config(store, model, serve_config, host=host, port=port, runtime_env=runtime_env)
+        text = emit_serve_config(store, model, serve_config, host=host, port=port, runtime_env=runtime_env,
+                                 name=str(file) if file is not None else "serve.yaml")
         if file is None:
             typer.echo(text, nl=False)
         else:
@@ -109,7 +111,7 @@ def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: st
 
 def emit_serve_config(store: str | None, model: str | None, serve_config, *, host: str | None = None,
                       port: int | None = None, runtime_env: Path | None = None,
-                      environ: dict[str, str] | None = None) -> str:
+                      environ: dict[str, str] | None = None, name: str = "serve.yaml") -> str:
     """The Serve config file's text: a header that says how to use it, then the YAML.
 
     The store URI is made absolute (replicas run elsewhere); a pinned ``model`` is checked
@@ -135,7 +137,7 @@ def emit_serve_config(store: str | None, model: str | None, serve_config, *, hos
     http = config["http_options"]
     header = [
         "# Ray Serve config for fewstep, written by `fewstep serve --emit-config`.",
-        "#   serve deploy THIS_FILE -a http://<head>:8265    (or: serve run THIS_FILE; or a RayService's serveConfigV2)",
+        f"#   serve deploy {name} -a http://<head>:8265    (or: serve run {name}; or a RayService's serveConfigV2)",
         f"# HTTP on {http['host']}:{http['port']} of every node; POST /v1/generate, GET /v1/model, GET /healthz.",
         f"# Replicas open {opened.uri} themselves" + (
             f", with {', '.join(CREDENTIALS)} (or an IAM role) from their own environment:"

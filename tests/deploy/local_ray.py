@@ -51,6 +51,11 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a node: this one (PYTHONPATH, AWS_*), no RAY_ADDRESS, no usage stats."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=AUTH_TOKEN,
+               # On a busy 2-core machine a raylet may need more than Ray's 30 s to register with the GCS
+               # or to hear from its agents, and a replacement node more than Ray Train's 60 s to take a
+               # restarted worker group.
+               RAY_raylet_start_wait_time_s="120", RAY_agent_register_timeout_ms="120000",
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300",
                **(extra or {}))
     return env
 
@@ -73,16 +78,22 @@ class RayNode:
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
-    def wait_started(self, timeout_s: float = 120) -> None:
+    def diagnosis(self) -> str:
+        """``ray start``'s output and the tail of the raylet's own error log."""
+        errors = sorted(self.temp_dir.glob("session_*/logs/raylet.err"))
+        raylet = errors[-1].read_text(errors="replace")[-3000:] if errors else "(no raylet.err)"
+        return f"{self.output()}\n--- raylet.err ---\n{raylet}"
+
+    def wait_started(self, timeout_s: float = 240) -> None:
         """Until ``ray start`` says it blocks (every process of the node is up)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"ray node {self.name} exited with {self.process.returncode}:\n{self.output()}")
+                raise RuntimeError(f"ray node {self.name} exited with {self.process.returncode}:\n{self.diagnosis()}")
             if "will now block forever" in self.output():
                 return
             time.sleep(0.3)
-        raise RuntimeError(f"ray node {self.name} did not start within {timeout_s}s:\n{self.output()}")
+        raise RuntimeError(f"ray node {self.name} did not start within {timeout_s}s:\n{self.diagnosis()}")
 
     def ready(self) -> "RayNode":
         """Wait until started (killing the node if it does not start); learn the head's GCS address."""
@@ -140,9 +151,27 @@ class RayNode:
 
 
 def start_node(name: str, *, head_address: str | None = None, num_cpus: int, resources: dict | None = None,
-               dashboard: bool = False, env: dict[str, str] | None = None, wait: bool = True) -> RayNode:
+               dashboard: bool = False, env: dict[str, str] | None = None, wait: bool = True,
+               attempts: int = 1) -> RayNode:
     """Start a head (``head_address=None``) or a worker node joining ``head_address``; with
-    ``wait=False`` return at once and call :meth:`RayNode.ready` later (nodes boot in parallel)."""
+    ``wait=False`` return at once and call :meth:`RayNode.ready` later (nodes boot in parallel).
+    With ``attempts`` > 1 (and ``wait``), a node that fails to start is removed and started afresh."""
+    for attempt in range(1, attempts + 1):
+        node = _spawn_node(name, head_address, num_cpus, resources, dashboard, env)
+        if not wait:
+            return node
+        try:
+            return node.ready()
+        except RuntimeError as error:
+            remove(node)
+            if attempt == attempts:
+                raise
+            print(f"ray node {name} failed to start (attempt {attempt} of {attempts}); again:\n{error}")
+    raise AssertionError("unreachable")
+
+
+def _spawn_node(name: str, head_address: str | None, num_cpus: int, resources: dict | None, dashboard: bool,
+                env: dict[str, str] | None) -> RayNode:
     temp_dir = Path(tempfile.mkdtemp(prefix=f"fs-{name}-", dir="/tmp"))  # short: Ray's sockets live under it
     ports = {"agent_listen": free_port(), "agent_grpc": free_port(), "metrics": free_port(),
              "runtime_env_agent": free_port()}
@@ -169,11 +198,8 @@ def start_node(name: str, *, head_address: str | None = None, num_cpus: int, res
     with open(log, "wb") as sink:
         process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=node_env(env),
                                    start_new_session=True, cwd=temp_dir)
-    node = RayNode(name, process, temp_dir, log, dashboard_url=dashboard_url, ports=ports,
+    return RayNode(name, process, temp_dir, log, dashboard_url=dashboard_url, ports=ports,
                    gcs_address=head_address or "")
-    if wait:
-        node.ready()
-    return node
 
 
 def remove(node: RayNode) -> None:

@@ -92,6 +92,22 @@ def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
             continue
 
 
+def kill_flow_run(flow_run_id: str) -> None:
+    """SIGKILL the process group of a flow run the worker started (Prefect puts it in its own session);
+    found by the PREFECT__FLOW_RUN_ID in its environment. Nothing to do when it has finished."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                group = os.getpgid(int(entry.name))
+                if group != os.getpgrp():  # never this test's own group
+                    os.killpg(group, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
 def api(url: str, path: str, body: dict | None = None, method: str = "POST") -> object:
     data = json.dumps(body or {}).encode() if method == "POST" else None
     request = urllib.request.Request(f"{url}{path}", data=data, method=method,
@@ -126,6 +142,7 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
     with open(log, "wb") as sink:
         worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], env=env,
                                   cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    flow_run_id = None
     try:
         started = prefect("deployment", "run", DEPLOYMENT, "--params",
                           json.dumps({"config": config, "store_uri": store_uri}), env=env)
@@ -142,6 +159,8 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
         assert run["work_pool_name"] == POOL and run["parameters"]["store_uri"] == store_uri
     finally:
         stop_group(worker)
+        if flow_run_id is not None:
+            kill_flow_run(flow_run_id)  # only if it outlived a failed wait
 
     task_runs = api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     states = {t["name"]: t["state_type"] for t in task_runs}
