@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -162,6 +162,7 @@ class PairsCard(LatentSpace):
     solver: str
     steps: int
     guidance: float
+    sampler_nodes: tuple[str, ...] = ()  # the Ray nodes whose actors drew the pairs
 
 
 # --------------------------------------------------------------------------- models

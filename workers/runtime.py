@@ -8,6 +8,8 @@ import os
 
 import ray
 
+from infra.config import Resources
+
 log = logging.getLogger("fewstep.ray")
 
 _started_address: dict[str, str] = {}  # the local cluster this process started, if any
@@ -140,3 +142,18 @@ def use_threads(threads: int | None) -> int:
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def remote_options(resources: Resources) -> dict:
+    """Ray's options for one task or actor of a stage: ``num_cpus``, ``num_gpus`` and its custom resources.
+
+    The same keys serve ``.options(...)``, Ray Data's ``map_batches`` and Serve's ``ray_actor_options``."""
+    options: dict = {"num_cpus": resources.cpus, "num_gpus": resources.gpus or None}
+    if resources.custom:
+        options["resources"] = dict(resources.custom)
+    return options
+
+
+def worker_resources(resources: Resources) -> dict[str, float]:
+    """One Ray Train worker's bundle (``ScalingConfig.resources_per_worker``)."""
+    return {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus > 0 else {}), **resources.custom}

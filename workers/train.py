@@ -48,7 +48,7 @@ from models.registry import build_model
 from workers import progress
 from workers.data import order_preserving_options
 from workers.parts import ordered
-from workers.runtime import threads_for, use_threads, worker_env
+from workers.runtime import threads_for, use_threads, worker_env, worker_resources
 
 log = logging.getLogger("fewstep.train")
 
@@ -126,7 +126,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         scaling = ray.train.ScalingConfig(
             num_workers=resources.workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": resources.cpus, **({"GPU": resources.gpus} if use_gpu else {})},
+            resources_per_worker=worker_resources(resources),  # custom resources pin it to their nodes
         )
         threads = threads_for(resources.cpus, resources.workers, data_cores=0 if cached else 1)
         run_config = ray.train.RunConfig(

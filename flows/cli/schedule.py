@@ -3,8 +3,10 @@
 Prefect runs a scheduled deployment through something that polls for its runs. fewstep
 uses the simplest one, a long-running serve process (``Flow.serve``): ``fewstep schedule
 --cron "0 3 * * 0"`` registers the deployment and then executes its runs in the
-foreground until Ctrl-C. ``--register-only`` just registers it, for teams that run a work
-pool and worker instead (see the README).
+foreground until Ctrl-C. ``--register-only --work-pool NAME`` just registers it on a work
+pool, for teams that run workers (``prefect worker start --pool NAME``) on machines where
+fewstep is installed; the repository's ``prefect.yaml`` is the same deployment written out
+for ``prefect deploy`` (see the README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -56,14 +58,25 @@ def schedule(
     timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the cron (default UTC)."),
     register_only: bool = typer.Option(False, "--register-only",
                                        help="Register the deployment and exit; a work pool's worker runs it."),
+    work_pool: Optional[str] = typer.Option(None, "--work-pool",
+                                            help="With --register-only: the work pool whose workers run it."),
 ) -> None:
     """Run the pipeline on a cron schedule as a Prefect deployment (served in the foreground)."""
     from prefect import serve
 
+    if work_pool is not None and not register_only:
+        raise UserError("--work-pool needs --register-only: a served deployment runs in this process, not on a pool")
     deployment = build_deployment(cron, config, preset, store, ray_address, name, timezone)
     if register_only:
-        deployment_id = deployment.apply()
-        typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}")
+        from prefect.deployments.runner import DeploymentApplyError
+
+        try:
+            deployment_id = deployment.apply(work_pool_name=work_pool)
+        except DeploymentApplyError as error:
+            raise UserError(f"could not register deployment 'pipeline/{name}'{' on work pool ' + repr(work_pool) if work_pool else ''}: "
+                            f"{error}. Create the pool first: prefect work-pool create {work_pool or 'NAME'} --type process") from None
+        where = f" on work pool {work_pool!r} (start a worker: prefect worker start --pool {work_pool})" if work_pool else ""
+        typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}{where}")
         return
     typer.echo(f"serving deployment 'pipeline/{name}' with cron {cron!r}; Ctrl-C stops it")
     serve(deployment)

@@ -1,10 +1,18 @@
-"""``fewstep serve``: the promoted model (or ``--model REF``) over HTTP, in the foreground.
+"""``fewstep serve``: the promoted model (or ``--model REF``) over HTTP, in the foreground; or the
+Serve config that starts the same app on a cluster.
 
     fewstep serve [--store URI] [--model REF] [--host H] [--port P] [--config FILE] [--preset NAME]
+    fewstep serve --emit-config [FILE] [--store URI] [--model REF] [--host H] [--port P] [--config FILE]
+                  [--runtime-env FILE]
 
 Prints the URL once the app answers, then waits. Ctrl-C (SIGINT) or SIGTERM tears the Serve
 app and its HTTP proxy down and exits with status 0. Without ``--model`` the app follows the
 store's ``serving/current`` pointer, so a later promotion swaps the model while it runs.
+
+``--emit-config`` writes a Ray Serve config file (to FILE, or stdout) instead of serving:
+``serve deploy FILE``, ``serve run FILE`` and a KubeRay RayService's ``serveConfigV2`` start
+the app from it (``workers.serving.app:build`` with the store, the pinned model and the serve
+section as args). It holds no credentials (see :mod:`workers.serving.deploy`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Callable, Optional
 import typer
 
 from flows.cli.options import RAY_HELP, STORE_HELP
+from flows.errors import UserError
 
 
 def serve(
@@ -29,15 +38,34 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file; its serve: section sets limits and resources."),
     preset: str = typer.Option("default", "--preset", help="Config preset the file applies to."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
+    emit_config: bool = typer.Option(False, "--emit-config",
+                                     help="Write a Ray Serve config (serve deploy / serve run / RayService) to FILE "
+                                          "or stdout, and exit."),
+    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env",
+                                               help="With --emit-config: a YAML runtime_env for the replicas "
+                                                    "(env var references, pip, ...); never literal secrets."),
+    file: Optional[Path] = typer.Argument(None, metavar="[FILE]", help="With --emit-config: where to write it."),
 ) -> None:
-    """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C."""
-    from flows.errors import UserError
+    """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C; with
+    --emit-config, write the Ray Serve config that starts it on a cluster instead."""
     from infra.config import load_config
     from infra.store import Store
     from workers.serving.app import check_servable, resolve_model
     from workers.serving.swap import UnfitModel
 
+    if not emit_config and (file is not None or runtime_env is not None):
+        raise UserError(f"{'FILE ' + repr(str(file)) if file is not None else '--runtime-env'} is only used with "
+                        "--emit-config: `fewstep serve --emit-config serve.yaml`")
     serve_config = load_config(preset, config).serve
+    if emit_config:
+        text = emit_serve_config(store, model, serve_config, host=host, port=port, runtime_env=runtime_env,
+                                 name=str(file) if file is not None else "serve.yaml")
+        if file is None:
+            typer.echo(text, nl=False)
+        else:
+            file.write_text(text)
+            typer.echo(f"fewstep: wrote {file}; start it with `serve deploy {file}` (or `serve run {file}`)", err=True)
+        return
     opened = Store.open(store)
     manifest = resolve_model(opened, model)
     try:
@@ -84,3 +112,42 @@ def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: st
         if pinned:
             store.unpin(pin)
     echo("fewstep: stopped")
+
+
+def emit_serve_config(store: str | None, model: str | None, serve_config, *, host: str | None = None,
+                      port: int | None = None, runtime_env: Path | None = None,
+                      environ: dict[str, str] | None = None, name: str = "serve.yaml") -> str:
+    """The Serve config file's text: a header that says how to use it, then the YAML.
+
+    The store URI is made absolute (replicas run elsewhere); a pinned ``model`` is checked
+    against the store, which needs its credentials here; without one nothing is read."""
+    import yaml
+
+    from infra.store import Store
+    from workers.serving.app import resolve_model
+    from workers.serving.deploy import CREDENTIALS, serve_config as build_config
+
+    opened = Store.open(store, check=model is not None)
+    if model is not None:
+        resolve_model(opened, model)
+    extra = None
+    if runtime_env is not None:
+        if not runtime_env.is_file():
+            raise UserError(f"runtime_env file {str(runtime_env)!r} does not exist: pass a YAML file")
+        extra = yaml.safe_load(runtime_env.read_text()) or {}
+        if not isinstance(extra, dict):
+            raise UserError(f"runtime_env file {str(runtime_env)!r} must hold a mapping, got {type(extra).__name__}")
+    config = build_config(opened.uri, serve_config, model, host=host, port=port, runtime_env=extra,
+                          environ=os.environ if environ is None else environ)
+    http = config["http_options"]
+    header = [
+        "# Ray Serve config for fewstep, written by `fewstep serve --emit-config`.",
+        f"#   serve deploy {name} -a http://<head>:8265    (or: serve run {name}; or a RayService's serveConfigV2)",
+        f"# HTTP on {http['host']}:{http['port']} of every node; POST /v1/generate, GET /v1/model, GET /healthz.",
+        f"# Replicas open {opened.uri} themselves" + (
+            f", with {', '.join(CREDENTIALS)} (or an IAM role) from their own environment:"
+            if opened.uri.startswith("s3://") else " (a path every node must see)."),
+    ]
+    if opened.uri.startswith("s3://"):
+        header.append("# this file holds no credentials.")
+    return "\n".join(header) + "\n" + yaml.safe_dump(config, sort_keys=False)

@@ -49,6 +49,7 @@ from infra.config import ServeConfig
 from infra.errors import NotCommitted
 from infra.store import SERVING_POINTER, Manifest, Store
 from workers.generator import Request
+from workers.runtime import remote_options
 from workers.serving.http import Generated, make_api
 from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
 from workers.serving.swap import RETRY_S, Served, Watch, load_served
@@ -267,7 +268,7 @@ def deployment_options(config: ServeConfig, model: str | None, max_batch_size: i
             "target_ongoing_requests": config.target_ongoing_requests}}
     return {
         **scaling,
-        "ray_actor_options": {"num_cpus": resources.cpus, "num_gpus": resources.gpus},
+        "ray_actor_options": remote_options(resources),
         "max_ongoing_requests": max(config.max_ongoing_requests, max_batch_size),
         "max_queued_requests": config.max_queued_requests,
         "max_constructor_retry_count": 3,  # a model that fails to load fails the deploy, not 20 retries later

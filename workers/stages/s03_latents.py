@@ -32,7 +32,7 @@ from workers import progress
 from workers.data import preserved_order, verified_paths
 from workers.pixels import decode_batch
 from workers.runner import run_stage
-from workers.runtime import current_node, threads_for, use_threads, worker_env
+from workers.runtime import current_node, remote_options, threads_for, use_threads, worker_env
 from workers.vae_kinds import load_vae
 
 log = logging.getLogger("fewstep.latents")
@@ -109,8 +109,7 @@ def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, chan
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=resources.workers),
-        num_cpus=resources.cpus,
-        num_gpus=resources.gpus,
+        **remote_options(resources),
         runtime_env={"env_vars": worker_env(threads)},
     )
 

@@ -29,7 +29,7 @@ from workers import progress
 from workers.generator import cpu_state, load_network, seeded_normal
 from workers.parts import add_written, rows_per_part, write_parts
 from workers.runner import run_stage
-from workers.runtime import threads_for, use_threads, worker_env
+from workers.runtime import current_node, remote_options, threads_for, use_threads, worker_env
 
 STAGE = "pairs"
 ROUND_SEED_OFFSET = 17  # round k draws its x_0 from seed k + 17
@@ -47,13 +47,15 @@ class PairSampler:
         self.model.to(self.device).eval()
         self.shape, self.seed = tuple(shape), seed
         self.solver, self.steps, self.guidance = solver, steps, guidance
+        self.node = current_node()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x_0 = seeded_normal(self.seed, batch["id"], self.shape)[0].to(self.device)  # (B, C, H, W)
         y = torch.as_tensor(batch["label"], dtype=torch.long, device=self.device)
         x_1 = sample_ode(self.model, x_0, y, self.steps, self.solver, self.guidance).x_1
         return {"id": batch["id"], "label": batch["label"],
-                "x_0": x_0.cpu().numpy().astype(np.float32), "x_1": x_1.cpu().numpy().astype(np.float32)}
+                "x_0": x_0.cpu().numpy().astype(np.float32), "x_1": x_1.cpu().numpy().astype(np.float32),
+                "node": np.full(len(batch["id"]), self.node)}  # which Ray node drew it; not stored
 
 
 def with_labels(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
@@ -63,9 +65,11 @@ def with_labels(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.
 
 
 def pair_tables(batch: pa.Table) -> tuple[dict[str, pa.Table], dict]:
-    """One part of sampled pairs -> the ``pairs`` table (fixed-shape tensor columns)."""
+    """One part of sampled pairs -> the ``pairs`` table (fixed-shape tensor columns), and the Ray
+    nodes whose actors drew it (comma-separated; recorded in the card, not stored in the table)."""
     columns = {name: table_column_to_numpy(batch, name) for name in ("id", "label", "x_0", "x_1")}
-    return {"pairs": tensors_to_table(columns)}, {}
+    nodes = sorted(set(batch["node"].to_pylist())) if "node" in batch.column_names else []
+    return {"pairs": tensors_to_table(columns)}, {"nodes": ",".join(nodes)}
 
 
 def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index: int) -> Manifest:
@@ -82,16 +86,20 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
         model = load_network(store, teacher)
         resources = config.resources
         threads = threads_for(resources.cpus, resources.workers, data_cores=0)
-        rows = ray.data.range(config.pairs).map_batches(with_labels, batch_format="numpy",
-                                                        fn_kwargs={"num_classes": space.num_classes})
+        # One block per sampler batch, so every actor of the pool gets work (a range of a few
+        # hundred ids is otherwise one or two blocks, which one actor may take alone).
+        blocks = max(resources.workers, min(-(-config.pairs // config.batch_size), 4096))
+        rows = ray.data.range(config.pairs, override_num_blocks=blocks).map_batches(
+            with_labels, batch_format="numpy", fn_kwargs={"num_classes": space.num_classes})
         pairs = rows.map_batches(
             PairSampler,
             fn_constructor_kwargs=dict(spec=model_spec(model), state=cpu_state(model), shape=space.latent_shape,
                                        seed=round_index + ROUND_SEED_OFFSET, solver=config.solver,
                                        steps=config.steps, guidance=config.guidance,
                                        threads=threads),
-            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=resources.workers),
-            num_cpus=resources.cpus, num_gpus=resources.gpus or None,
+            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(
+                size=resources.workers, max_tasks_in_flight_per_actor=2),  # an ODE batch is long: queue little, spread
+            **remote_options(resources),
             runtime_env={"env_vars": worker_env(threads)},
         )
         metadata = {"fewstep.teacher": teacher.ref, "fewstep.teacher_digest": teacher.digest,
@@ -99,11 +107,14 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
                     "fewstep.guidance": str(config.guidance)}
         row_bytes = 2 * 4 * int(np.prod(space.latent_shape))
         parts = []
+        nodes: set[str] = set()
         for stats in write_parts(pairs, writer, pair_tables, rows_per_part(row_bytes), metadata):
             parts.append(stats)
+            nodes.update(node for node in stats["nodes"].split(",") if node)
             progress.advance(STAGE, sum(p["rows"] for p in parts), config.pairs)
         add_written(writer, parts)
         return PairsCard(pairs=sum(p["rows"] for p in parts), teacher_ref=teacher.ref, round=round_index,
-                         solver=config.solver, steps=config.steps, guidance=config.guidance, **space.space_fields())
+                         solver=config.solver, steps=config.steps, guidance=config.guidance,
+                         sampler_nodes=tuple(sorted(nodes)), **space.space_fields())
 
     return run_stage(store, STAGE, section, [teacher], build, source=__name__)

@@ -52,6 +52,7 @@ from workers.pixels import tensor_to_uint8, to_model_range
 from workers.quality import quality_ratios
 from workers.report import Evaluation, make_grid, write_evaluation
 from workers.runner import run_stage
+from workers.runtime import remote_options
 from workers.scoring import ExtractorSource, Scored, Scorer, extractor_source
 from workers.vae_kinds import load_vae
 
@@ -330,7 +331,7 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
     features_ref = features.ref if features is not None else None
     resources = config.resources
     device = "cuda" if resources.gpus > 0 else "cpu"
-    options = dict(num_cpus=resources.cpus, num_gpus=resources.gpus or None)
+    options = remote_options(resources)
     cells = plan_cells(config, generators)
     submit: list[Callable[[], Any]] = [lambda: _reference_task.options(**options).remote(
         store, images.ref, vae.ref, config.n, source, features_ref, device)]
