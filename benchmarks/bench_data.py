@@ -25,8 +25,9 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def image_parquet(folder: str, n: int, size: int = 16, channels: int = 3, seed: int = 0,
-                  rows_per_file: int = 10_000) -> str:
+def image_parquet(
+    folder: str, n: int, size: int = 16, channels: int = 3, seed: int = 0, rows_per_file: int = 10_000
+) -> str:
     """A folder of Parquet files with ``n`` distinct noise PNGs (column ``image``) and labels 0..9.
 
     Written in files of ``rows_per_file`` rows (memory stays at one file); reused when present.
@@ -58,14 +59,22 @@ def commit_vae(store, channels: int = 1, image_size: int = 16, base_channels: in
     from models.vae import VAE, VAEConfig
 
     torch.manual_seed(0)
-    vae = VAE(VAEConfig(in_channels=channels, latent_channels=latent_channels, base_channels=base_channels,
-                        downsample=4))
+    vae = VAE(
+        VAEConfig(in_channels=channels, latent_channels=latent_channels, base_channels=base_channels, downsample=4)
+    )
     side = image_size // 4
     with store.begin("vae", f"bench-{channels}-{image_size}-{base_channels}", config={"bench": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        card = VAECard(latent_scale=1.0, latent_shape=(latent_channels, side, side), in_channels=channels,
-                       image_size=image_size, latent_channels=latent_channels, downsample=4, recon_mse_train=0.0,
-                       measured_on=0)
+        card = VAECard(
+            latent_scale=1.0,
+            latent_shape=(latent_channels, side, side),
+            in_channels=channels,
+            image_size=image_size,
+            latent_channels=latent_channels,
+            downsample=4,
+            recon_mse_train=0.0,
+            measured_on=0,
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
@@ -78,14 +87,21 @@ def commit_generator(store, vae, family: str = "flow", model: str = "DiT-T/2", l
     from models.registry import model_spec
 
     torch.manual_seed(0)
-    net = DiT(dit_config(model, input_size=latent[1], in_channels=latent[0], num_classes=num_classes,
-                         class_dropout_prob=0.0))
+    net = DiT(
+        dit_config(model, input_size=latent[1], in_channels=latent[0], num_classes=num_classes, class_dropout_prob=0.0)
+    )
     stage = "base" if family == "flow" else "consistency"
     with store.begin(stage, f"bench-{family}", config={"bench": True}, inputs=[vae]) as writer:
         writer.write_model("model", net, model_spec(net))
         writer.write_model("raw", net, model_spec(net))
-        card = GeneratorCard(family=family, steps=0, latent_shape=tuple(latent), num_classes=num_classes,
-                             latent_scale=1.0, vae_ref=vae.ref)
+        card = GeneratorCard(
+            family=family,
+            steps=0,
+            latent_shape=tuple(latent),
+            num_classes=num_classes,
+            latent_scale=1.0,
+            vae_ref=vae.ref,
+        )
         return writer.commit(metrics=card.to_metrics())
 
 

@@ -33,8 +33,8 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -185,10 +185,18 @@ def measure_resolution(setup: Setup, min_cpu_s: float) -> dict[str, Unit]:
     units["pairs"] = Unit(one_forward.images_per_cpu_s / nfe, one_forward.flops_per_image * nfe)
 
     student = copy.deepcopy(net).train()
-    distil = ConsistencyDistillation(net, student, num_intervals=CONSISTENCY.intervals, solver=CONSISTENCY.teacher_solver)
+    distil = ConsistencyDistillation(
+        net, student, num_intervals=CONSISTENCY.intervals, solver=CONSISTENCY.teacher_solver
+    )
     units["consistency"] = measure(
-        train_step(student, lambda: distil.loss(student, {"x_0": torch.randn_like(z), "x_1": z, "y": y}).loss,
-                   lambda: distil.after_step(student)), b, min_cpu_s)
+        train_step(
+            student,
+            lambda: distil.loss(student, {"x_0": torch.randn_like(z), "x_1": z, "y": y}).loss,
+            lambda: distil.after_step(student),
+        ),
+        b,
+        min_cpu_s,
+    )
 
     classifier = Classifier(ClassifierConfig(in_channels=CHANNELS, image_size=s, num_classes=NUM_CLASSES)).eval()
 
@@ -200,8 +208,9 @@ def measure_resolution(setup: Setup, min_cpu_s: float) -> dict[str, Unit]:
     # evaluate: an image of the default grid, on average: its NFE in forwards, then decoded and scored.
     cells, nfe = evaluation_grid()
     forward_s, scored_s = nfe / cells / one_forward.images_per_cpu_s, 1 / scored.images_per_cpu_s
-    units["evaluate"] = Unit(1 / (forward_s + scored_s),
-                             nfe / cells * one_forward.flops_per_image + scored.flops_per_image)
+    units["evaluate"] = Unit(
+        1 / (forward_s + scored_s), nfe / cells * one_forward.flops_per_image + scored.flops_per_image
+    )
 
     def serve_one_step() -> None:
         with torch.inference_mode():
@@ -225,8 +234,11 @@ def evaluation_grid() -> tuple[int, int]:
     """(cells, network evaluations summed over the cells' images) of EvaluateConfig's default grid:
     two flow models (base, one reflow round) at every solver and step count, and the student."""
     flow_models = 2
-    flow_nfe = [sample_ode(_NullVelocity(), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), k, solver).nfe
-                for solver in EVALUATE.flow_solvers for k in EVALUATE.flow_steps]
+    flow_nfe = [
+        sample_ode(_NullVelocity(), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), k, solver).nfe
+        for solver in EVALUATE.flow_solvers
+        for k in EVALUATE.flow_steps
+    ]
     cells = flow_models * len(flow_nfe) + len(EVALUATE.consistency_steps)
     return cells, flow_models * sum(flow_nfe) + sum(EVALUATE.consistency_steps)
 
@@ -250,8 +262,15 @@ def gpu_rate(stage: str, unit: Unit, gpu_tflops: float, measured: dict[str, floa
     return gpu_tflops * 1e12 / unit.flops_per_image, "estimated"
 
 
-def plan(units: dict[str, Unit], images: int, gpus: int, cpus: int, gpu_tflops: float,
-         measured: dict[str, float], serve_images_per_s: float) -> list[Row]:
+def plan(
+    units: dict[str, Unit],
+    images: int,
+    gpus: int,
+    cpus: int,
+    gpu_tflops: float,
+    measured: dict[str, float],
+    serve_images_per_s: float,
+) -> list[Row]:
     """One row per stage: its work, rates, GPUs or actors, and hours on ``gpus`` GPUs and on ``cpus`` CPUs."""
     rows = []
     for stage, unit in units.items():
@@ -259,8 +278,18 @@ def plan(units: dict[str, Unit], images: int, gpus: int, cpus: int, gpu_tflops: 
         if stage == "serve":
             rate, source = gpu_rate(stage, unit, gpu_tflops, measured)
             replicas = max(1, math.ceil(serve_images_per_s / rate))
-            rows.append(Row(stage, f"{serve_images_per_s:g} img/s at 1 step", cpu_rate, rate, source,
-                            f"{replicas} GPU replica(s)", None, math.ceil(serve_images_per_s / cpu_rate)))
+            rows.append(
+                Row(
+                    stage,
+                    f"{serve_images_per_s:g} img/s at 1 step",
+                    cpu_rate,
+                    rate,
+                    source,
+                    f"{replicas} GPU replica(s)",
+                    None,
+                    math.ceil(serve_images_per_s / cpu_rate),
+                )
+            )
             continue
         if stage == "evaluate":
             cells, nfe = evaluation_grid()
@@ -273,7 +302,9 @@ def plan(units: dict[str, Unit], images: int, gpus: int, cpus: int, gpu_tflops: 
             continue
         rate, source = gpu_rate(stage, unit, gpu_tflops, measured)
         kind = "GPUs (DDP)" if stage in ("vae", "base", "reflow", "consistency") else "GPU actors"
-        rows.append(Row(stage, work, cpu_rate, rate, source, f"{gpus} {kind}", passes / (rate * gpus) / 3600, cpu_hours))
+        rows.append(
+            Row(stage, work, cpu_rate, rate, source, f"{gpus} {kind}", passes / (rate * gpus) / 3600, cpu_hours)
+        )
     return rows
 
 
@@ -297,10 +328,16 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1_000_000)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cpus", type=int, default=64)
-    parser.add_argument("--gpu-tflops", type=float, default=50.0,
-                        help="sustained matmul/conv TFLOP/s per GPU for the estimate: ~5%% of an H100/H200's bf16 "
-                             "peak (~990), as small models at few tokens are bound by memory and kernel launches")
-    parser.add_argument("--gpu-rates", help='JSON {"<size>": {"<stage>": images_per_s_per_gpu}} from benchmarks/gpu_check.sh')
+    parser.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=50.0,
+        help="sustained matmul/conv TFLOP/s per GPU for the estimate: ~5%% of an H100/H200's bf16 "
+        "peak (~990), as small models at few tokens are bound by memory and kernel launches",
+    )
+    parser.add_argument(
+        "--gpu-rates", help='JSON {"<size>": {"<stage>": images_per_s_per_gpu}} from benchmarks/gpu_check.sh'
+    )
     parser.add_argument("--serve-images-per-s", type=float, default=1000.0)
     parser.add_argument("--min-cpu-s", type=float, default=1.5, help="CPU seconds per measurement")
     parser.add_argument("--json", help="also write the measured units here")
@@ -312,42 +349,66 @@ def main() -> None:
     started = time.perf_counter()
     measured = {size: measure_resolution(SETUPS[size], args.min_cpu_s) for size in sizes}
 
-    print(f"# Unit rates on this machine, one CPU thread (torch {torch.__version__}, "
-          f"{time.perf_counter() - started:.0f}s to measure)\n")
+    print(
+        f"# Unit rates on this machine, one CPU thread (torch {torch.__version__}, "
+        f"{time.perf_counter() - started:.0f}s to measure)\n"
+    )
     stages = list(next(iter(measured.values())))
     print("| stage | " + " | ".join(f"{s}² img/s/CPU | {s}² GFLOP/img" for s in sizes) + " |")
     print("|---|" + "---:|---:|" * len(sizes))
     for stage in stages:
-        cells = [f"{fmt_rate(measured[s][stage].images_per_cpu_s)} | {measured[s][stage].flops_per_image / 1e9:.3g}"
-                 for s in sizes]
+        cells = [
+            f"{fmt_rate(measured[s][stage].images_per_cpu_s)} | {measured[s][stage].flops_per_image / 1e9:.3g}"
+            for s in sizes
+        ]
         print(f"| {stage} | " + " | ".join(cells) + " |")
-    print(f"\npairs: one teacher ODE solve ({PAIRS.solver}, {PAIRS.steps} steps); evaluate: one image of the "
-          "default FID grid on average (its network evaluations, VAE decode, classifier features); "
-          "serve: one 1-step image, decoded.")
+    print(
+        f"\npairs: one teacher ODE solve ({PAIRS.solver}, {PAIRS.steps} steps); evaluate: one image of the "
+        "default FID grid on average (its network evaluations, VAE decode, classifier features); "
+        "serve: one 1-step image, decoded."
+    )
 
     for size in sizes:
         setup = SETUPS[size]
-        rows = plan(measured[size], args.images, args.gpus, args.cpus, args.gpu_tflops,
-                    gpu_rates.get(str(size), {}), args.serve_images_per_s)
-        print(f"\n# {args.images:,} images at {size}² ({setup.dit} on {setup.latent}x{setup.latent}x4 latents, "
-              f"VAE f={setup.downsample}): {args.gpus} GPUs, {args.cpus} CPUs\n")
-        print(f"| stage | work | img/s per CPU (measured) | img/s per GPU | GPUs / actors | time | time on {args.cpus} CPUs |")
+        rows = plan(
+            measured[size],
+            args.images,
+            args.gpus,
+            args.cpus,
+            args.gpu_tflops,
+            gpu_rates.get(str(size), {}),
+            args.serve_images_per_s,
+        )
+        print(
+            f"\n# {args.images:,} images at {size}² ({setup.dit} on {setup.latent}x{setup.latent}x4 latents, "
+            f"VAE f={setup.downsample}): {args.gpus} GPUs, {args.cpus} CPUs\n"
+        )
+        print(
+            f"| stage | work | img/s per CPU (measured) | img/s per GPU | GPUs / actors | time | time on {args.cpus} CPUs |"
+        )
         print("|---|---|---:|---:|---|---:|---:|")
         for row in rows:
             gpu = "-" if row.gpu_rate is None else f"{fmt_rate(row.gpu_rate)} ({row.gpu_source})"
             on_cpus = f"{row.cpu_hours:.0f} CPU replicas" if row.stage == "serve" else fmt_hours(row.cpu_hours)
-            print(f"| {row.stage} | {row.work} | {fmt_rate(row.cpu_rate)} | {gpu} | {row.workers} | "
-                  f"{fmt_hours(row.hours)} | {on_cpus} |")
+            print(
+                f"| {row.stage} | {row.work} | {fmt_rate(row.cpu_rate)} | {gpu} | {row.workers} | "
+                f"{fmt_hours(row.hours)} | {on_cpus} |"
+            )
         total = sum(row.hours or 0 for row in rows)
         print(f"\ntotal: {total:,.1f} h on {args.gpus} GPUs (stages run one after another)")
-    print(f"\nAssumptions: GPU rates marked 'estimated' are FLOPs/image over {args.gpu_tflops:g} sustained TFLOP/s "
-          "per GPU until benchmarks/gpu_check.sh measures them (--gpu-rates); training and actor pools scale "
-          "linearly in GPUs; ingest is CPU-bound (PNG codecs); Ray's per-stage start-up is left out; "
-          f"workload per stage: {WORKLOAD} (x dataset), evaluation {EVAL_N:,} images per cell.")
+    print(
+        f"\nAssumptions: GPU rates marked 'estimated' are FLOPs/image over {args.gpu_tflops:g} sustained TFLOP/s "
+        "per GPU until benchmarks/gpu_check.sh measures them (--gpu-rates); training and actor pools scale "
+        "linearly in GPUs; ingest is CPU-bound (PNG codecs); Ray's per-stage start-up is left out; "
+        f"workload per stage: {WORKLOAD} (x dataset), evaluation {EVAL_N:,} images per cell."
+    )
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({str(s): {stage: vars(unit) for stage, unit in units.items()} for s, units in measured.items()},
-                      out, indent=2)
+            json.dump(
+                {str(s): {stage: vars(unit) for stage, unit in units.items()} for s, units in measured.items()},
+                out,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

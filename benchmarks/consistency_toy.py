@@ -44,8 +44,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -127,13 +127,16 @@ def samplers() -> dict[str, Callable[[nn.Module, Tensor, Tensor, int, int], Tens
     def library(coupling: float, grid: bool):
         def run(net, x_0, y, steps, seed):
             g = torch.Generator().manual_seed(seed)
-            return consistency_sample(net, x_0, y, steps, generator=g, coupling=coupling,
-                                      num_intervals=INTERVALS if grid else None).x_1
+            return consistency_sample(
+                net, x_0, y, steps, generator=g, coupling=coupling, num_intervals=INTERVALS if grid else None
+            ).x_1
+
         return run
 
     def inferred(grid: bool):
         def run(net, x_0, y, steps, seed):
             return sample_inferred(net, x_0, y, consistency_times(steps, INTERVALS if grid else None))
+
         return run
 
     return {
@@ -173,8 +176,9 @@ def train_seed(seed: int) -> dict[str, nn.Module]:
         teacher = models[setup.teacher]
         # The pipeline starts the student at the teacher's weights (a fresh, trainable copy).
         student = copy.deepcopy(teacher).requires_grad_(True)
-        cd = ConsistencyDistillation(teacher, student, num_intervals=INTERVALS, solver="heun",
-                                     ema_decay=0.95, label_dropout=setup.label_dropout)
+        cd = ConsistencyDistillation(
+            teacher, student, num_intervals=INTERVALS, solver="heun", ema_decay=0.95, label_dropout=setup.label_dropout
+        )
         fit(cd, student, pair_batch if setup.pairs else data_batch, CD_STEPS, lr=1e-3)
         models[setup.name] = student
     return models
@@ -207,7 +211,8 @@ def evaluate_seed(models: dict[str, nn.Module], seed: int) -> dict[str, dict[int
     half = N_EVAL // NUM_CLASSES  # stratified: the modes of class 0, then those of class 1
     sw_all = SlicedW2(sample_mixture_given(torch.arange(N_EVAL) // half, g, stratified=True))
     rows["base ODE, Heun 32 | null label"] = {
-        k: sw_all(sample_ode(models["base"], x_0, y_null, 32, "heun").x_1) for k in STEPS}
+        k: sw_all(sample_ode(models["base"], x_0, y_null, 32, "heun").x_1) for k in STEPS
+    }
     for setup, sampler in ((SETUPS[0], "coupled, grid"), (NO_DROPOUT, "coupled, grid"), (SETUPS[2], "fresh, grid")):
         rows[f"{setup.name} | null label, {sampler}"] = {
             k: sw_all(samplers()[sampler](models[setup.name], x_0, y_null, k, 30_000 + seed)) for k in STEPS
@@ -288,9 +293,20 @@ def main() -> None:
     seconds = time.perf_counter() - started
     print(f"{seconds:.0f} s on {torch.get_num_threads()} thread(s)")
     if args.json:
-        print(json.dumps({"seeds": args.seeds, "intervals": INTERVALS, "seconds": round(seconds, 1),
-                          "metric": "sliced W2, mean and 95% half-width", "table": table,
-                          "recommended": RECOMMENDED, "paired": paired, "per_seed": per_seed}))
+        print(
+            json.dumps(
+                {
+                    "seeds": args.seeds,
+                    "intervals": INTERVALS,
+                    "seconds": round(seconds, 1),
+                    "metric": "sliced W2, mean and 95% half-width",
+                    "table": table,
+                    "recommended": RECOMMENDED,
+                    "paired": paired,
+                    "per_seed": per_seed,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

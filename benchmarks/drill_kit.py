@@ -98,14 +98,22 @@ class PrefectServer:
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
-        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db")
+        env = dict(
+            os.environ,
+            PREFECT_HOME=str(home),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        )
         env.pop("PREFECT_API_URL", None)
         self.log_path = home / "server.log"
         with open(self.log_path, "wb") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + startup_timeout_s
         while True:
             try:
@@ -147,8 +155,12 @@ class MotoServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         with open(log_path, "wb") as sink:
-            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while True:
             with socket.socket() as probe:
@@ -161,14 +173,26 @@ class MotoServer:
     def client(self, endpoint: str | None = None):
         import boto3
 
-        return boto3.client("s3", endpoint_url=endpoint or self.url, region_name=self.REGION,
-                            aws_access_key_id=self.KEY, aws_secret_access_key=self.SECRET)
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint or self.url,
+            region_name=self.REGION,
+            aws_access_key_id=self.KEY,
+            aws_secret_access_key=self.SECRET,
+        )
 
     def env(self, endpoint: str) -> dict[str, str]:
         """The AWS variables that point fewstep (and every Ray worker it hands a store) at ``endpoint``."""
-        return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET,
-                "AWS_DEFAULT_REGION": self.REGION, "AWS_REGION": self.REGION, "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        return {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": self.KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET,
+            "AWS_DEFAULT_REGION": self.REGION,
+            "AWS_REGION": self.REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
 
     def pause(self) -> None:
         os.killpg(self.process.pid, signal.SIGSTOP)
@@ -307,12 +331,19 @@ class WatchedRun:
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
         self.started = time.monotonic()
         self.log_path = log_path
-        self.events: "queue.Queue[Event]" = queue.Queue()
+        self.events: queue.Queue[Event] = queue.Queue()
         self.history: list[Event] = []
         self.tail: list[str] = []
-        self.process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args], env=env, cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        start_new_session=True, bufsize=1)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "run", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            bufsize=1,
+        )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -356,8 +387,13 @@ class WatchedRun:
 
 
 def run_env(prefect_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ, PREFECT_API_URL=prefect_url, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PREFECT_API_URL=prefect_url,
+        PYTHONUNBUFFERED="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     env.update(extra or {})
     return env
 
@@ -406,10 +442,14 @@ def audit_store(store) -> Audit:
         audit.verified += 1
         audit.per_stage[stage] = audit.per_stage.get(stage, 0) + 1
         audit.created[manifest.ref] = manifest.created_at
-        named_attempts.update(f"{stage}/{key}/{entry.path.split('/')[0]}/{entry.path.split('/')[1]}"
-                              for entry in manifest.files.values() if entry.path.startswith("attempts/"))
-    attempts = {"/".join(parts[:4]) for parts in (rel.split("/") for rel in files)
-                if len(parts) > 4 and parts[2] == "attempts"}
+        named_attempts.update(
+            f"{stage}/{key}/{entry.path.split('/')[0]}/{entry.path.split('/')[1]}"
+            for entry in manifest.files.values()
+            if entry.path.startswith("attempts/")
+        )
+    attempts = {
+        "/".join(parts[:4]) for parts in (rel.split("/") for rel in files) if len(parts) > 4 and parts[2] == "attempts"
+    }
     audit.staging_attempts = len(attempts - named_attempts)
     audit.pointers, audit.broken_pointers = store.scan_pointers()
     return audit

@@ -48,7 +48,8 @@ MAX_SEED = 2**63 - 1
 ANY_JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=16),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 def from_schema(schema: dict[str, Any], definitions: dict[str, Any]) -> st.SearchStrategy:
@@ -63,8 +64,9 @@ def from_schema(schema: dict[str, Any], definitions: dict[str, Any]) -> st.Searc
     if kind == "integer":
         return st.integers(min_value=schema.get("minimum"), max_value=schema.get("maximum"))
     if kind == "number":
-        return st.floats(min_value=schema.get("minimum"), max_value=schema.get("maximum"), allow_nan=False,
-                         allow_infinity=False)
+        return st.floats(
+            min_value=schema.get("minimum"), max_value=schema.get("maximum"), allow_nan=False, allow_infinity=False
+        )
     if kind == "string":
         return st.text(max_size=schema.get("maxLength", 32))
     if kind == "boolean":
@@ -72,14 +74,18 @@ def from_schema(schema: dict[str, Any], definitions: dict[str, Any]) -> st.Searc
     if kind == "null":
         return st.none()
     if kind == "array":
-        return st.lists(from_schema(schema.get("items", {}), definitions), min_size=schema.get("minItems", 0),
-                        max_size=min(schema.get("maxItems", 8), 8))
+        return st.lists(
+            from_schema(schema.get("items", {}), definitions),
+            min_size=schema.get("minItems", 0),
+            max_size=min(schema.get("maxItems", 8), 8),
+        )
     if kind == "object":
         properties = schema.get("properties", {})
         required = set(schema.get("required", []))
         return st.fixed_dictionaries(
             {name: from_schema(properties[name], definitions) for name in properties if name in required},
-            optional={name: from_schema(properties[name], definitions) for name in properties if name not in required})
+            optional={name: from_schema(properties[name], definitions) for name in properties if name not in required},
+        )
     if not schema:
         return ANY_JSON
     raise ValueError(f"no strategy for the schema {schema!r}: extend from_schema")
@@ -87,8 +93,13 @@ def from_schema(schema: dict[str, Any], definitions: dict[str, Any]) -> st.Searc
 
 def within(schema: dict[str, Any], limits: dict[str, Any], num_classes: int) -> dict[str, Any]:
     """The GenerateBody schema narrowed to the served limits (the bounds live in the server, not the schema)."""
-    bounds = {"n": (1, limits["max_n"]), "steps": (1, limits["max_steps"]), "guidance": (0, limits["max_guidance"]),
-              "seed": (0, MAX_SEED), "labels": (0, num_classes)}
+    bounds = {
+        "n": (1, limits["max_n"]),
+        "steps": (1, limits["max_steps"]),
+        "guidance": (0, limits["max_guidance"]),
+        "seed": (0, MAX_SEED),
+        "labels": (0, num_classes),
+    }
     narrowed = json.loads(json.dumps(schema))
 
     def bound(node: dict[str, Any], low, high) -> None:
@@ -119,25 +130,29 @@ def cases(schema: dict[str, Any], definitions: dict[str, Any], limits: dict[str,
 
     def fit_labels(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("labels"):  # one label per image, as the limits require
-            body["labels"] = (body["labels"] * body["n"])[:body["n"]]
+            body["labels"] = (body["labels"] * body["n"])[: body["n"]]
         elif "labels" in body and body["labels"] is not None:
             del body["labels"]
         return body
 
-    in_limits = from_schema(within(schema, limits, num_classes), definitions).map(fit_labels).map(
-        lambda body: Case("in_limits", encode(body), True))
+    in_limits = (
+        from_schema(within(schema, limits, num_classes), definitions)
+        .map(fit_labels)
+        .map(lambda body: Case("in_limits", encode(body), True))
+    )
     valid = from_schema(schema, definitions)
     conforming = valid.map(lambda body: Case("schema", encode(body), False))
     mutated = st.one_of(
         valid.map(lambda body: {k: v for k, v in body.items() if k != "n"}),
         st.tuples(valid, st.text(min_size=1, max_size=8).filter(lambda k: k not in names), ANY_JSON).map(
-            lambda t: {**t[0], t[1]: t[2]}),
+            lambda t: {**t[0], t[1]: t[2]}
+        ),
         st.tuples(valid, st.sampled_from(names), ANY_JSON).map(lambda t: {**t[0], t[1]: t[2]}),
         ANY_JSON,
     ).map(lambda body: Case("mutated", encode(body), False))
     raw = st.one_of(
         st.binary(max_size=256),
-        st.tuples(valid, st.integers(min_value=0, max_value=40)).map(lambda t: encode(t[0])[:t[1]]),
+        st.tuples(valid, st.integers(min_value=0, max_value=40)).map(lambda t: encode(t[0])[: t[1]]),
     ).map(lambda data: Case("raw", data, False))
     kinds = {"in_limits": in_limits, "schema": conforming, "mutated": mutated, "raw": raw}
     return st.sampled_from(sorted(kinds)).flatmap(kinds.__getitem__)  # each kind a quarter of the examples
@@ -157,16 +172,22 @@ class FuzzFigures:
 
 
 def check(response: httpx.Response, case: Case) -> None:
-    assert response.status_code < 500, f"{response.status_code} for {case.kind} body {case.raw[:200]!r}: {response.text[:300]}"
+    assert response.status_code < 500, (
+        f"{response.status_code} for {case.kind} body {case.raw[:200]!r}: {response.text[:300]}"
+    )
     body = response.json()  # every answer is JSON
     if response.status_code == 200:  # then the body was a request for n images
         n = json.loads(case.raw)["n"]
         assert len(body["images"]) == n, f"200 with {len(body['images'])} images for n={n}: {case.raw[:200]!r}"
     else:
         # 400: bytes FastAPI cannot decode as text; 413: over the body limit; 422: anything else refused
-        assert response.status_code in (400, 413, 422) and "detail" in body, f"{response.status_code}: {response.text[:300]}"
+        assert response.status_code in (400, 413, 422) and "detail" in body, (
+            f"{response.status_code}: {response.text[:300]}"
+        )
     if case.must_succeed:
-        assert response.status_code == 200, f"{response.status_code} for an in-limits body {case.raw!r}: {response.text[:300]}"
+        assert response.status_code == 200, (
+            f"{response.status_code} for an in-limits body {case.raw!r}: {response.text[:300]}"
+        )
 
 
 def fuzz_drill(url: str, examples: int, seed_value: int = 0) -> FuzzFigures:
@@ -180,9 +201,15 @@ def fuzz_drill(url: str, examples: int, seed_value: int = 0) -> FuzzFigures:
     started = time.perf_counter()
 
     with httpx.Client(base_url=url, timeout=60) as client:
+
         @seed(seed_value)
-        @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            print_blob=False,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+        )
         @given(strategy)
         def no_server_errors(case: Case) -> None:
             response = client.post("v1/generate", content=case.raw, headers={"content-type": "application/json"})
@@ -197,9 +224,13 @@ def fuzz_drill(url: str, examples: int, seed_value: int = 0) -> FuzzFigures:
     seconds = time.perf_counter() - started
     counted = {kind: dict(sorted(c.items())) for kind, c in sorted(status.items())}
     return FuzzFigures(
-        examples=sum(sum(c.values()) for c in status.values()), seconds=round(seconds, 1), status=counted,
+        examples=sum(sum(c.values()) for c in status.values()),
+        seconds=round(seconds, 1),
+        status=counted,
         server_errors=sum(v for c in status.values() for k, v in c.items() if k.startswith("5")),
-        in_limits_failed=sum(v for k, v in status["in_limits"].items() if k != "200"), falsified=falsified)
+        in_limits_failed=sum(v for k, v in status["in_limits"].items() if k != "200"),
+        falsified=falsified,
+    )
 
 
 def main() -> None:
@@ -214,8 +245,11 @@ def main() -> None:
     tiny = kit.tiny_store(workdir / "store")
     with kit.serving(tiny.store.uri, kit.drill_config()) as url:
         figures = fuzz_drill(url, args.examples, args.seed)
-    print(f"fuzz: {figures.examples} requests in {figures.seconds}s; 5xx: {figures.server_errors}; in-limits "
-          f"without a 200: {figures.in_limits_failed}", flush=True)
+    print(
+        f"fuzz: {figures.examples} requests in {figures.seconds}s; 5xx: {figures.server_errors}; in-limits "
+        f"without a 200: {figures.in_limits_failed}",
+        flush=True,
+    )
     for kind, counts in figures.status.items():
         print(f"  {kind:9s} {counts}", flush=True)
     if figures.falsified:

@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serve_drill_kit as kit  # noqa: E402
 
 
-def load_drill(url: str, workdir: Path, requests: int, concurrency: int = 32, invalid: float = 0.3,
-               seed: int = 0) -> kit.LoadFigures:
+def load_drill(
+    url: str, workdir: Path, requests: int, concurrency: int = 32, invalid: float = 0.3, seed: int = 0
+) -> kit.LoadFigures:
     load = kit.Load(url, workdir / "load.jsonl", requests, concurrency, invalid, seed).start()
     return kit.load_figures(load.wait())
 
@@ -60,8 +61,9 @@ class KillFigures:
         return asdict(self)
 
 
-def kill_drill(url: str, workdir: Path, requests: int, replicas: int, concurrency: int = 32,
-               seed: int = 1, timeout_s: float = 240) -> KillFigures:
+def kill_drill(
+    url: str, workdir: Path, requests: int, replicas: int, concurrency: int = 32, seed: int = 1, timeout_s: float = 240
+) -> KillFigures:
     """Valid requests only, so that every failure is the kill's."""
     before = set(kit.replica_names())
     assert len(before) == replicas, f"expected {replicas} replicas, Serve has {sorted(before)}"
@@ -71,21 +73,34 @@ def kill_drill(url: str, workdir: Path, requests: int, replicas: int, concurrenc
     killed_after = load.done()
     killed_at = time.time()
     killed = kit.kill_replica()
-    kit.wait_for(lambda: kit.replicas() == replicas and killed not in kit.replica_names()
-                 and len(set(kit.replica_names()) - before) == 1, timeout_s, "Serve to replace the killed replica",
-                 poll_s=0.1)
+    kit.wait_for(
+        lambda: (
+            kit.replicas() == replicas
+            and killed not in kit.replica_names()
+            and len(set(kit.replica_names()) - before) == 1
+        ),
+        timeout_s,
+        "Serve to replace the killed replica",
+        poll_s=0.1,
+    )
     back_at = time.time()
     records = load.wait(timeout_s)
     failed = [r for r in records if r["status"] != 200]
     ok_after = [r["end"] for r in records if r["status"] == 200 and r["start"] > killed_at]
     figures = kit.load_figures(records)
     return KillFigures(
-        requests=len(records), replicas=replicas, killed=killed, killed_after_requests=killed_after,
-        failed=len(failed), failed_status=dict(sorted(Counter(str(r["status"]) for r in failed).items())),
+        requests=len(records),
+        replicas=replicas,
+        killed=killed,
+        killed_after_requests=killed_after,
+        failed=len(failed),
+        failed_status=dict(sorted(Counter(str(r["status"]) for r in failed).items())),
         first_ok_after_kill_s=round(min(ok_after) - killed_at, 3) if ok_after else float("nan"),
         replicas_back_s=round(back_at - killed_at, 2),
         failed_after_recovery=sum(r["start"] > back_at for r in failed),
-        p50_ms=figures.p50_ms, p99_ms=figures.p99_ms)
+        p50_ms=figures.p50_ms,
+        p99_ms=figures.p99_ms,
+    )
 
 
 def main() -> None:
@@ -103,19 +118,29 @@ def main() -> None:
     tiny = kit.tiny_store(workdir / "store")
     with kit.serving(tiny.store.uri, kit.drill_config(replicas=args.replicas)) as url:
         load = load_drill(url, workdir, args.requests, args.concurrency, args.invalid)
-        print(f"load: {load.requests} requests ({load.valid} valid, {load.invalid} invalid) at concurrency "
-              f"{args.concurrency} in {load.seconds}s = {load.requests_per_s}/s", flush=True)
+        print(
+            f"load: {load.requests} requests ({load.valid} valid, {load.invalid} invalid) at concurrency "
+            f"{args.concurrency} in {load.seconds}s = {load.requests_per_s}/s",
+            flush=True,
+        )
         print(f"  valid: {load.valid_status}   invalid: {load.invalid_status}", flush=True)
-        print(f"  5xx: valid {load.valid_5xx}, invalid {load.invalid_5xx}; latency of valid 200s: "
-              f"p50 {load.p50_ms} ms, p95 {load.p95_ms} ms, p99 {load.p99_ms} ms", flush=True)
+        print(
+            f"  5xx: valid {load.valid_5xx}, invalid {load.invalid_5xx}; latency of valid 200s: "
+            f"p50 {load.p50_ms} ms, p95 {load.p95_ms} ms, p99 {load.p99_ms} ms",
+            flush=True,
+        )
         kill = kill_drill(url, workdir, args.kill_requests, args.replicas, args.concurrency)
-        print(f"kill: 1 of {kill.replicas} replica(s) killed after {kill.killed_after_requests} of {kill.requests} "
-              f"requests: {kill.failed} failed {kill.failed_status}; first 200 after the kill in "
-              f"{kill.first_ok_after_kill_s}s; all replicas running again after {kill.replicas_back_s}s; "
-              f"{kill.failed_after_recovery} failed after that", flush=True)
+        print(
+            f"kill: 1 of {kill.replicas} replica(s) killed after {kill.killed_after_requests} of {kill.requests} "
+            f"requests: {kill.failed} failed {kill.failed_status}; first 200 after the kill in "
+            f"{kill.first_ok_after_kill_s}s; all replicas running again after {kill.replicas_back_s}s; "
+            f"{kill.failed_after_recovery} failed after that",
+            flush=True,
+        )
     if args.json:
-        kit.print_json_last({"load": load.as_dict(), "kill": kill.as_dict(), "concurrency": args.concurrency,
-                             "cores": os.cpu_count()})
+        kit.print_json_last(
+            {"load": load.as_dict(), "kill": kill.as_dict(), "concurrency": args.concurrency, "cores": os.cpu_count()}
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import serve_drill_kit as kit  # noqa: E402
@@ -60,8 +59,9 @@ class SwapFigures:
         return asdict(self)
 
 
-def swap_drill(url: str, tiny: kit.TinyStore, workdir: Path, concurrency: int = 32, hold_s: float = 3.0,
-               timeout_s: float = 120) -> SwapFigures:
+def swap_drill(
+    url: str, tiny: kit.TinyStore, workdir: Path, concurrency: int = 32, hold_s: float = 3.0, timeout_s: float = 120
+) -> SwapFigures:
     """``tiny``'s pointer must name ``tiny.first``, the model the app serves; it ends on ``tiny.second``."""
     store = tiny.store
     assert kit.health(url) == {"status": "ok", "model": tiny.first.ref, "reasons": [], "failed_swap": None}
@@ -74,7 +74,7 @@ def swap_drill(url: str, tiny: kit.TinyStore, workdir: Path, concurrency: int = 
             moved = time.monotonic()
             store.put_pointer(kit.POINTER, manifest.ref)
 
-            def reported():
+            def reported(manifest=manifest):
                 health = kit.health(url)
                 failed = health["failed_swap"]
                 return health if failed and failed["ref"] == manifest.ref else None
@@ -88,11 +88,17 @@ def swap_drill(url: str, tiny: kit.TinyStore, workdir: Path, concurrency: int = 
         bad_until = time.time()
         moved = time.monotonic()
         store.put_pointer(kit.POINTER, tiny.second.ref)
-        health = kit.wait_for(lambda: (h := kit.health(url))["model"] == tiny.second.ref and h["status"] == "ok" and h,
-                              timeout_s, f"{tiny.second.ref} to be served")
+        health = kit.wait_for(
+            lambda: (h := kit.health(url))["model"] == tiny.second.ref and h["status"] == "ok" and h,
+            timeout_s,
+            f"{tiny.second.ref} to be served",
+        )
         swap_s = time.monotonic() - moved
-        kit.wait_for(lambda: any(r["model"] == tiny.second.ref for r in load.records()), timeout_s,
-                     "an answer from the new model")
+        kit.wait_for(
+            lambda: any(r["model"] == tiny.second.ref for r in load.records()),
+            timeout_s,
+            "an answer from the new model",
+        )
         time.sleep(1.0)
         health = kit.health(url)
     finally:
@@ -100,10 +106,15 @@ def swap_drill(url: str, tiny: kit.TinyStore, workdir: Path, concurrency: int = 
     records = load.wait(timeout_s)
     while_bad = [r for r in records if bad_from <= r["start"] and r["end"] <= bad_until]
     return SwapFigures(
-        requests=len(records), failed=sum(r["status"] != 200 for r in records), old=tiny.first.ref,
-        new=tiny.second.ref, bad=bad,
+        requests=len(records),
+        failed=sum(r["status"] != 200 for r in records),
+        old=tiny.first.ref,
+        new=tiny.second.ref,
+        bad=bad,
         models_while_bad=dict(kit.load_figures(while_bad).models) if while_bad else {},
-        swap_s=round(swap_s, 2), health_after=health)
+        swap_s=round(swap_s, 2),
+        health_after=health,
+    )
 
 
 def main() -> None:
@@ -121,14 +132,27 @@ def main() -> None:
         figures = swap_drill(url, tiny, workdir, args.concurrency, args.hold_s)
     print(f"swap under load: {figures.requests} requests, {figures.failed} failed; old model {figures.old}", flush=True)
     for b in figures.bad:
-        print(f"  {b.kind:9s} {b.ref}: /healthz degraded after {b.detected_s}s, {b.attempts} load attempt(s) in "
-              f"{args.hold_s}s; reason: {b.error}", flush=True)
+        print(
+            f"  {b.kind:9s} {b.ref}: /healthz degraded after {b.detected_s}s, {b.attempts} load attempt(s) in "
+            f"{args.hold_s}s; reason: {b.error}",
+            flush=True,
+        )
     print(f"  answers while the pointer named a broken model: {figures.models_while_bad}", flush=True)
-    print(f"  good model {figures.new} served {figures.swap_s}s after the pointer moved; /healthz: "
-          f"{figures.health_after['status']}", flush=True)
+    print(
+        f"  good model {figures.new} served {figures.swap_s}s after the pointer moved; /healthz: "
+        f"{figures.health_after['status']}",
+        flush=True,
+    )
     if args.json:
-        kit.print_json_last({**figures.as_dict(), "replicas": args.replicas, "concurrency": args.concurrency,
-                             "hold_s": args.hold_s, "cores": os.cpu_count()})
+        kit.print_json_last(
+            {
+                **figures.as_dict(),
+                "replicas": args.replicas,
+                "concurrency": args.concurrency,
+                "hold_s": args.hold_s,
+                "cores": os.cpu_count(),
+            }
+        )
 
 
 if __name__ == "__main__":

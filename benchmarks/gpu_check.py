@@ -89,27 +89,55 @@ def train(short: bool, peak_tflops: float | None) -> dict:
     model, side, batch, steps = ("DiT-T/2", 8, 16, 6) if short else ("DiT-B/2", 32, 256, 300)
     shape = (4, side, side)
     rng = np.random.default_rng(0)
-    rows = [{"x_0": rng.standard_normal(shape).astype(np.float32), "x_1": rng.standard_normal(shape).astype(np.float32),
-             "label": i % 10} for i in range(max(4 * batch, 64))]
+    rows = [
+        {
+            "x_0": rng.standard_normal(shape).astype(np.float32),
+            "x_1": rng.standard_normal(shape).astype(np.float32),
+            "label": i % 10,
+        }
+        for i in range(max(4 * batch, 64))
+    ]
     spec = model_spec(DiT(dit_config(model, input_size=side, in_channels=4, num_classes=10, class_dropout_prob=0.0)))
     gpus = 1.0 if peak_tflops else 0.0
-    config = GeneratorConfig(model=model, steps=steps, batch_size=batch, warmup_steps=0, checkpoint_every=steps,
-                             resources=Resources(workers=1, cpus=1, gpus=gpus))
+    config = GeneratorConfig(
+        model=model,
+        steps=steps,
+        batch_size=batch,
+        warmup_steps=0,
+        checkpoint_every=steps,
+        resources=Resources(workers=1, cpus=1, gpus=gpus),
+    )
     ensure_ray(verbose=False)
     with tempfile.TemporaryDirectory() as folder:
-        job = TrainJob(store=Store.open(os.path.join(folder, "store")), stage="gpucheck", key="train", model_spec=spec,
-                       objective=FlowMatching(label_dropout=0.1), config=config, adapt_batch=PairBatch(num_classes=10))
+        job = TrainJob(
+            store=Store.open(os.path.join(folder, "store")),
+            stage="gpucheck",
+            key="train",
+            model_spec=spec,
+            objective=FlowMatching(label_dropout=0.1),
+            config=config,
+            adapt_batch=PairBatch(num_classes=10),
+        )
         started = time.perf_counter()
         result = fit(job, ray.data.from_items(rows), storage_path=os.path.join(folder, "ray"))
         wall = time.perf_counter() - started
     steps_s = result.timing.get("steps_s") or wall
     samples_per_s = steps * batch / steps_s
     flops = 3 * forward_flops(spec, 1, shape)  # forward + backward ~ 3 x forward, per sample
-    out = {"model": model, "batch": batch, "steps": steps, "device": "cuda" if gpus else "cpu",
-           "samples_per_s": round(samples_per_s, 1), "stage_s": round(wall, 2), "timing": result.timing,
-           "train_flops_per_sample": flops}
-    print(f"{model} on {shape}, batch {batch}, {steps} steps on {out['device']}: {samples_per_s:.1f} samples/s "
-          f"(stage {wall:.1f} s; {', '.join(f'{k} {v:.2f}' for k, v in result.timing.items())})")
+    out = {
+        "model": model,
+        "batch": batch,
+        "steps": steps,
+        "device": "cuda" if gpus else "cpu",
+        "samples_per_s": round(samples_per_s, 1),
+        "stage_s": round(wall, 2),
+        "timing": result.timing,
+        "train_flops_per_sample": flops,
+    }
+    print(
+        f"{model} on {shape}, batch {batch}, {steps} steps on {out['device']}: {samples_per_s:.1f} samples/s "
+        f"(stage {wall:.1f} s; {', '.join(f'{k} {v:.2f}' for k, v in result.timing.items())})"
+    )
     if peak_tflops:
         out["achieved_tflops"] = round(flops * samples_per_s / 1e12, 2)
         out["mfu"] = round(out["achieved_tflops"] / peak_tflops, 4)
@@ -124,8 +152,10 @@ def pipeline_config(short: bool, gpu: bool) -> str:
     import yaml
 
     gpus = {"resources": {"gpus": 1}} if gpu else {}
-    data: dict = {name: dict(gpus) for name in ("vae", "latents", "base", "pairs", "reflow", "consistency",
-                                                 "features", "evaluate")}
+    data: dict = {
+        name: dict(gpus)
+        for name in ("vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate")
+    }
     if short:
         tiny = {"steps": 4, "batch_size": 16, "checkpoint_every": 4, "warmup_steps": 0}
         data["ingest"] = {"limit": 96}
@@ -148,8 +178,23 @@ def pipeline(short: bool, gpu: bool, store: str) -> dict:
 
     config = pipeline_config(short, gpu)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "run", "--preset", "quick",
-                          "--config", config, "--store", store], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from flows.cli import main; main()",
+            "run",
+            "--preset",
+            "quick",
+            "--config",
+            config,
+            "--store",
+            store,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     wall = time.perf_counter() - started
     if out.returncode != 0:
         raise RuntimeError(f"fewstep run failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
@@ -163,17 +208,33 @@ def pipeline(short: bool, gpu: bool, store: str) -> dict:
 
 def serve(short: bool, gpu: bool, store: str) -> dict:
     """serve_bench.py on the promoted model: batched throughput and the batched / unbatched ratio."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "serve_bench.py"), "--store", store, "--answers", "raw",
-               "--seconds", "1" if short else "5", "--json", "--device", "cuda" if gpu else "cpu",
-               "--images", "1" if short else "4", "--steps", "1"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "serve_bench.py"),
+        "--store",
+        store,
+        "--answers",
+        "raw",
+        "--seconds",
+        "1" if short else "5",
+        "--json",
+        "--device",
+        "cuda" if gpu else "cpu",
+        "--images",
+        "1" if short else "4",
+        "--steps",
+        "1",
+    ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"serve_bench failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     figures = json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
     batched = next(r for r in figures["rows"] if r["mode"] == "Serve batched" and r["concurrency"] == 32)
-    print(f"Serve batched at concurrency 32: {batched['images_per_s']:.1f} images/s, "
-          f"{batched['per_pass']:.1f} requests per forward pass; batched / unbatched "
-          f"{figures.get('batched_over_unbatched_c32')}, Serve / in-process {figures.get('serve_over_inprocess_c32')}")
+    print(
+        f"Serve batched at concurrency 32: {batched['images_per_s']:.1f} images/s, "
+        f"{batched['per_pass']:.1f} requests per forward pass; batched / unbatched "
+        f"{figures.get('batched_over_unbatched_c32')}, Serve / in-process {figures.get('serve_over_inprocess_c32')}"
+    )
     return {"batched_images_per_s_c32": batched["images_per_s"], **{k: v for k, v in figures.items() if k != "rows"}}
 
 

@@ -52,8 +52,18 @@ from drill_kit import (  # noqa: E402
 
 # Upper end of the kill delay per stage: about 3/4 of its duration with the tiny config on a
 # loaded 2-core machine. On a faster machine more kills land right after a commit (reported).
-TYPICAL_S = {"ingest": 15.0, "vae": 40.0, "latents": 15.0, "base": 45.0, "pairs": 6.0, "reflow": 45.0,
-             "consistency": 45.0, "features": 15.0, "evaluate": 3.0, "promote": 1.0}
+TYPICAL_S = {
+    "ingest": 15.0,
+    "vae": 40.0,
+    "latents": 15.0,
+    "base": 45.0,
+    "pairs": 6.0,
+    "reflow": 45.0,
+    "consistency": 45.0,
+    "features": 15.0,
+    "evaluate": 3.0,
+    "promote": 1.0,
+}
 RUN_TIMEOUT_S = 1800.0
 
 
@@ -164,13 +174,20 @@ def drill(kills: int, seed: int, config_name: str, workdir: Path) -> dict:
             record.wall_s = round(run.elapsed(), 1)
             records.append(record)
             audit = audit_store(store)
-            log(f"run {index}: {record.landed} (target {record.target}+{record.delay_s}s), wall {record.wall_s}s, "
-                f"resume {record.resume_s}s, {audit.verified}/{audit.manifests} manifests verified")
+            log(
+                f"run {index}: {record.landed} (target {record.target}+{record.delay_s}s), wall {record.wall_s}s, "
+                f"resume {record.resume_s}s, {audit.verified}/{audit.manifests} manifests verified"
+            )
             violations += [f"after run {index}: torn {t}" for t in audit.torn]
             violations += [f"after run {index}: broken pointer {n}: {why}" for n, why in audit.broken_pointers.items()]
-            violations += [f"after run {index}: {ref} was recomputed (created {committed[ref]} -> {audit.created.get(ref)})"
-                           for ref in committed if audit.created.get(ref) != committed[ref]]
-            violations += [f"after run {index}: stage {s} has {n} manifests" for s, n in audit.per_stage.items() if n > 1]
+            violations += [
+                f"after run {index}: {ref} was recomputed (created {committed[ref]} -> {audit.created.get(ref)})"
+                for ref in committed
+                if audit.created.get(ref) != committed[ref]
+            ]
+            violations += [
+                f"after run {index}: stage {s} has {n} manifests" for s, n in audit.per_stage.items() if n > 1
+            ]
             if point is None and record.exit_code != 0:
                 violations.append(f"the last run failed with {record.exit_code}:\n" + "\n".join(run.tail[-25:]))
             if record.landed == "finished" and point is not None:
@@ -190,42 +207,61 @@ def drill(kills: int, seed: int, config_name: str, workdir: Path) -> dict:
     from infra.cards import GeneratorCard, VAECard
 
     cards = {"vae": VAECard, **{stage: GeneratorCard for stage in GeneratorCard.STAGES}}
-    resumed = {ref: cards[ref.split("/")[0]].from_manifest(store.get_ref(ref)).resumed_from
-               for ref in final.created if ref.split("/")[0] in cards}
+    resumed = {
+        ref: cards[ref.split("/")[0]].from_manifest(store.get_ref(ref)).resumed_from
+        for ref in final.created
+        if ref.split("/")[0] in cards
+    }
     killed = [r for r in records if r.exit_code == -9]
     reruns = [r for r in records[1:]]
     return {
-        "drill": "kill", "seed": seed, "config": config_name, "store": store_uri,
-        "kills_planned": len(plan), "kills_done": len(killed),
+        "drill": "kill",
+        "seed": seed,
+        "config": config_name,
+        "store": store_uri,
+        "kills_planned": len(plan),
+        "kills_done": len(killed),
         "kills_mid_stage": sum(r.landed.startswith("mid") for r in killed),
         "kills_after_commit": sum(r.landed.startswith("after") for r in killed),
         "stages_hit": sorted({r.landed.split()[1] for r in killed}, key=KILLABLE.index),
         "runs": [asdict(r) for r in records],
         "rerun_resume_s": [r.resume_s for r in reruns],
         "rerun_wall_s": [r.wall_s for r in reruns],
-        "manifests": final.manifests, "verified": final.verified, "torn": len(final.torn),
+        "manifests": final.manifests,
+        "verified": final.verified,
+        "torn": len(final.torn),
         "recomputed": sum("recomputed" in v for v in violations),
-        "staging_attempts_left": final.staging_attempts, "tmp_files_left": final.tmp_files,
-        "resumed_from": resumed, "total_s": round(time.monotonic() - started, 1),
+        "staging_attempts_left": final.staging_attempts,
+        "tmp_files_left": final.tmp_files,
+        "resumed_from": resumed,
+        "total_s": round(time.monotonic() - started, 1),
         "violations": violations,
     }
 
 
 def summary(result: dict) -> list[str]:
-    lines = [f"kill drill: seed {result['seed']}, config {result['config']}, {result['kills_done']} of "
-             f"{result['kills_planned']} kills ({result['kills_mid_stage']} mid-stage, "
-             f"{result['kills_after_commit']} right after a commit), {result['total_s']} s in all", "",
-             f"  {'RUN':<4} {'KILL POINT':<18} {'LANDED':<30} {'INTO STAGE':>10} {'RESUME':>8} {'WALL':>7} {'REUSED':>6}"]
+    lines = [
+        f"kill drill: seed {result['seed']}, config {result['config']}, {result['kills_done']} of "
+        f"{result['kills_planned']} kills ({result['kills_mid_stage']} mid-stage, "
+        f"{result['kills_after_commit']} right after a commit), {result['total_s']} s in all",
+        "",
+        f"  {'RUN':<4} {'KILL POINT':<18} {'LANDED':<30} {'INTO STAGE':>10} {'RESUME':>8} {'WALL':>7} {'REUSED':>6}",
+    ]
     for r in result["runs"]:
         point = f"{r['target']}+{r['delay_s']}s" if r["target"] else "(none)"
         into = "" if r["seconds_into_stage"] is None else f"{r['seconds_into_stage']:.1f} s"
         resume = "" if r["resume_s"] is None else f"{r['resume_s']:.1f} s"
-        lines.append(f"  {r['index']:<4} {point:<18} {r['landed']:<30} {into:>10} {resume:>8} {r['wall_s']:>5.1f} s "
-                     f"{r['reused']:>6}")
-    lines += ["", f"  manifests {result['manifests']}, verified {result['verified']}, torn {result['torn']}, "
-                  f"recomputed {result['recomputed']}, staging attempts left for gc {result['staging_attempts_left']}",
-              f"  resumed from step: {result['resumed_from']}",
-              f"  violations: {len(result['violations'])}"]
+        lines.append(
+            f"  {r['index']:<4} {point:<18} {r['landed']:<30} {into:>10} {resume:>8} {r['wall_s']:>5.1f} s "
+            f"{r['reused']:>6}"
+        )
+    lines += [
+        "",
+        f"  manifests {result['manifests']}, verified {result['verified']}, torn {result['torn']}, "
+        f"recomputed {result['recomputed']}, staging attempts left for gc {result['staging_attempts_left']}",
+        f"  resumed from step: {result['resumed_from']}",
+        f"  violations: {len(result['violations'])}",
+    ]
     lines += [f"    - {v}" for v in result["violations"]]
     return lines
 

@@ -51,10 +51,17 @@ def plain(store, images, vae_manifest, batch_size: int, channels: int) -> float:
             batch = table.slice(start, batch_size)
             x = torch.from_numpy(decode_batch(batch["image"].to_pylist(), channels))  # (N, C, H, W)
             posterior = vae.encode(x)
-            parts.append(tensors_to_table({
-                "id": np.asarray(batch["id"].to_pylist()), "split": np.asarray(batch["split"].to_pylist()),
-                "label": batch["label"].to_numpy(), "mean": posterior.mean.float().numpy(),
-                "logvar": posterior.logvar.float().numpy()}))
+            parts.append(
+                tensors_to_table(
+                    {
+                        "id": np.asarray(batch["id"].to_pylist()),
+                        "split": np.asarray(batch["split"].to_pylist()),
+                        "label": batch["label"].to_numpy(),
+                        "mean": posterior.mean.float().numpy(),
+                        "logvar": posterior.logvar.float().numpy(),
+                    }
+                )
+            )
     import pyarrow as pa
 
     data = table_to_parquet_bytes(pa.concat_tables(parts))
@@ -90,31 +97,48 @@ def main() -> None:
     vae = commit_vae(store, channels=args.channels, image_size=args.image_size)
     runs = {}
     for n in (min(256, small), small, large):  # the first, tiny run warms Ray Data and the actor code up
-        images = run_ingest(store, IngestConfig(source=source, image_size=args.image_size, channels=args.channels,
-                                                limit=n))
+        images = run_ingest(
+            store, IngestConfig(source=source, image_size=args.image_size, channels=args.channels, limit=n)
+        )
         rows = ImagesCard.from_manifest(images).n_images
         plain_s = plain(store, images, vae, args.batch_size, args.channels)
         started = time.perf_counter()
-        run_latents(store, LatentsConfig(batch_size=args.batch_size, resources=Resources(workers=args.workers)),
-                    images, vae)
+        run_latents(
+            store, LatentsConfig(batch_size=args.batch_size, resources=Resources(workers=args.workers)), images, vae
+        )
         runs[n] = (rows, plain_s, time.perf_counter() - started)
         print(f"{rows:7d} images: plain {plain_s:7.2f} s, stage {runs[n][2]:7.2f} s", flush=True)
     (n1, p1, s1), (n2, p2, s2) = runs[small], runs[large]
     plain_rate, stage_rate = (n2 - n1) / (p2 - p1), (n2 - n1) / (s2 - s1)
     fixed = s1 - n1 / stage_rate
 
-    print(f"images {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, {os.cpu_count()} cores, "
-          f"plain torch threads {torch.get_num_threads()}, {args.workers} encoder actor(s)")
-    print(f"per-image rate: plain {plain_rate:8.1f} images/s, stage {stage_rate:8.1f} images/s, "
-          f"ratio {stage_rate / plain_rate:.2f}x; stage fixed cost ~{fixed:.1f} s")
+    print(
+        f"images {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch_size}, {os.cpu_count()} cores, "
+        f"plain torch threads {torch.get_num_threads()}, {args.workers} encoder actor(s)"
+    )
+    print(
+        f"per-image rate: plain {plain_rate:8.1f} images/s, stage {stage_rate:8.1f} images/s, "
+        f"ratio {stage_rate / plain_rate:.2f}x; stage fixed cost ~{fixed:.1f} s"
+    )
     print(f"whole stage at {n2}: {p2 / s2:.2f}x the plain loop's throughput")
     if args.json:
-        print(json.dumps({"sizes": [n1, n2], "batch_size": args.batch_size, "workers": args.workers,
-                          "plain_s": [round(p1, 3), round(p2, 3)], "stage_s": [round(s1, 3), round(s2, 3)],
-                          "plain_images_per_s": round(plain_rate, 1), "stage_images_per_s": round(stage_rate, 1),
-                          "stage_fixed_s": round(fixed, 2), "plain_threads": torch.get_num_threads(),
-                          "throughput_ratio_stage_over_plain": round(stage_rate / plain_rate, 3),
-                          "whole_ratio_stage_over_plain": round(p2 / s2, 3)}))
+        print(
+            json.dumps(
+                {
+                    "sizes": [n1, n2],
+                    "batch_size": args.batch_size,
+                    "workers": args.workers,
+                    "plain_s": [round(p1, 3), round(p2, 3)],
+                    "stage_s": [round(s1, 3), round(s2, 3)],
+                    "plain_images_per_s": round(plain_rate, 1),
+                    "stage_images_per_s": round(stage_rate, 1),
+                    "stage_fixed_s": round(fixed, 2),
+                    "plain_threads": torch.get_num_threads(),
+                    "throughput_ratio_stage_over_plain": round(stage_rate / plain_rate, 3),
+                    "whole_ratio_stage_over_plain": round(p2 / s2, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -83,27 +83,53 @@ def main() -> None:
     for n in (min(256, sizes[0]), *sizes):  # the first, tiny run warms Ray Data and the actor code up
         plain_s = plain(store, teacher, n, args.steps, args.batch_size, args.solver)
         started = time.perf_counter()
-        run_pairs(store, PairsConfig(pairs=n, steps=args.steps, solver=args.solver, batch_size=args.batch_size,
-                                     resources=Resources(workers=args.workers)), teacher, round_index=1)
+        run_pairs(
+            store,
+            PairsConfig(
+                pairs=n,
+                steps=args.steps,
+                solver=args.solver,
+                batch_size=args.batch_size,
+                resources=Resources(workers=args.workers),
+            ),
+            teacher,
+            round_index=1,
+        )
         runs[n] = (plain_s, time.perf_counter() - started)
         print(f"{n:7d} pairs: plain {plain_s:7.2f} s, stage {runs[n][1]:7.2f} s", flush=True)
     (n1, (p1, s1)), (n2, (p2, s2)) = ((n, runs[n]) for n in sizes)
     plain_rate, stage_rate = (n2 - n1) / (p2 - p1), (n2 - n1) / (s2 - s1)
     fixed = s1 - n1 / stage_rate
 
-    print(f"{args.solver} {args.steps} steps, batch {args.batch_size}, {os.cpu_count()} cores, "
-          f"plain torch threads {torch.get_num_threads()}, {args.workers} sampler actor(s)")
-    print(f"per-pair rate: plain {plain_rate:8.1f} pairs/s, stage {stage_rate:8.1f} pairs/s, "
-          f"ratio {stage_rate / plain_rate:.2f}x; stage fixed cost ~{fixed:.1f} s")
+    print(
+        f"{args.solver} {args.steps} steps, batch {args.batch_size}, {os.cpu_count()} cores, "
+        f"plain torch threads {torch.get_num_threads()}, {args.workers} sampler actor(s)"
+    )
+    print(
+        f"per-pair rate: plain {plain_rate:8.1f} pairs/s, stage {stage_rate:8.1f} pairs/s, "
+        f"ratio {stage_rate / plain_rate:.2f}x; stage fixed cost ~{fixed:.1f} s"
+    )
     print(f"whole stage at {n2}: {p2 / s2:.2f}x the plain loop's throughput")
     if args.json:
-        print(json.dumps({"sizes": [n1, n2], "steps": args.steps, "solver": args.solver, "batch_size": args.batch_size,
-                          "workers": args.workers, "plain_s": [round(p1, 3), round(p2, 3)],
-                          "stage_s": [round(s1, 3), round(s2, 3)], "plain_pairs_per_s": round(plain_rate, 1),
-                          "stage_pairs_per_s": round(stage_rate, 1), "stage_fixed_s": round(fixed, 2),
-                          "plain_threads": torch.get_num_threads(),
-                          "throughput_ratio_stage_over_plain": round(stage_rate / plain_rate, 3),
-                          "whole_ratio_stage_over_plain": round(p2 / s2, 3)}))
+        print(
+            json.dumps(
+                {
+                    "sizes": [n1, n2],
+                    "steps": args.steps,
+                    "solver": args.solver,
+                    "batch_size": args.batch_size,
+                    "workers": args.workers,
+                    "plain_s": [round(p1, 3), round(p2, 3)],
+                    "stage_s": [round(s1, 3), round(s2, 3)],
+                    "plain_pairs_per_s": round(plain_rate, 1),
+                    "stage_pairs_per_s": round(stage_rate, 1),
+                    "stage_fixed_s": round(fixed, 2),
+                    "plain_threads": torch.get_num_threads(),
+                    "throughput_ratio_stage_over_plain": round(stage_rate / plain_rate, 3),
+                    "whole_ratio_stage_over_plain": round(p2 / s2, 3),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -69,9 +69,13 @@ class Outage:
     seconds: float
 
 
-PIPELINE_OUTAGES = (Outage("vae", 3.0, "refuse", 4.0), Outage("base", 5.0, "refuse", 20.0),
-                    Outage("pairs", 0.5, "refuse", 120.0), Outage("reflow", 3.0, "refuse", 60.0),
-                    Outage("consistency", 3.0, "hang", 15.0))
+PIPELINE_OUTAGES = (
+    Outage("vae", 3.0, "refuse", 4.0),
+    Outage("base", 5.0, "refuse", 20.0),
+    Outage("pairs", 0.5, "refuse", 120.0),
+    Outage("reflow", 3.0, "refuse", 60.0),
+    Outage("consistency", 3.0, "hang", 15.0),
+)
 STAGE_OUTAGES = (Outage("vae", 2.0, "refuse", 4.0), Outage("latents", 1.0, "refuse", 60.0))
 
 
@@ -149,8 +153,13 @@ def pipeline_drill(config_name: str, workdir: Path, moto: MotoServer, relay: Tcp
             current: OutageRecord | None = None
             while True:
                 event = run.next_event(timeout=0.2)
-                if event is not None and event.kind == "start" and pending and armed is None \
-                        and stage_index(event.stage) >= stage_index(pending[0][0].stage):
+                if (
+                    event is not None
+                    and event.kind == "start"
+                    and pending
+                    and armed is None
+                    and stage_index(event.stage) >= stage_index(pending[0][0].stage)
+                ):
                     outage, record = pending.pop(0)
                     armed = (outage, record, time.monotonic() + outage.after_s)
                 if armed is not None and time.monotonic() >= armed[2] and not fault.active.is_set():
@@ -174,15 +183,25 @@ def pipeline_drill(config_name: str, workdir: Path, moto: MotoServer, relay: Tcp
             output = run.log_path.read_text()
             lines = output.splitlines()
             # The CLI's own last word (Ray's and Prefect's log lines may follow or precede it).
-            last = next((line for line in reversed(lines) if line.startswith("fewstep: error:")), "") or \
-                next((line for line in reversed(lines) if line.strip()), "")
-            runs.append({"index": index, "exit_code": code, "wall_s": round(run.elapsed(), 1), "last_line": last,
-                         "tracebacks_in_output": output.count("Traceback (most recent call last)")})
+            last = next((line for line in reversed(lines) if line.startswith("fewstep: error:")), "") or next(
+                (line for line in reversed(lines) if line.strip()), ""
+            )
+            runs.append(
+                {
+                    "index": index,
+                    "exit_code": code,
+                    "wall_s": round(run.elapsed(), 1),
+                    "last_line": last,
+                    "tracebacks_in_output": output.count("Traceback (most recent call last)"),
+                }
+            )
             log(f"run {index}: exit {code} after {run.elapsed():.0f} s: {last[:160]}")
             if code != 0:
                 clear = code == 2 and last.startswith("fewstep: error:") and "transient" in last
                 if current is not None:
-                    current.outcome = "clear transient error" if clear else f"unclear failure: exit {code}: {last[:200]}"
+                    current.outcome = (
+                        "clear transient error" if clear else f"unclear failure: exit {code}: {last[:200]}"
+                    )
                     current.error = last
                     current = None
                 if not clear:
@@ -192,10 +211,16 @@ def pipeline_drill(config_name: str, workdir: Path, moto: MotoServer, relay: Tcp
                 fault.wait_restored()
             audit = audit_store(store)
             violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
-                           for s, n in audit.per_stage.items() if n > 1]
-            violations += [f"after run {index}: {ref} changed after its commit" for ref in committed
-                           if audit.created.get(ref) != committed[ref]]
+            violations += [
+                f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
+                for s, n in audit.per_stage.items()
+                if n > 1
+            ]
+            violations += [
+                f"after run {index}: {ref} changed after its commit"
+                for ref in committed
+                if audit.created.get(ref) != committed[ref]
+            ]
             committed.update(audit.created)
             if code == 0:
                 break
@@ -237,10 +262,12 @@ def stages_drill(workdir: Path, moto: MotoServer, relay: TcpRelay, store_uri: st
         def started(self, stage: str) -> None:
             outage = outages.pop(stage, None)
             if outage is not None:
+
                 def fire() -> None:
                     time.sleep(outage.after_s)
                     records[stage].run, records[stage].began_at_s = 0, round(time.monotonic() - started, 1)
                     fault.start(outage)
+
                 threading.Thread(target=fire, daemon=True).start()
 
         def reused(self, stage, manifest) -> None: ...
@@ -277,8 +304,12 @@ def stages_drill(workdir: Path, moto: MotoServer, relay: TcpRelay, store_uri: st
                     fault.wait_restored()
                     record.outcome = "retried success"
                     record.stage_done_after_restore_s = round(time.monotonic() - fault.restored_at, 1)
-            entry = {"index": index, "wall_s": round(time.monotonic() - run_started, 1), "failed_stage": None,
-                     "error": ""}
+            entry = {
+                "index": index,
+                "wall_s": round(time.monotonic() - run_started, 1),
+                "failed_stage": None,
+                "error": "",
+            }
             if failure is not None:
                 stage, error = failure
                 cause = user_cause(error)
@@ -296,10 +327,16 @@ def stages_drill(workdir: Path, moto: MotoServer, relay: TcpRelay, store_uri: st
             log(f"run {index}: {'failed in ' + failure[0] if failure else 'complete'} after {entry['wall_s']} s")
             audit = audit_store(direct)
             violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
-                           for s, n in audit.per_stage.items() if n > 1]
-            violations += [f"after run {index}: {ref} changed after its commit" for ref in committed
-                           if audit.created.get(ref) != committed[ref]]
+            violations += [
+                f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
+                for s, n in audit.per_stage.items()
+                if n > 1
+            ]
+            violations += [
+                f"after run {index}: {ref} changed after its commit"
+                for ref in committed
+                if audit.created.get(ref) != committed[ref]
+            ]
             committed.update(audit.created)
             if failure is None:
                 break
@@ -317,34 +354,55 @@ def stages_drill(workdir: Path, moto: MotoServer, relay: TcpRelay, store_uri: st
 # --------------------------------------------------------------------------- report
 
 
-def result(scope: str, config: str, records: list[OutageRecord], runs: list[dict], final, violations: list[str]) -> dict:
+def result(
+    scope: str, config: str, records: list[OutageRecord], runs: list[dict], final, violations: list[str]
+) -> dict:
     return {
-        "drill": "s3-outage", "scope": scope, "config": config,
-        "outages": [asdict(r) for r in records], "runs": runs,
+        "drill": "s3-outage",
+        "scope": scope,
+        "config": config,
+        "outages": [asdict(r) for r in records],
+        "runs": runs,
         "retried_successes": sum(r.outcome == "retried success" for r in records),
         "clear_transient_errors": sum(r.outcome == "clear transient error" for r in records),
-        "manifests": final.manifests, "verified": final.verified, "torn": len(final.torn),
+        "manifests": final.manifests,
+        "verified": final.verified,
+        "torn": len(final.torn),
         "duplicate_commits": sum(n - 1 for n in final.per_stage.values()),
-        "per_stage": final.per_stage, "staging_attempts_left": final.staging_attempts,
+        "per_stage": final.per_stage,
+        "staging_attempts_left": final.staging_attempts,
         "completed": bool(runs) and (runs[-1].get("exit_code", 0) == 0 and not runs[-1].get("failed_stage")),
         "violations": violations,
     }
 
 
 def summary(res: dict) -> list[str]:
-    lines = [f"S3 outage drill ({res['scope']}, {res['config']}): {res['retried_successes']} retried successes, "
-             f"{res['clear_transient_errors']} clear transient errors, completed: {res['completed']}", "",
-             f"  {'STAGE':<12} {'KIND':<7} {'SECONDS':>7} {'RUN':>3} {'AT':>7}  OUTCOME"]
+    lines = [
+        f"S3 outage drill ({res['scope']}, {res['config']}): {res['retried_successes']} retried successes, "
+        f"{res['clear_transient_errors']} clear transient errors, completed: {res['completed']}",
+        "",
+        f"  {'STAGE':<12} {'KIND':<7} {'SECONDS':>7} {'RUN':>3} {'AT':>7}  OUTCOME",
+    ]
     for r in res["outages"]:
         at = "" if r["began_at_s"] is None else f"{r['began_at_s']:.1f} s"
-        after = "" if r["stage_done_after_restore_s"] is None else f" (committed {r['stage_done_after_restore_s']} s after S3 came back)"
-        lines.append(f"  {r['stage']:<12} {r['kind']:<7} {r['seconds']:>7.0f} {r['run']:>3} {at:>7}  {r['outcome']}{after}")
+        after = (
+            ""
+            if r["stage_done_after_restore_s"] is None
+            else f" (committed {r['stage_done_after_restore_s']} s after S3 came back)"
+        )
+        lines.append(
+            f"  {r['stage']:<12} {r['kind']:<7} {r['seconds']:>7.0f} {r['run']:>3} {at:>7}  {r['outcome']}{after}"
+        )
         if r["error"]:
             lines.append(f"  {'':<12} error: {r['error'][:160]}")
-    lines += [""] + [f"  run {r['index']}: {r.get('exit_code', r.get('failed_stage') or 'ok')}, {r['wall_s']} s" for r in res["runs"]]
-    lines += [f"  manifests {res['manifests']}, verified {res['verified']}, torn {res['torn']}, "
-              f"duplicate commits {res['duplicate_commits']}, staging attempts left for gc {res['staging_attempts_left']}",
-              f"  violations: {len(res['violations'])}"]
+    lines += [""] + [
+        f"  run {r['index']}: {r.get('exit_code', r.get('failed_stage') or 'ok')}, {r['wall_s']} s" for r in res["runs"]
+    ]
+    lines += [
+        f"  manifests {res['manifests']}, verified {res['verified']}, torn {res['torn']}, "
+        f"duplicate commits {res['duplicate_commits']}, staging attempts left for gc {res['staging_attempts_left']}",
+        f"  violations: {len(res['violations'])}",
+    ]
     lines += [f"    - {v}" for v in res["violations"]]
     return lines
 

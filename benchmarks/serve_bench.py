@@ -92,14 +92,28 @@ def synthetic_store(root: str):
     vae = VAE(VAEConfig(in_channels=1, latent_channels=4, base_channels=32, downsample=4))
     with store.begin("vae", "bench", config={"bench": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        card = VAECard(latent_scale=1.0, latent_shape=(4, 4, 4), in_channels=1, image_size=16, latent_channels=4,
-                       downsample=4, recon_mse_train=0.0, measured_on=0)
+        card = VAECard(
+            latent_scale=1.0,
+            latent_shape=(4, 4, 4),
+            in_channels=1,
+            image_size=16,
+            latent_channels=4,
+            downsample=4,
+            recon_mse_train=0.0,
+            measured_on=0,
+        )
         vae_manifest = writer.commit(metrics=card.to_metrics())
     net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=4, num_classes=10, class_dropout_prob=0.0))
     with store.begin("consistency", "bench", config={"bench": True}, inputs=[vae_manifest]) as writer:
         writer.write_model("model", net, model_spec(net))
-        card = GeneratorCard(family="consistency", steps=0, latent_shape=(4, 4, 4), num_classes=10, latent_scale=1.0,
-                             vae_ref=vae_manifest.ref)
+        card = GeneratorCard(
+            family="consistency",
+            steps=0,
+            latent_shape=(4, 4, 4),
+            num_classes=10,
+            latent_scale=1.0,
+            vae_ref=vae_manifest.ref,
+        )
         manifest = writer.commit(metrics=card.to_metrics())
     return store, manifest.ref
 
@@ -109,8 +123,16 @@ def in_process(generator, concurrency: int, seconds: float, images: int, steps: 
     from workers.generator import Request
 
     sampler = next(iter(generator.samplers))  # the family's default, as the app serves one-step models
-    batch = [Request(n=images, steps=steps, sampler=sampler, seed=i,
-                     labels=tuple(body(i, images, steps, generator.num_classes)["labels"])) for i in range(concurrency)]
+    batch = [
+        Request(
+            n=images,
+            steps=steps,
+            sampler=sampler,
+            seed=i,
+            labels=tuple(body(i, images, steps, generator.num_classes)["labels"]),
+        )
+        for i in range(concurrency)
+    ]
     generator.generate_many(batch)  # warm up
     latencies, started = [], time.perf_counter()
     while time.perf_counter() - started < seconds or len(latencies) < 3:
@@ -119,8 +141,17 @@ def in_process(generator, concurrency: int, seconds: float, images: int, steps: 
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - started
     done = len(latencies) * concurrency
-    return Result("in-process", "-", concurrency, done, done * images / wall, 1000 * statistics.median(latencies),
-                  1000 * percentile(latencies, 99), float(concurrency), 0.0)
+    return Result(
+        "in-process",
+        "-",
+        concurrency,
+        done,
+        done * images / wall,
+        1000 * statistics.median(latencies),
+        1000 * percentile(latencies, 99),
+        float(concurrency),
+        0.0,
+    )
 
 
 # --------------------------------------------------------------------------- load generators
@@ -173,24 +204,46 @@ def run_client(command: list[str]) -> tuple[str, float]:
     return out.stdout, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def over_wrk(url: str, mode: str, answer: str, concurrency: int, seconds: float, images: int, steps: int,
-             num_classes: int, script: str) -> Result:
+def over_wrk(
+    url: str,
+    mode: str,
+    answer: str,
+    concurrency: int,
+    seconds: float,
+    images: int,
+    steps: int,
+    num_classes: int,
+    script: str,
+) -> Result:
     args = [str(images), str(steps), str(num_classes), ACCEPT[answer]]
     run_client(["wrk", "-t1", f"-c{concurrency}", "-d1s", "-s", script, url, "--", *args])  # warm up
-    out, cpu = run_client(["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency",
-                           "-s", script, url, "--", *args])
-    line = next(l for l in out.splitlines() if l.startswith("WRK "))
+    out, cpu = run_client(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency", "-s", script, url, "--", *args]
+    )
+    line = next(text for text in out.splitlines() if text.startswith("WRK "))
     got = json.loads(line[4:])
     if got["failures"] or got["errors"]:
-        raise RuntimeError(f"{got['failures']} non-200 answers and {got['errors']} socket errors in {got['requests']} requests")
+        raise RuntimeError(
+            f"{got['failures']} non-200 answers and {got['errors']} socket errors in {got['requests']} requests"
+        )
     n = got["requests"]
     per_pass = n / got["inverse"] if got["inverse"] else float("nan")
-    return Result(mode, answer, concurrency, n, n * images / got["seconds"], got["p50_us"] / 1000, got["p99_us"] / 1000,
-                  per_pass, 1000 * cpu / max(1, n))
+    return Result(
+        mode,
+        answer,
+        concurrency,
+        n,
+        n * images / got["seconds"],
+        got["p50_us"] / 1000,
+        got["p99_us"] / 1000,
+        per_pass,
+        1000 * cpu / max(1, n),
+    )
 
 
-async def python_client(url: str, accept: str, concurrency: int, seconds: float, images: int, steps: int,
-                        num_classes: int) -> dict:
+async def python_client(
+    url: str, accept: str, concurrency: int, seconds: float, images: int, steps: int, num_classes: int
+) -> dict:
     """The asyncio+httpx load generator (``--client-worker``); runs in its own process."""
     import httpx
 
@@ -219,31 +272,63 @@ async def python_client(url: str, accept: str, concurrency: int, seconds: float,
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {"requests": len(latencies), "seconds": wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p99_ms": 1000 * percentile(latencies, 99), "inverse": inverse, "failures": failures[:3]}
+    return {
+        "requests": len(latencies),
+        "seconds": wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "inverse": inverse,
+        "failures": failures[:3],
+    }
 
 
-def over_python(url: str, mode: str, answer: str, concurrency: int, seconds: float, images: int, steps: int,
-                num_classes: int) -> Result:
-    out, cpu = run_client([sys.executable, __file__, "--client-worker", url, ACCEPT[answer], str(concurrency),
-                           str(seconds), str(images), str(steps), str(num_classes)])
+def over_python(
+    url: str, mode: str, answer: str, concurrency: int, seconds: float, images: int, steps: int, num_classes: int
+) -> Result:
+    out, cpu = run_client(
+        [
+            sys.executable,
+            __file__,
+            "--client-worker",
+            url,
+            ACCEPT[answer],
+            str(concurrency),
+            str(seconds),
+            str(images),
+            str(steps),
+            str(num_classes),
+        ]
+    )
     got = json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
     if got["failures"]:
         raise RuntimeError(f"requests failed, e.g. {got['failures'][0]}")
     n = got["requests"]
-    return Result(mode, answer, concurrency, n, n * images / got["seconds"], got["p50_ms"], got["p99_ms"],
-                  n / got["inverse"] if got["inverse"] else float("nan"), 1000 * cpu / max(1, n))
+    return Result(
+        mode,
+        answer,
+        concurrency,
+        n,
+        n * images / got["seconds"],
+        got["p50_ms"],
+        got["p99_ms"],
+        n / got["inverse"] if got["inverse"] else float("nan"),
+        1000 * cpu / max(1, n),
+    )
 
 
 # --------------------------------------------------------------------------- report
 
 
 def table(results: list[Result]) -> str:
-    lines = ["| mode | answer | concurrency | requests | images/s | p50 ms | p99 ms | requests per forward pass | client CPU ms/request |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| mode | answer | concurrency | requests | images/s | p50 ms | p99 ms | requests per forward pass | client CPU ms/request |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r.mode} | {r.answer} | {r.concurrency} | {r.requests} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | "
-                     f"{r.p99_ms:.1f} | {r.per_pass:.1f} | {r.client_cpu_ms:.2f} |")
+        lines.append(
+            f"| {r.mode} | {r.answer} | {r.concurrency} | {r.requests} | {r.images_per_s:.1f} | {r.p50_ms:.1f} | "
+            f"{r.p99_ms:.1f} | {r.per_pass:.1f} | {r.client_cpu_ms:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -266,7 +351,11 @@ def summary(results: list[Result]) -> dict:
     for answer in ("raw", "json"):
         suffix = "" if answer == "raw" else "_json"
         b1, u1, i1 = pick("Serve batched", answer, 1), pick("Serve unbatched", answer, 1), pick("in-process", "-", 1)
-        b32, u32, i32 = pick("Serve batched", answer, 32), pick("Serve unbatched", answer, 32), pick("in-process", "-", 32)
+        b32, u32, i32 = (
+            pick("Serve batched", answer, 32),
+            pick("Serve unbatched", answer, 32),
+            pick("in-process", "-", 32),
+        )
         if u1 and i1:
             out[f"overhead_ms_c1{suffix}"] = round(u1.p50_ms - i1.p50_ms, 3)
         if b1 and u1:
@@ -299,8 +388,11 @@ def main() -> None:
 
     if args.client_worker:  # the separate load-generator process
         url, accept, c, seconds, images, steps, classes = args.client_worker
-        print(json.dumps(asyncio.run(python_client(url, accept, int(c), float(seconds), int(images), int(steps),
-                                                   int(classes)))))
+        print(
+            json.dumps(
+                asyncio.run(python_client(url, accept, int(c), float(seconds), int(images), int(steps), int(classes)))
+            )
+        )
         return
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -319,9 +411,12 @@ def main() -> None:
     torch.set_num_threads(max(1, int(args.cpus)))
     generator = Generator.load(store, store.get_ref(ref), device=args.device)
     answers = [a for a in args.answers.split(",") if a]
-    print(f"model {ref} ({generator.card.family}) on {generator.device}, {args.images} image(s) per request, "
-          f"{args.steps} step(s), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-          f"load from {client} pinned to {pinned_core()[2:] or 'any core'}", flush=True)
+    print(
+        f"model {ref} ({generator.card.family}) on {generator.device}, {args.images} image(s) per request, "
+        f"{args.steps} step(s), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"load from {client} pinned to {pinned_core()[2:] or 'any core'}",
+        flush=True,
+    )
 
     results = [in_process(generator, c, args.seconds, args.images, args.steps) for c in CONCURRENCY]
     for r in results:
@@ -337,10 +432,16 @@ def main() -> None:
     cap = {"max_batch_images_steps": max(4096, args.images * args.steps * args.max_batch_size)}
     if "max_batch_images_steps" not in ServeConfig.model_fields:  # code from before the field (for "before" runs)
         cap = {}
-    config = ServeConfig(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                         max_ongoing_requests=max(64, args.max_batch_size), max_n=max(64, args.images),
-                         steps=args.steps, resources=Resources(cpus=args.cpus, gpus=gpus), max_queued_requests=1024,
-                         **cap)
+    config = ServeConfig(
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000,
+        max_ongoing_requests=max(64, args.max_batch_size),
+        max_n=max(64, args.images),
+        steps=args.steps,
+        resources=Resources(cpus=args.cpus, gpus=gpus),
+        max_queued_requests=1024,
+        **cap,
+    )
     port = free_port()
     script = None
     if client == "wrk":
@@ -353,11 +454,13 @@ def main() -> None:
             for answer in answers:
                 for c in CONCURRENCY:
                     if client == "wrk":
-                        result = over_wrk(url, mode, answer, c, args.seconds, args.images, args.steps,
-                                          generator.num_classes, script)
+                        result = over_wrk(
+                            url, mode, answer, c, args.seconds, args.images, args.steps, generator.num_classes, script
+                        )
                     else:
-                        result = over_python(url, mode, answer, c, args.seconds, args.images, args.steps,
-                                             generator.num_classes)
+                        result = over_python(
+                            url, mode, answer, c, args.seconds, args.images, args.steps, generator.num_classes
+                        )
                     results.append(result)
                     print(table([result]).splitlines()[-1], flush=True)
             serve.delete(serve_app.APP_NAME)
@@ -373,8 +476,19 @@ def main() -> None:
     for name, value in figures.items():
         print(f"{name:36s} {value}")
     if args.json:
-        print(json.dumps({"client": client, "images": args.images, "steps": args.steps, "cpus": args.cpus,
-                          "device": str(generator.device), "rows": [asdict(r) for r in results], **figures}))
+        print(
+            json.dumps(
+                {
+                    "client": client,
+                    "images": args.images,
+                    "steps": args.steps,
+                    "cpus": args.cpus,
+                    "device": str(generator.device),
+                    "rows": [asdict(r) for r in results],
+                    **figures,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

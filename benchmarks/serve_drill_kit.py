@@ -21,10 +21,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import torch
@@ -56,12 +57,22 @@ def commit_vae(store: Store) -> Manifest:
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT[0], base_channels=4, downsample=4))
     with store.begin("vae", "drill", config={"drill": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        card = VAECard(latent_scale=1.0, latent_shape=LATENT, in_channels=1, image_size=16, latent_channels=LATENT[0],
-                       downsample=4, recon_mse_train=0.0, measured_on=0)
+        card = VAECard(
+            latent_scale=1.0,
+            latent_shape=LATENT,
+            in_channels=1,
+            image_size=16,
+            latent_channels=LATENT[0],
+            downsample=4,
+            recon_mse_train=0.0,
+            measured_on=0,
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
-def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest, poison: str | None = None) -> Manifest:
+def commit_generator(
+    store: Store, stage: str, family: str, seed: int, vae: Manifest, poison: str | None = None
+) -> Manifest:
     """An untrained DiT, nudged so that it depends on x, t and y; ``poison`` breaks it on purpose:
 
     "nan"       NaN weights in the output layer (what a diverged run commits)
@@ -69,8 +80,11 @@ def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Mani
     "overflow"  finite weights (1e38) whose output overflows to inf: only the sanity batch sees it
     """
     torch.manual_seed(seed)
-    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
-                         class_dropout_prob=0.0))
+    net = DiT(
+        dit_config(
+            "DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, class_dropout_prob=0.0
+        )
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -86,8 +100,9 @@ def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Mani
     key = f"drill{seed}" + (f"-{poison}" if poison else "")
     with store.begin(stage, key, config={"seed": seed, "poison": poison}, inputs=[vae]) as writer:
         writer.write_model("model", net, model_spec(net))
-        card = GeneratorCard(family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0,
-                             vae_ref=vae.ref)
+        card = GeneratorCard(
+            family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0, vae_ref=vae.ref
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
@@ -127,9 +142,19 @@ def tiny_store(root: str | Path) -> TinyStore:
 
 def drill_config(replicas: int = 1, poll_s: float = 0.2) -> ServeConfig:
     """Small limits so that a valid request costs milliseconds: n <= 4, 2 served steps."""
-    return ServeConfig(steps=2, max_n=4, max_steps=8, max_guidance=5.0, max_batch_size=16, batch_wait_timeout_s=0.005,
-                       max_ongoing_requests=64, max_queued_requests=512, max_body_bytes=4096, poll_s=poll_s,
-                       resources=Resources(workers=replicas, cpus=1))
+    return ServeConfig(
+        steps=2,
+        max_n=4,
+        max_steps=8,
+        max_guidance=5.0,
+        max_batch_size=16,
+        batch_wait_timeout_s=0.005,
+        max_ongoing_requests=64,
+        max_queued_requests=512,
+        max_body_bytes=4096,
+        poll_s=poll_s,
+        resources=Resources(workers=replicas, cpus=1),
+    )
 
 
 # --------------------------------------------------------------------------- the app
@@ -234,15 +259,32 @@ class Load:
     def stop_file(self) -> Path:
         return self.out.with_suffix(".stop")
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         for path in (self.out, self.stop_file):
             path.unlink(missing_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, str(CLIENT), self.url, "--requests", str(self.requests), "--concurrency",
-             str(self.concurrency), "--invalid", str(self.invalid), "--seed", str(self.seed), "--out", str(self.out),
-             "--stop-file", str(self.stop_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                str(CLIENT),
+                self.url,
+                "--requests",
+                str(self.requests),
+                "--concurrency",
+                str(self.concurrency),
+                "--invalid",
+                str(self.invalid),
+                "--seed",
+                str(self.seed),
+                "--out",
+                str(self.out),
+                "--stop-file",
+                str(self.stop_file),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         return self
 
     def done(self) -> int:
@@ -261,7 +303,7 @@ class Load:
         except subprocess.TimeoutExpired:
             self.process.send_signal(signal.SIGKILL)
             output, _ = self.process.communicate()
-            raise AssertionError(f"the load client ran over {timeout_s}s:\n{output[-2000:]}")
+            raise AssertionError(f"the load client ran over {timeout_s}s:\n{output[-2000:]}") from None
         if self.process.returncode != 0:
             raise AssertionError(f"the load client failed ({self.process.returncode}):\n{output[-2000:]}")
         return self.records()
@@ -309,14 +351,21 @@ def load_figures(records: list[dict[str, Any]]) -> LoadFigures:
         return {str(k): v for k, v in sorted(Counter(r["status"] for r in rows).items())}
 
     return LoadFigures(
-        requests=len(records), valid=len(valid), invalid=len(invalid), seconds=round(seconds, 2),
+        requests=len(records),
+        valid=len(valid),
+        invalid=len(invalid),
+        seconds=round(seconds, 2),
         requests_per_s=round(len(records) / seconds, 1) if seconds else 0.0,
-        valid_status=count(valid), invalid_status=count(invalid),
-        valid_5xx=sum(r["status"] >= 500 for r in valid), valid_failed=len(valid) - len(ok),
+        valid_status=count(valid),
+        invalid_status=count(invalid),
+        valid_5xx=sum(r["status"] >= 500 for r in valid),
+        valid_failed=len(valid) - len(ok),
         invalid_5xx=sum(r["status"] >= 500 for r in invalid),
-        p50_ms=round(percentile(latencies, 50), 1), p95_ms=round(percentile(latencies, 95), 1),
+        p50_ms=round(percentile(latencies, 50), 1),
+        p95_ms=round(percentile(latencies, 95), 1),
         p99_ms=round(percentile(latencies, 99), 1),
-        models=dict(Counter(r["model"] for r in ok)))
+        models=dict(Counter(r["model"] for r in ok)),
+    )
 
 
 def print_json_last(figures: dict[str, Any]) -> None:

@@ -65,8 +65,9 @@ def valid_body(rng: random.Random) -> dict:
     return body
 
 
-async def run(url: str, requests: int, concurrency: int, invalid: float, seed: int, out: str,
-              stop_file: str | None) -> int:
+async def run(
+    url: str, requests: int, concurrency: int, invalid: float, seed: int, out: str, stop_file: str | None
+) -> int:
     rng = random.Random(seed)
     plan = []
     for i in range(requests):
@@ -95,8 +96,16 @@ async def run(url: str, requests: int, concurrency: int, invalid: float, seed: i
                     error = response.text[:300]
             except httpx.HTTPError as failure:
                 error = f"{type(failure).__name__}: {failure}"[:300]
-            record = {"i": i, "valid": valid, "kind": kind, "start": start, "end": time.time(), "status": status,
-                      "model": model, "error": error}
+            record = {
+                "i": i,
+                "valid": valid,
+                "kind": kind,
+                "start": start,
+                "end": time.time(),
+                "status": status,
+                "model": model,
+                "error": error,
+            }
             sink.write(json.dumps(record) + "\n")
             answered += 1
 

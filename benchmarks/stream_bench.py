@@ -43,8 +43,9 @@ def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> 
     store = Store.open(os.path.join(root, "store"))
     ensure_ray(verbose=False)
     started_rss = rss_mb()
-    config = IngestConfig(source=source, image_size=image_size, channels=channels,
-                          limit=n if source == "shapes" else None)
+    config = IngestConfig(
+        source=source, image_size=image_size, channels=channels, limit=n if source == "shapes" else None
+    )
     t = time.perf_counter()
     images = run_ingest(store, config)
     ingest_s = time.perf_counter() - t
@@ -53,9 +54,16 @@ def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> 
     run_latents(store, LatentsConfig(), images, vae)
     latents_s = time.perf_counter() - t
     rows = ImagesCard.from_manifest(images).n_images
-    return {"n": n, "rows": rows, "ingest_s": round(ingest_s, 2), "latents_s": round(latents_s, 2),
-            "ingest_rows_per_s": round(rows / ingest_s, 1), "latents_rows_per_s": round(rows / latents_s, 1),
-            "driver_rss_mb": round(peak_rss_mb(), 1), "driver_rss_after_ray_mb": round(started_rss, 1)}
+    return {
+        "n": n,
+        "rows": rows,
+        "ingest_s": round(ingest_s, 2),
+        "latents_s": round(latents_s, 2),
+        "ingest_rows_per_s": round(rows / ingest_s, 1),
+        "latents_rows_per_s": round(rows / latents_s, 1),
+        "driver_rss_mb": round(peak_rss_mb(), 1),
+        "driver_rss_after_ray_mb": round(started_rss, 1),
+    }
 
 
 def main() -> None:
@@ -64,8 +72,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--source", choices=("parquet", "shapes"), default="parquet")
-    parser.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "fewstep-stream-bench"),
-                        help="where the generated sources are kept (reused across runs)")
+    parser.add_argument(
+        "--data",
+        default=os.path.join(tempfile.gettempdir(), "fewstep-stream-bench"),
+        help="where the generated sources are kept (reused across runs)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # n, source: the per-size child
     args = parser.parse_args()
@@ -86,22 +97,48 @@ def main() -> None:
             t = time.perf_counter()
             source = image_parquet(os.path.join(args.data, f"rgb{args.image_size}-{n}"), n, size=args.image_size)
             print(f"source of {n} images ready in {time.perf_counter() - t:.1f} s", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), source, "--image-size", str(args.image_size),
-                              "--channels", str(args.channels)], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(n),
+                source,
+                "--image-size",
+                str(args.image_size),
+                "--channels",
+                str(args.channels),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"size {n} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{"))))
         print(results[-1], flush=True)
 
     print()
-    print("| images | ingest s | ingest rows/s | latents s | latents rows/s | driver peak RSS MiB | driver RSS after ray.init MiB |")
+    print(
+        "| images | ingest s | ingest rows/s | latents s | latents rows/s | driver peak RSS MiB | driver RSS after ray.init MiB |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['rows']} | {r['ingest_s']} | {r['ingest_rows_per_s']} | {r['latents_s']} | {r['latents_rows_per_s']} | "
-              f"{r['driver_rss_mb']} | {r['driver_rss_after_ray_mb']} |")
+        print(
+            f"| {r['rows']} | {r['ingest_s']} | {r['ingest_rows_per_s']} | {r['latents_s']} | {r['latents_rows_per_s']} | "
+            f"{r['driver_rss_mb']} | {r['driver_rss_after_ray_mb']} |"
+        )
     if args.json:
-        print(json.dumps({"source": args.source, "image_size": args.image_size, "channels": args.channels,
-                          "sizes": results, "driver_rss_mb": {str(r["n"]): r["driver_rss_mb"] for r in results}}))
+        print(
+            json.dumps(
+                {
+                    "source": args.source,
+                    "image_size": args.image_size,
+                    "channels": args.channels,
+                    "sizes": results,
+                    "driver_rss_mb": {str(r["n"]): r["driver_rss_mb"] for r in results},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def rows(n: int, shape: tuple[int, ...], seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"x_0": rng.standard_normal(shape).astype(np.float32),
-             "x_1": rng.standard_normal(shape).astype(np.float32), "label": int(i % 10)} for i in range(n)]
+    return [
+        {
+            "x_0": rng.standard_normal(shape).astype(np.float32),
+            "x_1": rng.standard_normal(shape).astype(np.float32),
+            "label": int(i % 10),
+        }
+        for i in range(n)
+    ]
 
 
 def plain_loop(spec: dict, config, data: list[dict], adapt) -> float:
@@ -70,8 +76,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (as fewstep starts it)")
     parser.add_argument("--warm", action="store_true", help="also time a second fit on the same Ray")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads on both sides (default: torch's in the plain loop, fewstep's rule in Ray)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on both sides (default: torch's in the plain loop, fewstep's rule in Ray)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
 
@@ -89,8 +99,14 @@ def main() -> None:
     data = rows(args.rows, shape)
     torch.manual_seed(0)
     spec = model_spec(DiT(dit_config(args.model, input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.0)))
-    config = GeneratorConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=1e-3, warmup_steps=0,
-                             checkpoint_every=max(1, args.steps // 3))
+    config = GeneratorConfig(
+        model=args.model,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        warmup_steps=0,
+        checkpoint_every=max(1, args.steps // 3),
+    )
     adapt = PairBatch(num_classes=10)
 
     if args.threads:
@@ -104,29 +120,54 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         store = Store.open(os.path.join(folder, "store"))
         for key in ("cold", "warm") if args.warm else ("cold",):
-            job = TrainJob(store=store, stage="bench", key=key, model_spec=spec, objective=FlowMatching(label_dropout=0.1),
-                           config=config, adapt_batch=adapt)
+            job = TrainJob(
+                store=store,
+                stage="bench",
+                key=key,
+                model_spec=spec,
+                objective=FlowMatching(label_dropout=0.1),
+                config=config,
+                adapt_batch=adapt,
+            )
             started = time.perf_counter()
             result = fit(job, ray.data.from_items(data), storage_path=os.path.join(folder, "ray"))
-            fits.append((key, time.perf_counter() - started, getattr(result, "timing", {}), getattr(result, "threads", 0)))
+            fits.append(
+                (key, time.perf_counter() - started, getattr(result, "timing", {}), getattr(result, "threads", 0))
+            )
     ray.shutdown()
 
-    print(f"model {args.model}, {args.steps} steps, batch {args.batch_size}, {os.cpu_count()} cores, "
-          f"plain loop torch threads {plain_threads}")
+    print(
+        f"model {args.model}, {args.steps} steps, batch {args.batch_size}, {os.cpu_count()} cores, "
+        f"plain loop torch threads {plain_threads}"
+    )
     print(f"plain PyTorch loop      {plain:8.2f} s  ({args.steps / plain:6.1f} steps/s)")
     for key, seconds, timing, threads in fits:
-        print(f"Ray Train stage ({key})  {seconds:8.2f} s  ({args.steps / seconds:6.1f} steps/s, worker torch threads "
-              f"{threads or '?'}); ratio {seconds / plain:.2f}x, fixed ~{seconds - plain:.1f} s")
+        print(
+            f"Ray Train stage ({key})  {seconds:8.2f} s  ({args.steps / seconds:6.1f} steps/s, worker torch threads "
+            f"{threads or '?'}); ratio {seconds / plain:.2f}x, fixed ~{seconds - plain:.1f} s"
+        )
         if timing:
             print("    " + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
     if args.json:
         cold = fits[0]
-        out = {"steps": args.steps, "batch_size": args.batch_size, "model": args.model, "cores": os.cpu_count(),
-               "plain_s": round(plain, 3), "plain_threads": plain_threads, "ray_s": round(cold[1], 3),
-               "ray_threads": cold[3], "ratio_ray_over_plain": round(cold[1] / plain, 3), "timing": cold[2]}
+        out = {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "model": args.model,
+            "cores": os.cpu_count(),
+            "plain_s": round(plain, 3),
+            "plain_threads": plain_threads,
+            "ray_s": round(cold[1], 3),
+            "ray_threads": cold[3],
+            "ratio_ray_over_plain": round(cold[1] / plain, 3),
+            "timing": cold[2],
+        }
         if args.warm:
-            out.update(ray_warm_s=round(fits[1][1], 3), ratio_warm_over_plain=round(fits[1][1] / plain, 3),
-                       timing_warm=fits[1][2])
+            out.update(
+                ray_warm_s=round(fits[1][1], 3),
+                ratio_warm_over_plain=round(fits[1][1] / plain, 3),
+                timing_warm=fits[1][2],
+            )
         print(json.dumps(out))
 
 

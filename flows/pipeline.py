@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "fewstep")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -71,19 +72,34 @@ def retry_only_transient(task, task_run, state) -> bool:
 
 
 def stage_task(name: str) -> Callable:
-    return task(name=name, task_run_name=name, retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
-                retry_condition_fn=retry_only_transient, log_prints=True)
+    return task(
+        name=name,
+        task_run_name=name,
+        retries=len(RETRY_DELAYS),
+        retry_delay_seconds=RETRY_DELAYS,
+        retry_condition_fn=retry_only_transient,
+        log_prints=True,
+    )
 
 
 def publish_stage(manifest: Manifest) -> None:
     """A small metrics table per stage, under a stable artifact key."""
     rows = [{"metric": k, "value": str(v)} for k, v in sorted(manifest.metrics.items())]
-    create_table_artifact(key=f"fewstep-{manifest.stage}-metrics", table=rows,
-                          description=f"{manifest.ref} — metrics of the `{manifest.stage}` stage")
+    create_table_artifact(
+        key=f"fewstep-{manifest.stage}-metrics",
+        table=rows,
+        description=f"{manifest.ref} — metrics of the `{manifest.stage}` stage",
+    )
 
 
-def run_and_publish(store_uri: str | None, ray_address: str | None, run: Callable[..., Manifest],
-                    section: Any, input_refs: list[str], *extra: Any) -> str:
+def run_and_publish(
+    store_uri: str | None,
+    ray_address: str | None,
+    run: Callable[..., Manifest],
+    section: Any,
+    input_refs: list[str],
+    *extra: Any,
+) -> str:
     """The body every stage task shares: attach to Ray, resolve inputs, run, publish, return the ref."""
     ensure_ray(ray_address)
     store = Store.open(store_uri)
@@ -118,18 +134,23 @@ def ddpm_task(store_uri: str | None, section: DDPMConfig, ray_address: str | Non
 
 
 @stage_task("pairs")
-def pairs_task(store_uri: str | None, section: PairsConfig, ray_address: str | None, teacher: str, round_index: int) -> str:
+def pairs_task(
+    store_uri: str | None, section: PairsConfig, ray_address: str | None, teacher: str, round_index: int
+) -> str:
     return run_and_publish(store_uri, ray_address, run_pairs, section, [teacher], round_index)
 
 
 @stage_task("reflow")
-def reflow_task(store_uri: str | None, section: ReflowConfig, ray_address: str | None, teacher: str, pairs: str,
-                round_index: int) -> str:
+def reflow_task(
+    store_uri: str | None, section: ReflowConfig, ray_address: str | None, teacher: str, pairs: str, round_index: int
+) -> str:
     return run_and_publish(store_uri, ray_address, run_reflow, section, [teacher, pairs], round_index)
 
 
 @stage_task("consistency")
-def consistency_task(store_uri: str | None, section: ConsistencyConfig, ray_address: str | None, teacher: str, data: str) -> str:
+def consistency_task(
+    store_uri: str | None, section: ConsistencyConfig, ray_address: str | None, teacher: str, data: str
+) -> str:
     return run_and_publish(store_uri, ray_address, run_consistency, section, [teacher, data])
 
 
@@ -139,21 +160,45 @@ def features_task(store_uri: str | None, section: FeaturesConfig, ray_address: s
 
 
 @stage_task("evaluate")
-def evaluate_task(store_uri: str | None, section: EvaluateConfig, ray_address: str | None,
-                  generators: list[str], images: str, vae: str, features: str | None) -> str:
+def evaluate_task(
+    store_uri: str | None,
+    section: EvaluateConfig,
+    ray_address: str | None,
+    generators: list[str],
+    images: str,
+    vae: str,
+    features: str | None,
+) -> str:
     ensure_ray(ray_address)
     store = Store.open(store_uri)
-    manifest = run_evaluate(store, section, [store.get_ref(ref) for ref in generators], store.get_ref(images),
-                            store.get_ref(vae), store.get_ref(features) if features else None)
-    create_table_artifact(key="fewstep-fid-vs-steps", table=[stringify(row) for row in read_rows(store, manifest)],
-                          description=f"{manifest.ref} — FID, precision, recall and class accuracy against steps")
-    create_markdown_artifact(key="fewstep-evaluation-report", markdown=store.read_bytes(manifest, "report.md").decode(),
-                             description=f"{manifest.ref} — evaluation report (plot and sample grids in the store)")
+    manifest = run_evaluate(
+        store,
+        section,
+        [store.get_ref(ref) for ref in generators],
+        store.get_ref(images),
+        store.get_ref(vae),
+        store.get_ref(features) if features else None,
+    )
+    create_table_artifact(
+        key="fewstep-fid-vs-steps",
+        table=[stringify(row) for row in read_rows(store, manifest)],
+        description=f"{manifest.ref} — FID, precision, recall and class accuracy against steps",
+    )
+    create_markdown_artifact(
+        key="fewstep-evaluation-report",
+        markdown=store.read_bytes(manifest, "report.md").decode(),
+        description=f"{manifest.ref} — evaluation report (plot and sample grids in the store)",
+    )
     return manifest.ref
 
 
-@task(name="promote", task_run_name="promote", retries=2, retry_delay_seconds=[2, 10],
-      retry_condition_fn=retry_only_transient)
+@task(
+    name="promote",
+    task_run_name="promote",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_only_transient,
+)
 def promote_task(store_uri: str | None, section: ServeConfig, candidate: str, evaluation: str) -> dict:
     decision = promote(Store.open(store_uri), candidate, evaluation, section.steps, solver=section.solver)
     get_run_logger().info("promotion: %s", decision.reason)
@@ -166,8 +211,9 @@ def stringify(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
-             ray_address: str | None = None) -> dict[str, Any]:
+def pipeline(
+    config: dict[str, Any] | None = None, store_uri: str | None = None, ray_address: str | None = None
+) -> dict[str, Any]:
     """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> features -> evaluate -> promote."""
     cfg = validate_config(config or {}, "the flow's config parameter")  # names a bad field; preflights files
     started = time.perf_counter()
@@ -185,10 +231,15 @@ def pipeline(config: dict[str, Any] | None = None, store_uri: str | None = None,
     seconds = round(time.perf_counter() - started, 1)
     store.finish_run(run_id, refs, {"seconds": seconds})
     served = store.get_pointer(SERVING_POINTER)
-    rows = [{"stage": name, "ref": ref} for name, ref in refs.items()] + [{"stage": "served", "ref": served or "(none)"}]
+    rows = [{"stage": name, "ref": ref} for name, ref in refs.items()] + [
+        {"stage": "served", "ref": served or "(none)"}
+    ]
     create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
-    create_markdown_artifact(key="fewstep-run-report", markdown=run_report(refs, seconds, decision, served),
-                             description="fewstep run summary")
+    create_markdown_artifact(
+        key="fewstep-run-report",
+        markdown=run_report(refs, seconds, decision, served),
+        description="fewstep run summary",
+    )
     get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
     return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
 
@@ -202,9 +253,11 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
     distil_data = refs["latents"]
     for k in range(1, cfg.reflow.rounds + 1):
         pairs = pairs_task.with_options(name=f"pairs-{k}", task_run_name=f"pairs-{k}")(
-            store_uri, cfg.pairs, ray_address, teacher, k)
+            store_uri, cfg.pairs, ray_address, teacher, k
+        )
         teacher = reflow_task.with_options(name=f"reflow-{k}", task_run_name=f"reflow-{k}")(
-            store_uri, cfg.reflow, ray_address, teacher, pairs, k)
+            store_uri, cfg.reflow, ray_address, teacher, pairs, k
+        )
         refs[f"pairs_{k}"], refs[f"reflow_{k}"] = pairs, teacher
         distil_data = pairs
     if cfg.consistency.teacher == "base":
@@ -223,8 +276,9 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
     features = None
     if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
         features = refs["features"] = features_task(store_uri, cfg.features, ray_address, refs["images"])
-    refs["evaluate"] = evaluate_task(store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"],
-                                     features)
+    refs["evaluate"] = evaluate_task(
+        store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"], features
+    )
     return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"])
 
 
@@ -247,10 +301,20 @@ def current_run_id() -> str:
 
 
 def run_report(refs: dict[str, str], seconds: float, decision: dict, served: str | None) -> str:
-    lines = ["# fewstep run", "", f"Finished in {seconds:.1f} s.", "",
-             f"**Served model:** `{served or '(none)'}` — promotion: {decision['reason']}", "",
-             "| stage | ref |", "|---|---|"]
+    lines = [
+        "# fewstep run",
+        "",
+        f"Finished in {seconds:.1f} s.",
+        "",
+        f"**Served model:** `{served or '(none)'}` — promotion: {decision['reason']}",
+        "",
+        "| stage | ref |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | `{ref}` |" for name, ref in refs.items()]
-    lines += ["", "The FID-vs-steps table and the evaluation report are the artifacts "
-              "`fewstep-fid-vs-steps` and `fewstep-evaluation-report`."]
+    lines += [
+        "",
+        "The FID-vs-steps table and the evaluation report are the artifacts "
+        "`fewstep-fid-vs-steps` and `fewstep-evaluation-report`.",
+    ]
     return "\n".join(lines) + "\n"

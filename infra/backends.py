@@ -24,8 +24,9 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import IO, Callable, Iterable
+from typing import IO
 
 CHUNK = 8 * 2**20
 
@@ -39,8 +40,13 @@ class FileInfo:
 def is_temp_name(name: str) -> bool:
     """``.NAME.<32 hex>.tmp``: what an atomic write leaves behind when its process dies mid-write."""
     parts = name.rsplit(".", 2)
-    return (name.startswith(".") and len(parts) == 3 and parts[2] == "tmp" and len(parts[1]) == 32
-            and all(c in "0123456789abcdef" for c in parts[1]))
+    return (
+        name.startswith(".")
+        and len(parts) == 3
+        and parts[2] == "tmp"
+        and len(parts[1]) == 32
+        and all(c in "0123456789abcdef" for c in parts[1])
+    )
 
 
 class Backend:
@@ -254,4 +260,3 @@ class LocalBackend(Backend):
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
             os.unlink(path)
-

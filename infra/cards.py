@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from infra.errors import IntegrityError
 from infra.manifest import Manifest, to_jsonable
@@ -42,8 +43,10 @@ class Card:
     @classmethod
     def from_manifest(cls, manifest: Manifest):
         if cls.STAGES and manifest.stage not in cls.STAGES:
-            raise CardError(f"{manifest.ref} is a {manifest.stage!r} output; a {cls.__name__} comes from "
-                            f"{' or '.join(repr(s) for s in cls.STAGES)} (check the ref: `fewstep status` lists them)")
+            raise CardError(
+                f"{manifest.ref} is a {manifest.stage!r} output; a {cls.__name__} comes from "
+                f"{' or '.join(repr(s) for s in cls.STAGES)} (check the ref: `fewstep status` lists them)"
+            )
         return cls.from_metrics(manifest.metrics, manifest.ref)
 
     @classmethod
@@ -54,8 +57,10 @@ class Card:
             if f.name in metrics:
                 values[f.name] = _coerce(hints[f.name], metrics[f.name])
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise CardError(f"{ref} records no '{f.name}', which its {cls.__name__} needs; it was written by another "
-                                "version of fewstep or by hand: re-run the stage (`fewstep run`) to rebuild it")
+                raise CardError(
+                    f"{ref} records no '{f.name}', which its {cls.__name__} needs; it was written by another "
+                    "version of fewstep or by hand: re-run the stage (`fewstep run`) to rebuild it"
+                )
         return cls(**values)
 
 
@@ -129,13 +134,21 @@ class LatentSpace(Card):
     vae_ref: str
 
     @property
-    def space(self) -> "LatentSpace":
-        return LatentSpace(latent_shape=self.latent_shape, num_classes=self.num_classes,
-                           latent_scale=self.latent_scale, vae_ref=self.vae_ref)
+    def space(self) -> LatentSpace:
+        return LatentSpace(
+            latent_shape=self.latent_shape,
+            num_classes=self.num_classes,
+            latent_scale=self.latent_scale,
+            vae_ref=self.vae_ref,
+        )
 
     def space_fields(self) -> dict[str, Any]:
-        return {"latent_shape": self.latent_shape, "num_classes": self.num_classes,
-                "latent_scale": self.latent_scale, "vae_ref": self.vae_ref}
+        return {
+            "latent_shape": self.latent_shape,
+            "num_classes": self.num_classes,
+            "latent_scale": self.latent_scale,
+            "vae_ref": self.vae_ref,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,6 +179,7 @@ class PairsCard(LatentSpace):
 
 
 # --------------------------------------------------------------------------- models
+
 
 @dataclass(frozen=True, kw_only=True)
 class GeneratorCard(LatentSpace):

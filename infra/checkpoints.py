@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -42,7 +43,7 @@ TENSORS, STATE = "tensors.safetensors", "state.json"
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
-    tensors: dict[str, "Tensor"]
+    tensors: dict[str, Tensor]
     state: dict[str, Any]
 
 
@@ -77,7 +78,7 @@ class CheckpointStore:
     def step_dir(self, step: int) -> str:
         return f"{self.root}/step-{int(step):08d}"
 
-    def save(self, step: int, tensors: Mapping[str, "Tensor"], state: Mapping[str, Any]) -> None:
+    def save(self, step: int, tensors: Mapping[str, Tensor], state: Mapping[str, Any]) -> None:
         """Commit ``tensors`` and JSON-able ``state`` as step ``step``."""
         from infra.weights import tensors_to_bytes
 
@@ -97,10 +98,16 @@ class CheckpointStore:
             check_file(self.label(step), name, f"{base}/{name}", expected, size, digest)
             files[name] = expected
         self.backend.make_durable(f"{base}/{name}" for name in payload)  # data on disk before its manifest
-        body = {"step": int(step), "files": {k: v.model_dump() for k, v in files.items()},
-                "code_version": self.code_version, "created_at": utc_now()}
+        body = {
+            "step": int(step),
+            "files": {k: v.model_dump() for k, v in files.items()},
+            "code_version": self.code_version,
+            "created_at": utc_now(),
+        }
         record = CheckpointManifest(**body, digest=sha256_hex(canonical_json(body)))
-        if not self.backend.create_exclusive(f"{self.step_dir(step)}/{MANIFEST}", record.model_dump_json(indent=2).encode()):
+        if not self.backend.create_exclusive(
+            f"{self.step_dir(step)}/{MANIFEST}", record.model_dump_json(indent=2).encode()
+        ):
             self.backend.remove(base)  # this step was committed before (e.g. by a run that crashed after saving)
 
     def label(self, step: int) -> str:
@@ -125,10 +132,14 @@ class CheckpointStore:
         try:
             record = CheckpointManifest.model_validate_json(data)
         except ValidationError as error:
-            raise IntegrityError(f"{path} is not a valid checkpoint manifest ({describe_invalid(error)}); "
-                                 f"delete {self.step_dir(step)} to resume from an earlier step") from None
+            raise IntegrityError(
+                f"{path} is not a valid checkpoint manifest ({describe_invalid(error)}); "
+                f"delete {self.step_dir(step)} to resume from an earlier step"
+            ) from None
         if record.content_digest() != record.digest or record.step != step:
-            raise IntegrityError(f"{path} was modified after commit; delete {self.step_dir(step)} to resume from an earlier step")
+            raise IntegrityError(
+                f"{path} was modified after commit; delete {self.step_dir(step)} to resume from an earlier step"
+            )
         return record
 
     def load(self, step: int) -> Checkpoint:
@@ -142,12 +153,17 @@ class CheckpointStore:
             try:
                 data = self.backend.read_bytes(path)
             except FileNotFoundError:
-                raise IntegrityError(f"file {name!r} of {self.label(step)} is missing at {path}; delete {self.step_dir(step)} "
-                                     "to resume from an earlier step") from None
+                raise IntegrityError(
+                    f"file {name!r} of {self.label(step)} is missing at {path}; delete {self.step_dir(step)} "
+                    "to resume from an earlier step"
+                ) from None
             check_file(self.label(step), name, path, entry, len(data), sha256_hex(data))
             blobs[name] = data
-        return Checkpoint(step=record.step, tensors=tensors_from_bytes(blobs[TENSORS], f"{self.label(step)} tensors"),
-                          state=json.loads(blobs[STATE]))
+        return Checkpoint(
+            step=record.step,
+            tensors=tensors_from_bytes(blobs[TENSORS], f"{self.label(step)} tensors"),
+            state=json.loads(blobs[STATE]),
+        )
 
     def latest(self) -> Checkpoint | None:
         """The newest committed step, verified; None when nothing was committed."""

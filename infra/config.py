@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import copy
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -92,7 +93,7 @@ class Resources(Section):
     custom: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _custom_names_are_custom(self) -> "Resources":
+    def _custom_names_are_custom(self) -> Resources:
         builtin = {"CPU": "cpus", "GPU": "gpus"}
         for name, amount in self.custom.items():
             if name in builtin:
@@ -137,11 +138,13 @@ class LoopConfig(Section):
     resources: Resources = Resources()
 
     @model_validator(mode="after")
-    def _batch_splits_over_workers(self) -> "LoopConfig":
+    def _batch_splits_over_workers(self) -> LoopConfig:
         workers = self.resources.workers
         if self.batch_size % workers:
-            raise ValueError(f"batch_size={self.batch_size} does not split evenly over resources.workers={workers}: "
-                             f"use a multiple of {workers}")
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split evenly over resources.workers={workers}: "
+                f"use a multiple of {workers}"
+            )
         return self
 
 
@@ -199,10 +202,12 @@ class DDPMConfig(GeneratorConfig):
     diffusion_steps: int = Field(1000, ge=2, le=100_000)  # T, the discrete training steps (linear: T > 20)
 
     @model_validator(mode="after")
-    def _schedule_fits_its_steps(self) -> "DDPMConfig":
+    def _schedule_fits_its_steps(self) -> DDPMConfig:
         if self.schedule == "linear" and self.diffusion_steps <= 20:
-            raise ValueError(f"the linear schedule's last beta is 20 / T, so it needs diffusion_steps > 20, got "
-                             f"{self.diffusion_steps}; raise it or use schedule: cosine")
+            raise ValueError(
+                f"the linear schedule's last beta is 20 / T, so it needs diffusion_steps > 20, got "
+                f"{self.diffusion_steps}; raise it or use schedule: cosine"
+            )
         return self
 
 
@@ -251,10 +256,12 @@ class ConsistencyConfig(LoopConfig):
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
 
     @model_validator(mode="after")
-    def _pairs_follow_their_teacher(self) -> "ConsistencyConfig":
+    def _pairs_follow_their_teacher(self) -> ConsistencyConfig:
         if self.teacher == "base" and self.data == "pairs":
-            raise ValueError("teacher: base with data: pairs distils the base model on another model's couplings; "
-                             "set data: latents (fresh noise) for the base teacher")
+            raise ValueError(
+                "teacher: base with data: pairs distils the base model on another model's couplings; "
+                "set data: latents (fresh noise) for the base teacher"
+            )
         return self
 
 
@@ -293,7 +300,7 @@ class EvaluateConfig(Section):
     resources: Resources = Resources()  # workers = evaluation tasks in flight
 
     @model_validator(mode="after")
-    def _positive_steps(self) -> "EvaluateConfig":
+    def _positive_steps(self) -> EvaluateConfig:
         for field in ("flow_steps", "consistency_steps", "diffusion_steps"):
             bad = [s for s in getattr(self, field) if not 1 <= s <= MAX_NFE]
             if bad:
@@ -312,31 +319,43 @@ class ServeConfig(Section):
     max_steps: int = Field(64, ge=1, le=MAX_NFE)
     max_guidance: float = Field(10.0, ge=0, le=MAX_GUIDANCE)
     max_batch_size: int = Field(64, ge=1, le=MAX_BATCH)  # requests merged into one batch, at most
-    max_batch_images_steps: int = Field(4096, ge=1, le=MAX_BATCH * MAX_NFE)  # images x steps of one batch, at most (its work)
+    max_batch_images_steps: int = Field(
+        4096, ge=1, le=MAX_BATCH * MAX_NFE
+    )  # images x steps of one batch, at most (its work)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=60)  # the longest a batch waits for company
     max_queued_requests: int = Field(256, ge=1, le=10**6)
-    max_ongoing_requests: int = Field(128, ge=1, le=10**6)  # per replica; at least max_batch_size, or batches never fill
+    max_ongoing_requests: int = Field(
+        128, ge=1, le=10**6
+    )  # per replica; at least max_batch_size, or batches never fill
     max_body_bytes: int = Field(65536, ge=1024, le=64 * 2**20)  # larger request bodies get 413
     solver: Literal["euler", "heun"] = "euler"  # how flow (ODE) models are sampled
     poll_s: float = Field(1.0, gt=0, le=3600)  # how often a replica looks at the serving/current pointer
-    swap_retry_s: float = Field(300.0, gt=0, le=86_400)  # a model that failed to load is tried again after this (doubling)
+    swap_retry_s: float = Field(
+        300.0, gt=0, le=86_400
+    )  # a model that failed to load is tried again after this (doubling)
     max_replicas: int | None = Field(None, ge=1, le=MAX_WORKERS)  # set: autoscale between resources.workers and this
     target_ongoing_requests: float = Field(8.0, gt=0, le=10**6)  # the autoscaler's per-replica target
     resources: Resources = Resources()  # workers = replicas (the autoscaling minimum with max_replicas)
 
     @model_validator(mode="after")
-    def _consistent_limits(self) -> "ServeConfig":
+    def _consistent_limits(self) -> ServeConfig:
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch_size="
-                             f"{self.max_batch_size}: a replica could never fill a batch; raise it")
+            raise ValueError(
+                f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch_size="
+                f"{self.max_batch_size}: a replica could never fill a batch; raise it"
+            )
         if self.max_replicas is not None and self.max_replicas < self.resources.workers:
-            raise ValueError(f"max_replicas={self.max_replicas} is below resources.workers={self.resources.workers} "
-                             "(the autoscaling minimum); raise max_replicas or leave it unset")
+            raise ValueError(
+                f"max_replicas={self.max_replicas} is below resources.workers={self.resources.workers} "
+                "(the autoscaling minimum); raise max_replicas or leave it unset"
+            )
         if self.steps > self.max_steps:
             raise ValueError(f"the served steps={self.steps} exceed max_steps={self.max_steps}")
         if self.max_n * self.steps > self.max_batch_images_steps:
-            raise ValueError(f"max_batch_images_steps={self.max_batch_images_steps} is below max_n={self.max_n} x the served "
-                             f"steps={self.steps}: a request at the limits could never be drawn; raise it or lower max_n")
+            raise ValueError(
+                f"max_batch_images_steps={self.max_batch_images_steps} is below max_n={self.max_n} x the served "
+                f"steps={self.steps}: a request at the limits could never be drawn; raise it or lower max_n"
+            )
         return self
 
 
@@ -354,21 +373,25 @@ class PipelineConfig(Section):
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
-    def _steps_fit_the_student(self) -> "PipelineConfig":
+    def _steps_fit_the_student(self) -> PipelineConfig:
         grid = self.consistency.intervals if self.consistency.grid_times else None
         if grid is not None and max(self.evaluate.consistency_steps, default=1) > grid:
-            raise ValueError(f"evaluate.consistency_steps {list(self.evaluate.consistency_steps)} go beyond the student's "
-                             f"time grid of consistency.intervals={grid}: use at most {grid} steps, or more intervals")
+            raise ValueError(
+                f"evaluate.consistency_steps {list(self.evaluate.consistency_steps)} go beyond the student's "
+                f"time grid of consistency.intervals={grid}: use at most {grid} steps, or more intervals"
+            )
         return self
 
     @model_validator(mode="after")
-    def _steps_fit_the_diffusion_schedule(self) -> "PipelineConfig":
+    def _steps_fit_the_diffusion_schedule(self) -> PipelineConfig:
         T = self.ddpm.diffusion_steps
         beyond = sorted(s for s in set(self.evaluate.diffusion_steps) if s > T)
         if beyond:
-            raise ValueError(f"evaluate.diffusion_steps {beyond} go beyond the diffusion model's "
-                             f"ddpm.diffusion_steps={T} training steps: a sampler visits at most T of them; "
-                             f"use at most {T} steps, or raise ddpm.diffusion_steps")
+            raise ValueError(
+                f"evaluate.diffusion_steps {beyond} go beyond the diffusion model's "
+                f"ddpm.diffusion_steps={T} training steps: a sampler visits at most T of them; "
+                f"use at most {T} steps, or raise ddpm.diffusion_steps"
+            )
         return self
 
 
@@ -398,10 +421,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "consistency": {"steps": 1500, "batch_size": 128, "intervals": 18},
         "ddpm": {"enabled": True, "steps": 3000, "batch_size": 128},
         "features": {"steps": 800},
-        "evaluate": {"n": 2000, "flow_steps": [1, 2, 4, 8, 32], "flow_solvers": ["euler", "heun"],
-                     # DDPM/DDIM up to 250 of the T = 1000 steps: a 1000-step row at n = 2000 alone
-                     # would cost as much as the whole flow grid on 2 cores
-                     "consistency_steps": [1, 2, 4], "diffusion_steps": [10, 50, 250]},
+        "evaluate": {
+            "n": 2000,
+            "flow_steps": [1, 2, 4, 8, 32],
+            "flow_solvers": ["euler", "heun"],
+            # DDPM/DDIM up to 250 of the T = 1000 steps: a 1000-step row at n = 2000 alone
+            # would cost as much as the whole flow grid on 2 cores
+            "consistency_steps": [1, 2, 4],
+            "diffusion_steps": [10, 50, 250],
+        },
     },
 }
 
@@ -449,8 +477,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: SafeLoader's own error says so
                 continue
             if line != key_node.start_mark.line + 1:
-                raise DuplicateKeyError(f"key {key!r} appears twice in one mapping (lines {line} and "
-                                        f"{key_node.start_mark.line + 1}); keep one")
+                raise DuplicateKeyError(
+                    f"key {key!r} appears twice in one mapping (lines {line} and "
+                    f"{key_node.start_mark.line + 1}); keep one"
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -471,13 +501,17 @@ def preflight(config: PipelineConfig) -> None:
     """
     extractor = config.evaluate.extractor
     if extractor is not None and ("://" in extractor or not Path(extractor).expanduser().is_file()):
-        raise ConfigError(f"evaluate.extractor = {extractor!r} is not a local file: give the path of a TorchScript "
-                          "module (torch.jit.save) or of Inception-v3 weights (extractor_kind: inception), "
-                          "or remove it to use the classifier's features")
+        raise ConfigError(
+            f"evaluate.extractor = {extractor!r} is not a local file: give the path of a TorchScript "
+            "module (torch.jit.save) or of Inception-v3 weights (extractor_kind: inception), "
+            "or remove it to use the classifier's features"
+        )
     pretrained = config.vae.pretrained
     if pretrained is not None and not Path(pretrained).expanduser().is_dir():
-        raise ConfigError(f"vae.pretrained = {pretrained!r} is not a local folder: give the folder of a diffusers "
-                          "AutoencoderKL (its config.json and weights), or remove it to train fewstep's VAE")
+        raise ConfigError(
+            f"vae.pretrained = {pretrained!r} is not a local folder: give the folder of a diffusers "
+            "AutoencoderKL (its config.json and weights), or remove it to train fewstep's VAE"
+        )
 
 
 def validate_config(data: Mapping[str, Any], source: str = "the configuration") -> PipelineConfig:

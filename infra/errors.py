@@ -16,8 +16,9 @@ import errno
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -84,28 +85,65 @@ class GcRefused(StoreError):
 
 
 # S3 error codes that mean "try again later" even when the HTTP status is 4xx.
-TRANSIENT_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
-    "InternalError", "ServiceUnavailable", "ConditionalRequestConflict", "OperationAborted",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "ConditionalRequestConflict",
+        "OperationAborted",
+    }
+)
 # errno values of network failures; EBUSY and EREMOTEIO are what s3fs makes of 503/409 and 500.
-TRANSIENT_ERRNOS = frozenset({
-    errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
-    errno.EBUSY, errno.EREMOTEIO, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN,
-})
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EBUSY,
+        errno.EREMOTEIO,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EAGAIN,
+    }
+)
 # pyarrow's S3 filesystem (what Ray Data reads and writes through) raises plain OSErrors without
 # an errno; these words in the message mark the transient ones (the list Ray Data retries on).
-TRANSIENT_MESSAGES = ("AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
-                      "AWS Error INTERNAL_FAILURE", "AWS Error UNKNOWN (HTTP status 503)")
+TRANSIENT_MESSAGES = (
+    "AWS Error NETWORK_CONNECTION",
+    "AWS Error SLOW_DOWN",
+    "AWS Error SERVICE_UNAVAILABLE",
+    "AWS Error INTERNAL_FAILURE",
+    "AWS Error UNKNOWN (HTTP status 503)",
+)
 # botocore / aiohttp exception class names that are network trouble, matched by name so this
 # module imports neither (a whole class hierarchy, e.g. EndpointConnectionError, is covered by
 # checking every class in the exception's MRO).
-TRANSIENT_CLASS_NAMES = frozenset({
-    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-    "HTTPClientError", "IncompleteReadError", "ResponseStreamingError", "ClientPayloadError",
-    "ServerDisconnectedError", "ClientConnectionError", "ClientOSError", "ServerTimeoutError",
-    "ProtocolError", "IncompleteRead", "FSTimeoutError",
-})
+TRANSIENT_CLASS_NAMES = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "HTTPClientError",
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "ServerTimeoutError",
+        "ProtocolError",
+        "IncompleteRead",
+        "FSTimeoutError",
+    }
+)
 
 
 def _client_error_is_transient(error: BaseException) -> bool | None:

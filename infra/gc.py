@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from infra.backends import FileInfo, is_temp_name
 from infra.errors import GcRefused, StoreError
@@ -51,7 +51,7 @@ ROOT_FOLDERS = ("pointers", "pins", "runs")
 
 def clock() -> datetime:
     """Now, in UTC (one place, so a test can move time forward)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -192,9 +192,11 @@ def _scan_roots(store: Store, now_s: float, run_stale_s: float) -> _Roots:
             running.append(run["run_id"])
     roots = set(pointers.values()) | {pin["ref"] for pin in pins.values()}
     roots |= {ref for run in runs for ref in run.get("refs", {}).values()}
-    damaged = {**{f"pointer {n}": why for n, why in bad_pointers.items()},
-               **{f"pin {n}": why for n, why in bad_pins.items()},
-               **{f"run {n}": why for n, why in bad_runs.items()}}
+    damaged = {
+        **{f"pointer {n}": why for n, why in bad_pointers.items()},
+        **{f"pin {n}": why for n, why in bad_pins.items()},
+        **{f"run {n}": why for n, why in bad_runs.items()},
+    }
     return _Roots(tuple(sorted(roots)), tuple(running), damaged, bool(bad_runs))
 
 
@@ -206,8 +208,9 @@ def _check_min_age(min_age_s: float) -> None:
         )
 
 
-def plan_gc(store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: float = RUN_STALE_S,
-            now: datetime | None = None) -> GcPlan:
+def plan_gc(
+    store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: float = RUN_STALE_S, now: datetime | None = None
+) -> GcPlan:
     """List what may be deleted now (see the module docstring); deletes nothing."""
     _check_min_age(min_age_s)
     now_s = (now or clock()).timestamp()
@@ -218,22 +221,33 @@ def plan_gc(store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: 
 
     notes: list[str] = []
     if found.running:
-        notes.append(f"run {', '.join(found.running)} is running (heartbeat within {run_stale_s / 60:g} min): "
-                     "no output, attempt or checkpoint is collected while a run goes, since it may use or be writing any")
+        notes.append(
+            f"run {', '.join(found.running)} is running (heartbeat within {run_stale_s / 60:g} min): "
+            "no output, attempt or checkpoint is collected while a run goes, since it may use or be writing any"
+        )
     if found.runs_unreadable:
-        notes.append("a run record cannot be read (see damaged): it may be a running run, so no output, attempt or "
-                     "checkpoint is collected")
+        notes.append(
+            "a run record cannot be read (see damaged): it may be a running run, so no output, attempt or "
+            "checkpoint is collected"
+        )
     quiet = not found.running and not found.runs_unreadable  # nobody may be writing or about to reuse
 
     unreferenced: set[str] = set()
     if quiet and damaged:
-        notes.append(f"nothing is treated as unreferenced: {len(damaged)} record(s) cannot be read (listed as damaged), "
-                     "so what they reach is unknown; fix or delete them and run gc again")
+        notes.append(
+            f"nothing is treated as unreferenced: {len(damaged)} record(s) cannot be read (listed as damaged), "
+            "so what they reach is unknown; fix or delete them and run gc again"
+        )
     elif quiet and not found.roots:
-        notes.append("no pointer, pin or run record names any output, so no committed output is treated as unreferenced")
+        notes.append(
+            "no pointer, pin or run record names any output, so no committed output is treated as unreferenced"
+        )
     elif quiet:
-        unreferenced = {ref for ref in set(manifests) - live_refs(manifests, list(found.roots))
-                        if _committed_age_s(manifests[ref], now_s) >= min_age_s}
+        unreferenced = {
+            ref
+            for ref in set(manifests) - live_refs(manifests, list(found.roots))
+            if _committed_age_s(manifests[ref], now_s) >= min_age_s
+        }
 
     items: list[Garbage] = []
     temps: list[tuple[str, FileInfo]] = []
@@ -258,8 +272,16 @@ def plan_gc(store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: 
             if attempt in used or age < min_age_s:
                 continue
             why = "lost the commit race or was retried" if manifest else "never committed (crashed or abandoned)"
-            items.append(Garbage(STAGING, f"{backend.join('stages', ref)}/attempts/{attempt}", files.size,
-                                 f"attempt of {ref} {_hours(age)} (newest file), {why}", ref=ref, attempt=attempt))
+            items.append(
+                Garbage(
+                    STAGING,
+                    f"{backend.join('stages', ref)}/attempts/{attempt}",
+                    files.size,
+                    f"attempt of {ref} {_hours(age)} (newest file), {why}",
+                    ref=ref,
+                    attempt=attempt,
+                )
+            )
 
     # -- checkpoints ----------------------------------------------------------------------
     steps: dict[tuple[str, str], _Unit] = defaultdict(_Unit)
@@ -278,8 +300,15 @@ def plan_gc(store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: 
         if ref in manifests:
             newest = max(unit.all.newest for _, unit in stage_steps)
             if now_s - newest >= min_age_s:
-                items.append(Garbage(CHECKPOINTS, backend.join("checkpoints", ref), sum(u.all.size for _, u in stage_steps),
-                                     f"checkpoints of {ref}, whose output is committed", ref=ref))
+                items.append(
+                    Garbage(
+                        CHECKPOINTS,
+                        backend.join("checkpoints", ref),
+                        sum(u.all.size for _, u in stage_steps),
+                        f"checkpoints of {ref}, whose output is committed",
+                        ref=ref,
+                    )
+                )
             continue
         checkpoints = store.checkpoints(*ref.split("/"))
         for step, unit in sorted(stage_steps):
@@ -293,13 +322,28 @@ def plan_gc(store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: 
             for attempt, files in sorted(unit.attempts.items()):
                 age = _attempt_age_s(attempt, files, now_s)
                 if attempt not in used and age >= min_age_s:
-                    items.append(Garbage(CHECKPOINTS, f"{backend.join('checkpoints', ref, step)}/attempts/{attempt}", files.size,
-                                         f"{'unreferenced' if unit.committed else 'uncommitted'} {step} attempt of {ref} {_hours(age)}",
-                                         ref=ref, attempt=attempt, step=step))
+                    items.append(
+                        Garbage(
+                            CHECKPOINTS,
+                            f"{backend.join('checkpoints', ref, step)}/attempts/{attempt}",
+                            files.size,
+                            f"{'unreferenced' if unit.committed else 'uncommitted'} {step} attempt of {ref} {_hours(age)}",
+                            ref=ref,
+                            attempt=attempt,
+                            step=step,
+                        )
+                    )
 
     for ref in sorted(unreferenced):
-        items.append(Garbage(UNREFERENCED, backend.join("stages", ref), stages[ref].all.size,
-                             f"committed {ref} is reached by no pointer, pin or run record", ref=ref))
+        items.append(
+            Garbage(
+                UNREFERENCED,
+                backend.join("stages", ref),
+                stages[ref].all.size,
+                f"committed {ref} is reached by no pointer, pin or run record",
+                ref=ref,
+            )
+        )
 
     # -- temp files of crashed atomic writes (never referenced by anything) -----------------
     for folder in ROOT_FOLDERS:
@@ -311,8 +355,15 @@ def plan_gc(store: Store, *, min_age_s: float = DEFAULT_MIN_AGE_S, run_stale_s: 
         if age >= min_age_s:
             items.append(Garbage(TEMP, path, info.size, f"temp file of a write that did not finish, {_hours(age)}"))
 
-    return GcPlan(items=tuple(items), roots=found.roots, damaged=tuple(f"{what}: {why}" for what, why in sorted(damaged.items())),
-                  running=found.running, notes=tuple(notes), min_age_s=min_age_s, run_stale_s=run_stale_s)
+    return GcPlan(
+        items=tuple(items),
+        roots=found.roots,
+        damaged=tuple(f"{what}: {why}" for what, why in sorted(damaged.items())),
+        running=found.running,
+        notes=tuple(notes),
+        min_age_s=min_age_s,
+        run_stale_s=run_stale_s,
+    )
 
 
 def _newest_age_s(store: Store, item: Garbage, now_s: float) -> float:
@@ -379,7 +430,9 @@ def apply_gc(store: Store, plan: GcPlan, *, now: datetime | None = None) -> GcRe
     """Delete what ``plan`` lists and a fresh plan still lists, each item re-checked right before
     its delete; a committed output loses its manifest before its files."""
     now_s = (now or clock()).timestamp()
-    fresh = plan_gc(store, min_age_s=plan.min_age_s, run_stale_s=plan.run_stale_s, now=datetime.fromtimestamp(now_s, timezone.utc))
+    fresh = plan_gc(
+        store, min_age_s=plan.min_age_s, run_stale_s=plan.run_stale_s, now=datetime.fromtimestamp(now_s, UTC)
+    )
     current = {(item.kind, item.path): item for item in fresh.items}
     removed: list[Garbage] = []
     kept: list[tuple[Garbage, str]] = []

@@ -16,9 +16,10 @@ import json
 import math
 import re
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import PurePath
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -79,7 +80,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_utc(text: str) -> datetime | None:
@@ -88,18 +89,18 @@ def parse_utc(text: str) -> datetime | None:
         when = datetime.fromisoformat(str(text).replace("Z", "+00:00"))
     except ValueError:
         return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def new_attempt_id() -> str:
     """``20261126T145300Z-1a2b3c4d5e6f``: unique per writer, and its age is readable by ``fewstep gc``."""
-    return f"{datetime.now(timezone.utc).strftime(ATTEMPT_TIME)}-{uuid.uuid4().hex[:12]}"
+    return f"{datetime.now(UTC).strftime(ATTEMPT_TIME)}-{uuid.uuid4().hex[:12]}"
 
 
 def attempt_time(attempt: str) -> datetime | None:
     """When an attempt folder was started, from its name (None for names not made here)."""
     try:
-        return datetime.strptime(attempt.split("-", 1)[0], ATTEMPT_TIME).replace(tzinfo=timezone.utc)
+        return datetime.strptime(attempt.split("-", 1)[0], ATTEMPT_TIME).replace(tzinfo=UTC)
     except ValueError:
         return None
 
@@ -161,8 +162,9 @@ class FileEntry(BaseModel):
     @classmethod
     def _inside_the_stage_folder(cls, path: str) -> str:
         if not is_relative_path(path):
-            raise ValueError(f"path {path!r} is not a relative path inside the stage folder "
-                             "(no '..', no leading '/', no backslash)")
+            raise ValueError(
+                f"path {path!r} is not a relative path inside the stage folder (no '..', no leading '/', no backslash)"
+            )
         return path
 
     @field_validator("size")
@@ -225,10 +227,10 @@ class Manifest(BaseModel):
         key: str,
         files: Mapping[str, FileEntry],
         config: Mapping[str, Any],
-        inputs: Sequence["Manifest"],
+        inputs: Sequence[Manifest],
         metrics: Mapping[str, Any] | None,
         code_version: str,
-    ) -> "Manifest":
+    ) -> Manifest:
         body = {
             "format": MANIFEST_FORMAT,
             "stage": stage,
@@ -251,7 +253,7 @@ class Manifest(BaseModel):
         return json.dumps(self.model_dump(), indent=2, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> "Manifest":
+    def from_json(cls, data: bytes, where: str) -> Manifest:
         """Parse and check a stored manifest; a torn or edited one is an :class:`IntegrityError`."""
         try:
             manifest = cls.model_validate_json(data)
@@ -271,7 +273,9 @@ class Manifest(BaseModel):
 def check_file(ref: str, name: str, path: str, entry: FileEntry, size: int, digest: str) -> None:
     """Raise IntegrityError naming the file when ``size``/``digest`` differ from the manifest's."""
     if size != entry.size or digest != entry.sha256:
-        what = f"size {size} != {entry.size}" if size != entry.size else f"sha256 {digest[:12]}… != {entry.sha256[:12]}…"
+        what = (
+            f"size {size} != {entry.size}" if size != entry.size else f"sha256 {digest[:12]}… != {entry.sha256[:12]}…"
+        )
         raise IntegrityError(
             f"file {name!r} of {ref} at {path} is corrupt ({what} recorded in its manifest); "
             "delete that folder and re-run the stage"

@@ -13,7 +13,8 @@ through the evaluate stage.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -21,17 +22,48 @@ from infra.manifest import Manifest
 
 TABLE = "metrics"  # the file name in an evaluate manifest
 DRAWS = "fid_draws"  # the rows' paired bootstrap FID draws: (model, sampler, steps, draws (B,))
-COLUMNS = ("model", "stage_key", "sampler", "steps", "nfe", "guidance", "n", "extractor",
-           "fid", "fid_low", "fid_high", "kid", "kid_low", "kid_high",
-           "precision", "recall", "class_accuracy", "seconds_per_image")
-SCHEMA = pa.schema([
-    ("model", pa.string()), ("stage_key", pa.string()), ("sampler", pa.string()), ("steps", pa.int64()),
-    ("nfe", pa.int64()), ("guidance", pa.float64()), ("n", pa.int64()), ("extractor", pa.string()),
-    ("fid", pa.float64()), ("fid_low", pa.float64()), ("fid_high", pa.float64()),
-    ("kid", pa.float64()), ("kid_low", pa.float64()), ("kid_high", pa.float64()),
-    ("precision", pa.float64()), ("recall", pa.float64()),
-    ("class_accuracy", pa.float64()), ("seconds_per_image", pa.float64()),
-])
+COLUMNS = (
+    "model",
+    "stage_key",
+    "sampler",
+    "steps",
+    "nfe",
+    "guidance",
+    "n",
+    "extractor",
+    "fid",
+    "fid_low",
+    "fid_high",
+    "kid",
+    "kid_low",
+    "kid_high",
+    "precision",
+    "recall",
+    "class_accuracy",
+    "seconds_per_image",
+)
+SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("stage_key", pa.string()),
+        ("sampler", pa.string()),
+        ("steps", pa.int64()),
+        ("nfe", pa.int64()),
+        ("guidance", pa.float64()),
+        ("n", pa.int64()),
+        ("extractor", pa.string()),
+        ("fid", pa.float64()),
+        ("fid_low", pa.float64()),
+        ("fid_high", pa.float64()),
+        ("kid", pa.float64()),
+        ("kid_low", pa.float64()),
+        ("kid_high", pa.float64()),
+        ("precision", pa.float64()),
+        ("recall", pa.float64()),
+        ("class_accuracy", pa.float64()),
+        ("seconds_per_image", pa.float64()),
+    ]
+)
 REFERENCE = "reference"  # the sampler column of the two reference rows
 FLOOR, CEILING = "real-train", "vae-recon"
 
@@ -58,8 +90,14 @@ def finite(value: Any) -> bool:
 
 def row_at(rows: Sequence[Row], model_ref: str, steps: int, sampler: str | None = None) -> Row | None:
     """The row of ``model_ref`` at ``steps`` (the lowest FID over samplers unless one is named)."""
-    found = [r for r in rows if r["stage_key"] == model_ref and r["steps"] == steps
-             and (sampler is None or r["sampler"] == sampler) and finite(r["fid"])]
+    found = [
+        r
+        for r in rows
+        if r["stage_key"] == model_ref
+        and r["steps"] == steps
+        and (sampler is None or r["sampler"] == sampler)
+        and finite(r["fid"])
+    ]
     return min(found, key=lambda r: r["fid"]) if found else None
 
 
@@ -96,12 +134,22 @@ def reference_fid(rows: Sequence[Row], model: str) -> float | None:
     return None if row is None else row["fid"]
 
 
-def best_row(rows: Sequence[Row], model: str | None = None, steps: int | None = None,
-             stage: str | None = None, nfe: int | None = None) -> Row | None:
+def best_row(
+    rows: Sequence[Row],
+    model: str | None = None,
+    steps: int | None = None,
+    stage: str | None = None,
+    nfe: int | None = None,
+) -> Row | None:
     """The lowest-FID generated row, optionally of one model, step count, stage or NFE."""
-    chosen = [r for r in generated(rows)
-              if (model is None or r["model"] == model) and (steps is None or r["steps"] == steps)
-              and (stage is None or stage_of(r) == stage) and (nfe is None or r["nfe"] == nfe)]
+    chosen = [
+        r
+        for r in generated(rows)
+        if (model is None or r["model"] == model)
+        and (steps is None or r["steps"] == steps)
+        and (stage is None or stage_of(r) == stage)
+        and (nfe is None or r["nfe"] == nfe)
+    ]
     return min(chosen, key=lambda r: r["fid"]) if chosen else None
 
 

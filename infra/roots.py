@@ -28,8 +28,9 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from infra.errors import IntegrityError, NotCommitted, PointerMoved, StoreError
 from infra.manifest import check_relative_path, check_segment, parse_utc, split_ref, to_jsonable, utc_now
@@ -67,8 +68,11 @@ class RootRecords:
         """Every ``folder/**/NAME.json`` as {NAME: check(NAME, parsed)}, and {NAME: why} for the files
         that cannot be read or fail ``check`` (hand-edited, truncated): listed, never fatal."""
         base = self.backend.join(folder)
-        names = sorted(rel[: -len(".json")] for rel in self.backend.list_files(base)
-                       if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith("."))
+        names = sorted(
+            rel[: -len(".json")]
+            for rel in self.backend.list_files(base)
+            if rel.endswith(".json") and not rel.rsplit("/", 1)[-1].startswith(".")
+        )
         good: dict[str, Any] = {}
         damaged: dict[str, str] = {}
         for name in names:
@@ -131,8 +135,9 @@ class RootRecords:
         try:
             return self._pointer_ref(name, json.loads(data))
         except (ValueError, TypeError, StoreError) as error:
-            raise IntegrityError(f"pointer {name!r} at {path} is not a valid pointer ({error}); "
-                                 f"fix it, or delete it and promote again") from None
+            raise IntegrityError(
+                f"pointer {name!r} at {path} is not a valid pointer ({error}); fix it, or delete it and promote again"
+            ) from None
 
     def get_pointer(self, name: str) -> str | None:
         """The ref ``name`` points at, or None; a hand-broken pointer file is an :class:`IntegrityError`."""
@@ -162,8 +167,13 @@ class RootRecords:
         since a crashed server's model is cheap to keep and costly to lose; calling ``pin`` again
         refreshes ``heartbeat_at``, which ``fewstep status`` shows."""
         self.get_ref(ref)
-        body = {"ref": ref, "pinned_at": utc_now(), "heartbeat_at": utc_now(), "host": socket.gethostname(),
-                "pid": os.getpid()}
+        body = {
+            "ref": ref,
+            "pinned_at": utc_now(),
+            "heartbeat_at": utc_now(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
         path = self._named_json("pins", name)
         try:
             previous = json.loads(self.backend.read_bytes(path))
@@ -211,8 +221,15 @@ class RootRecords:
         """Record a pipeline run at its start: status ``running``, heartbeat now, no refs yet. While
         its heartbeat is fresh ``fewstep gc`` collects nothing a run could use or be writing."""
         now = utc_now()
-        body = {"run_id": run_id, "status": RUNNING, "refs": {}, "info": to_jsonable(dict(info or {}), "info"),
-                "started_at": now, "heartbeat_at": now, "created_at": now}
+        body = {
+            "run_id": run_id,
+            "status": RUNNING,
+            "refs": {},
+            "info": to_jsonable(dict(info or {}), "info"),
+            "started_at": now,
+            "heartbeat_at": now,
+            "created_at": now,
+        }
         with self._run_lock:
             self._write_run(run_id, body)
 
@@ -231,8 +248,9 @@ class RootRecords:
             body["refs"] = {**body.get("refs", {}), **dict(refs or {})}
             self._write_run(run_id, body)
 
-    def finish_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
-                   status: str = FINISHED) -> None:
+    def finish_run(
+        self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *, status: str = FINISHED
+    ) -> None:
         """Record the refs a run produced and its end (``finished`` or ``failed``); ``fewstep gc``
         keeps everything a run record reaches. Works without :meth:`begin_run` too."""
         if status not in (FINISHED, FAILED):
@@ -246,14 +264,21 @@ class RootRecords:
                 log.warning("%s; replacing it with the finished run's record", error)
                 previous = {}
             now = utc_now()
-            body = {"run_id": run_id, "status": status, "refs": dict(refs),
-                    "info": to_jsonable({**previous.get("info", {}), **dict(info or {})}, "info"),
-                    "started_at": previous.get("started_at", now), "heartbeat_at": now,
-                    "finished_at": now, "created_at": previous.get("created_at", now)}
+            body = {
+                "run_id": run_id,
+                "status": status,
+                "refs": dict(refs),
+                "info": to_jsonable({**previous.get("info", {}), **dict(info or {})}, "info"),
+                "started_at": previous.get("started_at", now),
+                "heartbeat_at": now,
+                "finished_at": now,
+                "created_at": previous.get("created_at", now),
+            }
             self._write_run(run_id, body)
 
-    def record_run(self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *,
-                   status: str = FINISHED) -> None:
+    def record_run(
+        self, run_id: str, refs: Mapping[str, str], info: Mapping[str, Any] | None = None, *, status: str = FINISHED
+    ) -> None:
         """Same as :meth:`finish_run` (the name the pipeline used before runs were recorded at start)."""
         self.finish_run(run_id, refs, info, status=status)
 

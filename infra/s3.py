@@ -30,8 +30,9 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, TypeVar
+from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
 from infra.backends import Backend, FileInfo
@@ -51,8 +52,16 @@ from infra.errors import (
 T = TypeVar("T")
 
 DEFAULT_REGION = "us-east-1"
-CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                              "InvalidClientTokenId", "AuthorizationHeaderMalformed"})
+CREDENTIAL_CODES = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "AuthorizationHeaderMalformed",
+    }
+)
 DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "403", "Forbidden"})
 OPERATION_MIN_MIB_S = 1.0  # the slowest upload an operation's deadline allows for
 # Opening a store fails fast: a typo in the endpoint should not wait through a long backoff.
@@ -185,8 +194,11 @@ def translate(error: BaseException, settings: S3Settings, what: str) -> BaseExce
         return error
     code = client_error_code(error)
     # Never the key id itself: error lines end up in logs, Prefect artifacts and bug reports.
-    keys = ("the configured access key, from AWS_ACCESS_KEY_ID or the store options" if settings.access_key_id
-            else "the default AWS credential chain")
+    keys = (
+        "the configured access key, from AWS_ACCESS_KEY_ID or the store options"
+        if settings.access_key_id
+        else "the default AWS credential chain"
+    )
     if code == "NotImplemented" or client_error_status(error) == 501:
         return UnsupportedServer(
             f"the S3 server at {settings.where} does not implement the operation needed to {what} "
@@ -312,9 +324,13 @@ class S3Backend(Backend):
         s = self.settings
         prefix = f"{s.prefix}/" if s.prefix else ""
         try:
-            self.call("list the bucket", lambda: self.fs.call_s3("list_objects_v2", Bucket=s.bucket, Prefix=prefix, MaxKeys=1,
-                                                      timeout=self.deadline()),
-                      policy=OPEN_RETRY)
+            self.call(
+                "list the bucket",
+                lambda: self.fs.call_s3(
+                    "list_objects_v2", Bucket=s.bucket, Prefix=prefix, MaxKeys=1, timeout=self.deadline()
+                ),
+                policy=OPEN_RETRY,
+            )
         except StoreUnavailable as error:
             raise EndpointUnreachable(
                 f"no S3 endpoint answered at {s.where} ({type(error.__cause__ or error).__name__}); "
@@ -400,9 +416,12 @@ class S3Backend(Backend):
         if not matches(current):
             return False
         try:
-            self.call(f"replace s3://{path}",
-                      lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition,
-                                              timeout=self.deadline(len(data))))
+            self.call(
+                f"replace s3://{path}",
+                lambda: self.fs.call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=data, **condition, timeout=self.deadline(len(data))
+                ),
+            )
         except OSError as error:
             if isinstance(error, FileNotFoundError) or precondition_failed(error):
                 return False
@@ -425,15 +444,20 @@ class S3Backend(Backend):
         found = self.call(f"list s3://{path}", lambda: self.fs.find(path, detail=True, timeout=self.deadline()))
         base = path.rstrip("/") + "/"
         # Skip folder markers (empty "dir/" keys some writers, e.g. pyarrow's create_dir, leave).
-        return {full[len(base):]: FileInfo(int(info.get("size") or 0), _modified(info)) for full, info in found.items()
-                if info.get("type") != "directory" and full.startswith(base) and not full.endswith("/")}
+        return {
+            full[len(base) :]: FileInfo(int(info.get("size") or 0), _modified(info))
+            for full, info in found.items()
+            if info.get("type") != "directory" and full.startswith(base) and not full.endswith("/")
+        }
 
     def list_dirs(self, path: str) -> list[str]:
         try:
             entries = self.call(f"list s3://{path}", lambda: self.fs.ls(path, detail=True, timeout=self.deadline()))
         except FileNotFoundError:
             return []
-        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory")
+        return sorted(
+            entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "directory"
+        )
 
     def remove(self, path: str) -> None:
         try:

@@ -29,15 +29,24 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow as pa
 
 from infra.backends import Backend, LocalBackend
 from infra.checkpoints import CheckpointStore
-from infra.errors import AccessDenied, IntegrityError, InvalidName, InvalidStoreURI, NotCommitted, StoreError, UnknownScheme
+from infra.errors import (
+    AccessDenied,
+    IntegrityError,
+    InvalidName,
+    InvalidStoreURI,
+    NotCommitted,
+    StoreError,
+    UnknownScheme,
+)
 from infra.manifest import (
     MANIFEST,
     FileEntry,
@@ -55,8 +64,22 @@ from infra.roots import ANY, FAILED, FINISHED, RUN_HEARTBEAT_S, RUN_STALE_S, RUN
 from infra.tables import parquet_bytes_to_table, table_to_parquet_bytes, with_metadata
 from infra.version import CODE_VERSION
 
-__all__ = ["Store", "StageWriter", "Manifest", "FileEntry", "CheckpointStore", "DEFAULT_STORE", "SERVING_POINTER", "ANY",
-           "RUN_HEARTBEAT_S", "RUN_STALE_S", "RUNNING", "FINISHED", "FAILED", "split_ref"]
+__all__ = [
+    "Store",
+    "StageWriter",
+    "Manifest",
+    "FileEntry",
+    "CheckpointStore",
+    "DEFAULT_STORE",
+    "SERVING_POINTER",
+    "ANY",
+    "RUN_HEARTBEAT_S",
+    "RUN_STALE_S",
+    "RUNNING",
+    "FINISHED",
+    "FAILED",
+    "split_ref",
+]
 
 DEFAULT_STORE = "./fewstep-store"
 VERIFY_THREADS = 8
@@ -80,7 +103,9 @@ def open_backend(uri: str | None, *, check: bool = True, **s3_options: Any) -> B
     if scheme in ("", "file"):
         path = parsed.path if scheme == "file" else uri
         if scheme == "file" and parsed.netloc not in ("", "localhost"):
-            raise InvalidStoreURI(f"store URI {uri!r} names host {parsed.netloc!r}; write a local folder as file:///abs/path")
+            raise InvalidStoreURI(
+                f"store URI {uri!r} names host {parsed.netloc!r}; write a local folder as file:///abs/path"
+            )
         if os.path.isfile(os.path.expanduser(path)):
             raise InvalidStoreURI(f"store {uri!r} is a file; give a folder (it is created on the first write)")
         return LocalBackend(path)
@@ -118,12 +143,20 @@ class Store(RootRecords):
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
         check: bool = True,
-    ) -> "Store":
+    ) -> Store:
         """Open a store (``None`` -> ``./fewstep-store``). For S3, endpoint, region and keys default
         to the AWS environment variables; ``check`` lists the bucket once so a wrong bucket,
         credentials or endpoint fail here with a :class:`StoreError` that says what to fix."""
-        return cls(open_backend(uri, endpoint_url=endpoint_url, region=region, access_key_id=access_key_id,
-                                secret_access_key=secret_access_key, check=check))
+        return cls(
+            open_backend(
+                uri,
+                endpoint_url=endpoint_url,
+                region=region,
+                access_key_id=access_key_id,
+                secret_access_key=secret_access_key,
+                check=check,
+            )
+        )
 
     def __reduce__(self):  # Ray tasks get a store that reconnects lazily, without a probe
         return (Store, (self.backend,))
@@ -166,13 +199,16 @@ class Store(RootRecords):
         members = self._members(manifest, name)
         folders = {entry.path.rsplit("/", 1)[0] for _, entry in members}
         if len(folders) != 1:
-            raise StoreError(f"files under {name!r} of {manifest.ref} lie in {len(folders)} folders; use file_path per file")
+            raise StoreError(
+                f"files under {name!r} of {manifest.ref} lie in {len(folders)} folders; use file_path per file"
+            )
         return f"{base}/{folders.pop()}"
 
     # -- keys and manifests ------------------------------------------------------------------
 
-    def stage_key(self, stage: str, config: Mapping[str, Any], inputs: Sequence[Manifest] = (),
-                  code_version: str | None = None) -> str:
+    def stage_key(
+        self, stage: str, config: Mapping[str, Any], inputs: Sequence[Manifest] = (), code_version: str | None = None
+    ) -> str:
         """hash(stage, config, input manifest digests, code version): the content address.
         ``code_version`` is the stage's own (:func:`infra.version.code_version`); default the package's."""
         return stage_key(stage, config, inputs, code_version or CODE_VERSION)
@@ -186,31 +222,49 @@ class Store(RootRecords):
             return None
         manifest = Manifest.from_json(data, f"manifest of {stage}/{key} at {path}")
         if (manifest.stage, manifest.key) != (stage, key):
-            raise IntegrityError(f"{path} describes {manifest.ref}, not {stage}/{key}; it was copied to the wrong place")
+            raise IntegrityError(
+                f"{path} describes {manifest.ref}, not {stage}/{key}; it was copied to the wrong place"
+            )
         return manifest
 
     def get_ref(self, ref: str) -> Manifest:
         stage, key = split_ref(ref)
         manifest = self.get(stage, key)
         if manifest is None:
-            raise NotCommitted(f"{ref!r} is not committed in {self.uri}; `fewstep status --store {self.uri}` lists what is")
+            raise NotCommitted(
+                f"{ref!r} is not committed in {self.uri}; `fewstep status --store {self.uri}` lists what is"
+            )
         return manifest
 
     def list_manifests(self, stage: str | None = None) -> list[Manifest]:
         """Every committed manifest (of one stage, if given), oldest first."""
-        base = self.backend.join("stages") if stage is None else self.backend.join("stages", check_segment(stage, "stage name"))
+        base = (
+            self.backend.join("stages")
+            if stage is None
+            else self.backend.join("stages", check_segment(stage, "stage name"))
+        )
         depth = 3 if stage is None else 2  # stage/key/manifest.json or key/manifest.json
         found = [rel.split("/") for rel in self.backend.list_files(base)]
-        refs = [(parts[0], parts[1]) if stage is None else (stage, parts[0])
-                for parts in found if len(parts) == depth and parts[-1] == MANIFEST]
+        refs = [
+            (parts[0], parts[1]) if stage is None else (stage, parts[0])
+            for parts in found
+            if len(parts) == depth and parts[-1] == MANIFEST
+        ]
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
             manifests = [m for m in pool.map(lambda sk: self.get(*sk), refs) if m is not None]
         return sorted(manifests, key=lambda m: (m.created_at, m.ref))
 
     # -- writing ------------------------------------------------------------------------------
 
-    def begin(self, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest] = (),
-              code_version: str | None = None) -> "StageWriter":
+    def begin(
+        self,
+        stage: str,
+        key: str,
+        *,
+        config: Mapping[str, Any],
+        inputs: Sequence[Manifest] = (),
+        code_version: str | None = None,
+    ) -> StageWriter:
         return StageWriter(self, stage, key, config=config, inputs=inputs, code_version=code_version)
 
     # -- reading (always verified) ------------------------------------------------------------
@@ -278,7 +332,9 @@ class Store(RootRecords):
             try:
                 size, digest = self.backend.hash_file(path)
             except FileNotFoundError:
-                raise IntegrityError(f"file {name!r} of {manifest.ref} is missing at {path}; delete {base} and re-run the stage") from None
+                raise IntegrityError(
+                    f"file {name!r} of {manifest.ref} is missing at {path}; delete {base} and re-run the stage"
+                ) from None
             check_file(manifest.ref, name, path, entry, size, digest)
 
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
@@ -297,8 +353,12 @@ class Store(RootRecords):
     # -- checkpoints ----------------------------------------------------------------------------
 
     def checkpoints(self, stage: str, key: str, code_version: str | None = None) -> CheckpointStore:
-        return CheckpointStore(self.backend, check_segment(stage, "stage name"), check_segment(key, "stage key"),
-                               code_version or CODE_VERSION)
+        return CheckpointStore(
+            self.backend,
+            check_segment(stage, "stage name"),
+            check_segment(key, "stage key"),
+            code_version or CODE_VERSION,
+        )
 
 
 class StageWriter:
@@ -308,8 +368,16 @@ class StageWriter:
     folder, which no reader sees and ``fewstep gc`` removes.
     """
 
-    def __init__(self, store: Store, stage: str, key: str, *, config: Mapping[str, Any], inputs: Sequence[Manifest],
-                 code_version: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        stage: str,
+        key: str,
+        *,
+        config: Mapping[str, Any],
+        inputs: Sequence[Manifest],
+        code_version: str | None = None,
+    ):
         self.store = store
         self.code_version = code_version or CODE_VERSION
         self.stage, self.key = check_segment(stage, "stage name"), check_segment(key, "stage key")
@@ -325,12 +393,14 @@ class StageWriter:
     def ref(self) -> str:
         return f"{self.stage}/{self.key}"
 
-    def __enter__(self) -> "StageWriter":
+    def __enter__(self) -> StageWriter:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
         if kind is None and self._result is None:
-            raise StoreError(f"the writer of {self.ref} was closed without commit(); call writer.commit(metrics) in the with-block")
+            raise StoreError(
+                f"the writer of {self.ref} was closed without commit(); call writer.commit(metrics) in the with-block"
+            )
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -341,7 +411,9 @@ class StageWriter:
             raise StoreError(f"{self.ref} is already committed; start a new writer to change it")
         taken = {p for p, _, _ in self._files.values()}
         if name in self._files or path in taken:
-            raise InvalidName(f"{self.ref} already has a file named {name!r} or stored at {path!r}; names must be unique")
+            raise InvalidName(
+                f"{self.ref} already has a file named {name!r} or stored at {path!r}; names must be unique"
+            )
 
     def _put(self, name: str, path: str, data: bytes) -> None:
         self._claim(name, path)
@@ -356,7 +428,9 @@ class StageWriter:
 
     def write_json(self, name: str, obj: Any) -> None:
         """Stored as ``name.json``; read back with ``read_json(manifest, name)``."""
-        self._put(name, with_suffix(name, ".json"), json.dumps(to_jsonable(obj, name), indent=2, sort_keys=True).encode())
+        self._put(
+            name, with_suffix(name, ".json"), json.dumps(to_jsonable(obj, name), indent=2, sort_keys=True).encode()
+        )
 
     def write_table(self, name: str, table: pa.Table, metadata: Mapping[str, str] | None = None) -> None:
         """Stored as ``name.parquet``; the schema metadata records the producing ref and code version."""
@@ -367,7 +441,11 @@ class StageWriter:
         """Stored as ``name.safetensors``."""
         from infra.weights import tensors_to_bytes
 
-        self._put(name, with_suffix(name, ".safetensors"), tensors_to_bytes(tensors, {**self._produced_by(), **dict(metadata or {})}))
+        self._put(
+            name,
+            with_suffix(name, ".safetensors"),
+            tensors_to_bytes(tensors, {**self._produced_by(), **dict(metadata or {})}),
+        )
 
     def write_model(self, name: str, model: Any, spec: Mapping[str, Any]) -> None:
         """Weights as ``name.safetensors`` (file ``name``) and the spec as ``name.json`` (file ``name.json``);
@@ -376,7 +454,9 @@ class StageWriter:
 
         spec = check_spec(dict(spec))
         self._claim(f"{name}.json", f"{name}.json")
-        weights = tensors_to_bytes(model_state(model), {**self._produced_by(), SPEC_METADATA_KEY: json.dumps(spec, sort_keys=True)})
+        weights = tensors_to_bytes(
+            model_state(model), {**self._produced_by(), SPEC_METADATA_KEY: json.dumps(spec, sort_keys=True)}
+        )
         self._put(name, with_suffix(name, ".safetensors"), weights)
         self._put(f"{name}.json", f"{name}.json", json.dumps(spec, indent=2, sort_keys=True).encode())
 
@@ -406,10 +486,14 @@ class StageWriter:
             try:
                 got_size, got_digest = backend.hash_file(full)
             except FileNotFoundError:
-                raise IntegrityError(f"file {name!r} of {self.ref} was not found at {full} when committing; write it before commit()") from None
+                raise IntegrityError(
+                    f"file {name!r} of {self.ref} was not found at {full} when committing; write it before commit()"
+                ) from None
             if size is not None and (got_size, got_digest) != (size, digest):
-                raise IntegrityError(f"file {name!r} of {self.ref} at {full} changed between write and commit "
-                                     f"({got_size} bytes, sha256 {got_digest[:12]}…); re-run the stage")
+                raise IntegrityError(
+                    f"file {name!r} of {self.ref} at {full} changed between write and commit "
+                    f"({got_size} bytes, sha256 {got_digest[:12]}…); re-run the stage"
+                )
             return name, FileEntry(path=f"attempts/{self.attempt}/{path}", size=got_size, sha256=got_digest)
 
         with ThreadPoolExecutor(VERIFY_THREADS) as pool:
@@ -420,8 +504,15 @@ class StageWriter:
         is committed under this key: ours, or the one another writer committed first."""
         if self._result is not None:
             return self._result
-        manifest = Manifest.build(stage=self.stage, key=self.key, files=self._verified_entries(), config=self.config,
-                                  inputs=self.inputs, metrics=metrics, code_version=self.code_version)
+        manifest = Manifest.build(
+            stage=self.stage,
+            key=self.key,
+            files=self._verified_entries(),
+            config=self.config,
+            inputs=self.inputs,
+            metrics=metrics,
+            code_version=self.code_version,
+        )
         # The data must be on disk before the manifest that vouches for it (a no-op on S3).
         self.store.backend.make_durable(f"{self.prefix}/{path}" for path, _, _ in self._files.values())
         path = f"{self.store.stage_dir(self.stage, self.key)}/{MANIFEST}"

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,9 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor; numpy has no bfloat16
         tensor = value.detach().cpu()
         if str(tensor.dtype) == "torch.bfloat16":
-            raise ValueError(f"column {name!r} is bfloat16, which Parquet readers cannot read; cast it to float32 first")
+            raise ValueError(
+                f"column {name!r} is bfloat16, which Parquet readers cannot read; cast it to float32 first"
+            )
         value = tensor.numpy()
     array = np.asarray(value)
     if array.ndim == 0:
@@ -127,9 +130,13 @@ def table_column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
         values = array.flatten().to_numpy(zero_copy_only=False)
         rows = len(array)
         if not shape:
-            sizes = set(array.value_lengths().to_pylist()) if not pa.types.is_fixed_size_list(kind) else {kind.list_size}
+            sizes = (
+                set(array.value_lengths().to_pylist()) if not pa.types.is_fixed_size_list(kind) else {kind.list_size}
+            )
             if len(sizes) > 1:
-                raise ValueError(f"column {name!r} holds lists of different lengths {sorted(sizes)[:5]}; it is not a tensor column")
+                raise ValueError(
+                    f"column {name!r} holds lists of different lengths {sorted(sizes)[:5]}; it is not a tensor column"
+                )
             shape = [sizes.pop() if sizes else 0]
         # (N * prod(shape),) -> (N, *shape)
         return values.reshape(rows, *shape)

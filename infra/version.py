@@ -35,10 +35,21 @@ ENV_OVERRIDE = "FEWSTEP_CODE_VERSION"
 ROOT = Path(__file__).resolve().parent.parent
 
 # Their source never shapes a stage's output (see the module docstring).
-KEY_NEUTRAL = frozenset({
-    "infra", "models", "workers", "workers.stages", "workers.sources",  # package docstrings
-    "infra.config", "infra.errors", "infra.version", "workers.errors", "workers.runtime", "workers.progress",
-})
+KEY_NEUTRAL = frozenset(
+    {
+        "infra",
+        "models",
+        "workers",
+        "workers.stages",
+        "workers.sources",  # package docstrings
+        "infra.config",
+        "infra.errors",
+        "infra.version",
+        "workers.errors",
+        "workers.runtime",
+        "workers.progress",
+    }
+)
 
 
 def module_path(name: str, root: Path = ROOT) -> Path | None:
@@ -75,7 +86,7 @@ def imported_modules(name: str, root: Path = ROOT) -> set[str]:
     return {m for m in closure if module_path(m, root) is not None}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_closure(name: str, root: Path = ROOT) -> tuple[str, ...]:
     """``name`` and every package module it reaches through imports, sorted."""
     if module_path(name, root) is None:
@@ -98,8 +109,12 @@ def normalized_source(path: Path) -> str:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree, include_attributes=False)
 
@@ -128,7 +143,7 @@ def all_modules(root: Path = ROOT) -> tuple[str, ...]:
     return tuple(names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_version(module: str | None = None) -> str:
     """The version of the code behind stage module ``module`` (None: the whole package)."""
     pinned = os.environ.get(ENV_OVERRIDE)

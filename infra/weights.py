@@ -10,7 +10,8 @@ tested) on plain tensors and dicts.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
@@ -30,7 +31,7 @@ def strip_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+                state = {k[len(prefix) :]: v for k, v in state.items()}
                 changed = True
     return state
 
@@ -67,12 +68,16 @@ def tensors_from_bytes(data: bytes, where: str = "safetensors data") -> dict[str
     try:
         return safetensors_load(data)
     except Exception as error:  # noqa: BLE001 - the library raises several kinds
-        raise IntegrityError(f"{where} is not a readable safetensors file ({error}); re-run the stage that wrote it") from None
+        raise IntegrityError(
+            f"{where} is not a readable safetensors file ({error}); re-run the stage that wrote it"
+        ) from None
 
 
 def check_spec(spec: Any) -> dict[str, Any]:
     if not isinstance(spec, dict) or "kind" not in spec or "config" not in spec:
-        raise ValueError(f'a model spec is {{"kind": ..., "config": {{...}}}} (see models.registry.model_spec), got {spec!r:.200}')
+        raise ValueError(
+            f'a model spec is {{"kind": ..., "config": {{...}}}} (see models.registry.model_spec), got {spec!r:.200}'
+        )
     json.dumps(spec)  # must be JSON-able as given
     return spec
 

@@ -139,9 +139,7 @@ def train_classifier(
     loss of every step.
     """
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{images.shape[0]} images but {labels.shape[0]} labels; pass one label per image"
-        )
+        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels; pass one label per image")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps={steps} and batch_size={batch_size} must both be positive")
     if labels.min() < 0 or labels.max() >= model.num_classes:

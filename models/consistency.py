@@ -28,7 +28,7 @@ x_0 (``coupling = 1``). See ``benchmarks/consistency_toy.py`` for the measured c
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -101,9 +101,7 @@ class ConsistencyDistillation(Objective):
         if num_intervals < 1:
             raise ValueError(f"num_intervals must be >= 1, got {num_intervals}")
         if student is teacher:
-            raise ValueError(
-                "student and teacher are the same module; pass copy.deepcopy(teacher) as student"
-            )
+            raise ValueError("student and teacher are the same module; pass copy.deepcopy(teacher) as student")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if not 0.0 <= label_dropout < 1.0:
@@ -228,8 +226,11 @@ def consistency_sample(
         if fresh == 0.0:
             z = x_0
         else:
-            eps = noise[i] if noise is not None else torch.randn(
-                x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
+            eps = (
+                noise[i]
+                if noise is not None
+                else torch.randn(x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype)
+            )
             z = x_0 * coupling + eps * fresh if coupling else eps
         t = full_t(t_i, x_0)
         x_hat = consistency_fn(net, interpolate(z, x_hat, t), t, y)

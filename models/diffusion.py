@@ -30,8 +30,9 @@ which have no [-1, 1] range.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn

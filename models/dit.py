@@ -47,18 +47,14 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         if self.depth < 0 or self.input_size < 1 or self.patch_size < 1 or self.in_channels < 1:
-            raise ValueError(
-                f"need depth >= 0 and positive input_size, patch_size, in_channels; got {self}"
-            )
+            raise ValueError(f"need depth >= 0 and positive input_size, patch_size, in_channels; got {self}")
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input_size={self.input_size} is not divisible by patch_size={self.patch_size}; "
                 "pick a patch size that divides the latent size"
             )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.hidden_size % 4:
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be a multiple of 4 "
@@ -244,9 +240,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         # six (N, D) chunks of the (N, 6D) modulation
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c
-        ).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
@@ -288,9 +282,7 @@ class DiT(nn.Module):
             sincos_2d(d, config.grid_size).float()[None],  # (1, T, D)
             persistent=False,
         )
-        self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
-        )
+        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(d, config.patch_size, self.out_channels)
         self.initialize_weights()
 

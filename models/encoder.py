@@ -88,8 +88,10 @@ class Encoder(nn.Module):
         self.body = nn.Sequential(conv_stage(config.in_channels, w), conv_stage(w, 2 * w), conv_stage(2 * w, 4 * w))
         self.embed = nn.Linear(4 * w, config.feature_dim)
         self.head = nn.Sequential(
-            nn.SiLU(), nn.Linear(config.feature_dim, config.feature_dim),
-            nn.SiLU(), nn.Linear(config.feature_dim, config.projection_dim),
+            nn.SiLU(),
+            nn.Linear(config.feature_dim, config.feature_dim),
+            nn.SiLU(),
+            nn.Linear(config.feature_dim, config.projection_dim),
         )
 
     def features(self, x: Tensor) -> Tensor:
@@ -224,7 +226,7 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int = 2) -> Tensor:
     """
     n, c, h, w = x.shape
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-offsets**2 / (2 * sigma[:, None] ** 2))  # (N, 2r + 1)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma[:, None] ** 2))  # (N, 2r + 1)
     kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (N C, 2r + 1)
     flat = x.reshape(1, n * c, h, w)  # one group per image and channel
     flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * c)
@@ -286,7 +288,7 @@ class ContrastiveObjective(Objective):
         with torch.no_grad():  # the augmentations carry no parameters
             views = torch.cat([augment_images(x, self.augment), augment_images(x, self.augment)])  # (2N, C, H, W)
         z = model(views)  # (2N, P)
-        loss, hit_rate = nt_xent(z[: x.shape[0]], z[x.shape[0]:], self.temperature)
+        loss, hit_rate = nt_xent(z[: x.shape[0]], z[x.shape[0] :], self.temperature)
         return LossOutput(loss=loss, logs={"loss": loss.detach(), "pair_top1": hit_rate.detach()})
 
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -163,9 +164,7 @@ def _inception_prepare(images: Tensor) -> Tensor:
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)  # grey -> RGB, (N, 3, H, W)
     if images.shape[1] != 3:
-        raise ValueError(
-            f"Inception-v3 needs 1- or 3-channel images, got {images.shape[1]} channels"
-        )
+        raise ValueError(f"Inception-v3 needs 1- or 3-channel images, got {images.shape[1]} channels")
     return F.interpolate(
         images, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False
     )  # (N, 3, 299, 299)
@@ -196,9 +195,7 @@ def load_inception_extractor(
     given, is the device the extractor is placed on.
     """
     try:
-        state = torch.load(
-            _as_buffer(data, "Inception-v3 weights"), map_location=map_location, weights_only=True
-        )
+        state = torch.load(_as_buffer(data, "Inception-v3 weights"), map_location=map_location, weights_only=True)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
         raise ValueError(
             f"could not read the Inception-v3 weights ({type(error).__name__}: {str(error)[:200]}); "

@@ -27,8 +27,8 @@ Shapes for the usual 299x299 input::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -97,12 +97,15 @@ class InceptionA(nn.Module):
         self.branch_pool = ConvBN(in_channels, pool_features, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_average_pool_3x3(x, self.tf_pooling)),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_average_pool_3x3(x, self.tf_pooling)),
+            ],
+            dim=1,
+        )
 
 
 class InceptionB(nn.Module):
@@ -116,11 +119,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            dim=1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -166,11 +172,14 @@ class InceptionD(nn.Module):
         seven = self.branch7x7x3_1(x)
         for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
             seven = conv(seven)
-        return torch.cat([
-            self.branch3x3_2(self.branch3x3_1(x)),
-            seven,
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch3x3_2(self.branch3x3_1(x)),
+                seven,
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            dim=1,
+        )
 
 
 class InceptionE(nn.Module):
@@ -199,12 +208,17 @@ class InceptionE(nn.Module):
             pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         else:
             pooled = _average_pool_3x3(x, self.tf_pooling)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(three), self.branch3x3_2b(three),
-            self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double),
-            self.branch_pool(pooled),
-        ], dim=1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(three),
+                self.branch3x3_2b(three),
+                self.branch3x3dbl_3a(double),
+                self.branch3x3dbl_3b(double),
+                self.branch_pool(pooled),
+            ],
+            dim=1,
+        )
 
 
 class InceptionAux(nn.Module):

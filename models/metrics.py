@@ -27,8 +27,8 @@ Statistics are computed in float64 on the features' device.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -58,8 +58,7 @@ def _check_features(name: str, features: Tensor, min_rows: int) -> None:
         )
     if features.shape[0] < min_rows:
         raise ValueError(
-            f"{name} has {features.shape[0]} rows but this metric needs at least {min_rows}; "
-            "evaluate on more samples"
+            f"{name} has {features.shape[0]} rows but this metric needs at least {min_rows}; evaluate on more samples"
         )
     if not torch.isfinite(features).all():
         raise ValueError(f"{name} contains NaN or inf; check the generator and the extractor")
@@ -116,12 +115,7 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     # Tr (S1 S2)^{1/2} = sum_i sqrt(lambda_i)
     trace_sqrt_product = eigenvalues.clamp(min=0).sqrt().sum()
     # d^2 = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr (S1 S2)^{1/2}
-    distance = (
-        (mu1 - mu2).square().sum()
-        + torch.trace(sigma1)
-        + torch.trace(sigma2)
-        - 2 * trace_sqrt_product
-    )
+    distance = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_sqrt_product
     return float(distance)
 
 
@@ -212,9 +206,7 @@ def _kth_neighbour_radii(points: Tensor, k: int, batch_size: int) -> Tensor:
     return torch.cat(radii)
 
 
-def _share_inside_manifold(
-    queries: Tensor, centres: Tensor, radii: Tensor, batch_size: int
-) -> float:
+def _share_inside_manifold(queries: Tensor, centres: Tensor, radii: Tensor, batch_size: int) -> float:
     """Share of queries (M, D) inside the union of balls B(centre_j, radius_j).
 
     inside(q) = exists j: ||q - c_j|| <= r_j
@@ -368,9 +360,7 @@ def _check_rows(reference: Tensor, rows: Mapping[str, Tensor], min_rows: int) ->
             )
 
 
-def fid_draws(
-    reference: Tensor, rows: Mapping[str, Tensor], resamples: int = 100, seed: int = 0
-) -> dict[str, Draws]:
+def fid_draws(reference: Tensor, rows: Mapping[str, Tensor], resamples: int = 100, seed: int = 0) -> dict[str, Draws]:
     """FID of every row against ``reference`` on all the data and on ``resamples`` paired
     bootstrap resamples.
 

@@ -12,8 +12,9 @@ shape (n,) in [0, 1]. Names are resolved to samplers once, at the edge, by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor

@@ -20,8 +20,12 @@ from torch import nn
 
 _KINDS: dict[str, tuple[type, type[nn.Module]]] = {}
 # The module that registers each kind fewstep ships (imported on first use, see build_model).
-BUILTIN_KINDS = {"dit": "models.dit", "vae": "models.vae", "classifier": "models.classifier",
-                 "encoder": "models.encoder"}
+BUILTIN_KINDS = {
+    "dit": "models.dit",
+    "vae": "models.vae",
+    "classifier": "models.classifier",
+    "encoder": "models.encoder",
+}
 
 
 def register_kind(name: str, config_cls: type, module_cls: type[nn.Module]) -> None:
@@ -35,9 +39,7 @@ def register_kind(name: str, config_cls: type, module_cls: type[nn.Module]) -> N
         raise ValueError(f"module_cls for kind {name!r} must be an nn.Module subclass, got {module_cls!r}")
     existing = _KINDS.get(name)
     if existing is not None and existing != (config_cls, module_cls):
-        raise ValueError(
-            f"model kind {name!r} is already registered to {existing[1].__name__}; pick another name"
-        )
+        raise ValueError(f"model kind {name!r} is already registered to {existing[1].__name__}; pick another name")
     _KINDS[name] = (config_cls, module_cls)
 
 

@@ -17,8 +17,9 @@ through a sampler, call the solvers' ``step`` yourself.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -225,7 +226,7 @@ def sample_reference(
         if err_norm <= 1.0:
             x, t, k_1 = x_new, t + h, k[-1]  # first same as last: k_7 = v(x_new, t + h)
         # h_new = h * clip(0.9 err^(-1/5), 0.2, 10)
-        factor = 10.0 if err_norm == 0.0 else 0.9 * err_norm ** -0.2
+        factor = 10.0 if err_norm == 0.0 else 0.9 * err_norm**-0.2
         h = h * min(10.0, max(0.2, factor))
     raise RuntimeError(
         f"dopri5 did not reach t = 1 in {max_steps} steps (t = {t:.4g}, h = {h:.3g}); "

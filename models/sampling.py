@@ -15,8 +15,9 @@ every image on its own and batch requests freely.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from torch import Tensor, nn
 
@@ -35,8 +36,7 @@ class Sampler(Protocol):
         """Standard normal draws of the latent's shape that one image needs at ``steps``."""
         ...
 
-    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int,
-               guidance: float) -> SampleResult:
+    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int, guidance: float) -> SampleResult:
         """Latents from ``noise`` (``noise_draws(steps)`` tensors (N, C, H, W)) and labels ``y`` (N,)."""
         ...
 
@@ -53,8 +53,9 @@ class OdeSampler:
     def noise_draws(self, steps: int) -> int:
         return 1
 
-    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int,
-               guidance: float, return_path: bool = False) -> SampleResult:
+    def sample(
+        self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int, guidance: float, return_path: bool = False
+    ) -> SampleResult:
         return sample_ode(net, noise[0], y, steps, self.name, guidance, return_path=return_path)
 
 
@@ -81,11 +82,11 @@ class ConsistencySampler:
     def noise_draws(self, steps: int) -> int:
         return 1 if self.coupling == 1.0 else steps  # x_0, and one eps per re-noising unless fully coupled
 
-    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int,
-               guidance: float) -> SampleResult:
+    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int, guidance: float) -> SampleResult:
         eps = list(noise[1:]) if self.coupling != 1.0 else None
-        return consistency_sample(net, noise[0], y, steps, noise=eps, num_intervals=self.num_intervals,
-                                  coupling=self.coupling)
+        return consistency_sample(
+            net, noise[0], y, steps, noise=eps, num_intervals=self.num_intervals, coupling=self.coupling
+        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,7 @@ class DiffusionSampler:
     def noise_draws(self, steps: int) -> int:
         return steps if self.update.stochastic else 1  # x_0, and one z per ancestral step but the last
 
-    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int,
-               guidance: float) -> SampleResult:
+    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int, guidance: float) -> SampleResult:
         z = list(noise[1:]) if self.update.stochastic else None
         return diffusion_sample(net, noise[0], y, steps, self.schedule, self.update, guidance, noise=z)
 
@@ -136,16 +136,21 @@ def flow_samplers(**trained: object) -> tuple[Sampler, ...]:
     return SAMPLERS["euler"], SAMPLERS["heun"]
 
 
-def consistency_samplers(coupling: float = 0.0, num_intervals: int | None = None, **trained: object) -> tuple[Sampler, ...]:
+def consistency_samplers(
+    coupling: float = 0.0, num_intervals: int | None = None, **trained: object
+) -> tuple[Sampler, ...]:
     return (ConsistencySampler(coupling=coupling, num_intervals=num_intervals),)
 
 
-def diffusion_samplers(diffusion_schedule: str = "linear", diffusion_steps: int = 1000,
-                       **trained: object) -> tuple[Sampler, ...]:
+def diffusion_samplers(
+    diffusion_schedule: str = "linear", diffusion_steps: int = 1000, **trained: object
+) -> tuple[Sampler, ...]:
     """DDIM first (the default: deterministic, and the better of the two at the few steps a
     service takes), then DDPM; both on the schedule the model was trained on."""
-    return (DiffusionSampler("ddim", diffusion_schedule, diffusion_steps),
-            DiffusionSampler("ddpm", diffusion_schedule, diffusion_steps))
+    return (
+        DiffusionSampler("ddim", diffusion_schedule, diffusion_steps),
+        DiffusionSampler("ddpm", diffusion_schedule, diffusion_steps),
+    )
 
 
 # Each family's samplers, built with what its model was trained for; the first is the default.

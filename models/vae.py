@@ -66,9 +66,7 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """z = mean + std * eps, eps ~ N(0, I) (reparameterised: gradients reach mean, logvar)."""
-        eps = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def kl(self) -> Tensor:
@@ -164,9 +162,7 @@ class VAE(nn.Module):
     def _check_images(self, x: Tensor) -> None:
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(
-                f"VAE expects images (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"VAE expects images (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % cfg.downsample or x.shape[3] % cfg.downsample:
             raise ValueError(
                 f"image size {tuple(x.shape[2:])} is not divisible by downsample={cfg.downsample}; "
@@ -183,9 +179,7 @@ class VAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """z (N, latent_channels, h, w) -> x_hat (N, C, h*f, w*f), unclamped, about [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
-            raise ValueError(
-                f"VAE.decode expects z (N, {self.config.latent_channels}, h, w), got {tuple(z.shape)}"
-            )
+            raise ValueError(f"VAE.decode expects z (N, {self.config.latent_channels}, h, w), got {tuple(z.shape)}")
         return self.decoder(z)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
@@ -194,9 +188,7 @@ class VAE(nn.Module):
         return VAEOutput(x_hat=self.decode(posterior.sample(generator)), posterior=posterior)
 
 
-def vae_loss(
-    vae: VAE, x: Tensor, beta: float | None = None, generator: torch.Generator | None = None
-) -> VAELoss:
+def vae_loss(vae: VAE, x: Tensor, beta: float | None = None, generator: torch.Generator | None = None) -> VAELoss:
     """The beta-VAE objective on a batch x (N, C, H, W) in [-1, 1].
 
     recon = mean over N, C, H, W of (x_hat - x)^2

@@ -55,9 +55,13 @@ class S3Server:
     def client(self, service: str = "s3", **keys: str):
         import boto3
 
-        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region,
-                            aws_access_key_id=keys.get("key", self.access_key_id),
-                            aws_secret_access_key=keys.get("secret", self.secret_access_key))
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=keys.get("key", self.access_key_id),
+            aws_secret_access_key=keys.get("secret", self.secret_access_key),
+        )
 
 
 def free_port() -> int:
@@ -76,7 +80,9 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: fl
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s}s:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"moto server did not listen on 127.0.0.1:{port} within {timeout_s}s:\n{log.read_text()[-2000:]}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +92,12 @@ def s3_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("moto") / "server.log"
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(MOTO_SETUP_REQUESTS))
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     monkeypatch = pytest.MonkeyPatch()
     try:
         wait_for_port(port, process, log)

@@ -19,10 +19,20 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 def test_gpu_check_runs_to_the_end_on_the_cpu(ray_local, tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
-               PYTHONPATH=str(ROOT))
-    out = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--short", "--out", str(tmp_path / "store")], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=850)
+    env = dict(
+        os.environ,
+        CUDA_VISIBLE_DEVICES="",
+        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+        PYTHONPATH=str(ROOT),
+    )
+    out = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--short", "--out", str(tmp_path / "store")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=850,
+    )
     assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     for part in ("== matmul", "== train", "== pipeline", "== serve", "== done"):
         assert part in out.stdout, out.stdout[-4000:]
@@ -33,6 +43,7 @@ def test_gpu_check_runs_to_the_end_on_the_cpu(ray_local, tmp_path):
     assert report["device"] == "cpu" and report["short"] is True
     assert report["train"]["samples_per_s"] > 0 and "mfu" not in report["train"]
     assert {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "evaluate"} <= set(
-        report["pipeline"]["stage_s"])
+        report["pipeline"]["stage_s"]
+    )
     assert report["serve"]["batched_images_per_s_c32"] > 0
     assert report["serve"]["batched_over_unbatched_c32"] > 0 and report["serve"]["overhead_ms_c1"] is not None

@@ -10,8 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN = {
-    "models": {"ray", "prefect", "pyarrow", "s3fs", "fsspec", "boto3", "botocore", "fastapi",
-               "safetensors", "pydantic", "logging", "requests", "httpx", "infra", "workers", "flows"},
+    "models": {
+        "ray",
+        "prefect",
+        "pyarrow",
+        "s3fs",
+        "fsspec",
+        "boto3",
+        "botocore",
+        "fastapi",
+        "safetensors",
+        "pydantic",
+        "logging",
+        "requests",
+        "httpx",
+        "infra",
+        "workers",
+        "flows",
+    },
     "infra": {"ray", "prefect", "workers", "flows", "fastapi"},
     "workers": {"prefect", "flows"},
     "flows": {"ray"},  # Ray is reached only through workers/
@@ -37,10 +53,7 @@ def package_files(package: str) -> list[Path]:
 def test_package_imports_respect_the_layering(package):
     files = package_files(package)
     assert files, f"{package}/ has no Python files"
-    breaches = {
-        str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package])
-        for path in files
-    }
+    breaches = {str(path.relative_to(ROOT)): sorted(imported_roots(path) & FORBIDDEN[package]) for path in files}
     breaches = {file: names for file, names in breaches.items() if names}
     assert not breaches, f"layering broken: {breaches}"
 

@@ -7,8 +7,8 @@ they pickle into the Ray Train job and do no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -41,7 +41,7 @@ class LatentBatch:
         return {"x_1": z * self.scale, "y": labels_for_training(rows["label"].long(), self.num_classes)}
 
     @classmethod
-    def of(cls, latents) -> "LatentBatch":
+    def of(cls, latents) -> LatentBatch:
         """The adapter a latents card asks for (``latents``: an infra.cards.LatentsCard)."""
         return cls(latents.latent_scale, latents.num_classes, sample=latents.draw == "sample")
 

@@ -8,9 +8,9 @@ it is too, whatever order Ray's tasks finish in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -46,8 +46,9 @@ def training_dataset(store: Store, manifest: Manifest, table: str, columns: list
     return ds.select_columns(columns)
 
 
-def decode_split(batch: Mapping[str, np.ndarray], split: str, channels: int, image_size: int,
-                 labelled_only: bool) -> dict[str, np.ndarray]:
+def decode_split(
+    batch: Mapping[str, np.ndarray], split: str, channels: int, image_size: int, labelled_only: bool
+) -> dict[str, np.ndarray]:
     """Ray Data UDF: image rows of ``split`` -> {"pixels": uint8 (n, C, H, W), "label": (n,)}."""
     keep = batch["split"] == split
     if labelled_only:
@@ -63,9 +64,16 @@ def pixel_dataset(store: Store, images: Manifest, split: str, labelled_only: boo
     """Decoded images of one split as rows {"pixels" uint8 (C, H, W), "label"}, for the loop."""
     card = ImagesCard.from_manifest(images)
     ds = read_table_dataset(store, images, "images", ["split", "label", "image"])
-    ds = ds.map_batches(decode_split, batch_format="numpy",
-                        fn_kwargs={"split": split, "channels": card.channels, "image_size": card.image_size,
-                                   "labelled_only": labelled_only})
+    ds = ds.map_batches(
+        decode_split,
+        batch_format="numpy",
+        fn_kwargs={
+            "split": split,
+            "channels": card.channels,
+            "image_size": card.image_size,
+            "labelled_only": labelled_only,
+        },
+    )
     rows = card.n_train if split == "train" else card.n_test
     if rows * card.channels * card.image_size**2 <= MATERIALIZE_BYTES:
         ds = ds.materialize()  # epochs re-read blocks instead of re-decoding PNGs

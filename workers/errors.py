@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ray.exceptions
 
-
 # A lost actor, worker or node: the cluster lost something, the input was fine.
 RAY_TRANSIENT = (
     ray.exceptions.RayActorError,

@@ -12,8 +12,8 @@ alone or was batched with others, on one actor or many.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -75,8 +75,11 @@ class Images:
 def dit_spec(config: GeneratorConfig, space: LatentSpace) -> dict:
     """A DiT sized for the latents. Label dropout is the objective's job, not the network's."""
     channels, height, _ = space.latent_shape
-    net = DiT(dit_config(config.model, input_size=height, in_channels=channels,
-                         num_classes=space.num_classes, class_dropout_prob=0.0))
+    net = DiT(
+        dit_config(
+            config.model, input_size=height, in_channels=channels, num_classes=space.num_classes, class_dropout_prob=0.0
+        )
+    )
     return model_spec(net)
 
 
@@ -89,8 +92,14 @@ def cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def write_generator(writer: StageWriter, spec: dict, model_state: Mapping[str, Tensor],
-                    ema_state: Mapping[str, Tensor], curve: list[dict], resumed_from: int) -> None:
+def write_generator(
+    writer: StageWriter,
+    spec: dict,
+    model_state: Mapping[str, Tensor],
+    ema_state: Mapping[str, Tensor],
+    curve: list[dict],
+    resumed_from: int,
+) -> None:
     """``model`` (EMA weights, what is sampled), ``raw`` (the trained weights) and ``curve``."""
     for name, state in (("model", ema_state), ("raw", model_state)):
         net = build_model(spec)
@@ -105,8 +114,9 @@ def write_generator(writer: StageWriter, spec: dict, model_state: Mapping[str, T
 class Generator:
     """A generator manifest made runnable: network, VAE, latent scale and its samplers."""
 
-    def __init__(self, ref: str, card: GeneratorCard, net: nn.Module, vae: nn.Module,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, ref: str, card: GeneratorCard, net: nn.Module, vae: nn.Module, device: torch.device | str = "cpu"
+    ):
         self.ref, self.card = ref, card
         self.samplers = {s.name: s for s in family_samplers(card.family, **card.sampler_params())}
         self.device = torch.device(device)
@@ -116,16 +126,18 @@ class Generator:
         self.num_classes = int(card.num_classes)
 
     @classmethod
-    def load(cls, store: Store, manifest: Manifest, device: torch.device | str | None = None) -> "Generator":
+    def load(cls, store: Store, manifest: Manifest, device: torch.device | str | None = None) -> Generator:
         card = GeneratorCard.from_manifest(manifest)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(manifest.ref, card, load_network(store, manifest),
-                   load_vae(store, store.get_ref(card.vae_ref)), device)
+        return cls(
+            manifest.ref, card, load_network(store, manifest), load_vae(store, store.get_ref(card.vae_ref)), device
+        )
 
     def sampler(self, name: str) -> Sampler:
         if name not in self.samplers:
-            raise ValueError(f"{self.ref} is a {self.card.family} model: sample it with "
-                             f"{' or '.join(self.samplers)}, not {name!r}")
+            raise ValueError(
+                f"{self.ref} is a {self.card.family} model: sample it with {' or '.join(self.samplers)}, not {name!r}"
+            )
         return self.samplers[name]
 
     # -- noise and labels --------------------------------------------------------------
@@ -137,7 +149,9 @@ class Generator:
             raise ValueError(f"got {len(request.labels)} labels for n={request.n}; give one label per image or none")
         bad = [y for y in request.labels if not 0 <= y <= self.num_classes]
         if bad:
-            raise ValueError(f"labels {bad} out of range: use 0..{self.num_classes - 1}, or {self.num_classes} for no class")
+            raise ValueError(
+                f"labels {bad} out of range: use 0..{self.num_classes - 1}, or {self.num_classes} for no class"
+            )
         return torch.tensor(request.labels, dtype=torch.long)
 
     def noise_for(self, request: Request) -> Tensor:
@@ -148,8 +162,9 @@ class Generator:
     # -- sampling ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_latents(self, noise: Tensor, y: Tensor, steps: int, sampler: str,
-                       guidance: float = 1.0) -> tuple[Tensor, int]:
+    def sample_latents(
+        self, noise: Tensor, y: Tensor, steps: int, sampler: str, guidance: float = 1.0
+    ) -> tuple[Tensor, int]:
         """Latents x_1 (in the VAE's unscaled units) and the NFE spent."""
         out = self.sampler(sampler).sample(self.net, list(noise.to(self.device)), y.to(self.device), steps, guidance)
         return out.x_1 / self.scale, out.nfe
@@ -173,7 +188,7 @@ class Generator:
         seconds = time.perf_counter() - started
         out, offset = [], 0
         for request, y in zip(requests, labels):
-            out.append(Images(pixels[offset:offset + request.n], y.numpy(), nfe, seconds))
+            out.append(Images(pixels[offset : offset + request.n], y.numpy(), nfe, seconds))
             offset += request.n
         return out
 

@@ -19,8 +19,9 @@ stage instead of committing a table that is not sorted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -53,19 +54,35 @@ def part_name(first_id: Any) -> str:
 
 
 def _check_sorted(ids: pa.ChunkedArray | pa.Array) -> None:
-    values = ids.to_numpy(zero_copy_only=False) if isinstance(ids, pa.ChunkedArray) else ids.to_numpy(zero_copy_only=False)
+    values = (
+        ids.to_numpy(zero_copy_only=False) if isinstance(ids, pa.ChunkedArray) else ids.to_numpy(zero_copy_only=False)
+    )
     if len(values) > 1 and not bool(np.all(values[1:] > values[:-1])):
         bad = int(np.flatnonzero(values[1:] <= values[:-1])[0])
-        raise RuntimeError(f"rows reached the part writer out of order or duplicated: id {values[bad]!r} is followed "
-                           f"by {values[bad + 1]!r}; the stage must sort by a unique id before writing")
+        raise RuntimeError(
+            f"rows reached the part writer out of order or duplicated: id {values[bad]!r} is followed "
+            f"by {values[bad + 1]!r}; the stage must sort by a unique id before writing"
+        )
 
 
 def write_block(batch: pa.Table, store: Store, prefix: str, produced: Mapping[str, str], make: MakeTables) -> pa.Table:
     """Ray Data UDF (one block = one part): write its tables, return one stats row (none if empty)."""
     tables, stats = make(batch)
     if batch.num_rows == 0:  # same columns as a written part's row, so every block has one schema
-        return pa.Table.from_pylist([{"part": "", "first_id": "", "last_id": "", "first_key": "", "last_key": "",
-                                      "rows": 0, "folders": "", **stats}]).slice(0, 0)
+        return pa.Table.from_pylist(
+            [
+                {
+                    "part": "",
+                    "first_id": "",
+                    "last_id": "",
+                    "first_key": "",
+                    "last_key": "",
+                    "rows": 0,
+                    "folders": "",
+                    **stats,
+                }
+            ]
+        ).slice(0, 0)
     _check_sorted(batch["id"])
     first, last = batch["id"][0].as_py(), batch["id"][-1].as_py()
     name = part_name(first)
@@ -75,8 +92,16 @@ def write_block(batch: pa.Table, store: Store, prefix: str, produced: Mapping[st
             data = table_to_parquet_bytes(with_metadata(table, dict(produced)))
             store.backend.write_bytes(f"{prefix}/{folder}/{name}", data)
             written.append(folder)
-    row = {"part": name, "first_id": str(first), "last_id": str(last), "first_key": _key(first), "last_key": _key(last),
-           "rows": batch.num_rows, "folders": ",".join(written), **stats}
+    row = {
+        "part": name,
+        "first_id": str(first),
+        "last_id": str(last),
+        "first_key": _key(first),
+        "last_key": _key(last),
+        "rows": batch.num_rows,
+        "folders": ",".join(written),
+        **stats,
+    }
     return pa.Table.from_pylist([row])
 
 
@@ -92,8 +117,9 @@ def ordered(ds):
     return ds
 
 
-def write_parts(ds, writer: StageWriter, make: MakeTables, rows: int, metadata: Mapping[str, str] | None = None
-                ) -> Iterator[dict[str, Any]]:
+def write_parts(
+    ds, writer: StageWriter, make: MakeTables, rows: int, metadata: Mapping[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Write ``ds`` (sorted by a unique ``id``) as parts of ``rows`` rows; yield each part's stats as it lands.
 
     ``make(part)`` returns ``({folder: table}, stats)``; each non-empty table is written to
@@ -101,14 +127,23 @@ def write_parts(ds, writer: StageWriter, make: MakeTables, rows: int, metadata: 
     schema metadata. Call :func:`add_written` with what this yielded once it is exhausted.
     """
     produced = {"fewstep.ref": writer.ref, "fewstep.code_version": writer.code_version, **dict(metadata or {})}
-    parts = ordered(ds).repartition(target_num_rows_per_block=rows, strict=True).map_batches(
-        write_block, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"store": writer.store, "prefix": writer.prefix, "produced": produced, "make": make})
+    parts = (
+        ordered(ds)
+        .repartition(target_num_rows_per_block=rows, strict=True)
+        .map_batches(
+            write_block,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={"store": writer.store, "prefix": writer.prefix, "produced": produced, "make": make},
+        )
+    )
     previous = None
     for stats in parts.iter_rows():
         if previous is not None and not previous["last_key"] < stats["first_key"]:
-            raise RuntimeError(f"parts {previous['part']} and {stats['part']} overlap or are out of order "
-                               f"({previous['last_id']!r} then {stats['first_id']!r}); the rows were not sorted by a unique id")
+            raise RuntimeError(
+                f"parts {previous['part']} and {stats['part']} overlap or are out of order "
+                f"({previous['last_id']!r} then {stats['first_id']!r}); the rows were not sorted by a unique id"
+            )
         previous = stats
         yield stats
 

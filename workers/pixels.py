@@ -24,7 +24,7 @@ Conventions, in one place:
 from __future__ import annotations
 
 import io
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 MODES = {1: "L", 3: "RGB"}
-
 
 
 class UnsupportedPixels(ValueError):
@@ -80,14 +79,18 @@ def to_8bit(image: Image.Image) -> Image.Image:
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise UnsupportedPixels("float pixels include NaN or infinity; save finite values in [0, 1]")
         if lo < 0.0 or hi > 1.0:
-            raise UnsupportedPixels(f"float pixels span [{lo:.4g}, {hi:.4g}], outside [0, 1] (the float range fewstep "
-                                    "reads); rescale them to [0, 1] or save the image as 8- or 16-bit")
+            raise UnsupportedPixels(
+                f"float pixels span [{lo:.4g}, {hi:.4g}], outside [0, 1] (the float range fewstep "
+                "reads); rescale them to [0, 1] or save the image as 8- or 16-bit"
+            )
         u = np.rint(v.astype(np.float64) * 255.0)
     else:
         lo, hi = int(np.min(v)), int(np.max(v))
         if lo < 0 or hi > UINT16_MAX:
-            raise UnsupportedPixels(f"32-bit integer pixels span [{lo}, {hi}], outside 0..{UINT16_MAX} (the 16-bit range "
-                                    "fewstep reads them by); save the image as 8- or 16-bit")
+            raise UnsupportedPixels(
+                f"32-bit integer pixels span [{lo}, {hi}], outside 0..{UINT16_MAX} (the 16-bit range "
+                "fewstep reads them by); save the image as 8- or 16-bit"
+            )
         u = np.rint(v.astype(np.float64) / 257.0)  # 65535 / 255 = 257 exactly
     return Image.fromarray(u.astype(np.uint8))  # (H, W) uint8 -> mode L
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
-_listener: "Listener | None" = None
+_listener: Listener | None = None
 
 
 class Listener(Protocol):

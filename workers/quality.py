@@ -12,8 +12,9 @@ end is at or below the bar; a difference inside its interval is not a result.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from infra.metrics_table import FLOOR, Row, best_row, reference_row, row_key
 from models.metrics import Draws, excess_ratio
@@ -51,24 +52,38 @@ class Ratio:
         return "met" if self.value <= self.bar and self.high is None else "within interval of the bar"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "low": self.low, "high": self.high, "bar": self.bar, "verdict": self.verdict,
-                "numerator": self.numerator, "denominator": self.denominator}
+        return {
+            "value": self.value,
+            "low": self.low,
+            "high": self.high,
+            "bar": self.bar,
+            "verdict": self.verdict,
+            "numerator": self.numerator,
+            "denominator": self.denominator,
+        }
 
 
 def label(row: Row | None) -> str:
     return "–" if row is None else f"{row['model']} ({row['sampler']}@{row['steps']})"
 
 
-def excess(name: str, top: Row | None, bottom: Row | None, rows: Sequence[Row],
-           draws: Mapping[str, Draws] | None, level: float) -> Ratio:
+def excess(
+    name: str, top: Row | None, bottom: Row | None, rows: Sequence[Row], draws: Mapping[str, Draws] | None, level: float
+) -> Ratio:
     bar = BARS.get(name)
     floor = reference_row(rows, FLOOR)
     if top is None or bottom is None or floor is None:
         return Ratio(name, label(top), label(bottom), None, bar=bar, note="a model or the floor was not evaluated")
     denominator = bottom["fid"] - floor["fid"]
     if not denominator > 0:
-        return Ratio(name, label(top), label(bottom), None, bar=bar,
-                     note="the denominator is not above the floor: it cannot be told from real data")
+        return Ratio(
+            name,
+            label(top),
+            label(bottom),
+            None,
+            bar=bar,
+            note="the denominator is not above the floor: it cannot be told from real data",
+        )
     value = (top["fid"] - floor["fid"]) / denominator
     keys = (row_key(top), row_key(bottom), row_key(floor))
     if draws is None or any(k not in draws for k in keys):
@@ -87,8 +102,7 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
         excess("consistency@1 / base best", consistency_1, base_best, rows, draws, level),
         excess("best consistency@2-4 / consistency@1", consistency_multi, consistency_1, rows, draws, level),
         excess("best reflow@2 / base best", best_row(rows, stage="reflow", steps=2), base_best, rows, draws, level),
-        excess("consistency@1 / base@1", consistency_1, best_row(rows, stage="base", steps=1, nfe=1), rows, draws,
-               level),
+        excess(
+            "consistency@1 / base@1", consistency_1, best_row(rows, stage="base", steps=1, nfe=1), rows, draws, level
+        ),
     ]
-
-

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -63,15 +64,26 @@ def course_notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     columns (those named ``fid_*`` or ``kid*``). The notes' own FIDs are on their data and
     feature space: compare the ordering, not the values.
     """
-    systems = (("DDPM", "ddpm", 1000, 7.9), ("flow matching", "base", 50, 7.5),
-               ("2-rectified flow (best reflow)", "reflow", 2, 8.0), ("consistency model", "consistency", 1, 9.5))
+    systems = (
+        ("DDPM", "ddpm", 1000, 7.9),
+        ("flow matching", "base", 50, 7.5),
+        ("2-rectified flow (best reflow)", "reflow", 2, 8.0),
+        ("consistency model", "consistency", 1, 9.5),
+    )
     scored = generated(rows)
     extra = list(dict.fromkeys(c for r in rows for c in r if c.startswith(("fid_", "kid"))))
-    lines = ["", "## Course-notes table", "",
-             "The course notes' comparison (their FIDs in the second column, on their data and feature space: "
-             "compare the ordering, not the values) on this run's rows.", "",
-             "| system | notes: FID @ steps | model | sampler | steps | NFE | FID | " + "".join(f"{c} | " for c in extra)
-             + "note |", "|---|---|---|---|---:|---:|---:|" + "---:|" * len(extra) + "---|"]
+    lines = [
+        "",
+        "## Course-notes table",
+        "",
+        "The course notes' comparison (their FIDs in the second column, on their data and feature space: "
+        "compare the ordering, not the values) on this run's rows.",
+        "",
+        "| system | notes: FID @ steps | model | sampler | steps | NFE | FID | "
+        + "".join(f"{c} | " for c in extra)
+        + "note |",
+        "|---|---|---|---|---:|---:|---:|" + "---:|" * len(extra) + "---|",
+    ]
     for label, stage, target, notes_fid in systems:
         mine = [r for r in scored if stage_of(r) == stage]
         if stage != "reflow":  # one model of the stage; reflow: the best of every round
@@ -80,13 +92,17 @@ def course_notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
         steps = min({r["steps"] for r in mine}, key=lambda s: (abs(s - target), -s), default=None)
         row = min((r for r in mine if r["steps"] == steps), key=lambda r: r["fid"], default=None)
         if row is None:
-            lines.append(f"| {label} | {notes_fid} @ {target} | – | – | – | – | – | " + "– | " * len(extra)
-                         + f"not in this run (no `{stage}` stage rows with a finite FID) |")
+            lines.append(
+                f"| {label} | {notes_fid} @ {target} | – | – | – | – | – | "
+                + "– | " * len(extra)
+                + f"not in this run (no `{stage}` stage rows with a finite FID) |"
+            )
             continue
         note = "" if steps == target else f"{target} steps not evaluated: nearest evaluated step count {steps}"
-        lines.append(f"| {label} | {notes_fid} @ {target} | {row['model']} | {row['sampler']} | {row['steps']} | "
-                     f"{row['nfe']} | {fmt(row['fid'])} | " + "".join(f"{fmt(row.get(c))} | " for c in extra)
-                     + f"{note} |")
+        lines.append(
+            f"| {label} | {notes_fid} @ {target} | {row['model']} | {row['sampler']} | {row['steps']} | "
+            f"{row['nfe']} | {fmt(row['fid'])} | " + "".join(f"{fmt(row.get(c))} | " for c in extra) + f"{note} |"
+        )
     return lines
 
 
@@ -107,10 +123,18 @@ def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     for (model, sampler), points in lines.items():
         points.sort()
         label = model if sampler == model.split("-")[0] else f"{model} ({sampler})"
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[[p[2] for p in points], [p[3] for p in points]],
-                    marker="o", capsize=2, label=label)
-    for model, label, color in ((FLOOR, "real train vs test (floor)", "black"),
-                                (CEILING, "VAE reconstructions (ceiling)", "grey")):
+        ax.errorbar(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[[p[2] for p in points], [p[3] for p in points]],
+            marker="o",
+            capsize=2,
+            label=label,
+        )
+    for model, label, color in (
+        (FLOOR, "real train vs test (floor)", "black"),
+        (CEILING, "VAE reconstructions (ceiling)", "grey"),
+    ):
         row = reference_row(rows, model)
         if row is not None and finite(row["fid"]):
             ax.axhline(row["fid"], linestyle="--", color=color, linewidth=1, label=label)
@@ -147,7 +171,7 @@ def make_grid(pixels: np.ndarray, labels: np.ndarray, num_classes: int) -> bytes
     for j, index in enumerate(columns):
         for i, k in enumerate(index):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[top:top + h, left:left + w] = pixels[k]
+            canvas[top : top + h, left : left + w] = pixels[k]
     scale = max(1, GRID_CELL_PX // max(h, w))
     image = Image.fromarray(canvas[:, :, 0] if c == 1 else canvas)
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
@@ -177,50 +201,83 @@ def render_report(evaluation: Evaluation, location: str) -> str:
     """The markdown report: settings, plot, table, best per step count, quality bars, straightness, grids."""
     rows, info = evaluation.rows, evaluation.info
     lines = [
-        "# fewstep evaluation", "",
+        "# fewstep evaluation",
+        "",
         f"Feature space `{info['extractor']}`; n = {info['n']} generated images per row against "
         f"{info['n_test']} real test images (`{info['images_ref']}`); seed {info['seed']}; "
         f"precision/recall with k = {info['knn_k']}.",
     ]
     if info.get("features_test_accuracy") is not None:
-        lines.append(f"Feature space `{info['features_ref']}` is a classifier: test accuracy "
-                     f"{fmt(info['features_test_accuracy'])} (class accuracy of samples is measured with it).")
+        lines.append(
+            f"Feature space `{info['features_ref']}` is a classifier: test accuracy "
+            f"{fmt(info['features_test_accuracy'])} (class accuracy of samples is measured with it)."
+        )
     elif info.get("features_ref"):
-        lines.append(f"Feature space `{info['features_ref']}` is a self-supervised encoder (the images have no labels).")
-    lines += ["FID is only comparable between rows of one feature space and one n. "
-              f"Files are under `{location}`.",
-              f"Intervals ({fmt(100 * info.get('interval_level', 0.95), 3)}%): FID by a paired bootstrap "
-              f"({info.get('fid_resamples', '?')} draws, basic interval: for the population FID, so it may reach "
-              "below 0 near the floor), KID over random subsets. Read models against the floor: a difference "
-              "inside the intervals is not a result.", "",
-              "## FID against NFE", "", "![FID vs NFE](fid_vs_nfe.png)", "",
-              "## All rows", "",
-              "| model | sampler | steps | NFE | guidance | FID [interval] | KID ×1000 [interval] | precision | recall "
-              "| class acc. | s / image | stage |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines.append(
+            f"Feature space `{info['features_ref']}` is a self-supervised encoder (the images have no labels)."
+        )
+    lines += [
+        f"FID is only comparable between rows of one feature space and one n. Files are under `{location}`.",
+        f"Intervals ({fmt(100 * info.get('interval_level', 0.95), 3)}%): FID by a paired bootstrap "
+        f"({info.get('fid_resamples', '?')} draws, basic interval: for the population FID, so it may reach "
+        "below 0 near the floor), KID over random subsets. Read models against the floor: a difference "
+        "inside the intervals is not a result.",
+        "",
+        "## FID against NFE",
+        "",
+        "![FID vs NFE](fid_vs_nfe.png)",
+        "",
+        "## All rows",
+        "",
+        "| model | sampler | steps | NFE | guidance | FID [interval] | KID ×1000 [interval] | precision | recall "
+        "| class acc. | s / image | stage |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['guidance'])} | "
-                     f"{fmt(r['fid'])} {span(r.get('fid_low'), r.get('fid_high'))} | "
-                     f"{kid_cell(r)} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
-                     f"{fmt(r['class_accuracy'], 3)} | {fmt(r['seconds_per_image'], 3)} | `{r['stage_key']}` |")
-    lines += ["", f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
-              f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).", "",
-              "## Best at each step count", "", "| steps | model | sampler | FID |", "|---:|---|---|---:|"]
+        lines.append(
+            f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['nfe']} | {fmt(r['guidance'])} | "
+            f"{fmt(r['fid'])} {span(r.get('fid_low'), r.get('fid_high'))} | "
+            f"{kid_cell(r)} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} | "
+            f"{fmt(r['class_accuracy'], 3)} | {fmt(r['seconds_per_image'], 3)} | `{r['stage_key']}` |"
+        )
+    lines += [
+        "",
+        f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
+        f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).",
+        "",
+        "## Best at each step count",
+        "",
+        "| steps | model | sampler | FID |",
+        "|---:|---|---|---:|",
+    ]
     for steps, r in best_by_steps(rows).items():
         lines.append(f"| {steps} | {r['model']} | {r['sampler']} | {fmt(r['fid'])} |")
-    lines += ["", "## Quality bars (excess FID over the floor)", "",
-              "ratio = (FID − floor) / (FID of the denominator − floor); met when the interval's top is at or "
-              "below the bar.", "",
-              "| bar | numerator | denominator | ratio [interval] | bar | verdict |", "|---|---|---|---:|---:|---|"]
+    lines += [
+        "",
+        "## Quality bars (excess FID over the floor)",
+        "",
+        "ratio = (FID − floor) / (FID of the denominator − floor); met when the interval's top is at or below the bar.",
+        "",
+        "| bar | numerator | denominator | ratio [interval] | bar | verdict |",
+        "|---|---|---|---:|---:|---|",
+    ]
     for ratio in evaluation.ratios:
         verdict = ratio.verdict + (f" ({ratio.note})" if ratio.note else "")
-        lines.append(f"| {ratio.name} | {ratio.numerator} | {ratio.denominator} | {fmt(ratio.value, 3)} "
-                     f"{span(ratio.low, ratio.high, 3)} | ≤ {fmt(ratio.bar, 3)} | {verdict} |")
+        lines.append(
+            f"| {ratio.name} | {ratio.numerator} | {ratio.denominator} | {fmt(ratio.value, 3)} "
+            f"{span(ratio.low, ratio.high, 3)} | ≤ {fmt(ratio.bar, 3)} | {verdict} |"
+        )
     lines += course_notes_section(rows)
     if evaluation.straightness:
-        lines += ["", "## Straightness of the flow models' paths", "",
-                  "S = ∫ E‖(x_1 − x_0) − v_t‖² dt on the sampler's own path (0 = straight).", "",
-                  "| model | S | measured with |", "|---|---:|---|"]
+        lines += [
+            "",
+            "## Straightness of the flow models' paths",
+            "",
+            "S = ∫ E‖(x_1 − x_0) − v_t‖² dt on the sampler's own path (0 = straight).",
+            "",
+            "| model | S | measured with |",
+            "|---|---:|---|",
+        ]
         for model, s in evaluation.straightness.items():
             lines.append(f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps, {s['paths']} paths |")
     lines += ["", "## Sample grids", ""]
@@ -246,8 +303,10 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
         best_by_steps={str(s): brief(r) for s, r in best_by_steps(rows).items()},
         floor_fid=kept(reference_fid(rows, FLOOR)),
         vae_fid=kept(reference_fid(rows, CEILING)),
-        ratios={ratio.name: {k: (kept(v) if isinstance(v, float) else v) for k, v in ratio.as_dict().items()}
-                for ratio in evaluation.ratios},
+        ratios={
+            ratio.name: {k: (kept(v) if isinstance(v, float) else v) for k, v in ratio.as_dict().items()}
+            for ratio in evaluation.ratios
+        },
         floor_fid_interval=(kept(floor.get("fid_low")), kept(floor.get("fid_high"))) if floor else None,
         straightness={model: s["value"] for model, s in evaluation.straightness.items()},
         **info,
@@ -256,16 +315,23 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
 
 def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> EvaluationCard:
     info = evaluation.info
-    writer.write_table(TABLE, rows_table(evaluation.rows), metadata={
-        "fewstep.extractor": str(info["extractor"]), "fewstep.seed": str(info["seed"]),
-        "fewstep.images_ref": str(info["images_ref"]), "fewstep.n_test": str(info["n_test"]),
-    })
+    writer.write_table(
+        TABLE,
+        rows_table(evaluation.rows),
+        metadata={
+            "fewstep.extractor": str(info["extractor"]),
+            "fewstep.seed": str(info["seed"]),
+            "fewstep.images_ref": str(info["images_ref"]),
+            "fewstep.n_test": str(info["n_test"]),
+        },
+    )
     title = f"FID vs NFE — {info['extractor']}, n={info['n']}"
     writer.write_bytes("fid_vs_nfe.png", plot_fid_vs_nfe(evaluation.rows, title))
     if evaluation.draws:
         keys = sorted(evaluation.draws)
-        writer.write_table(DRAWS, tensors_to_table({"row": np.array(keys),
-                                                    "draws": np.array([evaluation.draws[k] for k in keys])}))
+        writer.write_table(
+            DRAWS, tensors_to_table({"row": np.array(keys), "draws": np.array([evaluation.draws[k] for k in keys])})
+        )
     for name, png in sorted(evaluation.grids.items()):
         writer.write_bytes(name, png)
     writer.write_json("straightness", evaluation.straightness)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from infra.cards import Card
 from infra.config import Section
@@ -59,5 +60,3 @@ def run_stage(
     log.info("%s: committed %s in %.1fs", name, manifest.ref, time.perf_counter() - started)
     progress.stage_finished(name, manifest)
     return manifest
-
-

@@ -38,8 +38,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     if not verbose:  # Ray warns that it enabled token authentication, its default for local clusters
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # address="local": a cluster of our own, never one that `ray start` left on this machine
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=verbose,
-             logging_level=logging.INFO if verbose else logging.WARNING)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+    )
     if not verbose:  # Ray Data configures its own logger when imported: quiet it afterwards
         import ray.data as ray_data  # noqa: F401
 

@@ -48,7 +48,7 @@ def load_features(store: Store, features: Manifest) -> tuple[FeaturesCard, nn.Mo
 def logits_of(classifier: Classifier, x: torch.Tensor, batch: int = SCORE_BATCH) -> torch.Tensor:
     """Class logits (N, K) of images (N, C, H, W) in [-1, 1], in batches, on the classifier's device."""
     device = next(classifier.parameters()).device
-    return torch.cat([classifier(x[i:i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
+    return torch.cat([classifier(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)])
 
 
 def accuracy(classifier: Classifier, pixels: np.ndarray, labels: np.ndarray) -> float | None:
@@ -74,14 +74,18 @@ def extractor_source(config: EvaluateConfig, features: Manifest | None) -> Extra
     """Resolve ``evaluate.extractor`` on the driver: read the local file once, name it by its digest."""
     if config.extractor is None:
         if features is None:
-            raise ConfigError("evaluate needs a feature space: pass the features stage's manifest, or set "
-                              "evaluate.extractor to a local TorchScript or Inception-v3 file")
+            raise ConfigError(
+                "evaluate needs a feature space: pass the features stage's manifest, or set "
+                "evaluate.extractor to a local TorchScript or Inception-v3 file"
+            )
         return ExtractorSource(FEATURES, features.ref)
     path = Path(config.extractor).expanduser()
     if "://" in config.extractor or not path.is_file():
-        raise ConfigError(f"evaluate.extractor={config.extractor!r} is not a local file; give the path of a "
-                          "TorchScript module (torch.jit.save) or of Inception-v3 weights (extractor_kind: inception). "
-                          "Nothing is downloaded")
+        raise ConfigError(
+            f"evaluate.extractor={config.extractor!r} is not a local file; give the path of a "
+            "TorchScript module (torch.jit.save) or of Inception-v3 weights (extractor_kind: inception). "
+            "Nothing is downloaded"
+        )
     data = path.read_bytes()
     digest = sha256_hex(data)
     label = "inception_v3" if config.extractor_kind == "inception" else f"torchscript:{path.name}"
@@ -104,7 +108,7 @@ class Scorer:
         self.classifier = classifier.to(device).eval() if classifier is not None else None
 
     @classmethod
-    def load(cls, store: Store, source: ExtractorSource, features_ref: str | None, device: str) -> "Scorer":
+    def load(cls, store: Store, source: ExtractorSource, features_ref: str | None, device: str) -> Scorer:
         import ray
 
         device = torch.device(device)

@@ -31,8 +31,9 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import ray
 import ray.train
@@ -109,7 +110,7 @@ class TrainResult:
         return self.curve[-1]["loss"] if self.curve else None
 
 
-def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = None) -> TrainResult:
+def fit(job: TrainJob, dataset: ray.data.Dataset, storage_path: str | None = None) -> TrainResult:
     """Train on ``dataset`` (rows already in the adapter's input format) and return the final state.
 
     Returns at once when the store already holds a checkpoint at the final step.
@@ -144,8 +145,11 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
         with progress.watching(job.stage, f"fewstep-progress-{job.stage}-{job.key}") as remote:
             trainer = ray.train.torch.TorchTrainer(
                 train_loop_per_worker,
-                train_loop_config={"job": dataclasses.replace(job, progress=remote, threads=threads),
-                                   "shards": shards, "fit_started": started},
+                train_loop_config={
+                    "job": dataclasses.replace(job, progress=remote, threads=threads),
+                    "shards": shards,
+                    "fit_started": started,
+                },
                 scaling_config=scaling,
                 run_config=run_config,
                 datasets=None if cached else {"train": dataset},
@@ -172,7 +176,7 @@ def fit(job: TrainJob, dataset: "ray.data.Dataset", storage_path: str | None = N
     )
 
 
-def split_once(dataset: "ray.data.Dataset", workers: int) -> list:
+def split_once(dataset: ray.data.Dataset, workers: int) -> list:
     """The dataset read once into Ray's object store (in row order), split into ``workers`` equal shards.
 
     The driver owns the blocks, so a worker restarted after a crash reads the same shard again.
@@ -193,7 +197,8 @@ def check_room_for_data(stage: str, resources: Resources) -> None:
         raise ConfigError(
             f"{stage}: {resources.workers} training workers x {resources.cpus} CPUs = {wanted:g} CPUs, "
             f"but the Ray cluster has {total:g} and Ray Data needs at least 1 more to feed the workers; "
-            f"lower {stage}.resources.workers or {stage}.resources.cpus, or add nodes")
+            f"lower {stage}.resources.workers or {stage}.resources.cpus, or add nodes"
+        )
 
 
 def check_rows(stage: str, rows: int, config: LoopConfig) -> None:
@@ -203,11 +208,12 @@ def check_rows(stage: str, rows: int, config: LoopConfig) -> None:
     if per_worker < share:
         raise ConfigError(
             f"{stage}: {rows} training rows give each of {workers} workers {per_worker}, fewer than its share "
-            f"{share} of batch_size={config.batch_size}; lower {stage}.batch_size, or add data")
+            f"{share} of batch_size={config.batch_size}; lower {stage}.batch_size, or add data"
+        )
 
 
 def strip(tensors: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {name[len(prefix):]: value for name, value in tensors.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
 def with_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -275,8 +281,10 @@ class Timing:
         self.mark = now
 
     def as_dict(self) -> dict[str, float]:
-        return {**{k: round(v, 3) for k, v in self.totals.items()},
-                "until_last_step_s": round(time.time() - self.fit_started, 3)}
+        return {
+            **{k: round(v, 3) for k, v in self.totals.items()},
+            "until_last_step_s": round(time.time() - self.fit_started, 3),
+        }
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -366,8 +374,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - started
                 curve.append({"step": step, "loss": mean_loss, "grad_norm": float(grad_norm), "seconds": elapsed})
                 if rank == 0:
-                    log.info("%s step %d/%d loss %.4f (%.2f steps/s)", job.stage, step, config.steps,
-                             mean_loss, (step - resumed_from) / max(elapsed, 1e-9))
+                    log.info(
+                        "%s step %d/%d loss %.4f (%.2f steps/s)",
+                        job.stage,
+                        step,
+                        config.steps,
+                        mean_loss,
+                        (step - resumed_from) / max(elapsed, 1e-9),
+                    )
                     if job.progress is not None:
                         job.progress.report(step, config.steps, f"loss {mean_loss:.4g}")
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -376,13 +390,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     tensors = {
                         **with_prefix(unwrap(model).state_dict(), "model."),
                         **with_prefix(ema.state_dict(), "ema."),
-                        **{k: v for name, module in extra.items() for k, v in with_prefix(module.state_dict(), f"extra.{name}.").items()},
+                        **{
+                            k: v
+                            for name, module in extra.items()
+                            for k, v in with_prefix(module.state_dict(), f"extra.{name}.").items()
+                        },
                         **optimizer_tensors(optimizer),
                         **rng_state_tensors(),
                     }
-                    checkpoints.save(step, tensors, {"curve": curve, "resumed_from": resumed_from, "epoch": epoch,
-                                                     "position": position, "nodes": nodes, "threads": threads,
-                                                     "timing": timing.as_dict()})
+                    checkpoints.save(
+                        step,
+                        tensors,
+                        {
+                            "curve": curve,
+                            "resumed_from": resumed_from,
+                            "epoch": epoch,
+                            "position": position,
+                            "nodes": nodes,
+                            "threads": threads,
+                            "timing": timing.as_dict(),
+                        },
+                    )
                     checkpoints.prune(keep=2)
                 # Every worker reports at the same steps: ray.train.report is a barrier.
                 ray.train.report({"step": step, "loss": curve[-1]["loss"] if curve else float("nan")})
@@ -394,8 +422,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= config.steps:
                 break
         if seen == 0 and position == 0:
-            raise ConfigError(f"{job.stage}: the training data has fewer rows than this worker's batch "
-                              f"{job.worker_batch}; lower {job.stage}.batch_size, or add data")
+            raise ConfigError(
+                f"{job.stage}: the training data has fewer rows than this worker's batch "
+                f"{job.worker_batch}; lower {job.stage}.batch_size, or add data"
+            )
         if step < config.steps:
             epoch, position = epoch + 1, 0
 
@@ -442,7 +472,7 @@ class CachedShard:
         rows = len(next(iter(self.data.values()))) if self.data else 0
         order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
         for start in range(skip * batch_size, rows - batch_size + 1, batch_size):
-            index = order[start:start + batch_size].to(self.device)
+            index = order[start : start + batch_size].to(self.device)
             yield {name: value[index] for name, value in self.data.items()}
 
 
@@ -454,9 +484,13 @@ class StreamedShard:
 
     def epoch(self, batch_size: int, seed: int, skip: int = 0):
         """Streams with a seeded local shuffle; a resumed epoch skips what it used (re-reading it)."""
-        batches = self.shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=self.device,
-                                                local_shuffle_buffer_size=max(4 * batch_size, 1024),
-                                                local_shuffle_seed=seed % (2**31))
+        batches = self.shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            device=self.device,
+            local_shuffle_buffer_size=max(4 * batch_size, 1024),
+            local_shuffle_seed=seed % (2**31),
+        )
         for index, batch in enumerate(batches):
             if index >= skip:
                 yield batch
@@ -464,6 +498,6 @@ class StreamedShard:
 
 def move_objective(objective: Objective, device: torch.device) -> None:
     """Move every module an objective holds (teacher, EMA target) to the worker's device."""
-    for name, value in vars(objective).items():
+    for value in vars(objective).values():
         if isinstance(value, nn.Module):
             value.to(device)

@@ -13,16 +13,24 @@ plot and grids are. ``--steps`` replaces both ``evaluate.flow_steps`` and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from flows.cli.options import RAY_HELP, STORE_HELP
 from flows.errors import UserError
 
-SHOWN = (("model", "MODEL"), ("sampler", "SAMPLER"), ("steps", "STEPS"), ("nfe", "NFE"), ("fid", "FID"),
-         ("precision", "PRECISION"), ("recall", "RECALL"), ("class_accuracy", "CLASS_ACC"),
-         ("seconds_per_image", "S/IMAGE"))
+SHOWN = (
+    ("model", "MODEL"),
+    ("sampler", "SAMPLER"),
+    ("steps", "STEPS"),
+    ("nfe", "NFE"),
+    ("fid", "FID"),
+    ("precision", "PRECISION"),
+    ("recall", "RECALL"),
+    ("class_accuracy", "CLASS_ACC"),
+    ("seconds_per_image", "S/IMAGE"),
+)
 
 
 def parse_steps(text: str) -> list[int]:
@@ -46,8 +54,10 @@ def default_generators(store) -> list:
             return generators
     generators = [m for m in store.list_manifests() if GeneratorCard.is_generator(m)]
     if not generators:
-        raise UserError(f"the store {store.uri} holds no generator models; run `fewstep run --store {store.uri}` "
-                        "first, or pass --model REF")
+        raise UserError(
+            f"the store {store.uri} holds no generator models; run `fewstep run --store {store.uri}` "
+            "first, or pass --model REF"
+        )
     vae_ref = GeneratorCard.from_manifest(generators[-1]).vae_ref  # oldest first: the last is the newest
     return [m for m in generators if GeneratorCard.from_manifest(m).vae_ref == vae_ref]
 
@@ -67,15 +77,22 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def evaluate(
-    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-    model: Optional[list[str]] = typer.Option(None, "--model", help="A generator ref (stage/key); repeat for several. "
-                                              "Default: the generators of the latest run."),
-    steps: Optional[str] = typer.Option(None, "--steps", help="Comma-separated step counts, e.g. 1,2,4 "
-                                        "(default: evaluate.flow_steps / consistency_steps of the config)."),
-    n: Optional[int] = typer.Option(None, "--n", help="Generated images per model, sampler and step count."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file; its evaluate: section applies."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        help="A generator ref (stage/key); repeat for several. Default: the generators of the latest run.",
+    ),
+    steps: str | None = typer.Option(
+        None,
+        "--steps",
+        help="Comma-separated step counts, e.g. 1,2,4 "
+        "(default: evaluate.flow_steps / consistency_steps of the config).",
+    ),
+    n: int | None = typer.Option(None, "--n", help="Generated images per model, sampler and step count."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file; its evaluate: section applies."),
     preset: str = typer.Option("default", "--preset", help="Config preset the file applies to."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
 ) -> None:
     """Evaluate stored models: FID, precision, recall, class accuracy and seconds per image against NFE."""
     from infra.config import load_config

@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from infra.cards import (
     EvaluationCard,
@@ -131,5 +132,6 @@ class ProgressView:
         fraction = min(1.0, done / total) if total else 0.0
         eta = None if done <= 0 else (now - started) * (total - done) / done
         bar = "#" * round(fraction * BAR) + "." * (BAR - round(fraction * BAR))
-        self._line(f"▸ {stage:<12} [{bar}] {fraction:4.0%}  {done}/{total}  ETA {fmt_seconds(eta)}  {note}".rstrip(),
-                   live=True)
+        self._line(
+            f"▸ {stage:<12} [{bar}] {fraction:4.0%}  {done}/{total}  ETA {fmt_seconds(eta)}  {note}".rstrip(), live=True
+        )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -41,10 +41,10 @@ def quiet(verbose: bool) -> None:
 
 
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding any config field."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file overriding any config field."),
     preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
-    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
     serve: bool = typer.Option(False, "--serve", help="Leave the Ray Serve endpoint up afterwards."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Ray's and Prefect's own logs."),
 ) -> None:
@@ -86,9 +86,12 @@ def run_summary(store, summary: dict[str, Any]) -> str:
     evaluation = store.get_ref(refs["evaluate"])
     card = EvaluationCard.from_manifest(evaluation)  # the floor and ceiling
     rows = read_rows(store, evaluation)
-    lines = [f"fewstep: pipeline finished in {summary['seconds']} s (store {store.uri})", "",
-             f"  FID ({card.extractor}, n={card.n}): floor {fmt(card.floor_fid)}, VAE ceiling {fmt(card.vae_fid)}",
-             f"  {'MODEL':<14} {'BEST':<24} {'AT 1 STEP':<10}"]
+    lines = [
+        f"fewstep: pipeline finished in {summary['seconds']} s (store {store.uri})",
+        "",
+        f"  FID ({card.extractor}, n={card.n}): floor {fmt(card.floor_fid)}, VAE ceiling {fmt(card.vae_fid)}",
+        f"  {'MODEL':<14} {'BEST':<24} {'AT 1 STEP':<10}",
+    ]
     models = list(dict.fromkeys(r["model"] for r in rows if r["sampler"] != REFERENCE))  # evaluation order
     for model in models:
         mine = [r for r in rows if r["model"] == model and r["fid"] is not None]
@@ -97,9 +100,12 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         best_text = f"{fmt(best['fid'])} ({best['sampler']}@{best['steps']})" if best else "–"
         lines.append(f"  {model:<14} {best_text:<24} {fmt(one):<10}")
     promotion = summary["promotion"]
-    lines += ["", f"  served: {summary['served'] or '(none)'} — {promotion['reason']}",
-              f"  serve it:    fewstep serve --store {store.uri}",
-              f"  report:      {report_location(store, evaluation)}"]
+    lines += [
+        "",
+        f"  served: {summary['served'] or '(none)'} — {promotion['reason']}",
+        f"  serve it:    fewstep serve --store {store.uri}",
+        f"  report:      {report_location(store, evaluation)}",
+    ]
     return "\n".join(lines)
 
 

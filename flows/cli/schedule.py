@@ -12,7 +12,6 @@ for ``prefect deploy`` (see the README, "Scaling out").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -22,8 +21,15 @@ from flows.errors import UserError
 DEPLOYMENT_NAME = "scheduled"
 
 
-def build_deployment(cron: str, config: Path | None, preset: str, store: str | None,
-                     ray_address: str | None, name: str, timezone: str | None):
+def build_deployment(
+    cron: str,
+    config: Path | None,
+    preset: str,
+    store: str | None,
+    ray_address: str | None,
+    name: str,
+    timezone: str | None,
+):
     """A RunnerDeployment of the pipeline flow with the validated config as its parameters."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
@@ -37,7 +43,9 @@ def build_deployment(cron: str, config: Path | None, preset: str, store: str | N
     try:
         schedule = CronSchedule(cron=cron, timezone=timezone)
     except ValueError as error:
-        raise UserError(f"invalid cron expression {cron!r}: {error}. Example: --cron '0 3 * * 0' (Sundays 03:00)") from None
+        raise UserError(
+            f"invalid cron expression {cron!r}: {error}. Example: --cron '0 3 * * 0' (Sundays 03:00)"
+        ) from None
     return pipeline.to_deployment(
         name=name,
         schedule=schedule,
@@ -50,16 +58,18 @@ def build_deployment(cron: str, config: Path | None, preset: str, store: str | N
 
 def schedule(
     cron: str = typer.Option(..., "--cron", help='Cron expression, e.g. "0 3 * * 0" (Sundays 03:00).'),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding any config field."),
+    config: Path | None = typer.Option(None, "--config", help="YAML file overriding any config field."),
     preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
-    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=RAY_HELP),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_HELP),
     name: str = typer.Option(DEPLOYMENT_NAME, "--name", help="Deployment name."),
-    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the cron (default UTC)."),
-    register_only: bool = typer.Option(False, "--register-only",
-                                       help="Register the deployment and exit; a work pool's worker runs it."),
-    work_pool: Optional[str] = typer.Option(None, "--work-pool",
-                                            help="With --register-only: the work pool whose workers run it."),
+    timezone: str | None = typer.Option(None, "--timezone", help="IANA time zone of the cron (default UTC)."),
+    register_only: bool = typer.Option(
+        False, "--register-only", help="Register the deployment and exit; a work pool's worker runs it."
+    ),
+    work_pool: str | None = typer.Option(
+        None, "--work-pool", help="With --register-only: the work pool whose workers run it."
+    ),
 ) -> None:
     """Run the pipeline on a cron schedule as a Prefect deployment (served in the foreground)."""
     from prefect import serve
@@ -73,9 +83,15 @@ def schedule(
         try:
             deployment_id = deployment.apply(work_pool_name=work_pool)
         except DeploymentApplyError as error:
-            raise UserError(f"could not register deployment 'pipeline/{name}'{' on work pool ' + repr(work_pool) if work_pool else ''}: "
-                            f"{error}. Create the pool first: prefect work-pool create {work_pool or 'NAME'} --type process") from None
-        where = f" on work pool {work_pool!r} (start a worker: prefect worker start --pool {work_pool})" if work_pool else ""
+            raise UserError(
+                f"could not register deployment 'pipeline/{name}'{' on work pool ' + repr(work_pool) if work_pool else ''}: "
+                f"{error}. Create the pool first: prefect work-pool create {work_pool or 'NAME'} --type process"
+            ) from None
+        where = (
+            f" on work pool {work_pool!r} (start a worker: prefect worker start --pool {work_pool})"
+            if work_pool
+            else ""
+        )
         typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}{where}")
         return
     typer.echo(f"serving deployment 'pipeline/{name}' with cron {cron!r}; Ctrl-C stops it")

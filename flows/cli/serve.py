@@ -21,8 +21,8 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -31,20 +31,27 @@ from flows.errors import UserError
 
 
 def serve(
-    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-    model: Optional[str] = typer.Option(None, "--model", help="Serve this ref (stage/key) and ignore promotions."),
-    host: Optional[str] = typer.Option(None, "--host", help="Interface to listen on (default serve.host, 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, "--port", help="Port to listen on (default serve.port, 8765)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file; its serve: section sets limits and resources."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    model: str | None = typer.Option(None, "--model", help="Serve this ref (stage/key) and ignore promotions."),
+    host: str | None = typer.Option(None, "--host", help="Interface to listen on (default serve.host, 127.0.0.1)."),
+    port: int | None = typer.Option(None, "--port", help="Port to listen on (default serve.port, 8765)."),
+    config: Path | None = typer.Option(
+        None, "--config", help="YAML file; its serve: section sets limits and resources."
+    ),
     preset: str = typer.Option("default", "--preset", help="Config preset the file applies to."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
-    emit_config: bool = typer.Option(False, "--emit-config",
-                                     help="Write a Ray Serve config (serve deploy / serve run / RayService) to FILE "
-                                          "or stdout, and exit."),
-    runtime_env: Optional[Path] = typer.Option(None, "--runtime-env",
-                                               help="With --emit-config: a YAML runtime_env for the replicas "
-                                                    "(env var references, pip, ...); never literal secrets."),
-    file: Optional[Path] = typer.Argument(None, metavar="[FILE]", help="With --emit-config: where to write it."),
+    ray_address: str | None = typer.Option(None, "--ray-address", envvar="RAY_ADDRESS", help=RAY_HELP),
+    emit_config: bool = typer.Option(
+        False,
+        "--emit-config",
+        help="Write a Ray Serve config (serve deploy / serve run / RayService) to FILE or stdout, and exit.",
+    ),
+    runtime_env: Path | None = typer.Option(
+        None,
+        "--runtime-env",
+        help="With --emit-config: a YAML runtime_env for the replicas "
+        "(env var references, pip, ...); never literal secrets.",
+    ),
+    file: Path | None = typer.Argument(None, metavar="[FILE]", help="With --emit-config: where to write it."),
 ) -> None:
     """Serve the promoted model over HTTP (playground at /, API docs at /docs) until Ctrl-C; with
     --emit-config, write the Ray Serve config that starts it on a cluster instead."""
@@ -54,12 +61,21 @@ def serve(
     from workers.serving.swap import UnfitModel
 
     if not emit_config and (file is not None or runtime_env is not None):
-        raise UserError(f"{'FILE ' + repr(str(file)) if file is not None else '--runtime-env'} is only used with "
-                        "--emit-config: `fewstep serve --emit-config serve.yaml`")
+        raise UserError(
+            f"{'FILE ' + repr(str(file)) if file is not None else '--runtime-env'} is only used with "
+            "--emit-config: `fewstep serve --emit-config serve.yaml`"
+        )
     serve_config = load_config(preset, config).serve
     if emit_config:
-        text = emit_serve_config(store, model, serve_config, host=host, port=port, runtime_env=runtime_env,
-                                 name=str(file) if file is not None else "serve.yaml")
+        text = emit_serve_config(
+            store,
+            model,
+            serve_config,
+            host=host,
+            port=port,
+            runtime_env=runtime_env,
+            name=str(file) if file is not None else "serve.yaml",
+        )
         if file is None:
             typer.echo(text, nl=False)
         else:
@@ -72,12 +88,22 @@ def serve(
         check_servable(opened, manifest.ref, serve_config)  # a NaN model fails here, in one line
     except UnfitModel as error:
         raise UserError(str(error)) from None
-    serve_foreground(opened.uri, serve_config, manifest.ref, pinned=model is not None, host=host, port=port,
-                     ray_address=ray_address)
+    serve_foreground(
+        opened.uri, serve_config, manifest.ref, pinned=model is not None, host=host, port=port, ray_address=ray_address
+    )
 
 
-def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: str | None = None, port: int | None = None,
-                     ray_address: str | None = None, echo: Callable[[str], None] = typer.echo) -> None:
+def serve_foreground(
+    store_uri: str,
+    config,
+    ref: str,
+    *,
+    pinned: bool,
+    host: str | None = None,
+    port: int | None = None,
+    ray_address: str | None = None,
+    echo: Callable[[str], None] = typer.echo,
+) -> None:
     """Start Ray (or attach), deploy the app, print its URL, block until SIGINT/SIGTERM, tear down.
 
     A pinned model is recorded in the store (``pins/``) while it is served, so ``fewstep gc``
@@ -114,9 +140,17 @@ def serve_foreground(store_uri: str, config, ref: str, *, pinned: bool, host: st
     echo("fewstep: stopped")
 
 
-def emit_serve_config(store: str | None, model: str | None, serve_config, *, host: str | None = None,
-                      port: int | None = None, runtime_env: Path | None = None,
-                      environ: dict[str, str] | None = None, name: str = "serve.yaml") -> str:
+def emit_serve_config(
+    store: str | None,
+    model: str | None,
+    serve_config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    runtime_env: Path | None = None,
+    environ: dict[str, str] | None = None,
+    name: str = "serve.yaml",
+) -> str:
     """The Serve config file's text: a header that says how to use it, then the YAML.
 
     The store URI is made absolute (replicas run elsewhere); a pinned ``model`` is checked
@@ -125,7 +159,8 @@ def emit_serve_config(store: str | None, model: str | None, serve_config, *, hos
 
     from infra.store import Store
     from workers.serving.app import resolve_model
-    from workers.serving.deploy import CREDENTIALS, serve_config as build_config
+    from workers.serving.deploy import CREDENTIALS
+    from workers.serving.deploy import serve_config as build_config
 
     opened = Store.open(store, check=model is not None)
     if model is not None:
@@ -137,16 +172,26 @@ def emit_serve_config(store: str | None, model: str | None, serve_config, *, hos
         extra = yaml.safe_load(runtime_env.read_text()) or {}
         if not isinstance(extra, dict):
             raise UserError(f"runtime_env file {str(runtime_env)!r} must hold a mapping, got {type(extra).__name__}")
-    config = build_config(opened.uri, serve_config, model, host=host, port=port, runtime_env=extra,
-                          environ=os.environ if environ is None else environ)
+    config = build_config(
+        opened.uri,
+        serve_config,
+        model,
+        host=host,
+        port=port,
+        runtime_env=extra,
+        environ=os.environ if environ is None else environ,
+    )
     http = config["http_options"]
     header = [
         "# Ray Serve config for fewstep, written by `fewstep serve --emit-config`.",
         f"#   serve deploy {name} -a http://<head>:8265    (or: serve run {name}; or a RayService's serveConfigV2)",
         f"# HTTP on {http['host']}:{http['port']} of every node; POST /v1/generate, GET /v1/model, GET /healthz.",
-        f"# Replicas open {opened.uri} themselves" + (
+        f"# Replicas open {opened.uri} themselves"
+        + (
             f", with {', '.join(CREDENTIALS)} (or an IAM role) from their own environment:"
-            if opened.uri.startswith("s3://") else " (a path every node must see)."),
+            if opened.uri.startswith("s3://")
+            else " (a path every node must see)."
+        ),
     ]
     if opened.uri.startswith("s3://"):
         header.append("# this file holds no credentials.")

@@ -10,7 +10,7 @@ corrupt file) prints one line on stderr and exits with status 2 (in :func:`flows
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -64,9 +64,9 @@ def human_size(size: int) -> str:
 
 
 def status(
-    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
-    region: Optional[str] = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
+    region: str | None = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
 ) -> None:
     """Committed stages with their keys, lineage (input refs) and headline metrics; pointers; runs."""
@@ -86,16 +86,32 @@ def status(
     damaged.update({f"pin {n}": why for n, why in bad_pins.items()})
     damaged.update({f"run {n}": why for n, why in bad_runs.items()})
     if as_json:
-        typer.echo(json.dumps({
-            "store": opened.uri,
-            "code_version": CODE_VERSION,
-            "stages": [{"ref": m.ref, "stage": m.stage, "key": m.key, "created_at": m.created_at, "inputs": m.inputs,
-                        "metrics": m.metrics, "code_version": m.code_version, "digest": m.digest} for m in ordered],
-            "damaged": damaged,
-            "pointers": pointers,
-            "pins": pins,
-            "runs": runs,
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "store": opened.uri,
+                    "code_version": CODE_VERSION,
+                    "stages": [
+                        {
+                            "ref": m.ref,
+                            "stage": m.stage,
+                            "key": m.key,
+                            "created_at": m.created_at,
+                            "inputs": m.inputs,
+                            "metrics": m.metrics,
+                            "code_version": m.code_version,
+                            "digest": m.digest,
+                        }
+                        for m in ordered
+                    ],
+                    "damaged": damaged,
+                    "pointers": pointers,
+                    "pins": pins,
+                    "runs": runs,
+                },
+                indent=2,
+            )
+        )
         return
     typer.echo(f"store {opened.uri}  (code {CODE_VERSION})")
     if not ordered:
@@ -106,8 +122,15 @@ def status(
         for m in ordered:
             mark = "" if m.code_version == current.get(m.stage, CODE_VERSION) else "*"
             older = older or bool(mark)
-            rows.append([m.stage, m.key + mark, m.created_at[:19].replace("T", " "), ",".join(m.inputs) or "-",
-                         stage_headline(m)])
+            rows.append(
+                [
+                    m.stage,
+                    m.key + mark,
+                    m.created_at[:19].replace("T", " "),
+                    ",".join(m.inputs) or "-",
+                    stage_headline(m),
+                ]
+            )
         typer.echo(table(rows))
         if older:
             typer.echo("* written by other code than this stage's today (a re-run computes a new key)")
@@ -120,22 +143,27 @@ def status(
     if pins:
         typer.echo("pins (kept by gc until unpinned):")
         for name, pin in pins.items():
-            typer.echo(f"  {name} -> {pin['ref']}  (since {str(pin.get('pinned_at', '?'))[:19]}, "
-                       f"heartbeat {str(pin.get('heartbeat_at', '?'))[:19]})")
+            typer.echo(
+                f"  {name} -> {pin['ref']}  (since {str(pin.get('pinned_at', '?'))[:19]}, "
+                f"heartbeat {str(pin.get('heartbeat_at', '?'))[:19]})"
+            )
     if runs:
-        typer.echo(f"runs: {len(runs)} recorded, latest {runs[-1].get('run_id')} at {str(runs[-1].get('created_at', '?'))[:19]}")
+        typer.echo(
+            f"runs: {len(runs)} recorded, latest {runs[-1].get('run_id')} at {str(runs[-1].get('created_at', '?'))[:19]}"
+        )
         for run in runs:
             if run["status"] == "running":
                 typer.echo(f"  running {run['run_id']}: heartbeat {str(run.get('heartbeat_at'))[:19]}")
 
 
 def gc(
-    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP),
-    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
-    region: Optional[str] = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
+    region: str | None = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
     yes: bool = typer.Option(False, "--yes", help="Delete what is listed (without it, only list)."),
-    min_age_hours: float = typer.Option(1.0, "--min-age-hours",
-                                        help="Leave anything written more recently than this (at least 0.25)."),
+    min_age_hours: float = typer.Option(
+        1.0, "--min-age-hours", help="Leave anything written more recently than this (at least 0.25)."
+    ),
 ) -> None:
     """List staging leftovers, finished checkpoints and outputs no run references; --yes deletes them."""
     from infra.gc import apply_gc, plan_gc
@@ -158,4 +186,6 @@ def gc(
             typer.echo(f"kept {item.path.removeprefix(root)}: {why}")
         typer.echo(f"removed {len(result.removed)} items, {human_size(result.size)}")
     else:
-        typer.echo(f"would remove {len(plan.items)} items, {human_size(plan.size)}; run again with --yes to delete them")
+        typer.echo(
+            f"would remove {len(plan.items)} items, {human_size(plan.size)}; run again with --yes to delete them"
+        )

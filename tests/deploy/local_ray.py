@@ -50,13 +50,19 @@ def free_port() -> int:
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a node: this one (PYTHONPATH, AWS_*), no RAY_ADDRESS, no usage stats."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=AUTH_TOKEN,
-               # On a busy 2-core machine a raylet may need more than Ray's 30 s to register with the GCS
-               # or to hear from its agents, and a replacement node more than Ray Train's 60 s to take a
-               # restarted worker group.
-               RAY_raylet_start_wait_time_s="120", RAY_agent_register_timeout_ms="120000",
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300",
-               **(extra or {}))
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=AUTH_TOKEN,
+        # On a busy 2-core machine a raylet may need more than Ray's 30 s to register with the GCS
+        # or to hear from its agents, and a replacement node more than Ray Train's 60 s to take a
+        # restarted worker group.
+        RAY_raylet_start_wait_time_s="120",
+        RAY_agent_register_timeout_ms="120000",
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="300",
+        **(extra or {}),
+    )
     return env
 
 
@@ -95,7 +101,7 @@ class RayNode:
             time.sleep(0.3)
         raise RuntimeError(f"ray node {self.name} did not start within {timeout_s}s:\n{self.diagnosis()}")
 
-    def ready(self) -> "RayNode":
+    def ready(self) -> RayNode:
         """Wait until started (killing the node if it does not start); learn the head's GCS address."""
         try:
             self.wait_started()
@@ -150,9 +156,17 @@ class RayNode:
         assert not left, f"processes of ray node {self.name} survived: {left}"
 
 
-def start_node(name: str, *, head_address: str | None = None, num_cpus: int, resources: dict | None = None,
-               dashboard: bool = False, env: dict[str, str] | None = None, wait: bool = True,
-               attempts: int = 1) -> RayNode:
+def start_node(
+    name: str,
+    *,
+    head_address: str | None = None,
+    num_cpus: int,
+    resources: dict | None = None,
+    dashboard: bool = False,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    attempts: int = 1,
+) -> RayNode:
     """Start a head (``head_address=None``) or a worker node joining ``head_address``; with
     ``wait=False`` return at once and call :meth:`RayNode.ready` later (nodes boot in parallel).
     With ``attempts`` > 1 (and ``wait``), a node that fails to start is removed and started afresh."""
@@ -170,16 +184,37 @@ def start_node(name: str, *, head_address: str | None = None, num_cpus: int, res
     raise AssertionError("unreachable")
 
 
-def _spawn_node(name: str, head_address: str | None, num_cpus: int, resources: dict | None, dashboard: bool,
-                env: dict[str, str] | None) -> RayNode:
+def _spawn_node(
+    name: str,
+    head_address: str | None,
+    num_cpus: int,
+    resources: dict | None,
+    dashboard: bool,
+    env: dict[str, str] | None,
+) -> RayNode:
     temp_dir = Path(tempfile.mkdtemp(prefix=f"fs-{name}-", dir="/tmp"))  # short: Ray's sockets live under it
-    ports = {"agent_listen": free_port(), "agent_grpc": free_port(), "metrics": free_port(),
-             "runtime_env_agent": free_port()}
-    args = [*RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
-            f"--temp-dir={temp_dir}", "--disable-usage-stats",
-            f"--dashboard-agent-listen-port={ports['agent_listen']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-            f"--metrics-export-port={ports['metrics']}", f"--runtime-env-agent-port={ports['runtime_env_agent']}",
-            "--min-worker-port=0", "--max-worker-port=0"]
+    ports = {
+        "agent_listen": free_port(),
+        "agent_grpc": free_port(),
+        "metrics": free_port(),
+        "runtime_env_agent": free_port(),
+    }
+    args = [
+        *RAY,
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        "--num-gpus=0",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={ports['agent_listen']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--metrics-export-port={ports['metrics']}",
+        f"--runtime-env-agent-port={ports['runtime_env_agent']}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]
     if resources:
         args.append(f"--resources={json.dumps(resources)}")
     dashboard_url = None
@@ -196,10 +231,12 @@ def _spawn_node(name: str, head_address: str | None, num_cpus: int, resources: d
         args += [f"--address={head_address}"]
     log = temp_dir / "ray-start.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=node_env(env),
-                                   start_new_session=True, cwd=temp_dir)
-    return RayNode(name, process, temp_dir, log, dashboard_url=dashboard_url, ports=ports,
-                   gcs_address=head_address or "")
+        process = subprocess.Popen(
+            args, stdout=sink, stderr=subprocess.STDOUT, env=node_env(env), start_new_session=True, cwd=temp_dir
+        )
+    return RayNode(
+        name, process, temp_dir, log, dashboard_url=dashboard_url, ports=ports, gcs_address=head_address or ""
+    )
 
 
 def remove(node: RayNode) -> None:

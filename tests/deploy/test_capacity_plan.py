@@ -27,10 +27,16 @@ def capacity():
 
 def test_plan_turns_unit_rates_into_workers_and_hours(capacity):
     Unit = capacity.Unit
-    units = {stage: Unit(images_per_cpu_s=10.0, flops_per_image=1e12) for stage in
-             ("ingest", "vae", "latents", "base", "reflow", "pairs", "consistency", "evaluate", "serve")}
-    rows = {row.stage: row for row in capacity.plan(units, images=3600, gpus=2, cpus=4, gpu_tflops=5.0,
-                                                     measured={"base": 100.0}, serve_images_per_s=12.0)}
+    units = {
+        stage: Unit(images_per_cpu_s=10.0, flops_per_image=1e12)
+        for stage in ("ingest", "vae", "latents", "base", "reflow", "pairs", "consistency", "evaluate", "serve")
+    }
+    rows = {
+        row.stage: row
+        for row in capacity.plan(
+            units, images=3600, gpus=2, cpus=4, gpu_tflops=5.0, measured={"base": 100.0}, serve_images_per_s=12.0
+        )
+    }
     # base: 40 epochs of 3600 images at a measured 100 img/s per GPU on 2 GPUs.
     assert rows["base"].gpu_source == "measured" and rows["base"].hours == pytest.approx(40 * 3600 / 200 / 3600)
     # reflow: estimated from FLOPs, 5 TFLOP/s over 1 TFLOP per image = 5 img/s per GPU.

@@ -98,20 +98,38 @@ def test_pipeline_on_three_nodes_survives_losing_the_trainer_node(tmp_path):
         store_uri = str(tmp_path / "store")
         config = tmp_path / "cluster.yaml"
         config.write_text(yaml.safe_dump(CONFIG))
-        env = node_env({
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            # Prefect's ephemeral API server: time to start on a busy 2-core machine.
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-            # An actor pool starts work once all its actors are up (Ray Data's default starts with the
-            # first one ready; on 240 tiny images that one may finish everything before the other starts).
-            "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
-        })
+        env = node_env(
+            {
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                # Prefect's ephemeral API server: time to start on a busy 2-core machine.
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                # An actor pool starts work once all its actors are up (Ray Data's default starts with the
+                # first one ready; on 240 tiny images that one may finish everything before the other starts).
+                "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
+            }
+        )
         env.pop("PREFECT_API_URL", None)
         log = tmp_path / "run.log"
         with open(log, "wb") as sink:
-            run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "quick", "--config", str(config),
-                                    "--store", store_uri, "--ray-address", head.gcs_address],
-                                   env=env, stdout=sink, stderr=subprocess.STDOUT)
+            run = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "flows.cli",
+                    "run",
+                    "--preset",
+                    "quick",
+                    "--config",
+                    str(config),
+                    "--store",
+                    store_uri,
+                    "--ray-address",
+                    head.gcs_address,
+                ],
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
         store = Store.open(store_uri)
 
         # 1. Base training checkpoints on the trainer node: kill that node mid-training.
@@ -150,8 +168,10 @@ def test_pipeline_on_three_nodes_survives_losing_the_trainer_node(tmp_path):
         samplers = set(PairsCard.from_manifest(manifests["pairs"]).sampler_nodes)
         assert samplers == {ids["spare"], ids["trainer2"]}, (samplers, ids)  # after it: the survivor and the new one
         assert store.get_pointer(SERVING_POINTER) is not None
-        print(f"killed the trainer node at base step {killed_at}; base resumed from {base.resumed_from} on the "
-              f"replacement node and finished {base.steps} steps")
+        print(
+            f"killed the trainer node at base step {killed_at}; base resumed from {base.resumed_from} on the "
+            f"replacement node and finished {base.steps} steps"
+        )
     finally:
         if run is not None and run.poll() is None:
             run.kill()

@@ -66,7 +66,7 @@ def test_dockerfile_builds_fewstep_on_a_ray_image_in_cpu_and_cuda_variants():
     assert expand(image, global_args) == f"rayproject/ray:{ray.__version__}-{global_args['PYTHON_TAG']}-cpu"
     assert expand(image, {**global_args, "VARIANT": "gpu"}).endswith("-gpu")  # Ray's CUDA image
 
-    body = steps[first_from + 1:]
+    body = steps[first_from + 1 :]
     assert ("ARG", "VARIANT") in body, "ARG VARIANT must be declared again after FROM to be seen by RUN"
     runs = " ".join(rest for word, rest in body if word == "RUN")
     assert re.search(r'"\$VARIANT" = "cpu"', runs) and "download.pytorch.org/whl/cpu" in str(body)
@@ -117,7 +117,9 @@ def check_cluster(cluster: dict) -> dict[str, float]:
         tags.add(tag.rsplit("-", 1)[0])
         env = {item["name"]: item for item in container["env"]}
         for name in SECRET_VARS:  # S3 keys from a Secret, never a literal
-            assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "fewstep-s3", env[name]
+            assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "fewstep-s3", env[
+                name
+            ]
         assert env["AWS_DEFAULT_REGION"]["value"]
         limits = container["resources"]["limits"]
         gpus = float(limits.get("nvidia.com/gpu", 0))
@@ -157,11 +159,13 @@ def test_rayjob_runs_the_pipeline_against_s3_with_a_config_the_cluster_can_hold(
     # The config file the entrypoint names is the ConfigMap's, mounted into the head (the driver).
     cluster = job["spec"]["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
-    (mount,) = [m for m in head["containers"][0]["volumeMounts"] if options["--config"].startswith(m["mountPath"] + "/")]
+    (mount,) = [
+        m for m in head["containers"][0]["volumeMounts"] if options["--config"].startswith(m["mountPath"] + "/")
+    ]
     (volume,) = [v for v in head["volumes"] if v["name"] == mount["name"]]
     config_map = docs["ConfigMap"]
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-    file_name = options["--config"][len(mount["mountPath"]) + 1:]
+    file_name = options["--config"][len(mount["mountPath"]) + 1 :]
     config = load_config("default", overrides=yaml.safe_load(config_map["data"][file_name]))
 
     # Every stage's request fits the cluster (else it would wait forever for resources).
@@ -196,11 +200,15 @@ def test_rayservice_serve_config_passes_rays_schema_and_builds_the_app():
     cluster = service["spec"]["rayClusterConfig"]
     capacity = check_cluster(cluster)
     port = schema.http_options.port
-    serve_ports = {p["containerPort"] for _, _, c in containers(cluster) for p in c.get("ports", []) if p["name"] == "serve"}
+    serve_ports = {
+        p["containerPort"] for _, _, c in containers(cluster) for p in c.get("ports", []) if p["name"] == "serve"
+    }
     assert serve_ports == {port} and schema.http_options.host == "0.0.0.0"
     replicas = args.serve.max_replicas or args.serve.resources.workers
     assert args.serve.resources.gpus <= capacity["gpus_per_pod"]
-    assert replicas * args.serve.resources.gpus <= capacity["gpus"], "the autoscaling maximum does not fit the GPU group"
+    assert replicas * args.serve.resources.gpus <= capacity["gpus"], (
+        "the autoscaling maximum does not fit the GPU group"
+    )
 
 
 # --------------------------------------------------------------------------- prefect.yaml

@@ -44,8 +44,14 @@ TINY = {
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 TASKS = {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "features", "evaluate", "promote"}
-ARTIFACTS = {"fewstep-run-summary", "fewstep-run-report", "fewstep-fid-vs-steps", "fewstep-evaluation-report",
-             "fewstep-base-metrics", "fewstep-latents-metrics"}
+ARTIFACTS = {
+    "fewstep-run-summary",
+    "fewstep-run-report",
+    "fewstep-fid-vs-steps",
+    "fewstep-evaluation-report",
+    "fewstep-base-metrics",
+    "fewstep-latents-metrics",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +59,22 @@ def prefect_server(tmp_path_factory):
     """A real ``prefect server start`` on a free port with its own database."""
     port = free_port()
     home = tmp_path_factory.mktemp("prefect-home")
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+    )
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 120
@@ -110,8 +125,9 @@ def kill_flow_run(flow_run_id: str) -> None:
 
 def api(url: str, path: str, body: dict | None = None, method: str = "POST") -> object:
     data = json.dumps(body or {}).encode() if method == "POST" else None
-    request = urllib.request.Request(f"{url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -123,8 +139,12 @@ def prefect(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Com
 
 
 def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path):
-    env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONUNBUFFERED="1",
-               RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    env = dict(
+        os.environ,
+        PREFECT_API_URL=prefect_server,
+        PYTHONUNBUFFERED="1",
+        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+    )
     manifest = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (declared,) = manifest["deployments"]
     assert declared["entrypoint"] == "flows/pipeline.py:pipeline" and declared["work_pool"]["name"] == POOL
@@ -140,12 +160,19 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
     config = load_config("quick", overrides=TINY).model_dump(mode="json")
     log = tmp_path / "worker.log"
     with open(log, "wb") as sink:
-        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", POOL, "--type", "process"], env=env,
-                                  cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [*PREFECT, "worker", "start", "--pool", POOL, "--type", "process"],
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     flow_run_id = None
     try:
-        started = prefect("deployment", "run", DEPLOYMENT, "--params",
-                          json.dumps({"config": config, "store_uri": store_uri}), env=env)
+        started = prefect(
+            "deployment", "run", DEPLOYMENT, "--params", json.dumps({"config": config, "store_uri": store_uri}), env=env
+        )
         flow_run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
         deadline = time.monotonic() + 720
         while True:
@@ -168,16 +195,47 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
     artifacts = api(prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
     assert ARTIFACTS <= {a["key"] for a in artifacts if a.get("key")}, artifacts
     store = Store.open(store_uri)
-    assert {m.stage for m in store.list_manifests()} >= {"ingest", "vae", "latents", "base", "pairs", "reflow",
-                                                          "consistency", "features", "evaluate"}
+    assert {m.stage for m in store.list_manifests()} >= {
+        "ingest",
+        "vae",
+        "latents",
+        "base",
+        "pairs",
+        "reflow",
+        "consistency",
+        "features",
+        "evaluate",
+    }
     assert store.get_pointer(SERVING_POINTER) is not None
 
     # The command-line alternative registers the same flow on the same pool.
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(TINY))
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", "--cron", "30 2 * * *", "--register-only",
-                           "--work-pool", POOL, "--name", "nightly", "--preset", "quick", "--config", str(config_file),
-                           "--store", store_uri], env=env, capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "schedule",
+            "--cron",
+            "30 2 * * *",
+            "--register-only",
+            "--work-pool",
+            POOL,
+            "--name",
+            "nightly",
+            "--preset",
+            "quick",
+            "--config",
+            str(config_file),
+            "--store",
+            store_uri,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0 and f"work pool '{POOL}'" in done.stdout, done.stdout + done.stderr
     (nightly,) = [d for d in api(prefect_server, "/deployments/filter") if d["name"] == "nightly"]
     assert nightly["work_pool_name"] == POOL and nightly["entrypoint"] == "flows.pipeline.pipeline"

@@ -14,8 +14,12 @@ def test_custom_resources_are_validated_and_left_out_of_stage_keys():
     assert pinned.base.resources.custom == {"trainer": 1.0}
     assert pinned.base.keyed() == load_config("quick").base.keyed()  # where it runs is not what it computes
     assert hash(pinned.base) != hash(load_config("quick").base)  # still hashable, and they differ
-    for bad, message in [({"CPU": 1}, "set resources.cpus"), ({"GPU": 1}, "set resources.gpus"),
-                         ({"memory": 1}, "reserved by Ray"), ({"trainer": 0}, "must be positive")]:
+    for bad, message in [
+        ({"CPU": 1}, "set resources.cpus"),
+        ({"GPU": 1}, "set resources.gpus"),
+        ({"memory": 1}, "reserved by Ray"),
+        ({"trainer": 0}, "must be positive"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_config("quick", overrides={"latents": {"resources": {"custom": bad}}})
 

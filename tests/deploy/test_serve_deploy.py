@@ -44,8 +44,9 @@ serve:
 
 
 def fewstep(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 def serve_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -88,8 +89,20 @@ def deploy_and_serve(head, s3_uri: str, s3_server, tmp_path, phase) -> None:
     config.write_text(SERVE_YAML)
     emitted = tmp_path / "serve.yaml"
 
-    done = fewstep("serve", "--emit-config", str(emitted), "--store", s3_uri, "--config", str(config),
-                   "--host", "127.0.0.1", "--port", str(http_port), env=env)
+    done = fewstep(
+        "serve",
+        "--emit-config",
+        str(emitted),
+        "--store",
+        s3_uri,
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        env=env,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     text = emitted.read_text()
     assert s3_server.secret_access_key not in text and s3_server.access_key_id not in text, text
@@ -176,8 +189,10 @@ def test_emit_config_refuses_literal_secrets_and_bad_refs(local_store, tmp_path)
     status, out, err = emit("--emit-config", "--store", local_store.uri, "--runtime-env", str(runtime_env))
     assert status == 0, err
     emitted = yaml.safe_load(out)
-    assert emitted["applications"][0]["runtime_env"]["env_vars"] == {"AWS_SECRET_ACCESS_KEY": "${TEAM_S3_SECRET}",
-                                                                     "LOG_LEVEL": "debug"}
+    assert emitted["applications"][0]["runtime_env"]["env_vars"] == {
+        "AWS_SECRET_ACCESS_KEY": "${TEAM_S3_SECRET}",
+        "LOG_LEVEL": "debug",
+    }
     assert emitted["applications"][0]["args"]["store"] == local_store.uri
 
     status, out, err = emit("--emit-config", "--store", local_store.uri, "--model", "base/nothing")

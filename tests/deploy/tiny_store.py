@@ -24,23 +24,35 @@ def commit_vae(store: Store) -> Manifest:
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT[0], base_channels=4, downsample=4))
     with store.begin("vae", "tiny", config={"test": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        card = VAECard(latent_scale=1.0, latent_shape=LATENT, in_channels=1, image_size=16, latent_channels=LATENT[0],
-                       downsample=4, recon_mse_train=0.0, measured_on=0)
+        card = VAECard(
+            latent_scale=1.0,
+            latent_shape=LATENT,
+            in_channels=1,
+            image_size=16,
+            latent_channels=LATENT[0],
+            downsample=4,
+            recon_mse_train=0.0,
+            measured_on=0,
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
 def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest) -> Manifest:
     """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y."""
     torch.manual_seed(seed)
-    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
-                         class_dropout_prob=0.0))
+    net = DiT(
+        dit_config(
+            "DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, class_dropout_prob=0.0
+        )
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     with store.begin(stage, f"tiny{seed}", config={"seed": seed}, inputs=[vae]) as writer:
         writer.write_model("model", net, model_spec(net))
-        card = GeneratorCard(family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0,
-                             vae_ref=vae.ref)
+        card = GeneratorCard(
+            family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0, vae_ref=vae.ref
+        )
         return writer.commit(metrics=card.to_metrics())
 
 

@@ -12,8 +12,13 @@ from infra.config import ConfigError
 
 
 def fewstep(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", "from flows.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
 def test_help_lists_every_verb():
@@ -23,12 +28,15 @@ def test_help_lists_every_verb():
         assert verb in done.stdout
 
 
-@pytest.mark.parametrize("yaml_text, expected", [
-    ("base:\n  stepz: 3\n", "unknown field 'base.stepz'"),
-    ("base:\n  steps: -1\n", "base.steps = -1"),
-    ("reflow:\n  rounds: many\n", "reflow.rounds = 'many'"),
-    ("[1, 2]\n", "must hold a mapping"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("base:\n  stepz: 3\n", "unknown field 'base.stepz'"),
+        ("base:\n  steps: -1\n", "base.steps = -1"),
+        ("reflow:\n  rounds: many\n", "reflow.rounds = 'many'"),
+        ("[1, 2]\n", "must hold a mapping"),
+    ],
+)
 def test_bad_config_is_refused_before_any_work(tmp_path, yaml_text, expected):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml_text)
@@ -38,14 +46,17 @@ def test_bad_config_is_refused_before_any_work(tmp_path, yaml_text, expected):
     assert not (tmp_path / "store").exists(), "work started before the config was checked"
 
 
-@pytest.mark.parametrize("yaml_text, expected", [
-    ("base:\n  model: DiT-ZZZ/2\n", "base.model = 'DiT-ZZZ/2'"),
-    ("evaluate:\n  extractor: {tmp}/missing.pt\n", "evaluate.extractor = '{tmp}/missing.pt' is not a local file"),
-    ("base:\n  lr: .inf\n", "base.lr = inf"),
-    ("base:\n  steps: '100'\n", "base.steps = '100'"),
-    ("evaluate:\n  n: 1000000000\n", "evaluate.n = 1000000000"),
-    ("base:\n  steps: 10\n  steps: 20\n", "key 'steps' appears twice in one mapping (lines 2 and 3)"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("base:\n  model: DiT-ZZZ/2\n", "base.model = 'DiT-ZZZ/2'"),
+        ("evaluate:\n  extractor: {tmp}/missing.pt\n", "evaluate.extractor = '{tmp}/missing.pt' is not a local file"),
+        ("base:\n  lr: .inf\n", "base.lr = inf"),
+        ("base:\n  steps: '100'\n", "base.steps = '100'"),
+        ("evaluate:\n  n: 1000000000\n", "evaluate.n = 1000000000"),
+        ("base:\n  steps: 10\n  steps: 20\n", "key 'steps' appears twice in one mapping (lines 2 and 3)"),
+    ],
+)
 def test_config_errors_are_one_line_before_any_stage(tmp_path, yaml_text, expected):
     """Resolvable names and files are checked with the config: exit 2, one line, the store untouched."""
     config = tmp_path / "bad.yaml"
@@ -96,7 +107,9 @@ def test_a_store_outage_inside_ray_train_is_transient_and_reaches_the_user():
     from infra.errors import StoreUnavailable
     from workers.errors import is_transient
 
-    outage = StoreUnavailable("list s3://b/store/checkpoints at http://127.0.0.1:1 failed 5 times with transient errors")
+    outage = StoreUnavailable(
+        "list s3://b/store/checkpoints at http://127.0.0.1:1 failed 5 times with transient errors"
+    )
     failed = WorkerGroupError("[Rank 0 Error Snippet]: ...", {0: outage, 1: outage})
     assert is_transient(failed), "Prefect would not retry a stage that lost S3 for a moment"
     assert user_cause(failed) is outage

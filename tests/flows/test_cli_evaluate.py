@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "workers"))
 
 from evaluate_fixtures import commit_tiny_run  # noqa: E402
+
 from flows.cli import main  # noqa: E402
 from infra.store import Store  # noqa: E402
 
@@ -59,17 +60,27 @@ def test_evaluates_the_latest_run_and_prints_the_table(ray_started, tmp_path, ca
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:5] == ["MODEL", "SAMPLER", "STEPS", "NFE", "FID"]
-    models = [line.split()[:3] for line in lines[1:] if line.strip() and not line.startswith(("evaluate/", "feature space", "report"))]
-    assert models == [["real-train", "reference", "0"], ["vae-recon", "reference", "0"],
-                      ["base", "euler", "1"], ["base", "euler", "2"],
-                      ["consistency", "consistency", "1"], ["consistency", "consistency", "2"]]
+    models = [
+        line.split()[:3]
+        for line in lines[1:]
+        if line.strip() and not line.startswith(("evaluate/", "feature space", "report"))
+    ]
+    assert models == [
+        ["real-train", "reference", "0"],
+        ["vae-recon", "reference", "0"],
+        ["base", "euler", "1"],
+        ["base", "euler", "2"],
+        ["consistency", "consistency", "1"],
+        ["consistency", "consistency", "2"],
+    ]
     report = next(line for line in lines if line.startswith("report: ")).removeprefix("report: ")
     assert Path(report).is_file() and "# fewstep evaluation" in Path(report).read_text()
     assert "test accuracy" in out
 
     # --model picks models explicitly; an evaluation already committed comes back at once.
-    code, out, err = fewstep(capsys, "evaluate", "--store", store.uri, "--config", str(config), "--steps", "1",
-                             "--model", run.reflow.ref)
+    code, out, err = fewstep(
+        capsys, "evaluate", "--store", store.uri, "--config", str(config), "--steps", "1", "--model", run.reflow.ref
+    )
     assert code == 0, err
     assert [line.split()[0] for line in out.splitlines()[1:4]] == ["real-train", "vae-recon", "reflow-1"]
 

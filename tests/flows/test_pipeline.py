@@ -35,8 +35,11 @@ TINY = {
 }
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate"}
 # The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps.
-WITH_DDPM = {**TINY, "ddpm": {"enabled": True, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-             "evaluate": {**TINY["evaluate"], "diffusion_steps": [2]}}
+WITH_DDPM = {
+    **TINY,
+    "ddpm": {"enabled": True, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
+    "evaluate": {**TINY["evaluate"], "diffusion_steps": [2]},
+}
 
 
 def committed(store: Store) -> dict[str, str]:
@@ -59,7 +62,10 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert GeneratorCard.from_manifest(store.get_ref(ddpm)).family == "diffusion"
     assert store.get_ref(ddpm).inputs == [first["refs"]["latents"]]
     rows = read_rows(store, store.get_ref(first["refs"]["evaluate"]))
-    assert {(r["sampler"], r["steps"], r["nfe"]) for r in rows if r["stage_key"] == ddpm} == {("ddpm", 2, 2), ("ddim", 2, 2)}
+    assert {(r["sampler"], r["steps"], r["nfe"]) for r in rows if r["stage_key"] == ddpm} == {
+        ("ddpm", 2, 2),
+        ("ddim", 2, 2),
+    }
     assert store.get_pointer("serving/current") == first["refs"]["consistency"]
     assert [run["refs"] for run in store.list_runs()] == [first["refs"]]
 
@@ -92,13 +98,21 @@ def free_port() -> int:
 def prefect_server(tmp_path_factory):
     port = free_port()
     home = tmp_path_factory.mktemp("prefect-home")
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+    )
     env.pop("PREFECT_API_URL", None)
     log = home / "server.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                    "--port", str(port)], env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 120
     while True:
@@ -118,15 +132,25 @@ def prefect_server(tmp_path_factory):
 
 
 def api(url: str, path: str, body: dict | None = None) -> object:
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=json.dumps(body or {}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
 def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_local, s3_uri, tmp_path):
@@ -142,8 +166,9 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     while True:
         if process.poll() is not None:
             pytest.fail(f"the run ended before base training checkpointed:\n{process.stdout.read()[-4000:]}")
-        done = {m.stage for m in store.list_manifests()}
-        base_keys = store.fs.ls(f"{store.root}/checkpoints/base") if store.fs.exists(f"{store.root}/checkpoints/base") else []
+        base_keys = (
+            store.fs.ls(f"{store.root}/checkpoints/base") if store.fs.exists(f"{store.root}/checkpoints/base") else []
+        )
         if base_keys and any(store.checkpoints("base", key.rstrip("/").split("/")[-1]).steps() for key in base_keys):
             break
         assert time.monotonic() < deadline, "base training never checkpointed"
@@ -171,15 +196,43 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     states = sorted(run["state_type"] for run in flow_runs)
     assert "COMPLETED" in states and len(flow_runs) == 2, states
     task_names = {run["name"] for run in api(prefect_server, "/task_runs/filter", {})}
-    assert {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "features", "evaluate",
-            "promote"} <= task_names, task_names
+    assert {
+        "ingest",
+        "vae",
+        "latents",
+        "base",
+        "pairs-1",
+        "reflow-1",
+        "consistency",
+        "features",
+        "evaluate",
+        "promote",
+    } <= task_names, task_names
     artifact_keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key")}
-    assert {"fewstep-run-summary", "fewstep-run-report", "fewstep-fid-vs-steps", "fewstep-evaluation-report",
-            "fewstep-base-metrics"} <= artifact_keys, artifact_keys
+    assert {
+        "fewstep-run-summary",
+        "fewstep-run-report",
+        "fewstep-fid-vs-steps",
+        "fewstep-evaluation-report",
+        "fewstep-base-metrics",
+    } <= artifact_keys, artifact_keys
 
     # 4. A scheduled deployment with the given cron.
-    scheduled = cli(["schedule", "--cron", "0 3 * * 0", "--register-only", "--preset", "quick",
-                     "--config", str(config_file), "--store", s3_uri], env)
+    scheduled = cli(
+        [
+            "schedule",
+            "--cron",
+            "0 3 * * 0",
+            "--register-only",
+            "--preset",
+            "quick",
+            "--config",
+            str(config_file),
+            "--store",
+            s3_uri,
+        ],
+        env,
+    )
     output, _ = scheduled.communicate(timeout=120)
     assert scheduled.returncode == 0, output
     deployments = api(prefect_server, "/deployments/filter", {})
@@ -204,10 +257,10 @@ def test_an_unlabelled_rgb_folder_runs_end_to_end(prefect_harness, ray_local, tm
     folder.mkdir()
     for i, pixels in enumerate(render_shapes(0, 240, seed=5).pixels):
         (folder / f"photo{i:03d}.png").write_bytes(encode_png(pixels))
-    overrides = {**TINY, "ingest": {"source": str(folder), "channels": 3, "image_size": 16},
-                 "ddpm": {"enabled": False}}
-    summary = pipeline(config=load_config("quick", overrides=overrides).model_dump(mode="json"),
-                       store_uri=str(tmp_path / "store"))
+    overrides = {**TINY, "ingest": {"source": str(folder), "channels": 3, "image_size": 16}, "ddpm": {"enabled": False}}
+    summary = pipeline(
+        config=load_config("quick", overrides=overrides).model_dump(mode="json"), store_uri=str(tmp_path / "store")
+    )
     store = Store.open(str(tmp_path / "store"))
     refs = summary["refs"]
     assert ImagesCard.from_manifest(store.get_ref(refs["images"])).num_classes == 0

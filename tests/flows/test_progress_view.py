@@ -17,8 +17,16 @@ class Committed:
 
 
 def images() -> Committed:
-    card = ImagesCard(n_images=600, n_train=491, n_test=109, num_classes=10, image_size=16, channels=1,
-                      source_kind="digits", quarantined=2)
+    card = ImagesCard(
+        n_images=600,
+        n_train=491,
+        n_test=109,
+        num_classes=10,
+        image_size=16,
+        channels=1,
+        source_kind="digits",
+        quarantined=2,
+    )
     return Committed("ingest", card.to_metrics())
 
 

@@ -28,8 +28,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 
 def error_xml(code: str, message: str, condition: str | None = None) -> bytes:
     extra = f"<Condition>{condition}</Condition>" if condition else ""
-    return (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
-            f"{extra}<RequestId>proxy</RequestId></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+        f"{extra}<RequestId>proxy</RequestId></Error>"
+    ).encode()
 
 
 def decode_aws_chunked(body: bytes) -> bytes:
@@ -41,7 +43,7 @@ def decode_aws_chunked(body: bytes) -> bytes:
         if size == 0:
             break
         out += rest[:size]
-        rest = rest[size + 2:]
+        rest = rest[size + 2 :]
     return bytes(out)
 
 
@@ -94,14 +96,25 @@ class S3Proxy:
                 proxy.requests[(self.command, conditional)] += 1
                 path = urlparse(self.path).path
                 if proxy.not_implemented and self.command == "PUT" and conditional:
-                    return self._answer(501, [("Content-Type", "application/xml")], error_xml(
-                        "NotImplemented", "A header you provided implies functionality that is not implemented"))
+                    return self._answer(
+                        501,
+                        [("Content-Type", "application/xml")],
+                        error_xml(
+                            "NotImplemented", "A header you provided implies functionality that is not implemented"
+                        ),
+                    )
                 if self.command == "GET" and any(path.endswith(suffix) for suffix in proxy.unavailable):
-                    return self._answer(503, [("Content-Type", "application/xml")], error_xml("SlowDown", "Please reduce your request rate."))
+                    return self._answer(
+                        503,
+                        [("Content-Type", "application/xml")],
+                        error_xml("SlowDown", "Please reduce your request rate."),
+                    )
                 status, headers, answer = proxy.forward(self.command, self.path, list(self.headers.items()), body)
                 if status == 412 and self.command == "PUT" and conditional and proxy.ignore_if_none_match:
                     bucket, _, key = unquote(path).lstrip("/").partition("/")
-                    payload = decode_aws_chunked(body) if "aws-chunked" in self.headers.get("Content-Encoding", "") else body
+                    payload = (
+                        decode_aws_chunked(body) if "aws-chunked" in self.headers.get("Content-Encoding", "") else body
+                    )
                     put = proxy.client.put_object(Bucket=bucket, Key=key, Body=payload)
                     return self._answer(200, [("ETag", put["ETag"])], b"")
                 if status == 412 and proxy.bare_412:

@@ -132,7 +132,10 @@ def test_gc_refuses_a_minimum_age_below_the_floor(app, local_store):
     for hours in ("0", "0.1"):
         result = invoke(app, "gc", "--store", local_store.uri, "--min-age-hours", hours, "--yes")
         assert result.exit_code == 2 and result.stdout == ""
-        assert result.stderr.startswith("fewstep: error: a minimum age of") and "below the floor of 0.25 h" in result.stderr
+        assert (
+            result.stderr.startswith("fewstep: error: a minimum age of")
+            and "below the floor of 0.25 h" in result.stderr
+        )
         assert len(result.stderr.strip().splitlines()) == 1
     assert invoke(app, "gc", "--store", local_store.uri, "--min-age-hours", "0.25").exit_code == 0
 
@@ -157,7 +160,10 @@ def test_bad_input_is_one_line_and_exit_2(app, case, s3_server, s3_uri, monkeypa
         "scheme": (["--store", "ftp://x"], "has scheme 'ftp'"),
         "bucket": (["--store", "s3://fewstep-no-such-bucket"], "does not exist"),
         "credentials": (["--store", s3_uri], "rejected the credentials"),
-        "endpoint": (["--store", s3_uri, "--endpoint-url", f"http://127.0.0.1:{closed_port()}"], "no S3 endpoint answered"),
+        "endpoint": (
+            ["--store", s3_uri, "--endpoint-url", f"http://127.0.0.1:{closed_port()}"],
+            "no S3 endpoint answered",
+        ),
     }[case]
     if case == "credentials":
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONG")

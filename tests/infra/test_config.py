@@ -26,32 +26,38 @@ def load_yaml(tmp_path: Path, text: str) -> PipelineConfig:
     return load_config("quick", path)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("base:\n  lr: .inf\n", "base.lr = inf"),
-    ("base:\n  grad_clip: .inf\n", "base.grad_clip = inf"),
-    ("pairs:\n  guidance: .inf\n", "pairs.guidance = inf"),
-    ("consistency:\n  guidance: -.inf\n", "consistency.guidance = -inf"),
-    ("evaluate:\n  guidance: .nan\n", "evaluate.guidance = nan"),
-    ("vae:\n  beta: .nan\n", "vae.beta = nan"),
-    ("serve:\n  max_guidance: .inf\n", "serve.max_guidance = inf"),
-    ("base:\n  resources: {cpus: .inf}\n", "base.resources.cpus = inf"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("base:\n  lr: .inf\n", "base.lr = inf"),
+        ("base:\n  grad_clip: .inf\n", "base.grad_clip = inf"),
+        ("pairs:\n  guidance: .inf\n", "pairs.guidance = inf"),
+        ("consistency:\n  guidance: -.inf\n", "consistency.guidance = -inf"),
+        ("evaluate:\n  guidance: .nan\n", "evaluate.guidance = nan"),
+        ("vae:\n  beta: .nan\n", "vae.beta = nan"),
+        ("serve:\n  max_guidance: .inf\n", "serve.max_guidance = inf"),
+        ("base:\n  resources: {cpus: .inf}\n", "base.resources.cpus = inf"),
+    ],
+)
 def test_non_finite_floats_are_refused_in_every_section(tmp_path, text, field):
     with pytest.raises(ConfigError, match="finite number") as error:
         load_yaml(tmp_path, text)
     assert field in str(error.value)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("base:\n  steps: '100'\n", "base.steps = '100'"),
-    ("base:\n  steps: true\n", "base.steps = True"),
-    ("base:\n  steps: 100.0\n", "base.steps = 100.0"),
-    ("ingest:\n  channels: true\n", "ingest.channels = True"),
-    ("base:\n  cache_data: 1\n", "base.cache_data = 1"),
-    ("ingest:\n  source: 7\n", "ingest.source = 7"),
-    ("evaluate:\n  flow_steps: [1, '2']\n", "evaluate.flow_steps.1 = '2'"),
-    ("base:\n  resources: {workers: '2'}\n", "base.resources.workers = '2'"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("base:\n  steps: '100'\n", "base.steps = '100'"),
+        ("base:\n  steps: true\n", "base.steps = True"),
+        ("base:\n  steps: 100.0\n", "base.steps = 100.0"),
+        ("ingest:\n  channels: true\n", "ingest.channels = True"),
+        ("base:\n  cache_data: 1\n", "base.cache_data = 1"),
+        ("ingest:\n  source: 7\n", "ingest.source = 7"),
+        ("evaluate:\n  flow_steps: [1, '2']\n", "evaluate.flow_steps.1 = '2'"),
+        ("base:\n  resources: {workers: '2'}\n", "base.resources.workers = '2'"),
+    ],
+)
 def test_no_type_coercion(tmp_path, text, field):
     with pytest.raises(ConfigError) as error:
         load_yaml(tmp_path, text)
@@ -66,21 +72,24 @@ def test_integers_still_fill_float_fields_and_lists_fill_tuples(tmp_path):
     assert validate_config(config.model_dump(mode="json")) == config
 
 
-@pytest.mark.parametrize("text, field", [
-    ("base:\n  steps: 1000000000000\n", "base.steps"),
-    ("base:\n  steps: 1.0e+12\n", "base.steps"),
-    ("evaluate:\n  n: 1000000000\n", "evaluate.n"),
-    ("pairs:\n  pairs: 100000000000\n", "pairs.pairs"),
-    ("pairs:\n  steps: 100000\n", "pairs.steps"),
-    ("ingest:\n  image_size: 65536\n", "ingest.image_size"),
-    ("base:\n  resources: {workers: 100000}\n", "base.resources.workers"),
-    ("base:\n  batch_size: 100000000\n", "base.batch_size"),
-    ("evaluate:\n  flow_steps: [1, 100000]\n", "evaluate"),
-    ("consistency:\n  intervals: 1000000\n", "consistency.intervals"),
-    ("base:\n  lr: 10\n", "base.lr"),
-    ("base:\n  seed: -1\n", "base.seed"),
-    ("base:\n  seed: 99999999999\n", "base.seed"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("base:\n  steps: 1000000000000\n", "base.steps"),
+        ("base:\n  steps: 1.0e+12\n", "base.steps"),
+        ("evaluate:\n  n: 1000000000\n", "evaluate.n"),
+        ("pairs:\n  pairs: 100000000000\n", "pairs.pairs"),
+        ("pairs:\n  steps: 100000\n", "pairs.steps"),
+        ("ingest:\n  image_size: 65536\n", "ingest.image_size"),
+        ("base:\n  resources: {workers: 100000}\n", "base.resources.workers"),
+        ("base:\n  batch_size: 100000000\n", "base.batch_size"),
+        ("evaluate:\n  flow_steps: [1, 100000]\n", "evaluate"),
+        ("consistency:\n  intervals: 1000000\n", "consistency.intervals"),
+        ("base:\n  lr: 10\n", "base.lr"),
+        ("base:\n  seed: -1\n", "base.seed"),
+        ("base:\n  seed: 99999999999\n", "base.seed"),
+    ],
+)
 def test_sizes_have_upper_bounds(tmp_path, text, field):
     with pytest.raises(ConfigError) as error:
         load_yaml(tmp_path, text)

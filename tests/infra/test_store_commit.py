@@ -36,11 +36,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def latents_table(seed: int = 0, n: int = 6) -> pa.Table:
     rng = np.random.default_rng(seed)
-    return tensors_to_table({"id": np.arange(n), "label": rng.integers(0, 10, n),
-                             "mean": rng.standard_normal((n, 4, 2, 2)).astype(np.float32)})
+    return tensors_to_table(
+        {
+            "id": np.arange(n),
+            "label": rng.integers(0, 10, n),
+            "mean": rng.standard_normal((n, 4, 2, 2)).astype(np.float32),
+        }
+    )
 
 
-def commit_simple(store: Store, stage: str = "latents", config: dict | None = None, inputs=(), seed: int = 0) -> Manifest:
+def commit_simple(
+    store: Store, stage: str = "latents", config: dict | None = None, inputs=(), seed: int = 0
+) -> Manifest:
     config = config or {"seed": seed}
     key = store.stage_key(stage, config, inputs)
     with store.begin(stage, key, config=config, inputs=inputs) as writer:
@@ -53,7 +60,10 @@ def commit_simple(store: Store, stage: str = "latents", config: dict | None = No
 
 
 def test_every_kind_of_file_round_trips_and_is_listed(store):
-    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "rng": torch.tensor([1, 2, 255], dtype=torch.uint8)}
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "rng": torch.tensor([1, 2, 255], dtype=torch.uint8),
+    }
     key = store.stage_key("vae", {"lr": 1e-3})
     with store.begin("vae", key, config={"lr": 1e-3}) as writer:
         writer.write_table("latents", latents_table(), metadata={"fewstep.vae_digest": "abc"})
@@ -95,7 +105,9 @@ def test_files_written_by_others_under_the_prefix_are_committed(store):
         # As Ray Data's write_parquet would: several files in a folder under the attempt prefix.
         store.pa_filesystem.create_dir(f"{writer.prefix}/latents")
         for i in range(2):
-            pq.write_table(latents_table(seed=i), f"{writer.prefix}/latents/part-{i}.parquet", filesystem=store.pa_filesystem)
+            pq.write_table(
+                latents_table(seed=i), f"{writer.prefix}/latents/part-{i}.parquet", filesystem=store.pa_filesystem
+            )
         writer.add_files(["latents"])
         manifest = writer.commit()
     assert sorted(manifest.files) == ["latents/part-0.parquet", "latents/part-1.parquet"]
@@ -307,6 +319,7 @@ def test_exclusive_create_has_one_winner(store):
 
 # ---------------------------------------------------------------------------------------
 # Two processes, one key
+
 
 def test_two_processes_committing_one_key_agree_on_one_winner(store_uri):
     context = multiprocessing.get_context("spawn")

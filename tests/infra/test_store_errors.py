@@ -30,19 +30,24 @@ def closed_port() -> int:
 
 
 def client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 # ---------------------------------------------------------------------------------------
 # Bad input
 
 
-@pytest.mark.parametrize("uri, error, words", [
-    ("ftp://x", UnknownScheme, ["'ftp://x'", "s3://bucket/prefix"]),
-    ("gs://bucket/p", UnknownScheme, ["'gs'"]),
-    ("s3://", InvalidStoreURI, ["names no bucket"]),
-    ("s3://Bad_Bucket!/p", InvalidStoreURI, ["'Bad_Bucket!'", "not valid"]),
-])
+@pytest.mark.parametrize(
+    "uri, error, words",
+    [
+        ("ftp://x", UnknownScheme, ["'ftp://x'", "s3://bucket/prefix"]),
+        ("gs://bucket/p", UnknownScheme, ["'gs'"]),
+        ("s3://", InvalidStoreURI, ["names no bucket"]),
+        ("s3://Bad_Bucket!/p", InvalidStoreURI, ["'Bad_Bucket!'", "not valid"]),
+    ],
+)
 def test_malformed_uris(uri, error, words, s3_server):
     with pytest.raises(error) as caught:
         Store.open(uri)
@@ -56,12 +61,16 @@ def test_a_local_store_that_is_a_file_is_refused(tmp_path):
 
 
 def test_missing_bucket(s3_server):
-    with pytest.raises(BucketNotFound, match=r"bucket 'fewstep-missing-bucket' does not exist at http://127\.0\.0\.1:\d+; create it"):
+    with pytest.raises(
+        BucketNotFound, match=r"bucket 'fewstep-missing-bucket' does not exist at http://127\.0\.0\.1:\d+; create it"
+    ):
         Store.open("s3://fewstep-missing-bucket/store")
 
 
 def test_wrong_credentials(s3_uri, s3_server, monkeypatch):
-    with pytest.raises(AccessDenied, match=r"rejected the credentials \(the configured access key.*InvalidAccessKeyId") as caught:
+    with pytest.raises(
+        AccessDenied, match=r"rejected the credentials \(the configured access key.*InvalidAccessKeyId"
+    ) as caught:
         Store.open(s3_uri, access_key_id="AKIAWRONGWRONG", secret_access_key="nope")
     assert "AKIAWRONGWRONG" not in str(caught.value)  # key ids end up in logs and bug reports
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # a real key id with a wrong secret
@@ -76,15 +85,27 @@ def test_wrong_credentials(s3_uri, s3_server, monkeypatch):
 
 def test_unreachable_endpoint(s3_uri):
     port = closed_port()
-    with pytest.raises(EndpointUnreachable, match=rf"no S3 endpoint answered at http://127\.0\.0\.1:{port} .*AWS_ENDPOINT_URL"):
+    with pytest.raises(
+        EndpointUnreachable, match=rf"no S3 endpoint answered at http://127\.0\.0\.1:{port} .*AWS_ENDPOINT_URL"
+    ):
         Store.open(s3_uri, endpoint_url=f"http://127.0.0.1:{port}")
 
 
 def test_endpoint_and_keys_come_from_the_aws_variables():
-    env = {"AWS_ENDPOINT_URL": "http://a:1", "AWS_ENDPOINT_URL_S3": "http://s3:2", "AWS_DEFAULT_REGION": "eu-west-1",
-           "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}
+    env = {
+        "AWS_ENDPOINT_URL": "http://a:1",
+        "AWS_ENDPOINT_URL_S3": "http://s3:2",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+    }
     settings = resolve_settings("s3://b/p/q/", env=env)
-    assert (settings.bucket, settings.prefix, settings.endpoint_url, settings.region) == ("b", "p/q", "http://s3:2", "eu-west-1")
+    assert (settings.bucket, settings.prefix, settings.endpoint_url, settings.region) == (
+        "b",
+        "p/q",
+        "http://s3:2",
+        "eu-west-1",
+    )
     assert (settings.access_key_id, settings.secret_access_key) == ("id", "secret")
     explicit = resolve_settings("s3://b", endpoint_url="http://x:3", region="us-west-2", env=env)
     assert (explicit.endpoint_url, explicit.region, explicit.uri) == ("http://x:3", "us-west-2", "s3://b")
@@ -96,23 +117,36 @@ def test_endpoint_and_keys_come_from_the_aws_variables():
 # Retries
 
 
-@pytest.mark.parametrize("error, transient", [
-    (client_error("SlowDown", 503), True),
-    (client_error("InternalError", 500), True),
-    (client_error("ConditionalRequestConflict", 409), True),
-    (client_error("AccessDenied", 403), False),
-    (client_error("NoSuchKey", 404), False),
-    (EndpointConnectionError(endpoint_url="http://x"), True),
-    (ConnectionResetError(errno.ECONNRESET, "reset"), True),
-    (TimeoutError("read timed out"), True),
-    (FileNotFoundError("x"), False),
-    (ValueError("bad config"), False),
-    # pyarrow's S3 filesystem (Ray Data's reads and writes): no errno, the kind is in the message.
-    (OSError("When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
-             "HeadObject operation: curlCode: 7, Could not connect to server"), True),
-    (OSError("When reading 'k': AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate"), True),
-    (OSError("When getting information for key 'k': AWS Error ACCESS_DENIED during HeadObject operation"), False),
-])
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (client_error("SlowDown", 503), True),
+        (client_error("InternalError", 500), True),
+        (client_error("ConditionalRequestConflict", 409), True),
+        (client_error("AccessDenied", 403), False),
+        (client_error("NoSuchKey", 404), False),
+        (EndpointConnectionError(endpoint_url="http://x"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (TimeoutError("read timed out"), True),
+        (FileNotFoundError("x"), False),
+        (ValueError("bad config"), False),
+        # pyarrow's S3 filesystem (Ray Data's reads and writes): no errno, the kind is in the message.
+        (
+            OSError(
+                "When getting information for key 'k' in bucket 'b': AWS Error NETWORK_CONNECTION during "
+                "HeadObject operation: curlCode: 7, Could not connect to server"
+            ),
+            True,
+        ),
+        (
+            OSError(
+                "When reading 'k': AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate"
+            ),
+            True,
+        ),
+        (OSError("When getting information for key 'k': AWS Error ACCESS_DENIED during HeadObject operation"), False),
+    ],
+)
 def test_transient_errors_are_told_from_permanent_ones(error, transient):
     assert is_transient_store_error(error) is transient
     wrapped = OSError(errno.EIO, "s3fs wrapper")  # s3fs raises OSErrors caused by botocore's
@@ -149,8 +183,12 @@ def test_permanent_errors_are_not_retried():
 
 def test_retries_give_up_with_a_transient_store_error():
     with pytest.raises(StoreUnavailable, match="failed 3 times .*SlowDown") as caught:
-        retry_transient(lambda: (_ for _ in ()).throw(client_error("SlowDown", 503)),
-                        policy=RetryPolicy(attempts=3), sleep=lambda s: None, what="read x")
+        retry_transient(
+            lambda: (_ for _ in ()).throw(client_error("SlowDown", 503)),
+            policy=RetryPolicy(attempts=3),
+            sleep=lambda s: None,
+            what="read x",
+        )
     assert caught.value.transient and is_transient_store_error(caught.value)
 
 
@@ -201,17 +239,30 @@ def test_a_put_on_a_connection_that_never_answers_times_out_as_transient():
     def swallow() -> None:  # accept, read whatever comes, never answer
         while True:
             conn, _ = server.accept()
-            threading.Thread(target=lambda c=conn: [None for _ in iter(lambda: c.recv(65536), b"")], daemon=True).start()
+            threading.Thread(
+                target=lambda c=conn: [None for _ in iter(lambda: c.recv(65536), b"")], daemon=True
+            ).start()
 
     threading.Thread(target=swallow, daemon=True).start()
-    settings = resolve_settings("s3://bucket/store", endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}",
-                                access_key_id="id", secret_access_key="secret", env={})
-    settings = dataclasses.replace(settings, read_timeout_s=2.0, operation_timeout_s=2.0,
-                                   retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01))
+    settings = resolve_settings(
+        "s3://bucket/store",
+        endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}",
+        access_key_id="id",
+        secret_access_key="secret",
+        env={},
+    )
+    settings = dataclasses.replace(
+        settings,
+        read_timeout_s=2.0,
+        operation_timeout_s=2.0,
+        retry=RetryPolicy(attempts=2, base_delay_s=0.01, max_delay_s=0.01),
+    )
     backend = S3Backend(settings)
-    for what, call in [("write", lambda: backend.write_bytes("bucket/store/x", b"x" * 100)),
-                       ("create", lambda: backend._put_if_absent("bucket/store/y", b"y", "create")),
-                       ("read", lambda: backend.read_bytes("bucket/store/x"))]:
+    for what, call in [
+        ("write", lambda: backend.write_bytes("bucket/store/x", b"x" * 100)),
+        ("create", lambda: backend._put_if_absent("bucket/store/y", b"y", "create")),
+        ("read", lambda: backend.read_bytes("bucket/store/x")),
+    ]:
         started = time.monotonic()
         with pytest.raises(StoreUnavailable) as caught:
             call()

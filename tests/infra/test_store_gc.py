@@ -204,7 +204,8 @@ def test_gc_re_checks_each_item_right_before_deleting_it(store, monkeypatch):
     result = apply_gc(store, plan, now=clock() + LATER)
     assert [ref_of(item) for item in result.removed] == ["a-crashed/0000000000000000"]
     assert [(ref_of(item), why) for item, why in result.kept] == [
-        ("b-slow/1111111111111111", "b-slow/1111111111111111 committed this attempt since the plan")]
+        ("b-slow/1111111111111111", "b-slow/1111111111111111 committed this attempt since the plan")
+    ]
     assert store.read_table(committed[0], "rows").num_rows == 3  # today: IntegrityError, 'rows' is missing
     assert store.backend.list_files(leftover) == {}
 
@@ -240,9 +241,11 @@ def test_temp_files_of_crashed_writes_are_collected_when_old(local_store):
     manifest = commit(store, "ingest")
     store.put_pointer("serving/current", manifest.ref)
     # What LocalBackend._write_temp leaves when its process dies before the link or rename.
-    temps = [f"{store.stage_dir('ingest', manifest.key)}/.manifest.json.{uuid.uuid4().hex}.tmp",
-             store.backend.join("pointers", "serving", f".current.json.{uuid.uuid4().hex}.tmp"),
-             f"{store.checkpoints('base', 'k').step_dir(3)}/.manifest.json.{uuid.uuid4().hex}.tmp"]
+    temps = [
+        f"{store.stage_dir('ingest', manifest.key)}/.manifest.json.{uuid.uuid4().hex}.tmp",
+        store.backend.join("pointers", "serving", f".current.json.{uuid.uuid4().hex}.tmp"),
+        f"{store.checkpoints('base', 'k').step_dir(3)}/.manifest.json.{uuid.uuid4().hex}.tmp",
+    ]
     for path in temps:
         store.backend.write_bytes(path, b'{"half": ')
     assert plan_gc(store).items == ()  # young: the write may still be going

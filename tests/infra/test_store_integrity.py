@@ -27,8 +27,11 @@ def commit_parts(store: Store, parts: int = 2):
     with store.begin("latents", "0123456789abcdef", config={}) as writer:
         store.fs.makedirs(f"{writer.prefix}/latents", exist_ok=True)
         for i in range(parts):
-            pq.write_table(pa.table({"v": [float(i)] * 100}), f"{writer.prefix}/latents/part-{i}.parquet",
-                           filesystem=store.pa_filesystem)
+            pq.write_table(
+                pa.table({"v": [float(i)] * 100}),
+                f"{writer.prefix}/latents/part-{i}.parquet",
+                filesystem=store.pa_filesystem,
+            )
         writer.add_files(["latents"])
         return writer.commit()
 
@@ -46,8 +49,10 @@ def test_verified_paths_check_every_file_before_an_engine_reads_it(store):
 
     data = store.fs.cat_file(paths[1])
     middle = len(data) // 2
-    store.fs.pipe_file(paths[1], data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])  # one bit, same size
-    with pytest.raises(IntegrityError, match=r"file 'latents/part-1.parquet' of latents/0123456789abcdef .* corrupt \(sha256"):
+    store.fs.pipe_file(paths[1], data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :])  # one bit, same size
+    with pytest.raises(
+        IntegrityError, match=r"file 'latents/part-1.parquet' of latents/0123456789abcdef .* corrupt \(sha256"
+    ):
         store.verified_paths(manifest, "latents")
     store.fs.rm(paths[0])
     with pytest.raises(IntegrityError, match="'latents/part-0.parquet' .* is missing"):
@@ -68,8 +73,17 @@ def craft(store: Store, manifest, path: str) -> str:
     return name
 
 
-@pytest.mark.parametrize("path", ["../../../secret.txt", "attempts/../../../../secret.txt", "/etc/passwd",
-                                  "attempts\\x\\..\\..\\secret.txt", "attempts/./x", "attempts//x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../../../secret.txt",
+        "attempts/../../../../secret.txt",
+        "/etc/passwd",
+        "attempts\\x\\..\\..\\secret.txt",
+        "attempts/./x",
+        "attempts//x",
+    ],
+)
 def test_a_manifest_entry_outside_the_stage_folder_is_refused_on_load(store, path):
     secret = store.backend.join("secret.txt")
     store.backend.write_bytes(secret, b"not yours")
@@ -77,7 +91,10 @@ def test_a_manifest_entry_outside_the_stage_folder_is_refused_on_load(store, pat
         writer.write_bytes("images", b"not yours")  # same bytes: the crafted digest matches the secret
         manifest = writer.commit()
     name = craft(store, manifest, path)
-    with pytest.raises(IntegrityError, match=rf"not a valid manifest \(files\.{name}\.path: path .* is not a relative path inside the stage folder"):
+    with pytest.raises(
+        IntegrityError,
+        match=rf"not a valid manifest \(files\.{name}\.path: path .* is not a relative path inside the stage folder",
+    ):
         store.get(manifest.stage, manifest.key)  # today: loads, and read_bytes returns the secret
     with pytest.raises(IntegrityError):
         store.get_ref(manifest.ref)
@@ -130,7 +147,7 @@ def test_a_local_commit_fsyncs_files_and_folders_before_linking_the_manifest(loc
     folders = {writer.prefix, f"{writer.prefix}/parts", f"{stage_dir}/attempts", stage_dir, os.path.dirname(stage_dir)}
     assert files <= before, f"not fsynced before the manifest: {files - before}"  # today: none of them
     assert folders <= before, f"folders not fsynced before the manifest: {folders - before}"
-    assert ("fsync", stage_dir) in events[linked + 1:]  # the manifest's own name
+    assert ("fsync", stage_dir) in events[linked + 1 :]  # the manifest's own name
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,7 +199,9 @@ def test_racing_promotions_have_one_winner(local_store):
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.parametrize("folder, name", [("runs", "run-7"), ("pointers", "serving/current")])
@@ -203,5 +222,7 @@ def test_status_and_gc_name_a_hand_broken_record_in_one_line(local_store, folder
 
     gc = cli("gc", "--store", store.uri, "--yes")
     assert gc.returncode == 0 and "Traceback" not in gc.stderr, gc.stderr
-    assert any(line.startswith(f"damaged (left alone): {folder[:-1]} {name}: ") for line in gc.stdout.splitlines()), gc.stdout
+    assert any(line.startswith(f"damaged (left alone): {folder[:-1]} {name}: ") for line in gc.stdout.splitlines()), (
+        gc.stdout
+    )
     assert store.get("ingest", "k") is not None

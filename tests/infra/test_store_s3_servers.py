@@ -40,7 +40,9 @@ def write(store: Store, value: int, key: str = "k"):
 
 def test_a_server_that_ignores_if_none_match_is_refused_when_the_store_opens(s3_uri, proxy):
     server = proxy(ignore_if_none_match=True)
-    with pytest.raises(UnsupportedServer, match=r"ignores If-None-Match: a second exclusive create .* succeeded") as caught:
+    with pytest.raises(
+        UnsupportedServer, match=r"ignores If-None-Match: a second exclusive create .* succeeded"
+    ) as caught:
         Store.open(s3_uri, endpoint_url=server.endpoint_url)
     assert server.endpoint_url in str(caught.value)
     # A store that skipped the check (as Ray workers unpickle it) proves it before its first commit.
@@ -78,7 +80,9 @@ def test_a_412_without_a_condition_is_a_lost_race_and_the_loser_adopts_the_winne
 def test_501_is_permanent_and_says_the_server_does_not_implement_it(s3_uri, proxy):
     assert not is_transient_store_error(client_error("NotImplemented", 501))
     server = proxy(not_implemented=True)
-    with pytest.raises(UnsupportedServer, match=r"does not implement conditional writes .*501 Not Implemented") as caught:
+    with pytest.raises(
+        UnsupportedServer, match=r"does not implement conditional writes .*501 Not Implemented"
+    ) as caught:
         Store.open(s3_uri, endpoint_url=server.endpoint_url)
     assert "check that the S3 endpoint is up" not in str(caught.value)
     assert server.requests[("PUT", True)] == 1  # no retries: today 5 tries, then "check the endpoint is up"

@@ -44,7 +44,9 @@ def test_tensor_columns_round_trip_with_their_shape_and_dtype(tmp_path):
 
 
 def test_multi_chunk_columns_are_joined():
-    table = pa.concat_tables([tensors_to_table({"m": np.ones((2, 2, 2))}), tensors_to_table({"m": np.zeros((3, 2, 2))})])
+    table = pa.concat_tables(
+        [tensors_to_table({"m": np.ones((2, 2, 2))}), tensors_to_table({"m": np.zeros((3, 2, 2))})]
+    )
     assert table.column("m").num_chunks == 2
     got = table_column_to_numpy(table, "m")
     assert got.shape == (5, 2, 2) and got[:2].sum() == 8 and got[2:].sum() == 0
@@ -76,8 +78,11 @@ def test_ray_style_tensor_columns_are_read_by_their_metadata():
     # What pyarrow makes of a Ray Data tensor column when Ray is not imported: a list
     # column with Ray's extension name and shape in the field metadata.
     values = np.arange(4 * 6, dtype=np.float32)
-    field = pa.field("x", pa.list_(pa.float32()), metadata={
-        b"ARROW:extension:name": b"ray.data.arrow_tensor_v2", b"ARROW:extension:metadata": b"[2, 3]"})
+    field = pa.field(
+        "x",
+        pa.list_(pa.float32()),
+        metadata={b"ARROW:extension:name": b"ray.data.arrow_tensor_v2", b"ARROW:extension:metadata": b"[2, 3]"},
+    )
     column = pa.ListArray.from_arrays(pa.array(np.arange(0, 25, 6), pa.int32()), pa.array(values))
     table = pa.Table.from_arrays([column], schema=pa.schema([field]))
     np.testing.assert_array_equal(table_column_to_numpy(table, "x"), values.reshape(4, 2, 3))

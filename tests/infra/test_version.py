@@ -53,12 +53,16 @@ def test_comments_docstrings_and_formatting_rekey_nothing(tree):
     before = digests(tree)
     path = tree / "models" / "dit.py"
     text = path.read_text()
-    path.write_text('"""A new module docstring."""\n# a comment\n' + text.split('"""', 2)[2].replace("\n\n\n", "\n\n\n\n"))
+    path.write_text(
+        '"""A new module docstring."""\n# a comment\n' + text.split('"""', 2)[2].replace("\n\n\n", "\n\n\n\n")
+    )
     assert digests(tree) == before
 
 
 def test_a_config_values_change_is_in_the_section_not_the_code(tree):
     """infra/config.py's source is key-neutral: its values are hashed per stage instead."""
     before = digests(tree)
-    edit(tree / "infra" / "config.py", "class ServeConfig(Section):", "class ServeConfig(Section):\n    added: int = 1\n")
+    edit(
+        tree / "infra" / "config.py", "class ServeConfig(Section):", "class ServeConfig(Section):\n    added: int = 1\n"
+    )
     assert digests(tree) == before

@@ -57,8 +57,10 @@ def test_classifier_config_rejects_bad_values(bad):
 def test_classifier_is_a_registered_kind():
     model = Classifier(ClassifierConfig(width=8, feature_dim=16))
     spec = model_spec(model)
-    assert spec == {"kind": "classifier", "config": {
-        "in_channels": 1, "image_size": 16, "num_classes": 10, "width": 8, "feature_dim": 16}}
+    assert spec == {
+        "kind": "classifier",
+        "config": {"in_channels": 1, "image_size": 16, "num_classes": 10, "width": 8, "feature_dim": 16},
+    }
     rebuilt = build_model(spec)
     assert isinstance(rebuilt, Classifier) and rebuilt.config == model.config
 
@@ -82,8 +84,9 @@ def test_train_classifier_is_reproducible_and_reduces_the_loss():
     for _ in range(2):
         torch.manual_seed(0)  # the initial weights
         model = Classifier(ClassifierConfig(width=8, feature_dim=16))
-        runs.append(train_classifier(model, x, y, steps=20, batch_size=32, lr=3e-3,
-                                     generator=torch.Generator().manual_seed(1)))
+        runs.append(
+            train_classifier(model, x, y, steps=20, batch_size=32, lr=3e-3, generator=torch.Generator().manual_seed(1))
+        )
     assert runs[0] == runs[1]
     assert len(runs[0]) == 20
     assert sum(runs[0][-5:]) < sum(runs[0][:5])
@@ -93,16 +96,16 @@ def test_train_classifier_is_reproducible_and_reduces_the_loss():
 def test_train_classifier_rejects_out_of_range_labels():
     model = Classifier(ClassifierConfig(num_classes=3, width=8))
     with pytest.raises(ValueError, match="num_classes"):
-        train_classifier(model, torch.zeros(4, 1, 16, 16), torch.tensor([0, 1, 2, 3]),
-                         steps=1, batch_size=2, lr=1e-3)
+        train_classifier(model, torch.zeros(4, 1, 16, 16), torch.tensor([0, 1, 2, 3]), steps=1, batch_size=2, lr=1e-3)
 
 
 def test_classifier_learns_sklearn_digits():
     x_train, y_train, x_test, y_test = digits_16()
     torch.manual_seed(0)
     model = Classifier(ClassifierConfig(width=16, feature_dim=64))
-    train_classifier(model, x_train, y_train, steps=150, batch_size=64, lr=3e-3,
-                     generator=torch.Generator().manual_seed(1))
+    train_classifier(
+        model, x_train, y_train, steps=150, batch_size=64, lr=3e-3, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         accuracy = class_accuracy(model(x_test), y_test)
     assert accuracy > 0.9, f"test accuracy {accuracy:.3f} on {len(y_test)} held-out digits"
@@ -203,7 +206,7 @@ def test_classifier_objective_trains_in_a_plain_loop(one_thread):
     objective = ClassifierObjective(max_shift=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
-    for step in range(60):
+    for _ in range(60):
         index = torch.randint(0, len(y_train), (32,))
         out = objective.loss(model, {"x_1": x_train[index], "y": y_train[index]})
         optimizer.zero_grad()

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy import ToyVelocityMLP  # noqa: E402
-
-from toy import GaussianVelocity  # noqa: E402
+from toy import (
+    GaussianVelocity,  # noqa: E402
+    ToyVelocityMLP,  # noqa: E402
+)
 
 from models.consistency import (  # noqa: E402
     ConsistencyDistillation,
@@ -304,8 +305,14 @@ def test_consistency_times_default_and_on_the_training_grid():
 def test_consistency_sample_asks_the_net_only_at_grid_times():
     net = Recorder(mlp(2))
     x_0 = torch.randn(8, 2, dtype=F64)
-    consistency_sample(net, x_0, torch.zeros(8, dtype=torch.long), steps=4, num_intervals=18,
-                       generator=torch.Generator().manual_seed(0))
+    consistency_sample(
+        net,
+        x_0,
+        torch.zeros(8, dtype=torch.long),
+        steps=4,
+        num_intervals=18,
+        generator=torch.Generator().manual_seed(0),
+    )
     asked = [t.unique().tolist() for t, _ in net.calls]
     assert asked == [[0.0], [5 / 18], [9 / 18], [14 / 18]]
 
@@ -391,7 +398,10 @@ def test_the_gaussian_consistency_functions_are_exact():
     assert torch.allclose(x_half, velocity.exact_map(x_0), atol=1e-9)
     on_base_path = 0.5 * MU + math.sqrt(0.25 + 0.25 * SIGMA**2) * x_0
     on_line = 0.5 * x_0 + 0.5 * (MU + SIGMA * x_0)
-    for net, x_t in ((GaussianConsistency(MU, SIGMA, False), on_base_path), (GaussianConsistency(MU, SIGMA, True), on_line)):
+    for net, x_t in (
+        (GaussianConsistency(MU, SIGMA, False), on_base_path),
+        (GaussianConsistency(MU, SIGMA, True), on_line),
+    ):
         assert torch.allclose(consistency_fn(net, x_t, half, y), MU + SIGMA * x_0, atol=1e-12)
         assert torch.equal(consistency_fn(net, x_t, torch.ones(64, dtype=F64), y), x_t)
 
@@ -401,8 +411,14 @@ def test_the_gaussian_consistency_functions_are_exact():
 def test_fresh_noise_with_the_exact_base_consistency_fn_keeps_the_data_distribution(steps, num_intervals):
     """Independent coupling: (1 - t) z + t x_hat is the base marginal, so every k gives N(mu, sigma^2)."""
     net = GaussianConsistency(MU, SIGMA, coupled=False)
-    x = consistency_sample(net, gaussian_noise(), torch.zeros(N_GAUSS, dtype=torch.long), steps,
-                           generator=torch.Generator().manual_seed(steps), num_intervals=num_intervals).x_1
+    x = consistency_sample(
+        net,
+        gaussian_noise(),
+        torch.zeros(N_GAUSS, dtype=torch.long),
+        steps,
+        generator=torch.Generator().manual_seed(steps),
+        num_intervals=num_intervals,
+    ).x_1
     se = SIGMA / math.sqrt(N_GAUSS)
     assert x.mean().item() == pytest.approx(MU, abs=5 * se)
     assert x.std().item() == pytest.approx(SIGMA, abs=5 * se)
@@ -441,8 +457,14 @@ def test_each_re_noising_is_exact_only_for_its_own_coupling(coupled_teacher, cou
     expected_std = SIGMA * renoised / teacher
 
     net = GaussianConsistency(MU, SIGMA, coupled=coupled_teacher)
-    x = consistency_sample(net, gaussian_noise(), torch.zeros(N_GAUSS, dtype=torch.long), 2,
-                           generator=torch.Generator().manual_seed(9), coupling=coupling).x_1
+    x = consistency_sample(
+        net,
+        gaussian_noise(),
+        torch.zeros(N_GAUSS, dtype=torch.long),
+        2,
+        generator=torch.Generator().manual_seed(9),
+        coupling=coupling,
+    ).x_1
     se = SIGMA / math.sqrt(N_GAUSS)
     assert x.mean().item() == pytest.approx(MU, abs=5 * se)
     assert x.std().item() == pytest.approx(expected_std, abs=5 * se)
@@ -455,12 +477,14 @@ def test_the_exact_consistency_fn_is_a_fixed_point_of_distillation(coupled):
     """Teacher = exact velocity, student = target = exact f: only the solver's error is left."""
     mu, sigma = torch.tensor([MU], dtype=F64), torch.tensor([SIGMA], dtype=F64)
     if coupled:  # the reflow teacher's velocity on its straight lines: mu + (sigma - 1) x_0
+
         class LineVelocity(nn.Module):
             num_classes = 1
 
             def forward(self, x, t, y):
                 a_t = (1 - t[:, None]) + t[:, None] * SIGMA
                 return MU + (SIGMA - 1) * (x - t[:, None] * MU) / a_t
+
         teacher = LineVelocity()
     else:
         teacher = GaussianVelocity(mu, sigma)

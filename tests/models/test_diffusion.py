@@ -99,8 +99,11 @@ def test_schedules_decrease_and_stay_in_range(schedule):
     assert (abar[1:] < abar[:-1]).all() and (abar > 0).all() and abar[0] < 1
     assert torch.allclose(abar, torch.cumprod(1 - schedule.betas, 0), rtol=0, atol=0)
     assert (schedule.snr[1:] < schedule.snr[:-1]).all()
-    assert torch.allclose(schedule.sqrt_alphas_cumprod**2 + schedule.sqrt_one_minus_alphas_cumprod**2,
-                          torch.ones(T, dtype=F64), atol=1e-15)
+    assert torch.allclose(
+        schedule.sqrt_alphas_cumprod**2 + schedule.sqrt_one_minus_alphas_cumprod**2,
+        torch.ones(T, dtype=F64),
+        atol=1e-15,
+    )
     assert abar[-1] < 1e-4  # the last step is (almost) pure noise: N(0, I) stands for it
 
 
@@ -269,7 +272,9 @@ def test_objective_label_dropout_and_errors():
     s = vp_schedule("linear", T)
     model = Recorder()
     torch.manual_seed(0)
-    DDPMObjective(s, label_dropout=0.5).loss(model, {"x_1": torch.randn(4000, 2), "y": torch.zeros(4000, dtype=torch.long)})
+    DDPMObjective(s, label_dropout=0.5).loss(
+        model, {"x_1": torch.randn(4000, 2), "y": torch.zeros(4000, dtype=torch.long)}
+    )
     dropped = (model.calls[0][2] == Recorder.num_classes).double().mean().item()
     assert dropped == pytest.approx(0.5, abs=0.04)
     with pytest.raises(ValueError, match="label_dropout"):
@@ -277,7 +282,9 @@ def test_objective_label_dropout_and_errors():
     with pytest.raises(KeyError, match="needs batch\\['y'\\]"):
         DDPMObjective(s).loss(model, {"x_1": torch.randn(2, 2)})
     with pytest.raises(ValueError, match="'x_0'"):
-        DDPMObjective(s).loss(model, {"x_1": torch.randn(2, 2), "x_0": torch.randn(2, 2), "y": torch.zeros(2, dtype=torch.long)})
+        DDPMObjective(s).loss(
+            model, {"x_1": torch.randn(2, 2), "x_0": torch.randn(2, 2), "y": torch.zeros(2, dtype=torch.long)}
+        )
 
 
 def test_training_smoke_loss_decreases():
@@ -316,8 +323,9 @@ def test_ddim_recovers_the_data_distribution(schedule):
 
 def test_ddpm_ancestral_recovers_the_data_distribution(schedule):
     n = 20_000
-    out = ddpm_sample(GaussianEps(schedule), noise(n), no_labels(n), 1000, schedule,
-                      generator=torch.Generator().manual_seed(1))
+    out = ddpm_sample(
+        GaussianEps(schedule), noise(n), no_labels(n), 1000, schedule, generator=torch.Generator().manual_seed(1)
+    )
     assert out.nfe == 1000
     se = SIGMA / math.sqrt(n)
     assert ((out.x_1.mean(0) - MU).abs() < 4 * se).all(), out.x_1.mean(0)
@@ -373,8 +381,10 @@ def test_ddim_converges_to_the_probability_flow_ode(schedule):
     model = GaussianEps(schedule)
     x_0 = noise(512)
     exact = model.ode_map(x_0, T - 1)
-    err = {s: (ddim_sample(model, x_0, no_labels(512), s, schedule).x_1 - exact).abs().max().item()
-           for s in (50, 250, 1000)}
+    err = {
+        s: (ddim_sample(model, x_0, no_labels(512), s, schedule).x_1 - exact).abs().max().item()
+        for s in (50, 250, 1000)
+    }
     # measured: 0.0094 (linear), 0.0095 (cosine) at 1000 steps, on outputs up to |x| ~ 6.6
     assert err[1000] < 0.015, err
     # first order: 5x (4x) the steps, about 5x (4x) smaller error
@@ -444,7 +454,12 @@ def test_ddpm_noise_keeps_each_requests_draws_its_own():
         requests.append((x_0, torch.randint(0, 3, (n,), generator=g), draws))
     alone = [ddpm_sample(net, x_0, y, steps, s, guidance=2.0, noise=draws).x_1 for x_0, y, draws in requests]
     together = ddpm_sample(
-        net, torch.cat([r[0] for r in requests]), torch.cat([r[1] for r in requests]), steps, s, guidance=2.0,
+        net,
+        torch.cat([r[0] for r in requests]),
+        torch.cat([r[1] for r in requests]),
+        steps,
+        s,
+        guidance=2.0,
         noise=[torch.cat([r[2][i] for r in requests]) for i in range(steps - 1)],
     ).x_1
     assert torch.allclose(together, torch.cat(alone), rtol=1e-10, atol=1e-12)

@@ -63,8 +63,12 @@ def test_fresh_blocks_are_identity():
 @pytest.mark.parametrize("patch_size", [2, 4])
 def test_output_shape_equals_input_shape(in_channels, patch_size):
     cfg = DiTConfig(
-        input_size=8, patch_size=patch_size, in_channels=in_channels,
-        hidden_size=32, depth=1, num_heads=4,
+        input_size=8,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=32,
+        depth=1,
+        num_heads=4,
     )
     model = DiT(cfg).eval()
     _randomize_zero_layers(model)
@@ -78,8 +82,7 @@ def test_output_shape_equals_input_shape(in_channels, patch_size):
 def test_tokens_map_back_to_their_own_patch(patch_size):
     # With no blocks, each output patch depends only on the same input patch (plus its
     # position). This pins that patchify's token order and unpatchify's layout agree.
-    cfg = DiTConfig(input_size=8, patch_size=patch_size, in_channels=2, hidden_size=16,
-                    depth=0, num_heads=2)
+    cfg = DiTConfig(input_size=8, patch_size=patch_size, in_channels=2, hidden_size=16, depth=0, num_heads=2)
     model = DiT(cfg).eval()
     _randomize_zero_layers(model)
     x, t, y = _inputs(cfg, n=1)
@@ -89,7 +92,7 @@ def test_tokens_map_back_to_their_own_patch(patch_size):
     x2[:, :, i * patch_size, j * patch_size] += 1.0
     changed = (model(x2, t, y) - base).abs().sum(dim=(0, 1)) > 0  # (H, W)
     expected = torch.zeros_like(changed)
-    expected[i * patch_size:(i + 1) * patch_size, j * patch_size:(j + 1) * patch_size] = True
+    expected[i * patch_size : (i + 1) * patch_size, j * patch_size : (j + 1) * patch_size] = True
     assert torch.equal(changed, expected)
 
 
@@ -111,8 +114,7 @@ def test_label_dropout_rate():
 
 
 def test_dit_accepts_null_label_and_dropout_drops_to_it():
-    cfg = DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=4, num_classes=10,
-                    class_dropout_prob=1.0)
+    cfg = DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=4, num_classes=10, class_dropout_prob=1.0)
     model = DiT(cfg)
     _randomize_zero_layers(model)
     x, t, _ = _inputs(cfg)

@@ -73,13 +73,17 @@ def test_encoder_rejects_images_of_the_wrong_shape_and_bad_configs():
 def test_encoder_is_a_registered_kind_that_rebuilds_without_a_prior_import():
     model = small()
     spec = model_spec(model)
-    assert spec == {"kind": "encoder", "config": {
-        "in_channels": 3, "image_size": 32, "width": 8, "feature_dim": 16, "projection_dim": 8}}
+    assert spec == {
+        "kind": "encoder",
+        "config": {"in_channels": 3, "image_size": 32, "width": 8, "feature_dim": 16, "projection_dim": 8},
+    }
     assert build_model(spec).config == model.config
     # A fresh interpreter that imports only the registry (as a worker loading a checkpoint does).
-    code = ("from models.registry import build_model; "
-            "print(type(build_model({'kind': 'encoder', 'config': {}})).__name__, "
-            "type(build_model({'kind': 'classifier', 'config': {}})).__name__)")
+    code = (
+        "from models.registry import build_model; "
+        "print(type(build_model({'kind': 'encoder', 'config': {}})).__name__, "
+        "type(build_model({'kind': 'classifier', 'config': {}})).__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["Encoder", "Classifier"]
 
@@ -135,8 +139,9 @@ def test_gaussian_blur_matches_scipy_per_image():
     for n in range(3):
         for c in range(2):
             # radius 2 = int(truncate * sigma + 0.5); torch's "reflect" is scipy's "mirror"
-            expected = ndimage.gaussian_filter(x[n, c].numpy(), sigma=float(sigma[n]), mode="mirror",
-                                               truncate=2.0 / float(sigma[n]))
+            expected = ndimage.gaussian_filter(
+                x[n, c].numpy(), sigma=float(sigma[n]), mode="mirror", truncate=2.0 / float(sigma[n])
+            )
             np.testing.assert_allclose(got[n, c].numpy(), expected, atol=1e-12)
     flat = torch.full((2, 3, 7, 7), 0.3, dtype=torch.float64)
     torch.testing.assert_close(gaussian_blur(flat, torch.tensor([0.7, 1.9], dtype=torch.float64)), flat)
@@ -156,7 +161,9 @@ def test_augment_images_is_seeded_by_the_global_rng_and_covers_grayscale():
     torch.testing.assert_close(grey[:, 1], grey[:, 2], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [dict(crop_scale=(0.0, 1.0)), dict(crop_scale=(0.8, 0.5)), dict(flip=1.5), dict(blur=-0.1)])
+@pytest.mark.parametrize(
+    "bad", [dict(crop_scale=(0.0, 1.0)), dict(crop_scale=(0.8, 0.5)), dict(flip=1.5), dict(blur=-0.1)]
+)
 def test_augmentations_reject_bad_settings(bad):
     with pytest.raises(ValueError):
         Augmentations(**bad)
@@ -205,7 +212,7 @@ def test_contrastive_objective_trains_the_encoder():
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(40):
-        out = objective.loss(model, {"x_1": x[(step * 32) % 256:][:32]})
+        out = objective.loss(model, {"x_1": x[(step * 32) % 256 :][:32]})
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

@@ -71,7 +71,10 @@ def saved(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def test_state_dict_keys_shapes_and_order_equal_torchvisions():
-    ours = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in Inception3(InceptionConfig()).state_dict().items()]
+    ours = [
+        (k, list(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in Inception3(InceptionConfig()).state_dict().items()
+    ]
     assert ours == TABLE
     without_aux = Inception3(InceptionConfig(aux_logits=False)).state_dict()
     assert list(without_aux) == [k for k, _, _ in TABLE if not k.startswith("AuxLogits.")]

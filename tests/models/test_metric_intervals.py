@@ -72,13 +72,17 @@ def test_mmd2_unbiased_is_unbiased_where_the_plug_in_estimate_is_not():
     p_support = torch.randn(4, 2, generator=g, dtype=torch.float64)
     q_support = torch.randn(3, 2, generator=g, dtype=torch.float64) + 0.7
     k = lambda a, b: (a @ b.T / 2 + 1) ** 3  # noqa: E731
-    population = float(k(p_support, p_support).mean() + k(q_support, q_support).mean() - 2 * k(p_support, q_support).mean())
+    population = float(
+        k(p_support, p_support).mean() + k(q_support, q_support).mean() - 2 * k(p_support, q_support).mean()
+    )
 
     m, trials = 5, 4000
     x = p_support[torch.randint(0, 4, (trials, m), generator=g)]  # (T, m, 2)
     y = q_support[torch.randint(0, 3, (trials, m), generator=g)]
     unbiased = torch.stack([mmd2_unbiased(x[t], y[t]) for t in range(trials)])
-    plug_in = torch.stack([k(x[t], x[t]).mean() + k(y[t], y[t]).mean() - 2 * k(x[t], y[t]).mean() for t in range(trials)])
+    plug_in = torch.stack(
+        [k(x[t], x[t]).mean() + k(y[t], y[t]).mean() - 2 * k(x[t], y[t]).mean() for t in range(trials)]
+    )
     standard_error = float(unbiased.std()) / trials**0.5
     assert abs(float(unbiased.mean()) - population) < 3.5 * standard_error
     assert abs(float(plug_in.mean()) - population) > 10 * standard_error  # the O(1/m) bias KID removes
@@ -200,8 +204,11 @@ def test_excess_ratio_contains_the_true_ratio_in_most_seeds():
     true_ratio = 0.3**2 / 0.5**2  # FID of N(0.3, I) and N(0.5, I) against N(0, I): d shift^2
     hits = 0
     for seed in range(15):
-        rows = {"floor": gaussian(n, d, 0.0, 300 + seed), "row": gaussian(n, d, 0.3, 400 + seed),
-                "baseline": gaussian(n, d, 0.5, 500 + seed)}
+        rows = {
+            "floor": gaussian(n, d, 0.0, 300 + seed),
+            "row": gaussian(n, d, 0.3, 400 + seed),
+            "baseline": gaussian(n, d, 0.5, 500 + seed),
+        }
         draws = fid_draws(gaussian(n, d, 0.0, 600 + seed), rows, resamples=50, seed=seed)
         ratio = excess_ratio(draws["row"], draws["baseline"], draws["floor"])
         hits += ratio.low <= true_ratio <= ratio.high

@@ -117,7 +117,8 @@ def assert_sane(scores: Scores, sees_classes: bool = True) -> None:
         for corruption, levels in (("blur", BLUR), ("noise", NOISE)):
             ladder = [floor] + [values[f"{corruption} {level:g}"] for level in levels]
             assert ladder == sorted(ladder) and len(set(ladder)) == len(ladder), (
-                f"{metric} does not rise with {corruption} strength {(0, *levels)}: {ladder}")
+                f"{metric} does not rise with {corruption} strength {(0, *levels)}: {ladder}"
+            )
     if sees_classes:
         # half the classes is a gross change: FID well clear of the floor, not just above it
         assert scores.fid["half the classes"] > 2 * scores.fid["floor"], scores.fid
@@ -162,7 +163,9 @@ def test_inception_space_at_random_init(data):
     torch.save(net.state_dict(), buffer)
     loaded = load_inception_extractor(buffer.getvalue())
     small = FeatureExtractor(  # the same network, fed 75x75 instead of 299x299 (16x cheaper)
-        loaded.net, name=loaded.name,
-        prepare=lambda images: F.interpolate(images, size=(75, 75), mode="bilinear", align_corners=False))
+        loaded.net,
+        name=loaded.name,
+        prepare=lambda images: F.interpolate(images, size=(75, 75), mode="bilinear", align_corners=False),
+    )
     scores = score(small, data, N_INCEPTION, "Inception-v3 pool features, random init, 75x75 input")
     assert_sane(scores, sees_classes=False)

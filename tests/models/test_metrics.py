@@ -83,9 +83,7 @@ def test_frechet_distance_of_non_commuting_covariances_matches_scipy_sqrtm():
     s1, s2 = m1 @ m1.T + 0.1 * torch.eye(d), m2 @ m2.T  # s2 may be near-singular
     mu1, mu2 = torch.randn(d, generator=g, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
     root = linalg.sqrtm(s1.numpy() @ s2.numpy())
-    expected = float(
-        ((mu1 - mu2) ** 2).sum() + np.trace(s1.numpy()) + np.trace(s2.numpy()) - 2 * np.trace(root).real
-    )
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1.numpy()) + np.trace(s2.numpy()) - 2 * np.trace(root).real)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, abs=1e-8)
 
 
@@ -161,9 +159,7 @@ def brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> 
         return out
 
     def share_inside(queries, centres, r):
-        return float(np.mean([
-            any(np.linalg.norm(q - c) <= rc for c, rc in zip(centres, r)) for q in queries
-        ]))
+        return float(np.mean([any(np.linalg.norm(q - c) <= rc for c, rc in zip(centres, r)) for q in queries]))
 
     return share_inside(fake, real, radii(real)), share_inside(real, fake, radii(fake))
 

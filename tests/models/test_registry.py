@@ -52,9 +52,16 @@ def test_dit_round_trip():
 def test_vae_round_trip():
     model = VAE(VAEConfig(in_channels=3, base_channels=8, downsample=8))
     spec = _through_json(model_spec(model))
-    assert spec == {"kind": "vae", "config": {
-        "in_channels": 3, "latent_channels": 4, "base_channels": 8, "downsample": 8, "beta": 1e-4,
-    }}
+    assert spec == {
+        "kind": "vae",
+        "config": {
+            "in_channels": 3,
+            "latent_channels": 4,
+            "base_channels": 8,
+            "downsample": 8,
+            "beta": 1e-4,
+        },
+    }
     rebuilt = build_model(spec)
     _assert_same_architecture(model, rebuilt)
     rebuilt.load_state_dict(model.state_dict())
@@ -114,5 +121,7 @@ def test_register_kind_adds_a_buildable_kind():
 
 def test_built_modules_keep_their_config():
     cfg = DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=4)
-    assert build_model({"kind": "dit", "config": {"input_size": 8, "hidden_size": 32,
-                                                  "depth": 1, "num_heads": 4}}).config == cfg
+    assert (
+        build_model({"kind": "dit", "config": {"input_size": 8, "hidden_size": 32, "depth": 1, "num_heads": 4}}).config
+        == cfg
+    )

@@ -23,7 +23,10 @@ def tiny_dit() -> DiT:
 
 def test_every_family_offers_known_samplers_and_each_name_is_its_table_name():
     assert {family: [s.name for s in family_samplers(family)] for family in FAMILIES} == {
-        "flow": ["euler", "heun"], "consistency": ["consistency"], "diffusion": ["ddim", "ddpm"]}
+        "flow": ["euler", "heun"],
+        "consistency": ["consistency"],
+        "diffusion": ["ddim", "ddpm"],
+    }
     assert all(sampler.name == name for name, sampler in SAMPLERS.items())
     with pytest.raises(ValueError, match="unknown generator family 'gan'"):
         family_samplers("gan")
@@ -66,8 +69,9 @@ def test_a_consistency_sampler_carries_what_its_student_was_trained_for():
 def test_diffusion_samplers_run_the_schedule_their_model_was_trained_on():
     net = tiny_dit()
     x_0, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
-    ddim, ddpm = family_samplers("diffusion", diffusion_schedule="cosine", diffusion_steps=40, coupling=0.0,
-                                 num_intervals=None)
+    ddim, ddpm = family_samplers(
+        "diffusion", diffusion_schedule="cosine", diffusion_steps=40, coupling=0.0, num_intervals=None
+    )
     assert (ddim.name, ddpm.name) == ("ddim", "ddpm") and ddim.max_steps == ddpm.max_steps == 40
     assert ddim.guided and ddpm.guided and not ddim.has_path and not ddpm.has_path
     # DDIM draws x_0 only; DDPM x_0 and one z per step but the last.
@@ -77,7 +81,9 @@ def test_diffusion_samplers_run_the_schedule_their_model_was_trained_on():
     out = ddim.sample(net, [x_0], y, 5, 2.0)
     assert out.nfe == 5
     torch.testing.assert_close(out.x_1, ddim_sample(net, x_0, y, 5, schedule, guidance=2.0).x_1)
-    other = family_samplers("diffusion", diffusion_schedule="linear", diffusion_steps=40)[0].sample(net, [x_0], y, 5, 2.0)
+    other = family_samplers("diffusion", diffusion_schedule="linear", diffusion_steps=40)[0].sample(
+        net, [x_0], y, 5, 2.0
+    )
     assert not torch.allclose(other.x_1, out.x_1)  # the schedule is the model's, not a default
 
     z = list(torch.randn(4, 4, 2, 4, 4))  # steps - 1 = 4 ancestral draws

@@ -70,10 +70,7 @@ def test_flow_matching_learns_the_mixture(base, evaluation):
     model, losses = base
     x_0, y, target = evaluation
     first, last = sum(losses[:50]) / 50, sum(losses[-100:]) / 100
-    sw = {
-        s: sliced_wasserstein(sample_ode(model, x_0, y, s, solver="heun").x_1, target)
-        for s in (1, 4, 32)
-    }
+    sw = {s: sliced_wasserstein(sample_ode(model, x_0, y, s, solver="heun").x_1, target) for s in (1, 4, 32)}
     print(f"\nbase FM loss {first:.3f} -> {last:.3f}; SW2 by Heun steps {sw}")
     assert last < 0.8 * first
     assert sw[32] < 0.12  # a model that ignores the data sits near 1.0 or more
@@ -137,8 +134,9 @@ def test_distilled_from_reflow_on_pairs_coupled_re_noising_does_not_degrade_with
     fit(cd, student, pair_batches(pairs), CD_STEPS, lr=1e-3)
 
     def sw(k, coupling):
-        out = consistency_sample(student, x_0, y, k, generator=torch.Generator().manual_seed(5),
-                                 num_intervals=18, coupling=coupling)
+        out = consistency_sample(
+            student, x_0, y, k, generator=torch.Generator().manual_seed(5), num_intervals=18, coupling=coupling
+        )
         return sliced_wasserstein(out.x_1, target)
 
     coupled = {k: sw(k, 1.0) for k in (1, 2, 4)}
@@ -159,10 +157,7 @@ def test_consistency_distillation_improves_one_step_samples(base, evaluation):
 
     base_1 = one_step(model, evaluation)
     g = torch.Generator().manual_seed(5)
-    cd_sw = {
-        k: sliced_wasserstein(consistency_sample(student, x_0, y, k, generator=g).x_1, target)
-        for k in (1, 2, 4)
-    }
+    cd_sw = {k: sliced_wasserstein(consistency_sample(student, x_0, y, k, generator=g).x_1, target) for k in (1, 2, 4)}
     first, last = sum(losses[:50]) / 50, sum(losses[-100:]) / 100
     print(f"\nCD loss {first:.4f} -> {last:.4f}; base 1-step {base_1:.3f}; CD SW2 by steps {cd_sw}")
     assert cd_sw[1] < 0.4 * base_1

@@ -23,9 +23,7 @@ class ToyVelocityMLP(nn.Module):
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(t_freqs), persistent=False)
         self.inp = nn.Linear(dim + 2 * t_freqs, hidden)
         self.label = nn.Embedding(num_classes + 1, hidden)
-        self.body = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
-        )
+        self.body = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -48,9 +46,7 @@ def mode_centres(dtype: torch.dtype = torch.float32) -> Tensor:
     return RADIUS * torch.stack([angle.cos(), angle.sin()], dim=-1)  # (K, 2)
 
 
-def sample_mixture_given(
-    y: Tensor, generator: torch.Generator | None = None, stratified: bool = False
-) -> Tensor:
+def sample_mixture_given(y: Tensor, generator: torch.Generator | None = None, stratified: bool = False) -> Tensor:
     """Points from the class-``y`` mixtures: a mode of that parity, plus N(0, std^2).
 
     ``stratified`` cycles through the modes instead of drawing them, so a reference set

@@ -62,8 +62,9 @@ def commit_diffusion(store: Store, run: TinyRun, seed: int = 4) -> Manifest:
     """A random-weight diffusion-family generator (stage ``ddpm``) on the run's VAE, as s08_ddpm writes it."""
     base = GeneratorCard.from_manifest(run.base)
     net = random_generator(dit_spec(GeneratorConfig(model="DiT-T/2"), base.space), seed)
-    card = GeneratorCard(family="diffusion", steps=0, diffusion_schedule="linear", diffusion_steps=DIFFUSION_T,
-                         **base.space_fields())
+    card = GeneratorCard(
+        family="diffusion", steps=0, diffusion_schedule="linear", diffusion_steps=DIFFUSION_T, **base.space_fields()
+    )
     return commit(store, "ddpm", {"seed": seed}, [run.vae], {"model": net, "raw": net}, card.to_metrics())
 
 
@@ -71,11 +72,23 @@ def commit_tiny_run(store: Store, vae_seed: int = 0, diffusion: bool = False) ->
     images = run_ingest(store, IngestConfig(source="digits", limit=120, image_size=16))
     torch.manual_seed(vae_seed)
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT_SHAPE[0], base_channels=8, downsample=4))
-    vae_card = VAECard(latent_scale=1.0, latent_shape=LATENT_SHAPE, in_channels=1, image_size=16,
-                       latent_channels=LATENT_SHAPE[0], downsample=4, recon_mse_train=0.0, measured_on=0)
+    vae_card = VAECard(
+        latent_scale=1.0,
+        latent_shape=LATENT_SHAPE,
+        in_channels=1,
+        image_size=16,
+        latent_channels=LATENT_SHAPE[0],
+        downsample=4,
+        recon_mse_train=0.0,
+        measured_on=0,
+    )
     vae_m = commit(store, "vae", {"seed": vae_seed}, [images], {"vae": vae}, vae_card.to_metrics())
-    space = LatentSpace(latent_shape=LATENT_SHAPE, num_classes=ImagesCard.from_manifest(images).num_classes,
-                        latent_scale=1.0, vae_ref=vae_m.ref)
+    space = LatentSpace(
+        latent_shape=LATENT_SHAPE,
+        num_classes=ImagesCard.from_manifest(images).num_classes,
+        latent_scale=1.0,
+        vae_ref=vae_m.ref,
+    )
     spec = dit_spec(GeneratorConfig(model="DiT-T/2"), space)
 
     def generator(stage: str, seed: int, inputs: list[Manifest], family: str, **extra) -> Manifest:

@@ -39,19 +39,39 @@ def main(folder: str) -> None:
         vae = VAE(VAEConfig(in_channels=1, latent_channels=2, base_channels=8, downsample=4))
         with store.begin("vae", "untrained", config={"untrained": True}, inputs=[images]) as writer:
             writer.write_model("vae", vae, model_spec(vae))
-            card = VAECard(latent_scale=1.0, latent_shape=(2, 4, 4), in_channels=1, image_size=16, latent_channels=2,
-                           downsample=4, recon_mse_train=0.0, measured_on=0)
+            card = VAECard(
+                latent_scale=1.0,
+                latent_shape=(2, 4, 4),
+                in_channels=1,
+                image_size=16,
+                latent_channels=2,
+                downsample=4,
+                recon_mse_train=0.0,
+                measured_on=0,
+            )
             vae_manifest = writer.commit(metrics=card.to_metrics())
         # Three 2-CPU actors cannot share a 3-CPU node: they spread over both nodes.
-        latents = run_latents(store, LatentsConfig(batch_size=8, resources=Resources(workers=2, cpus=2)), images,
-                              vae_manifest)
-        base = run_base(store, GeneratorConfig(steps=6, batch_size=16, checkpoint_every=3, warmup_steps=0,
-                                               resources=Resources(workers=2, cpus=2)), latents)
+        latents = run_latents(
+            store, LatentsConfig(batch_size=8, resources=Resources(workers=2, cpus=2)), images, vae_manifest
+        )
+        base = run_base(
+            store,
+            GeneratorConfig(
+                steps=6, batch_size=16, checkpoint_every=3, warmup_steps=0, resources=Resources(workers=2, cpus=2)
+            ),
+            latents,
+        )
         checkpoint = store.checkpoints("base", base.key).latest()
-        print(json.dumps({"nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
-                          "encoder_nodes": list(LatentsCard.from_manifest(latents).encoder_nodes),
-                          "train_nodes": checkpoint.state["nodes"] if checkpoint else None,
-                          "steps": GeneratorCard.from_manifest(base).steps}))
+        print(
+            json.dumps(
+                {
+                    "nodes": [node["NodeID"] for node in ray.nodes() if node["Alive"]],
+                    "encoder_nodes": list(LatentsCard.from_manifest(latents).encoder_nodes),
+                    "train_nodes": checkpoint.state["nodes"] if checkpoint else None,
+                    "steps": GeneratorCard.from_manifest(base).steps,
+                }
+            )
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()

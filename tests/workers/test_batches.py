@@ -9,8 +9,17 @@ from workers.batches import LatentBatch, PixelBatch
 
 
 def card(draw: str) -> LatentsCard:
-    return LatentsCard(latent_shape=(2, 2, 2), num_classes=3, latent_scale=2.0, vae_ref="vae/x", n_latents=4,
-                       n_train=4, n_test=0, dtype="float32", draw=draw)
+    return LatentsCard(
+        latent_shape=(2, 2, 2),
+        num_classes=3,
+        latent_scale=2.0,
+        vae_ref="vae/x",
+        n_latents=4,
+        n_train=4,
+        n_test=0,
+        dtype="float32",
+        draw=draw,
+    )
 
 
 def test_latents_train_on_the_posterior_mean_unless_the_card_asks_for_samples():

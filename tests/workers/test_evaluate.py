@@ -16,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 
 from evaluate_fixtures import DIFFUSION_T, commit, commit_diffusion, commit_tiny_run  # noqa: E402
+
 from infra.cards import EvaluationCard, FeaturesCard, GeneratorCard, ImagesCard  # noqa: E402
 from infra.config import ConfigError, EvaluateConfig, FeaturesConfig, Resources  # noqa: E402
 from infra.metrics_table import (  # noqa: E402
@@ -39,12 +40,22 @@ from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa
 
 pytestmark = pytest.mark.timeout(600)
 
-CONFIG = EvaluateConfig(n=64, flow_steps=(1, 2), flow_solvers=("euler", "heun"), consistency_steps=(1, 2),
-                        resources=Resources(workers=2))
+CONFIG = EvaluateConfig(
+    n=64, flow_steps=(1, 2), flow_solvers=("euler", "heun"), consistency_steps=(1, 2), resources=Resources(workers=2)
+)
 CLASSIFIER = FeaturesConfig(steps=60, batch_size=32)
-CELLS = [("base", "euler", 1, 1), ("base", "euler", 2, 2), ("base", "heun", 1, 2), ("base", "heun", 2, 4),
-         ("reflow-1", "euler", 1, 1), ("reflow-1", "euler", 2, 2), ("reflow-1", "heun", 1, 2), ("reflow-1", "heun", 2, 4),
-         ("consistency", "consistency", 1, 1), ("consistency", "consistency", 2, 2)]  # model, sampler, steps, NFE
+CELLS = [
+    ("base", "euler", 1, 1),
+    ("base", "euler", 2, 2),
+    ("base", "heun", 1, 2),
+    ("base", "heun", 2, 4),
+    ("reflow-1", "euler", 1, 1),
+    ("reflow-1", "euler", 2, 2),
+    ("reflow-1", "heun", 1, 2),
+    ("reflow-1", "heun", 2, 4),
+    ("consistency", "consistency", 1, 1),
+    ("consistency", "consistency", 2, 2),
+]  # model, sampler, steps, NFE
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,14 @@ def test_classifier_stage_reports_test_accuracy_and_is_reused(evaluated):
 def test_every_output_is_committed_and_loads(evaluated):
     store, run, classifier, manifest = evaluated
     names = set(manifest.files)
-    assert {"metrics", "fid_vs_nfe.png", "report.md", "straightness", "grids/real-test.png", "grids/vae-recon.png"} <= names
+    assert {
+        "metrics",
+        "fid_vs_nfe.png",
+        "report.md",
+        "straightness",
+        "grids/real-test.png",
+        "grids/vae-recon.png",
+    } <= names
     for model, sampler, steps, _ in CELLS:
         grid = Image.open(io.BytesIO(store.read_bytes(manifest, f"grids/{model}-{sampler}-{steps}.png")))
         assert grid.width > 16 * 2 and grid.height > 16 * 2
@@ -121,7 +139,11 @@ def test_every_output_is_committed_and_loads(evaluated):
     report = store.read_bytes(manifest, "report.md").decode()
     assert "fid_vs_nfe.png" in report and classifier.ref in report
     assert all(f"grids/{m}-{s}-{k}.png" in report for m, s, k, _ in CELLS)
-    assert "consistency@1 / base best" in report and "reflow-1 (euler@2)" in report and "excess FID over the floor" in report
+    assert (
+        "consistency@1 / base best" in report
+        and "reflow-1 (euler@2)" in report
+        and "excess FID over the floor" in report
+    )
     ratio = card.ratios["consistency@1 / base best"]
     assert ratio["value"] is not None and ratio["low"] < ratio["high"] and ratio["bar"] == 1.3
     assert card.floor_fid == pytest.approx(rows[0]["fid"])
@@ -154,8 +176,14 @@ def test_same_config_same_manifest_and_fresh_runs_repeat_the_numbers(evaluated):
         for column in ("fid", "precision", "recall", "class_accuracy"):
             assert row[column] == pytest.approx(old[column], rel=1e-6, abs=1e-6), (row["model"], column)
     # ... and the seed matters: another seed draws other images.
-    reseeded = compute_evaluation(store, CONFIG.model_copy(update={"seed": 7, "flow_solvers": ("euler",)}),
-                                  [run.base], run.images, run.vae, classifier)
+    reseeded = compute_evaluation(
+        store,
+        CONFIG.model_copy(update={"seed": 7, "flow_solvers": ("euler",)}),
+        [run.base],
+        run.images,
+        run.vae,
+        classifier,
+    )
     assert by_cell(reseeded.rows)[("base", "euler", 1)]["fid"] != pytest.approx(rows[("base", "euler", 1)]["fid"])
 
 
@@ -168,8 +196,9 @@ def test_user_torchscript_extractor(evaluated, tmp_path):
 
     path = tmp_path / "features.pt"
     torch.jit.save(torch.jit.script(Pool()), str(path))
-    config = CONFIG.model_copy(update={"extractor": str(path), "flow_steps": (1,), "flow_solvers": ("euler",),
-                                       "consistency_steps": (1,)})
+    config = CONFIG.model_copy(
+        update={"extractor": str(path), "flow_steps": (1,), "flow_solvers": ("euler",), "consistency_steps": (1,)}
+    )
     evaluated_with = run_evaluate(store, config, [run.base, run.consistency], run.images, run.vae, classifier)
     rows = read_rows(store, evaluated_with)
     assert len(rows) == 4 and {r["extractor"] for r in rows} == {rows[0]["extractor"]}
@@ -179,19 +208,32 @@ def test_user_torchscript_extractor(evaluated, tmp_path):
     assert all(0.0 <= r["class_accuracy"] <= 1.0 for r in rows)
 
     with pytest.raises(ConfigError, match="not a local file"):
-        run_evaluate(store, config.model_copy(update={"extractor": str(tmp_path / "missing.pt")}),
-                     [run.base], run.images, run.vae, classifier)
+        run_evaluate(
+            store,
+            config.model_copy(update={"extractor": str(tmp_path / "missing.pt")}),
+            [run.base],
+            run.images,
+            run.vae,
+            classifier,
+        )
 
 
 def test_refuses_what_it_cannot_evaluate(evaluated):
     store, run, classifier, _ = evaluated
     with pytest.raises(ValueError, match="not generator models"):
         run_evaluate(store, CONFIG, [run.base, run.vae], run.images, run.vae, classifier)
-    other_vae = commit(store, "vae", {"seed": 99}, [run.images], {"vae": store.load_model(run.vae, "vae")},
-                       dict(run.vae.metrics))
+    other_vae = commit(
+        store, "vae", {"seed": 99}, [run.images], {"vae": store.load_model(run.vae, "vae")}, dict(run.vae.metrics)
+    )
     card = GeneratorCard.from_manifest(run.base)
-    stray = commit(store, "base", {"seed": 99}, [other_vae], {"model": store.load_model(run.base, "model")},
-                   {**card.to_metrics(), "vae_ref": other_vae.ref})
+    stray = commit(
+        store,
+        "base",
+        {"seed": 99},
+        [other_vae],
+        {"model": store.load_model(run.base, "model")},
+        {**card.to_metrics(), "vae_ref": other_vae.ref},
+    )
     with pytest.raises(ValueError, match="different VAEs"):
         run_evaluate(store, CONFIG, [run.base, stray], run.images, run.vae, classifier)
     with pytest.raises(ConfigError, match="knn_k"):
@@ -201,15 +243,25 @@ def test_refuses_what_it_cannot_evaluate(evaluated):
 def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
     store, run, classifier, _ = evaluated
     ddpm = commit_diffusion(store, run)
-    config = CONFIG.model_copy(update={"flow_steps": (1,), "flow_solvers": ("euler",),
-                                       "diffusion_steps": (5, DIFFUSION_T, 2 * DIFFUSION_T),  # beyond T: left out
-                                       "diffusion_samplers": ("ddpm", "ddim")})
+    config = CONFIG.model_copy(
+        update={
+            "flow_steps": (1,),
+            "flow_solvers": ("euler",),
+            "diffusion_steps": (5, DIFFUSION_T, 2 * DIFFUSION_T),  # beyond T: left out
+            "diffusion_samplers": ("ddpm", "ddim"),
+        }
+    )
     manifest = run_evaluate(store, config, [run.base, ddpm], run.images, run.vae, classifier)
     rows = read_rows(store, manifest)
     cells = by_cell(rows[2:])
-    assert set(cells) == {("base", "euler", 1), ("ddpm", "ddim", 5), ("ddpm", "ddim", DIFFUSION_T),
-                          ("ddpm", "ddpm", 5), ("ddpm", "ddpm", DIFFUSION_T)}
-    for (model, sampler, steps), row in cells.items():
+    assert set(cells) == {
+        ("base", "euler", 1),
+        ("ddpm", "ddim", 5),
+        ("ddpm", "ddim", DIFFUSION_T),
+        ("ddpm", "ddpm", 5),
+        ("ddpm", "ddpm", DIFFUSION_T),
+    }
+    for (model, _sampler, steps), row in cells.items():
         assert row["nfe"] == steps and row["guidance"] == 1.0 and math.isfinite(row["fid"])
         assert row["stage_key"] == (ddpm.ref if model == "ddpm" else run.base.ref)
     # Ancestral and deterministic sampling draw different images from the same x_0.
@@ -221,8 +273,10 @@ def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
     assert f"1000 steps not evaluated: nearest evaluated step count {DIFFUSION_T}" in report
     # Only the samplers asked for: the diffusion steps apply to the diffusion samplers named.
     only_ddim = config.model_copy(update={"diffusion_samplers": ("ddim",), "diffusion_steps": (5,)})
-    assert {(r["model"], r["sampler"], r["steps"]) for r in
-            compute_evaluation(store, only_ddim, [ddpm], run.images, run.vae, classifier).rows[2:]} == {("ddpm", "ddim", 5)}
+    assert {
+        (r["model"], r["sampler"], r["steps"])
+        for r in compute_evaluation(store, only_ddim, [ddpm], run.images, run.vae, classifier).rows[2:]
+    } == {("ddpm", "ddim", 5)}
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -231,13 +285,28 @@ def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
 def test_course_notes_table_lines_up_the_four_systems_with_their_intervals():
     def row(model, sampler, steps, fid, **extra):
         stage = model.split("-")[0]
-        return {"model": model, "sampler": sampler, "steps": steps, "nfe": steps, "fid": fid,
-                "stage_key": f"{stage}/k{model}", **extra}
+        return {
+            "model": model,
+            "sampler": sampler,
+            "steps": steps,
+            "nfe": steps,
+            "fid": fid,
+            "stage_key": f"{stage}/k{model}",
+            **extra,
+        }
 
-    rows = [row(FLOOR, REFERENCE, 0, 1.0), row("base", "euler", 32, 12.0), row("base", "heun", 32, 11.0),
-            row("base", "euler", 64, 13.0), row("ddpm", "ddpm", 1000, 9.0), row("ddpm", "ddim", 1000, 8.0),
-            row("ddpm", "ddim", 10, 30.0), row("reflow-1", "euler", 2, 25.0), row("reflow-2", "euler", 2, 20.0),
-            row("consistency", "consistency", 1, 15.0)]
+    rows = [
+        row(FLOOR, REFERENCE, 0, 1.0),
+        row("base", "euler", 32, 12.0),
+        row("base", "heun", 32, 11.0),
+        row("base", "euler", 64, 13.0),
+        row("ddpm", "ddpm", 1000, 9.0),
+        row("ddpm", "ddim", 1000, 8.0),
+        row("ddpm", "ddim", 10, 30.0),
+        row("reflow-1", "euler", 2, 25.0),
+        row("reflow-2", "euler", 2, 20.0),
+        row("consistency", "consistency", 1, 15.0),
+    ]
     table = [line for line in course_notes_section(rows) if line.startswith("| ")]
     assert table[0].split(" | ")[-1] == "note |" and "fid_" not in table[0]  # no interval columns in this table
     ddpm, fm, reflow, cm = (line.split(" | ") for line in table[1:])
@@ -260,15 +329,31 @@ def test_course_notes_table_lines_up_the_four_systems_with_their_intervals():
 def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
     def row(model, sampler, steps, fid, nfe=None):
         stage = model.split("-")[0]
-        return {"model": model, "sampler": sampler, "steps": steps, "nfe": nfe or steps, "fid": fid,
-                "stage_key": f"{stage}/k{model}"}
+        return {
+            "model": model,
+            "sampler": sampler,
+            "steps": steps,
+            "nfe": nfe or steps,
+            "fid": fid,
+            "stage_key": f"{stage}/k{model}",
+        }
 
-    rows = [row(FLOOR, REFERENCE, 0, 2.0), row("base", "euler", 1, 82.0), row("base", "heun", 1, 62.0, nfe=2),
-            row("base", "euler", 8, 12.0), row("reflow-1", "euler", 2, 32.0), row("reflow-2", "euler", 2, 22.0),
-            row("consistency", "consistency", 1, 17.0), row("consistency", "consistency", 2, 14.0)]
+    rows = [
+        row(FLOOR, REFERENCE, 0, 2.0),
+        row("base", "euler", 1, 82.0),
+        row("base", "heun", 1, 62.0, nfe=2),
+        row("base", "euler", 8, 12.0),
+        row("reflow-1", "euler", 2, 32.0),
+        row("reflow-2", "euler", 2, 22.0),
+        row("consistency", "consistency", 1, 17.0),
+        row("consistency", "consistency", 2, 14.0),
+    ]
     best = best_by_steps(rows)
     assert [(s, r["model"], r["sampler"]) for s, r in best.items()] == [
-        (1, "consistency", "consistency"), (2, "consistency", "consistency"), (8, "base", "euler")]
+        (1, "consistency", "consistency"),
+        (2, "consistency", "consistency"),
+        (8, "base", "euler"),
+    ]
     ratios = {r.name: r for r in quality_ratios(rows)}
     assert ratios["consistency@1 / base best"].value == pytest.approx((17 - 2) / (12 - 2))
     assert ratios["consistency@1 / base@1"].value == pytest.approx((17 - 2) / (82 - 2))  # Euler: 1 NFE, not Heun's 2
@@ -278,12 +363,17 @@ def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
 
     # With paired draws, every ratio gets an interval from them.
     generator = torch.Generator().manual_seed(0)
-    draws = {f"{r['model']}|{r['sampler']}|{r['steps']}": Draws(r["fid"], r["fid"] + torch.randn(50, generator=generator,
-                                                                                                   dtype=torch.float64))
-             for r in rows}
+    draws = {
+        f"{r['model']}|{r['sampler']}|{r['steps']}": Draws(
+            r["fid"], r["fid"] + torch.randn(50, generator=generator, dtype=torch.float64)
+        )
+        for r in rows
+    }
     paired = {r.name: r for r in quality_ratios(rows, draws)}
     bar = paired["consistency@1 / base best"]
-    assert bar.low < bar.value < bar.high and bar.bar == 1.3 and bar.verdict in ("not met", "within interval of the bar")
+    assert (
+        bar.low < bar.value < bar.high and bar.bar == 1.3 and bar.verdict in ("not met", "within interval of the bar")
+    )
     assert paired["consistency@1 / base@1"].verdict == "met"  # (17-2)/(82-2) = 0.19, well under 0.25
     # A denominator at the floor has no ratio (it cannot be told from real data).
     at_floor = [dict(r, fid=2.0) if r["model"] == "base" and r["steps"] == 8 else r for r in rows]
@@ -298,5 +388,5 @@ def test_grid_puts_one_class_per_column():
     grid = np.asarray(Image.open(io.BytesIO(make_grid(pixels, labels, num_classes=5))))
     scale = grid.shape[1] // (5 * 10 + 2)
     cell = 10 * scale  # 8 px + 2 px padding, upscaled
-    column_means = [grid[:, j * cell + 2 * scale: j * cell + 10 * scale].mean() for j in range(5)]
+    column_means = [grid[:, j * cell + 2 * scale : j * cell + 10 * scale].mean() for j in range(5)]
     assert column_means[3] > 200 and max(column_means[:3] + column_means[4:]) < 60

@@ -56,6 +56,7 @@ def test_the_shapes_source_is_deterministic_and_labelled(ray_local, local_store)
 
     np.testing.assert_array_equal(decode_png(first["shapes-0000007"], 3), again.pixels[0])
     # Another size or seed is another dataset (and another key).
-    other = run_ingest(local_store, IngestConfig(source="shapes", shapes_count=300, shapes_seed=1, channels=3,
-                                                 image_size=32))
+    other = run_ingest(
+        local_store, IngestConfig(source="shapes", shapes_count=300, shapes_seed=1, channels=3, image_size=32)
+    )
     assert other.key != manifest.key

@@ -32,13 +32,27 @@ def commit_latents(store: Store, n: int = 64):
     rng = np.random.default_rng(0)
     labels = np.arange(n) % 2
     mean = rng.standard_normal((n, *SHAPE)).astype(np.float32) * 0.3 + np.where(labels, 1.0, -1.0)[:, None, None, None]
-    table = tensors_to_table({"id": np.array([f"img{i}" for i in range(n)]), "split": np.array(["train"] * n),
-                              "label": labels.astype(np.int64), "mean": mean,
-                              "logvar": np.full((n, *SHAPE), -6.0, np.float32)})
+    table = tensors_to_table(
+        {
+            "id": np.array([f"img{i}" for i in range(n)]),
+            "split": np.array(["train"] * n),
+            "label": labels.astype(np.int64),
+            "mean": mean,
+            "logvar": np.full((n, *SHAPE), -6.0, np.float32),
+        }
+    )
     with store.begin("latents", "synthetic", config={"n": n}) as writer:
         writer.write_table("latents", table)
-        card = LatentsCard(latent_shape=SHAPE, num_classes=2, latent_scale=1.0, vae_ref="vae/none", n_latents=n,
-                           n_train=n, n_test=0, dtype="float32")
+        card = LatentsCard(
+            latent_shape=SHAPE,
+            num_classes=2,
+            latent_scale=1.0,
+            vae_ref="vae/none",
+            n_latents=n,
+            n_train=n,
+            n_test=0,
+            dtype="float32",
+        )
         return writer.commit(metrics=card.to_metrics())
 
 

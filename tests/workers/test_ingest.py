@@ -183,8 +183,16 @@ def test_folder_ingest_quarantines_broken_files(ray_local, local_store, tmp_path
     quarantine = store.read_table(manifest, "quarantine").to_pandas()
 
     assert len(table) == 5 and ImagesCard.from_manifest(manifest).n_images == 5
-    expected = {content_id(rel): label for rel, label in
-                [("cat/a.png", 0), ("cat/b.png", 0), ("cat/c.jpg", 0), ("dog/d.png", 1), ("dog/deeper/e.png", 1)]}
+    expected = {
+        content_id(rel): label
+        for rel, label in [
+            ("cat/a.png", 0),
+            ("cat/b.png", 0),
+            ("cat/c.jpg", 0),
+            ("dog/d.png", 1),
+            ("dog/deeper/e.png", 1),
+        ]
+    }
     assert dict(zip(table["id"], table["label"])) == expected
     assert ImagesCard.from_manifest(manifest).num_classes == 2
     for data in table["image"]:
@@ -197,7 +205,8 @@ def test_folder_ingest_quarantines_broken_files(ray_local, local_store, tmp_path
     card = ImagesCard.from_manifest(manifest)
     assert card.skipped == 2 and card.skipped_examples == (
         ".hidden.png: hidden name (starts with '.' or '_')",
-        "dog/notes.txt: extension '.txt': not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)")
+        "dog/notes.txt: extension '.txt': not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)",
+    )
 
 
 def test_folder_ingest_rescales_wide_images_and_counts_what_it_skips(ray_local, local_store, tmp_path):
@@ -222,10 +231,11 @@ def test_folder_ingest_rescales_wide_images_and_counts_what_it_skips(ray_local, 
     assert "float pixels span [3.5, 3.5], outside [0, 1]" in quarantine[0]["reason"]
     assert card.n_images == 3 and card.quarantined == 1
     assert card.skipped == 6, card.skipped_examples
-    assert card.skipped_examples == ("README: no extension: not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)",
-                                     "_drafts/c.png: hidden name (starts with '.' or '_')",
-                                     "a/photo.avif: extension '.avif': not an image (.png, .jpg, .jpeg, .bmp, .gif, "
-                                     ".webp, .tif, .tiff)")
+    assert card.skipped_examples == (
+        "README: no extension: not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)",
+        "_drafts/c.png: hidden name (starts with '.' or '_')",
+        "a/photo.avif: extension '.avif': not an image (.png, .jpg, .jpeg, .bmp, .gif, .webp, .tif, .tiff)",
+    )
 
 
 def test_too_many_broken_files_fail_clearly_and_commit_nothing(ray_local, local_store, tmp_path):
@@ -281,18 +291,31 @@ def test_parquet_source_with_string_labels_duplicates_and_a_bad_row(ray_local, l
         folder / "part-0.parquet",
     )
     pq.write_table(
-        pa.table({"img": [images[3], images[4], images[0], b"garbage"], "kind": ["two", None, "zero", "one"], "extra": [4, 5, 6, 7]}),
+        pa.table(
+            {
+                "img": [images[3], images[4], images[0], b"garbage"],
+                "kind": ["two", None, "zero", "one"],
+                "extra": [4, 5, 6, 7],
+            }
+        ),
         folder / "part-1.parquet",
     )
-    config = IngestConfig(source=str(folder), image_column="img", label_column="kind", image_size=8, max_bad_fraction=0.2)
+    config = IngestConfig(
+        source=str(folder), image_column="img", label_column="kind", image_size=8, max_bad_fraction=0.2
+    )
     manifest = run_ingest(store, config)
     table = store.read_table(manifest, "images").to_pandas()
 
     # images[0] appears twice: one row. "garbage" is quarantined. Labels: sorted names.
     assert ImagesCard.from_manifest(manifest).duplicates == 1 and ImagesCard.from_manifest(manifest).quarantined == 1
     labels = dict(zip(table["id"], table["label"]))
-    assert labels == {content_id(images[0]): 2, content_id(images[1]): 0, content_id(images[2]): 2,
-                      content_id(images[3]): 1, content_id(images[4]): -1}
+    assert labels == {
+        content_id(images[0]): 2,
+        content_id(images[1]): 0,
+        content_id(images[2]): 2,
+        content_id(images[3]): 1,
+        content_id(images[4]): -1,
+    }
     assert ImagesCard.from_manifest(manifest).num_classes == 3
     assert list(table["id"]) == sorted(table["id"])
 
@@ -312,8 +335,12 @@ def test_sparse_integer_labels_are_renumbered_not_stretched(ray_local, local_sto
     card = ImagesCard.from_manifest(manifest)
     assert card.num_classes == 2 and card.classes == ("0", "2000000000")
     table = local_store.read_table(manifest, "images").to_pandas()
-    assert dict(zip(table["id"], table["label"])) == {content_id(images[0]): 0, content_id(images[1]): 1,
-                                                      content_id(images[2]): -1, content_id(images[3]): -1}
+    assert dict(zip(table["id"], table["label"])) == {
+        content_id(images[0]): 0,
+        content_id(images[1]): 1,
+        content_id(images[2]): -1,
+        content_id(images[3]): -1,
+    }
 
 
 def test_bad_labels_and_schemas_are_clear_errors_on_any_file(local_store, tmp_path):
@@ -367,7 +394,7 @@ def test_s3_folder_and_parquet_sources_use_the_store_settings(ray_local, s3_uri)
     from infra.store import Store
 
     store = Store.open(s3_uri)
-    bucket = s3_uri[len("s3://"):].split("/")[0]
+    bucket = s3_uri[len("s3://") :].split("/")[0]
     images = [png_bytes(10, 14, "RGB", seed=i) for i in range(4)]
     for i, data in enumerate(images):
         store.fs.pipe_file(f"{bucket}/folder/{'ab'[i % 2]}/{i}.png", data)
@@ -382,7 +409,7 @@ def test_s3_folder_and_parquet_sources_use_the_store_settings(ray_local, s3_uri)
 
     table = run_ingest(store, IngestConfig(source=f"s3://{bucket}/table/data.parquet", image_size=8))
     got = store.read_table(table, "images").to_pandas()
-    assert dict(zip(got["id"], got["label"])) == {content_id(d): l for d, l in zip(images, [3, 1, 4, 1])}
+    assert dict(zip(got["id"], got["label"])) == {content_id(d): label for d, label in zip(images, [3, 1, 4, 1])}
     assert ImagesCard.from_manifest(table).num_classes == 5  # integer labels: max + 1
 
     # Overwriting an object changes its ETag: a new key, not last week's result.

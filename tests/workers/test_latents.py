@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
+from infra.cards import CardError, ImagesCard, LatentsCard, VAECard
 from infra.config import IngestConfig, LatentsConfig, Resources
 from infra.tables import table_column_to_numpy, table_metadata
 from models.registry import model_spec
 from models.vae import VAE, VAEConfig
-from infra.cards import CardError, ImagesCard, LatentsCard, VAECard
 from workers.pixels import decode_batch
 from workers.stages import s03_latents as latents_module
 from workers.stages.s01_ingest import run_ingest
@@ -29,15 +29,25 @@ def tiny_vae() -> VAE:
 
 def vae_card(**changes) -> dict:
     """The metrics of a VAE card like the vae stage writes (only the scale matters here)."""
-    card = VAECard(latent_scale=SCALE, latent_shape=(2, 4, 4), in_channels=1, image_size=16, latent_channels=2,
-                   downsample=4, recon_mse_train=0.1, measured_on=1)
+    card = VAECard(
+        latent_scale=SCALE,
+        latent_shape=(2, 4, 4),
+        in_channels=1,
+        image_size=16,
+        latent_channels=2,
+        downsample=4,
+        recon_mse_train=0.1,
+        measured_on=1,
+    )
     return {**card.to_metrics(), **changes}
 
 
 def commit_vae(store, images, metrics):
     """A VAE manifest as the vae stage would commit it (untrained weights: the encoding is what matters)."""
     vae = tiny_vae()
-    with store.begin("vae", store.stage_key("vae", {"test": "latents"}, [images]), config={}, inputs=[images]) as writer:
+    with store.begin(
+        "vae", store.stage_key("vae", {"test": "latents"}, [images]), config={}, inputs=[images]
+    ) as writer:
         writer.write_model("vae", vae, model_spec(vae))
         return writer.commit(metrics=metrics), vae
 

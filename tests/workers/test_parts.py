@@ -52,7 +52,8 @@ def test_parts_are_ordered_deterministic_and_independent_of_upstream_blocks(ray_
     for blocks in (1, 7):  # different upstream blocking, same rows
         store = Store.open(str(tmp_path / f"store{blocks}"))
         ds = ray_local.data.range(100, override_num_blocks=blocks).map_batches(
-            lambda b: {"id": b["id"], "value": b["id"] * 3})
+            lambda b: {"id": b["id"], "value": b["id"] * 3}
+        )
         manifest, parts = write_all(store, ds, rows=32)
         assert [p["rows"] for p in parts] == [32, 32, 32, 4]
         assert sum(p["total"] for p in parts) == 3 * sum(range(100))
@@ -97,8 +98,9 @@ def test_ingest_streams_digits_into_deterministic_parts(ray_local, tmp_path, mon
 
 
 def test_parquet_ingest_dedupes_across_blocks_and_parts(ray_local, tmp_path, monkeypatch):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from infra.store import Store
     from workers.sources.listing import content_id
@@ -124,7 +126,8 @@ def test_parquet_ingest_dedupes_across_blocks_and_parts(ray_local, tmp_path, mon
     assert table["id"].to_pylist() == sorted(content_id(d) for d in images)
     # Of two copies the one with the smaller label is kept (ties broken by label, then path).
     assert dict(zip(table["id"].to_pylist(), table["label"].to_pylist())) == {
-        content_id(d): i % 3 for i, d in enumerate(images)}
+        content_id(d): i % 3 for i, d in enumerate(images)
+    }
     card = ImagesCard.from_manifest(manifest)
     assert (card.n_images, card.duplicates, card.quarantined) == (30, 30, 1)
     limited = run_ingest(Store.open(str(tmp_path / "a")), config.model_copy(update={"limit": 10}))

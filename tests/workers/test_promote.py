@@ -19,15 +19,26 @@ def commit_generator(store: Store, stage: str, key: str, family: str):
     """A generator manifest as far as promotion reads it (its card only)."""
     with store.begin(stage, key, config={"key": key}) as writer:
         writer.write_json("note", {"what": "promotion test model"})
-        card = GeneratorCard(family=family, steps=0, latent_shape=(2, 4, 4), num_classes=3, latent_scale=1.0,
-                             vae_ref="vae/none")
+        card = GeneratorCard(
+            family=family, steps=0, latent_shape=(2, 4, 4), num_classes=3, latent_scale=1.0, vae_ref="vae/none"
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
 def row(manifest, sampler: str, steps: int, fid: float, half_width: float = 0.5) -> dict:
     values = dict.fromkeys(COLUMNS)
-    values.update(model=manifest.stage, stage_key=manifest.ref, sampler=sampler, steps=steps, nfe=steps, n=100,
-                  extractor="test", fid=fid, fid_low=fid - half_width, fid_high=fid + half_width)
+    values.update(
+        model=manifest.stage,
+        stage_key=manifest.ref,
+        sampler=sampler,
+        steps=steps,
+        nfe=steps,
+        n=100,
+        extractor="test",
+        fid=fid,
+        fid_low=fid - half_width,
+        fid_high=fid + half_width,
+    )
     return values
 
 
@@ -52,12 +63,28 @@ def score(fid, low=None, high=None, evaluation="evaluate/e", draws=()):
         ("base/old", score(50.0), None, True, "no FID at 2 step(s) to defend it"),
         # Two evaluations: intervals that overlap are no result; one wholly above is a regression.
         ("base/old", score(10.6, 9.8, 11.4, "evaluate/b"), score(10.0, 9.2, 10.8, "evaluate/a"), True, "not worse"),
-        ("base/old", score(12.0, 11.5, 12.5, "evaluate/b"), score(10.0, 9.2, 10.8, "evaluate/a"), False, "worse beyond"),
+        (
+            "base/old",
+            score(12.0, 11.5, 12.5, "evaluate/b"),
+            score(10.0, 9.2, 10.8, "evaluate/a"),
+            False,
+            "worse beyond",
+        ),
         # One evaluation: the paired difference decides, even where the intervals overlap.
-        ("base/old", score(10.6, 9.0, 12.0, draws=[10.5, 10.6, 10.7, 10.8] * 25),
-         score(10.0, 8.5, 11.5, draws=[10.0, 10.1, 10.1, 10.2] * 25), False, "worse beyond"),
-        ("base/old", score(10.1, 9.0, 12.0, draws=[9.9, 10.3, 10.0, 10.2] * 25),
-         score(10.0, 8.5, 11.5, draws=[10.1, 10.0, 10.2, 9.8] * 25), True, "not worse"),
+        (
+            "base/old",
+            score(10.6, 9.0, 12.0, draws=[10.5, 10.6, 10.7, 10.8] * 25),
+            score(10.0, 8.5, 11.5, draws=[10.0, 10.1, 10.1, 10.2] * 25),
+            False,
+            "worse beyond",
+        ),
+        (
+            "base/old",
+            score(10.1, 9.0, 12.0, draws=[9.9, 10.3, 10.0, 10.2] * 25),
+            score(10.0, 8.5, 11.5, draws=[10.1, 10.0, 10.2, 9.8] * 25),
+            True,
+            "not worse",
+        ),
     ],
 )
 def test_the_gate_compares_with_the_interval(current, candidate, served, promoted, why):
@@ -75,10 +102,18 @@ def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_st
     student = commit_generator(store, "consistency", "c1", "consistency")
     worse = commit_generator(store, "consistency", "c2", "consistency")
     unevaluated = commit_generator(store, "consistency", "c3", "consistency")
-    first = commit_evaluation(store, "e1", [base, student], [
-        row(base, "euler", STEPS, 30.0), row(base, "heun", STEPS, 20.0), row(base, "euler", 8, 5.0),
-        row(student, "consistency", STEPS, 12.0), row(student, "consistency", 1, 14.0),
-    ])
+    first = commit_evaluation(
+        store,
+        "e1",
+        [base, student],
+        [
+            row(base, "euler", STEPS, 30.0),
+            row(base, "heun", STEPS, 20.0),
+            row(base, "euler", 8, 5.0),
+            row(student, "consistency", STEPS, 12.0),
+            row(student, "consistency", 1, 14.0),
+        ],
+    )
 
     # Nothing served yet: the first candidate goes in.
     decision = promote(store, base.ref, first.ref, served_steps=STEPS)
@@ -94,18 +129,25 @@ def test_promote_moves_the_pointer_only_when_the_candidate_is_not_worse(local_st
     # A later run's evaluation that did not score the served model: its FID comes from e1, and the
     # intervals of two evaluations are compared: [13.5, 14.5] lies above [11.5, 12.5].
     close = commit_generator(store, "consistency", "c4", "consistency")
-    second = commit_evaluation(store, "e2", [worse, unevaluated, close], [
-        row(worse, "consistency", STEPS, 14.0), row(unevaluated, "consistency", 1, 1.0),
-        row(close, "consistency", STEPS, 12.6),
-    ])
+    second = commit_evaluation(
+        store,
+        "e2",
+        [worse, unevaluated, close],
+        [
+            row(worse, "consistency", STEPS, 14.0),
+            row(unevaluated, "consistency", 1, 1.0),
+            row(close, "consistency", STEPS, 12.6),
+        ],
+    )
     decision = promote(store, worse.ref, second.ref, served_steps=STEPS)
     assert not decision.promoted and "worse beyond the interval" in decision.reason
     assert decision.current_fid == 12.0 and decision.difference is None
     assert store.get_pointer("serving/current") == student.ref
 
     # Measured another way (another extractor: other data, another feature space): no comparison.
-    other_space = commit_evaluation(store, "e3", [worse], [{**row(worse, "consistency", STEPS, 99.0),
-                                                            "extractor": "classifier/other"}])
+    other_space = commit_evaluation(
+        store, "e3", [worse], [{**row(worse, "consistency", STEPS, 99.0), "extractor": "classifier/other"}]
+    )
     decision = promote(store, worse.ref, other_space.ref, served_steps=STEPS)
     assert decision.promoted and decision.current_fid is None and "no FID" in decision.reason
     store.put_pointer("serving/current", student.ref)

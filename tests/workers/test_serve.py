@@ -75,44 +75,75 @@ def commit_vae(store: Store) -> Manifest:
     vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT[0], base_channels=4, downsample=4))
     with store.begin("vae", "tiny", config={"test": True}) as writer:
         writer.write_model("vae", vae, model_spec(vae))
-        card = VAECard(latent_scale=1.0, latent_shape=LATENT, in_channels=1, image_size=16, latent_channels=LATENT[0],
-                       downsample=4, recon_mse_train=0.0, measured_on=0)
+        card = VAECard(
+            latent_scale=1.0,
+            latent_shape=LATENT,
+            in_channels=1,
+            image_size=16,
+            latent_channels=LATENT[0],
+            downsample=4,
+            recon_mse_train=0.0,
+            measured_on=0,
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
-def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest, nan: bool = False,
-                     **trained) -> Manifest:
+def commit_generator(
+    store: Store, stage: str, family: str, seed: int, vae: Manifest, nan: bool = False, **trained
+) -> Manifest:
     """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y
     (``nan``: its output layer's weights are NaN, as a diverged run would commit them; ``trained``:
     the card fields its family's samplers read, e.g. a diffusion model's schedule)."""
     torch.manual_seed(seed)
-    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES,
-                         class_dropout_prob=0.0))
+    net = DiT(
+        dit_config(
+            "DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, class_dropout_prob=0.0
+        )
+    )
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
         if nan:
             net.final_layer.linear.weight.fill_(float("nan"))
-    with store.begin(stage, f"tiny{seed}" + ("-nan" if nan else ""), config={"seed": seed, "nan": nan},
-                     inputs=[vae]) as writer:
+    with store.begin(
+        stage, f"tiny{seed}" + ("-nan" if nan else ""), config={"seed": seed, "nan": nan}, inputs=[vae]
+    ) as writer:
         writer.write_model("model", net, model_spec(net))
-        card = GeneratorCard(family=family, steps=0, latent_shape=LATENT, num_classes=NUM_CLASSES, latent_scale=1.0,
-                             vae_ref=vae.ref, **trained)
+        card = GeneratorCard(
+            family=family,
+            steps=0,
+            latent_shape=LATENT,
+            num_classes=NUM_CLASSES,
+            latent_scale=1.0,
+            vae_ref=vae.ref,
+            **trained,
+        )
         return writer.commit(metrics=card.to_metrics())
 
 
 def commit_diffusion(store: Store, vae: Manifest, seed: int = 5) -> Manifest:
     """A diffusion-family generator as the ddpm stage writes it."""
-    return commit_generator(store, "ddpm", "diffusion", seed, vae, diffusion_schedule="cosine",
-                            diffusion_steps=DIFFUSION_T)
+    return commit_generator(
+        store, "ddpm", "diffusion", seed, vae, diffusion_schedule="cosine", diffusion_steps=DIFFUSION_T
+    )
 
 
 def commit_evaluation(store: Store, rows: list[tuple[Manifest, str, int, float]], inputs: list[Manifest]) -> Manifest:
     table = []
     for model, sampler, steps, fid in rows:
         row = dict.fromkeys(COLUMNS)
-        row.update(model=model.stage, stage_key=model.ref, sampler=sampler, steps=steps, nfe=steps, n=100,
-                   extractor="test", fid=fid, precision=0.5, recall=0.5)
+        row.update(
+            model=model.stage,
+            stage_key=model.ref,
+            sampler=sampler,
+            steps=steps,
+            nfe=steps,
+            n=100,
+            extractor="test",
+            fid=fid,
+            precision=0.5,
+            recall=0.5,
+        )
         table.append(row)
     with store.begin("evaluate", "tiny", config={"test": True}, inputs=inputs) as writer:
         writer.write_table("metrics", pa.Table.from_pylist(table))
@@ -201,9 +232,17 @@ def app(ray_local, tmp_path_factory):
     nan = commit_generator(store, "base", "flow", 3, vae, nan=True)
     corrupt = commit_generator(store, "base", "flow", 4, vae)
     flip_byte(store, corrupt)
-    evaluation = commit_evaluation(store, [(student, "consistency", 1, 40.0), (student, "consistency", 2, 35.0),
-                                           (student, "consistency", 4, float("nan")),  # diverged: still valid JSON
-                                           (flow, "euler", 1, 60.0), (flow, "euler", 2, 30.0)], [student, flow])
+    evaluation = commit_evaluation(
+        store,
+        [
+            (student, "consistency", 1, 40.0),
+            (student, "consistency", 2, 35.0),
+            (student, "consistency", 4, float("nan")),  # diverged: still valid JSON
+            (flow, "euler", 1, 60.0),
+            (flow, "euler", 2, 30.0),
+        ],
+        [student, flow],
+    )
     store.put_pointer("serving/current", student.ref)
     config = root / "serve.yaml"
     config.write_text(SERVE_YAML)
@@ -212,9 +251,24 @@ def app(ray_local, tmp_path_factory):
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_USAGE_STATS_ENABLED="0")
     with open(log, "wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-c", "from flows.cli import main; main()", "serve", "--store", store.uri, "--port", str(port),
-             "--host", "127.0.0.1", "--config", str(config)],
-            stdout=sink, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-c",
+                "from flows.cli import main; main()",
+                "serve",
+                "--store",
+                store.uri,
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--config",
+                str(config),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_serving(process, log, url)
@@ -253,7 +307,9 @@ def test_generate_returns_the_images_asked_for(app):
         pixels = np.stack([decode(png) for png in body["images"]])
         assert pixels.shape == (3, 16, 16) and body["shape"] == [16, 16, 1]
 
-        again = client.post("/v1/generate", json={"n": 3, "steps": 2, "labels": [0, 2, 3], "seed": 11, "format": "array"})
+        again = client.post(
+            "/v1/generate", json={"n": 3, "steps": 2, "labels": [0, 2, 3], "seed": 11, "format": "array"}
+        )
         assert again.status_code == 200, again.text
         arrays = np.asarray(again.json()["images"], dtype=np.int64)
         assert arrays.shape == (3, 16, 16, 1) and arrays.min() >= 0 and arrays.max() <= 255
@@ -319,6 +375,7 @@ def test_binary_answers_carry_the_same_pixels_as_json(app):
 
 def test_a_batch_is_capped_by_images_times_steps(app):
     """max_batch_images_steps=32: a request of 16 images x 2 steps fills a batch alone, even in a crowd."""
+
     def ask(seed: int, n: int) -> dict:
         with app.client() as client:
             response = client.post("/v1/generate", json={"n": n, "steps": 2, "seed": seed})
@@ -339,6 +396,7 @@ def test_batch_cost_caps_requests_and_work_and_stops_waiting_for_absent_company(
     from workers.serving.app import BatchFill, Ticket, batch_cost
 
     fill = BatchFill(max_requests=4, max_images_steps=64)
+
     def tickets(*sizes: tuple[int, int]) -> list:
         return [Ticket(r, fill.cost(r), fill) for r in (Request(n=n, steps=s, sampler="") for n, s in sizes)]
 
@@ -455,8 +513,9 @@ def test_playground_in_a_headless_browser(app):
         pytest.skip("no chromium on PATH: install Debian's chromium (apt-get install -y chromium) to run this test")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True,
-                                             args=["--no-sandbox", "--disable-gpu"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
         try:
             page = browser.new_page()
             page.goto(app.url)
@@ -468,7 +527,9 @@ def test_playground_in_a_headless_browser(app):
             page.fill("#seed", "3")
             page.click("#generate")
             page.wait_for_function("document.querySelectorAll('#grid img.sample').length === 6")
-            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth === 16)")
+            page.wait_for_function(
+                "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth === 16)"
+            )
             assert "6 images from" in page.inner_text("#status")
             assert page.get_attribute("#grid img", "alt") == "label 2"
             page.fill("#n", "0")  # the server's refusal is shown, not swallowed (the form leaves checks to it)
@@ -494,35 +555,55 @@ def test_a_non_finite_or_corrupt_model_is_never_swapped_in(app):
     log_start = len(app.log.read_text())
     answers: list[tuple[int, str | None]] = []
     with app.client() as client:
+
         def ask() -> None:
             response = client.post("/v1/generate", json={"n": 1, "seed": 5})
             answers.append((response.status_code, response.json().get("model")))
 
         try:
-            for bad, error in ((app.nan, "UnfitModel: base/tiny3-nan: 1 tensor(s) of its network hold NaN or inf "
-                                         "(final_layer.linear.weight)"),
-                               (app.corrupt, "IntegrityError: file 'model' of base/tiny4 at ")):
+            for bad, error in (
+                (
+                    app.nan,
+                    "UnfitModel: base/tiny3-nan: 1 tensor(s) of its network hold NaN or inf "
+                    "(final_layer.linear.weight)",
+                ),
+                (app.corrupt, "IntegrityError: file 'model' of base/tiny4 at "),
+            ):
                 app.store.put_pointer("serving/current", bad.ref)
-                health = wait_for(lambda: (h := client.get("/healthz").json())["failed_swap"] and
-                                  h["failed_swap"]["ref"] == bad.ref and h, 30, f"/healthz to report {bad.ref}")
+                health = wait_for(
+                    lambda bad=bad: (
+                        (h := client.get("/healthz").json())["failed_swap"] and h["failed_swap"]["ref"] == bad.ref and h
+                    ),
+                    30,
+                    f"/healthz to report {bad.ref}",
+                )
                 assert health["status"] == "degraded" and health["model"] == app.student.ref
                 assert health["failed_swap"]["error"].startswith(error), health
-                assert f"could not switch to {bad.ref}" in health["reasons"][0] and "next try in" in health["reasons"][0]
+                assert (
+                    f"could not switch to {bad.ref}" in health["reasons"][0] and "next try in" in health["reasons"][0]
+                )
                 for _ in range(15):  # > 10 polls of 0.2 s: the failed ref is not reloaded each time
                     ask()
                     time.sleep(0.15)
                 again = client.get("/healthz").json()
                 assert again["failed_swap"]["attempts"] == 1 and again["failed_swap"]["retry_in_s"] > 200, again
                 line = f"could not switch to {bad.ref}"
-                wait_for(lambda: line in app.log.read_text()[log_start:], 30, "the failed swap's log line")
-                assert app.log.read_text()[log_start:].count(line) == 1, "a failed swap was retried (or logged) per poll"
+                wait_for(lambda line=line: line in app.log.read_text()[log_start:], 30, "the failed swap's log line")
+                assert app.log.read_text()[log_start:].count(line) == 1, (
+                    "a failed swap was retried (or logged) per poll"
+                )
         finally:
             app.store.put_pointer("serving/current", app.student.ref)
-        wait_for(lambda: client.get("/healthz").json() == {"status": "ok", "model": app.student.ref, "reasons": [],
-                                                            "failed_swap": None}, 30, "/healthz to be ok again")
+        wait_for(
+            lambda: (
+                client.get("/healthz").json()
+                == {"status": "ok", "model": app.student.ref, "reasons": [], "failed_swap": None}
+            ),
+            30,
+            "/healthz to be ok again",
+        )
     assert answers == [(200, app.student.ref)] * len(answers) and len(answers) == 30, answers
     assert "Traceback" not in app.log.read_text()[log_start:], "a failed swap logged a traceback"
-
 
 
 def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
@@ -564,7 +645,12 @@ def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
     with app.client() as client:
         card = client.get("/v1/model").json()
         assert card["ref"] == app.flow.ref and card["family"] == "flow" and card["sampler"] == "euler"
-        assert client.get("/healthz").json() == {"status": "ok", "model": app.flow.ref, "reasons": [], "failed_swap": None}
+        assert client.get("/healthz").json() == {
+            "status": "ok",
+            "model": app.flow.ref,
+            "reasons": [],
+            "failed_swap": None,
+        }
         body = client.post("/v1/generate", json={"n": 2, "guidance": 2.0, "labels": [0, 1]}).json()
         assert body["model"] == app.flow.ref and body["guidance"] == 2.0
 
@@ -575,8 +661,11 @@ def test_health_is_degraded_while_the_store_is_moved_away(app):
     with app.client() as client:
         os.rename(root, moved)
         try:
-            health = wait_for(lambda: (h := client.get("/healthz").json())["status"] == "degraded" and h, 30,
-                              "/healthz to notice the store is gone")
+            health = wait_for(
+                lambda: (h := client.get("/healthz").json())["status"] == "degraded" and h,
+                30,
+                "/healthz to notice the store is gone",
+            )
             assert health["model"] == app.flow.ref
             reasons = " | ".join(health["reasons"])
             assert f"the served model {app.flow.ref} is no longer in the store {app.store.uri}" in reasons, reasons
@@ -625,12 +714,30 @@ def test_serve_refuses_to_start_a_non_finite_or_corrupt_model(app, tmp_path):
     assert app.process.poll() is not None, "the app of this module must be stopped first"
     config = tmp_path / "serve.yaml"
     config.write_text(SERVE_YAML)
-    for bad, message in ((app.nan, "base/tiny3-nan: 1 tensor(s) of its network hold NaN or inf"),
-                         (app.corrupt, "file 'model' of base/tiny4 at ")):
+    for bad, message in (
+        (app.nan, "base/tiny3-nan: 1 tensor(s) of its network hold NaN or inf"),
+        (app.corrupt, "file 'model' of base/tiny4 at "),
+    ):
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "serve", "--store",
-                               app.store.uri, "--model", bad.ref, "--port", str(free_port()), "--config", str(config)],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from flows.cli import main; main()",
+                "serve",
+                "--store",
+                app.store.uri,
+                "--model",
+                bad.ref,
+                "--port",
+                str(free_port()),
+                "--config",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 2, done.stdout + done.stderr
         assert f"fewstep: error: {message}" in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert "fewstep: serving" not in done.stdout
@@ -638,12 +745,14 @@ def test_serve_refuses_to_start_a_non_finite_or_corrupt_model(app, tmp_path):
 
 
 def test_replicas_autoscaling_and_resources_come_from_the_config():
-    from infra.config import ServeConfig
-    from infra.config import Resources
+    from infra.config import Resources, ServeConfig
     from workers.serving.app import FewstepGenerator, deployment_options
 
-    fixed = deployment_options(ServeConfig(resources=Resources(workers=2, cpus=2, gpus=0.5), max_queued_requests=9),
-                               "base/x", max_batch_size=16)
+    fixed = deployment_options(
+        ServeConfig(resources=Resources(workers=2, cpus=2, gpus=0.5), max_queued_requests=9),
+        "base/x",
+        max_batch_size=16,
+    )
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.5}
     assert fixed["max_queued_requests"] == 9 and fixed["max_ongoing_requests"] >= 16

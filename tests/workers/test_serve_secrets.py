@@ -29,6 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import serve_drill_kit as kit  # noqa: E402
+
 from infra.errors import AccessDenied  # noqa: E402
 from infra.store import Store  # noqa: E402
 
@@ -133,12 +134,32 @@ def test_no_secret_anywhere_after_an_s3_run_and_serve(prefect_harness, ray_local
     env = dict(os.environ, PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1")
     console = tmp_path / "console.log"
     with open(console, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "--preset", "quick", "--config",
-                                    str(config), "--store", s3_uri, "--serve", "--verbose"],
-                                   env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "run",
+                "--preset",
+                "quick",
+                "--config",
+                str(config),
+                "--store",
+                s3_uri,
+                "--serve",
+                "--verbose",
+            ],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        kit.wait_for(lambda: process.poll() is not None or "fewstep: serving" in console.read_text(), 1000,
-                     "the run to finish and serve", poll_s=1)
+        kit.wait_for(
+            lambda: process.poll() is not None or "fewstep: serving" in console.read_text(),
+            1000,
+            "the run to finish and serve",
+            poll_s=1,
+        )
         assert process.poll() is None, console.read_text()[-4000:]
         url = f"http://127.0.0.1:{port}/"
         assert httpx.post(url + "v1/generate", json={"n": 2}, timeout=60).status_code == 200
@@ -153,7 +174,11 @@ def test_no_secret_anywhere_after_an_s3_run_and_serve(prefect_harness, ray_local
     assert process.returncode == 0, console.read_text()[-4000:]
 
     s3 = s3_server.client()
-    objects = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+    objects = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    ]
     manifests = [key for key in objects if key.endswith("manifest.json")]
     holding = [key for key in objects if secret in s3.get_object(Bucket=bucket, Key=key)["Body"].read()]
     prefect = prefect_records(api_url)
@@ -164,5 +189,7 @@ def test_no_secret_anywhere_after_an_s3_run_and_serve(prefect_harness, ray_local
     assert secret not in state, "the secret key is in Serve's controller state"
     assert secret not in prefect, "the secret key is in Prefect's logs, runs or artifacts"
     assert files_holding(logs, secret) == []
-    print(f"secret key absent from {len(objects)} store objects ({len(manifests)} manifests), {len(prefect)} bytes of "
-          f"Prefect records, {len(state)} bytes of Serve state, {len(logs)} log files")
+    print(
+        f"secret key absent from {len(objects)} store objects ({len(manifests)} manifests), {len(prefect)} bytes of "
+        f"Prefect records, {len(state)} bytes of Serve state, {len(logs)} log files"
+    )

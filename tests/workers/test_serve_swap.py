@@ -17,6 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import serve_drill_kit as kit  # noqa: E402
+
 from infra.errors import IntegrityError  # noqa: E402
 from workers.generator import Generator  # noqa: E402
 from workers.serving.swap import UnfitModel, Watch, load_served, sanity_check  # noqa: E402
@@ -44,14 +45,22 @@ def failures(caplog) -> list[logging.LogRecord]:
 # --------------------------------------------------------------------------- the sanity batch
 
 
-@pytest.mark.parametrize("poison, message", [
-    ("nan", r"1 tensor\(s\) of its network hold NaN or inf \(final_layer.linear.weight\)"),
-    ("inf", r"1 tensor\(s\) of its network hold NaN or inf \(final_layer.linear.weight\)"),
-    ("overflow", r"draws non-finite latents \(\d+ NaN and \d+ infinite of 64 values\) in a seeded sanity batch "
-                 r"of 2 images at 2 step\(s\) with euler"),
-])
+@pytest.mark.parametrize(
+    "poison, message",
+    [
+        ("nan", r"1 tensor\(s\) of its network hold NaN or inf \(final_layer.linear.weight\)"),
+        ("inf", r"1 tensor\(s\) of its network hold NaN or inf \(final_layer.linear.weight\)"),
+        (
+            "overflow",
+            r"draws non-finite latents \(\d+ NaN and \d+ infinite of 64 values\) in a seeded sanity batch "
+            r"of 2 images at 2 step\(s\) with euler",
+        ),
+    ],
+)
 def test_a_model_that_cannot_draw_finite_images_is_refused(tiny, poison, message):
-    bad = kit.commit_generator(tiny.store, "base", "flow", 10, tiny.store.get_ref(kit.commit_vae(tiny.store).ref), poison)
+    bad = kit.commit_generator(
+        tiny.store, "base", "flow", 10, tiny.store.get_ref(kit.commit_vae(tiny.store).ref), poison
+    )
     generator = Generator.load(tiny.store, bad, device="cpu")
     with pytest.raises(UnfitModel, match=message):
         sanity_check(generator, "euler", STEPS)
@@ -89,10 +98,16 @@ def test_a_failed_swap_keeps_the_old_model_logs_once_and_backs_off(tiny, caplog)
         assert all(record.exc_info is None for record in failures(caplog)), "a failed swap logged a traceback"
         health = watch.health(served)
         assert health["status"] == "degraded" and health["model"] == tiny.first.ref
-        assert health["failed_swap"] == {"ref": tiny.nan.ref, "error": health["failed_swap"]["error"], "attempts": 1,
-                                         "retry_in_s": 40.0}
+        assert health["failed_swap"] == {
+            "ref": tiny.nan.ref,
+            "error": health["failed_swap"]["error"],
+            "attempts": 1,
+            "retry_in_s": 40.0,
+        }
         assert health["failed_swap"]["error"].startswith("UnfitModel: base/drill3-nan: 1 tensor(s)")
-        assert f"could not switch to {tiny.nan.ref}" in health["reasons"][0] and "next try in 40 s" in health["reasons"][0]
+        assert (
+            f"could not switch to {tiny.nan.ref}" in health["reasons"][0] and "next try in 40 s" in health["reasons"][0]
+        )
 
         clock.now += 40  # the back-off is over: one more try, then twice as long (capped)
         watch.poll(served, follow=True)
@@ -153,4 +168,6 @@ def test_an_unreadable_pointer_is_degraded_not_a_crash(tiny):
     assert watch.poll(served, follow=True) is served
     health = watch.health(served)
     assert health["status"] == "degraded"
-    assert "cannot read the pointer 'serving/broken'" in health["reasons"][0] and "IntegrityError" in health["reasons"][0]
+    assert (
+        "cannot read the pointer 'serving/broken'" in health["reasons"][0] and "IntegrityError" in health["reasons"][0]
+    )

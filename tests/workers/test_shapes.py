@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from workers.sources import shapes
-from workers.sources.shapes import SHAPE_CLASSES, MIN_CONTRAST, SUPERSAMPLE, render_shapes, shape_labels
+from workers.sources.shapes import MIN_CONTRAST, SHAPE_CLASSES, SUPERSAMPLE, render_shapes, shape_labels
 
 
 def test_an_image_depends_only_on_seed_and_index_not_on_the_block():

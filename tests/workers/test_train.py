@@ -26,23 +26,49 @@ CHECKPOINT_EVERY = 4  # not a multiple of the epoch: the kill lands mid-epoch
 
 def pair_rows(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"x_0": rng.standard_normal((2, 4, 4)).astype(np.float32),
-             "x_1": rng.standard_normal((2, 4, 4)).astype(np.float32) * 0.5 + 1.0,
-             "label": int(i % 3)} for i in range(n)]
+    return [
+        {
+            "x_0": rng.standard_normal((2, 4, 4)).astype(np.float32),
+            "x_1": rng.standard_normal((2, 4, 4)).astype(np.float32) * 0.5 + 1.0,
+            "label": int(i % 3),
+        }
+        for i in range(n)
+    ]
 
 
 def tiny_spec() -> dict:
     torch.manual_seed(0)
-    return model_spec(DiT(dit_config("DiT-T/2", input_size=4, in_channels=2, num_classes=3,
-                                     hidden_size=32, depth=1, num_heads=2, class_dropout_prob=0.0)))
+    return model_spec(
+        DiT(
+            dit_config(
+                "DiT-T/2",
+                input_size=4,
+                in_channels=2,
+                num_classes=3,
+                hidden_size=32,
+                depth=1,
+                num_heads=2,
+                class_dropout_prob=0.0,
+            )
+        )
+    )
 
 
 def job_for(store: Store, key: str, steps: int, crash: CrashOnce | None = None) -> TrainJob:
-    config = LoopConfig(steps=steps, batch_size=BATCH, lr=3e-3, warmup_steps=2, checkpoint_every=CHECKPOINT_EVERY,
-                        ema_decay=0.9, seed=3)
-    return TrainJob(store=store, stage="unit", key=key, model_spec=tiny_spec(),
-                    objective=FlowMatching(label_dropout=0.0), config=config,
-                    adapt_batch=PairBatch(num_classes=3), crash=crash, log_every=5)
+    config = LoopConfig(
+        steps=steps, batch_size=BATCH, lr=3e-3, warmup_steps=2, checkpoint_every=CHECKPOINT_EVERY, ema_decay=0.9, seed=3
+    )
+    return TrainJob(
+        store=store,
+        stage="unit",
+        key=key,
+        model_spec=tiny_spec(),
+        objective=FlowMatching(label_dropout=0.0),
+        config=config,
+        adapt_batch=PairBatch(num_classes=3),
+        crash=crash,
+        log_every=5,
+    )
 
 
 def dataset(ray_local):
@@ -59,7 +85,9 @@ def test_fit_trains_and_checkpoints(ray_local, tmp_path):
     # One worker holding 1 of the local cluster's 4 logical CPUs runs on every core of this
     # machine: the shard was read before training, so Ray Data needs none meanwhile.
     assert result.threads == min(machine_cores(), 4), result
-    assert {"start_s", "setup_s", "data_s", "steps_s", "checkpoint_s", "teardown_s"} <= set(result.timing), result.timing
+    assert {"start_s", "setup_s", "data_s", "steps_s", "checkpoint_s", "teardown_s"} <= set(result.timing), (
+        result.timing
+    )
     # A second fit on a finished key returns the stored result without training.
     again = fit(job_for(store, "plain", steps=15), dataset(ray_local), storage_path=str(tmp_path / "ray"))
     assert all(torch.equal(again.ema_state[k], result.ema_state[k]) for k in result.ema_state)
@@ -70,8 +98,11 @@ def test_killed_worker_resumes_from_checkpoint_with_ema(ray_local, tmp_path):
     reference = fit(job_for(store, "reference", steps=15), dataset(ray_local), storage_path=str(tmp_path / "ray"))
 
     marker = tmp_path / "crashed"
-    crashed = fit(job_for(store, "crashed", steps=15, crash=CrashOnce(step=11, marker=str(marker))),
-                  dataset(ray_local), storage_path=str(tmp_path / "ray"))
+    crashed = fit(
+        job_for(store, "crashed", steps=15, crash=CrashOnce(step=11, marker=str(marker))),
+        dataset(ray_local),
+        storage_path=str(tmp_path / "ray"),
+    )
 
     assert marker.exists(), "the worker was never killed"
     assert crashed.step == 15
@@ -104,17 +135,20 @@ def test_a_cached_shard_lets_the_workers_hold_every_cpu(ray_local, tmp_path):
     assert result.step == 5 and result.threads == min(machine_cores(), 4)
 
 
-@pytest.mark.parametrize("cpus, workers, data_cores, local_cores, threads", [
-    (1, 1, 0, None, 1),   # a cluster of several nodes: exactly the CPUs held (Ray's OMP_NUM_THREADS)
-    (2.5, 1, 0, None, 2),
-    (0.5, 1, 0, None, 1),
-    (1, 1, 0, 2, 2),      # alone on a 2-core machine, data read before: both cores
-    (1, 1, 1, 2, 1),      # data streamed alongside: one core left to it
-    (1, 2, 0, 8, 4),      # two workers share 8 cores
-    (1, 3, 1, 8, 2),
-    (6, 1, 0, 4, 4),      # never more threads than the machine has cores
-    (3, 4, 0, 8, 3),      # never fewer than the CPUs held
-])
+@pytest.mark.parametrize(
+    "cpus, workers, data_cores, local_cores, threads",
+    [
+        (1, 1, 0, None, 1),  # a cluster of several nodes: exactly the CPUs held (Ray's OMP_NUM_THREADS)
+        (2.5, 1, 0, None, 2),
+        (0.5, 1, 0, None, 1),
+        (1, 1, 0, 2, 2),  # alone on a 2-core machine, data read before: both cores
+        (1, 1, 1, 2, 1),  # data streamed alongside: one core left to it
+        (1, 2, 0, 8, 4),  # two workers share 8 cores
+        (1, 3, 1, 8, 2),
+        (6, 1, 0, 4, 4),  # never more threads than the machine has cores
+        (3, 4, 0, 8, 3),  # never fewer than the CPUs held
+    ],
+)
 def test_worker_threads(cpus, workers, data_cores, local_cores, threads):
     assert worker_threads(cpus, workers, data_cores, local_cores) == threads
 

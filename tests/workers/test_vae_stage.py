@@ -8,11 +8,10 @@ import sys
 import pytest
 import torch
 
+from infra.cards import ImagesCard, VAECard
 from infra.config import ConfigError, IngestConfig, VAEConfig
 from models.registry import build_model
-from models.vae import VAE, vae_loss
-from infra.cards import ImagesCard, VAECard
-from models.vae import VAEObjective
+from models.vae import VAE, VAEObjective, vae_loss
 from workers.batches import PixelBatch
 from workers.pixels import decode_batch
 from workers.stages import s02_vae as vae_module
@@ -95,9 +94,15 @@ def tiny_autoencoder(in_channels: int):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(
-        in_channels=in_channels, out_channels=in_channels, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=16,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        latent_channels=4,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
     ).eval()
 
 

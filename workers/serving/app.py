@@ -120,9 +120,17 @@ def batch_cost(tickets: list[Ticket]) -> float:
 class FewstepGenerator:
     """One replica: a generator in memory, a batch queue, a watcher on the serving pointer."""
 
-    def __init__(self, store_uri: str, limits: Limits, max_batch_size: int, batch_wait_timeout_s: float,
-                 poll_s: float, pointer: str = POINTER, retry_s: float = RETRY_S,
-                 max_batch_images_steps: int | None = None):
+    def __init__(
+        self,
+        store_uri: str,
+        limits: Limits,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        poll_s: float,
+        pointer: str = POINTER,
+        retry_s: float = RETRY_S,
+        max_batch_images_steps: int | None = None,
+    ):
         log_to_stderr()
         self.store = Store.open(store_uri)  # credentials from this replica's environment
         self.limits, self.poll_s, self.pointer = limits, poll_s, pointer
@@ -158,8 +166,10 @@ class FewstepGenerator:
         self.pinned = user_config["model"]
         target = self.pinned or await asyncio.to_thread(self.store.get_pointer, self.pointer)
         if target is None:
-            raise RuntimeError(f"no model is promoted in {self.store.uri} (pointer {self.pointer!r} is unset): "
-                               "run `fewstep run`, or serve one with --model REF")
+            raise RuntimeError(
+                f"no model is promoted in {self.store.uri} (pointer {self.pointer!r} is unset): "
+                "run `fewstep run`, or serve one with --model REF"
+            )
         if self.served is None or self.served.ref != target:
             self.served = await asyncio.to_thread(self.watch_store.load, target)
             log.info("serving %s from the store %s", target, self.store.uri)
@@ -207,8 +217,11 @@ class FewstepGenerator:
                 log.exception("generation failed for %d request(s)", len(indices))
                 images = [error] * len(indices)
             for i, result in zip(indices, images):
-                out[i] = result if isinstance(result, Exception) else Drawn(
-                    served, requests[i].sampler, result.pixels, result.nfe, result.seconds, len(indices))
+                out[i] = (
+                    result
+                    if isinstance(result, Exception)
+                    else Drawn(served, requests[i].sampler, result.pixels, result.nfe, result.seconds, len(indices))
+                )
         return out
 
     # -- what the routes do -------------------------------------------------------------------
@@ -221,18 +234,38 @@ class FewstepGenerator:
         sampler = served.generator.sampler(served.sampler)
         steps = body.steps if body.steps is not None else self.limits.default_steps
         if sampler.max_steps is not None and steps > sampler.max_steps:
-            raise HTTPException(status_code=422, detail=[problem(
-                "steps", f"steps={steps} is more than the served model takes: {served.ref} samples on a grid of "
-                         f"{sampler.max_steps} times; use 1..{sampler.max_steps}")])
+            raise HTTPException(
+                status_code=422,
+                detail=[
+                    problem(
+                        "steps",
+                        f"steps={steps} is more than the served model takes: {served.ref} samples on a grid of "
+                        f"{sampler.max_steps} times; use 1..{sampler.max_steps}",
+                    )
+                ],
+            )
         if body.n * steps > self.fill.max_images_steps:
-            raise HTTPException(status_code=422, detail=[problem(
-                "n", f"n={body.n} images x steps={steps} = {body.n * steps} is more than one batch may hold "
-                     f"(serve.max_batch_images_steps={self.fill.max_images_steps}); ask for fewer images or steps")])
+            raise HTTPException(
+                status_code=422,
+                detail=[
+                    problem(
+                        "n",
+                        f"n={body.n} images x steps={steps} = {body.n * steps} is more than one batch may hold "
+                        f"(serve.max_batch_images_steps={self.fill.max_images_steps}); ask for fewer images or steps",
+                    )
+                ],
+            )
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
         # A sampler that takes no guidance (a distilled student) batches all its requests together.
         guidance = float(body.guidance) if sampler.guided and body.guidance is not None else 1.0
-        request = Request(n=body.n, steps=steps, sampler="", guidance=guidance, seed=seed,
-                          labels=tuple(body.labels) if body.labels is not None else None)
+        request = Request(
+            n=body.n,
+            steps=steps,
+            sampler="",
+            guidance=guidance,
+            seed=seed,
+            labels=tuple(body.labels) if body.labels is not None else None,
+        )
         drawn = await self.draw(Ticket(request, self.fill.cost(request), self.fill))
         if isinstance(drawn, ValueError):
             raise HTTPException(status_code=422, detail=[problem("labels", str(drawn))])
@@ -241,15 +274,27 @@ class FewstepGenerator:
         generator = drawn.served.generator
         guided = generator.sampler(drawn.sampler).guided
         return Generated(
-            model=drawn.served.ref, family=generator.card.family, sampler=drawn.sampler, steps=steps,
-            nfe=drawn.nfe, guidance=guidance if guided else None, seed=seed,
-            labels=[int(y) for y in generator.labels_for(request)], pixels=drawn.pixels,
-            batch_requests=drawn.batch_requests, seconds=drawn.seconds)
+            model=drawn.served.ref,
+            family=generator.card.family,
+            sampler=drawn.sampler,
+            steps=steps,
+            nfe=drawn.nfe,
+            guidance=guidance if guided else None,
+            seed=seed,
+            labels=[int(y) for y in generator.labels_for(request)],
+            pixels=drawn.pixels,
+            batch_requests=drawn.batch_requests,
+            seconds=drawn.seconds,
+        )
 
     def model_info(self) -> dict[str, Any]:
-        return {**self.served.card, "pinned": self.pinned is not None, "pointer": self.pointer,
-                "served_steps": self.limits.default_steps,
-                "limits": {**self.limits.as_dict(), "max_batch_images_steps": self.fill.max_images_steps}}
+        return {
+            **self.served.card,
+            "pinned": self.pinned is not None,
+            "pointer": self.pointer,
+            "served_steps": self.limits.default_steps,
+            "limits": {**self.limits.as_dict(), "max_batch_images_steps": self.fill.max_images_steps},
+        }
 
     def health(self) -> dict[str, Any]:
         return self.watch_store.health(self.served)
@@ -263,9 +308,14 @@ def deployment_options(config: ServeConfig, model: str | None, max_batch_size: i
     resources = config.resources
     scaling: dict[str, Any] = {"num_replicas": resources.workers}
     if config.max_replicas is not None:
-        scaling = {"num_replicas": "auto", "autoscaling_config": {
-            "min_replicas": resources.workers, "max_replicas": config.max_replicas,
-            "target_ongoing_requests": config.target_ongoing_requests}}
+        scaling = {
+            "num_replicas": "auto",
+            "autoscaling_config": {
+                "min_replicas": resources.workers,
+                "max_replicas": config.max_replicas,
+                "target_ongoing_requests": config.target_ongoing_requests,
+            },
+        }
     return {
         **scaling,
         "ray_actor_options": remote_options(resources),
@@ -276,15 +326,23 @@ def deployment_options(config: ServeConfig, model: str | None, max_batch_size: i
     }
 
 
-def build_app(store_uri: str, config: ServeConfig, model: str | None = None, *,
-              max_batch_size: int | None = None) -> serve.Application:
+def build_app(
+    store_uri: str, config: ServeConfig, model: str | None = None, *, max_batch_size: int | None = None
+) -> serve.Application:
     """The deployment, sized from ``config``; ``model`` pins a ref, else the app follows the pointer.
     ``max_batch_size`` overrides the config's (1 turns batching off, for benchmarks)."""
     batch = config.max_batch_size if max_batch_size is None else max_batch_size
     deployment = FewstepGenerator.options(**deployment_options(config, model, batch))
-    return deployment.bind(str(store_uri), Limits.from_config(config), batch, config.batch_wait_timeout_s,
-                           config.poll_s, POINTER, retry_s=config.swap_retry_s,
-                           max_batch_images_steps=config.max_batch_images_steps)
+    return deployment.bind(
+        str(store_uri),
+        Limits.from_config(config),
+        batch,
+        config.batch_wait_timeout_s,
+        config.poll_s,
+        POINTER,
+        retry_s=config.swap_retry_s,
+        max_batch_images_steps=config.max_batch_images_steps,
+    )
 
 
 class AppArgs(BaseModel):
@@ -307,12 +365,15 @@ def resolve_model(store: Store, model: str | None) -> Manifest:
     """The manifest to serve: ``model`` if given, else what ``serving/current`` points at."""
     ref = model or store.get_pointer(POINTER)
     if ref is None:
-        raise NotCommitted(f"no model is promoted in {store.uri} (pointer {POINTER!r} is unset): "
-                          "run `fewstep run` first, or pass --model REF (`fewstep status` lists refs)")
+        raise NotCommitted(
+            f"no model is promoted in {store.uri} (pointer {POINTER!r} is unset): "
+            "run `fewstep run` first, or pass --model REF (`fewstep status` lists refs)"
+        )
     manifest = store.get_ref(ref)
     if not GeneratorCard.is_generator(manifest):
-        raise NotCommitted(f"{ref} is a {manifest.stage!r} output, not a generator; serve a base, reflow or "
-                          "consistency ref")
+        raise NotCommitted(
+            f"{ref} is a {manifest.stage!r} output, not a generator; serve a base, reflow or consistency ref"
+        )
     GeneratorCard.from_manifest(manifest)
     return manifest
 
@@ -324,8 +385,16 @@ def check_servable(store: Store, ref: str, config: ServeConfig) -> None:
     load_served(store, ref, config.solver, config.steps)
 
 
-def start(store_uri: str, config: ServeConfig, model: str | None = None, *, host: str | None = None,
-          port: int | None = None, name: str = APP_NAME, max_batch_size: int | None = None) -> str:
+def start(
+    store_uri: str,
+    config: ServeConfig,
+    model: str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    name: str = APP_NAME,
+    max_batch_size: int | None = None,
+) -> str:
     """Start Serve's HTTP proxy on host:port (Ray must be up) and deploy the app; returns its URL."""
     host = config.host if host is None else host
     port = config.port if port is None else port

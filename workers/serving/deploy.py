@@ -20,7 +20,8 @@ region) and, from a runtime_env the user names, references such as
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ray.serve.schema import ServeDeploySchema
 
@@ -47,7 +48,8 @@ def check_no_secrets(env_vars: Mapping[str, str], source: str) -> None:
             raise SecretInConfig(
                 f"{source} sets env var {name} to a literal value: the Serve config must not hold secrets. "
                 f"Give the replicas {name} through their environment (a KubeRay Secret, the node's env), "
-                f"or reference another variable: {name}: ${{MY_{name}}}")
+                f"or reference another variable: {name}: ${{MY_{name}}}"
+            )
 
 
 def store_env(store_uri: str, environ: Mapping[str, str]) -> dict[str, str]:
@@ -57,10 +59,18 @@ def store_env(store_uri: str, environ: Mapping[str, str]) -> dict[str, str]:
     return {name: environ[name] for name in STORE_SETTINGS if environ.get(name)}
 
 
-def serve_config(store_uri: str, serve: ServeConfig, model: str | None = None, *,
-                 host: str | None = None, port: int | None = None,
-                 runtime_env: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-                 name: str = APP_NAME, route_prefix: str = "/") -> dict[str, Any]:
+def serve_config(
+    store_uri: str,
+    serve: ServeConfig,
+    model: str | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    runtime_env: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    name: str = APP_NAME,
+    route_prefix: str = "/",
+) -> dict[str, Any]:
     """A Serve config (``ServeDeploySchema``-valid, as a plain dict) for fewstep's app.
 
     ``serve`` is the config's serve section (limits, batching, replicas, resources); ``model``

@@ -59,16 +59,34 @@ class Generated:
 
     def fields(self) -> dict[str, Any]:
         """Everything but the pixels, as the JSON answer names it."""
-        return {"model": self.model, "family": self.family, "sampler": self.sampler, "steps": self.steps,
-                "nfe": self.nfe, "guidance": self.guidance, "seed": self.seed, "labels": self.labels,
-                "shape": list(self.pixels.shape[1:]), "batch_requests": self.batch_requests,
-                "seconds": round(self.seconds, 6)}
+        return {
+            "model": self.model,
+            "family": self.family,
+            "sampler": self.sampler,
+            "steps": self.steps,
+            "nfe": self.nfe,
+            "guidance": self.guidance,
+            "seed": self.seed,
+            "labels": self.labels,
+            "shape": list(self.pixels.shape[1:]),
+            "batch_requests": self.batch_requests,
+            "seconds": round(self.seconds, 6),
+        }
 
 
 # The binary answers' headers: header -> the JSON field it carries.
-HEADERS = {"X-Model": "model", "X-Family": "family", "X-Sampler": "sampler", "X-Steps": "steps", "X-NFE": "nfe",
-           "X-Guidance": "guidance", "X-Seed": "seed", "X-Labels": "labels", "X-Batch-Requests": "batch_requests",
-           "X-Seconds": "seconds"}
+HEADERS = {
+    "X-Model": "model",
+    "X-Family": "family",
+    "X-Sampler": "sampler",
+    "X-Steps": "steps",
+    "X-NFE": "nfe",
+    "X-Guidance": "guidance",
+    "X-Seed": "seed",
+    "X-Labels": "labels",
+    "X-Batch-Requests": "batch_requests",
+    "X-Seconds": "seconds",
+}
 
 
 class Server(Protocol):
@@ -92,8 +110,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self.reject(send, f"request body of {declared.decode(errors='replace')} bytes is over "
-                                           f"the limit of {self.max_bytes} bytes")
+            return await self.reject(
+                send,
+                f"request body of {declared.decode(errors='replace')} bytes is over "
+                f"the limit of {self.max_bytes} bytes",
+            )
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -118,8 +139,13 @@ class BodyLimit:
     @staticmethod
     async def reject(send, message: str) -> None:
         body = json.dumps({"detail": message}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -130,8 +156,9 @@ def playground_html() -> str:
 def fast_png(image: np.ndarray) -> bytes:
     """uint8 (H, W, C) -> PNG bytes (L or RGB) at zlib level :data:`PNG_LEVEL`."""
     buffer = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buffer, format="PNG",
-                                                                           compress_level=PNG_LEVEL)
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
+        buffer, format="PNG", compress_level=PNG_LEVEL
+    )
     return buffer.getvalue()
 
 
@@ -153,8 +180,10 @@ def wanted(accept: str) -> str:
 
 def binary_headers(generated: Generated) -> dict[str, str]:
     fields = generated.fields()
-    headers = {name: ",".join(map(str, value)) if isinstance(value, list) else str(value)
-               for name, value in ((h, fields[f]) for h, f in HEADERS.items())}
+    headers = {
+        name: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        for name, value in ((h, fields[f]) for h, f in HEADERS.items())
+    }
     headers["X-Shape"] = ",".join(str(d) for d in generated.pixels.shape)
     headers["X-Dtype"] = "uint8"
     return headers
@@ -175,9 +204,15 @@ async def respond(generated: Generated, accept: str, fmt: str) -> Response:
         return Response(generated.pixels.tobytes(), media_type=RAW, headers=binary_headers(generated))
     if media == PNG:
         if len(generated.pixels) != 1:
-            return JSONResponse(status_code=406, content={"detail": (
-                f"Accept: image/png returns one image, but n={len(generated.pixels)}: ask for n=1, or "
-                "Accept: application/octet-stream (raw uint8 pixels) or application/json")})
+            return JSONResponse(
+                status_code=406,
+                content={
+                    "detail": (
+                        f"Accept: image/png returns one image, but n={len(generated.pixels)}: ask for n=1, or "
+                        "Accept: application/octet-stream (raw uint8 pixels) or application/json"
+                    )
+                },
+            )
         data = await off_loop(lambda p: fast_png(p[0]), generated.pixels)
         return Response(data, media_type=PNG, headers=binary_headers(generated))
     images = await off_loop(encode_images, generated.pixels, fmt)
@@ -187,20 +222,32 @@ async def respond(generated: Generated, accept: str, fmt: str) -> Response:
 
 async def schema_errors(request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, except that a NaN in the echoed input cannot turn it into a 500."""
-    return JSONResponse(status_code=422, content={"detail": strict_json(jsonable_encoder(error.errors(), sqlalchemy_safe=False))})
+    return JSONResponse(
+        status_code=422, content={"detail": strict_json(jsonable_encoder(error.errors(), sqlalchemy_safe=False))}
+    )
 
 
 def make_api(server: Server, max_body_bytes: int) -> FastAPI:
     """The HTTP surface of one replica; every route calls into ``server``."""
-    api = FastAPI(title="fewstep", version="1",
-                  description="Few-step image generation from the promoted fewstep model. Try it at /.")
+    api = FastAPI(
+        title="fewstep",
+        version="1",
+        description="Few-step image generation from the promoted fewstep model. Try it at /.",
+    )
     api.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     api.add_exception_handler(RequestValidationError, schema_errors)
 
-    @api.post("/v1/generate", response_class=Response, responses={200: {
-        "description": "JSON by default; the raw image(s) with Accept: image/png (n = 1) or "
-                       "application/octet-stream (uint8, shape in X-Shape)",
-        "content": {JSON: {}, PNG: {}, RAW: {}}}})
+    @api.post(
+        "/v1/generate",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "JSON by default; the raw image(s) with Accept: image/png (n = 1) or "
+                "application/octet-stream (uint8, shape in X-Shape)",
+                "content": {JSON: {}, PNG: {}, RAW: {}},
+            }
+        },
+    )
     async def generate(body: GenerateBody, request: Request) -> Response:
         """Draw ``n`` images from the served model (the response names it: ``model``)."""
         return await respond(await server.generate(body), request.headers.get("accept", ""), body.format)

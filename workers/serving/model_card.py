@@ -57,24 +57,30 @@ def evaluation_of(store: Store, ref: str) -> dict[str, Any] | None:
         rows = read_rows(store, manifest)
         mine = [r for r in rows if r["stage_key"] == ref]
         if mine:
-            return {"ref": manifest.ref, "created_at": manifest.created_at, "rows": mine,
-                    "references": [r for r in rows if r["sampler"] == REFERENCE]}
+            return {
+                "ref": manifest.ref,
+                "created_at": manifest.created_at,
+                "rows": mine,
+                "references": [r for r in rows if r["sampler"] == REFERENCE],
+            }
     return None
 
 
 def model_card(store: Store, manifest: Manifest, sampler: str) -> dict[str, Any]:
     """The served model as /v1/model shows it; ``sampler`` is what it is served with."""
     card = GeneratorCard.from_manifest(manifest)
-    return strict_json({
-        "ref": manifest.ref,
-        "stage": manifest.stage,
-        "digest": manifest.digest,
-        "created_at": manifest.created_at,
-        "family": card.family,
-        "sampler": sampler,
-        "num_classes": card.num_classes,
-        "latent_shape": list(card.latent_shape),
-        "metrics": scalar_metrics(manifest.metrics),
-        "lineage": lineage(store, manifest),
-        "evaluation": evaluation_of(store, manifest.ref),
-    })
+    return strict_json(
+        {
+            "ref": manifest.ref,
+            "stage": manifest.stage,
+            "digest": manifest.digest,
+            "created_at": manifest.created_at,
+            "family": card.family,
+            "sampler": sampler,
+            "num_classes": card.num_classes,
+            "latent_shape": list(card.latent_shape),
+            "metrics": scalar_metrics(manifest.metrics),
+            "lineage": lineage(store, manifest),
+            "evaluation": evaluation_of(store, manifest.ref),
+        }
+    )

@@ -30,13 +30,18 @@ class Limits:
     solver: str
 
     @classmethod
-    def from_config(cls, config: ServeConfig) -> "Limits":
-        return cls(config.max_n, config.max_steps, config.max_guidance, config.max_body_bytes,
-                   config.steps, config.solver)
+    def from_config(cls, config: ServeConfig) -> Limits:
+        return cls(
+            config.max_n, config.max_steps, config.max_guidance, config.max_body_bytes, config.steps, config.solver
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"max_n": self.max_n, "max_steps": self.max_steps, "max_guidance": self.max_guidance,
-                "max_body_bytes": self.max_body_bytes}
+        return {
+            "max_n": self.max_n,
+            "max_steps": self.max_steps,
+            "max_guidance": self.max_guidance,
+            "max_body_bytes": self.max_body_bytes,
+        }
 
 
 class GenerateBody(BaseModel):
@@ -45,9 +50,15 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     n: int = Field(description="how many images to draw")
-    steps: int | None = Field(None, description="sampling steps (NFE per step: 1, or 2 for Heun); default: the served steps")
-    labels: list[int] | None = Field(None, description="one class id per image; num_classes means no class; default: no class")
-    guidance: float | None = Field(None, allow_inf_nan=False, description="classifier-free guidance scale (flow models); default 1")
+    steps: int | None = Field(
+        None, description="sampling steps (NFE per step: 1, or 2 for Heun); default: the served steps"
+    )
+    labels: list[int] | None = Field(
+        None, description="one class id per image; num_classes means no class; default: no class"
+    )
+    guidance: float | None = Field(
+        None, allow_inf_nan=False, description="classifier-free guidance scale (flow models); default 1"
+    )
     seed: int | None = Field(None, description="same seed, same images; default: a random seed, returned")
     format: Literal["png", "array"] = Field("png", description="base64 PNGs, or uint8 arrays (H, W, C) as nested lists")
 
@@ -70,9 +81,15 @@ def problems(body: GenerateBody, limits: Limits, num_classes: int) -> list[dict[
         found.append(problem("seed", f"seed={body.seed} is out of range: use 0..{MAX_SEED}"))
     if body.labels is not None:
         if len(body.labels) != body.n:
-            found.append(problem("labels", f"got {len(body.labels)} labels for n={body.n}: give one label per image, or none"))
+            found.append(
+                problem("labels", f"got {len(body.labels)} labels for n={body.n}: give one label per image, or none")
+            )
         bad = sorted({y for y in body.labels if not 0 <= y <= num_classes})
         if bad:
-            found.append(problem("labels", f"labels {bad[:10]} are out of range: use 0..{num_classes - 1}, "
-                                           f"or {num_classes} for no class"))
+            found.append(
+                problem(
+                    "labels",
+                    f"labels {bad[:10]} are out of range: use 0..{num_classes - 1}, or {num_classes} for no class",
+                )
+            )
     return found

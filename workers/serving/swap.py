@@ -28,8 +28,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -77,12 +78,17 @@ def sanity_check(generator: Generator, sampler: str, steps: int, seed: int = SAN
     The batch: 2 images seeded by ``seed``, label 0 and the null label, at ``steps`` (capped by
     the sampler's own maximum) with ``sampler``: the cost of one small request."""
     for part, module in (("network", generator.net), ("VAE", generator.vae)):
-        bad = [name for name, tensor in module.state_dict().items()
-               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        bad = [
+            name
+            for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
         if bad:
-            raise UnfitModel(f"{generator.ref}: {len(bad)} tensor(s) of its {part} hold NaN or inf "
-                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); it is not served: "
-                             "re-train it (lower the learning rate, clip gradients) or promote another model")
+            raise UnfitModel(
+                f"{generator.ref}: {len(bad)} tensor(s) of its {part} hold NaN or inf "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); it is not served: "
+                "re-train it (lower the learning rate, clip gradients) or promote another model"
+            )
     chosen = generator.sampler(sampler)
     steps = min(steps, chosen.max_steps or steps)
     request = Request(n=2, steps=steps, sampler=sampler, labels=(0, generator.num_classes), seed=seed)
@@ -91,8 +97,10 @@ def sanity_check(generator: Generator, sampler: str, steps: int, seed: int = SAN
     for what, values in (("latents", x_1), ("pixels", pixels)):
         bad = non_finite(values)
         if bad:
-            raise UnfitModel(f"{generator.ref} draws non-finite {what} ({bad}) in a seeded sanity batch of 2 images "
-                             f"at {steps} step(s) with {sampler}; it is not served: re-train it or promote another model")
+            raise UnfitModel(
+                f"{generator.ref} draws non-finite {what} ({bad}) in a seeded sanity batch of 2 images "
+                f"at {steps} step(s) with {sampler}; it is not served: re-train it or promote another model"
+            )
 
 
 def load_served(store: Store, ref: str, solver: str, steps: int) -> Served:
@@ -119,8 +127,17 @@ class Watch:
 
     ``clock`` is monotonic seconds (a parameter so that tests can move time)."""
 
-    def __init__(self, store: Store, pointer: str, solver: str, steps: int, *, retry_s: float = RETRY_S,
-                 max_retry_s: float = MAX_RETRY_S, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        store: Store,
+        pointer: str,
+        solver: str,
+        steps: int,
+        *,
+        retry_s: float = RETRY_S,
+        max_retry_s: float = MAX_RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.store, self.pointer, self.solver, self.steps = store, pointer, solver, steps
         self.retry_s, self.max_retry_s, self.clock = retry_s, max_retry_s, clock
         self.failed: FailedSwap | None = None
@@ -152,8 +169,10 @@ class Watch:
         try:
             stage, key = served.ref.split("/", 1)
             if self.store.get(stage, key) is None:
-                problems.append(f"the served model {served.ref} is no longer in the store {uri} (deleted, or the store "
-                                "moved): this replica serves it from memory, but a restarted one could not load it")
+                problems.append(
+                    f"the served model {served.ref} is no longer in the store {uri} (deleted, or the store "
+                    "moved): this replica serves it from memory, but a restarted one could not load it"
+                )
         except Exception as error:  # noqa: BLE001 - any failure to read is reported, and serving goes on
             problems.append(f"cannot read the store {uri}: {describe(error)}")
             return None  # the pointer would fail the same way
@@ -165,8 +184,10 @@ class Watch:
             problems.append(f"cannot read the pointer {self.pointer!r} in {uri}: {describe(error)}")
             return None
         if ref is None:
-            problems.append(f"the pointer {self.pointer!r} is unset in {uri} (the store was deleted or moved, or the "
-                            f"pointer removed); still serving {served.ref}")
+            problems.append(
+                f"the pointer {self.pointer!r} is unset in {uri} (the store was deleted or moved, or the "
+                f"pointer removed); still serving {served.ref}"
+            )
         return ref
 
     def _try_swap(self, served: Served, ref: str) -> Served:
@@ -181,9 +202,16 @@ class Watch:
             attempts = failed.attempts + 1 if failed is not None else 1
             wait = min(self.max_retry_s, self.retry_s * 2 ** (attempts - 1))
             self.failed = FailedSwap(ref, describe(error), attempts, now + wait)
-            log.warning("could not switch to %s (pointer %s, attempt %d): %s; still serving %s; next try in %.0f s, "
-                        "or at once when the pointer moves", ref, self.pointer, attempts, self.failed.error,
-                        served.ref, wait)
+            log.warning(
+                "could not switch to %s (pointer %s, attempt %d): %s; still serving %s; next try in %.0f s, "
+                "or at once when the pointer moves",
+                ref,
+                self.pointer,
+                attempts,
+                self.failed.error,
+                served.ref,
+                wait,
+            )
             return served
         self.failed = None
         log.info("serving %s (was %s)", ref, served.ref)
@@ -206,9 +234,19 @@ class Watch:
         detail = None
         if failed is not None:
             retry_in = max(0.0, failed.retry_at - self.clock())
-            reasons.append(f"could not switch to {failed.ref} (pointer {self.pointer!r}): {failed.error}; still serving "
-                           f"{served.ref}; next try in {math.ceil(retry_in)} s, or at once when the pointer moves")
-            detail = {"ref": failed.ref, "error": failed.error, "attempts": failed.attempts,
-                      "retry_in_s": round(retry_in, 1)}
-        return {"status": "degraded" if reasons else "ok", "model": served.ref, "reasons": reasons,
-                "failed_swap": detail}
+            reasons.append(
+                f"could not switch to {failed.ref} (pointer {self.pointer!r}): {failed.error}; still serving "
+                f"{served.ref}; next try in {math.ceil(retry_in)} s, or at once when the pointer moves"
+            )
+            detail = {
+                "ref": failed.ref,
+                "error": failed.error,
+                "attempts": failed.attempts,
+                "retry_in_s": round(retry_in, 1),
+            }
+        return {
+            "status": "degraded" if reasons else "ok",
+            "model": served.ref,
+            "reasons": reasons,
+            "failed_swap": detail,
+        }

@@ -18,8 +18,13 @@ def digits_dataset(limit: int | None):
     pixels = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)  # (N, 8, 8)
     n = len(pixels) if limit is None else min(limit, len(pixels))
     items = [
-        {"id": f"digits-{i:05d}", "path": f"digits[{i}]", "label": int(digits.target[i]),
-         "data": encode_png(pixels[i]), "error": ""}
+        {
+            "id": f"digits-{i:05d}",
+            "path": f"digits[{i}]",
+            "label": int(digits.target[i]),
+            "data": encode_png(pixels[i]),
+            "error": "",
+        }
         for i in range(n)
     ]
     return ray.data.from_items(items, override_num_blocks=blocks_for(n)), [str(k) for k in range(10)]
@@ -38,8 +43,13 @@ def render_block(batch: dict, seed: int) -> dict:
             paths.append(f"shapes[{seed}][{i}]")
             labels.append(int(label))
             data.append(encode_png(pixels))
-    return {"id": np.array(ids), "path": np.array(paths), "label": np.array(labels, dtype=np.int64),
-            "data": np.array(data, dtype=object), "error": np.array([""] * len(ids))}
+    return {
+        "id": np.array(ids),
+        "path": np.array(paths),
+        "label": np.array(labels, dtype=np.int64),
+        "data": np.array(data, dtype=object),
+        "error": np.array([""] * len(ids)),
+    }
 
 
 def shapes_dataset(count: int, seed: int, limit: int | None):

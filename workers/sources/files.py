@@ -73,8 +73,11 @@ def folder_dataset(source: Source, limit: int | None):
 
     labelled = any("/" in f.rel for f in source.files)
     classes = sorted({f.rel.split("/", 1)[0] for f in source.files if "/" in f.rel}) if labelled else []
-    check_class_count(len(classes), f"image folder {source.root!r} (one class per sub-folder)",
-                      "put the images of each class in one first-level sub-folder")
+    check_class_count(
+        len(classes),
+        f"image folder {source.root!r} (one class per sub-folder)",
+        "put the images of each class in one first-level sub-folder",
+    )
     index = {name: k for k, name in enumerate(classes)}
     items = []
     for f in source.files:
@@ -148,8 +151,11 @@ class ParquetColumns:
 
 
 def _image_type_ok(t: pa.DataType) -> bool:
-    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
-            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+    )
 
 
 def _label_kind(t: pa.DataType) -> Literal["int", "str"] | None:
@@ -219,8 +225,9 @@ def parquet_columns(paths: list[str], filesystem: Any, config: IngestConfig, rel
     return ParquetColumns(config.label_column, next(iter(kinds)))
 
 
-def parquet_labels(paths: list[str], filesystem: Any, columns: ParquetColumns,
-                   where: str) -> tuple[dict[Any, int] | None, list[str]]:
+def parquet_labels(
+    paths: list[str], filesystem: Any, columns: ParquetColumns, where: str
+) -> tuple[dict[Any, int] | None, list[str]]:
     """(label map for :func:`label_ids` (None: ids as they are), class names) from every file's labels.
 
     One small column per file, read on the driver: cheaper than a distributed unique().
@@ -236,13 +243,17 @@ def parquet_labels(paths: list[str], filesystem: Any, columns: ParquetColumns,
     try:
         values = pc.unique(pa.chunked_array(_map_files(distinct, paths), type=target)).drop_null().to_pylist()
     except pa.ArrowInvalid as error:  # e.g. a uint64 label beyond int64
-        raise StageInputError(f"Parquet label column {columns.label_column!r} of {where!r} cannot be read as "
-                              f"{target} class ids: {error}") from None
+        raise StageInputError(
+            f"Parquet label column {columns.label_column!r} of {where!r} cannot be read as {target} class ids: {error}"
+        ) from None
     column = repr(columns.label_column)
     if columns.label_kind == "str":
         classes = sorted(values)
-        check_class_count(len(classes), f"Parquet label column {column} of {where!r}",
-                          "point 'ingest.label_column' at a column of class names, or set it to null")
+        check_class_count(
+            len(classes),
+            f"Parquet label column {column} of {where!r}",
+            "point 'ingest.label_column' at a column of class names, or set it to null",
+        )
         return {name: k for k, name in enumerate(classes)}, classes
     negative = sorted(v for v in values if v < 0 and v != MISSING_LABEL)
     if negative:
@@ -251,12 +262,20 @@ def parquet_labels(paths: list[str], filesystem: Any, columns: ParquetColumns,
             f"ids >= 0, and null or {MISSING_LABEL} means 'no label': fix those rows, or set 'ingest.label_column: null'"
         )
     ids = sorted(v for v in values if v >= 0)
-    check_class_count(len(ids), f"Parquet label column {column} of {where!r}",
-                      "point 'ingest.label_column' at a column of class ids, or set it to null")
+    check_class_count(
+        len(ids),
+        f"Parquet label column {column} of {where!r}",
+        "point 'ingest.label_column' at a column of class ids, or set it to null",
+    )
     if not ids or ids[-1] < MAX_CLASSES:
         return None, []  # class ids as they are: num_classes is max + 1
-    log.warning("Parquet labels of %r go up to %d: renumbering its %d distinct values 0..%d (kept as class names)",
-                where, ids[-1], len(ids), len(ids) - 1)
+    log.warning(
+        "Parquet labels of %r go up to %d: renumbering its %d distinct values 0..%d (kept as class names)",
+        where,
+        ids[-1],
+        len(ids),
+        len(ids) - 1,
+    )
     return {v: k for k, v in enumerate(ids)}, [str(v) for v in ids]
 
 
@@ -274,7 +293,11 @@ def parquet_dataset(source: Source, config: IngestConfig):
     ds = ds.map_batches(
         normalize_parquet,
         batch_format="pyarrow",
-        fn_kwargs={"image_column": config.image_column, "label_column": columns.label_column,
-                   "label_map": label_map, "base": base},
+        fn_kwargs={
+            "image_column": config.image_column,
+            "label_column": columns.label_column,
+            "label_map": label_map,
+            "base": base,
+        },
     )
     return ds, classes

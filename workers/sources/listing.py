@@ -89,7 +89,7 @@ def _hidden(rel: str) -> bool:
 
 def _extension(rel: str) -> str:
     name = rel.rsplit("/", 1)[-1]
-    return name[name.rfind("."):].lower() if "." in name else ""
+    return name[name.rfind(".") :].lower() if "." in name else ""
 
 
 def _skip_reason(rel: str, kind: str) -> str:

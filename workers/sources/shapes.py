@@ -26,14 +26,23 @@ the NumPy version. Pure numpy + PIL: no Ray, no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPE_CLASSES = (
-    "circle", "square", "triangle", "star", "cross", "ring", "heart", "hexagon", "arrow", "crescent",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "heart",
+    "hexagon",
+    "arrow",
+    "crescent",
 )
 SUPERSAMPLE = 4  # the coverage mask is drawn at 4x and box-averaged down
 MIN_CONTRAST = 0.25  # least gap between the shape's and the background's HSV value
@@ -68,8 +77,9 @@ def _star(points: int = 5, outer: float = 1.0, inner: float = 0.42) -> np.ndarra
 
 def _cross(half_width: float = 0.3, length: float = 0.92) -> np.ndarray:
     w, s = half_width, length
-    return np.array([(w, s), (w, w), (s, w), (s, -w), (w, -w), (w, -s),
-                     (-w, -s), (-w, -w), (-s, -w), (-s, w), (-w, w), (-w, s)])
+    return np.array(
+        [(w, s), (w, w), (s, w), (s, -w), (w, -w), (w, -s), (-w, -s), (-w, -w), (-s, -w), (-s, w), (-w, w), (-w, s)]
+    )
 
 
 def _heart(points: int = 48) -> np.ndarray:
@@ -80,8 +90,7 @@ def _heart(points: int = 48) -> np.ndarray:
     return np.stack([x, y + 2.5], axis=1) / 15.5  # centred, radius about 1
 
 
-_ARROW = np.array([(-0.95, -0.24), (0.1, -0.24), (0.1, -0.7), (1.0, 0.0),
-                   (0.1, 0.7), (0.1, 0.24), (-0.95, 0.24)])
+_ARROW = np.array([(-0.95, -0.24), (0.1, -0.24), (0.1, -0.7), (1.0, 0.0), (0.1, 0.7), (0.1, 0.24), (-0.95, 0.24)])
 _OUTLINES = {
     "square": _regular_polygon(4, 1.02, start_degrees=45.0),
     "triangle": _regular_polygon(3, 1.05),
@@ -132,8 +141,7 @@ def _paint_crescent(draw: ImageDraw.ImageDraw, placement: Placement) -> None:
 
 
 _PAINTERS: tuple[Callable[[ImageDraw.ImageDraw, Placement], None], ...] = tuple(
-    {"circle": _paint_circle, "ring": _paint_ring, "crescent": _paint_crescent}.get(name)
-    or _polygon_painter(name)
+    {"circle": _paint_circle, "ring": _paint_ring, "crescent": _paint_crescent}.get(name) or _polygon_painter(name)
     for name in SHAPE_CLASSES
 )
 
@@ -165,10 +173,12 @@ def shape_labels(start: int, count: int, seed: int) -> np.ndarray:
     k = len(SHAPE_CLASSES)
     indices = np.arange(start, start + count)
     first, last = start // k, (start + count - 1) // k
-    orders = np.stack([
-        np.argsort(np.random.default_rng(np.random.SeedSequence([seed, _LABEL_STREAM, group])).random(k))
-        for group in range(first, last + 1)
-    ])  # (groups, K): one permutation of the classes per group
+    orders = np.stack(
+        [
+            np.argsort(np.random.default_rng(np.random.SeedSequence([seed, _LABEL_STREAM, group])).random(k))
+            for group in range(first, last + 1)
+        ]
+    )  # (groups, K): one permutation of the classes per group
     return orders[indices // k - first, indices % k].astype(np.int64)  # (count,)
 
 
@@ -236,7 +246,9 @@ def _stripes(along: np.ndarray, across: np.ndarray, frequency: np.ndarray, phase
 
 
 def _checker(along: np.ndarray, across: np.ndarray, frequency: np.ndarray, phase: np.ndarray) -> np.ndarray:
-    return 0.5 + 0.5 * np.tanh(3 * np.sin(2 * np.pi * frequency * along + phase) * np.sin(2 * np.pi * frequency * across))
+    return 0.5 + 0.5 * np.tanh(
+        3 * np.sin(2 * np.pi * frequency * along + phase) * np.sin(2 * np.pi * frequency * across)
+    )
 
 
 def _smooth_noise(grid: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -274,10 +286,18 @@ def render_shapes(start: int, count: int, seed: int, size: int = 32) -> ShapesBa
     cx = margin + u[:, 1] * (size - 2 * margin)
     cy = margin + u[:, 2] * (size - 2 * margin)
     theta = 2 * np.pi * u[:, 3]
-    alpha = np.stack([
-        _coverage(int(labels[k]), (SUPERSAMPLE * cx[k], SUPERSAMPLE * cy[k], SUPERSAMPLE * radius[k], theta[k]), size)
-        for k in range(count)
-    ]) if count else np.zeros((0, size, size), np.uint8)  # (N, S, S)
+    alpha = (
+        np.stack(
+            [
+                _coverage(
+                    int(labels[k]), (SUPERSAMPLE * cx[k], SUPERSAMPLE * cy[k], SUPERSAMPLE * radius[k], theta[k]), size
+                )
+                for k in range(count)
+            ]
+        )
+        if count
+        else np.zeros((0, size, size), np.uint8)
+    )  # (N, S, S)
 
     foreground, background_a, background_b = _colours(u[:, 4:12])  # (N, 3) each
     m = _texture(u[:, 12:16], u[:, 20:], size)[..., None]  # (N, S, S, 1)

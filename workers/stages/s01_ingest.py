@@ -47,17 +47,24 @@ log = logging.getLogger("fewstep.ingest")
 STAGE = "ingest"
 
 # Rows after the decode step: "error" is "" for a usable image.
-DECODED_SCHEMA = pa.schema([
-    ("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("image", pa.binary()),
-    ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
-])
+DECODED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.int64()),
+        ("image", pa.binary()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
 # Sources whose raw rows come in id order with unique ids (built-in sets; folders, listed and
 # sorted on the driver). Any other source is sorted and deduplicated by Ray Data.
 ORDERED_KINDS = ("digits", "shapes", "folder")
 
 
 def assign_split(image_id: str, test_fraction: float) -> str:
-    """"test" when u(id) < test_fraction, with u(id) = first 60 bits of sha1("split:" + id) / 2^60."""
+    """ "test" when u(id) < test_fraction, with u(id) = first 60 bits of sha1("split:" + id) / 2^60."""
     u = int(hashlib.sha1(f"split:{image_id}".encode()).hexdigest()[:15], 16) / float(16**15)
     return "test" if u < test_fraction else "train"
 
@@ -82,9 +89,13 @@ def decode_images(batch: pa.Table, image_size: int, channels: int) -> pa.Table:
         errors.append(error)
     return pa.table(
         {
-            "id": batch["id"], "path": batch["path"], "label": batch["label"],
-            "image": pa.array(images, pa.binary()), "width": pa.array(widths, pa.int32()),
-            "height": pa.array(heights, pa.int32()), "error": pa.array(errors, pa.string()),
+            "id": batch["id"],
+            "path": batch["path"],
+            "label": batch["label"],
+            "image": pa.array(images, pa.binary()),
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+            "error": pa.array(errors, pa.string()),
         },
         schema=DECODED_SCHEMA,
     )
@@ -108,13 +119,24 @@ def image_parts(batch: pa.Table, test_fraction: float) -> tuple[dict[str, pa.Tab
     bad_mask = pc.not_equal(batch["error"], "")
     bad, good = batch.filter(bad_mask), batch.filter(pc.invert(bad_mask))
     splits = pa.array([assign_split(i, test_fraction) for i in good["id"].to_pylist()], pa.string())
-    images = pa.table({"id": good["id"], "split": splits, "label": good["label"], "image": good["image"],
-                       "width": good["width"], "height": good["height"]}, schema=IMAGES_SCHEMA)
+    images = pa.table(
+        {
+            "id": good["id"],
+            "split": splits,
+            "label": good["label"],
+            "image": good["image"],
+            "width": good["width"],
+            "height": good["height"],
+        },
+        schema=IMAGES_SCHEMA,
+    )
     quarantine = pa.table({"id": bad["id"], "path": bad["path"], "reason": bad["error"]}, schema=QUARANTINE_SCHEMA)
     copies = good["copies"] if "copies" in good.column_names else None
     top = pc.max(good["label"]).as_py() if good.num_rows else None
     stats = {
-        "images": good.num_rows, "test": int(pc.sum(pc.equal(splits, "test")).as_py() or 0), "bad": bad.num_rows,
+        "images": good.num_rows,
+        "test": int(pc.sum(pc.equal(splits, "test")).as_py() or 0),
+        "bad": bad.num_rows,
         "duplicates": int(pc.sum(copies).as_py() or 0) - good.num_rows if copies is not None else 0,
         "max_label": -1 if top is None else int(top),
         "examples": json.dumps([[p, r] for p, r in zip(bad["path"].to_pylist()[:3], bad["error"].to_pylist()[:3])]),
@@ -131,8 +153,9 @@ def sorted_unique(decoded, limit: int | None) -> tuple[object, object, int]:
 
     decoded = ordered(decoded).materialize()
     good = decoded.filter(expr=col("error") == "").sort("id")
-    good = good.map_batches(first_of_each_id, batch_size=None, batch_format="pyarrow",
-                            fn_kwargs={"tie_break": ("label", "path")})
+    good = good.map_batches(
+        first_of_each_id, batch_size=None, batch_format="pyarrow", fn_kwargs={"tie_break": ("label", "path")}
+    )
     if limit is not None:
         good = good.limit(limit)
     bad = decoded.filter(expr=col("error") != "").sort("id")
@@ -149,11 +172,17 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
 
         ensure_ray()
         ds, classes = raw_dataset(source, config)
-        ds = ds.map_batches(decode_images, batch_format="pyarrow", batch_size=64,
-                            fn_kwargs={"image_size": config.image_size, "channels": config.channels})
+        ds = ds.map_batches(
+            decode_images,
+            batch_format="pyarrow",
+            batch_size=64,
+            fn_kwargs={"image_size": config.image_size, "channels": config.channels},
+        )
         metadata = {
-            "fewstep.image_size": str(config.image_size), "fewstep.channels": str(config.channels),
-            "fewstep.classes": json.dumps(classes), "fewstep.source_fingerprint": source.fingerprint,
+            "fewstep.image_size": str(config.image_size),
+            "fewstep.channels": str(config.channels),
+            "fewstep.classes": json.dumps(classes),
+            "fewstep.source_fingerprint": source.fingerprint,
             **({"fewstep.num_classes": str(len(classes))} if classes else {}),
         }
         make = bound(image_parts, test_fraction=config.test_fraction)
@@ -190,10 +219,19 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
         top = max(p["max_label"] for p in parts)
         num_classes = len(classes) or (top + 1 if top >= 0 else 0)
         n_test = sum(p["test"] for p in parts)
-        return ImagesCard(n_images=n_images, n_train=n_images - n_test, n_test=n_test,
-                          num_classes=num_classes, image_size=config.image_size, channels=config.channels,
-                          source_kind=source.kind, classes=tuple(classes), quarantined=n_bad,
-                          duplicates=sum(p["duplicates"] for p in parts), skipped=source.skipped,
-                          skipped_examples=source.skipped_examples)
+        return ImagesCard(
+            n_images=n_images,
+            n_train=n_images - n_test,
+            n_test=n_test,
+            num_classes=num_classes,
+            image_size=config.image_size,
+            channels=config.channels,
+            source_kind=source.kind,
+            classes=tuple(classes),
+            quarantined=n_bad,
+            duplicates=sum(p["duplicates"] for p in parts),
+            skipped=source.skipped,
+            skipped_examples=source.skipped_examples,
+        )
 
     return run_stage(store, STAGE, key_config, [], build, source=__name__)

@@ -58,7 +58,7 @@ def encode_and_reconstruct(vae: nn.Module, pixels: np.ndarray, device: torch.dev
     """(means (n, c, h, w) on CPU, mean squared reconstruction error of decode(mean))."""
     means, squared, count = [], 0.0, 0
     for start in range(0, len(pixels), MEASURE_BATCH):
-        x = torch.from_numpy(to_model_range(pixels[start:start + MEASURE_BATCH])).to(device)  # (B, C, H, W)
+        x = torch.from_numpy(to_model_range(pixels[start : start + MEASURE_BATCH])).to(device)  # (B, C, H, W)
         mean = vae.encode(x).mean
         x_hat = vae.decode(mean)
         squared += float((x_hat.float() - x).pow(2).sum())
@@ -86,8 +86,9 @@ def measure(vae: nn.Module, store: Store, images: Manifest, limit: int) -> Measu
     means, recon_train = encode_and_reconstruct(vae, train, device)
     recon_test = encode_and_reconstruct(vae, test, device)[1] if len(test) else None
     vae.cpu()
-    return Measured(measure_latent_scale(means), tuple(int(d) for d in means.shape[1:]), recon_test, recon_train,
-                    len(train))
+    return Measured(
+        measure_latent_scale(means), tuple(int(d) for d in means.shape[1:]), recon_test, recon_train, len(train)
+    )
 
 
 def train_vae(store: Store, config: VAEConfig, images: Manifest, key: str, channels: int) -> tuple[VAE, dict]:
@@ -95,11 +96,23 @@ def train_vae(store: Store, config: VAEConfig, images: Manifest, key: str, chann
     from workers.train import TrainJob, fit
 
     ensure_ray()
-    net_config = VAENetConfig(in_channels=channels, latent_channels=config.latent_channels,
-                              base_channels=config.base_channels, downsample=config.downsample, beta=config.beta)
+    net_config = VAENetConfig(
+        in_channels=channels,
+        latent_channels=config.latent_channels,
+        base_channels=config.base_channels,
+        downsample=config.downsample,
+        beta=config.beta,
+    )
     spec = model_spec(VAE(net_config))
-    job = TrainJob(store=store, stage=STAGE, key=key, model_spec=spec, objective=VAEObjective(config.beta),
-                   config=config, adapt_batch=PixelBatch())
+    job = TrainJob(
+        store=store,
+        stage=STAGE,
+        key=key,
+        model_spec=spec,
+        objective=VAEObjective(config.beta),
+        config=config,
+        adapt_batch=PixelBatch(),
+    )
     result = fit(job, pixel_dataset(store, images, "train"))
     vae = build_model(spec)
     vae.load_state_dict(result.model_state)
@@ -113,7 +126,9 @@ def run_vae(store: Store, config: VAEConfig, images: Manifest) -> Manifest:
     key_config = config.keyed()
     if config.pretrained is not None:
         if not os.path.isdir(config.pretrained):
-            raise ConfigError(f"vae.pretrained={config.pretrained!r} is not a folder; give a local diffusers AutoencoderKL folder")
+            raise ConfigError(
+                f"vae.pretrained={config.pretrained!r} is not a folder; give a local diffusers AutoencoderKL folder"
+            )
         key_config["pretrained_fingerprint"] = folder_fingerprint(config.pretrained)
     else:
         check_fits(card.channels, config.downsample, card.channels, card.image_size, "the VAE")
@@ -127,21 +142,39 @@ def run_vae(store: Store, config: VAEConfig, images: Manifest) -> Manifest:
         training: dict = {}
         if config.pretrained is not None:
             vae = load_pretrained(config.pretrained)
-            check_fits(vae.config.in_channels, vae.config.downsample, card.channels, card.image_size,
-                       f"the pretrained VAE {config.pretrained!r}")
-            training = {"pretrained": config.pretrained,
-                        "pretrained_scaling_factor": vae.config.diffusers_config.get("scaling_factor")}
+            check_fits(
+                vae.config.in_channels,
+                vae.config.downsample,
+                card.channels,
+                card.image_size,
+                f"the pretrained VAE {config.pretrained!r}",
+            )
+            training = {
+                "pretrained": config.pretrained,
+                "pretrained_scaling_factor": vae.config.diffusers_config.get("scaling_factor"),
+            }
         else:
             vae, training = train_vae(store, config, images, key, card.channels)
             writer.write_json("curve", {"curve": training.pop("curve")})
         measured = measure(vae, store, images, config.measure_images)
-        log.info("vae: latent scale %.4f on %d train images, test recon mse %s",
-                 measured.latent_scale, measured.measured_on, measured.recon_mse)
+        log.info(
+            "vae: latent scale %.4f on %d train images, test recon mse %s",
+            measured.latent_scale,
+            measured.measured_on,
+            measured.recon_mse,
+        )
         writer.write_model("vae", vae, model_spec(vae))
-        return VAECard(latent_scale=measured.latent_scale, latent_shape=measured.latent_shape,
-                       in_channels=card.channels, image_size=card.image_size,
-                       latent_channels=vae.config.latent_channels, downsample=vae.config.downsample,
-                       recon_mse=measured.recon_mse, recon_mse_train=measured.recon_mse_train,
-                       measured_on=measured.measured_on, **training)
+        return VAECard(
+            latent_scale=measured.latent_scale,
+            latent_shape=measured.latent_shape,
+            in_channels=card.channels,
+            image_size=card.image_size,
+            latent_channels=vae.config.latent_channels,
+            downsample=vae.config.downsample,
+            recon_mse=measured.recon_mse,
+            recon_mse_train=measured.recon_mse_train,
+            measured_on=measured.measured_on,
+            **training,
+        )
 
     return run_stage(store, STAGE, key_config, [images], build, source=__name__)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -104,8 +105,13 @@ def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, chan
     threads = threads_for(resources.cpus, resources.workers, data_cores=0)
     return ds.map_batches(
         LatentEncoder,
-        fn_constructor_kwargs={"spec": spec, "state": state, "channels": channels, "device": device,
-                               "threads": threads},
+        fn_constructor_kwargs={
+            "spec": spec,
+            "state": state,
+            "channels": channels,
+            "device": device,
+            "threads": threads,
+        },
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=resources.workers),
@@ -139,8 +145,11 @@ def write_streaming(writer: StageWriter, ds, metadata: Mapping[str, str], total:
             table = tensors_to_table(batch)
             if out is None:
                 shape = tuple(int(d) for d in batch["mean"].shape[1:])
-                produced = {"fewstep.ref": writer.ref, "fewstep.code_version": writer.code_version,
-                            "fewstep.shape": json.dumps(list(shape))}
+                produced = {
+                    "fewstep.ref": writer.ref,
+                    "fewstep.code_version": writer.code_version,
+                    "fewstep.shape": json.dumps(list(shape)),
+                }
                 schema = with_metadata(table, {**produced, **dict(metadata)}).schema
                 out = pq.ParquetWriter(path, schema, filesystem=store.pa_filesystem)
             out.write_table(table.replace_schema_metadata(schema.metadata))
@@ -173,15 +182,23 @@ def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Mani
             "fewstep.latent_scale": repr(vae_card.latent_scale),
             "fewstep.dtype": DTYPE,
             "fewstep.moments": "mean, logvar of q(z|x); generators train on latent_scale * mean "
-                               "(or * (mean + exp(logvar/2) * eps) with draw: sample)",
+            "(or * (mean + exp(logvar/2) * eps) with draw: sample)",
             "fewstep.draw": config.draw,
         }
         with preserved_order():
             ds = encoded_dataset(store, images, spec, state, images_card.channels, config)
             written = write_streaming(writer, ds, metadata, images_card.n_images)
-        return LatentsCard(n_latents=written.rows, n_train=written.splits.get("train", 0),
-                           n_test=written.splits.get("test", 0), latent_shape=written.shape,
-                           latent_scale=vae_card.latent_scale, num_classes=images_card.num_classes,
-                           vae_ref=vae.ref, dtype=DTYPE, encoder_nodes=written.nodes, draw=config.draw)
+        return LatentsCard(
+            n_latents=written.rows,
+            n_train=written.splits.get("train", 0),
+            n_test=written.splits.get("test", 0),
+            latent_shape=written.shape,
+            latent_scale=vae_card.latent_scale,
+            num_classes=images_card.num_classes,
+            vae_ref=vae.ref,
+            dtype=DTYPE,
+            encoder_nodes=written.nodes,
+            draw=config.draw,
+        )
 
     return run_stage(store, STAGE, config, [images, vae], build, source=__name__)

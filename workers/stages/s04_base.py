@@ -32,13 +32,23 @@ def run_base(store: Store, config: GeneratorConfig, latents: Manifest) -> Manife
     def build(writer: StageWriter, key: str) -> GeneratorCard:
         spec = dit_spec(config, data)
         job = TrainJob(
-            store=store, stage=STAGE, key=key, model_spec=spec,
+            store=store,
+            stage=STAGE,
+            key=key,
+            model_spec=spec,
             objective=FlowMatching(time_sampler(config.time_sampling), label_dropout=config.class_dropout),
-            config=config, adapt_batch=LatentBatch.of(data),
+            config=config,
+            adapt_batch=LatentBatch.of(data),
         )
         result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
-        return GeneratorCard(family="flow", steps=result.step, final_loss=result.final_loss,
-                             resumed_from=result.resumed_from, nodes=tuple(result.nodes), **data.space_fields())
+        return GeneratorCard(
+            family="flow",
+            steps=result.step,
+            final_loss=result.final_loss,
+            resumed_from=result.resumed_from,
+            nodes=tuple(result.nodes),
+            **data.space_fields(),
+        )
 
     return run_stage(store, STAGE, config, [latents], build, source=__name__)

@@ -38,8 +38,18 @@ ROUND_SEED_OFFSET = 17  # round k draws its x_0 from seed k + 17
 class PairSampler:
     """Ray Data class UDF: holds the teacher once; maps rows {id, label} to {x_0, x_1, label}."""
 
-    def __init__(self, spec: dict, state: dict[str, Tensor], shape: tuple[int, ...], seed: int,
-                 solver: str, steps: int, guidance: float, device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        spec: dict,
+        state: dict[str, Tensor],
+        shape: tuple[int, ...],
+        seed: int,
+        solver: str,
+        steps: int,
+        guidance: float,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
         use_threads(threads)
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu")
         self.model = build_model(spec)
@@ -53,9 +63,13 @@ class PairSampler:
         x_0 = seeded_normal(self.seed, batch["id"], self.shape)[0].to(self.device)  # (B, C, H, W)
         y = torch.as_tensor(batch["label"], dtype=torch.long, device=self.device)
         x_1 = sample_ode(self.model, x_0, y, self.steps, self.solver, self.guidance).x_1
-        return {"id": batch["id"], "label": batch["label"],
-                "x_0": x_0.cpu().numpy().astype(np.float32), "x_1": x_1.cpu().numpy().astype(np.float32),
-                "node": np.full(len(batch["id"]), self.node)}  # which Ray node drew it; not stored
+        return {
+            "id": batch["id"],
+            "label": batch["label"],
+            "x_0": x_0.cpu().numpy().astype(np.float32),
+            "x_1": x_1.cpu().numpy().astype(np.float32),
+            "node": np.full(len(batch["id"]), self.node),
+        }  # which Ray node drew it; not stored
 
 
 def with_labels(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
@@ -90,21 +104,34 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
         # hundred ids is otherwise one or two blocks, which one actor may take alone).
         blocks = max(resources.workers, min(-(-config.pairs // config.batch_size), 4096))
         rows = ray.data.range(config.pairs, override_num_blocks=blocks).map_batches(
-            with_labels, batch_format="numpy", fn_kwargs={"num_classes": space.num_classes})
+            with_labels, batch_format="numpy", fn_kwargs={"num_classes": space.num_classes}
+        )
         pairs = rows.map_batches(
             PairSampler,
-            fn_constructor_kwargs=dict(spec=model_spec(model), state=cpu_state(model), shape=space.latent_shape,
-                                       seed=round_index + ROUND_SEED_OFFSET, solver=config.solver,
-                                       steps=config.steps, guidance=config.guidance,
-                                       threads=threads),
-            batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(
-                size=resources.workers, max_tasks_in_flight_per_actor=2),  # an ODE batch is long: queue little, spread
+            fn_constructor_kwargs=dict(
+                spec=model_spec(model),
+                state=cpu_state(model),
+                shape=space.latent_shape,
+                seed=round_index + ROUND_SEED_OFFSET,
+                solver=config.solver,
+                steps=config.steps,
+                guidance=config.guidance,
+                threads=threads,
+            ),
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(
+                size=resources.workers, max_tasks_in_flight_per_actor=2
+            ),  # an ODE batch is long: queue little, spread
             **remote_options(resources),
             runtime_env={"env_vars": worker_env(threads)},
         )
-        metadata = {"fewstep.teacher": teacher.ref, "fewstep.teacher_digest": teacher.digest,
-                    "fewstep.solver": config.solver, "fewstep.steps": str(config.steps),
-                    "fewstep.guidance": str(config.guidance)}
+        metadata = {
+            "fewstep.teacher": teacher.ref,
+            "fewstep.teacher_digest": teacher.digest,
+            "fewstep.solver": config.solver,
+            "fewstep.steps": str(config.steps),
+            "fewstep.guidance": str(config.guidance),
+        }
         row_bytes = 2 * 4 * int(np.prod(space.latent_shape))
         parts = []
         nodes: set[str] = set()
@@ -113,8 +140,15 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
             nodes.update(node for node in stats["nodes"].split(",") if node)
             progress.advance(STAGE, sum(p["rows"] for p in parts), config.pairs)
         add_written(writer, parts)
-        return PairsCard(pairs=sum(p["rows"] for p in parts), teacher_ref=teacher.ref, round=round_index,
-                         solver=config.solver, steps=config.steps, guidance=config.guidance,
-                         sampler_nodes=tuple(sorted(nodes)), **space.space_fields())
+        return PairsCard(
+            pairs=sum(p["rows"] for p in parts),
+            teacher_ref=teacher.ref,
+            round=round_index,
+            solver=config.solver,
+            steps=config.steps,
+            guidance=config.guidance,
+            sampler_nodes=tuple(sorted(nodes)),
+            **space.space_fields(),
+        )
 
     return run_stage(store, STAGE, section, [teacher], build, source=__name__)

@@ -35,14 +35,28 @@ def run_reflow(store: Store, config: ReflowConfig, teacher: Manifest, pairs: Man
         teacher_net = load_network(store, teacher)
         spec = model_spec(teacher_net)
         job = TrainJob(
-            store=store, stage=STAGE, key=key, model_spec=spec,
+            store=store,
+            stage=STAGE,
+            key=key,
+            model_spec=spec,
             objective=FlowMatching(time_sampler(config.time_sampling), label_dropout=config.class_dropout),
-            config=config, adapt_batch=PairBatch(data.num_classes), init_state=cpu_state(teacher_net),
+            config=config,
+            adapt_batch=PairBatch(data.num_classes),
+            init_state=cpu_state(teacher_net),
         )
         result = fit(job, training_dataset(store, pairs, "pairs", ["x_0", "x_1", "label"]))
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
-        return GeneratorCard(family="flow", steps=result.step, final_loss=result.final_loss,
-                             resumed_from=result.resumed_from, nodes=tuple(result.nodes), guidance=data.guidance,
-                             round=round_index, teacher_ref=teacher.ref, data_ref=pairs.ref, **data.space_fields())
+        return GeneratorCard(
+            family="flow",
+            steps=result.step,
+            final_loss=result.final_loss,
+            resumed_from=result.resumed_from,
+            nodes=tuple(result.nodes),
+            guidance=data.guidance,
+            round=round_index,
+            teacher_ref=teacher.ref,
+            data_ref=pairs.ref,
+            **data.space_fields(),
+        )
 
     return run_stage(store, STAGE, section, [teacher, pairs], build, source=__name__)

@@ -39,7 +39,9 @@ def distillation_data(store: Store, data: Manifest):
 def renoise_coupling(config: ConsistencyConfig, teacher: Manifest) -> float:
     """How the student is re-noised between steps: along its x_0 (1.0) when the teacher is a
     coupled (reflow) model, with fresh noise (0.0) for the base teacher's independent coupling."""
-    coupled = config.renoise == "coupled" or (config.renoise == "auto" and GeneratorCard.from_manifest(teacher).round is not None)
+    coupled = config.renoise == "coupled" or (
+        config.renoise == "auto" and GeneratorCard.from_manifest(teacher).round is not None
+    )
     return 1.0 if coupled else 0.0
 
 
@@ -55,17 +57,39 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
         student = build_model(spec)
         student.load_state_dict(state)
         objective = ConsistencyDistillation(
-            teacher=teacher_net, student=student, num_intervals=config.intervals,
-            solver=config.teacher_solver, guidance=config.guidance,
-            ema_decay=config.target_decay, c=config.huber_c, label_dropout=config.class_dropout,
+            teacher=teacher_net,
+            student=student,
+            num_intervals=config.intervals,
+            solver=config.teacher_solver,
+            guidance=config.guidance,
+            ema_decay=config.target_decay,
+            c=config.huber_c,
+            label_dropout=config.class_dropout,
         )
-        job = TrainJob(store=store, stage=STAGE, key=key, model_spec=spec, objective=objective,
-                       config=config, adapt_batch=adapt, init_state=state)
+        job = TrainJob(
+            store=store,
+            stage=STAGE,
+            key=key,
+            model_spec=spec,
+            objective=objective,
+            config=config,
+            adapt_batch=adapt,
+            init_state=state,
+        )
         result = fit(job, training_dataset(store, data, table, columns))
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
-        return GeneratorCard(family="consistency", steps=result.step, final_loss=result.final_loss,
-                             resumed_from=result.resumed_from, nodes=tuple(result.nodes), guidance=config.guidance,
-                             teacher_ref=teacher.ref, data_ref=data.ref, renoise_coupling=renoise_coupling(config, teacher),
-                             num_intervals=config.intervals if config.grid_times else None, **space.space_fields())
+        return GeneratorCard(
+            family="consistency",
+            steps=result.step,
+            final_loss=result.final_loss,
+            resumed_from=result.resumed_from,
+            nodes=tuple(result.nodes),
+            guidance=config.guidance,
+            teacher_ref=teacher.ref,
+            data_ref=data.ref,
+            renoise_coupling=renoise_coupling(config, teacher),
+            num_intervals=config.intervals if config.grid_times else None,
+            **space.space_fields(),
+        )
 
     return run_stage(store, STAGE, config, [teacher, data], build, source=__name__)

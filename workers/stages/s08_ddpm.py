@@ -49,15 +49,25 @@ def run_ddpm(store: Store, config: DDPMConfig, latents: Manifest) -> Manifest:
     def build(writer: StageWriter, key: str) -> GeneratorCard:
         spec = dit_spec(config, data)
         job = TrainJob(
-            store=store, stage=STAGE, key=key, model_spec=spec,
+            store=store,
+            stage=STAGE,
+            key=key,
+            model_spec=spec,
             objective=DDPMObjective(schedule, label_dropout=config.class_dropout),
-            config=config, adapt_batch=LatentBatch.of(data),
+            config=config,
+            adapt_batch=LatentBatch.of(data),
         )
         result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
         write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
-        return GeneratorCard(family=FAMILY, steps=result.step, final_loss=result.final_loss,
-                             resumed_from=result.resumed_from, nodes=tuple(result.nodes),
-                             diffusion_schedule=schedule.name, diffusion_steps=schedule.num_steps,
-                             **data.space_fields())
+        return GeneratorCard(
+            family=FAMILY,
+            steps=result.step,
+            final_loss=result.final_loss,
+            resumed_from=result.resumed_from,
+            nodes=tuple(result.nodes),
+            diffusion_schedule=schedule.name,
+            diffusion_steps=schedule.num_steps,
+            **data.space_fields(),
+        )
 
     return run_stage(store, STAGE, config, [latents], build, source=__name__)

@@ -50,12 +50,24 @@ def chosen_kind(config: FeaturesConfig, images: ImagesCard) -> str:
 def network_and_objective(kind: str, config: FeaturesConfig, images: ImagesCard) -> tuple[dict, Objective]:
     torch.manual_seed(config.seed)  # the initial weights
     if kind == "classifier":
-        net = Classifier(ClassifierNetConfig(in_channels=images.channels, image_size=images.image_size,
-                                             num_classes=images.num_classes, width=config.width,
-                                             feature_dim=config.feature_dim))
+        net = Classifier(
+            ClassifierNetConfig(
+                in_channels=images.channels,
+                image_size=images.image_size,
+                num_classes=images.num_classes,
+                width=config.width,
+                feature_dim=config.feature_dim,
+            )
+        )
         return model_spec(net), ClassifierObjective(max_shift=config.max_shift)
-    net = Encoder(EncoderConfig(in_channels=images.channels, image_size=images.image_size, width=config.width,
-                                feature_dim=config.feature_dim))
+    net = Encoder(
+        EncoderConfig(
+            in_channels=images.channels,
+            image_size=images.image_size,
+            width=config.width,
+            feature_dim=config.feature_dim,
+        )
+    )
     return model_spec(net), ContrastiveObjective(temperature=config.temperature)
 
 
@@ -64,16 +76,25 @@ def run_features(store: Store, config: FeaturesConfig, images: Manifest) -> Mani
     card = ImagesCard.from_manifest(images)
     kind = chosen_kind(config, card)
     if kind == "classifier" and card.num_classes < 2:
-        raise ValueError(f"features.kind: classifier needs labelled images, but {images.ref} has "
-                         f"{card.num_classes} classes; use features.kind: auto or encoder")
+        raise ValueError(
+            f"features.kind: classifier needs labelled images, but {images.ref} has "
+            f"{card.num_classes} classes; use features.kind: auto or encoder"
+        )
     labelled = kind == "classifier"
     check_rows(STAGE, card.n_train, config)
     section = {**config.keyed(), "kind": kind}
 
     def build(writer: StageWriter, key: str) -> FeaturesCard:
         spec, objective = network_and_objective(kind, config, card)
-        job = TrainJob(store=store, stage=STAGE, key=key, model_spec=spec, objective=objective, config=config,
-                       adapt_batch=PixelBatch())
+        job = TrainJob(
+            store=store,
+            stage=STAGE,
+            key=key,
+            model_spec=spec,
+            objective=objective,
+            config=config,
+            adapt_batch=PixelBatch(),
+        )
         result = fit(job, pixel_dataset(store, images, "train", labelled_only=labelled))
         net = build_model(spec)
         net.load_state_dict(result.model_state)
@@ -83,11 +104,21 @@ def run_features(store: Store, config: FeaturesConfig, images: Manifest) -> Mani
         train, test = read_split(store, images, "train"), read_split(store, images, "test")
         measured = {}
         if labelled:
-            measured = {"test_accuracy": accuracy(net, test.pixels, test.labels),
-                        "train_accuracy": accuracy(net, train.pixels, train.labels)}
+            measured = {
+                "test_accuracy": accuracy(net, test.pixels, test.labels),
+                "train_accuracy": accuracy(net, train.pixels, train.labels),
+            }
             log.info("features: classifier test accuracy %s on %d images", measured["test_accuracy"], len(test.labels))
-        return FeaturesCard(kind=kind, num_classes=card.num_classes if labelled else 0, feature_dim=config.feature_dim,
-                            images_ref=images.ref, n_train=len(train.labels), n_test=len(test.labels),
-                            final_loss=result.final_loss, steps=result.step, **measured)
+        return FeaturesCard(
+            kind=kind,
+            num_classes=card.num_classes if labelled else 0,
+            feature_dim=config.feature_dim,
+            images_ref=images.ref,
+            n_train=len(train.labels),
+            n_test=len(test.labels),
+            final_loss=result.final_loss,
+            steps=result.step,
+            **measured,
+        )
 
     return run_stage(store, STAGE, section, [images], build, source=__name__)

@@ -31,8 +31,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import ray
@@ -96,9 +97,11 @@ def sampler_steps(config: EvaluateConfig) -> dict[str, tuple[int, ...]]:
     """The step counts each sampler is evaluated at (samplers left out are not evaluated)."""
     flow = tuple(sorted(set(config.flow_steps)))
     diffusion = tuple(sorted(set(config.diffusion_steps)))
-    return {**{solver: flow for solver in config.flow_solvers},
-            "consistency": tuple(sorted(set(config.consistency_steps))),
-            **{sampler: diffusion for sampler in config.diffusion_samplers}}
+    return {
+        **{solver: flow for solver in config.flow_solvers},
+        "consistency": tuple(sorted(set(config.consistency_steps))),
+        **{sampler: diffusion for sampler in config.diffusion_samplers},
+    }
 
 
 def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[Cell]:
@@ -117,8 +120,13 @@ def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[C
             steps = plan.get(sampler.name, ())
             beyond = [s for s in steps if sampler.max_steps is not None and s > sampler.max_steps]
             if beyond:  # a diffusion model's T, a student's time grid
-                log.warning("evaluate: %s takes at most %d steps with %s; leaving out %s", name, sampler.max_steps,
-                            sampler.name, beyond)
+                log.warning(
+                    "evaluate: %s takes at most %d steps with %s; leaving out %s",
+                    name,
+                    sampler.max_steps,
+                    sampler.name,
+                    beyond,
+                )
                 steps = tuple(s for s in steps if s not in beyond)
             for s in steps:
                 measure = sampler.has_path and not path_measured and s == steps[-1]
@@ -136,11 +144,15 @@ def evaluation_inputs(store: Store, generators: Sequence[Manifest]) -> tuple[Man
         raise ValueError(f"{not_generators} are not generator models; pass refs of base, reflow or consistency stages")
     vae_refs = sorted({GeneratorCard.from_manifest(m).vae_ref for m in generators})
     if len(vae_refs) != 1:
-        raise ValueError(f"the generators decode with different VAEs {vae_refs}; evaluate the models of one VAE at a time")
+        raise ValueError(
+            f"the generators decode with different VAEs {vae_refs}; evaluate the models of one VAE at a time"
+        )
     vae = store.get_ref(vae_refs[0])
     images = [ref for ref in vae.inputs if ref.split("/", 1)[0] == "ingest"]
     if len(images) != 1:
-        raise ValueError(f"VAE {vae.ref} lists inputs {vae.inputs}, not one ingest stage; it was not made by the vae stage")
+        raise ValueError(
+            f"VAE {vae.ref} lists inputs {vae.inputs}, not one ingest stage; it was not made by the vae stage"
+        )
     return store.get_ref(images[0]), vae
 
 
@@ -178,19 +190,21 @@ def requested_labels(n: int, num_classes: int) -> np.ndarray:
 
 def cell_request(generator: Generator, cell: Cell, labels: np.ndarray, seed: int) -> Request:
     asked = tuple(int(y) for y in labels) if generator.num_classes else None
-    return Request(n=len(labels), steps=cell.steps, sampler=cell.sampler, labels=asked, guidance=cell.guidance,
-                   seed=seed)
+    return Request(
+        n=len(labels), steps=cell.steps, sampler=cell.sampler, labels=asked, guidance=cell.guidance, seed=seed
+    )
 
 
-def evaluate_cell(store: Store, cell: Cell, n: int, seed: int, source: ExtractorSource,
-                  features_ref: str | None, device: str = "cpu") -> CellResult:
+def evaluate_cell(
+    store: Store, cell: Cell, n: int, seed: int, source: ExtractorSource, features_ref: str | None, device: str = "cpu"
+) -> CellResult:
     """Draw ``n`` images of one cell, decode, score; the straightness on a small batch if asked."""
     generator = Generator.load(store, store.get_ref(cell.ref), device)
     labels = requested_labels(n, generator.num_classes)
     generator.generate(cell_request(generator, cell, labels[:1], seed))  # warm-up (lazy init, allocator), not timed
     parts, seconds, nfe = [], 0.0, 0
     for index, start in enumerate(range(0, n, GEN_CHUNK)):
-        chunk = cell_request(generator, cell, labels[start:start + GEN_CHUNK], chunk_seed(seed, index))
+        chunk = cell_request(generator, cell, labels[start : start + GEN_CHUNK], chunk_seed(seed, index))
         started = time.perf_counter()
         images = generator.generate(chunk)
         seconds += time.perf_counter() - started
@@ -209,8 +223,9 @@ def measure_straightness(generator: Generator, cell: Cell, seed: int) -> float:
     request = cell_request(generator, cell, labels, chunk_seed(seed, 0))
     noise = generator.noise_for(request).to(generator.device)
     y = generator.labels_for(request).to(generator.device)
-    out = generator.sampler(cell.sampler).sample(generator.net, list(noise), y, cell.steps, cell.guidance,
-                                                 return_path=True)
+    out = generator.sampler(cell.sampler).sample(
+        generator.net, list(noise), y, cell.steps, cell.guidance, return_path=True
+    )
     return float(straightness(out.path, out.times))
 
 
@@ -219,13 +234,20 @@ def reconstruct(vae: nn.Module, pixels: np.ndarray, device: torch.device, batch:
     """x_hat = decode(mean of q(z | x)) for uint8 (N, H, W, C) images -> uint8 (N, H, W, C)."""
     out = []
     for start in range(0, len(pixels), batch):
-        x = torch.from_numpy(to_model_range(pixels[start:start + batch])).to(device)  # (B, C, H, W)
+        x = torch.from_numpy(to_model_range(pixels[start : start + batch])).to(device)  # (B, C, H, W)
         out.append(tensor_to_uint8(vae.decode(vae.encode(x).mean)))
     return np.concatenate(out)
 
 
-def evaluate_references(store: Store, images_ref: str, vae_ref: str, n: int, source: ExtractorSource,
-                        features_ref: str | None, device: str = "cpu") -> ReferenceResult:
+def evaluate_references(
+    store: Store,
+    images_ref: str,
+    vae_ref: str,
+    n: int,
+    source: ExtractorSource,
+    features_ref: str | None,
+    device: str = "cpu",
+) -> ReferenceResult:
     """Real test images (the target), the first ``n`` train images (the floor) and their VAE reconstructions."""
     images = store.get_ref(images_ref)
     num_classes = ImagesCard.from_manifest(images).num_classes
@@ -241,8 +263,10 @@ def evaluate_references(store: Store, images_ref: str, vae_ref: str, n: int, sou
         train=scorer.score(train.pixels, train.labels),
         recon=scorer.score(recon, train.labels),
         recon_seconds=recon_seconds,
-        grids={"grids/real-test.png": make_grid(test.pixels, test.labels, num_classes),
-               "grids/vae-recon.png": make_grid(recon, train.labels, num_classes)},
+        grids={
+            "grids/real-test.png": make_grid(test.pixels, test.labels, num_classes),
+            "grids/vae-recon.png": make_grid(recon, train.labels, num_classes),
+        },
     )
 
 
@@ -250,8 +274,9 @@ _cell_task = ray.remote(evaluate_cell)
 _reference_task = ray.remote(evaluate_references)
 
 
-def run_bounded(submit: Sequence[Callable[[], "ray.ObjectRef"]], limit: int,
-                on_done: Callable[[int, Any], None] = lambda i, r: None) -> list[Any]:
+def run_bounded(
+    submit: Sequence[Callable[[], ray.ObjectRef]], limit: int, on_done: Callable[[int, Any], None] = lambda i, r: None
+) -> list[Any]:
     """Run the submitted tasks with at most ``limit`` in flight; results in submission order."""
     results: list[Any] = [None] * len(submit)
     pending: dict[Any, int] = {}
@@ -271,8 +296,19 @@ def run_bounded(submit: Sequence[Callable[[], "ray.ObjectRef"]], limit: int,
 # --------------------------------------------------------------------------- metrics
 
 
-def scored_row(model: str, stage_key: str, sampler: str, steps: int, nfe: int, guidance: float | None,
-               extractor: str, real: Scored, fake: Scored, k: int, seconds: float | None) -> dict[str, Any]:
+def scored_row(
+    model: str,
+    stage_key: str,
+    sampler: str,
+    steps: int,
+    nfe: int,
+    guidance: float | None,
+    extractor: str,
+    real: Scored,
+    fake: Scored,
+    k: int,
+    seconds: float | None,
+) -> dict[str, Any]:
     """One table row: precision/recall of fake vs real features, and the classifier's verdict on the fake
     images (FID and KID, with their intervals, come from :func:`with_intervals`, over every row at once)."""
     real_f, fake_f = torch.tensor(real.features), torch.tensor(fake.features)  # copies: Ray hands read-only arrays
@@ -284,15 +320,25 @@ def scored_row(model: str, stage_key: str, sampler: str, steps: int, nfe: int, g
             accuracy = class_accuracy(torch.tensor(fake.logits[keep]), torch.tensor(fake.labels[keep]))
     n = len(fake.features)
     return {
-        "model": model, "stage_key": stage_key, "sampler": sampler, "steps": steps, "nfe": nfe,
-        "guidance": guidance, "n": n, "extractor": extractor, "fid": None,
-        "precision": pr.precision, "recall": pr.recall, "class_accuracy": accuracy,
+        "model": model,
+        "stage_key": stage_key,
+        "sampler": sampler,
+        "steps": steps,
+        "nfe": nfe,
+        "guidance": guidance,
+        "n": n,
+        "extractor": extractor,
+        "fid": None,
+        "precision": pr.precision,
+        "recall": pr.recall,
+        "class_accuracy": accuracy,
         "seconds_per_image": None if seconds is None else seconds / n,
     }
 
 
-def with_intervals(config: EvaluateConfig, reference: np.ndarray, rows: list[dict[str, Any]],
-                   features: dict[str, np.ndarray]) -> dict[str, Any]:
+def with_intervals(
+    config: EvaluateConfig, reference: np.ndarray, rows: list[dict[str, Any]], features: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """FID and KID of every row against the reference (the real test split) with intervals, in one
     paired computation, and the quality ratios on excess over the floor; returns the FID draws.
 
@@ -302,8 +348,9 @@ def with_intervals(config: EvaluateConfig, reference: np.ndarray, rows: list[dic
     reference_t = torch.tensor(reference)
     named = {key: torch.tensor(f) for key, f in features.items()}
     fids = fid_draws(reference_t, named, resamples=config.fid_resamples, seed=config.seed)
-    kids = kid_draws(reference_t, named, subsets=config.kid_subsets, subset_size=config.kid_subset_size,
-                     seed=config.seed)
+    kids = kid_draws(
+        reference_t, named, subsets=config.kid_subsets, subset_size=config.kid_subset_size, seed=config.seed
+    )
     for row in rows:
         key = row_key(row)
         f, k = interval(fids[key], config.interval_level), interval(kids[key], config.interval_level)
@@ -315,12 +362,21 @@ def check_sizes(config: EvaluateConfig, n_test: int, images_ref: str) -> None:
     if config.n <= config.knn_k:
         raise ConfigError(f"evaluate.n={config.n} must exceed evaluate.knn_k={config.knn_k} for precision and recall")
     if n_test <= config.knn_k:
-        raise ConfigError(f"the images of {images_ref} have {n_test} test images; FID and precision/recall need more "
-                          f"than knn_k={config.knn_k}. Use more images or a larger ingest.test_fraction")
+        raise ConfigError(
+            f"the images of {images_ref} have {n_test} test images; FID and precision/recall need more "
+            f"than knn_k={config.knn_k}. Use more images or a larger ingest.test_fraction"
+        )
 
 
-def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequence[Manifest], images: Manifest,
-                       vae: Manifest, features: Manifest | None, source: ExtractorSource | None = None) -> Evaluation:
+def compute_evaluation(
+    store: Store,
+    config: EvaluateConfig,
+    generators: Sequence[Manifest],
+    images: Manifest,
+    vae: Manifest,
+    features: Manifest | None,
+    source: ExtractorSource | None = None,
+) -> Evaluation:
     """Run every cell and the reference task on Ray; return the rows, grids and straightness."""
     from workers.runtime import ensure_ray
 
@@ -333,10 +389,19 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
     device = "cuda" if resources.gpus > 0 else "cpu"
     options = remote_options(resources)
     cells = plan_cells(config, generators)
-    submit: list[Callable[[], Any]] = [lambda: _reference_task.options(**options).remote(
-        store, images.ref, vae.ref, config.n, source, features_ref, device)]
-    submit += [(lambda c=c: _cell_task.options(**options).remote(store, c, config.n, config.seed, source,
-                                                                 features_ref, device)) for c in cells]
+    submit: list[Callable[[], Any]] = [
+        lambda: _reference_task.options(**options).remote(
+            store, images.ref, vae.ref, config.n, source, features_ref, device
+        )
+    ]
+    submit += [
+        (
+            lambda c=c: _cell_task.options(**options).remote(
+                store, c, config.n, config.seed, source, features_ref, device
+            )
+        )
+        for c in cells
+    ]
     finished = [0]
 
     def on_done(index: int, result: Any) -> None:
@@ -354,29 +419,55 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
     k, name = config.knn_k, source.name
     rows = [
         scored_row(FLOOR, images.ref, REFERENCE, 0, 0, None, name, reference.test, reference.train, k, None),
-        scored_row(CEILING, vae.ref, REFERENCE, 0, 0, None, name, reference.test, reference.recon, k,
-                   reference.recon_seconds),
+        scored_row(
+            CEILING, vae.ref, REFERENCE, 0, 0, None, name, reference.test, reference.recon, k, reference.recon_seconds
+        ),
     ]
     scored = {row_key(rows[0]): reference.train.features, row_key(rows[1]): reference.recon.features}
     grids = dict(reference.grids)
     paths: dict[str, dict[str, Any]] = {}
     for result in results[1:]:
         c = result.cell
-        rows.append(scored_row(c.model, c.ref, c.sampler, c.steps, result.nfe, c.guidance, name, reference.test,
-                               result.scored, k, result.seconds))
+        rows.append(
+            scored_row(
+                c.model,
+                c.ref,
+                c.sampler,
+                c.steps,
+                result.nfe,
+                c.guidance,
+                name,
+                reference.test,
+                result.scored,
+                k,
+                result.seconds,
+            )
+        )
         scored[row_key(rows[-1])] = result.scored.features
         grids[c.grid_name] = result.grid
         if result.straightness is not None:  # a diverged path (inf/NaN) is recorded as None
             value = result.straightness if math.isfinite(result.straightness) else None
-            paths[c.model] = {"value": value, "sampler": c.sampler, "steps": c.steps,
-                              "paths": STRAIGHTNESS_BATCH, "ref": c.ref}
+            paths[c.model] = {
+                "value": value,
+                "sampler": c.sampler,
+                "steps": c.steps,
+                "paths": STRAIGHTNESS_BATCH,
+                "ref": c.ref,
+            }
     space = FeaturesCard.from_manifest(features) if features is not None else None
     info = {
-        "extractor": name, "n": config.n, "seed": config.seed, "knn_k": k, "n_test": len(reference.test.features),
-        "images_ref": images.ref, "vae_ref": vae.ref, "features_ref": features_ref,
+        "extractor": name,
+        "n": config.n,
+        "seed": config.seed,
+        "knn_k": k,
+        "n_test": len(reference.test.features),
+        "images_ref": images.ref,
+        "vae_ref": vae.ref,
+        "features_ref": features_ref,
         "features_test_accuracy": space.test_accuracy if space is not None else None,
         "models": {c.model: c.ref for c in cells},
-        "fid_resamples": config.fid_resamples, "interval_level": config.interval_level,
+        "fid_resamples": config.fid_resamples,
+        "interval_level": config.interval_level,
     }
     draws = with_intervals(config, reference.test.features, rows, scored)
     ratios = quality_ratios(rows, draws, config.interval_level)
@@ -386,14 +477,22 @@ def compute_evaluation(store: Store, config: EvaluateConfig, generators: Sequenc
 # --------------------------------------------------------------------------- the stage
 
 
-def run_evaluate(store: Store, config: EvaluateConfig, generators: Sequence[Manifest], images: Manifest,
-                 vae: Manifest, features: Manifest | None) -> Manifest:
+def run_evaluate(
+    store: Store,
+    config: EvaluateConfig,
+    generators: Sequence[Manifest],
+    images: Manifest,
+    vae: Manifest,
+    features: Manifest | None,
+) -> Manifest:
     """Evaluate ``generators`` (stage ``evaluate``); returns its manifest (see the module docstring)."""
     generators = list(generators)
     found_images, found_vae = evaluation_inputs(store, generators)
     if (found_images.ref, found_vae.ref) != (images.ref, vae.ref):
-        raise ValueError(f"the generators were trained on {found_images.ref} through {found_vae.ref}, "
-                         f"but evaluate got {images.ref} and {vae.ref}; pass the run's own images and vae")
+        raise ValueError(
+            f"the generators were trained on {found_images.ref} through {found_vae.ref}, "
+            f"but evaluate got {images.ref} and {vae.ref}; pass the run's own images and vae"
+        )
     VAECard.from_manifest(vae)
     check_sizes(config, ImagesCard.from_manifest(images).n_test, images.ref)
     source = extractor_source(config, features)

@@ -24,8 +24,9 @@ by compare-and-swap. Plain code: no Ray, no Prefect; running apps follow the poi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -39,7 +40,6 @@ from models.sampling import preferred_sampler
 POINTER = SERVING_POINTER
 EVALUATE = "evaluate"  # the stage whose metrics table holds the FIDs
 CAS_ATTEMPTS = 3  # decisions against a pointer that others keep moving
-
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,9 @@ class PromotionDecision:
 def served_sampler(manifest: Manifest, solver: str) -> str:
     """The sampler a model is served with, as the evaluation's ``sampler`` column names it."""
     if not GeneratorCard.is_generator(manifest):
-        raise ValueError(f"{manifest.ref} is a {manifest.stage!r} output, not a generator; promote a base, reflow "
-                         "or consistency ref")
+        raise ValueError(
+            f"{manifest.ref} is a {manifest.stage!r} output, not a generator; promote a base, reflow or consistency ref"
+        )
     return preferred_sampler(GeneratorCard.from_manifest(manifest).family, solver).name
 
 
@@ -84,38 +85,62 @@ def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def decide(candidate: str, current: str | None, steps: int, sampler: str, candidate_score: Scored | None,
-           current_score: Scored | None, level: float = 0.95) -> PromotionDecision:
+def decide(
+    candidate: str,
+    current: str | None,
+    steps: int,
+    sampler: str,
+    candidate_score: Scored | None,
+    current_score: Scored | None,
+    level: float = 0.95,
+) -> PromotionDecision:
     """The gate itself, on the scores only (see the module docstring)."""
     candidate_fid = candidate_score.fid if candidate_score is not None else None
     current_fid = current_score.fid if current_score is not None else None
 
     def verdict(promoted: bool, reason: str, difference: tuple[float, float] | None = None) -> PromotionDecision:
-        return PromotionDecision(promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference,
-                                 reason)
+        return PromotionDecision(
+            promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference, reason
+        )
 
     if current == candidate:
         return verdict(False, f"{candidate} is already served")
     if current is None:
         return verdict(True, "nothing was served yet")
     if not finite(candidate_fid):
-        return verdict(False, f"{candidate} has no finite FID at {steps} step(s) with {sampler} "
-                              f"(got {candidate_fid}); evaluate it at the served step count before promoting")
+        return verdict(
+            False,
+            f"{candidate} has no finite FID at {steps} step(s) with {sampler} "
+            f"(got {candidate_fid}); evaluate it at the served step count before promoting",
+        )
     if not finite(current_fid):
         return verdict(True, f"the served {current} has no FID at {steps} step(s) to defend it")
-    paired = (candidate_score.evaluation == current_score.evaluation and candidate_score.draws
-              and len(candidate_score.draws) == len(current_score.draws))
+    paired = (
+        candidate_score.evaluation == current_score.evaluation
+        and candidate_score.draws
+        and len(candidate_score.draws) == len(current_score.draws)
+    )
     if paired:
-        d = interval(Draws(candidate_fid - current_fid, torch.tensor(candidate_score.draws, dtype=torch.float64)
-                           - torch.tensor(current_score.draws, dtype=torch.float64)), level)
-        text = (f"FID {candidate_fid:.4g} vs the served {current_fid:.4g}: difference {d.value:+.4g}, "
-                f"{100 * level:g}% interval [{d.low:+.4g}, {d.high:+.4g}]")
+        d = interval(
+            Draws(
+                candidate_fid - current_fid,
+                torch.tensor(candidate_score.draws, dtype=torch.float64)
+                - torch.tensor(current_score.draws, dtype=torch.float64),
+            ),
+            level,
+        )
+        text = (
+            f"FID {candidate_fid:.4g} vs the served {current_fid:.4g}: difference {d.value:+.4g}, "
+            f"{100 * level:g}% interval [{d.low:+.4g}, {d.high:+.4g}]"
+        )
         if d.low > 0:
             return verdict(False, f"{text}: worse beyond the interval", (d.low, d.high))
         return verdict(True, f"{text}: not worse beyond the interval", (d.low, d.high))
     if finite(candidate_score.low) and finite(current_score.high):
-        text = (f"FID {candidate_fid:.4g} [{candidate_score.low:.4g}, {candidate_score.high:.4g}] vs the served "
-                f"{current_fid:.4g} [{current_score.low:.4g}, {current_score.high:.4g}] (two evaluations)")
+        text = (
+            f"FID {candidate_fid:.4g} [{candidate_score.low:.4g}, {candidate_score.high:.4g}] vs the served "
+            f"{current_fid:.4g} [{current_score.low:.4g}, {current_score.high:.4g}] (two evaluations)"
+        )
         worse = candidate_score.low > current_score.high
     else:
         text = f"FID {candidate_fid:.4g} vs the served {current_fid:.4g} (no intervals)"
@@ -126,8 +151,7 @@ def decide(candidate: str, current: str | None, steps: int, sampler: str, candid
 def scored(row: dict[str, Any] | None, evaluation: str, draws: dict[str, list[float]]) -> Scored | None:
     if row is None:
         return None
-    return Scored(row["fid"], row.get("fid_low"), row.get("fid_high"), evaluation,
-                  tuple(draws.get(row_key(row), ())))
+    return Scored(row["fid"], row.get("fid_low"), row.get("fid_high"), evaluation, tuple(draws.get(row_key(row), ())))
 
 
 def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
@@ -138,8 +162,9 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
     compare; then the served model has no FID to defend it."""
     primary = store.get_ref(evaluate_ref)
     if primary.stage != EVALUATE:
-        raise ValueError(f"{evaluate_ref} is a {primary.stage!r} output; pass an {EVALUATE!r} ref (its metrics table "
-                         "holds the FIDs)")
+        raise ValueError(
+            f"{evaluate_ref} is a {primary.stage!r} output; pass an {EVALUATE!r} ref (its metrics table holds the FIDs)"
+        )
     primary_rows, primary_draws = read_rows(store, primary), read_draws(store, primary)
     comparable = measured_as(primary_rows)
 
@@ -158,8 +183,15 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
     return lookup
 
 
-def promote(store: Store, candidate_ref: str, fid: str | Lookup, served_steps: int, solver: str = "euler",
-            pointer: str = POINTER, level: float = 0.95) -> PromotionDecision:
+def promote(
+    store: Store,
+    candidate_ref: str,
+    fid: str | Lookup,
+    served_steps: int,
+    solver: str = "euler",
+    pointer: str = POINTER,
+    level: float = 0.95,
+) -> PromotionDecision:
     """Decide, and move ``pointer`` to ``candidate_ref`` when the gate passes.
 
     ``fid`` is an evaluate stage's ref or a lookup ``(ref, steps, sampler) -> Scored | None``;
@@ -176,8 +208,15 @@ def promote(store: Store, candidate_ref: str, fid: str | Lookup, served_steps: i
             current = store.get(*current_ref.split("/", 1))  # None: the served model was deleted; nothing to defend
             if current is not None:
                 current_score = lookup(current_ref, served_steps, served_sampler(current, solver))
-        decision = decide(candidate_ref, current_ref, served_steps, sampler,
-                          lookup(candidate_ref, served_steps, sampler), current_score, level)
+        decision = decide(
+            candidate_ref,
+            current_ref,
+            served_steps,
+            sampler,
+            lookup(candidate_ref, served_steps, sampler),
+            current_score,
+            level,
+        )
         if not decision.promoted:
             return decision
         try:  # only if nobody moved the pointer since we read it; else decide again against the new one
@@ -185,5 +224,8 @@ def promote(store: Store, candidate_ref: str, fid: str | Lookup, served_steps: i
             return decision
         except PointerMoved:
             continue
-    return replace(decision, promoted=False,
-                   reason=f"{pointer} kept moving while {candidate_ref} was being promoted; run promotion again")
+    return replace(
+        decision,
+        promoted=False,
+        reason=f"{pointer} kept moving while {candidate_ref} was being promoted; run promotion again",
+    )
