@@ -1,5 +1,7 @@
 """The pipeline's configuration: one small, frozen section per stage, and the presets.
 
+(Over 350 lines: every section and default in one place is the point of this module.)
+
 Every default lives here, once. A stage receives only its own section; the stage key
 hashes that section's values except its :class:`Resources` (where a stage runs is not what
 it computes), so changing one field re-runs that stage and the ones below it, and moving a

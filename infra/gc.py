@@ -1,5 +1,7 @@
 """What ``fewstep gc`` may delete, and the rules that keep it from deleting anything still needed.
 
+(Over 350 lines: every deletion rule and the roots it checks are read together to judge that gc is safe; splitting them would hide one from the other.)
+
 What it collects:
 
 - staging: attempt folders no manifest points to (a crashed writer, a writer that lost the

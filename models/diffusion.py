@@ -1,5 +1,7 @@
 """Variance-preserving diffusion with eps-prediction: the DDPM baseline beside flow matching.
 
+(Over 350 lines: the schedule, the objective and both samplers share their notation; split, each would restate it.)
+
 Forward process over discrete steps k = 0 .. T-1 (Ho et al. 2020), from data x_1:
 
     q(x_k | x_{k-1}) = N(sqrt(1 - beta_k) x_{k-1}, beta_k I),

@@ -1,5 +1,7 @@
 """Sample-quality metrics on feature vectors: Fréchet distance (FID), precision & recall, accuracy.
 
+(Over 350 lines: FID, KID, precision/recall and their intervals share the feature statistics and the bootstrap draws; one file keeps the estimators consistent.)
+
 Every metric here takes features that an extractor (models/extractors.py) already computed,
 so the same code serves any feature space: the small digits classifier's penultimate layer,
 a user-supplied TorchScript module, or Inception-v3 pool features (the classic FID).

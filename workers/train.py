@@ -1,5 +1,7 @@
 """The one training loop of fewstep, run by Ray Train on every worker.
 
+(Over 350 lines: the driver side and the worker side of the one loop exchange the same job and checkpoint records; keeping them in one file keeps that contract in view.)
+
 Every trained model (the VAE, the evaluation classifier, the base flow model, each reflow
 round, the consistency student) goes through :func:`fit`. The stage hands it a model spec, an optional warm
 start, a batch adapter and an :class:`~models.objectives.Objective`; the loop never knows

@@ -1,5 +1,7 @@
 """Stage 10, evaluate: FID against NFE for every model of a run, on Ray.
 
+(Over 350 lines: the cell plan, the Ray tasks and the assembly of the table are one stage; its outputs (report, quality ratios, scoring) already live in library modules.)
+
 For each generator (base, each reflow round, consistency, ddpm) and each of its samplers and step
 counts the stage draws ``n`` images, decodes them with the VAE and scores them in one
 feature space (:mod:`workers.scoring`):
