@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from infra.metrics_table import FLOOR, Row, best_row, reference_row, row_key
+from infra.metrics_table import FLOOR, Row, best_row, reference_row, row_key, stage_of
 from models.metrics import Draws, excess_ratio
 
 # name -> (numerator, denominator, the bar it is held to: ratio <= bar)
@@ -93,10 +93,16 @@ def excess(
 
 
 def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None, level: float = 0.95) -> list[Ratio]:
-    """The issue's quality bars, found by the stage of each row's model (not its display name)."""
+    """The issue's quality bars, found by the stage of each row's model (not its display name).
+
+    When an evaluation holds two consistency students (the run's candidate and the served model it
+    must beat), every consistency bar reads the candidate's rows only: the first student in the
+    table, as the pipeline lists the run's own generators before the served one."""
     base_best = best_row(rows, stage="base")
-    consistency_1 = best_row(rows, stage="consistency", steps=1)
-    multistep = [r for r in (best_row(rows, stage="consistency", steps=s) for s in (2, 3, 4)) if r is not None]
+    students = [r for r in rows if r.get("stage_key") and stage_of(r) == "consistency"]
+    candidate = [r for r in students if r["stage_key"] == students[0]["stage_key"]] if students else []
+    consistency_1 = best_row(candidate, steps=1)
+    multistep = [r for r in (best_row(candidate, steps=s) for s in (2, 3, 4)) if r is not None]
     consistency_multi = min(multistep, key=lambda r: r["fid"], default=None)
     return [
         excess("consistency@1 / base best", consistency_1, base_best, rows, draws, level),

@@ -381,6 +381,26 @@ def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
     assert undefined.value is None and "not above the floor" in undefined.note and undefined.verdict == "–"
 
 
+def test_consistency_bars_read_the_candidate_not_the_served_student_beside_it():
+    """The pipeline scores the served student after the run's own: the bars must not mix the two."""
+
+    def row(model, key, steps, fid):
+        return {"model": model, "sampler": "consistency", "steps": steps, "nfe": steps, "fid": fid, "stage_key": key}
+
+    rows = [
+        {"model": FLOOR, "sampler": REFERENCE, "steps": 0, "nfe": 0, "fid": 2.0, "stage_key": "ingest/k"},
+        {"model": "base", "sampler": "euler", "steps": 8, "nfe": 8, "fid": 12.0, "stage_key": "base/k"},
+        row("consistency-aaaa", "consistency/aaaa", 1, 17.0),  # the candidate
+        row("consistency-aaaa", "consistency/aaaa", 4, 15.0),
+        row("consistency-bbbb", "consistency/bbbb", 1, 30.0),  # the served one, better at 4 steps
+        row("consistency-bbbb", "consistency/bbbb", 4, 5.0),
+    ]
+    ratios = {r.name: r for r in quality_ratios(rows)}
+    assert ratios["consistency@1 / base best"].value == pytest.approx((17 - 2) / (12 - 2))
+    assert ratios["best consistency@2-4 / consistency@1"].value == pytest.approx((15 - 2) / (17 - 2))
+    assert "consistency-aaaa" in ratios["best consistency@2-4 / consistency@1"].numerator
+
+
 def test_grid_puts_one_class_per_column():
     pixels = np.zeros((20, 8, 8, 1), np.uint8)
     labels = np.arange(20) % 5
