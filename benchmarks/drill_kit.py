@@ -45,7 +45,7 @@ TINY: dict[str, Any] = {
     "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    FEATURES: {"steps": 30},
+    FEATURES: {"steps": 30, "batch_size": 32},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 # Smaller again, for the tests' fast variants: Ray Train's start-up dominates either way.
@@ -56,7 +56,7 @@ MICRO: dict[str, Any] = {
     "base": {"steps": 12, "batch_size": 32, "checkpoint_every": 4},
     "reflow": {"steps": 4, "batch_size": 32, "checkpoint_every": 2},
     "consistency": {"intervals": 4, "steps": 4, "batch_size": 32, "checkpoint_every": 2},
-    FEATURES: {"steps": 10},
+    FEATURES: {"steps": 10, "batch_size": 32},
     "evaluate": {"n": 16, "flow_steps": [1], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 CONFIGS = {"tiny": TINY, "micro": MICRO}

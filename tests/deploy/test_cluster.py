@@ -45,7 +45,7 @@ CONFIG = {
     "pairs": {"pairs": 64, "steps": 2, "batch_size": 16, "resources": SPREAD},
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5, "resources": PINNED},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5, "resources": PINNED},
-    "features": {"steps": 20, "resources": PINNED},
+    "features": {"steps": 20, "batch_size": 32, "resources": PINNED},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate"}

@@ -40,7 +40,7 @@ TINY = {
     "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "features": {"steps": 30},
+    "features": {"steps": 30, "batch_size": 32},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
 }
 TASKS = {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "features", "evaluate", "promote"}
