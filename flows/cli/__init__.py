@@ -29,6 +29,7 @@ app.command("serve")(serve.serve)
 app.command("evaluate")(evaluate.evaluate)
 app.command("status")(store.status)
 app.command("gc")(store.gc)
+app.command("unpin")(store.unpin)
 app.command("schedule")(schedule.schedule)
 
 

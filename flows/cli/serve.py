@@ -164,7 +164,16 @@ def emit_serve_config(
 
     opened = Store.open(store, check=model is not None)
     if model is not None:
-        resolve_model(opened, model)
+        # A config file outlives this command: pin the model so `fewstep gc` keeps it while the
+        # cluster serves it (foreground `fewstep serve --model` pins for as long as it runs).
+        ref = resolve_model(opened, model).ref
+        pin = "serve-config-" + ref.replace("/", "-")
+        opened.pin(pin, ref)
+        typer.echo(
+            f"fewstep: pinned {ref} as {pin!r}: gc keeps it while a cluster serves this config; "
+            f"`fewstep unpin {pin}` once none does",
+            err=True,
+        )
     extra = None
     if runtime_env is not None:
         if not runtime_env.is_file():

@@ -2,6 +2,7 @@
 
     fewstep status [--store URI] [--json]
     fewstep gc     [--store URI] [--min-age-hours H] [--yes]
+    fewstep unpin  NAME [--store URI]
 
 A store error (bad URI, missing bucket, rejected credentials, unreachable endpoint, a
 corrupt file) prints one line on stderr and exits with status 2 (in :func:`flows.cli.main`).
@@ -189,3 +190,21 @@ def gc(
         typer.echo(
             f"would remove {len(plan.items)} items, {human_size(plan.size)}; run again with --yes to delete them"
         )
+
+
+def unpin(
+    name: str = typer.Argument(..., help="The pin's name, as `fewstep status` lists it under pins."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help=ENDPOINT_HELP),
+    region: str | None = typer.Option(None, "--region", help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)."),
+) -> None:
+    """Release a pin (e.g. one `serve --emit-config --model` made), so gc may collect its model."""
+    from flows.errors import UserError
+
+    opened = open_store(store, endpoint_url, region)
+    pins, _ = opened.scan_pins()
+    if name not in pins:
+        known = ", ".join(sorted(pins)) or "none"
+        raise UserError(f"no pin named {name!r} in {opened.uri} (pins: {known})")
+    opened.unpin(name)
+    typer.echo(f"fewstep: unpinned {name} ({pins[name].get('ref')}); gc may now collect it")

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 
 from local_ray import free_port, node_env, remove, start_node  # noqa: E402
-from tiny_store import IMAGE_SHAPE, NUM_CLASSES, promoted_store  # noqa: E402
+from tiny_store import IMAGE_SHAPE, NUM_CLASSES, commit_generator, commit_vae, promoted_store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -199,3 +199,28 @@ def test_emit_config_refuses_literal_secrets_and_bad_refs(local_store, tmp_path)
     assert status == 2 and "base/nothing" in err and "Traceback" not in err, err
     status, out, err = emit("out.yaml", "--store", local_store.uri)
     assert status == 2 and "only used with --emit-config" in err, err
+
+
+def test_a_pinned_config_pins_its_model_until_unpinned(local_store):
+    """A Serve config outlives the command that wrote it: its pinned model must survive gc until released."""
+    from flows.cli import main
+
+    flow = commit_generator(local_store, "base", "flow", 0, commit_vae(local_store))
+    status, out, err = emit("--emit-config", "--store", local_store.uri, "--model", flow.ref)
+    assert status == 0, err
+    name = "serve-config-" + flow.ref.replace("/", "-")
+    assert local_store.list_pins() == {name: flow.ref} and f"fewstep unpin {name}" in err, err
+
+    def unpin(*args: str) -> tuple[int, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(["unpin", *args])
+            except SystemExit as exit_:
+                return exit_.code or 0, out.getvalue() + err.getvalue()
+        return 0, out.getvalue() + err.getvalue()
+
+    status, text = unpin("serve-config-nothing", "--store", local_store.uri)
+    assert status == 2 and name in text and "Traceback" not in text, text  # names the pins there are
+    status, text = unpin(name, "--store", local_store.uri)
+    assert status == 0 and local_store.list_pins() == {}, text
