@@ -456,6 +456,8 @@ def describe_validation_error(error: ValidationError, source: str) -> str:
         where = ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown field '{where}': remove it or check its spelling")
+        elif isinstance(item.get("input"), dict):  # a rule across fields: its message names them
+            problems.append(f"{where}: {item['msg']}")
         else:
             problems.append(f"{where} = {item.get('input')!r}: {item['msg']}")
     if len(problems) == 1:

@@ -6,8 +6,8 @@ Without ``--model`` it evaluates the generators of the latest run recorded in th
 (``fewstep run`` records one), or, in a store without runs, every generator that decodes
 with the newest generator's VAE. The images and the VAE come from the models' lineage; the
 features stage (the feature space) is reused when it exists. Prints the metrics table and where the report,
-plot and grids are. ``--steps`` replaces both ``evaluate.flow_steps`` and
-``evaluate.consistency_steps``.
+plot and grids are. ``--steps`` replaces ``evaluate.flow_steps``, ``evaluate.consistency_steps`` (up to the student's
+time grid) and ``evaluate.diffusion_steps`` (up to the DDPM's T).
 """
 
 from __future__ import annotations
@@ -101,7 +101,16 @@ def evaluate(
     overrides: dict[str, Any] = {}
     if steps is not None:
         parsed = parse_steps(steps)
-        overrides.update(flow_steps=parsed, consistency_steps=parsed)
+        limits = load_config(preset, config)  # what each family can take: a student its grid, DDPM its T
+        grid = limits.consistency.intervals if limits.consistency.grid_times else None
+        consistency = [s for s in parsed if grid is None or s <= grid]
+        diffusion = [s for s in parsed if s <= limits.ddpm.diffusion_steps]
+        overrides.update(flow_steps=parsed, consistency_steps=consistency, diffusion_steps=diffusion)
+        for family, kept, limit in (("consistency", consistency, grid), ("diffusion", diffusion, "its T")):
+            if len(kept) < len(parsed):
+                typer.echo(
+                    f"fewstep: {family} models take at most {limit} steps: evaluated at {kept or 'none'}", err=True
+                )
     if n is not None:
         overrides["n"] = n
     full = load_config(preset, config, {"evaluate": overrides} if overrides else None)

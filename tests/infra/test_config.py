@@ -131,3 +131,11 @@ def test_unknown_model_and_missing_files_are_refused_when_loading(tmp_path):
     # The flow's own entry point checks the same (a scheduled run gets a dict, not a file).
     with pytest.raises(ConfigError, match="evaluate.extractor"):
         validate_config({"evaluate": {"extractor": str(tmp_path / "gone.pt")}})
+
+
+def test_a_rule_across_sections_names_its_fields_without_dumping_the_config(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, "consistency:\n  intervals: 4\nevaluate:\n  consistency_steps: [8]\n")
+    message = str(error.value)
+    assert "consistency_steps [8]" in message and "intervals=4" in message
+    assert "'ingest'" not in message and len(message.splitlines()) == 1, message  # not the whole config
