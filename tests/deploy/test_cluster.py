@@ -166,7 +166,10 @@ def test_pipeline_on_three_nodes_survives_losing_the_trainer_node(tmp_path):
         encoders = set(LatentsCard.from_manifest(manifests["latents"]).encoder_nodes)
         assert encoders == {ids["spare"], ids["trainer"]}, (encoders, ids)  # before the kill: both workers
         samplers = set(PairsCard.from_manifest(manifests["pairs"]).sampler_nodes)
-        assert samplers == {ids["spare"], ids["trainer2"]}, (samplers, ids)  # after it: the survivor and the new one
+        # After the kill the pairs come from the live nodes only. Which of them draws is Ray Data's
+        # choice: with 64 pairs the first sampler actor up may take every block before the second
+        # starts (seen on merged main), so spreading is shown by the encoders above, not here.
+        assert samplers and samplers <= {ids["spare"], ids["trainer2"]}, (samplers, ids)
         assert store.get_pointer(SERVING_POINTER) is not None
         print(
             f"killed the trainer node at base step {killed_at}; base resumed from {base.resumed_from} on the "
