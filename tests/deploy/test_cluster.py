@@ -29,7 +29,8 @@ from infra.cards import GeneratorCard, LatentsCard, PairsCard  # noqa: E402
 from infra.errors import NotCommitted  # noqa: E402
 from infra.store import SERVING_POINTER, Store  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow]
+# A long drill (~4.5 min on 2 idle cores; three `ray start` nodes): deselected by default, run with -m drill.
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.slow, pytest.mark.drill]
 BUDGET_S = 1080  # for the whole drill: about 5 min on an idle 2-core machine, far more on a shared one
 
 TRAINER = {"trainer": 1}  # the custom resource standing in for a GPU

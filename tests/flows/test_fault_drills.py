@@ -63,6 +63,7 @@ def check_kill_drill(result: dict, kills: int) -> None:
     assert reused == sorted(reused)
 
 
+@pytest.mark.drill  # ~3.5 min; CI keeps the SIGKILL-mid-base drill of tests/flows/test_pipeline.py
 def test_kill_drill_three_points(ray_local, tmp_path):
     kill_drill = drill_module("kill_drill")
     result = kill_drill.drill(kills=3, seed=1, config_name="micro", workdir=tmp_path)

@@ -149,5 +149,5 @@ def test_the_ddpm_section_is_off_by_default_and_its_steps_are_checked_against_T(
         load_config(overrides={"ddpm": {"diffusion_steps": 20}, "evaluate": {"diffusion_steps": [10]}})
     with pytest.raises(ConfigError, match="diffusion_samplers"):
         load_config(overrides={"evaluate": {"diffusion_samplers": ["euler"]}})
-    with pytest.raises(ConfigError, match=r"diffusion_steps must be positive step counts, got \[0\]"):
+    with pytest.raises(ConfigError, match=r"diffusion_steps must be step counts in 1\.\.1000, got \[0\]"):
         load_config(overrides={"evaluate": {"diffusion_steps": [0, 10]}})
