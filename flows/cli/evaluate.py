@@ -106,7 +106,10 @@ def evaluate(
         consistency = [s for s in parsed if grid is None or s <= grid]
         diffusion = [s for s in parsed if s <= limits.ddpm.diffusion_steps]
         overrides.update(flow_steps=parsed, consistency_steps=consistency, diffusion_steps=diffusion)
-        for family, kept, limit in (("consistency", consistency, grid), ("diffusion", diffusion, "its T")):
+        for family, kept, limit in (
+            ("consistency", consistency, grid),
+            ("diffusion", diffusion, limits.ddpm.diffusion_steps),
+        ):
             if len(kept) < len(parsed):
                 typer.echo(
                     f"fewstep: {family} models take at most {limit} steps: evaluated at {kept or 'none'}", err=True

@@ -154,7 +154,8 @@ def emit_serve_config(
     """The Serve config file's text: a header that says how to use it, then the YAML.
 
     The store URI is made absolute (replicas run elsewhere); a pinned ``model`` is checked
-    against the store, which needs its credentials here; without one nothing is read."""
+    against the store and pinned in it (``pins/``, so gc keeps it while a cluster serves the
+    file), which needs the store's credentials here; without one the store is not touched."""
     import yaml
 
     from infra.store import Store
