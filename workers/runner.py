@@ -21,6 +21,7 @@ from infra.config import Section
 from infra.store import Manifest, StageWriter, Store
 from infra.version import code_version
 from workers import progress
+from workers.errors import said_as_store_outage
 
 log = logging.getLogger("fewstep.stage")
 
@@ -53,10 +54,16 @@ def run_stage(
     log.info("%s: building %s/%s", name, name, key)
     progress.stage_started(name)
     started = time.perf_counter()
-    with store.begin(name, key, config=data, inputs=inputs, code_version=version) as writer:
-        card = build(writer, key)
-        metrics = {**card.to_metrics(), "seconds": round(time.perf_counter() - started, 3)}
-        manifest = writer.commit(metrics=metrics)
+    try:
+        with store.begin(name, key, config=data, inputs=inputs, code_version=version) as writer:
+            card = build(writer, key)
+            metrics = {**card.to_metrics(), "seconds": round(time.perf_counter() - started, 3)}
+            manifest = writer.commit(metrics=metrics)
+    except Exception as error:
+        outage = said_as_store_outage(name, f"{name}/{key}", error)
+        if outage is None:
+            raise
+        raise outage from error
     log.info("%s: committed %s in %.1fs", name, manifest.ref, time.perf_counter() - started)
     progress.stage_finished(name, manifest)
     return manifest

@@ -117,3 +117,47 @@ def test_a_store_outage_inside_ray_train_is_transient_and_reaches_the_user():
     assert not is_transient(bug) and user_cause(bug) is outage
     assert not is_transient(WorkerGroupError("...", {0: ValueError("a bug")}))
     assert user_cause(WorkerGroupError("...", {0: ValueError("a bug")})) is None
+
+
+def test_a_store_outage_inside_a_ray_data_read_fails_the_stage_in_one_line(ray_local, local_store):
+    """S3 drill finding: Ray Data's ListFiles task hit the outage and the stage failed with the
+    remote traceback. The stage now says it in one transient line and commits nothing."""
+    import pyarrow.fs as pafs
+    import ray
+
+    from infra.cards import Card
+    from infra.errors import StoreUnavailable
+    from workers.errors import is_transient
+    from workers.runner import run_stage
+
+    @ray.remote
+    def list_files() -> None:  # what a read does first: ask S3 about a key, here at a dead port
+        fs = pafs.S3FileSystem(
+            endpoint_override="http://127.0.0.1:1",
+            scheme="http",
+            access_key="k",
+            secret_key="s",
+            region="us-east-1",
+            connect_timeout=1,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+        )
+        fs.get_file_info(["bucket/images/part-00000.parquet"])
+
+    def build(writer, key) -> Card:
+        ray.get(list_files.remote())
+        raise AssertionError("the read should have failed")
+
+    with pytest.raises(StoreUnavailable) as caught:
+        run_stage(local_store, "latents", {"batch_size": 1}, [], build, source="workers.runner")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("latents: the artifact store failed")
+    assert "NETWORK_CONNECTION" in message and "run again" in message
+    assert is_transient(caught.value) and user_cause(caught.value) is caught.value
+    assert local_store.list_manifests("latents") == []
+
+    def bug(writer, key) -> Card:
+        ray.get(ray.remote(lambda: 1 / 0).remote())
+        raise AssertionError("unreachable")
+
+    with pytest.raises(ray.exceptions.RayTaskError):  # a bug stays a bug: no store words put on it
+        run_stage(local_store, "latents", {"batch_size": 2}, [], bug, source="workers.runner")
