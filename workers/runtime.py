@@ -126,18 +126,27 @@ def threads_for(cpus: float, workers: int, data_cores: int) -> int:
     return worker_threads(cpus, workers, data_cores, local_node_cores())
 
 
+# What a multi-threaded worker's OpenMP threads do between ops, unless the driver's environment
+# says otherwise: spin a little, then sleep (benchmarks/threads_bench.py, BENCHMARKS.md "Threads").
+WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+BOUNDED_SPIN = {"GOMP_SPINCOUNT": "1000"}
+
+
 def worker_env(threads: int) -> dict[str, str]:
     """Environment for a worker process that runs ``threads`` torch threads.
 
-    With several threads, OpenMP's waiting threads sleep instead of spinning
-    (``OMP_WAIT_POLICY=PASSIVE``): on a machine where anything else runs, a spinning thread
-    burns the core its partner needs, and a 2-thread loop on 2 busy cores ran 70x slower than
-    one thread (BENCHMARKS.md, "Training"). ``OMP_WAIT_POLICY`` set in the driver's
-    environment wins.
+    With several threads, libgomp's waiting threads spin ~1,000 times, not its default
+    ~300,000, before they sleep (``GOMP_SPINCOUNT=1000``). Measured on 2 cores
+    (``benchmarks/threads_bench.py``): alone, the bounded spin keeps 0.85-0.96x of the
+    default's speed where sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) keeps 0.53x; with
+    a second such worker on the same cores, the default spin collapses (each spins on the
+    core the other needs) and the bounded spin runs 2.5x faster than it. ``OMP_WAIT_POLICY``
+    or ``GOMP_SPINCOUNT`` set in the driver's environment wins.
     """
     if threads <= 1:
         return {}
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    chosen = {name: os.environ[name] for name in WAIT_ENV if os.environ.get(name)}
+    return chosen or dict(BOUNDED_SPIN)
 
 
 def use_threads(threads: int | None) -> int:

@@ -153,13 +153,17 @@ def test_worker_threads(cpus, workers, data_cores, local_cores, threads):
     assert worker_threads(cpus, workers, data_cores, local_cores) == threads
 
 
-def test_workers_with_several_threads_wait_passively(monkeypatch):
+def test_workers_with_several_threads_spin_briefly_then_sleep(monkeypatch):
     from workers.runtime import threads_for, worker_env
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert worker_env(1) == {} and worker_env(2) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
-    assert worker_env(4) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert worker_env(1) == {} and worker_env(2) == {"GOMP_SPINCOUNT": "1000"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's choice wins
+    assert worker_env(4) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert worker_env(4) == {"GOMP_SPINCOUNT": "300000"}
     monkeypatch.setenv("FEWSTEP_TORCH_THREADS", "3")
     assert threads_for(1, 1, 0) == 3
     monkeypatch.setenv("FEWSTEP_TORCH_THREADS", "many")
