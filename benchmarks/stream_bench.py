@@ -49,6 +49,7 @@ def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> 
     t = time.perf_counter()
     images = run_ingest(store, config)
     ingest_s = time.perf_counter() - t
+    ingest_rss = peak_rss_mb()
     vae = commit_vae(store, channels=channels, image_size=image_size)
     t = time.perf_counter()
     run_latents(store, LatentsConfig(), images, vae)
@@ -63,6 +64,7 @@ def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> 
         "latents_rows_per_s": round(rows / latents_s, 1),
         "driver_rss_mb": round(peak_rss_mb(), 1),
         "driver_rss_after_ray_mb": round(started_rss, 1),
+        "driver_rss_after_ingest_mb": round(ingest_rss, 1),
     }
 
 
@@ -119,13 +121,14 @@ def main() -> None:
 
     print()
     print(
-        "| images | ingest s | ingest rows/s | latents s | latents rows/s | driver peak RSS MiB | driver RSS after ray.init MiB |"
+        "| images | ingest s | ingest rows/s | latents s | latents rows/s | driver peak RSS MiB "
+        "| after ray.init | peak after ingest |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['rows']} | {r['ingest_s']} | {r['ingest_rows_per_s']} | {r['latents_s']} | {r['latents_rows_per_s']} | "
-            f"{r['driver_rss_mb']} | {r['driver_rss_after_ray_mb']} |"
+            f"{r['driver_rss_mb']} | {r['driver_rss_after_ray_mb']} | {r['driver_rss_after_ingest_mb']} |"
         )
     if args.json:
         print(

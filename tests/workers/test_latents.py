@@ -109,6 +109,32 @@ def test_latents_stage_writes_scaled_metadata_and_is_reused(store, images, monke
     assert run_latents(store, config, images, vae_manifest).digest == manifest.digest
 
 
+def test_blocks_are_capped_so_the_driver_holds_a_bounded_amount(local_store, ray_local, monkeypatch):
+    """The driver writes the encoded blocks as they come: a block of at most BLOCK_ROWS rows
+    whatever the dataset's size (a fixed block count made the driver's peak grow with N)."""
+    images = run_ingest(local_store, IngestConfig(source="digits", image_size=16, limit=24, test_fraction=0.25))
+    vae_manifest, _ = commit_vae(local_store, images, vae_card())
+    monkeypatch.setattr(latents_module, "BLOCK_ROWS", 5)
+    seen: list[int] = []
+    write = latents_module.write_streaming
+
+    def recording(writer, ds, *args, **kwargs):
+        class Recorded:
+            def iter_batches(self, **options):
+                for batch in ds.iter_batches(**options):
+                    seen.append(len(batch["id"]))
+                    yield batch
+
+        return write(writer, Recorded(), *args, **kwargs)
+
+    monkeypatch.setattr(latents_module, "write_streaming", recording)
+    config = LatentsConfig(batch_size=4, resources=Resources(workers=1, cpus=0.5))
+    manifest = run_latents(local_store, config, images, vae_manifest)
+    assert sum(seen) == 24 and max(seen) <= 5 and len(seen) >= 5, seen
+    ids = local_store.read_table(images, "images").column("id").to_pylist()
+    assert local_store.read_table(manifest, "latents").column("id").to_pylist() == ids  # order kept across blocks
+
+
 def test_a_vae_manifest_without_a_scale_is_refused(local_store, ray_local):
     images = run_ingest(local_store, IngestConfig(source="digits", image_size=16, limit=8))
     metrics = vae_card()

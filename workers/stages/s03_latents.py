@@ -40,6 +40,7 @@ log = logging.getLogger("fewstep.latents")
 
 STAGE = "latents"
 DTYPE = "float32"
+BLOCK_ROWS = 8192  # rows per block the encoder pool gets and the driver writes at once
 
 
 class LatentEncoder:
@@ -91,7 +92,9 @@ def vae_state(store: Store, vae: Manifest, name: str = "vae") -> tuple[dict, dic
     return spec, {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, channels: int, config: LatentsConfig):
+def encoded_dataset(
+    store: Store, images: Manifest, spec: dict, state: Any, channels: int, config: LatentsConfig, n_images: int = 0
+):
     """images table -> rows {id, split, label, mean, logvar}, encoded by an actor pool."""
     import ray.data
 
@@ -100,8 +103,11 @@ def encoded_dataset(store: Store, images: Manifest, spec: dict, state: Any, chan
     ds = ray.data.read_parquet(verified_paths(store, images, "images"), filesystem=store.pa_filesystem)
     ds = ds.select_columns(["id", "split", "label", "image"])
     # One Parquet file reads as one block, and a block goes to one actor: split it so every
-    # actor of the pool (on every node) gets work. Order is kept (no shuffle).
-    ds = ds.repartition(max(1, 4 * resources.workers))
+    # actor of the pool (on every node) gets work, in blocks of at most BLOCK_ROWS rows so the
+    # driver, which writes the blocks as they come, holds a bounded amount whatever the
+    # dataset's size. Order is kept (no shuffle).
+    blocks = max(4 * resources.workers, -(-n_images // BLOCK_ROWS), 1)
+    ds = ds.repartition(blocks)
     threads = threads_for(resources.cpus, resources.workers, data_cores=0)
     return ds.map_batches(
         LatentEncoder,
@@ -186,7 +192,7 @@ def run_latents(store: Store, config: LatentsConfig, images: Manifest, vae: Mani
             "fewstep.draw": config.draw,
         }
         with preserved_order():
-            ds = encoded_dataset(store, images, spec, state, images_card.channels, config)
+            ds = encoded_dataset(store, images, spec, state, images_card.channels, config, images_card.n_images)
             written = write_streaming(writer, ds, metadata, images_card.n_images)
         return LatentsCard(
             n_latents=written.rows,
