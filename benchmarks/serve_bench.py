@@ -369,6 +369,25 @@ def summary(results: list[Result]) -> dict:
     return out
 
 
+def bench_config(max_batch_size: int, batch_wait_ms: float, images: int, steps: int, cpus: float, gpus: float):
+    """The deployment's ServeConfig for a load of ``images`` x ``steps`` requests."""
+    from infra.config import Resources, ServeConfig
+
+    cap = {"max_batch_images_steps": max(4096, images * steps * max_batch_size)}
+    if "max_batch_images_steps" not in ServeConfig.model_fields:  # code from before the field (for "before" runs)
+        cap = {}
+    return ServeConfig(
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_ms / 1000,
+        max_ongoing_requests=max(64, max_batch_size),
+        max_n=max(64, images),
+        steps=steps,
+        resources=Resources(cpus=cpus, gpus=gpus),
+        max_queued_requests=1024,
+        **cap,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", help="a store with a generator (default: a synthetic one in a temp folder)")
@@ -398,7 +417,6 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 
-    from infra.config import Resources, ServeConfig
     from infra.store import Store
     from workers.generator import Generator
 
@@ -429,19 +447,7 @@ def main() -> None:
 
     ensure_ray()
     gpus = 1.0 if generator.device.type == "cuda" else 0.0
-    cap = {"max_batch_images_steps": max(4096, args.images * args.steps * args.max_batch_size)}
-    if "max_batch_images_steps" not in ServeConfig.model_fields:  # code from before the field (for "before" runs)
-        cap = {}
-    config = ServeConfig(
-        max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_ms / 1000,
-        max_ongoing_requests=max(64, args.max_batch_size),
-        max_n=max(64, args.images),
-        steps=args.steps,
-        resources=Resources(cpus=args.cpus, gpus=gpus),
-        max_queued_requests=1024,
-        **cap,
-    )
+    config = bench_config(args.max_batch_size, args.batch_wait_ms, args.images, args.steps, args.cpus, gpus)
     port = free_port()
     script = None
     if client == "wrk":
