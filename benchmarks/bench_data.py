@@ -118,3 +118,44 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class MemoryPeaks:
+    """Peaks of this process's resident memory by kind, sampled every ``every_s`` in a thread:
+    ``anon`` (its own heap: what grows if it collects data) and ``shmem`` (shared pages it has
+    touched, e.g. Ray's object store mapped in while reading blocks; they belong to the store,
+    whose size is capped). VmHWM alone adds both.
+
+        with MemoryPeaks() as peaks:
+            ...
+        peaks.mb  # {"anon": ..., "file": ..., "shmem": ...}
+    """
+
+    KINDS = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+
+    def __init__(self, every_s: float = 0.1):
+        import threading
+
+        self.every_s, self.mb = every_s, {kind: 0.0 for kind in self.KINDS.values()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        for line in open("/proc/self/status"):
+            kind = self.KINDS.get(line.split(" ", 1)[0].split("\t", 1)[0])
+            if kind:
+                self.mb[kind] = max(self.mb[kind], int(line.split()[1]) / 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.sample()
+
+    def __enter__(self) -> MemoryPeaks:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()

@@ -31,7 +31,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> dict:
     """Runs in its own process: ingest + latents at size n; returns the figures."""
-    from bench_data import commit_vae, peak_rss_mb, rss_mb
+    from bench_data import MemoryPeaks, commit_vae, peak_rss_mb, rss_mb
 
     from infra.cards import ImagesCard
     from infra.config import IngestConfig, LatentsConfig
@@ -47,12 +47,14 @@ def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> 
         source=source, image_size=image_size, channels=channels, limit=n if source == "shapes" else None
     )
     t = time.perf_counter()
-    images = run_ingest(store, config)
+    with MemoryPeaks() as ingest_peaks:
+        images = run_ingest(store, config)
     ingest_s = time.perf_counter() - t
     ingest_rss = peak_rss_mb()
     vae = commit_vae(store, channels=channels, image_size=image_size)
     t = time.perf_counter()
-    run_latents(store, LatentsConfig(), images, vae)
+    with MemoryPeaks() as latents_peaks:
+        run_latents(store, LatentsConfig(), images, vae)
     latents_s = time.perf_counter() - t
     rows = ImagesCard.from_manifest(images).n_images
     return {
@@ -65,6 +67,11 @@ def one_size(n: int, source: str, image_size: int, channels: int, root: str) -> 
         "driver_rss_mb": round(peak_rss_mb(), 1),
         "driver_rss_after_ray_mb": round(started_rss, 1),
         "driver_rss_after_ingest_mb": round(ingest_rss, 1),
+        # the driver's own heap (anon) apart from object-store pages it mapped in (shmem)
+        "ingest_anon_peak_mb": round(ingest_peaks.mb["anon"], 1),
+        "ingest_shmem_peak_mb": round(ingest_peaks.mb["shmem"], 1),
+        "latents_anon_peak_mb": round(latents_peaks.mb["anon"], 1),
+        "latents_shmem_peak_mb": round(latents_peaks.mb["shmem"], 1),
     }
 
 
@@ -122,13 +129,15 @@ def main() -> None:
     print()
     print(
         "| images | ingest s | ingest rows/s | latents s | latents rows/s | driver peak RSS MiB "
-        "| after ray.init | peak after ingest |"
+        "| after ray.init | peak after ingest | heap peak ingest / latents | object-store pages ingest / latents |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['rows']} | {r['ingest_s']} | {r['ingest_rows_per_s']} | {r['latents_s']} | {r['latents_rows_per_s']} | "
-            f"{r['driver_rss_mb']} | {r['driver_rss_after_ray_mb']} | {r['driver_rss_after_ingest_mb']} |"
+            f"{r['driver_rss_mb']} | {r['driver_rss_after_ray_mb']} | {r['driver_rss_after_ingest_mb']} | "
+            f"{r['ingest_anon_peak_mb']} / {r['latents_anon_peak_mb']} | "
+            f"{r['ingest_shmem_peak_mb']} / {r['latents_shmem_peak_mb']} |"
         )
     if args.json:
         print(
