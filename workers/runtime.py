@@ -137,10 +137,10 @@ def worker_env(threads: int) -> dict[str, str]:
 
     With several threads, libgomp's waiting threads spin ~1,000 times, not its default
     ~300,000, before they sleep (``GOMP_SPINCOUNT=1000``). Measured on 2 cores
-    (``benchmarks/threads_bench.py``): alone, the bounded spin keeps 0.85-0.96x of the
-    default's speed where sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) keeps 0.53x; with
-    a second such worker on the same cores, the default spin collapses (each spins on the
-    core the other needs) and the bounded spin runs 2.5x faster than it. ``OMP_WAIT_POLICY``
+    (``benchmarks/threads_bench.py``, two runs): alone, the bounded spin keeps 0.85-0.98x of
+    the default's speed where sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) keeps 0.53-0.54x;
+    with a second such worker on the same cores, the default spin collapses (each spins on the
+    core the other needs) and the bounded spin runs 1.65-2.55x faster than it. ``OMP_WAIT_POLICY``
     or ``GOMP_SPINCOUNT`` set in the driver's environment wins.
     """
     if threads <= 1:

@@ -93,7 +93,7 @@ def vae_state(store: Store, vae: Manifest, name: str = "vae") -> tuple[dict, dic
 
 
 def encoded_dataset(
-    store: Store, images: Manifest, spec: dict, state: Any, channels: int, config: LatentsConfig, n_images: int = 0
+    store: Store, images: Manifest, spec: dict, state: Any, channels: int, config: LatentsConfig, n_images: int
 ):
     """images table -> rows {id, split, label, mean, logvar}, encoded by an actor pool."""
     import ray.data
@@ -106,7 +106,7 @@ def encoded_dataset(
     # actor of the pool (on every node) gets work, in blocks of at most BLOCK_ROWS rows so the
     # driver, which writes the blocks as they come, holds a bounded amount whatever the
     # dataset's size. Order is kept (no shuffle).
-    blocks = max(4 * resources.workers, -(-n_images // BLOCK_ROWS), 1)
+    blocks = max(4 * resources.workers, -(-n_images // BLOCK_ROWS))
     ds = ds.repartition(blocks)
     threads = threads_for(resources.cpus, resources.workers, data_cores=0)
     return ds.map_batches(
