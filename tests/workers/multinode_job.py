@@ -12,6 +12,10 @@ import sys
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
+# The encoder pool starts work once both its actors are up. Ray Data's default starts with the first
+# actor ready, and on 96 tiny images that one can encode every block before the other has started
+# (CI saw it: every row from one node). What this job shows is where actors can run, not that race.
+os.environ["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"] = "300"
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -50,7 +54,7 @@ def main(folder: str) -> None:
                 measured_on=0,
             )
             vae_manifest = writer.commit(metrics=card.to_metrics())
-        # Three 2-CPU actors cannot share a 3-CPU node: they spread over both nodes.
+        # Two 2-CPU actors cannot share a 3-CPU node: they spread over both nodes.
         latents = run_latents(
             store, LatentsConfig(batch_size=8, resources=Resources(workers=2, cpus=2)), images, vae_manifest
         )
