@@ -1,8 +1,13 @@
 """The ``pipeline`` Prefect flow: one task per stage, in order, each a plain call into workers/.
 
-    ingest -> vae -> latents -> base -> (pairs -> reflow) x rounds -> consistency
-           -> features -> evaluate -> promote
+    ingest -> vae -> latents -> features -> base -> (pairs -> reflow) x rounds -> consistency
+           -> evaluate -> promote
                       latents -> ddpm (optional, ddpm.enabled) -> evaluate
+
+and a probe (``probe.enabled``) right after each generator stage: a few hundred samples per
+guidance scale, scored in the features stage's space (hence features first), whose warning
+reaches the Prefect UI (a warning log and the markdown artifact ``fewstep-probe-<model>``) and
+the command line (a ``WARNING`` line under the stage).
 
 Every stage is already a Ray driver, so the tasks run in the flow's own process (no Ray
 task runner); a task receives only its own config section, and what passes between tasks
@@ -26,7 +31,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from infra.cards import GeneratorCard  # noqa: E402
+from infra.cards import GeneratorCard, ProbeCard  # noqa: E402
 from infra.config import (  # noqa: E402
     ConsistencyConfig,
     DDPMConfig,
@@ -37,6 +42,7 @@ from infra.config import (  # noqa: E402
     LatentsConfig,
     PairsConfig,
     PipelineConfig,
+    ProbeConfig,
     ReflowConfig,
     ServeConfig,
     VAEConfig,
@@ -56,7 +62,8 @@ from workers.stages.s07_consistency import run_consistency  # noqa: E402
 from workers.stages.s08_ddpm import run_ddpm  # noqa: E402
 from workers.stages.s09_features import run_features  # noqa: E402
 from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
-from workers.stages.s11_promote import promote  # noqa: E402
+from workers.stages.s11_promote import Bar, promote  # noqa: E402
+from workers.stages.s12_probe import probe_best_guidance, run_probe  # noqa: E402, F401 - probe_best_guidance: for flows
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
 RETRY_DELAYS = [2, 10, 30]
@@ -192,6 +199,71 @@ def evaluate_task(
     return manifest.ref
 
 
+@stage_task("probe")
+def probe_task(
+    store_uri: str | None,
+    section: ProbeConfig,
+    ray_address: str | None,
+    model: str,
+    images: str,
+    vae: str,
+    features: str | None,
+    extractor: str | None,
+    extractor_kind: str,
+    label: str,
+) -> str:
+    """Probe one generator; its verdict goes to the log (a warning when it has not learned) and an artifact."""
+    ensure_ray(ray_address)
+    store = Store.open(store_uri)
+    manifest = run_probe(
+        store,
+        section,
+        store.get_ref(model),
+        store.get_ref(images),
+        store.get_ref(vae),
+        store.get_ref(features) if features else None,
+        extractor,
+        extractor_kind,
+    )
+    card = ProbeCard.from_manifest(manifest)
+    create_markdown_artifact(
+        key=f"fewstep-probe-{label}", markdown=probe_report(card, manifest.ref), description=f"{manifest.ref} — probe"
+    )
+    if card.learned:
+        get_run_logger().info("probe of %s: learned (best guidance %g)", model, card.best_guidance)
+    else:
+        get_run_logger().warning("probe: %s", card.verdict)
+    return manifest.ref
+
+
+def probe_report(card: ProbeCard, ref: str) -> str:
+    verdict = "learned" if card.learned else f"**WARNING** {card.verdict}"
+    lines = [
+        f"# Probe of `{card.model_ref}`",
+        "",
+        f"{verdict}",
+        "",
+        f"{card.n} samples per scale, {card.sampler} at {card.steps} step(s), features `{card.extractor}`; "
+        f"chance {fmt(card.chance)}; floor FID {fmt(card.floor_fid)} (class accuracy {fmt(card.floor_accuracy)}), "
+        f"VAE ceiling FID {fmt(card.ceiling_fid)} (class accuracy {fmt(card.ceiling_accuracy)}).",
+        "",
+        "| guidance | FID | interval | class accuracy | interval |",
+        "|---:|---:|---|---:|---|",
+    ]
+    for s in card.scales:
+        best = " (best)" if s["guidance"] == card.best_guidance else ""
+        lines.append(
+            f"| {s['guidance']:g}{best} | {fmt(s['fid'])} | [{fmt(s['fid_low'])}, {fmt(s['fid_high'])}] "
+            f"| {fmt(s['class_accuracy'])} | [{fmt(s['accuracy_low'])}, {fmt(s['accuracy_high'])}] |"
+        )
+    lines += ["", f"Probe `{ref}`; sample grids `grids/guidance-<g>.png` in the store."]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
 @task(
     name="promote",
     task_run_name="promote",
@@ -200,8 +272,13 @@ def evaluate_task(
     retry_condition_fn=retry_only_transient,
 )
 def promote_task(store_uri: str | None, section: ServeConfig, candidate: str, evaluation: str) -> dict:
-    decision = promote(Store.open(store_uri), candidate, evaluation, section.steps, solver=section.solver)
-    get_run_logger().info("promotion: %s", decision.reason)
+    decision = promote(
+        Store.open(store_uri), candidate, evaluation, section.steps, solver=section.solver, bar=Bar.of(section)
+    )
+    if decision.below_bar:
+        get_run_logger().warning("promotion: %s", decision.reason)
+    else:
+        get_run_logger().info("promotion: %s", decision.reason)
     return decision.as_dict()
 
 
@@ -237,7 +314,7 @@ def pipeline(
     create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
     create_markdown_artifact(
         key="fewstep-run-report",
-        markdown=run_report(refs, seconds, decision, served),
+        markdown=run_report(refs, seconds, decision, served, probe_warnings(store, refs)),
         description="fewstep run summary",
     )
     get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
@@ -249,7 +326,30 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
     refs["images"] = ingest_task(store_uri, cfg.ingest, ray_address)
     refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
+    features = None
+    if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
+        features = refs["features"] = features_task(store_uri, cfg.features, ray_address, refs["images"])
+
+    def probe(name: str, model: str) -> None:
+        """The cheap check after a generator stage: ``refs["probe_<name>"]``."""
+        if not cfg.probe.enabled:
+            return
+        label = name.replace("_", "-")
+        refs[f"probe_{name}"] = probe_task.with_options(name=f"probe-{label}", task_run_name=f"probe-{label}")(
+            store_uri,
+            cfg.probe,
+            ray_address,
+            model,
+            refs["images"],
+            refs["vae"],
+            features,
+            cfg.evaluate.extractor,
+            cfg.evaluate.extractor_kind,
+            label,
+        )
+
     refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"])
+    probe("base", refs["base"])
     distil_data = refs["latents"]
     for k in range(1, cfg.reflow.rounds + 1):
         pairs = pairs_task.with_options(name=f"pairs-{k}", task_run_name=f"pairs-{k}")(
@@ -259,23 +359,23 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
             store_uri, cfg.reflow, ray_address, teacher, pairs, k
         )
         refs[f"pairs_{k}"], refs[f"reflow_{k}"] = pairs, teacher
+        probe(f"reflow_{k}", teacher)
         distil_data = pairs
     if cfg.consistency.teacher == "base":
         teacher = refs["base"]
     if cfg.consistency.data == "latents":
         distil_data = refs["latents"]
     refs["consistency"] = consistency_task(store_uri, cfg.consistency, ray_address, teacher, distil_data)
+    probe("consistency", refs["consistency"])
     if cfg.ddpm.enabled:  # the diffusion baseline: evaluated beside the others, never the promotion candidate
         refs["ddpm"] = ddpm_task(store_uri, cfg.ddpm, ray_address, refs["latents"])
+        probe("ddpm", refs["ddpm"])
     generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
     if "ddpm" in refs:
         generators.append(refs["ddpm"])
     defender = served_on_same_data(Store.open(store_uri), refs["vae"])
     if defender is not None and defender not in generators:
         generators.append(defender)  # scored beside the candidate, so the promotion gate compares like with like
-    features = None
-    if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
-        features = refs["features"] = features_task(store_uri, cfg.features, ray_address, refs["images"])
     refs["evaluate"] = evaluate_task(
         store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"], features
     )
@@ -300,14 +400,31 @@ def current_run_id() -> str:
     return str(get_run_context().flow_run.id)
 
 
-def run_report(refs: dict[str, str], seconds: float, decision: dict, served: str | None) -> str:
+def probe_warnings(store: Store, refs: dict[str, str]) -> list[str]:
+    """The verdicts of this run's probes that are warnings, in stage order."""
+    cards = [ProbeCard.from_manifest(store.get_ref(ref)) for name, ref in refs.items() if name.startswith("probe_")]
+    return [card.verdict for card in cards if not card.learned]
+
+
+def served_line(decision: dict, served: str | None) -> str:
+    """What is served after this run, and why, in plain words."""
+    if served is None:
+        return f"**Nothing is served.** {decision['candidate']} was not promoted: {decision['reason']}"
+    return f"**Served model:** `{served}` — promotion: {decision['reason']}"
+
+
+def run_report(
+    refs: dict[str, str], seconds: float, decision: dict, served: str | None, warnings: list[str] = ()
+) -> str:
     lines = [
         "# fewstep run",
         "",
         f"Finished in {seconds:.1f} s.",
         "",
-        f"**Served model:** `{served or '(none)'}` — promotion: {decision['reason']}",
+        served_line(decision, served),
         "",
+        *[f"- **WARNING** {w}" for w in warnings],
+        *([""] if warnings else []),
         "| stage | ref |",
         "|---|---|",
     ]

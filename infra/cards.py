@@ -13,6 +13,7 @@ design (``None`` means "not measured") and say so in their comment.
     generator    GeneratorCard    base, ddpm, reflow, consistency (a LatentSpace)
     features     FeaturesCard     features
     evaluation   EvaluationCard   evaluate
+    probe        ProbeCard        probe
 """
 
 from __future__ import annotations
@@ -264,3 +265,42 @@ class EvaluationCard(Card):
     features_test_accuracy: float | None = None
     fid_resamples: int | None = None
     interval_level: float | None = None
+
+
+LEARNED = "learned"  # a probe's verdict when the model passes both bars
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeCard(Card):
+    """The cheap check after a generator stage: its samples at a few guidance scales, scored
+    against the real test split beside the floor and the VAE ceiling at the same n.
+
+    ``scales`` holds one entry per guidance scale: ``guidance``, ``fid``, ``fid_low``,
+    ``fid_high``, ``class_accuracy``, ``accuracy_low``, ``accuracy_high`` (accuracies None
+    without a classifier). ``verdict`` is :data:`LEARNED` or a plain-English warning that names
+    the figures and the likely fix."""
+
+    STAGES: ClassVar[tuple[str, ...]] = ("probe",)
+
+    model_ref: str
+    model_stage: str  # base, reflow, consistency, ddpm
+    sampler: str
+    steps: int
+    n: int
+    extractor: str
+    scales: tuple[dict[str, Any], ...]
+    best_guidance: float  # the scale of the lowest FID
+    verdict: str
+    chance: float | None = None  # 1 / num_classes; None for unlabelled data
+    floor_fid: float | None = None
+    ceiling_fid: float | None = None
+    floor_accuracy: float | None = None  # the classifier on real train images
+    ceiling_accuracy: float | None = None  # on their VAE reconstructions
+
+    @property
+    def learned(self) -> bool:
+        return self.verdict == LEARNED
+
+    @property
+    def best(self) -> dict[str, Any]:
+        return next(s for s in self.scales if s["guidance"] == self.best_guidance)

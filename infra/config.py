@@ -312,6 +312,38 @@ class EvaluateConfig(Section):
         return self
 
 
+class ProbeConfig(Section):
+    """The cheap check after each generator stage (s12_probe): has this model learned the data?
+
+    ``n`` images per guidance scale (one scale for a distilled student, which takes no guidance,
+    and for unlabelled data), FID against the real test split and class accuracy, beside the
+    floor (real train images) and the VAE ceiling at the same ``n``. The verdict warns when the
+    class accuracy is below ``min_accuracy_over_chance`` x chance (0: never) or the FID's excess
+    over the floor is above ``max_excess_over_ceiling`` x the VAE ceiling's (None: never)."""
+
+    enabled: bool = True
+    n: int = Field(500, ge=2, le=MAX_EVAL_IMAGES)  # generated images per guidance scale
+    guidance: tuple[float, ...] = (1.0, 2.0, 4.0)
+    steps: int = Field(16, ge=1, le=MAX_NFE)  # flow (Euler) and diffusion models
+    student_steps: int = Field(4, ge=1, le=MAX_NFE)  # distilled students (capped by their time grid)
+    min_accuracy_over_chance: float = Field(2.0, ge=0, le=1000)
+    max_excess_over_ceiling: float | None = Field(10.0, gt=0, le=1e6)
+    fid_resamples: int = Field(50, ge=2, le=100_000)  # bootstrap draws behind the FID interval
+    interval_level: float = Field(0.95, gt=0, lt=1)
+    seed: int = Field(1234, ge=0, lt=SEED_LIMIT)
+    resources: Resources = Resources()  # the one Ray task that draws and scores
+
+    @field_validator("guidance")
+    @classmethod
+    def _scales(cls, guidance: tuple[float, ...]) -> tuple[float, ...]:
+        if not guidance:
+            raise ValueError("give at least one guidance scale, e.g. [1.0, 2.0, 4.0]")
+        bad = [g for g in guidance if not 0 <= g <= MAX_GUIDANCE]
+        if bad:
+            raise ValueError(f"guidance scales {bad} are outside 0..{MAX_GUIDANCE}")
+        return tuple(sorted(set(guidance)))
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
@@ -339,6 +371,12 @@ class ServeConfig(Section):
     )  # a model that failed to load is tried again after this (doubling)
     max_replicas: int | None = Field(None, ge=1, le=MAX_WORKERS)  # set: autoscale between resources.workers and this
     target_ongoing_requests: float = Field(8.0, gt=0, le=10**6)  # the autoscaler's per-replica target
+    # The promotion gate's absolute bar, read from the evaluation at the served steps, before any
+    # comparison with the served model: a candidate whose class accuracy is below this x chance
+    # (0: no bar), or whose FID excess over the floor is above this x the VAE ceiling's (None: no
+    # bar), is refused, even when nothing is served.
+    min_accuracy_over_chance: float = Field(2.0, ge=0, le=1000)
+    max_excess_over_ceiling: float | None = Field(10.0, gt=0, le=1e6)
     resources: Resources = Resources()  # workers = replicas (the autoscaling minimum with max_replicas)
 
     @model_validator(mode="after")
@@ -374,6 +412,7 @@ class PipelineConfig(Section):
     consistency: ConsistencyConfig = ConsistencyConfig()
     features: FeaturesConfig = FeaturesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    probe: ProbeConfig = ProbeConfig()
     serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
@@ -402,7 +441,7 @@ class PipelineConfig(Section):
 # Overrides of the defaults above. "default" is the quality preset (about 10 min on
 # 2 CPU cores); "quick" runs the whole chain in a few minutes, for trying it and for tests.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {"probe": {"n": 500}},
     "quick": {
         "ingest": {"limit": 600},
         "vae": {"steps": 150, "base_channels": 16, "batch_size": 64, "warmup_steps": 15},
@@ -413,6 +452,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
         "features": {"steps": 150},
         "evaluate": {"n": 200, "flow_steps": [1, 2, 4, 8], "flow_solvers": ["euler"], "consistency_steps": [1, 2]},
+        "probe": {"n": 200, "student_steps": 2},  # the student's largest evaluated step count
     },
     # The RGB quality benchmark: procedural 32x32 shapes, every method (two reflow rounds and the
     # DDPM baseline included), intervals on every number. Sized to finish in ~30 min on 2 CPU cores.
@@ -434,6 +474,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "consistency_steps": [1, 2, 4],
             "diffusion_steps": [10, 50, 250],
         },
+        "probe": {"n": 500, "student_steps": 4},
     },
 }
 

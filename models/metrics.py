@@ -480,6 +480,18 @@ def fid_interval(real: Tensor, fake: Tensor, resamples: int = 100, level: float 
     return interval(fid_draws(real, {"fake": fake}, resamples=resamples, seed=seed)["fake"], level)
 
 
+def accuracy_draws(correct: Tensor, resamples: int = 100, seed: int = 0) -> Draws:
+    """Class accuracy (the share of True in ``correct`` (N,)) on all rows and on ``resamples``
+    bootstrap resamples of the rows (seeded CPU indices), for :func:`interval`."""
+    if resamples < 2:
+        raise ValueError(f"resamples={resamples} must be at least 2 to give an interval")
+    if correct.ndim != 1 or correct.shape[0] == 0:
+        raise ValueError(f"accuracy_draws needs a non-empty (N,) vector of hits, got shape {tuple(correct.shape)}")
+    hits = correct.to(torch.float64).cpu()
+    index = torch.randint(0, hits.shape[0], (resamples, hits.shape[0]), generator=_generator(seed, "accuracy"))
+    return Draws(value=float(hits.mean()), draws=hits[index].mean(dim=1))
+
+
 def excess_ratio(row: Draws, baseline: Draws, floor: Draws, level: float = 0.95) -> Interval:
     """How far ``row`` is above the floor, as a multiple of how far ``baseline`` is above it.
 

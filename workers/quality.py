@@ -8,14 +8,19 @@ over the floor is what a model adds. Each ratio carries a bootstrap interval fro
 paired draws (:func:`models.metrics.excess_ratio`): the floor, the baseline and the row were
 resampled on the same reference rows in every draw. A bar is met when its interval's upper
 end is at or below the bar; a difference inside its interval is not a result.
+
+The absolute bar (:func:`shortfalls`, :func:`learned_verdict`) asks a different question of one
+model: has it learned the data at all? The probe stage and the promotion gate both ask it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from infra.cards import LEARNED
 from infra.metrics_table import FLOOR, Row, best_row, reference_row, row_key, stage_of
 from models.metrics import Draws, excess_ratio
 
@@ -112,3 +117,82 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
             "consistency@1 / base@1", consistency_1, best_row(rows, stage="base", steps=1, nfe=1), rows, draws, level
         ),
     ]
+
+
+# --------------------------------------------------------------------------- has it learned?
+
+# The likely fix when a model of this stage has not learned the data, in the config's own words.
+FIXES = {
+    "base": "raise base.steps or use a larger base.model",
+    "reflow": "check the base model's probe first; then raise reflow.steps or pairs.pairs",
+    "consistency": "check its teacher's probe first; then raise consistency.steps",
+    "ddpm": "raise ddpm.steps or use a larger ddpm.model",
+}
+
+
+def fix_for(stage: str) -> str:
+    return FIXES.get(stage, f"train it longer ({stage}.steps) or use a larger model")
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the absolute bar reads of one model at one setting, beside the references at the same n."""
+
+    fid: float | None
+    floor_fid: float | None  # real train images vs the test split
+    ceiling_fid: float | None  # their VAE reconstructions
+    class_accuracy: float | None = None  # None: no classifier
+    chance: float | None = None  # 1 / num_classes; None: unlabelled
+    real_accuracy: float | None = None  # the classifier on the real images (the floor's)
+
+
+def shortfalls(
+    figures: Figures, min_accuracy_over_chance: float, max_excess_over_ceiling: float | None, at: str = ""
+) -> list[str]:
+    """Where ``figures`` miss the absolute bar, each in plain words with its numbers (empty: none).
+
+    class accuracy < ``min_accuracy_over_chance`` x chance                  (0: no accuracy bar)
+    FID - floor    > ``max_excess_over_ceiling`` x (ceiling FID - floor)    (None: no FID bar)
+
+    A figure that was not measured (no classifier, unlabelled data, a ceiling not above the
+    floor) is not held against the model."""
+    where = f" {at}" if at else ""
+    out = []
+    f = figures
+    if min_accuracy_over_chance > 0 and finite(f.class_accuracy) and f.chance:
+        bar = min_accuracy_over_chance * f.chance
+        if f.class_accuracy < bar:
+            real = f", real images {f.real_accuracy:.2f}" if finite(f.real_accuracy) else ""
+            out.append(
+                f"class accuracy {f.class_accuracy:.2f}{where} (chance {f.chance:.2f}{real}; "
+                f"the bar is {min_accuracy_over_chance:g}x chance = {bar:.2f})"
+            )
+    if max_excess_over_ceiling is not None and all(finite(v) for v in (f.fid, f.floor_fid, f.ceiling_fid)):
+        ceiling_excess, excess = f.ceiling_fid - f.floor_fid, f.fid - f.floor_fid
+        if ceiling_excess > 0 and excess > max_excess_over_ceiling * ceiling_excess:
+            out.append(
+                f"FID {f.fid:.4g}{where} is {excess:.4g} above the floor {f.floor_fid:.4g}, "
+                f"{excess / ceiling_excess:.3g}x the VAE ceiling's excess {ceiling_excess:.3g} "
+                f"(the bar is {max_excess_over_ceiling:g}x)"
+            )
+    return out
+
+
+def learned_verdict(
+    ref: str,
+    figures: Figures,
+    min_accuracy_over_chance: float,
+    max_excess_over_ceiling: float | None,
+    at: str = "",
+) -> str:
+    """:data:`infra.cards.LEARNED`, or a one-line warning naming the model, its figures and the fix."""
+    problems = shortfalls(figures, min_accuracy_over_chance, max_excess_over_ceiling, at)
+    if not problems:
+        return LEARNED
+    stage, _, key = ref.partition("/")
+    name = f"{stage}/{key[:4]}…" if len(key) > 4 else ref
+    return f"{name}: {'; '.join(problems)}: this model has not learned the data; {fix_for(stage)}"
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

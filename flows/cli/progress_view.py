@@ -3,6 +3,11 @@
     ✓ ingest        2.1 s   600 images (480 train, 120 test), 10 classes
     ▸ base        [#######.............]  35%  1050/3000  ETA 1m12s  loss 0.412
     = latents     reused latents/3f2a9c0d1e2b4a5c
+    ✓ probe        21.4 s  base/ab12…: best guidance 2: FID 364, class accuracy 0.15 (chance 0.1)
+    WARNING base/ab12…: class accuracy 0.15 at its best guidance 2 (chance 0.10, ...): this model has not learned ...
+
+A stage whose output carries a warning (a probe's verdict) gets a plain ``WARNING`` line under
+its own, whether it ran or was reused.
 
 On a terminal the running stage's line is redrawn in place; elsewhere (CI logs) a progress
 line is printed at most every :data:`QUIET_EVERY_S` seconds. Everything else (Ray's and
@@ -24,6 +29,7 @@ from infra.cards import (
     ImagesCard,
     LatentsCard,
     PairsCard,
+    ProbeCard,
     VAECard,
 )
 
@@ -75,6 +81,20 @@ def evaluation_headline(m: Any) -> str:
     return f"{c.rows} rows, best FID {_num((c.best or {}).get('fid'))} (floor {_num(c.floor_fid)}, VAE ceiling {_num(c.vae_fid)})"
 
 
+def probe_headline(m: Any) -> str:
+    c = ProbeCard.from_manifest(m)
+    stage, _, key = c.model_ref.partition("/")
+    best = c.best
+    accuracy = f", class accuracy {_num(best['class_accuracy'], 2)} (chance {_num(c.chance, 2)})" if c.chance else ""
+    verdict = "learned" if c.learned else "NOT learned"
+    return f"{stage}/{key[:4]}…: {verdict}; best guidance {best['guidance']:g}: FID {_num(best['fid'])}{accuracy}"
+
+
+def probe_warning(m: Any) -> str | None:
+    c = ProbeCard.from_manifest(m)
+    return None if c.learned else c.verdict
+
+
 # What the view says about a finished stage, from its card.
 HEADLINES: dict[str, Callable[[Any], str]] = {
     "ingest": images_headline,
@@ -84,7 +104,10 @@ HEADLINES: dict[str, Callable[[Any], str]] = {
     **{stage: generator_headline for stage in GeneratorCard.STAGES},
     "features": features_headline,
     "evaluate": evaluation_headline,
+    "probe": probe_headline,
 }
+# A warning the user must see under a stage's line (None: none), from its card.
+WARNINGS: dict[str, Callable[[Any], str | None]] = {"probe": probe_warning}
 
 
 class ProgressView:
@@ -112,6 +135,15 @@ class ProgressView:
 
     def reused(self, stage: str, manifest: Any) -> None:
         self._line(f"= {stage:<12} reused {manifest.ref}")
+        self._warn(stage, manifest)
+
+    def _warn(self, stage: str, manifest: Any) -> None:
+        try:
+            warning = WARNINGS[stage](manifest) if stage in WARNINGS else None
+        except Exception:  # noqa: BLE001 - a warning line never fails the run
+            warning = None
+        if warning:
+            self._line(f"WARNING {warning}")
 
     def finished(self, stage: str, manifest: Any) -> None:
         seconds = time.perf_counter() - self.started_at.get(stage, time.perf_counter())
@@ -120,6 +152,7 @@ class ProgressView:
         except Exception as error:  # noqa: BLE001 - a headline never fails the run
             headline = f"({type(error).__name__})"
         self._line(f"✓ {stage:<12} {seconds:6.1f} s  {headline}")
+        self._warn(stage, manifest)
 
     def advanced(self, stage: str, done: int, total: int, note: str) -> None:
         now = time.perf_counter()

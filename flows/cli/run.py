@@ -99,10 +99,19 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         one = min((r["fid"] for r in mine if r["steps"] == 1), default=None)
         best_text = f"{fmt(best['fid'])} ({best['sampler']}@{best['steps']})" if best else "–"
         lines.append(f"  {model:<14} {best_text:<24} {fmt(one):<10}")
+    from flows.pipeline import probe_warnings
+
     promotion = summary["promotion"]
+    warnings = probe_warnings(store, refs)
+    if warnings:
+        lines += ["", *[f"  WARNING {w}" for w in warnings]]
+    if summary["served"] is None:
+        served = f"  served: nothing — {promotion['candidate']} was not promoted: {promotion['reason']}"
+    else:
+        served = f"  served: {summary['served']} — {promotion['reason']}"
     lines += [
         "",
-        f"  served: {summary['served'] or '(none)'} — {promotion['reason']}",
+        served,
         f"  serve it:    fewstep serve --store {store.uri}",
         f"  report:      {report_location(store, evaluation)}",
     ]

@@ -32,8 +32,11 @@ TINY = {
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "features": {"steps": 30, "batch_size": 32},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
+    "probe": {"n": 32, "steps": 2, "student_steps": 1, "fid_resamples": 10},
+    # A few training steps learn nothing: the absolute bar is off so the flow's promotion runs.
+    "serve": {"min_accuracy_over_chance": 0.0, "max_excess_over_ceiling": None},
 }
-STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate"}
+STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate", "probe"}
 # The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps.
 WITH_DDPM = {
     **TINY,
@@ -81,7 +84,16 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     changed = load_config("quick", overrides={**WITH_DDPM, "consistency": {**TINY["consistency"], "intervals": 3}})
     third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
     same = {name for name in first["refs"] if third["refs"][name] == first["refs"][name]}
-    assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "features"}
+    assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "features"} | {
+        "probe_base",
+        "probe_reflow_1",
+        "probe_ddpm",
+    }
+    # A probe after each generator stage, keyed by its model.
+    probes = {name: first["refs"][f"probe_{name}"] for name in ("base", "reflow_1", "consistency", "ddpm")}
+    assert {name: store.get_ref(ref).inputs[0] for name, ref in probes.items()} == {
+        name: first["refs"][name] for name in probes
+    }
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import io
 
 from flows.cli import progress_view
 from flows.cli.progress_view import ProgressView
-from infra.cards import ImagesCard
+from infra.cards import LEARNED, ImagesCard, ProbeCard
 
 
 class Committed:
@@ -65,3 +65,39 @@ def test_a_headline_never_fails_the_run():
     out = io.StringIO()
     ProgressView(out, tty=False).finished("ingest", Committed("ingest", {"n_images": 1}))  # a card field missing
     assert "✓ ingest" in out.getvalue() and "(CardError)" in out.getvalue()
+
+
+def probe(verdict: str) -> Committed:
+    card = ProbeCard(
+        model_ref="base/ab12cd34ef",
+        model_stage="base",
+        sampler="euler",
+        steps=16,
+        n=500,
+        extractor="features/f",
+        scales=(
+            {"guidance": 1.0, "fid": 393.0, "class_accuracy": 0.12},
+            {"guidance": 2.0, "fid": 364.0, "class_accuracy": 0.15},
+        ),
+        best_guidance=2.0,
+        verdict=verdict,
+        chance=0.1,
+    )
+    return Committed("probe", card.to_metrics())
+
+
+def test_a_probe_that_did_not_learn_prints_a_plain_warning_line_ran_or_reused():
+    out = io.StringIO()
+    view = ProgressView(out, tty=True)
+    warning = "base/ab12…: class accuracy 0.15 at its best guidance 2 (chance 0.10): this model has not learned"
+    view.started("probe")
+    view.finished("probe", probe(warning))
+    view.reused("probe", probe(warning))
+    view.finished("probe", probe(LEARNED))
+    lines = out.getvalue().replace("\r\x1b[2K", "\n").split("\n")
+    lines = [line for line in lines if line and "running" not in line]
+    assert lines[0].startswith("✓ probe") and "base/ab12…: NOT learned; best guidance 2: FID 364" in lines[0]
+    assert "class accuracy 0.15 (chance 0.1)" in lines[0]
+    assert lines[1] == f"WARNING {warning}"
+    assert lines[2] == "= probe        reused probe/0123456789abcdef" and lines[3] == f"WARNING {warning}"
+    assert "learned; best guidance 2" in lines[4] and len(lines) == 5  # a model that learned: no warning

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 
 from infra.cards import GeneratorCard
-from infra.metrics_table import COLUMNS
+from infra.metrics_table import CEILING, COLUMNS, FLOOR, REFERENCE
 from infra.store import Store
-from workers.stages.s11_promote import PromotionDecision, Scored, decide, promote
+from workers.stages.s11_promote import Bar, PromotionDecision, Scored, decide, promote
 
 STEPS = 2
 
@@ -186,3 +186,75 @@ def test_promote_takes_a_lookup_function_and_checks_what_it_promotes(local_store
         promote(store, vae_manifest.ref, lookup, served_steps=4)
     with pytest.raises(ValueError, match="pass an 'evaluate' ref"):
         promote(store, a.ref, vae_manifest.ref, served_steps=4)
+
+
+def reference(name: str, fid: float, accuracy: float | None = None) -> dict:
+    """A floor or ceiling row, as the evaluation writes them."""
+    values = dict.fromkeys(COLUMNS)
+    values.update(model=name, stage_key="ingest/i", sampler=REFERENCE, steps=0, nfe=0, n=100, extractor="test", fid=fid)
+    values["class_accuracy"] = accuracy
+    return values
+
+
+def commit_labelled(store: Store, stage: str, key: str, family: str, num_classes: int = 10):
+    with store.begin(stage, key, config={"key": key}) as writer:
+        writer.write_json("note", {"what": "promotion test model"})
+        card = GeneratorCard(
+            family=family, steps=0, latent_shape=(2, 4, 4), num_classes=num_classes, latent_scale=1.0, vae_ref="vae/v"
+        )
+        return writer.commit(metrics=card.to_metrics())
+
+
+def test_the_absolute_bar_refuses_a_model_that_did_not_learn_even_with_nothing_served(local_store):
+    store, bar = local_store, Bar(min_accuracy_over_chance=2.0, max_excess_over_ceiling=10.0)
+    near_chance = commit_labelled(store, "consistency", "chance", "consistency")
+    far_from_ceiling = commit_labelled(store, "consistency", "far", "consistency")
+    learned = commit_labelled(store, "consistency", "learned", "consistency")
+    floor, ceiling = reference(FLOOR, 7.4, 0.99), reference(CEILING, 14.5, 0.93)
+    rows = [
+        floor,
+        ceiling,
+        # Lowest FID at the served steps over the guidance column: the 2.0 row, class accuracy 0.15.
+        {**row(near_chance, "consistency", STEPS, 60.0), "class_accuracy": 0.15, "guidance": 2.0},
+        {**row(near_chance, "consistency", STEPS, 90.0), "class_accuracy": 0.9, "guidance": 4.0},
+        {**row(far_from_ceiling, "consistency", STEPS, 364.0), "class_accuracy": 0.6},
+        {**row(learned, "consistency", STEPS, 60.0), "class_accuracy": 0.6},
+    ]
+    evaluation = commit_evaluation(store, "e-bar", [near_chance, far_from_ceiling, learned], rows)
+
+    decision = promote(store, near_chance.ref, evaluation.ref, served_steps=STEPS, bar=bar)
+    assert not decision.promoted and decision.below_bar and decision.current is None
+    assert "class accuracy 0.15 at the served 2 step(s) with consistency (chance 0.10, real images 0.99" in (
+        decision.reason
+    )
+    assert "has not learned the data; check its teacher's probe first; then raise consistency.steps" in decision.reason
+    assert store.get_pointer("serving/current") is None  # nothing is served that did not learn
+
+    # FID 364: 356.6 above the floor, 50x the ceiling's 7.1 (bar 10x).
+    decision = promote(store, far_from_ceiling.ref, evaluation.ref, served_steps=STEPS, bar=bar)
+    assert not decision.promoted and decision.below_bar and "50.2x the VAE ceiling's excess 7.1" in decision.reason
+    assert store.get_pointer("serving/current") is None
+
+    # Above both bars (0.6 >= 0.2; 52.6 <= 71): promoted; then, served, a model below the bar is
+    # refused before any comparison, even though its FID is no worse than the served one.
+    decision = promote(store, learned.ref, evaluation.ref, served_steps=STEPS, bar=bar)
+    assert decision.promoted and not decision.below_bar, decision.reason
+    decision = promote(store, near_chance.ref, evaluation.ref, served_steps=STEPS, bar=bar)
+    assert not decision.promoted and decision.below_bar and decision.current == learned.ref
+    assert "vs the served" not in decision.reason and decision.difference is None  # no comparison ran
+    assert store.get_pointer("serving/current") == learned.ref
+
+    # Without the bar, the same near-chance model passes the comparison (the old gate).
+    assert promote(store, near_chance.ref, evaluation.ref, served_steps=STEPS).promoted
+
+
+def test_the_bar_needs_an_evaluated_candidate_and_ignores_what_was_not_measured():
+    bar = Bar(2.0, 10.0)
+    unlabelled = score(60.0)
+    assert decide("base/new", None, STEPS, "euler", unlabelled, None, bar=bar, chance=None).promoted
+    refused = decide("base/new", None, STEPS, "euler", None, None, bar=bar, chance=0.1)
+    assert not refused.promoted and refused.below_bar and "nothing shows it learned" in refused.reason
+    off = Bar(0.0, None)
+    low = Scored(500.0, None, None, "evaluate/e", class_accuracy=0.1, floor_fid=7.0, ceiling_fid=8.0)
+    assert decide("base/new", None, STEPS, "euler", low, None, bar=off, chance=0.1).promoted
+    assert not decide("base/new", None, STEPS, "euler", low, None, bar=bar, chance=0.1).promoted

@@ -129,7 +129,9 @@ def test_no_secret_anywhere_after_an_s3_run_and_serve(prefect_harness, ray_local
     secret, bucket = s3_server.secret_access_key.encode(), s3_uri.split("/")[2]
     port = kit.free_port()
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "serve": {"host": "127.0.0.1", "port": port, "poll_s": 0.5}}))
+    config.write_text(
+        yaml.safe_dump({**TINY, "serve": {**TINY["serve"], "host": "127.0.0.1", "port": port, "poll_s": 0.5}})
+    )
     api_url = PREFECT_API_URL.value()
     env = dict(os.environ, PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1")
     console = tmp_path / "console.log"

@@ -10,7 +10,8 @@
     s08_ddpm         optional: the DDPM baseline, eps-prediction of the same DiT (Ray Train)
     s09_features     the evaluation's feature space: a classifier, or an encoder for unlabelled data
     s10_evaluate     FID against steps for every model (Ray tasks)
-    s11_promote      move serving/current when the candidate is not worse (plain code)
+    s11_promote      move serving/current when the candidate learned and is not worse (plain code)
+    s12_probe        after each generator stage: has it learned? a few hundred samples per guidance
 
 A stage never imports another stage: what two stages share lives in a library module of
 ``workers/`` (pixels, data, batches, generator, train, runner, scoring, report, ...).
@@ -30,6 +31,7 @@ STAGE_MODULES = {
     "ddpm": "workers.stages.s08_ddpm",
     "features": "workers.stages.s09_features",
     "evaluate": "workers.stages.s10_evaluate",
+    "probe": "workers.stages.s12_probe",
 }
 
 

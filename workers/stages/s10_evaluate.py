@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from torch import nn
 
 from infra.cards import FeaturesCard, GeneratorCard, ImagesCard, VAECard
 from infra.config import ConfigError, EvaluateConfig
@@ -49,22 +48,18 @@ from infra.store import Manifest, StageWriter, Store
 from models.metrics import class_accuracy, fid_draws, interval, kid_draws, precision_recall
 from models.samplers import straightness
 from workers import progress
-from workers.data import read_split
 from workers.generator import Generator, Request
-from workers.pixels import tensor_to_uint8, to_model_range
 from workers.quality import quality_ratios
+from workers.references import GEN_CHUNK, ReferenceResult, chunk_seed, evaluate_references, requested_labels
 from workers.report import Evaluation, make_grid, write_evaluation
 from workers.runner import run_stage
 from workers.runtime import remote_options
 from workers.scoring import ExtractorSource, Scored, Scorer, extractor_source
-from workers.vae_kinds import load_vae
 
 log = logging.getLogger("fewstep.evaluate")
 
 STAGE = "evaluate"
-GEN_CHUNK = 250  # images per forward pass; fixed, because the chunk seeds depend on it
 STRAIGHTNESS_BATCH = 64
-MAX_REAL = 10_000  # real images per split that the features are computed on
 
 
 # --------------------------------------------------------------------------- what to evaluate
@@ -171,25 +166,6 @@ class CellResult:
     straightness: float | None
 
 
-@dataclass(frozen=True)
-class ReferenceResult:
-    test: Scored
-    train: Scored
-    recon: Scored
-    recon_seconds: float
-    grids: dict[str, bytes]
-
-
-def chunk_seed(seed: int, chunk: int) -> int:
-    """Distinct per chunk, so (chunk seed, row) -> row_seed never repeats a draw within a cell."""
-    return int(seed) * 100_003 + int(chunk)
-
-
-def requested_labels(n: int, num_classes: int) -> np.ndarray:
-    """Class i mod K for image i (K = 0: every image unconditional, labelled K)."""
-    return np.arange(n) % num_classes if num_classes > 0 else np.full(n, num_classes)
-
-
 def cell_request(generator: Generator, cell: Cell, labels: np.ndarray, seed: int) -> Request:
     asked = tuple(int(y) for y in labels) if generator.num_classes else None
     return Request(
@@ -229,47 +205,6 @@ def measure_straightness(generator: Generator, cell: Cell, seed: int) -> float:
         generator.net, list(noise), y, cell.steps, cell.guidance, return_path=True
     )
     return float(straightness(out.path, out.times))
-
-
-@torch.no_grad()
-def reconstruct(vae: nn.Module, pixels: np.ndarray, device: torch.device, batch: int = 256) -> np.ndarray:
-    """x_hat = decode(mean of q(z | x)) for uint8 (N, H, W, C) images -> uint8 (N, H, W, C)."""
-    out = []
-    for start in range(0, len(pixels), batch):
-        x = torch.from_numpy(to_model_range(pixels[start : start + batch])).to(device)  # (B, C, H, W)
-        out.append(tensor_to_uint8(vae.decode(vae.encode(x).mean)))
-    return np.concatenate(out)
-
-
-def evaluate_references(
-    store: Store,
-    images_ref: str,
-    vae_ref: str,
-    n: int,
-    source: ExtractorSource,
-    features_ref: str | None,
-    device: str = "cpu",
-) -> ReferenceResult:
-    """Real test images (the target), the first ``n`` train images (the floor) and their VAE reconstructions."""
-    images = store.get_ref(images_ref)
-    num_classes = ImagesCard.from_manifest(images).num_classes
-    test = read_split(store, images, "test", MAX_REAL)
-    train = read_split(store, images, "train", min(n, MAX_REAL))
-    vae = load_vae(store, store.get_ref(vae_ref)).to(device)
-    started = time.perf_counter()
-    recon = reconstruct(vae, train.pixels, torch.device(device))
-    recon_seconds = time.perf_counter() - started
-    scorer = Scorer.load(store, source, features_ref, device)
-    return ReferenceResult(
-        test=scorer.score(test.pixels, test.labels),
-        train=scorer.score(train.pixels, train.labels),
-        recon=scorer.score(recon, train.labels),
-        recon_seconds=recon_seconds,
-        grids={
-            "grids/real-test.png": make_grid(test.pixels, test.labels, num_classes),
-            "grids/vae-recon.png": make_grid(recon, train.labels, num_classes),
-        },
-    )
 
 
 _cell_task = ray.remote(evaluate_cell)

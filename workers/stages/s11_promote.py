@@ -1,5 +1,10 @@
-"""Stage 11, promote: point ``serving/current`` at a candidate only if it is not worse.
+"""Stage 11, promote: point ``serving/current`` at a candidate only if it learned and is not worse.
 
+    refuse   if   the candidate is below the absolute bar (checked first, even when nothing is
+                  served; ``serve.min_accuracy_over_chance``, ``serve.max_excess_over_ceiling``):
+                      class accuracy(k) < bar x chance, or
+                      FID(k) - floor > bar x (VAE ceiling FID - floor)
+                  read from the evaluation's table (its floor and ceiling rows) at the served steps
     promote  iff  nothing is served yet
              or   the candidate is not worse than the served model beyond the interval:
                   one evaluation scored both -> the paired bootstrap interval of
@@ -24,18 +29,19 @@ by compare-and-swap. Plain code: no Ray, no Prefect; running apps follow the poi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
-from infra.cards import GeneratorCard
+from infra.cards import LEARNED, GeneratorCard
 from infra.errors import PointerMoved
-from infra.metrics_table import measured_as, read_draws, read_rows, row_at, row_key
+from infra.metrics_table import CEILING, FLOOR, measured_as, read_draws, read_rows, reference_row, row_at, row_key
 from infra.store import SERVING_POINTER, Manifest, Store
 from models.metrics import Draws, interval
 from models.sampling import preferred_sampler
+from workers.quality import Figures, learned_verdict
 
 POINTER = SERVING_POINTER
 EVALUATE = "evaluate"  # the stage whose metrics table holds the FIDs
@@ -51,6 +57,22 @@ class Scored:
     high: float | None
     evaluation: str  # the evaluate ref it comes from
     draws: tuple[float, ...] = ()  # paired bootstrap draws: comparable within one evaluation
+    class_accuracy: float | None = None  # of its samples (None: no classifier)
+    floor_fid: float | None = None  # the evaluation's reference rows, at the same n
+    ceiling_fid: float | None = None
+    real_accuracy: float | None = None  # the classifier on the floor's real images
+
+
+@dataclass(frozen=True)
+class Bar:
+    """The absolute bar (``ServeConfig``): below it a candidate has not learned the data."""
+
+    min_accuracy_over_chance: float = 2.0  # 0: no accuracy bar
+    max_excess_over_ceiling: float | None = 10.0  # None: no FID bar
+
+    @classmethod
+    def of(cls, serve: Any) -> Bar:
+        return cls(serve.min_accuracy_over_chance, serve.max_excess_over_ceiling)
 
 
 Lookup = Callable[[str, int, str], "Scored | None"]  # (model ref, steps, sampler) -> its FID
@@ -67,6 +89,7 @@ class PromotionDecision:
     current_fid: float | None
     difference: tuple[float, float] | None  # interval of FID_candidate - FID_current, when paired
     reason: str
+    below_bar: bool = False  # refused by the absolute bar: it has not learned the data
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,18 +116,53 @@ def decide(
     candidate_score: Scored | None,
     current_score: Scored | None,
     level: float = 0.95,
+    bar: Bar | None = None,
+    chance: float | None = None,
 ) -> PromotionDecision:
-    """The gate itself, on the scores only (see the module docstring)."""
+    """The gate itself, on the scores only (see the module docstring). ``bar``: the absolute bar
+    (None: none); ``chance``: 1 / the candidate's number of classes (None: unlabelled)."""
     candidate_fid = candidate_score.fid if candidate_score is not None else None
     current_fid = current_score.fid if current_score is not None else None
 
-    def verdict(promoted: bool, reason: str, difference: tuple[float, float] | None = None) -> PromotionDecision:
+    def verdict(
+        promoted: bool, reason: str, difference: tuple[float, float] | None = None, below_bar: bool = False
+    ) -> PromotionDecision:
         return PromotionDecision(
-            promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference, reason
+            promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference, reason, below_bar
         )
 
     if current == candidate:
         return verdict(False, f"{candidate} is already served")
+    if bar is not None:
+        if not finite(candidate_fid):
+            return verdict(
+                False,
+                f"{candidate} has no finite FID at {steps} step(s) with {sampler} (got {candidate_fid}), so "
+                "nothing shows it learned the data; evaluate it at the served step count before promoting",
+                below_bar=True,
+            )
+        figures = Figures(
+            fid=candidate_fid,
+            floor_fid=candidate_score.floor_fid,
+            ceiling_fid=candidate_score.ceiling_fid,
+            class_accuracy=candidate_score.class_accuracy,
+            chance=chance,
+            real_accuracy=candidate_score.real_accuracy,
+        )
+        learned = learned_verdict(
+            candidate,
+            figures,
+            bar.min_accuracy_over_chance,
+            bar.max_excess_over_ceiling,
+            at=f"at the served {steps} step(s) with {sampler}",
+        )
+        if learned != LEARNED:
+            return verdict(
+                False,
+                f"refused, below the absolute bar (serve.min_accuracy_over_chance={bar.min_accuracy_over_chance:g}, "
+                f"serve.max_excess_over_ceiling={bar.max_excess_over_ceiling}): {learned}",
+                below_bar=True,
+            )
     if current is None:
         return verdict(True, "nothing was served yet")
     if not finite(candidate_fid):
@@ -148,10 +206,24 @@ def decide(
     return verdict(not worse, f"{text}: {'worse beyond the interval' if worse else 'not worse beyond the interval'}")
 
 
-def scored(row: dict[str, Any] | None, evaluation: str, draws: dict[str, list[float]]) -> Scored | None:
+def scored(
+    row: dict[str, Any] | None, evaluation: str, draws: dict[str, list[float]], rows: Sequence[dict[str, Any]] = ()
+) -> Scored | None:
+    """A row's FID (and its class accuracy), with the floor and ceiling of its table ``rows``."""
     if row is None:
         return None
-    return Scored(row["fid"], row.get("fid_low"), row.get("fid_high"), evaluation, tuple(draws.get(row_key(row), ())))
+    floor, ceiling = reference_row(rows, FLOOR), reference_row(rows, CEILING)
+    return Scored(
+        row["fid"],
+        row.get("fid_low"),
+        row.get("fid_high"),
+        evaluation,
+        tuple(draws.get(row_key(row), ())),
+        class_accuracy=row.get("class_accuracy"),
+        floor_fid=floor["fid"] if floor is not None else None,
+        ceiling_fid=ceiling["fid"] if ceiling is not None else None,
+        real_accuracy=floor.get("class_accuracy") if floor is not None else None,
+    )
 
 
 def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
@@ -170,14 +242,14 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
 
     def lookup(ref: str, steps: int, sampler: str) -> Scored | None:
         if ref in primary.inputs:
-            return scored(row_at(primary_rows, ref, steps, sampler), primary.ref, primary_draws)
+            return scored(row_at(primary_rows, ref, steps, sampler), primary.ref, primary_draws, primary_rows)
         for other in reversed(store.list_manifests(EVALUATE)):
             if ref not in other.inputs:
                 continue
             rows = [r for r in read_rows(store, other) if (r["extractor"], r["n"]) in comparable]
             found = row_at(rows, ref, steps, sampler)
             if found is not None:
-                return scored(found, other.ref, read_draws(store, other))
+                return scored(found, other.ref, read_draws(store, other), rows)
         return None
 
     return lookup
@@ -191,16 +263,20 @@ def promote(
     solver: str = "euler",
     pointer: str = POINTER,
     level: float = 0.95,
+    bar: Bar | None = None,
 ) -> PromotionDecision:
     """Decide, and move ``pointer`` to ``candidate_ref`` when the gate passes.
 
     ``fid`` is an evaluate stage's ref or a lookup ``(ref, steps, sampler) -> Scored | None``;
-    ``solver`` is how flow models are served (``serve.solver``)."""
+    ``solver`` is how flow models are served (``serve.solver``); ``bar`` the absolute bar
+    (:meth:`Bar.of` the serve section; None: none), checked before any comparison."""
     if served_steps < 1:
         raise ValueError(f"served_steps={served_steps} must be >= 1")
     lookup = evaluation_lookup(store, fid) if isinstance(fid, str) else fid
     candidate = store.get_ref(candidate_ref)
     sampler = served_sampler(candidate, solver)
+    num_classes = GeneratorCard.from_manifest(candidate).num_classes
+    chance = 1.0 / num_classes if num_classes > 0 else None
     for _ in range(CAS_ATTEMPTS):
         current_ref = store.get_pointer(pointer)
         current_score = None
@@ -216,6 +292,8 @@ def promote(
             lookup(candidate_ref, served_steps, sampler),
             current_score,
             level,
+            bar,
+            chance,
         )
         if not decision.promoted:
             return decision
