@@ -15,6 +15,11 @@ steps, sampler) -> Scored or None``; pass an evaluate stage's ref and the lookup
 metrics and draws tables (falling back to the newest other evaluate manifest that scored the
 served model the same way, for a model that an earlier run promoted).
 
+Each model is read at its best guidance scale at ``k`` steps (the evaluation scores guided
+models at several). The promoted candidate's scale is recorded in the pointer's record
+(``{"ref", "updated_at", "guidance"}``), where serving reads it as the default for requests
+that leave ``guidance`` out (:func:`workers.serving.swap.default_guidance`).
+
 A candidate without a finite FID at ``k`` is never promoted over a served model: it would be
 a blind swap. A served model without an FID at ``k`` (promoted by hand, or the served step
 count changed) cannot be defended, so the evaluated candidate replaces it. The pointer moves
@@ -44,16 +49,17 @@ CAS_ATTEMPTS = 3  # decisions against a pointer that others keep moving
 
 @dataclass(frozen=True)
 class Scored:
-    """A model's FID at one step count and sampler, as one evaluation measured it."""
+    """A model's FID at one step count and sampler (at its best guidance), as one evaluation measured it."""
 
     fid: float
     low: float | None  # its bootstrap interval
     high: float | None
     evaluation: str  # the evaluate ref it comes from
     draws: tuple[float, ...] = ()  # paired bootstrap draws: comparable within one evaluation
+    guidance: float | None = None  # the scale of the row it was read from
 
 
-Lookup = Callable[[str, int, str], "Scored | None"]  # (model ref, steps, sampler) -> its FID
+Lookup = Callable[[str, int, str], "Scored | None"]  # (model ref, steps, sampler) -> its FID at its best guidance
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class PromotionDecision:
     current_fid: float | None
     difference: tuple[float, float] | None  # interval of FID_candidate - FID_current, when paired
     reason: str
+    guidance: float | None = None  # the candidate's scale at its best row at ``steps``: serving's default
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,7 +107,16 @@ def decide(
 
     def verdict(promoted: bool, reason: str, difference: tuple[float, float] | None = None) -> PromotionDecision:
         return PromotionDecision(
-            promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference, reason
+            promoted,
+            candidate,
+            current,
+            steps,
+            sampler,
+            candidate_fid,
+            current_fid,
+            difference,
+            reason,
+            candidate_score.guidance if candidate_score is not None else None,
         )
 
     if current == candidate:
@@ -151,7 +167,14 @@ def decide(
 def scored(row: dict[str, Any] | None, evaluation: str, draws: dict[str, list[float]]) -> Scored | None:
     if row is None:
         return None
-    return Scored(row["fid"], row.get("fid_low"), row.get("fid_high"), evaluation, tuple(draws.get(row_key(row), ())))
+    return Scored(
+        row["fid"],
+        row.get("fid_low"),
+        row.get("fid_high"),
+        evaluation,
+        tuple(draws.get(row_key(row), ())),
+        row.get("guidance"),
+    )
 
 
 def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
@@ -220,7 +243,8 @@ def promote(
         if not decision.promoted:
             return decision
         try:  # only if nobody moved the pointer since we read it; else decide again against the new one
-            store.put_pointer(pointer, candidate_ref, expect=current_ref)
+            about = {"guidance": decision.guidance} if decision.guidance is not None else None
+            store.put_pointer(pointer, candidate_ref, expect=current_ref, about=about)
             return decision
         except PointerMoved:
             continue
