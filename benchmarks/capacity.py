@@ -48,6 +48,7 @@ from models.dit import DiT, dit_config
 from models.objectives import FlowMatching
 from models.paths import time_sampler
 from models.samplers import sample_ode
+from models.sampling import SAMPLERS, network_passes
 from models.vae import VAE, VAEConfig, VAEObjective
 from workers.pixels import encode_png, prepare_image
 
@@ -232,15 +233,17 @@ class _NullVelocity(torch.nn.Module):
 
 def evaluation_grid() -> tuple[int, int]:
     """(cells, network evaluations summed over the cells' images) of EvaluateConfig's default grid:
-    two flow models (base, one reflow round) at every solver and step count, and the student."""
+    two flow models (base, one reflow round) at every solver, step count and guidance scale (a
+    guided scale costs two network passes per evaluation), and the student."""
     flow_models = 2
     flow_nfe = [
         sample_ode(_NullVelocity(), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), k, solver).nfe
         for solver in EVALUATE.flow_solvers
         for k in EVALUATE.flow_steps
     ]
-    cells = flow_models * len(flow_nfe) + len(EVALUATE.consistency_steps)
-    return cells, flow_models * sum(flow_nfe) + sum(EVALUATE.consistency_steps)
+    passes = [network_passes(SAMPLERS["euler"], w) for w in EVALUATE.guidance]
+    cells = flow_models * len(flow_nfe) * len(passes) + len(EVALUATE.consistency_steps)
+    return cells, flow_models * sum(flow_nfe) * sum(passes) + sum(EVALUATE.consistency_steps)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def main() -> None:
             PairsConfig(
                 pairs=n,
                 steps=args.steps,
+                guidance=1.0,
                 solver=args.solver,
                 batch_size=args.batch_size,
                 resources=Resources(workers=args.workers),

@@ -15,10 +15,16 @@ is a manifest ref ("stage/key"), never tensors. A re-run of the same config find
 committed stage by its key and returns at once; an interrupted training stage resumes from
 its checkpoint in the store. Tasks retry infrastructure failures (a lost Ray actor or node,
 a transient S3 error), never bad input.
+
+Guidance: ``pairs.guidance`` and ``consistency.guidance`` left at None mean "the base model's
+best guidance"; the flow resolves them right after base (:func:`base_best_guidance`) and hands
+each stage its section with the number in it, so the stage key records the scale it used.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -51,6 +57,7 @@ from infra.config import (  # noqa: E402
 from infra.metrics_table import read_rows  # noqa: E402
 from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
 from workers.errors import is_transient  # noqa: E402
+from workers.guidance import resolve_guidance  # noqa: E402
 from workers.runtime import ensure_ray  # noqa: E402
 from workers.stages.s01_ingest import run_ingest  # noqa: E402
 from workers.stages.s02_vae import run_vae  # noqa: E402
@@ -67,6 +74,12 @@ from workers.stages.s12_probe import probe_best_guidance, run_probe  # noqa: E40
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
 RETRY_DELAYS = [2, 10, 30]
+# The base model's best guidance when nothing has measured it: guidance ~2 halves a conditional
+# model's FID on the shapes benchmark (issue 20's diagnosis); unlabelled data has nothing to guide.
+FALLBACK_GUIDANCE = {True: 2.0, False: 1.0}  # labelled -> scale
+PROBE = "probe"  # the stage that measures a model's best guidance cheaply, right after it trains
+
+log = logging.getLogger("fewstep.pipeline")
 
 
 def retry_only_transient(task, task_run, state) -> bool:
@@ -350,10 +363,11 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
 
     refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"])
     probe("base", refs["base"])
+    pairs_cfg, consistency_cfg = resolved_guidance(cfg, Store.open(store_uri), refs["base"])
     distil_data = refs["latents"]
     for k in range(1, cfg.reflow.rounds + 1):
         pairs = pairs_task.with_options(name=f"pairs-{k}", task_run_name=f"pairs-{k}")(
-            store_uri, cfg.pairs, ray_address, teacher, k
+            store_uri, pairs_cfg, ray_address, teacher, k
         )
         teacher = reflow_task.with_options(name=f"reflow-{k}", task_run_name=f"reflow-{k}")(
             store_uri, cfg.reflow, ray_address, teacher, pairs, k
@@ -365,7 +379,7 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
         teacher = refs["base"]
     if cfg.consistency.data == "latents":
         distil_data = refs["latents"]
-    refs["consistency"] = consistency_task(store_uri, cfg.consistency, ray_address, teacher, distil_data)
+    refs["consistency"] = consistency_task(store_uri, consistency_cfg, ray_address, teacher, distil_data)
     probe("consistency", refs["consistency"])
     if cfg.ddpm.enabled:  # the diffusion baseline: evaluated beside the others, never the promotion candidate
         refs["ddpm"] = ddpm_task(store_uri, cfg.ddpm, ray_address, refs["latents"])
@@ -380,6 +394,41 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
         store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"], features
     )
     return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"])
+
+
+def base_best_guidance(store: Store, base_ref: str, cfg: PipelineConfig) -> float:
+    """The base model's best guidance scale, as cheaply as it is known when base has just trained.
+
+    A committed ``probe`` manifest of ``base_ref`` that records ``best_guidance`` gives it; without
+    one, 2.0 for labelled data and 1.0 for unlabelled (:data:`FALLBACK_GUIDANCE`), said in a log line."""
+    for probe in reversed(store.list_manifests(PROBE)):
+        best = probe.metrics.get("best_guidance")
+        if base_ref in probe.inputs and isinstance(best, (int, float)) and math.isfinite(best):
+            log.info("guidance: the base model's best is %g (probe %s)", best, probe.ref)
+            return float(best)
+    labelled = GeneratorCard.from_manifest(store.get_ref(base_ref)).num_classes > 0
+    fallback = FALLBACK_GUIDANCE[labelled]
+    log.warning(
+        "guidance: no probe has measured %s's best guidance; using %g (%s data). Set pairs.guidance and "
+        "consistency.guidance to choose another",
+        base_ref,
+        fallback,
+        "labelled" if labelled else "unlabelled",
+    )
+    return fallback
+
+
+def resolved_guidance(cfg: PipelineConfig, store: Store, base_ref: str) -> tuple[PairsConfig, ConsistencyConfig]:
+    """The pairs and consistency sections with their guidance a number: the config's, or (None)
+    the base model's best. The best is looked up only when a section leaves it to the flow."""
+    pairs, consistency = cfg.pairs, cfg.consistency
+    if pairs.guidance is not None and consistency.guidance is not None:
+        return pairs, consistency
+    best = base_best_guidance(store, base_ref, cfg)
+    return (
+        pairs.model_copy(update={"guidance": resolve_guidance(pairs.guidance, best)}),
+        consistency.model_copy(update={"guidance": resolve_guidance(consistency.guidance, best)}),
+    )
 
 
 def served_on_same_data(store: Store, vae_ref: str) -> str | None:

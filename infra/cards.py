@@ -256,6 +256,7 @@ class EvaluationCard(Card):
     models: dict[str, str]  # display name -> ref
     best: dict[str, Any] | None = None
     best_by_steps: dict[str, Any] = field(default_factory=dict)
+    best_by_model: dict[str, Any] = field(default_factory=dict)  # display name -> its best row (with its guidance)
     floor_fid: float | None = None
     vae_fid: float | None = None
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> value, low, high, bar, verdict

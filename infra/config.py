@@ -219,7 +219,9 @@ class PairsConfig(Section):
     pairs: int = Field(4096, ge=1, le=MAX_PAIRS)
     solver: Literal["euler", "heun"] = "heun"
     steps: int = Field(32, ge=1, le=MAX_NFE)
-    guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)
+    # None: the base model's best guidance, resolved by the flow before the stage runs (the stage
+    # key then holds the number); the stage itself refuses None.
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
     batch_size: int = Field(512, ge=1, le=MAX_BATCH)
     resources: Resources = Resources()  # workers = sampler actors
 
@@ -252,7 +254,7 @@ class ConsistencyConfig(LoopConfig):
     class_dropout: float = Field(0.1, ge=0, lt=1)  # null-label distillation, for unconditional requests
     intervals: int = Field(18, ge=1, le=MAX_NFE)  # N of the discretisation 0 = t_0 < ... < t_N = 1
     teacher_solver: Literal["euler", "heun"] = "heun"
-    guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)  # the teacher's; None as in PairsConfig
     target_decay: float = Field(0.95, ge=0, lt=1)  # the EMA target f_theta^-
     huber_c: float | None = Field(None, gt=0, le=100)  # None: 0.00054 * sqrt(dim)
     steps: int = Field(2000, ge=1, le=MAX_STEPS)
@@ -292,7 +294,9 @@ class EvaluateConfig(Section):
     consistency_steps: tuple[int, ...] = (1, 2, 4)
     diffusion_steps: tuple[int, ...] = (10, 50, 250, 1000)  # at most ddpm.diffusion_steps (T)
     diffusion_samplers: tuple[Literal["ddpm", "ddim"], ...] = ("ddpm", "ddim")
-    guidance: float = Field(1.0, ge=0, le=MAX_GUIDANCE)  # for base models; reflow models use their pairs' guidance
+    # Every model whose sampler takes classifier-free guidance (on labelled data) is scored at each
+    # scale: each extra scale re-samples every guided row, at 2 network passes per step (w != 0, 1).
+    guidance: tuple[float, ...] = (1.0, 2.0, 4.0)
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
     knn_k: int = Field(3, ge=1, le=100)
@@ -302,6 +306,25 @@ class EvaluateConfig(Section):
     kid_subset_size: int = Field(1000, ge=2, le=MAX_EVAL_IMAGES)  # capped at the sizes of the sets compared
     interval_level: float = Field(0.95, gt=0, lt=1)
     resources: Resources = Resources()  # workers = evaluation tasks in flight
+
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _one_scale_is_a_list_of_one(cls, value: Any) -> Any:
+        """``guidance: 2`` (the single scale of older configs) is ``guidance: [2]``."""
+        return (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("guidance")
+    @classmethod
+    def _guidance_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales:
+            raise ValueError("give at least one guidance scale, e.g. [1, 2, 4] (1 alone: no guidance)")
+        bad = [w for w in scales if not 0 <= w <= MAX_GUIDANCE]
+        if bad:
+            raise ValueError(f"guidance scales must be in 0..{MAX_GUIDANCE:g}, got {bad}")
+        repeated = sorted({w for w in scales if scales.count(w) > 1})
+        if repeated:
+            raise ValueError(f"guidance scales {repeated} are listed twice; list each scale once")
+        return tuple(float(w) for w in scales)
 
     @model_validator(mode="after")
     def _positive_steps(self) -> EvaluateConfig:

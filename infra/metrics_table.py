@@ -1,6 +1,6 @@
 """The evaluation's metrics table: its schema, and the readers promotion, serving and the CLI use.
 
-The evaluate stage writes one row per (model, sampler, steps) plus two reference rows
+The evaluate stage writes one row per (model, sampler, steps, guidance) plus two reference rows
 (sampler :data:`REFERENCE`: :data:`FLOOR`, real train images against the test split, and
 :data:`CEILING`, their VAE reconstructions). ``stage_key`` is the scored manifest's ref.
 Every FID and KID carries its interval: ``fid_low``/``fid_high`` a basic bootstrap interval
@@ -8,6 +8,10 @@ Every FID and KID carries its interval: ``fid_low``/``fid_high`` a basic bootstr
 over random subsets. The FID draws themselves are the :data:`DRAWS` table, so two rows of one
 evaluation can be compared on their paired difference. Readers go through this module, never
 through the evaluate stage.
+
+A model whose sampler takes classifier-free guidance has one row per scale of
+``evaluate.guidance``; "best" always ranges over samplers, steps and guidance alike, and a
+lookup at a given step count returns its best-guidance row unless a scale is named.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pyarrow as pa
 from infra.manifest import Manifest
 
 TABLE = "metrics"  # the file name in an evaluate manifest
-DRAWS = "fid_draws"  # the rows' paired bootstrap FID draws: (model, sampler, steps, draws (B,))
+DRAWS = "fid_draws"  # the rows' paired bootstrap FID draws: (row_key, draws (B,))
 COLUMNS = (
     "model",
     "stage_key",
@@ -75,8 +79,17 @@ def rows_table(rows: Sequence[Row]) -> pa.Table:
 
 
 def row_key(row: Row) -> str:
-    """A row's name in the draws table: ``model|sampler|steps``."""
-    return f"{row['model']}|{row['sampler']}|{row['steps']}"
+    """A row's name in the draws table: ``model|sampler|steps|guidance`` (reference rows, which have
+    no guidance: ``model|sampler|steps``), so rows at different scales never collide."""
+    key = f"{row['model']}|{row['sampler']}|{row['steps']}"
+    return key if row.get("guidance") is None else f"{key}|{row['guidance']:g}"
+
+
+def row_label(row: Row) -> str:
+    """How reports name a row's setting: ``euler 8 steps at guidance 2``."""
+    steps = f"{row['steps']} step{'s' if row['steps'] != 1 else ''}"
+    at = "" if row.get("guidance") is None else f" at guidance {row['guidance']:g}"
+    return f"{row['sampler']} {steps}{at}"
 
 
 def read_rows(store, manifest: Manifest) -> list[Row]:
@@ -88,22 +101,28 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def row_at(rows: Sequence[Row], model_ref: str, steps: int, sampler: str | None = None) -> Row | None:
-    """The row of ``model_ref`` at ``steps`` (the lowest FID over samplers unless one is named)."""
+def row_at(
+    rows: Sequence[Row], model_ref: str, steps: int, sampler: str | None = None, guidance: float | None = None
+) -> Row | None:
+    """The row of ``model_ref`` at ``steps``: the lowest FID over samplers and guidance scales,
+    unless a sampler or a scale is named."""
     found = [
         r
         for r in rows
         if r["stage_key"] == model_ref
         and r["steps"] == steps
         and (sampler is None or r["sampler"] == sampler)
+        and (guidance is None or r["guidance"] == guidance)
         and finite(r["fid"])
     ]
     return min(found, key=lambda r: r["fid"]) if found else None
 
 
-def fid_at(rows: Sequence[Row], model_ref: str, steps: int, sampler: str | None = None) -> float | None:
-    """The FID of ``model_ref`` at ``steps`` (the best over samplers unless one is named); None if not scored."""
-    row = row_at(rows, model_ref, steps, sampler)
+def fid_at(
+    rows: Sequence[Row], model_ref: str, steps: int, sampler: str | None = None, guidance: float | None = None
+) -> float | None:
+    """The FID of ``model_ref`` at ``steps`` (the best over samplers and scales unless named); None if not scored."""
+    row = row_at(rows, model_ref, steps, sampler, guidance)
     return None if row is None else row["fid"]
 
 
@@ -141,7 +160,8 @@ def best_row(
     stage: str | None = None,
     nfe: int | None = None,
 ) -> Row | None:
-    """The lowest-FID generated row, optionally of one model, step count, stage or NFE."""
+    """The lowest-FID generated row (over samplers, steps and guidance scales), optionally of one
+    model, step count, stage or NFE."""
     chosen = [
         r
         for r in generated(rows)
@@ -151,6 +171,17 @@ def best_row(
         and (nfe is None or r["nfe"] == nfe)
     ]
     return min(chosen, key=lambda r: r["fid"]) if chosen else None
+
+
+def best_guidance(rows: Sequence[Row], model_ref: str) -> float | None:
+    """The guidance scale of ``model_ref``'s best row (over samplers and steps); None if not scored."""
+    found = [r for r in generated(rows) if r["stage_key"] == model_ref and r["guidance"] is not None]
+    return min(found, key=lambda r: r["fid"])["guidance"] if found else None
+
+
+def best_by_model(rows: Sequence[Row]) -> dict[str, Row]:
+    """Each model's best row (over samplers, steps and guidance), by display name in the table's order."""
+    return {model: best_row(rows, model=model) for model in dict.fromkeys(r["model"] for r in generated(rows))}
 
 
 def best_by_steps(rows: Sequence[Row]) -> dict[int, Row]:

@@ -1,6 +1,7 @@
 """The records ``fewstep gc`` keeps outputs for: pointers, pins and pipeline runs.
 
-    pointers/{name}.json   {"ref": "stage/key", "updated_at"}: what promotion moves and Serve follows
+    pointers/{name}.json   {"ref": "stage/key", "updated_at", ...}: what promotion moves and Serve follows;
+                           promotion adds what serving needs to know about the ref (``guidance``)
     pins/{name}.json       {"ref", "pinned_at", "heartbeat_at", "host", "pid"}: a model a process serves
     runs/{run_id}.json     {"run_id", "status", "refs", "info", "started_at", "heartbeat_at", ...}
 
@@ -99,8 +100,13 @@ class RootRecords:
         split_ref(body["ref"])
         return body["ref"]
 
-    def put_pointer(self, name: str, ref: str, *, expect: str | None = ANY) -> None:
+    def put_pointer(
+        self, name: str, ref: str, *, expect: str | None = ANY, about: Mapping[str, Any] | None = None
+    ) -> None:
         """Point ``name`` (e.g. ``serving/current``) at a committed ref, atomically.
+
+        ``about``: JSON-able facts about ``ref`` written in the same record, so they move with it
+        (promotion records the served guidance scale); :meth:`pointer_record` reads them back.
 
         ``expect`` makes the move a compare-and-swap: the ref the caller read and decided on
         (``None``: the pointer must not exist yet). If the pointer moved meanwhile, nothing is
@@ -109,7 +115,11 @@ class RootRecords:
         absent). The default ``ANY`` replaces whatever is there."""
         self.get_ref(ref)
         path = self._named_json("pointers", name)
-        body = json.dumps({"ref": ref, "updated_at": utc_now()}, indent=2).encode()
+        facts = dict(about or {})
+        clash = sorted(set(facts) & {"ref", "updated_at"})
+        if clash:
+            raise ValueError(f"pointer facts {clash} would overwrite the pointer's own fields; name them otherwise")
+        body = json.dumps({**to_jsonable(facts, "pointer"), "ref": ref, "updated_at": utc_now()}, indent=2).encode()
         if expect is ANY:
             self.backend.replace(path, body)
             return
@@ -147,6 +157,17 @@ class RootRecords:
         except FileNotFoundError:
             return None
         return self._parse_pointer(name, path, data)
+
+    def pointer_record(self, name: str) -> dict[str, Any] | None:
+        """The whole record of pointer ``name`` (its ref, ``updated_at`` and the facts written with
+        it), or None when unset; a hand-broken pointer file is an :class:`IntegrityError`."""
+        path = self._named_json("pointers", name)
+        try:
+            data = self.backend.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        self._parse_pointer(name, path, data)
+        return json.loads(data)
 
     def scan_pointers(self) -> tuple[dict[str, str], dict[str, str]]:
         """({name: ref} of every readable pointer, {name: why} of the others)."""

@@ -38,7 +38,7 @@ class Ratio:
     """(excess of numerator) / (excess of denominator) over the floor: below 1 the numerator is better."""
 
     name: str
-    numerator: str  # e.g. "consistency (consistency@1)"
+    numerator: str  # e.g. "consistency (consistency@1, w=1)"
     denominator: str
     value: float | None
     low: float | None = None
@@ -69,7 +69,11 @@ class Ratio:
 
 
 def label(row: Row | None) -> str:
-    return "–" if row is None else f"{row['model']} ({row['sampler']}@{row['steps']})"
+    """``base (euler@8, w=2)``: a row's model and setting, its guidance scale included."""
+    if row is None:
+        return "–"
+    scale = "" if row.get("guidance") is None else f", w={row['guidance']:g}"
+    return f"{row['model']} ({row['sampler']}@{row['steps']}{scale})"
 
 
 def excess(
@@ -99,6 +103,9 @@ def excess(
 
 def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None, level: float = 0.95) -> list[Ratio]:
     """The issue's quality bars, found by the stage of each row's model (not its display name).
+
+    "best" and "@k" range over samplers and guidance scales; "base@1" is the base model at one
+    network pass (NFE 1: guidance 1, no doubled batch), the cost of the student's one step.
 
     When an evaluation holds two consistency students (the run's candidate and the served model it
     must beat), every consistency bar reads the candidate's rows only: the first student in the

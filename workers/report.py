@@ -23,12 +23,14 @@ from infra.metrics_table import (
     DRAWS,
     FLOOR,
     TABLE,
+    best_by_model,
     best_by_steps,
     best_row,
     finite,
     generated,
     reference_fid,
     reference_row,
+    row_label,
     rows_table,
     stage_of,
 )
@@ -47,7 +49,7 @@ class Evaluation:
 
     rows: list[dict[str, Any]]  # COLUMNS, reference rows first
     grids: dict[str, bytes]  # store file name -> PNG
-    straightness: dict[str, dict[str, Any]]  # model -> {"value", "sampler", "steps", "paths", "ref"}
+    straightness: dict[str, dict[str, Any]]  # model -> {"value", "sampler", "steps", "guidance", "paths", "ref"}
     info: dict[str, Any] = field(default_factory=dict)  # extractor, n, seed, refs, test size, classifier accuracy
     ratios: list[Ratio] = field(default_factory=list)  # the quality bars, on excess over the floor
     draws: dict[str, list[float]] = field(default_factory=dict)  # row_key -> paired FID bootstrap draws
@@ -107,7 +109,7 @@ def course_notes_section(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
-    """FID against NFE (log x), one line per (model, sampler); dashed lines for the two references."""
+    """FID against NFE (log x), one line per (model, sampler, guidance); dashed lines for the two references."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
@@ -115,14 +117,20 @@ def plot_fid_vs_nfe(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     figure = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
-    lines: dict[tuple[str, str], list[tuple[int, float, float, float]]] = {}
+    lines: dict[tuple[str, str, float | None], list[tuple[int, float, float, float]]] = {}
     for r in generated(rows):
         low = r["fid"] - r["fid_low"] if finite(r.get("fid_low")) else 0.0
         high = r["fid_high"] - r["fid"] if finite(r.get("fid_high")) else 0.0
-        lines.setdefault((r["model"], r["sampler"]), []).append((r["nfe"], r["fid"], max(low, 0.0), max(high, 0.0)))
-    for (model, sampler), points in lines.items():
+        line = (r["model"], r["sampler"], r.get("guidance"))
+        lines.setdefault(line, []).append((r["nfe"], r["fid"], max(low, 0.0), max(high, 0.0)))
+    scales = {}  # model -> its scales: the legend names a scale only where a model has several
+    for model, _, guidance in lines:
+        scales.setdefault(model, set()).add(guidance)
+    for (model, sampler, guidance), points in lines.items():
         points.sort()
         label = model if sampler == model.split("-")[0] else f"{model} ({sampler})"
+        if len(scales[model]) > 1:
+            label += f" w={guidance:g}"
         ax.errorbar(
             [p[0] for p in points],
             [p[1] for p in points],
@@ -245,13 +253,22 @@ def render_report(evaluation: Evaluation, location: str) -> str:
         f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
         f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).",
         "",
+        "## Best of each model",
+        "",
+        "Over samplers, step counts and guidance scales.",
+        "",
+    ]
+    for model, r in best_by_model(rows).items():
+        lines.append(f"- {model} best: {row_label(r)} (FID {fmt(r['fid'])}, NFE {r['nfe']})")
+    lines += [
+        "",
         "## Best at each step count",
         "",
-        "| steps | model | sampler | FID |",
-        "|---:|---|---|---:|",
+        "| steps | model | sampler | guidance | FID |",
+        "|---:|---|---|---:|---:|",
     ]
     for steps, r in best_by_steps(rows).items():
-        lines.append(f"| {steps} | {r['model']} | {r['sampler']} | {fmt(r['fid'])} |")
+        lines.append(f"| {steps} | {r['model']} | {r['sampler']} | {fmt(r['guidance'])} | {fmt(r['fid'])} |")
     lines += [
         "",
         "## Quality bars (excess FID over the floor)",
@@ -279,7 +296,10 @@ def render_report(evaluation: Evaluation, location: str) -> str:
             "|---|---:|---|",
         ]
         for model, s in evaluation.straightness.items():
-            lines.append(f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps, {s['paths']} paths |")
+            at = f" at guidance {s['guidance']:g}" if s.get("guidance") is not None else ""
+            lines.append(
+                f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps{at}, {s['paths']} paths |"
+            )
     lines += ["", "## Sample grids", ""]
     lines += [f"- [{name.removeprefix('grids/').removesuffix('.png')}]({name})" for name in sorted(evaluation.grids)]
     return "\n".join(lines) + "\n"
@@ -290,7 +310,8 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
     rows, info = evaluation.rows, evaluation.info
 
     def brief(r: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if r is None else {k: r[k] for k in ("model", "stage_key", "sampler", "steps", "nfe", "fid")}
+        keys = ("model", "stage_key", "sampler", "steps", "nfe", "guidance", "fid")
+        return None if r is None else {k: r[k] for k in keys}
 
     def kept(value: Any) -> Any:
         return value if finite(value) else None
@@ -301,6 +322,7 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
         rows=len(rows),
         best=brief(best_row(rows)),
         best_by_steps={str(s): brief(r) for s, r in best_by_steps(rows).items()},
+        best_by_model={model: brief(r) for model, r in best_by_model(rows).items()},
         floor_fid=kept(reference_fid(rows, FLOOR)),
         vae_fid=kept(reference_fid(rows, CEILING)),
         ratios={

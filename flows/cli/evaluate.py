@@ -25,6 +25,7 @@ SHOWN = (
     ("sampler", "SAMPLER"),
     ("steps", "STEPS"),
     ("nfe", "NFE"),
+    ("guidance", "GUIDANCE"),
     ("fid", "FID"),
     ("precision", "PRECISION"),
     ("recall", "RECALL"),

@@ -80,7 +80,7 @@ def run(
 def run_summary(store, summary: dict[str, Any]) -> str:
     """Each model's headline quality, the served ref, and what to do next."""
     from infra.cards import EvaluationCard
-    from infra.metrics_table import REFERENCE, read_rows
+    from infra.metrics_table import REFERENCE, best_row, read_rows, row_label
 
     refs = summary["refs"]
     evaluation = store.get_ref(refs["evaluate"])
@@ -90,15 +90,13 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         f"fewstep: pipeline finished in {summary['seconds']} s (store {store.uri})",
         "",
         f"  FID ({card.extractor}, n={card.n}): floor {fmt(card.floor_fid)}, VAE ceiling {fmt(card.vae_fid)}",
-        f"  {'MODEL':<14} {'BEST':<24} {'AT 1 STEP':<10}",
+        f"  {'MODEL':<14} {'BEST':<40} {'AT 1 STEP':<10}",
     ]
-    models = list(dict.fromkeys(r["model"] for r in rows if r["sampler"] != REFERENCE))  # evaluation order
-    for model in models:
-        mine = [r for r in rows if r["model"] == model and r["fid"] is not None]
-        best = min(mine, key=lambda r: r["fid"], default=None)
-        one = min((r["fid"] for r in mine if r["steps"] == 1), default=None)
-        best_text = f"{fmt(best['fid'])} ({best['sampler']}@{best['steps']})" if best else "–"
-        lines.append(f"  {model:<14} {best_text:<24} {fmt(one):<10}")
+    models = dict.fromkeys(r["model"] for r in rows if r["sampler"] != REFERENCE)  # evaluation order
+    for model in models:  # best over samplers, steps and guidance; a model without a finite FID shows –
+        best, one = best_row(rows, model=model), best_row(rows, model=model, steps=1)
+        best_text = f"{fmt(best['fid'])} ({row_label(best)})" if best else "–"
+        lines.append(f"  {model:<14} {best_text:<40} {fmt(one['fid'] if one else None):<10}")
     from flows.pipeline import probe_warnings
 
     promotion = summary["promotion"]
@@ -108,7 +106,9 @@ def run_summary(store, summary: dict[str, Any]) -> str:
     if summary["served"] is None:
         served = f"  served: nothing — {promotion['candidate']} was not promoted: {promotion['reason']}"
     else:
-        served = f"  served: {summary['served']} — {promotion['reason']}"
+        scale = promotion.get("guidance") if promotion.get("promoted") else None
+        at = f" (default guidance {scale:g})" if scale is not None else ""
+        served = f"  served: {summary['served']}{at} — {promotion['reason']}"
     lines += [
         "",
         served,

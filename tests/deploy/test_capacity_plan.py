@@ -52,5 +52,7 @@ def test_plan_turns_unit_rates_into_workers_and_hours(capacity):
 def test_evaluation_grid_counts_the_default_cells_and_their_network_evaluations(capacity):
     cells, nfe = capacity.evaluation_grid()
     flow_steps = (1, 2, 4, 8, 16, 32)
-    assert cells == 2 * 2 * len(flow_steps) + 3  # base and reflow x (euler, heun) x steps, student at 1, 2, 4
-    assert nfe == 2 * (sum(flow_steps) + sum(2 * k for k in flow_steps)) + (1 + 2 + 4)  # Heun: 2 per step
+    # base and reflow x (euler, heun) x steps x guidance (1, 2, 4), student at 1, 2, 4
+    assert cells == 2 * 2 * len(flow_steps) * 3 + 3
+    # Heun: 2 per step; guidance 1 one network pass, 2 and 4 two each (the doubled batch)
+    assert nfe == 2 * (sum(flow_steps) + sum(2 * k for k in flow_steps)) * (1 + 2 + 2) + (1 + 2 + 4)

@@ -47,7 +47,7 @@ CONFIG = {
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5, "resources": PINNED},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5, "resources": PINNED},
     "features": {"steps": 20, "batch_size": 32, "resources": PINNED},
-    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
+    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1], "guidance": [1]},
 }
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate"}
 

@@ -21,6 +21,7 @@ TINY_CONFIG = """\
 evaluate:
   n: 32
   flow_solvers: [euler]
+  guidance: [1]
 features:
   steps: 30
   batch_size: 32
@@ -59,7 +60,7 @@ def test_evaluates_the_latest_run_and_prints_the_table(ray_started, tmp_path, ca
     code, out, err = fewstep(capsys, "evaluate", "--store", store.uri, "--config", str(config), "--steps", "2,1")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:5] == ["MODEL", "SAMPLER", "STEPS", "NFE", "FID"]
+    assert lines[0].split()[:6] == ["MODEL", "SAMPLER", "STEPS", "NFE", "GUIDANCE", "FID"]
     models = [
         line.split()[:3]
         for line in lines[1:]

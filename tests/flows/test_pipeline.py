@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from infra.cards import GeneratorCard
+from infra.cards import GeneratorCard, PairsCard
 from infra.config import load_config
 from infra.metrics_table import read_rows
 from infra.store import Store
@@ -31,7 +31,13 @@ TINY = {
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "features": {"steps": 30, "batch_size": 32},
-    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
+    "evaluate": {
+        "n": 32,
+        "flow_steps": [1, 2],
+        "flow_solvers": ["euler"],
+        "consistency_steps": [1],
+        "guidance": [1, 2],
+    },
     "probe": {"n": 32, "steps": 2, "student_steps": 1, "fid_resamples": 10},
     # A few training steps learn nothing: the absolute bar is off so the flow's promotion runs.
     "serve": {"min_accuracy_over_chance": 0.0, "max_excess_over_ceiling": None},
@@ -65,10 +71,22 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert GeneratorCard.from_manifest(store.get_ref(ddpm)).family == "diffusion"
     assert store.get_ref(ddpm).inputs == [first["refs"]["latents"]]
     rows = read_rows(store, store.get_ref(first["refs"]["evaluate"]))
-    assert {(r["sampler"], r["steps"], r["nfe"]) for r in rows if r["stage_key"] == ddpm} == {
-        ("ddpm", 2, 2),
-        ("ddim", 2, 2),
+    assert {(r["sampler"], r["steps"], r["guidance"], r["nfe"]) for r in rows if r["stage_key"] == ddpm} == {
+        ("ddpm", 2, 1.0, 2),
+        ("ddim", 2, 1.0, 2),
+        ("ddpm", 2, 2.0, 4),  # guided: both network passes count
+        ("ddim", 2, 2.0, 4),
     }
+    # Pairs and the student at the base model's best guidance, as the probe after base measured it.
+    best = ProbeCard.from_manifest(store.get_ref(first["refs"]["probe_base"])).best_guidance
+    assert best in (1.0, 2.0, 4.0)
+    assert PairsCard.from_manifest(store.get_ref(first["refs"]["pairs_1"])).guidance == best
+    assert GeneratorCard.from_manifest(store.get_ref(first["refs"]["consistency"])).guidance == best
+    # The student takes no guidance: one row per step count, at its card's scale.
+    student = [r for r in rows if r["stage_key"] == first["refs"]["consistency"]]
+    assert [(r["steps"], r["guidance"]) for r in student] == [(1, best)]
+    # Serving's default scale is recorded with the pointer.
+    assert store.pointer_record("serving/current")["guidance"] == first["promotion"]["guidance"] == best
     assert store.get_pointer("serving/current") == first["refs"]["consistency"]
     assert [run["refs"] for run in store.list_runs()] == [first["refs"]]
 
@@ -279,7 +297,9 @@ def test_an_unlabelled_rgb_folder_runs_end_to_end(prefect_harness, ray_local, tm
     assert FeaturesCard.from_manifest(store.get_ref(refs["features"])).kind == "encoder"
     assert summary["promotion"]["promoted"] and summary["served"] == refs["consistency"]
     student = GeneratorCard.from_manifest(store.get_ref(refs["consistency"]))
-    assert student.num_classes == 0
+    assert student.num_classes == 0 and student.guidance == 1.0  # nothing to guide without labels
+    rows = read_rows(store, store.get_ref(refs["evaluate"]))
+    assert {r["guidance"] for r in rows if r["stage_key"] == refs["base"]} == {1.0}  # one scale, not [1, 2]
     generator = Generator.load(store, store.get_ref(summary["served"]), device="cpu")
     images = generator.generate(Request(n=3, steps=1, sampler=next(iter(generator.samplers)), seed=4))
     assert images.pixels.shape == (3, 16, 16, 3) and images.labels.tolist() == [0, 0, 0]

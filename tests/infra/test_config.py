@@ -33,7 +33,7 @@ def load_yaml(tmp_path: Path, text: str) -> PipelineConfig:
         ("base:\n  grad_clip: .inf\n", "base.grad_clip = inf"),
         ("pairs:\n  guidance: .inf\n", "pairs.guidance = inf"),
         ("consistency:\n  guidance: -.inf\n", "consistency.guidance = -inf"),
-        ("evaluate:\n  guidance: .nan\n", "evaluate.guidance = nan"),
+        ("evaluate:\n  guidance: [1, .nan]\n", "evaluate.guidance.1 = nan"),
         ("vae:\n  beta: .nan\n", "vae.beta = nan"),
         ("serve:\n  max_guidance: .inf\n", "serve.max_guidance = inf"),
         ("base:\n  resources: {cpus: .inf}\n", "base.resources.cpus = inf"),
@@ -94,6 +94,33 @@ def test_sizes_have_upper_bounds(tmp_path, text, field):
     with pytest.raises(ConfigError) as error:
         load_yaml(tmp_path, text)
     assert field in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("evaluate:\n  guidance: []\n", "at least one guidance scale"),
+        ("evaluate:\n  guidance: [1, 2, 1]\n", "guidance scales [1.0] are listed twice"),
+        ("evaluate:\n  guidance: [1, -0.5]\n", "must be in 0..100, got [-0.5]"),
+        ("evaluate:\n  guidance: [2, 101]\n", "must be in 0..100, got [101.0]"),
+        ("evaluate:\n  guidance: ['2']\n", "evaluate.guidance.0"),
+        ("pairs:\n  guidance: -1\n", "pairs.guidance"),
+    ],
+)
+def test_guidance_scales_are_refused_with_the_fix(tmp_path, text, message):
+    with pytest.raises(ConfigError, match="guidance") as error:
+        load_yaml(tmp_path, text)
+    assert message in str(error.value)
+
+
+def test_guidance_scales_default_to_a_small_set_and_a_single_scale_is_a_list_of_one(tmp_path):
+    assert EvaluateConfig().guidance == (1.0, 2.0, 4.0)
+    assert load_yaml(tmp_path, "evaluate:\n  guidance: 3\n").evaluate.guidance == (3.0,)
+    assert load_yaml(tmp_path, "evaluate:\n  guidance: [0, 1.5]\n").evaluate.guidance == (0.0, 1.5)
+    # pairs and consistency: None until the flow resolves the base model's best; a number is kept.
+    default = PipelineConfig()
+    assert default.pairs.guidance is None and default.consistency.guidance is None
+    assert load_yaml(tmp_path, "pairs:\n  guidance: 1.5\n").pairs.guidance == 1.5
 
 
 def test_bounds_leave_room_for_real_runs():

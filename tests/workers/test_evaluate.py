@@ -25,6 +25,7 @@ from infra.metrics_table import (  # noqa: E402
     FLOOR,
     REFERENCE,
     best_by_steps,
+    best_guidance,
     fid_at,
     read_draws,
     read_rows,
@@ -41,7 +42,12 @@ from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa
 pytestmark = pytest.mark.timeout(600)
 
 CONFIG = EvaluateConfig(
-    n=64, flow_steps=(1, 2), flow_solvers=("euler", "heun"), consistency_steps=(1, 2), resources=Resources(workers=2)
+    n=64,
+    flow_steps=(1, 2),
+    flow_solvers=("euler", "heun"),
+    consistency_steps=(1, 2),
+    guidance=(1.0,),  # one scale here; test_guided_models_get_a_row_per_scale_the_student_one takes several
+    resources=Resources(workers=2),
 )
 CLASSIFIER = FeaturesConfig(steps=60, batch_size=32)
 CELLS = [
@@ -95,7 +101,7 @@ def test_every_output_is_committed_and_loads(evaluated):
         "grids/vae-recon.png",
     } <= names
     for model, sampler, steps, _ in CELLS:
-        grid = Image.open(io.BytesIO(store.read_bytes(manifest, f"grids/{model}-{sampler}-{steps}.png")))
+        grid = Image.open(io.BytesIO(store.read_bytes(manifest, f"grids/{model}-{sampler}-{steps}-g1.png")))
         assert grid.width > 16 * 2 and grid.height > 16 * 2
     plot = Image.open(io.BytesIO(store.read_bytes(manifest, "fid_vs_nfe.png")))
     assert plot.format == "PNG" and plot.width >= 400
@@ -138,10 +144,10 @@ def test_every_output_is_committed_and_loads(evaluated):
 
     report = store.read_bytes(manifest, "report.md").decode()
     assert "fid_vs_nfe.png" in report and classifier.ref in report
-    assert all(f"grids/{m}-{s}-{k}.png" in report for m, s, k, _ in CELLS)
+    assert all(f"grids/{m}-{s}-{k}-g1.png" in report for m, s, k, _ in CELLS)
     assert (
         "consistency@1 / base best" in report
-        and "reflow-1 (euler@2)" in report
+        and "reflow-1 (euler@2, w=1)" in report
         and "excess FID over the floor" in report
     )
     ratio = card.ratios["consistency@1 / base best"]
@@ -185,6 +191,47 @@ def test_same_config_same_manifest_and_fresh_runs_repeat_the_numbers(evaluated):
         classifier,
     )
     assert by_cell(reseeded.rows)[("base", "euler", 1)]["fid"] != pytest.approx(rows[("base", "euler", 1)]["fid"])
+
+
+def test_guided_models_get_a_row_per_scale_the_student_one(evaluated):
+    """A flow model (takes CFG, labelled digits) is scored at every scale; the student, which takes
+    no guidance, once at its card's scale; "best" and the lookups range over the scales."""
+    store, run, classifier, _ = evaluated
+    config = CONFIG.model_copy(
+        update={"flow_steps": (1, 2), "flow_solvers": ("euler",), "consistency_steps": (1,), "guidance": (1.0, 3.0)}
+    )
+    manifest = run_evaluate(store, config, [run.base, run.consistency], run.images, run.vae, classifier)
+    rows = read_rows(store, manifest)
+    generated = rows[2:]
+    assert sorted((r["model"], r["steps"], r["guidance"], r["nfe"]) for r in generated) == [
+        ("base", 1, 1.0, 1),
+        ("base", 1, 3.0, 2),  # guided: the conditional and the null pass both count
+        ("base", 2, 1.0, 2),
+        ("base", 2, 3.0, 4),
+        ("consistency", 1, 1.0, 1),  # its card's scale, one row
+    ]
+    # Every scale is its own sample set: its own FID, grid and draws.
+    base = {(r["steps"], r["guidance"]): r for r in generated if r["model"] == "base"}
+    assert base[(2, 1.0)]["fid"] != pytest.approx(base[(2, 3.0)]["fid"])
+    assert {"grids/base-euler-2-g1.png", "grids/base-euler-2-g3.png", "grids/consistency-consistency-1-g1.png"} <= set(
+        manifest.files
+    )
+    assert set(read_draws(store, manifest)) == {row_key(r) for r in rows} and len(rows) == 7
+    # "Best": the lowest FID over steps and scales, said with its scale in the card and the report.
+    best = min(base.values(), key=lambda r: r["fid"])
+    card = EvaluationCard.from_manifest(manifest)
+    assert (card.best_by_model["base"]["steps"], card.best_by_model["base"]["guidance"]) == (
+        best["steps"],
+        best["guidance"],
+    )
+    assert best_guidance(rows, run.base.ref) == best["guidance"]
+    at_2 = min((base[(2, 1.0)], base[(2, 3.0)]), key=lambda r: r["fid"])
+    assert fid_at(rows, run.base.ref, 2) == at_2["fid"]
+    assert fid_at(rows, run.base.ref, 2, guidance=3.0) == base[(2, 3.0)]["fid"]
+    report = store.read_bytes(manifest, "report.md").decode()
+    assert f"- base best: euler {best['steps']} step" in report and f"at guidance {best['guidance']:g}" in report
+    # The straightness is measured once, at the first scale.
+    assert store.read_json(manifest, "straightness")["base"]["guidance"] == 1.0
 
 
 def test_user_torchscript_extractor(evaluated, tmp_path):
@@ -269,7 +316,7 @@ def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
     assert EvaluationCard.from_manifest(manifest).models == {"base": run.base.ref, "ddpm": ddpm.ref}
     assert store.read_json(manifest, "straightness").keys() == {"base"}  # no ODE path for a diffusion model
     report = store.read_bytes(manifest, "report.md").decode()
-    assert f"grids/ddpm-ddpm-{DIFFUSION_T}.png" in report and "## Course-notes table" in report
+    assert f"grids/ddpm-ddpm-{DIFFUSION_T}-g1.png" in report and "## Course-notes table" in report
     assert f"1000 steps not evaluated: nearest evaluated step count {DIFFUSION_T}" in report
     # Only the samplers asked for: the diffusion steps apply to the diffusion samplers named.
     only_ddim = config.model_copy(update={"diffusion_samplers": ("ddim",), "diffusion_steps": (5,)})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infra.cards import GeneratorCard, LatentsCard
-from infra.config import ConsistencyConfig, DDPMConfig, GeneratorConfig, PairsConfig, ReflowConfig
+from infra.config import ConfigError, ConsistencyConfig, DDPMConfig, GeneratorConfig, PairsConfig, ReflowConfig
 from infra.store import Store
 from infra.tables import table_column_to_numpy, tensors_to_table
 from models.consistency import consistency_sample
@@ -56,6 +56,18 @@ def commit_latents(store: Store, n: int = 64):
         return writer.commit(metrics=card.to_metrics())
 
 
+def test_pairs_and_consistency_refuse_an_unresolved_guidance(tmp_path):
+    """None ("the base model's best") is the flow's to resolve; a stage handed it refuses before any work."""
+    store = Store.open(str(tmp_path / "store"))
+    latents = commit_latents(store)
+    assert PairsConfig().guidance is None and ConsistencyConfig().guidance is None
+    with pytest.raises(ConfigError, match=r"pairs.guidance is None .*set pairs.guidance in the config"):
+        run_pairs(store, PairsConfig(pairs=8), latents, round_index=1)
+    with pytest.raises(ConfigError, match=r"consistency.guidance is None .*set consistency.guidance"):
+        run_consistency(store, ConsistencyConfig(steps=1, **LOOP), latents, latents)
+    assert store.list_manifests("pairs") == [] and store.list_manifests("consistency") == []
+
+
 def test_base_reflow_consistency_chain(ray_local, tmp_path):
     store = Store.open(str(tmp_path / "store"))
     latents = commit_latents(store)
@@ -91,8 +103,10 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
     assert reflow_card.teacher_ref == base.ref and reflow.inputs == [base.ref, pairs.ref]
     assert reflow_card.round == 1 and reflow_card.guidance == 1.5  # sampled at its pairs' guidance
 
-    consistency = run_consistency(store, ConsistencyConfig(intervals=4, steps=10, **LOOP), reflow, pairs)
+    consistency_cfg = ConsistencyConfig(intervals=4, steps=10, guidance=2.0, **LOOP)
+    consistency = run_consistency(store, consistency_cfg, reflow, pairs)
     assert GeneratorCard.from_manifest(consistency).family == "consistency"
+    assert GeneratorCard.from_manifest(consistency).guidance == 2.0  # the teacher scale it was distilled at
     student = store.load_model(consistency, "model")
     x = consistency_sample(student, torch.randn(3, *SHAPE), torch.tensor([0, 1, 2]), steps=2).x_1
     assert x.shape == (3, *SHAPE) and torch.isfinite(x).all()

@@ -258,3 +258,26 @@ def test_the_bar_needs_an_evaluated_candidate_and_ignores_what_was_not_measured(
     low = Scored(500.0, None, None, "evaluate/e", class_accuracy=0.1, floor_fid=7.0, ceiling_fid=8.0)
     assert decide("base/new", None, STEPS, "euler", low, None, bar=off, chance=0.1).promoted
     assert not decide("base/new", None, STEPS, "euler", low, None, bar=bar, chance=0.1).promoted
+
+
+def test_promotion_records_the_candidates_best_guidance_with_the_pointer(local_store):
+    """The candidate is read at its best scale at the served steps (with its sampler), and that
+    scale goes into the pointer's record, where serving takes it as its default guidance."""
+    store = local_store
+    base = commit_generator(store, "base", "g1", "flow")
+    rows = [
+        {**row(base, "euler", STEPS, 30.0), "guidance": 1.0},
+        {**row(base, "euler", STEPS, 18.0), "guidance": 2.0},
+        {**row(base, "euler", STEPS, 22.0), "guidance": 4.0},
+        {**row(base, "euler", 8, 5.0), "guidance": 4.0},  # better, but not at the served steps
+        {**row(base, "heun", STEPS, 10.0), "guidance": 4.0},  # better, but not how it is served
+    ]
+    evaluation = commit_evaluation(store, "eg", [base], rows)
+    decision = promote(store, base.ref, evaluation.ref, served_steps=STEPS)
+    assert decision.promoted and (decision.candidate_fid, decision.guidance) == (18.0, 2.0)
+    assert decision.as_dict()["guidance"] == 2.0
+    record = store.pointer_record("serving/current")
+    assert record["ref"] == base.ref and record["guidance"] == 2.0
+    assert store.get_pointer("serving/current") == base.ref  # readers of the ref alone are unaffected
+    with pytest.raises(ValueError, match="overwrite the pointer's own fields"):
+        store.put_pointer("serving/current", base.ref, about={"ref": "base/other"})

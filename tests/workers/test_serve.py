@@ -128,10 +128,12 @@ def commit_diffusion(store: Store, vae: Manifest, seed: int = 5) -> Manifest:
     )
 
 
-def commit_evaluation(store: Store, rows: list[tuple[Manifest, str, int, float]], inputs: list[Manifest]) -> Manifest:
+def commit_evaluation(store: Store, rows: list[tuple], inputs: list[Manifest]) -> Manifest:
+    """Rows (model, sampler, steps, FID[, guidance])."""
     table = []
-    for model, sampler, steps, fid in rows:
+    for model, sampler, steps, fid, *scale in rows:
         row = dict.fromkeys(COLUMNS)
+        row["guidance"] = scale[0] if scale else None
         row.update(
             model=model.stage,
             stage_key=model.ref,
@@ -239,7 +241,8 @@ def app(ray_local, tmp_path_factory):
             (student, "consistency", 2, 35.0),
             (student, "consistency", 4, float("nan")),  # diverged: still valid JSON
             (flow, "euler", 1, 60.0),
-            (flow, "euler", 2, 30.0),
+            (flow, "euler", 2, 45.0, 1.0),
+            (flow, "euler", 2, 30.0, 2.5),  # its best at the served steps: promotion records the scale
         ],
         [student, flow],
     )
@@ -490,6 +493,7 @@ def test_model_card_docs_and_playground(app):
         card = client.get("/v1/model").json()
         assert card["ref"] == app.student.ref and card["sampler"] == "consistency" and not card["pinned"]
         assert card["num_classes"] == NUM_CLASSES and card["served_steps"] == SERVED_STEPS
+        assert card["guidance"] == 1.0  # moved by hand, no scale recorded, none on its card
         assert card["limits"]["max_n"] == 16 and card["digest"] == app.student.digest
         assert [m["ref"] for m in card["lineage"]] == ["vae/tiny"]
         evaluation = card["evaluation"]
@@ -631,7 +635,7 @@ def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
         wait_for(lambda: len(results) >= 8)
         decision = promote(app.store, app.flow.ref, app.evaluation.ref, served_steps=SERVED_STEPS)
         assert decision.promoted, decision.reason
-        assert (decision.candidate_fid, decision.current_fid) == (30.0, 35.0)
+        assert (decision.candidate_fid, decision.current_fid, decision.guidance) == (30.0, 35.0, 2.5)
         promoted_at = len(results)
         wait_for(lambda: [ref for _, ref in results[promoted_at:]][-8:] == [app.flow.ref] * 8)
     finally:
@@ -653,6 +657,10 @@ def test_promotion_swaps_the_model_under_a_stream_of_requests(app):
         }
         body = client.post("/v1/generate", json={"n": 2, "guidance": 2.0, "labels": [0, 1]}).json()
         assert body["model"] == app.flow.ref and body["guidance"] == 2.0
+        # Left out, the guidance is the served model's own: the scale promotion recorded with the pointer.
+        assert card["guidance"] == 2.5
+        body = client.post("/v1/generate", json={"n": 2, "labels": [0, 1]}).json()
+        assert body["model"] == app.flow.ref and body["guidance"] == 2.5
 
 
 def test_health_is_degraded_while_the_store_is_moved_away(app):

@@ -7,6 +7,7 @@ real HTTP is in test_serve.py and test_serve_drills.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -18,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import serve_drill_kit as kit  # noqa: E402
 
+from infra.cards import GeneratorCard  # noqa: E402
 from infra.errors import IntegrityError  # noqa: E402
 from workers.generator import Generator  # noqa: E402
-from workers.serving.swap import UnfitModel, Watch, load_served, sanity_check  # noqa: E402
+from workers.serving.swap import UnfitModel, Watch, default_guidance, load_served, sanity_check  # noqa: E402
 
 STEPS = 2
 
@@ -75,6 +77,24 @@ def test_good_models_pass_and_a_flipped_byte_fails_its_digest(tiny):
     sanity_check(Generator.load(tiny.store, tiny.first, device="cpu"), "consistency", STEPS)
     with pytest.raises(IntegrityError, match=r"file 'model' of base/drill5 .* is corrupt \(sha256"):
         load_served(tiny.store, tiny.corrupt.ref, "euler", STEPS)
+
+
+def test_default_guidance_is_the_promoted_scale_else_the_cards_else_one(tiny):
+    store, pointer = tiny.store, "serving/guidance-test"  # its own pointer: the module's watch tests use theirs
+    # No record (served by hand) and no scale on its card: 1.
+    assert load_served(store, tiny.second.ref, "euler", STEPS, pointer).guidance == 1.0
+    # Promotion's record for this ref: its scale, shown by /v1/model.
+    store.put_pointer(pointer, tiny.second.ref, about={"guidance": 3.0})
+    served = load_served(store, tiny.second.ref, "euler", STEPS, pointer)
+    assert served.guidance == 3.0 and served.card["guidance"] == 3.0
+    # The record describes the ref it points at, not another model served beside it.
+    assert load_served(store, tiny.first.ref, "consistency", STEPS, pointer).guidance == 1.0
+    # A model whose card names its scale (a student distilled at 2.5), with no record for it.
+    with store.begin("consistency", "guided", config={"g": 2.5}) as writer:
+        writer.write_json("note", {})
+        card = GeneratorCard.from_manifest(tiny.first)
+        student = writer.commit(metrics=dataclasses.replace(card, guidance=2.5).to_metrics())
+    assert default_guidance(store, student, pointer) == 2.5
 
 
 # --------------------------------------------------------------------------- the watch

@@ -258,8 +258,10 @@ class FewstepGenerator:
                 ],
             )
         seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-        # A sampler that takes no guidance (a distilled student) batches all its requests together.
-        guidance = float(body.guidance) if sampler.guided and body.guidance is not None else 1.0
+        # Left out: the served model's own scale (promotion's record, or its card). A sampler that
+        # takes no guidance (a distilled student) batches all its requests together.
+        asked = body.guidance if body.guidance is not None else served.guidance
+        guidance = float(asked) if sampler.guided else 1.0
         request = Request(
             n=body.n,
             steps=steps,

@@ -1,7 +1,7 @@
 """The HTTP surface of one replica: FastAPI routes, a body-size limit, image encodings.
 
     POST /v1/generate   {n, steps?, labels?, guidance?, seed?, format?} -> images + model ref + steps
-    GET  /v1/model      ref, family, sampler, lineage and evaluation rows of the served model
+    GET  /v1/model      ref, family, sampler, default guidance, lineage and evaluation rows of the served model
     GET  /healthz       ok or degraded (with reasons), the served ref, the last failed model swap (if any)
     GET  /              the playground page;  GET /docs  OpenAPI
 

@@ -1,4 +1,4 @@
-"""What ``GET /v1/model`` says about the served model: ref, family, lineage, evaluation.
+"""What ``GET /v1/model`` says about the served model: ref, family, default guidance, lineage, evaluation.
 
 Computed once when a model is loaded. JSON-safe throughout: a diverged model's NaN FID must
 not turn the endpoint into a 500.
@@ -66,8 +66,9 @@ def evaluation_of(store: Store, ref: str) -> dict[str, Any] | None:
     return None
 
 
-def model_card(store: Store, manifest: Manifest, sampler: str) -> dict[str, Any]:
-    """The served model as /v1/model shows it; ``sampler`` is what it is served with."""
+def model_card(store: Store, manifest: Manifest, sampler: str, guidance: float = 1.0) -> dict[str, Any]:
+    """The served model as /v1/model shows it; ``sampler`` is what it is served with, ``guidance``
+    the scale a request without one is drawn at."""
     card = GeneratorCard.from_manifest(manifest)
     return strict_json(
         {
@@ -77,6 +78,7 @@ def model_card(store: Store, manifest: Manifest, sampler: str) -> dict[str, Any]
             "created_at": manifest.created_at,
             "family": card.family,
             "sampler": sampler,
+            "guidance": guidance,
             "num_classes": card.num_classes,
             "latent_shape": list(card.latent_shape),
             "metrics": scalar_metrics(manifest.metrics),

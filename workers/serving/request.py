@@ -57,7 +57,10 @@ class GenerateBody(BaseModel):
         None, description="one class id per image; num_classes means no class; default: no class"
     )
     guidance: float | None = Field(
-        None, allow_inf_nan=False, description="classifier-free guidance scale (flow models); default 1"
+        None,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale (flow and diffusion models); default: the served model's "
+        "own scale, as GET /v1/model shows it (`guidance`)",
     )
     seed: int | None = Field(None, description="same seed, same images; default: a random seed, returned")
     format: Literal["png", "array"] = Field("png", description="base64 PNGs, or uint8 arrays (H, W, C) as nested lists")

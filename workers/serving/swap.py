@@ -16,6 +16,10 @@ and is not retried every poll: the same ref is tried again after ``retry_s``, do
 ``max_retry_s``, or at once when the pointer moves to another ref. Each failed attempt logs
 one line, without a traceback (the reason names the file or tensor that was wrong).
 
+A request that leaves ``guidance`` out is drawn at the served model's own scale
+(:func:`default_guidance`): the one promotion recorded with the pointer when the pointer names
+this model, else its card's guidance, else 1.
+
 ``/healthz`` says ``degraded``, with the reasons, while the pointer names a model that could
 not be swapped in, while the store cannot be read, and while the served model's manifest is
 gone from the store (deleted by hand, or the store moved): the replica still answers from the
@@ -35,8 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from infra.cards import GeneratorCard
 from infra.errors import describe
-from infra.store import Store
+from infra.store import SERVING_POINTER, Manifest, Store
 from models.sampling import preferred_sampler
 from workers.generator import Generator, Request
 from workers.serving.model_card import model_card
@@ -59,6 +64,7 @@ class Served:
     generator: Generator
     sampler: str
     card: dict[str, Any]  # computed once, at load
+    guidance: float = 1.0  # for requests that leave guidance out (:func:`default_guidance`)
 
     @property
     def ref(self) -> str:
@@ -72,11 +78,13 @@ def non_finite(x: Tensor) -> str | None:
     return f"{int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} infinite of {x.numel()} values"
 
 
-def sanity_check(generator: Generator, sampler: str, steps: int, seed: int = SANITY_SEED) -> None:
+def sanity_check(
+    generator: Generator, sampler: str, steps: int, seed: int = SANITY_SEED, guidance: float = 1.0
+) -> None:
     """Raise :class:`UnfitModel` unless ``generator`` has finite weights and draws finite images.
 
     The batch: 2 images seeded by ``seed``, label 0 and the null label, at ``steps`` (capped by
-    the sampler's own maximum) with ``sampler``: the cost of one small request."""
+    the sampler's own maximum) with ``sampler`` at ``guidance``: the cost of one small request."""
     for part, module in (("network", generator.net), ("VAE", generator.vae)):
         bad = [
             name
@@ -92,7 +100,8 @@ def sanity_check(generator: Generator, sampler: str, steps: int, seed: int = SAN
     chosen = generator.sampler(sampler)
     steps = min(steps, chosen.max_steps or steps)
     request = Request(n=2, steps=steps, sampler=sampler, labels=(0, generator.num_classes), seed=seed)
-    x_1, _ = generator.sample_latents(generator.noise_for(request), generator.labels_for(request), steps, sampler)
+    noise, y = generator.noise_for(request), generator.labels_for(request)
+    x_1, _ = generator.sample_latents(noise, y, steps, sampler, guidance)
     pixels = generator.decode(x_1)  # (2, C, H, W) in the model range, before clipping to uint8
     for what, values in (("latents", x_1), ("pixels", pixels)):
         bad = non_finite(values)
@@ -103,13 +112,29 @@ def sanity_check(generator: Generator, sampler: str, steps: int, seed: int = SAN
             )
 
 
-def load_served(store: Store, ref: str, solver: str, steps: int) -> Served:
-    """Load ``ref`` (every file's sha256 checked on read), check it draws finite images, describe it."""
+def default_guidance(store: Store, manifest: Manifest, pointer: str = SERVING_POINTER) -> float:
+    """The guidance scale a request without one is drawn at: the scale promotion recorded with
+    ``pointer`` when the pointer names this model (its best row at the served steps), else the
+    model's card's (a student's teacher scale, a reflow round's pairs'), else 1.0 (a model served
+    by hand with ``--model REF``, or promoted before scales were recorded)."""
+    record = store.pointer_record(pointer)
+    if record is not None and record["ref"] == manifest.ref:
+        recorded = record.get("guidance")
+        if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and math.isfinite(recorded):
+            return float(recorded)
+    card = GeneratorCard.from_manifest(manifest)
+    return float(card.guidance) if card.guidance is not None else 1.0
+
+
+def load_served(store: Store, ref: str, solver: str, steps: int, pointer: str = SERVING_POINTER) -> Served:
+    """Load ``ref`` (every file's sha256 checked on read), check it draws finite images at its
+    default guidance, describe it."""
     manifest = store.get_ref(ref)
     generator = Generator.load(store, manifest)
     sampler = preferred_sampler(generator.card.family, solver).name
-    sanity_check(generator, sampler, steps)
-    return Served(generator, sampler, model_card(store, manifest, sampler))
+    guidance = default_guidance(store, manifest, pointer)
+    sanity_check(generator, sampler, steps, guidance=guidance)
+    return Served(generator, sampler, model_card(store, manifest, sampler, guidance), guidance)
 
 
 @dataclass(frozen=True)
@@ -145,7 +170,7 @@ class Watch:
         self._lock = threading.Lock()  # one poll at a time
 
     def load(self, ref: str) -> Served:
-        return load_served(self.store, ref, self.solver, self.steps)
+        return load_served(self.store, ref, self.solver, self.steps, self.pointer)
 
     def poll(self, served: Served, follow: bool) -> Served:
         """Look at the store once; return the model to serve from now on (``served`` unless a swap worked).

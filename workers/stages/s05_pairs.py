@@ -27,6 +27,7 @@ from models.registry import build_model, model_spec
 from models.samplers import sample_ode
 from workers import progress
 from workers.generator import cpu_state, load_network, seeded_normal
+from workers.guidance import require_guidance
 from workers.parts import add_written, rows_per_part, write_parts
 from workers.runner import run_stage
 from workers.runtime import current_node, remote_options, threads_for, use_threads, worker_env
@@ -87,9 +88,11 @@ def pair_tables(batch: pa.Table) -> tuple[dict[str, pa.Table], dict]:
 
 
 def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index: int) -> Manifest:
-    """Pairs from ``teacher`` for reflow round ``round_index``; returns the pairs manifest."""
+    """Pairs from ``teacher`` for reflow round ``round_index``, at ``config.guidance`` (a number:
+    the flow resolves None first); returns the pairs manifest."""
     import ray
 
+    guidance = require_guidance(STAGE, config.guidance)
     space = GeneratorCard.from_manifest(teacher).space
     section = {**config.keyed(), "round": round_index}
 
@@ -115,7 +118,7 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
                 seed=round_index + ROUND_SEED_OFFSET,
                 solver=config.solver,
                 steps=config.steps,
-                guidance=config.guidance,
+                guidance=guidance,
                 threads=threads,
             ),
             batch_size=config.batch_size,
@@ -130,7 +133,7 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
             "fewstep.teacher_digest": teacher.digest,
             "fewstep.solver": config.solver,
             "fewstep.steps": str(config.steps),
-            "fewstep.guidance": str(config.guidance),
+            "fewstep.guidance": str(guidance),
         }
         row_bytes = 2 * 4 * int(np.prod(space.latent_shape))
         parts = []
@@ -146,7 +149,7 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
             round=round_index,
             solver=config.solver,
             steps=config.steps,
-            guidance=config.guidance,
+            guidance=guidance,
             sampler_nodes=tuple(sorted(nodes)),
             **space.space_fields(),
         )

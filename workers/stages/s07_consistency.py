@@ -21,6 +21,7 @@ from models.registry import build_model, model_spec
 from workers.batches import LatentBatch, PairBatch
 from workers.data import training_dataset
 from workers.generator import cpu_state, load_network, write_generator
+from workers.guidance import require_guidance
 from workers.runner import run_stage
 from workers.train import TrainJob, check_rows, fit
 
@@ -46,7 +47,9 @@ def renoise_coupling(config: ConsistencyConfig, teacher: Manifest) -> float:
 
 
 def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, data: Manifest) -> Manifest:
-    """Consistency distillation of ``teacher`` on ``data`` (latents or pairs); returns the student's manifest."""
+    """Consistency distillation of ``teacher`` on ``data`` (latents or pairs) at ``config.guidance``
+    (a number: the flow resolves None first); returns the student's manifest."""
+    guidance = require_guidance(STAGE, config.guidance)
     space = GeneratorCard.from_manifest(teacher).space
     rows, table, columns, adapt = distillation_data(store, data)
     check_rows(STAGE, rows, config)
@@ -61,7 +64,7 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
             student=student,
             num_intervals=config.intervals,
             solver=config.teacher_solver,
-            guidance=config.guidance,
+            guidance=guidance,
             ema_decay=config.target_decay,
             c=config.huber_c,
             label_dropout=config.class_dropout,
@@ -84,7 +87,7 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
             final_loss=result.final_loss,
             resumed_from=result.resumed_from,
             nodes=tuple(result.nodes),
-            guidance=config.guidance,
+            guidance=guidance,
             teacher_ref=teacher.ref,
             data_ref=data.ref,
             renoise_coupling=renoise_coupling(config, teacher),

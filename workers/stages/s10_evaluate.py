@@ -2,8 +2,9 @@
 
 (Over 350 lines: the cell plan, the Ray tasks and the assembly of the table are one stage; its outputs (report, quality ratios, scoring) already live in library modules.)
 
-For each generator (base, each reflow round, consistency, ddpm) and each of its samplers and step
-counts the stage draws ``n`` images, decodes them with the VAE and scores them in one
+For each generator (base, each reflow round, consistency, ddpm), each of its samplers and step
+counts, and each guidance scale of ``evaluate.guidance`` (for samplers that take classifier-free
+guidance, on labelled data; :func:`cell_scales`) the stage draws ``n`` images, decodes them with the VAE and scores them in one
 feature space (:mod:`workers.scoring`):
 
     FID              Fréchet distance to the real test split's features
@@ -12,7 +13,7 @@ feature space (:mod:`workers.scoring`):
     seconds/image    wall time of sampling + decoding, per image, on one evaluation task
     straightness     S = int_0^1 E||(x_1 - x_0) - v_t||^2 dt of each ODE model's paths
 
-One Ray task per cell (model, sampler, steps), at most ``resources.workers`` in flight, each
+One Ray task per cell (model, sampler, steps, guidance), at most ``resources.workers`` in flight, each
 loading its generator and the scorer itself from the store. Two reference rows bound the
 numbers: ``real-train`` (train images vs test: the floor, what a perfect sampler of the data
 would score at this n) and ``vae-recon`` (the same train images encoded and decoded with the
@@ -23,7 +24,7 @@ seeds derived from ``evaluate.seed`` with a fixed chunk size, so the same config
 same numbers whatever the number of tasks, and every model is scored on the same x_0.
 
 Outputs (written by :mod:`workers.report`): ``metrics`` (Parquet, :mod:`infra.metrics_table`),
-``fid_vs_nfe.png``, ``grids/<model>-<sampler>-<steps>.png`` (plus ``grids/real-test.png`` and
+``fid_vs_nfe.png``, ``grids/<model>-<sampler>-<steps>-g<guidance>.png`` (plus ``grids/real-test.png`` and
 ``grids/vae-recon.png``), ``straightness`` (JSON), ``report.md`` and an
 :class:`~infra.cards.EvaluationCard`.
 """
@@ -47,6 +48,7 @@ from infra.metrics_table import CEILING, FLOOR, REFERENCE, row_key
 from infra.store import Manifest, StageWriter, Store
 from models.metrics import class_accuracy, fid_draws, interval, kid_draws, precision_recall
 from models.samplers import straightness
+from models.sampling import network_passes
 from workers import progress
 from workers.generator import Generator, Request
 from workers.quality import quality_ratios
@@ -67,7 +69,7 @@ STRAIGHTNESS_BATCH = 64
 
 @dataclass(frozen=True)
 class Cell:
-    """One row of the table to compute: a generator at one sampler and step count."""
+    """One row of the table to compute: a generator at one sampler, step count and guidance scale."""
 
     model: str  # display name: base, reflow-1, consistency
     ref: str  # the generator's manifest ref
@@ -78,7 +80,7 @@ class Cell:
 
     @property
     def grid_name(self) -> str:
-        return f"grids/{self.model}-{self.sampler}-{self.steps}.png"
+        return f"grids/{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}.png"
 
 
 def model_names(generators: Sequence[Manifest]) -> list[str]:
@@ -101,17 +103,27 @@ def sampler_steps(config: EvaluateConfig) -> dict[str, tuple[int, ...]]:
     }
 
 
+def cell_scales(config: EvaluateConfig, card: GeneratorCard, guided: bool) -> tuple[float, ...]:
+    """The guidance scales a model's sampler is scored at.
+
+    Every scale of ``evaluate.guidance`` where the sampler takes classifier-free guidance and the
+    data has labels (base, reflow rounds: flow models trained with label dropout; DDPM); the one
+    scale built into a student that takes none (its card's, else 1); 1 on unlabelled data."""
+    if not guided:
+        return (card.guidance if card.guidance is not None else 1.0,)
+    return config.guidance if card.num_classes > 0 else (1.0,)
+
+
 def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[Cell]:
-    """Every (model, sampler, steps) to evaluate; the straightness of each ODE model's paths once,
-    with its first sampler at its largest step count. A model is sampled at the guidance its card
-    names (reflow: its pairs'; consistency: its teacher's, built in) or else the evaluation's. Step
-    counts beyond what a model's sampler takes (a diffusion model's T) are left out, with a warning."""
+    """Every (model, sampler, steps, guidance) to evaluate (:func:`cell_scales`); the straightness of
+    each ODE model's paths once, with its first sampler at its largest step count and its first
+    scale. Step counts beyond what a model's sampler takes (a diffusion model's T) are left out,
+    with a warning."""
     from models.sampling import family_samplers
 
     plan, cells = sampler_steps(config), []
     for name, m in zip(model_names(generators), generators):
         card = GeneratorCard.from_manifest(m)
-        guidance = card.guidance if card.guidance is not None else config.guidance
         path_measured = False
         for sampler in family_samplers(card.family, **card.sampler_params()):
             steps = plan.get(sampler.name, ())
@@ -125,9 +137,11 @@ def plan_cells(config: EvaluateConfig, generators: Sequence[Manifest]) -> list[C
                     beyond,
                 )
                 steps = tuple(s for s in steps if s not in beyond)
+            scales = cell_scales(config, card, sampler.guided)
             for s in steps:
-                measure = sampler.has_path and not path_measured and s == steps[-1]
-                cells.append(Cell(name, m.ref, sampler.name, s, guidance, with_straightness=measure))
+                for w in scales:
+                    measure = sampler.has_path and not path_measured and s == steps[-1] and w == scales[0]
+                    cells.append(Cell(name, m.ref, sampler.name, s, w, with_straightness=measure))
             path_measured = path_measured or (sampler.has_path and bool(steps))
     return cells
 
@@ -181,13 +195,14 @@ def evaluate_cell(
     labels = requested_labels(n, generator.num_classes)
     generator.generate(cell_request(generator, cell, labels[:1], seed))  # warm-up (lazy init, allocator), not timed
     parts, seconds, nfe = [], 0.0, 0
+    passes = network_passes(generator.sampler(cell.sampler), cell.guidance)  # a guided step costs two
     for index, start in enumerate(range(0, n, GEN_CHUNK)):
         chunk = cell_request(generator, cell, labels[start : start + GEN_CHUNK], chunk_seed(seed, index))
         started = time.perf_counter()
         images = generator.generate(chunk)
         seconds += time.perf_counter() - started
         parts.append(images.pixels)
-        nfe = images.nfe
+        nfe = images.nfe * passes
     pixels = np.concatenate(parts)  # (n, H, W, C)
     scorer = Scorer.load(store, source, features_ref, device)
     path_straightness = measure_straightness(generator, cell, seed) if cell.with_straightness else None
@@ -346,7 +361,7 @@ def compute_evaluation(
         note = ""
         if isinstance(result, CellResult):
             c = result.cell
-            note = f"{c.model} {c.sampler}@{c.steps}"
+            note = f"{c.model} {c.sampler}@{c.steps} w={c.guidance:g}"
             log.info("evaluate: %s sampled in %.1fs (%d/%d tasks done)", note, result.seconds, finished[0], len(submit))
         progress.advance(STAGE, finished[0], len(submit), note)
 
@@ -388,6 +403,7 @@ def compute_evaluation(
                 "value": value,
                 "sampler": c.sampler,
                 "steps": c.steps,
+                "guidance": c.guidance,
                 "paths": STRAIGHTNESS_BATCH,
                 "ref": c.ref,
             }

@@ -20,6 +20,11 @@ steps, sampler) -> Scored or None``; pass an evaluate stage's ref and the lookup
 metrics and draws tables (falling back to the newest other evaluate manifest that scored the
 served model the same way, for a model that an earlier run promoted).
 
+Each model is read at its best guidance scale at ``k`` steps (the evaluation scores guided
+models at several). The promoted candidate's scale is recorded in the pointer's record
+(``{"ref", "updated_at", "guidance"}``), where serving reads it as the default for requests
+that leave ``guidance`` out (:func:`workers.serving.swap.default_guidance`).
+
 A candidate without a finite FID at ``k`` is never promoted over a served model: it would be
 a blind swap. A served model without an FID at ``k`` (promoted by hand, or the served step
 count changed) cannot be defended, so the evaluated candidate replaces it. The pointer moves
@@ -50,7 +55,7 @@ CAS_ATTEMPTS = 3  # decisions against a pointer that others keep moving
 
 @dataclass(frozen=True)
 class Scored:
-    """A model's FID at one step count and sampler, as one evaluation measured it."""
+    """A model's FID at one step count and sampler (at its best guidance), as one evaluation measured it."""
 
     fid: float
     low: float | None  # its bootstrap interval
@@ -61,6 +66,7 @@ class Scored:
     floor_fid: float | None = None  # the evaluation's reference rows, at the same n
     ceiling_fid: float | None = None
     real_accuracy: float | None = None  # the classifier on the floor's real images
+    guidance: float | None = None  # the scale of the row it was read from
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class Bar:
         return cls(serve.min_accuracy_over_chance, serve.max_excess_over_ceiling)
 
 
-Lookup = Callable[[str, int, str], "Scored | None"]  # (model ref, steps, sampler) -> its FID
+Lookup = Callable[[str, int, str], "Scored | None"]  # (model ref, steps, sampler) -> its FID at its best guidance
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class PromotionDecision:
     current_fid: float | None
     difference: tuple[float, float] | None  # interval of FID_candidate - FID_current, when paired
     reason: str
+    guidance: float | None = None  # the candidate's scale at its best row at ``steps``: serving's default
     below_bar: bool = False  # refused by the absolute bar: it has not learned the data
 
     def as_dict(self) -> dict[str, Any]:
@@ -128,7 +135,17 @@ def decide(
         promoted: bool, reason: str, difference: tuple[float, float] | None = None, below_bar: bool = False
     ) -> PromotionDecision:
         return PromotionDecision(
-            promoted, candidate, current, steps, sampler, candidate_fid, current_fid, difference, reason, below_bar
+            promoted,
+            candidate,
+            current,
+            steps,
+            sampler,
+            candidate_fid,
+            current_fid,
+            difference,
+            reason,
+            candidate_score.guidance if candidate_score is not None else None,
+            below_bar,
         )
 
     if current == candidate:
@@ -223,6 +240,7 @@ def scored(
         floor_fid=floor["fid"] if floor is not None else None,
         ceiling_fid=ceiling["fid"] if ceiling is not None else None,
         real_accuracy=floor.get("class_accuracy") if floor is not None else None,
+        guidance=row.get("guidance"),
     )
 
 
@@ -298,7 +316,8 @@ def promote(
         if not decision.promoted:
             return decision
         try:  # only if nobody moved the pointer since we read it; else decide again against the new one
-            store.put_pointer(pointer, candidate_ref, expect=current_ref)
+            about = {"guidance": decision.guidance} if decision.guidance is not None else None
+            store.put_pointer(pointer, candidate_ref, expect=current_ref, about=about)
             return decision
         except PointerMoved:
             continue
