@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import yaml
 
-from infra.cards import GeneratorCard, PairsCard
+from infra.cards import GeneratorCard, PairsCard, ProbeCard
 from infra.config import load_config
 from infra.metrics_table import read_rows
 from infra.store import Store
