@@ -219,7 +219,7 @@ def curves_section(curves: dict[str, dict[str, Any]]) -> list[str]:
         "",
         "Training loss: the running mean over the last log interval (fresh noise, dropped labels). Held-out "
         "loss: the same objective on a fixed test slice with correct labels and fixed noise and times, "
-        "measured at each checkpoint; the EMA row is what is sampled.",
+        "measured at each checkpoint; the EMA column is the model that is sampled.",
     ]
     for model, record in curves.items():
         lines += ["", *curve_markdown(model, record.get("curve", []), record.get("heldout"), record["stage"])]
