@@ -56,6 +56,7 @@ from infra.config import (  # noqa: E402
 )
 from infra.metrics_table import read_rows  # noqa: E402
 from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
+from workers.curves import curve_markdown  # noqa: E402
 from workers.errors import is_transient  # noqa: E402
 from workers.guidance import resolve_guidance  # noqa: E402
 from workers.runtime import ensure_ray  # noqa: E402
@@ -102,14 +103,23 @@ def stage_task(name: str) -> Callable:
     )
 
 
-def publish_stage(manifest: Manifest) -> None:
-    """A small metrics table per stage, under a stable artifact key."""
+def publish_stage(manifest: Manifest, store: Store | None = None) -> None:
+    """A small metrics table per stage (a generator's held out loss among them: ``final_heldout_loss``),
+    under a stable artifact key; for a training stage with a stored curve, its curve table too."""
     rows = [{"metric": k, "value": str(v)} for k, v in sorted(manifest.metrics.items())]
     create_table_artifact(
         key=f"fewstep-{manifest.stage}-metrics",
         table=rows,
         description=f"{manifest.ref} — metrics of the `{manifest.stage}` stage",
     )
+    if store is not None and "curve" in manifest.files:
+        record = store.read_json(manifest, "curve")
+        lines = curve_markdown(manifest.ref, record.get("curve", []), record.get("heldout"), manifest.stage)
+        create_markdown_artifact(
+            key=f"fewstep-{manifest.stage}-curve",
+            markdown="\n".join([f"# Training curve of `{manifest.ref}`", "", *lines]) + "\n",
+            description=f"{manifest.ref} — training and held-out loss at each checkpoint",
+        )
 
 
 def run_and_publish(
@@ -124,7 +134,7 @@ def run_and_publish(
     ensure_ray(ray_address)
     store = Store.open(store_uri)
     manifest = run(store, section, *[store.get_ref(ref) for ref in input_refs], *extra)
-    publish_stage(manifest)
+    publish_stage(manifest, store)
     return manifest.ref
 
 

@@ -191,6 +191,9 @@ class GeneratorCard(LatentSpace):
     family: str  # how its network turns noise into latents: models.sampling.FAMILIES
     steps: int  # training steps
     final_loss: float | None = None
+    final_heldout_loss: float | None = None  # EMA weights on the held-out set at the last step (None: none)
+    final_heldout_loss_raw: float | None = None  # the raw (trained) weights on the same set
+    heldout: str | None = None  # what the held-out set is (rows, split, noise); None: not measured
     resumed_from: int = 0
     guidance: float | None = None  # the guidance it is sampled at (None: the evaluation's)
     round: int | None = None  # reflow round

@@ -135,6 +135,9 @@ class LoopConfig(Section):
     ema_decay: float = Field(0.999, ge=0, le=1)  # 0: no average (the EMA is the model itself)
     ema_warmup: int = Field(10, ge=0, le=MAX_STEPS)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
     checkpoint_every: int = Field(500, ge=1, le=MAX_STEPS)
+    # Generator stages: test-split rows (the first, in table order) scored with the objective's
+    # held-out loss (correct labels, fixed noise and times) at each checkpoint; 0 turns it off.
+    heldout_rows: int = Field(512, ge=0, le=MAX_BATCH)
     cache_data: bool = True  # hold each worker's shard in memory; False streams it every epoch
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     resources: Resources = Resources()

@@ -227,18 +227,27 @@ class DDPMObjective(Objective):
                 "train the diffusion baseline on latents ({'x_1', 'y'})"
             )
         y = drop_labels(y, unwrap(model).num_classes, self.label_dropout)
-        num_steps = self.schedule.num_steps
-        k = torch.randint(0, num_steps, (x_1.shape[0],), device=x_1.device)  # (N,)
+        k = torch.randint(0, self.schedule.num_steps, (x_1.shape[0],), device=x_1.device)  # (N,)
         eps = torch.randn_like(x_1)
+        loss = self.regression(model, x_1, k, eps, y)
+        return LossOutput(loss=loss, logs={"loss": loss.detach()})
 
+    def heldout_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        """The same loss with every label as given, k and eps drawn from ``generator`` (a CPU one)."""
+        x_1 = require(batch, "x_1", "DDPMObjective")
+        y = require(batch, "y", "DDPMObjective")
+        k = torch.randint(0, self.schedule.num_steps, (x_1.shape[0],), generator=generator).to(x_1.device)
+        eps = torch.randn(x_1.shape, generator=generator, dtype=x_1.dtype).to(x_1.device)
+        return self.regression(model, x_1, k, eps, y)
+
+    def regression(self, model: nn.Module, x_1: Tensor, k: Tensor, eps: Tensor, y: Tensor) -> Tensor:
+        """L = E || eps - eps_theta(x_k, t(k), y) ||^2 at chain steps ``k`` (N,) with noise ``eps``."""
         abar = expand_t(self._alphas_cumprod(x_1)[k], x_1)  # (N, 1, ...)
         # x_k = sqrt(abar_k) x_1 + sqrt(1 - abar_k) eps
         x_k = abar.sqrt() * x_1 + (1 - abar).sqrt() * eps
-        t = network_time(k.to(x_1.dtype), num_steps)  # (N,)
+        t = network_time(k.to(x_1.dtype), self.schedule.num_steps)  # (N,)
         eps_hat = model(x_k, t, y)
-        # L = E || eps - eps_theta(x_k, t(k), y) ||^2
-        loss = (eps_hat - eps).pow(2).mean()
-        return LossOutput(loss=loss, logs={"loss": loss.detach()})
+        return (eps_hat - eps).pow(2).mean()
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ A stage is a subclass that overrides the equation that differs. ``loss`` never c
 ``.item()``: logs are detached tensors, so the loop decides when to sync with the host.
 Randomness (noise, times, label dropout) comes from torch's global RNG, which the loop
 seeds and checkpoints.
+
+``heldout_loss(model, batch, generator)`` is the same objective made a fixed measurement:
+every label as given (no dropout), noise and times drawn from ``generator`` (a CPU
+``torch.Generator``; seeded the same at every checkpoint, so two calls on the same weights give
+the same value). The loop calls it at each checkpoint on a held-out set, in eval mode and under
+``torch.no_grad()``; an objective without one returns None.
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ class Objective:
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         raise NotImplementedError
 
+    def heldout_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor | None:
+        """The loss on ``batch`` with correct labels and noise/times from ``generator``; None: not defined."""
+        return None
+
     def after_step(self, model: nn.Module) -> None:
         """Called after each optimizer step; a no-op unless the objective keeps state."""
 
@@ -95,15 +105,27 @@ class FlowMatching(Objective):
         x_1 = require(batch, "x_1", "FlowMatching")
         y = require(batch, "y", "FlowMatching")
         x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
-        if x_0.shape != x_1.shape:
-            raise ValueError(f"x_0 {tuple(x_0.shape)} and x_1 {tuple(x_1.shape)} must match")
         y = drop_labels(y, unwrap(model).num_classes, self.label_dropout)
         t = self.time_sampler(x_1.shape[0], x_1.device, x_1.dtype)  # (N,)
-
-        x_t = interpolate(x_0, x_1, t)
-        u_t = target_velocity(x_0, x_1)
-        v = model(x_t, t, y)
-        # L = E || v_theta(x_t, t, y) - (x_1 - x_0) ||^2, averaged over elements as well
-        # (so its scale does not depend on the latent size).
-        loss = (v - u_t).pow(2).mean()
+        loss = self.regression(model, x_0, x_1, t, y)
         return LossOutput(loss=loss, logs={"loss": loss.detach()})
+
+    def heldout_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
+        """The same regression with every label as given, x_0 (unless stored) and t from ``generator``."""
+        x_1 = require(batch, "x_1", "FlowMatching")
+        y = require(batch, "y", "FlowMatching")
+        if "x_0" in batch:
+            x_0 = batch["x_0"]
+        else:
+            x_0 = torch.randn(x_1.shape, generator=generator, dtype=x_1.dtype).to(x_1.device)
+        t = self.time_sampler(x_1.shape[0], None, x_1.dtype, generator=generator).to(x_1.device)  # (N,)
+        return self.regression(model, x_0, x_1, t, y)
+
+    @staticmethod
+    def regression(model: nn.Module, x_0: Tensor, x_1: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """L = E || v_theta(x_t, t, y) - (x_1 - x_0) ||^2, averaged over elements as well
+        (so its scale does not depend on the latent size)."""
+        if x_0.shape != x_1.shape:
+            raise ValueError(f"x_0 {tuple(x_0.shape)} and x_1 {tuple(x_1.shape)} must match")
+        v = model(interpolate(x_0, x_1, t), t, y)
+        return (v - target_velocity(x_0, x_1)).pow(2).mean()

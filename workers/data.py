@@ -46,6 +46,41 @@ def training_dataset(store: Store, manifest: Manifest, table: str, columns: list
     return ds.select_columns(columns)
 
 
+def split_rows(
+    store: Store, manifest: Manifest, table: str, split: str, columns: list[str], limit: int
+) -> dict[str, np.ndarray] | None:
+    """The first ``limit`` rows of ``split`` (in table order) of a stored table, read on the caller.
+
+    Streams the verified files batch by batch and stops once it has ``limit`` rows, so a held-out
+    slice of a large table costs a read of its first parts, not the table. Returns ``columns`` as
+    numpy arrays (tensor columns as (N, *shape)); None when the split has no rows.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from infra.tables import table_column_to_numpy
+
+    chosen: list[pa.Table] = []
+    found = 0
+    for path in verified_paths(store, manifest, table):
+        if found >= limit:
+            break
+        parquet = pq.ParquetFile(path, filesystem=store.pa_filesystem)
+        for batch in parquet.iter_batches(batch_size=4096, columns=["split", *columns]):
+            part = pa.Table.from_batches([batch])
+            part = part.filter(pc.equal(part.column("split"), split)).slice(0, limit - found)
+            if part.num_rows:
+                chosen.append(part)
+                found += part.num_rows
+            if found >= limit:
+                break
+    if not chosen:
+        return None
+    rows = pa.concat_tables(chosen)
+    return {name: table_column_to_numpy(rows, name) for name in columns}
+
+
 def decode_split(
     batch: Mapping[str, np.ndarray], split: str, channels: int, image_size: int, labelled_only: bool
 ) -> dict[str, np.ndarray]:

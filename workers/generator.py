@@ -99,13 +99,15 @@ def write_generator(
     ema_state: Mapping[str, Tensor],
     curve: list[dict],
     resumed_from: int,
+    heldout: str | None = None,
 ) -> None:
-    """``model`` (EMA weights, what is sampled), ``raw`` (the trained weights) and ``curve``."""
+    """``model`` (EMA weights, what is sampled), ``raw`` (the trained weights) and ``curve``
+    (with ``heldout``: what the curve's held-out loss was measured on, see workers.heldout)."""
     for name, state in (("model", ema_state), ("raw", model_state)):
         net = build_model(spec)
         net.load_state_dict(state)
         writer.write_model(name, net, spec)
-    writer.write_json("curve", {"curve": curve, "resumed_from": resumed_from})
+    writer.write_json("curve", {"curve": curve, "resumed_from": resumed_from, "heldout": heldout})
 
 
 # --------------------------------------------------------------------------- sampling

@@ -34,8 +34,9 @@ from infra.metrics_table import (
     rows_table,
     stage_of,
 )
-from infra.store import StageWriter
+from infra.store import StageWriter, Store
 from infra.tables import tensors_to_table
+from workers.curves import curve_markdown
 from workers.quality import Ratio
 
 GRID_PER_CLASS = 4
@@ -205,8 +206,37 @@ def kid_cell(row: dict[str, Any]) -> str:
     return f"{fmt(scaled[0], 3)} {span(scaled[1], scaled[2], 3)}"
 
 
-def render_report(evaluation: Evaluation, location: str) -> str:
-    """The markdown report: settings, plot, table, best per step count, quality bars, straightness, grids."""
+def training_curves(store: Store, models: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """model name -> its stored ``curve`` record ({"curve", "heldout", ...}) plus its ``stage``,
+    read through each evaluated model's manifest (models without a curve are left out)."""
+    curves = {}
+    for model, ref in models.items():
+        manifest = store.get_ref(ref)
+        if "curve" in manifest.files:
+            curves[model] = {**store.read_json(manifest, "curve"), "stage": manifest.stage}
+    return curves
+
+
+def curves_section(curves: dict[str, dict[str, Any]]) -> list[str]:
+    """The training curves: training loss and held-out loss (EMA, raw) at each checkpoint, per model."""
+    if not curves:
+        return []
+    lines = [
+        "",
+        "## Training curves",
+        "",
+        "Training loss: the running mean over the last log interval (fresh noise, dropped labels). Held-out "
+        "loss: the same objective on a fixed test slice with correct labels and fixed noise and times, "
+        "measured at each checkpoint; the EMA column is the model that is sampled.",
+    ]
+    for model, record in curves.items():
+        lines += ["", *curve_markdown(model, record.get("curve", []), record.get("heldout"), record["stage"])]
+    return lines
+
+
+def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[str, Any]] | None = None) -> str:
+    """The markdown report: settings, plot, table, best per step count, quality bars, straightness,
+    training curves (``training_curves``), grids."""
     rows, info = evaluation.rows, evaluation.info
     lines = [
         "# fewstep evaluation",
@@ -300,6 +330,7 @@ def render_report(evaluation: Evaluation, location: str) -> str:
             lines.append(
                 f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps{at}, {s['paths']} paths |"
             )
+    lines += curves_section(curves or {})
     lines += ["", "## Sample grids", ""]
     lines += [f"- [{name.removeprefix('grids/').removesuffix('.png')}]({name})" for name in sorted(evaluation.grids)]
     return "\n".join(lines) + "\n"
@@ -358,5 +389,6 @@ def write_evaluation(writer: StageWriter, evaluation: Evaluation) -> EvaluationC
         writer.write_bytes(name, png)
     writer.write_json("straightness", evaluation.straightness)
     location = f"s3://{writer.prefix}" if writer.store.uri.startswith("s3://") else writer.prefix
-    writer.write_bytes("report.md", render_report(evaluation, location).encode())
+    curves = training_curves(writer.store, info.get("models", {}))
+    writer.write_bytes("report.md", render_report(evaluation, location, curves).encode())
     return headline(evaluation)

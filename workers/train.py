@@ -12,7 +12,8 @@ Ray's ``torch_fashion_mnist`` example):
   GPU; ``batch_size`` is the global batch, each worker takes its share;
 - linear learning-rate warmup, gradient clipping, an EMA of the weights;
 - checkpoints (model, EMA, optimizer, objective state, step, RNG, curve) committed to the
-  artifact store every ``checkpoint_every`` steps. A run restarted by Ray after a worker
+  artifact store every ``checkpoint_every`` steps, each with the held-out loss of the EMA and raw
+  weights in the curve when the stage hands the job a held-out set (:mod:`workers.heldout`). A run restarted by Ray after a worker
   died, or a stage re-run after the driver died, resumes from the latest one.
 
 Two things keep it close to a plain loop on a small machine (BENCHMARKS.md, "Training"):
@@ -50,6 +51,7 @@ from models.objectives import Objective, unwrap
 from models.registry import build_model
 from workers import progress
 from workers.data import order_preserving_options
+from workers.heldout import HeldOut, heldout_losses
 from workers.parts import ordered
 from workers.runtime import threads_for, use_threads, worker_env, worker_resources
 
@@ -89,6 +91,7 @@ class TrainJob:
     log_every: int = 25
     progress: progress.RemoteProgress | None = None  # set by fit() while someone watches
     threads: int | None = None  # torch threads per worker; set by fit() (None: Ray's OMP_NUM_THREADS)
+    heldout: HeldOut | None = None  # scored by rank 0 at every checkpoint (workers.heldout); None: not measured
 
     @property
     def worker_batch(self) -> int:
@@ -110,6 +113,15 @@ class TrainResult:
     @property
     def final_loss(self) -> float | None:
         return self.curve[-1]["loss"] if self.curve else None
+
+    @property
+    def final_heldout_loss(self) -> float | None:
+        """The EMA weights' held-out loss at the last step (None: not measured)."""
+        return self.curve[-1].get("heldout_loss") if self.curve else None
+
+    @property
+    def final_heldout_loss_raw(self) -> float | None:
+        return self.curve[-1].get("heldout_loss_raw") if self.curve else None
 
 
 def fit(job: TrainJob, dataset: ray.data.Dataset, storage_path: str | None = None) -> TrainResult:
@@ -264,8 +276,8 @@ class Timing:
 
     start_s: from ``fit`` on the driver to this loop's first line (controller, worker group,
     process group); setup_s: model, optimizer, resume, DDP wrap; data_s: the first pass over
-    the shard; steps_s: the optimizer steps; checkpoint_s: checkpoint commits and the report
-    barrier (all but the last); until_last_step_s: ``fit`` to the last step. ``fit`` adds
+    the shard; steps_s: the optimizer steps; heldout_s: the held-out loss at checkpoints;
+    checkpoint_s: checkpoint commits and the report barrier (all but the last); until_last_step_s: ``fit`` to the last step. ``fit`` adds
     split_s (the driver reading and splitting a cached dataset, inside start_s) and teardown_s
     (the last commit, then the controller noticing the end and stopping the workers).
     """
@@ -346,7 +358,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         batches = StreamedShard(ray.train.get_dataset_shard("train"), device)
     timing.lap("data_s")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    started, logged_loss = time.perf_counter(), None
+    started, logged_loss, logged_steps = time.perf_counter(), None, 0
 
     while step < config.steps:
         seen = 0
@@ -367,12 +379,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             objective.after_step(unwrap(model))
             step += 1
             logged_loss = out.loss.detach() if logged_loss is None else logged_loss + out.loss.detach()
+            logged_steps += 1
+            checkpoint_now = step % config.checkpoint_every == 0 or step == config.steps
 
-            if step % job.log_every == 0 or step == config.steps:
+            # A held-out loss goes into the entry of its checkpoint step, so that step is logged too.
+            if step % job.log_every == 0 or step == config.steps or (checkpoint_now and job.heldout is not None):
                 # One host sync per log interval, never per step.
-                span = job.log_every if step % job.log_every == 0 else step % job.log_every
-                mean_loss = float(logged_loss) / max(1, span)
-                logged_loss = None
+                mean_loss = float(logged_loss) / max(1, logged_steps)
+                logged_loss, logged_steps = None, 0
                 elapsed = time.perf_counter() - started
                 curve.append({"step": step, "loss": mean_loss, "grad_norm": float(grad_norm), "seconds": elapsed})
                 if rank == 0:
@@ -386,8 +400,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     )
                     if job.progress is not None:
                         job.progress.report(step, config.steps, f"loss {mean_loss:.4g}")
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if checkpoint_now:
                 timing.lap("steps_s")
+                if rank == 0 and job.heldout is not None:
+                    record_heldout(job, objective, unwrap(model), ema, device, curve)
+                    timing.lap("heldout_s")
                 if rank == 0:
                     tensors = {
                         **with_prefix(unwrap(model).state_dict(), "model."),
@@ -430,6 +447,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
         if step < config.steps:
             epoch, position = epoch + 1, 0
+
+
+def record_heldout(
+    job: TrainJob, objective: Objective, model: nn.Module, ema: nn.Module, device: torch.device, curve: list[dict]
+) -> None:
+    """Rank 0, at a checkpoint: the held-out loss of the EMA and the raw weights into the curve's
+    entry for this step (``heldout_loss``, ``heldout_loss_raw``). ``model`` is the bare module: the
+    forward passes run outside DDP, so the other ranks wait at the checkpoint barrier, nothing more."""
+    losses = heldout_losses(objective, {"heldout_loss": ema, "heldout_loss_raw": model}, job.heldout, device)
+    if losses and curve:
+        curve[-1].update(losses)
+        log.info("%s step %d held-out loss %.4f (raw %.4f)", job.stage, curve[-1]["step"], *losses.values())
 
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:

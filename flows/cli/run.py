@@ -97,6 +97,7 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         best, one = best_row(rows, model=model), best_row(rows, model=model, steps=1)
         best_text = f"{fmt(best['fid'])} ({row_label(best)})" if best else "–"
         lines.append(f"  {model:<14} {best_text:<40} {fmt(one['fid'] if one else None):<10}")
+    lines += training_notes(store, refs)
     from flows.pipeline import probe_warnings
 
     promotion = summary["promotion"]
@@ -116,6 +117,22 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         f"  report:      {report_location(store, evaluation)}",
     ]
     return "\n".join(lines)
+
+
+def training_notes(store, refs: dict[str, str]) -> list[str]:
+    """One line per generator whose held-out loss was still falling steeply at its last step
+    (workers.heldout.still_falling), under a blank line; [] when none was."""
+    from infra.cards import GeneratorCard
+    from workers.curves import still_falling
+
+    notes = []
+    for name, ref in refs.items():
+        manifest = store.get_ref(ref)
+        if GeneratorCard.is_generator(manifest) and "curve" in manifest.files:
+            note = still_falling(store.read_json(manifest, "curve").get("curve", []), manifest.stage, name)
+            if note:
+                notes.append(f"  note: {note}")
+    return ["", *notes] if notes else []
 
 
 def report_location(store, manifest) -> str:

@@ -27,21 +27,22 @@ TINY = dict(model="DiT-T/2", batch_size=16, lr=3e-3, warmup_steps=0, checkpoint_
 LOOP = {k: v for k, v in TINY.items() if k not in ("model", "class_dropout")}
 
 
-def commit_latents(store: Store, n: int = 64):
-    """A latents table like the latents stage writes: two classes with different means."""
+def commit_latents(store: Store, n: int = 64, n_test: int = 0):
+    """A latents table like the latents stage writes: two classes with different means; the
+    last ``n_test`` rows are the test split."""
     rng = np.random.default_rng(0)
     labels = np.arange(n) % 2
     mean = rng.standard_normal((n, *SHAPE)).astype(np.float32) * 0.3 + np.where(labels, 1.0, -1.0)[:, None, None, None]
     table = tensors_to_table(
         {
             "id": np.array([f"img{i}" for i in range(n)]),
-            "split": np.array(["train"] * n),
+            "split": np.array(["train"] * (n - n_test) + ["test"] * n_test),
             "label": labels.astype(np.int64),
             "mean": mean,
             "logvar": np.full((n, *SHAPE), -6.0, np.float32),
         }
     )
-    with store.begin("latents", "synthetic", config={"n": n}) as writer:
+    with store.begin("latents", f"synthetic-{n_test}", config={"n": n}) as writer:
         writer.write_table("latents", table)
         card = LatentsCard(
             latent_shape=SHAPE,
@@ -49,8 +50,8 @@ def commit_latents(store: Store, n: int = 64):
             latent_scale=1.0,
             vae_ref="vae/none",
             n_latents=n,
-            n_train=n,
-            n_test=0,
+            n_train=n - n_test,
+            n_test=n_test,
             dtype="float32",
         )
         return writer.commit(metrics=card.to_metrics())
@@ -70,12 +71,19 @@ def test_pairs_and_consistency_refuse_an_unresolved_guidance(tmp_path):
 
 def test_base_reflow_consistency_chain(ray_local, tmp_path):
     store = Store.open(str(tmp_path / "store"))
-    latents = commit_latents(store)
+    latents = commit_latents(store, n=80, n_test=16)
 
     base = run_base(store, GeneratorConfig(steps=20, **TINY), latents)
     card = GeneratorCard.from_manifest(base)
     assert card.family == "flow" and card.steps == 20 and card.vae_ref == "vae/none"
     assert {"model", "raw", "curve"} <= set(base.files)
+    # The held-out loss of the EMA and raw weights at each checkpoint (10, 20: logged there although
+    # log_every is 25), on the 16 test latents, in the curve and the card.
+    record = store.read_json(base, "curve")
+    heldout = [e for e in record["curve"] if "heldout_loss" in e]
+    assert [e["step"] for e in heldout] == [10, 20] and all(e["heldout_loss_raw"] > 0 for e in heldout)
+    assert record["heldout"].startswith(f"16 test latents of {latents.ref}")
+    assert card.final_heldout_loss == heldout[-1]["heldout_loss"] and card.heldout == record["heldout"]
     net = store.load_model(base, "model")
     assert net.num_classes == 2 and net.config.input_size == 4
 
@@ -100,6 +108,8 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
 
     reflow = run_reflow(store, reflow_cfg, base, pairs, round_index=1)
     reflow_card = GeneratorCard.from_manifest(reflow)
+    # Reflow's pairs have no test split: its held-out set is the base's test latents, and it says so.
+    assert reflow_card.final_heldout_loss is not None and "no test split" in reflow_card.heldout
     assert reflow_card.teacher_ref == base.ref and reflow.inputs == [base.ref, pairs.ref]
     assert reflow_card.round == 1 and reflow_card.guidance == 1.5  # sampled at its pairs' guidance
 

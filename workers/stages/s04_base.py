@@ -5,7 +5,8 @@
 
 trained by the one loop (:func:`workers.train.fit`) with :class:`~models.objectives.FlowMatching`
 (label dropout for classifier-free guidance). Writes a flow-family generator: ``model``
-(EMA weights), ``raw``, ``curve`` and a :class:`~infra.cards.GeneratorCard`.
+(EMA weights), ``raw``, ``curve`` and a :class:`~infra.cards.GeneratorCard`. The curve holds the
+held-out loss on the test latents at each checkpoint (:mod:`workers.heldout`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from models.paths import time_sampler
 from workers.batches import LatentBatch
 from workers.data import training_dataset
 from workers.generator import dit_spec, write_generator
+from workers.heldout import card_fields, heldout_set
 from workers.runner import run_stage
 from workers.train import TrainJob, check_rows, fit
 
@@ -31,6 +33,7 @@ def run_base(store: Store, config: GeneratorConfig, latents: Manifest) -> Manife
 
     def build(writer: StageWriter, key: str) -> GeneratorCard:
         spec = dit_spec(config, data)
+        heldout = heldout_set(store, latents, config.heldout_rows)
         job = TrainJob(
             store=store,
             stage=STAGE,
@@ -39,13 +42,23 @@ def run_base(store: Store, config: GeneratorConfig, latents: Manifest) -> Manife
             objective=FlowMatching(time_sampler(config.time_sampling), label_dropout=config.class_dropout),
             config=config,
             adapt_batch=LatentBatch.of(data),
+            heldout=heldout,
         )
         result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
-        write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
+        write_generator(
+            writer,
+            spec,
+            result.model_state,
+            result.ema_state,
+            result.curve,
+            result.resumed_from,
+            heldout and heldout.description,
+        )
         return GeneratorCard(
             family="flow",
             steps=result.step,
             final_loss=result.final_loss,
+            **card_fields(result, heldout),
             resumed_from=result.resumed_from,
             nodes=tuple(result.nodes),
             **data.space_fields(),

@@ -33,6 +33,7 @@ from models.diffusion import DDPMObjective, vp_schedule
 from workers.batches import LatentBatch
 from workers.data import training_dataset
 from workers.generator import dit_spec, write_generator
+from workers.heldout import card_fields, heldout_set
 from workers.runner import run_stage
 from workers.train import TrainJob, check_rows, fit
 
@@ -48,6 +49,7 @@ def run_ddpm(store: Store, config: DDPMConfig, latents: Manifest) -> Manifest:
 
     def build(writer: StageWriter, key: str) -> GeneratorCard:
         spec = dit_spec(config, data)
+        heldout = heldout_set(store, latents, config.heldout_rows)
         job = TrainJob(
             store=store,
             stage=STAGE,
@@ -56,13 +58,23 @@ def run_ddpm(store: Store, config: DDPMConfig, latents: Manifest) -> Manifest:
             objective=DDPMObjective(schedule, label_dropout=config.class_dropout),
             config=config,
             adapt_batch=LatentBatch.of(data),
+            heldout=heldout,
         )
         result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
-        write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
+        write_generator(
+            writer,
+            spec,
+            result.model_state,
+            result.ema_state,
+            result.curve,
+            result.resumed_from,
+            heldout and heldout.description,
+        )
         return GeneratorCard(
             family=FAMILY,
             steps=result.step,
             final_loss=result.final_loss,
+            **card_fields(result, heldout),
             resumed_from=result.resumed_from,
             nodes=tuple(result.nodes),
             diffusion_schedule=schedule.name,
