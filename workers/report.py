@@ -197,6 +197,19 @@ def kid_cell(row: dict[str, Any]) -> str:
     return f"{fmt(scaled[0], 3)} {span(scaled[1], scaled[2], 3)}"
 
 
+def reference_accuracy_line(rows: list[dict[str, Any]]) -> list[str]:
+    """The class accuracy of real images beside that of their VAE reconstructions (none without a classifier)."""
+    floor, ceiling = reference_row(rows, FLOOR), reference_row(rows, CEILING)
+    real, recon = (None if r is None else r.get("class_accuracy") for r in (floor, ceiling))
+    if not (finite(real) and finite(recon)):
+        return []
+    return [
+        f"Class accuracy of real train images {fmt(real, 3)}, of their VAE reconstructions {fmt(recon, 3)}: "
+        "reconstructions far below real images mean the VAE loses the class, and every model of its latents "
+        "inherits that."
+    ]
+
+
 def render_report(evaluation: Evaluation, location: str) -> str:
     """The markdown report: settings, plot, table, best per step count, quality bars, straightness, grids."""
     rows, info = evaluation.rows, evaluation.info
@@ -244,6 +257,7 @@ def render_report(evaluation: Evaluation, location: str) -> str:
         "",
         f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
         f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).",
+        *reference_accuracy_line(rows),
         "",
         "## Best at each step count",
         "",
@@ -296,6 +310,7 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
         return value if finite(value) else None
 
     floor = reference_row(rows, FLOOR)
+    ceiling = reference_row(rows, CEILING)
 
     return EvaluationCard(
         rows=len(rows),
@@ -303,6 +318,8 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
         best_by_steps={str(s): brief(r) for s, r in best_by_steps(rows).items()},
         floor_fid=kept(reference_fid(rows, FLOOR)),
         vae_fid=kept(reference_fid(rows, CEILING)),
+        floor_class_accuracy=kept(floor.get("class_accuracy")) if floor else None,
+        vae_class_accuracy=kept(ceiling.get("class_accuracy")) if ceiling else None,
         ratios={
             ratio.name: {k: (kept(v) if isinstance(v, float) else v) for k, v in ratio.as_dict().items()}
             for ratio in evaluation.ratios
