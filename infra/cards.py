@@ -262,6 +262,10 @@ class EvaluationCard(Card):
     best_by_model: dict[str, Any] = field(default_factory=dict)  # display name -> its best row (with its guidance)
     floor_fid: float | None = None
     vae_fid: float | None = None
+    # the feature space's class accuracy on real train images (floor) and on their VAE
+    # reconstructions (ceiling); None when the feature space does not classify
+    floor_class_accuracy: float | None = None
+    vae_class_accuracy: float | None = None
     ratios: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> value, low, high, bar, verdict
     floor_fid_interval: tuple[float | None, float | None] | None = None
     straightness: dict[str, float | None] = field(default_factory=dict)

@@ -111,7 +111,8 @@ class Resources(Section):
 
 
 class IngestConfig(Section):
-    source: str = "digits"  # "digits", "shapes", an image folder, or a Parquet file/folder (local or s3://)
+    # "digits", "shapes", "glyphs", an image folder, or a Parquet file/folder (local or s3://)
+    source: str = "digits"
     image_column: str = "image"  # for Parquet sources: a column of encoded image bytes
     label_column: str | None = "label"  # for Parquet sources; folders take labels from sub-folder names
     image_size: int = Field(16, ge=4, le=1024)
@@ -119,8 +120,9 @@ class IngestConfig(Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     limit: int | None = Field(None, ge=1, le=10**9)  # keep the first N images (by id), for quick runs
-    shapes_count: int = Field(20000, ge=10, le=10_000_000)  # source "shapes": how many images to render
-    shapes_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # source "shapes": image i depends only on (seed, i)
+    # The procedural sources ("shapes" and "glyphs") both read these two:
+    shapes_count: int = Field(20000, ge=10, le=10_000_000)  # how many images to render
+    shapes_seed: int = Field(0, ge=0, lt=SEED_LIMIT)  # image i depends only on (seed, i)
     resources: Resources = Resources()
 
 
@@ -514,6 +516,12 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+# A second labelled RGB set (digits drawn as strokes on gradient and striped backgrounds) under
+# exactly the shapes preset: built from it, so it is never tuned on its own, and a change to
+# the shapes preset carries over.
+PRESETS["glyphs"] = deep_merge(PRESETS["shapes"], {"ingest": {"source": "glyphs"}})
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

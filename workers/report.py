@@ -234,6 +234,19 @@ def curves_section(curves: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def reference_accuracy_line(rows: list[dict[str, Any]]) -> list[str]:
+    """The class accuracy of real images beside that of their VAE reconstructions (none without a classifier)."""
+    floor, ceiling = reference_row(rows, FLOOR), reference_row(rows, CEILING)
+    real, recon = (None if r is None else r.get("class_accuracy") for r in (floor, ceiling))
+    if not (finite(real) and finite(recon)):
+        return []
+    return [
+        f"Class accuracy of real train images {fmt(real, 3)}, of their VAE reconstructions {fmt(recon, 3)}: "
+        "reconstructions far below real images mean the VAE loses the class, and every model of its latents "
+        "inherits that."
+    ]
+
+
 def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[str, Any]] | None = None) -> str:
     """The markdown report: settings, plot, table, best per step count, quality bars, straightness,
     training curves (``training_curves``), grids."""
@@ -282,6 +295,7 @@ def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[
         "",
         f"Reference rows: `{FLOOR}` scores real train images (the floor at this n); "
         f"`{CEILING}` the same images encoded and decoded by the VAE (the best its latents allow).",
+        *reference_accuracy_line(rows),
         "",
         "## Best of each model",
         "",
@@ -348,6 +362,7 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
         return value if finite(value) else None
 
     floor = reference_row(rows, FLOOR)
+    ceiling = reference_row(rows, CEILING)
 
     return EvaluationCard(
         rows=len(rows),
@@ -356,6 +371,8 @@ def headline(evaluation: Evaluation) -> EvaluationCard:
         best_by_model={model: brief(r) for model, r in best_by_model(rows).items()},
         floor_fid=kept(reference_fid(rows, FLOOR)),
         vae_fid=kept(reference_fid(rows, CEILING)),
+        floor_class_accuracy=kept(floor.get("class_accuracy")) if floor else None,
+        vae_class_accuracy=kept(ceiling.get("class_accuracy")) if ceiling else None,
         ratios={
             ratio.name: {k: (kept(v) if isinstance(v, float) else v) for k, v in ratio.as_dict().items()}
             for ratio in evaluation.ratios

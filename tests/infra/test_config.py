@@ -166,3 +166,11 @@ def test_a_rule_across_sections_names_its_fields_without_dumping_the_config(tmp_
     message = str(error.value)
     assert "consistency_steps [8]" in message and "intervals=4" in message
     assert "'ingest'" not in message and len(message.splitlines()) == 1, message  # not the whole config
+
+
+def test_the_glyphs_preset_is_the_shapes_preset_on_another_source():
+    """Never tuned on its own: every field but the source equals the shapes preset's."""
+    shapes, glyphs = load_config("shapes"), load_config("glyphs")
+    assert shapes.ingest.source == "shapes" and glyphs.ingest.source == "glyphs"
+    assert glyphs.model_copy(update={"ingest": glyphs.ingest.model_copy(update={"source": "shapes"})}) == shapes
+    assert glyphs.base == shapes.base and glyphs.evaluate == shapes.evaluate  # (spelled out)

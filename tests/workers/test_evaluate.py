@@ -127,6 +127,12 @@ def test_every_output_is_committed_and_loads(evaluated):
         # Random generators decode noise: much further from the test set than real train images are.
         assert math.isfinite(row["fid"]) and row["fid"] > rows[0]["fid"]
     assert 0.0 <= rows[0]["class_accuracy"] <= 1.0 and rows[0]["fid"] > 0
+    # the ceiling (VAE reconstructions of the same train images) is read by the classifier too
+    assert 0.0 <= rows[1]["class_accuracy"] <= 1.0
+    assert (card.floor_class_accuracy, card.vae_class_accuracy) == (
+        rows[0]["class_accuracy"],
+        rows[1]["class_accuracy"],
+    )
     # Every FID and KID carries an interval; the paired FID draws are stored, one list per row.
     draws = read_draws(store, manifest)
     assert set(draws) == {row_key(r) for r in rows}

@@ -29,7 +29,7 @@ from infra.store import Store
 log = logging.getLogger("fewstep.ingest")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-BUILTIN = ("digits", "shapes")
+BUILTIN = ("digits", "shapes", "glyphs")
 ID_HEX = 20  # 80 bits of sha1: no collisions at any dataset size we will meet
 SKIPPED_EXAMPLES = 3  # how many skipped files a source names (with the reason)
 
@@ -44,7 +44,7 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Source:
-    kind: Literal["digits", "shapes", "folder", "parquet"]
+    kind: Literal["digits", "shapes", "glyphs", "folder", "parquet"]
     root: str
     files: tuple[SourceFile, ...]
     fs: Any  # fsspec filesystem (None for built-in sets)

@@ -165,21 +165,27 @@ def _image_uniforms(seed: int, start: int, count: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, _UNIFORMS))
 
 
-def shape_labels(start: int, count: int, seed: int) -> np.ndarray:
-    """Class ids (count,) int64 of images start..start+count-1: each aligned group of K ids
-    holds every class once, in the order permutation(SeedSequence([seed, 1, group]))."""
+def balanced_labels(start: int, count: int, seed: int, classes: int, stream: int) -> np.ndarray:
+    """Class ids (count,) int64 of images start..start+count-1: each aligned group of ``classes``
+    ids holds every class once, in the order permutation(SeedSequence([seed, stream, group]))."""
     if count == 0:
         return np.zeros(0, dtype=np.int64)
-    k = len(SHAPE_CLASSES)
+    k = classes
     indices = np.arange(start, start + count)
     first, last = start // k, (start + count - 1) // k
     orders = np.stack(
         [
-            np.argsort(np.random.default_rng(np.random.SeedSequence([seed, _LABEL_STREAM, group])).random(k))
+            np.argsort(np.random.default_rng(np.random.SeedSequence([seed, stream, group])).random(k))
             for group in range(first, last + 1)
         ]
     )  # (groups, K): one permutation of the classes per group
     return orders[indices // k - first, indices % k].astype(np.int64)  # (count,)
+
+
+def shape_labels(start: int, count: int, seed: int) -> np.ndarray:
+    """Class ids (count,) int64 of images start..start+count-1: each aligned group of K ids
+    holds every class once, in the order permutation(SeedSequence([seed, 1, group]))."""
+    return balanced_labels(start, count, seed, len(SHAPE_CLASSES), _LABEL_STREAM)
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Stage 1, ingest: a dataset on disk or S3 -> the ``images`` table every later stage reads.
 
-Sources (``IngestConfig.source``, see :mod:`workers.sources`): the built-in ``digits`` and
-``shapes`` (procedural RGB, ``shapes_count`` images from ``shapes_seed``); an
+Sources (``IngestConfig.source``, see :mod:`workers.sources`): the built-in ``digits``,
+``shapes`` and ``glyphs`` (procedural RGB, ``shapes_count`` images from ``shapes_seed``); an
 image folder (png/jpg/..., recursive, local or ``s3://``; first-level sub-folders are the
 classes, or no labels at all); a Parquet file or folder with a column of encoded images.
 
@@ -38,7 +38,7 @@ from workers.data import preserved_order
 from workers.parts import add_written, bound, first_of_each_id, ordered, rows_per_part, write_parts
 from workers.pixels import DECODE_ERRORS, encode_png, prepare_image
 from workers.runner import run_stage
-from workers.sources.builtin import digits_dataset, shapes_dataset
+from workers.sources.builtin import digits_dataset, procedural_dataset
 from workers.sources.files import folder_dataset, parquet_dataset
 from workers.sources.listing import Source, resolve_source
 
@@ -60,7 +60,7 @@ DECODED_SCHEMA = pa.schema(
 )
 # Sources whose raw rows come in id order with unique ids (built-in sets; folders, listed and
 # sorted on the driver). Any other source is sorted and deduplicated by Ray Data.
-ORDERED_KINDS = ("digits", "shapes", "folder")
+ORDERED_KINDS = ("digits", "shapes", "glyphs", "folder")
 
 
 def assign_split(image_id: str, test_fraction: float) -> str:
@@ -105,8 +105,8 @@ def raw_dataset(source: Source, config: IngestConfig):
     """(raw rows, class names) for the source's kind."""
     if source.kind == "digits":
         return digits_dataset(config.limit)
-    if source.kind == "shapes":
-        return shapes_dataset(config.shapes_count, config.shapes_seed, config.limit)
+    if source.kind in ("shapes", "glyphs"):
+        return procedural_dataset(source.kind, config.shapes_count, config.shapes_seed, config.limit)
     if source.kind == "folder":
         return folder_dataset(source, config.limit)
     if source.kind == "parquet":
