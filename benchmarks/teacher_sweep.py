@@ -199,6 +199,7 @@ def train(
             paused = time.perf_counter()
             yield step, ema.eval(), info(step)
             ema.train()
+            torch.set_num_threads(c.threads)  # the scoring may have used other thread counts
             started += time.perf_counter() - paused  # the scoring is not training time
     yield step, ema.eval(), info(step)
 
@@ -227,7 +228,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="generated images per guidance scale")
     parser.add_argument("--sample-steps", type=int, default=16)
     parser.add_argument("--guidance", default="1,2,3,4")
-    parser.add_argument("--eval-threads", type=int, default=2)
+    parser.add_argument("--eval-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-at", help="also score each contender at these steps, e.g. 2000,4000")
     parser.add_argument("--grids", help="folder for one sample grid per contender and scale")
@@ -236,8 +237,8 @@ def main() -> None:
 
     from infra.config import EvaluateConfig  # noqa: E402
     from workers.data import read_split  # noqa: E402
+    from workers.references import reconstruct  # noqa: E402
     from workers.scoring import Scorer, extractor_source  # noqa: E402 (imports ray)
-    from workers.stages.s10_evaluate import reconstruct  # noqa: E402
     from workers.vae_kinds import load_vae  # noqa: E402
 
     store = Store.open(args.store)

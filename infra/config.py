@@ -479,30 +479,50 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
         "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
         "features": {"steps": 150},
-        "evaluate": {"n": 200, "flow_steps": [1, 2, 4, 8], "flow_solvers": ["euler"], "consistency_steps": [1, 2]},
-        "probe": {"n": 200, "student_steps": 2},  # the student's largest evaluated step count
+        "evaluate": {
+            "n": 200,
+            "flow_steps": [1, 2, 4, 8],
+            "flow_solvers": ["euler"],
+            "consistency_steps": [1, 2],
+            "guidance": [1, 2],
+        },
+        "probe": {"n": 200, "student_steps": 2, "guidance": [1, 2]},  # the student's largest evaluated step count
     },
-    # The RGB quality benchmark: procedural 32x32 shapes, every method (two reflow rounds and the
-    # DDPM baseline included), intervals on every number. Sized to finish in ~30 min on 2 CPU cores.
+    # The RGB quality benchmark: procedural 32x32 shapes, intervals on every number, sized to finish
+    # in <= 60 min on 2 CPU cores. Most of the budget goes to the base model, where quality comes from
+    # (BENCHMARKS.md, "A teacher that learns"): a 1.28M DiT at batch 64 and lr 2e-3 with both cores.
+    # The DDPM baseline and the second reflow round are in "shapes-full".
     "shapes": {
         "ingest": {"source": "shapes", "shapes_count": 12000, "image_size": 32, "channels": 3, "test_fraction": 0.15},
         "vae": {"steps": 800, "base_channels": 16, "batch_size": 64, "lr": 2e-3},
-        "base": {"steps": 3000, "batch_size": 128, "checkpoint_every": 500},
-        "pairs": {"pairs": 4096, "steps": 16, "solver": "heun"},
-        "reflow": {"rounds": 2, "steps": 1500, "batch_size": 128},
-        "consistency": {"steps": 1500, "batch_size": 128, "intervals": 18},
-        "ddpm": {"enabled": True, "steps": 3000, "batch_size": 128},
+        "base": {
+            "model": "DiT-XXS/2",
+            "steps": 16000,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "warmup_steps": 200,
+            "checkpoint_every": 1000,
+            "resources": {"cpus": 2},
+        },
+        "pairs": {"pairs": 4096, "steps": 16, "solver": "heun", "resources": {"cpus": 2}},
+        "reflow": {"rounds": 1, "steps": 1500, "batch_size": 128, "checkpoint_every": 500, "resources": {"cpus": 2}},
+        "consistency": {
+            "steps": 1000,
+            "batch_size": 64,
+            "intervals": 18,
+            "checkpoint_every": 500,
+            "resources": {"cpus": 2},
+        },
         "features": {"steps": 800},
         "evaluate": {
             "n": 2000,
-            "flow_steps": [1, 2, 4, 8, 32],
-            "flow_solvers": ["euler", "heun"],
-            # DDPM/DDIM up to 250 of the T = 1000 steps: a 1000-step row at n = 2000 alone
-            # would cost as much as the whole flow grid on 2 cores
+            "flow_steps": [1, 2, 4, 8, 16],
+            "flow_solvers": ["euler"],
             "consistency_steps": [1, 2, 4],
-            "diffusion_steps": [10, 50, 250],
+            "guidance": [1, 2, 3],
+            "resources": {"workers": 2},
         },
-        "probe": {"n": 500, "student_steps": 4},
+        "probe": {"n": 500, "student_steps": 4, "guidance": [1, 2, 3], "resources": {"cpus": 2}},
     },
 }
 
@@ -522,6 +542,25 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 # exactly the shapes preset: built from it, so it is never tuned on its own, and a change to
 # the shapes preset carries over.
 PRESETS["glyphs"] = deep_merge(PRESETS["shapes"], {"ingest": {"source": "glyphs"}})
+# The shapes benchmark with every method: a second reflow round and the DDPM baseline (about
+# 30 min more on 2 CPU cores), scored up to 250 of the DDPM's T = 1000 steps.
+PRESETS["shapes-full"] = deep_merge(
+    PRESETS["shapes"],
+    {
+        "reflow": {"rounds": 2},
+        "ddpm": {
+            "enabled": True,
+            "model": "DiT-XXS/2",
+            "steps": 16000,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "warmup_steps": 200,
+            "checkpoint_every": 1000,
+            "resources": {"cpus": 2},
+        },
+        "evaluate": {"diffusion_steps": [10, 50, 250]},
+    },
+)
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:

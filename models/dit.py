@@ -75,6 +75,9 @@ class DiTConfig:
 # The latent size and channels come from the data: pass input_size / in_channels as overrides.
 DIT_PRESETS: dict[str, dict] = {
     "DiT-T/2": dict(hidden_size=64, depth=3, num_heads=4, patch_size=2),
+    # 1.28M parameters: the smallest that learns the shapes benchmark's classes on a CPU budget
+    # (BENCHMARKS.md, "A teacher that learns"); DiT-T/2 is capacity-bound there.
+    "DiT-XXS/2": dict(hidden_size=128, depth=4, num_heads=4, patch_size=2),
     "DiT-XS/2": dict(hidden_size=192, depth=6, num_heads=3, patch_size=2),
     "DiT-S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
     "DiT-B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),

@@ -21,16 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.cards import LEARNED
-from infra.metrics_table import FLOOR, Row, best_row, reference_row, row_key, stage_of
+from infra.metrics_table import CEILING, FLOOR, Row, best_row, reference_row, row_key, stage_of
 from models.metrics import Draws, excess_ratio
 
 # name -> (numerator, denominator, the bar it is held to: ratio <= bar)
 BARS = {
+    "base best / VAE ceiling": 8.0,  # the teacher: its excess at most 8x the VAE reconstructions'
     "consistency@1 / base best": 1.3,
     "best consistency@2-4 / consistency@1": 1.0,
     "best reflow@2 / base best": 1.2,
     "consistency@1 / base@1": 0.25,
 }
+# name -> the bar a share is held to: share >= bar (the interval's low end, for "met")
+ACCURACY_BARS = {"base best class accuracy": 0.7}
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,18 @@ class Ratio:
     high: float | None = None
     bar: float | None = None
     note: str = ""
+    direction: str = "<="  # "<=": a ratio held under its bar; ">=": a share (class accuracy) held over it
 
     @property
     def verdict(self) -> str:
         if self.value is None or self.bar is None:
             return "–"
+        if self.direction == ">=":
+            if self.low is not None and self.low >= self.bar:
+                return "met"
+            if self.high is not None and self.high < self.bar:
+                return "not met"
+            return "within interval of the bar"
         if self.high is not None and self.high <= self.bar:
             return "met"
         if self.low is not None and self.low > self.bar:
@@ -65,7 +75,28 @@ class Ratio:
             "verdict": self.verdict,
             "numerator": self.numerator,
             "denominator": self.denominator,
+            "direction": self.direction,
         }
+
+
+def wilson(share: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a share measured on ``n`` draws."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def accuracy_bar(name: str, row: Row | None, level: float) -> Ratio:
+    """A row's class accuracy against its bar, with a Wilson interval over its n samples."""
+    bar = ACCURACY_BARS[name]
+    share = None if row is None else row.get("class_accuracy")
+    if share is None or not math.isfinite(share) or not row.get("n"):
+        return Ratio(name, label(row), "–", None, bar=bar, note="no class accuracy (no classifier)", direction=">=")
+    low, high = wilson(share, int(row["n"]), level)
+    return Ratio(name, label(row), "–", share, low, high, bar, direction=">=")
 
 
 def label(row: Row | None) -> str:
@@ -117,6 +148,8 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
     multistep = [r for r in (best_row(candidate, steps=s) for s in (2, 3, 4)) if r is not None]
     consistency_multi = min(multistep, key=lambda r: r["fid"], default=None)
     return [
+        accuracy_bar("base best class accuracy", base_best, level),
+        excess("base best / VAE ceiling", base_best, reference_row(rows, CEILING), rows, draws, level),
         excess("consistency@1 / base best", consistency_1, base_best, rows, draws, level),
         excess("best consistency@2-4 / consistency@1", consistency_multi, consistency_1, rows, draws, level),
         excess("best reflow@2 / base best", best_row(rows, stage="reflow", steps=2), base_best, rows, draws, level),

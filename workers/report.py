@@ -317,7 +317,9 @@ def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[
         "",
         "## Quality bars (excess FID over the floor)",
         "",
-        "ratio = (FID − floor) / (FID of the denominator − floor); met when the interval's top is at or below the bar.",
+        "ratio = (FID − floor) / (FID of the denominator − floor); met when the interval's top is at or below the bar. "
+        "Class accuracy (the base model's best row, Wilson interval over its n samples): met when the interval's "
+        "bottom is at or above the bar.",
         "",
         "| bar | numerator | denominator | ratio [interval] | bar | verdict |",
         "|---|---|---|---:|---:|---|",
@@ -326,7 +328,8 @@ def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[
         verdict = ratio.verdict + (f" ({ratio.note})" if ratio.note else "")
         lines.append(
             f"| {ratio.name} | {ratio.numerator} | {ratio.denominator} | {fmt(ratio.value, 3)} "
-            f"{span(ratio.low, ratio.high, 3)} | ≤ {fmt(ratio.bar, 3)} | {verdict} |"
+            f"{span(ratio.low, ratio.high, 3)} | {'≥' if ratio.direction == '>=' else '≤'} {fmt(ratio.bar, 3)} "
+            f"| {verdict} |"
         )
     lines += course_notes_section(rows)
     if evaluation.straightness:

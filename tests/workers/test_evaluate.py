@@ -412,7 +412,8 @@ def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
     assert ratios["consistency@1 / base@1"].value == pytest.approx((17 - 2) / (82 - 2))  # Euler: 1 NFE, not Heun's 2
     assert ratios["best reflow@2 / base best"].value == pytest.approx((22 - 2) / (12 - 2))  # the best round
     assert ratios["best consistency@2-4 / consistency@1"].value == pytest.approx((14 - 2) / (17 - 2))
-    assert all(r.low is None and "no paired draws" in r.note for r in ratios.values())
+    distillation = [name for name in ratios if "ceiling" not in name and "class accuracy" not in name]
+    assert all(ratios[name].low is None and "no paired draws" in ratios[name].note for name in distillation)
 
     # With paired draws, every ratio gets an interval from them.
     generator = torch.Generator().manual_seed(0)
@@ -432,6 +433,45 @@ def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
     at_floor = [dict(r, fid=2.0) if r["model"] == "base" and r["steps"] == 8 else r for r in rows]
     undefined = {r.name: r for r in quality_ratios(at_floor)}["consistency@1 / base best"]
     assert undefined.value is None and "not above the floor" in undefined.note and undefined.verdict == "–"
+
+
+def test_the_teacher_bars_read_the_base_models_best_row_against_the_ceiling_and_its_class_accuracy():
+    """Issue 20's bars: base best class accuracy >= 0.7 (Wilson interval) and excess <= 8x the VAE ceiling's."""
+
+    def row(model, stage_key, sampler, steps, fid, accuracy, guidance=1.0, n=2000):
+        return {
+            "model": model,
+            "sampler": sampler,
+            "steps": steps,
+            "nfe": steps,
+            "fid": fid,
+            "stage_key": stage_key,
+            "class_accuracy": accuracy,
+            "guidance": guidance,
+            "n": n,
+        }
+
+    floor = row(FLOOR, "ingest/k", REFERENCE, 0, 7.0, 0.99)
+    ceiling = row(CEILING, "vae/k", REFERENCE, 0, 14.0, 0.93)
+    learned = row("base", "base/k", "euler", 16, 40.0, 0.80, guidance=2.0)
+    ratios = {
+        r.name: r for r in quality_ratios([floor, ceiling, learned, row("base", "base/k", "euler", 1, 90.0, 0.2)])
+    }
+    accuracy = ratios["base best class accuracy"]
+    assert accuracy.value == 0.80 and accuracy.low < 0.80 < accuracy.high and accuracy.verdict == "met"
+    assert "w=2" in accuracy.numerator  # read at the best row's own guidance
+    excess = ratios["base best / VAE ceiling"]
+    assert excess.value == pytest.approx((40 - 7) / (14 - 7)) and excess.verdict == "met"  # 4.7 <= 8
+
+    blobs = row("base", "base/k", "euler", 16, 364.0, 0.15)
+    ratios = {r.name: r for r in quality_ratios([floor, ceiling, blobs])}
+    assert ratios["base best class accuracy"].verdict == "not met"
+    assert ratios["base best / VAE ceiling"].value == pytest.approx((364 - 7) / 7)
+    # At 0.7 on 100 samples the interval straddles the bar: not a result either way.
+    close = row("base", "base/k", "euler", 16, 40.0, 0.70, n=100)
+    assert {r.name: r for r in quality_ratios([floor, ceiling, close])}["base best class accuracy"].verdict == (
+        "within interval of the bar"
+    )
 
 
 def test_consistency_bars_read_the_candidate_not_the_served_student_beside_it():
