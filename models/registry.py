@@ -5,7 +5,7 @@
 
 A kind pairs a frozen config dataclass with a module class whose constructor takes that
 config as its only argument. Each model module registers its own kind when imported
-(``models.dit`` registers "dit"); the kinds fewstep ships are imported on first use by
+(``models.dit`` registers "dit", ``models.unet`` "unet"); the kinds fewstep ships are imported on first use by
 :func:`build_model`, so loading a stored spec needs no import order. Modules built here carry
 their config as ``.config``.
 """
@@ -22,6 +22,7 @@ _KINDS: dict[str, tuple[type, type[nn.Module]]] = {}
 # The module that registers each kind fewstep ships (imported on first use, see build_model).
 BUILTIN_KINDS = {
     "dit": "models.dit",
+    "unet": "models.unet",
     "vae": "models.vae",
     "classifier": "models.classifier",
     "encoder": "models.encoder",

@@ -73,8 +73,8 @@ def test_vae_round_trip():
 
 
 def test_errors_name_what_is_wrong_and_what_is_valid():
-    with pytest.raises(ValueError, match=r"'unet'.*'dit'.*'vae'"):
-        build_model({"kind": "unet", "config": {}})
+    with pytest.raises(ValueError, match=r"'mystery'.*'dit'.*'vae'"):
+        build_model({"kind": "mystery", "config": {}})
     spec = model_spec(VAE(VAEConfig(base_channels=8)))
     spec["config"]["widht"] = 3
     with pytest.raises(ValueError, match=r"\['widht'\].*base_channels"):
