@@ -11,10 +11,14 @@ latents, the same arithmetic as the base stage without Ray, for ``--steps`` opti
 features stage's space: FID against the real test split with its 95 % bootstrap interval, and
 class accuracy of the samples (asked label vs the classifier) with a Wilson interval. The floor
 (real train vs test) and the ceiling (VAE reconstructions) are scored in the same call.
+``--save DIR`` writes each contender's final EMA state dict to ``DIR/<contender>.pt``
+(torch.save) and its architecture to ``DIR/<contender>.json`` (``models.registry.build_model``).
 
 A contender is a comma-separated list of settings (defaults in :data:`DEFAULTS`):
 
     h128d4p2     hidden 128, depth 4, patch 2 (heads: hidden / 32, at least 2)
+    unet64       instead of a DiT, a U-Net (models.unet) of base width 64, channel_mults (1, 2),
+                 2 blocks a level, attention at the lowest level (the convolutional contender)
     bs64         batch size          lr2e-3    learning rate     wu200   warm-up steps
     ema0.999     EMA decay           t:logit   time sampling (logit | uniform)
     mlp4         MLP ratio           th2       torch threads     bf16    bf16 autocast
@@ -49,7 +53,9 @@ from models.ema import ema_copy, ema_decay, ema_update  # noqa: E402
 from models.metrics import fid_draws, interval  # noqa: E402
 from models.objectives import FlowMatching  # noqa: E402
 from models.paths import time_sampler  # noqa: E402
+from models.registry import model_spec  # noqa: E402
 from models.samplers import sample_ode  # noqa: E402
+from models.unet import UNet, UNetConfig  # noqa: E402
 from workers.pixels import tensor_to_uint8  # noqa: E402
 
 DEFAULTS = dict(
@@ -66,6 +72,7 @@ DEFAULTS = dict(
     bf16=False,
     compile=False,
     cos=False,
+    unet=0,
 )
 
 
@@ -85,6 +92,7 @@ class Contender:
     bf16: bool
     compile: bool
     cos: bool
+    unet: int  # U-Net base width; 0 = the DiT
     results: dict = field(default_factory=dict)
 
 
@@ -93,6 +101,8 @@ def parse_contender(text: str) -> Contender:
     for part in filter(None, text.split(",")):
         if m := re.fullmatch(r"h(\d+)d(\d+)p(\d+)", part):
             values.update(hidden=int(m[1]), depth=int(m[2]), patch=int(m[3]))
+        elif m := re.fullmatch(r"unet(\d+)", part):
+            values["unet"] = int(m[1])
         elif m := re.fullmatch(r"(bs|wu|th)(\d+)", part):
             values[{"bs": "bs", "wu": "wu", "th": "threads"}[m[1]]] = int(m[2])
         elif m := re.fullmatch(r"(lr|ema|mlp)([0-9.e-]+)", part):
@@ -127,6 +137,36 @@ def load_latents(store: Store, latents_ref: str) -> tuple[LatentsCard, torch.Ten
     return card, x, torch.from_numpy(labels)
 
 
+def build_net(c: Contender, card: LatentsCard) -> torch.nn.Module:
+    """The contender's network: a U-Net when it names one, else the DiT."""
+    channels, size, _ = card.latent_shape
+    if c.unet:
+        return UNet(
+            UNetConfig(
+                in_channels=channels,
+                input_size=size,
+                base_channels=c.unet,
+                channel_mults=(1, 2),
+                blocks_per_level=2,
+                num_classes=card.num_classes,
+                attention=True,
+            )
+        )
+    return DiT(
+        DiTConfig(
+            input_size=size,
+            patch_size=c.patch,
+            in_channels=channels,
+            hidden_size=c.hidden,
+            depth=c.depth,
+            num_heads=max(2, c.hidden // 32),
+            mlp_ratio=c.mlp,
+            num_classes=card.num_classes,
+            class_dropout_prob=0.0,
+        )
+    )
+
+
 def train(
     c: Contender,
     card: LatentsCard,
@@ -140,21 +180,7 @@ def train(
     """Yields (step, EMA network, info) at each step of ``eval_at`` and at the end."""
     torch.set_num_threads(c.threads)
     torch.manual_seed(seed)
-    channels, size, _ = card.latent_shape
-    heads = max(2, c.hidden // 32)
-    net = DiT(
-        DiTConfig(
-            input_size=size,
-            patch_size=c.patch,
-            in_channels=channels,
-            hidden_size=c.hidden,
-            depth=c.depth,
-            num_heads=heads,
-            mlp_ratio=c.mlp,
-            num_classes=card.num_classes,
-            class_dropout_prob=0.0,
-        )
-    )
+    net = build_net(c, card)
     ema = ema_copy(net)
     objective = FlowMatching(time_sampler("logit_normal" if c.t == "logit" else "uniform"), label_dropout=0.1)
     optimizer = torch.optim.AdamW(net.parameters(), lr=c.lr, weight_decay=0.0)
@@ -232,6 +258,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-at", help="also score each contender at these steps, e.g. 2000,4000")
     parser.add_argument("--grids", help="folder for one sample grid per contender and scale")
+    parser.add_argument("--save", help="folder for each contender's final EMA state dict, <contender>.pt")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -280,6 +307,11 @@ def main() -> None:
                     Path(args.grids).mkdir(parents=True, exist_ok=True)
                     safe = re.sub(r"[^A-Za-z0-9.]+", "_", name)
                     (Path(args.grids) / f"{safe}.png").write_bytes(make_grid(pixels, labels, card.num_classes))
+        if args.save:  # the EMA network of the last step
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            stem = Path(args.save) / re.sub(r"[^A-Za-z0-9.]+", "_", c.name)
+            torch.save(net.state_dict(), stem.with_name(stem.name + ".pt"))
+            stem.with_name(stem.name + ".json").write_text(json.dumps(model_spec(net)))
 
     draws = fid_draws(
         torch.from_numpy(ref.features),
