@@ -247,6 +247,32 @@ def reference_accuracy_line(rows: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def grid_file(model: str, sampler: str, steps: int, guidance: float | None) -> str:
+    """The name of the sample grid the evaluation writes for one row."""
+    return f"grids/{model}-{sampler}-{steps}-g{(1.0 if guidance is None else guidance):g}.png"
+
+
+def sample_grids(grids: dict[str, bytes] | list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """Embedded: the real test images, their VAE reconstructions and each model's best row (one class
+    per column); every other grid as a link."""
+    names = sorted(grids)
+    shown = [n for n in ("grids/real-test.png", "grids/vae-recon.png") if n in grids]
+    captions = {"grids/real-test.png": "real test images", "grids/vae-recon.png": "VAE reconstructions (the ceiling)"}
+    for model, row in best_by_model(rows).items():
+        name = grid_file(row["model"], row["sampler"], row["steps"], row.get("guidance"))
+        if name in grids and name not in shown:
+            shown.append(name)
+            captions[name] = f"{model}, its best row: {row_label(row)}, FID {fmt(row['fid'])}"
+    lines = ["", "## Sample grids", "", "One class per column, in label order.", ""]
+    for name in shown:
+        lines += [f"**{captions[name]}**", "", f"![{captions[name]}]({name})", ""]
+    rest = [n for n in names if n not in shown]
+    if rest:
+        lines += ["Every other row:", ""]
+        lines += [f"- [{n.removeprefix('grids/').removesuffix('.png')}]({n})" for n in rest]
+    return lines
+
+
 def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[str, Any]] | None = None) -> str:
     """The markdown report: settings, plot, table, best per step count, quality bars, straightness,
     training curves (``training_curves``), grids."""
@@ -348,8 +374,7 @@ def render_report(evaluation: Evaluation, location: str, curves: dict[str, dict[
                 f"| {model} | {fmt(s['value'])} | {s['sampler']}, {s['steps']} steps{at}, {s['paths']} paths |"
             )
     lines += curves_section(curves or {})
-    lines += ["", "## Sample grids", ""]
-    lines += [f"- [{name.removeprefix('grids/').removesuffix('.png')}]({name})" for name in sorted(evaluation.grids)]
+    lines += sample_grids(evaluation.grids, rows)
     return "\n".join(lines) + "\n"
 
 

@@ -51,3 +51,31 @@ def test_an_old_card_without_the_fields_still_loads():
     metrics = {k: v for k, v in headline(evaluation(0.9, 0.8)).__dict__.items() if "class_accuracy" not in k}
     card = EvaluationCard.from_metrics(metrics, "evaluate-ref")
     assert card.floor_class_accuracy is None and card.vae_class_accuracy is None
+
+
+def test_the_report_embeds_each_models_best_grid_and_links_the_rest():
+    from workers.report import grid_file, sample_grids
+
+    def row(model, steps, guidance, fid):
+        return {
+            "model": model,
+            "sampler": "euler",
+            "steps": steps,
+            "guidance": guidance,
+            "fid": fid,
+            "nfe": steps,
+            "stage_key": f"{model}/k",
+        }
+
+    rows = [row("base", 4, 1.0, 90.0), row("base", 4, 2.0, 60.0), row("reflow-1", 2, 1.0, 80.0)]
+    grids = {grid_file(r["model"], r["sampler"], r["steps"], r["guidance"]): b"" for r in rows}
+    grids["grids/real-test.png"] = grids["grids/vae-recon.png"] = b""
+    text = "\n".join(sample_grids(grids, rows))
+    embedded = [line for line in text.splitlines() if line.startswith("![")]
+    assert embedded == [
+        "![real test images](grids/real-test.png)",
+        "![VAE reconstructions (the ceiling)](grids/vae-recon.png)",
+        "![base, its best row: euler 4 steps at guidance 2, FID 60](grids/base-euler-4-g2.png)",
+        "![reflow-1, its best row: euler 2 steps at guidance 1, FID 80](grids/reflow-1-euler-2-g1.png)",
+    ]
+    assert "- [base-euler-4-g1](grids/base-euler-4-g1.png)" in text  # the rest are links

@@ -53,7 +53,7 @@ from workers import progress
 from workers.generator import Generator, Request
 from workers.quality import quality_ratios
 from workers.references import GEN_CHUNK, ReferenceResult, chunk_seed, evaluate_references, requested_labels
-from workers.report import Evaluation, make_grid, write_evaluation
+from workers.report import Evaluation, grid_file, make_grid, write_evaluation
 from workers.runner import run_stage
 from workers.runtime import remote_options
 from workers.scoring import ExtractorSource, Scored, Scorer, extractor_source
@@ -80,7 +80,7 @@ class Cell:
 
     @property
     def grid_name(self) -> str:
-        return f"grids/{self.model}-{self.sampler}-{self.steps}-g{self.guidance:g}.png"
+        return grid_file(self.model, self.sampler, self.steps, self.guidance)
 
 
 def model_names(generators: Sequence[Manifest]) -> list[str]:
