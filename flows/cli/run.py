@@ -110,12 +110,10 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         scale = promotion.get("guidance") if promotion.get("promoted") else None
         at = f" (default guidance {scale:g})" if scale is not None else ""
         served = f"  served: {summary['served']}{at} — {promotion['reason']}"
-    lines += [
-        "",
-        served,
-        f"  serve it:    fewstep serve --store {store.uri}",
-        f"  report:      {report_location(store, evaluation)}",
-    ]
+    lines += ["", served]
+    if summary["served"] is not None:  # with nothing promoted, `fewstep serve` has nothing to serve
+        lines.append(f"  serve it:    fewstep serve --store {store.uri}")
+    lines.append(f"  report:      {report_location(store, evaluation)}")
     return "\n".join(lines)
 
 
