@@ -47,6 +47,24 @@ MAX_GUIDANCE = 100.0  # classifier-free guidance scale
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1 (what every RNG fewstep seeds accepts)
 
 
+def one_scale_is_a_list_of_one(value: Any) -> Any:
+    """``guidance: 2`` (the single scale of older configs) is ``guidance: [2]``."""
+    return (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def guidance_scales(scales: tuple[float, ...]) -> tuple[float, ...]:
+    """A list of classifier-free guidance scales (evaluate, probe): non-empty, in range, each once."""
+    if not scales:
+        raise ValueError("give at least one guidance scale, e.g. [1, 2, 4] (1 alone: no guidance)")
+    bad = [w for w in scales if not 0 <= w <= MAX_GUIDANCE]
+    if bad:
+        raise ValueError(f"guidance scales must be in 0..{MAX_GUIDANCE:g}, got {bad}")
+    repeated = sorted({w for w in scales if scales.count(w) > 1})
+    if repeated:
+        raise ValueError(f"guidance scales {repeated} are listed twice; list each scale once")
+    return tuple(float(w) for w in scales)
+
+
 class ConfigError(ValueError):
     """A configuration the user must fix; the message names the field and the value."""
 
@@ -315,21 +333,12 @@ class EvaluateConfig(Section):
     @field_validator("guidance", mode="before")
     @classmethod
     def _one_scale_is_a_list_of_one(cls, value: Any) -> Any:
-        """``guidance: 2`` (the single scale of older configs) is ``guidance: [2]``."""
-        return (value,) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return one_scale_is_a_list_of_one(value)
 
     @field_validator("guidance")
     @classmethod
     def _guidance_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        if not scales:
-            raise ValueError("give at least one guidance scale, e.g. [1, 2, 4] (1 alone: no guidance)")
-        bad = [w for w in scales if not 0 <= w <= MAX_GUIDANCE]
-        if bad:
-            raise ValueError(f"guidance scales must be in 0..{MAX_GUIDANCE:g}, got {bad}")
-        repeated = sorted({w for w in scales if scales.count(w) > 1})
-        if repeated:
-            raise ValueError(f"guidance scales {repeated} are listed twice; list each scale once")
-        return tuple(float(w) for w in scales)
+        return guidance_scales(scales)
 
     @model_validator(mode="after")
     def _positive_steps(self) -> EvaluateConfig:
@@ -361,15 +370,15 @@ class ProbeConfig(Section):
     seed: int = Field(1234, ge=0, lt=SEED_LIMIT)
     resources: Resources = Resources()  # the one Ray task that draws and scores
 
+    @field_validator("guidance", mode="before")
+    @classmethod
+    def _one_scale_is_a_list_of_one(cls, value: Any) -> Any:
+        return one_scale_is_a_list_of_one(value)
+
     @field_validator("guidance")
     @classmethod
-    def _scales(cls, guidance: tuple[float, ...]) -> tuple[float, ...]:
-        if not guidance:
-            raise ValueError("give at least one guidance scale, e.g. [1.0, 2.0, 4.0]")
-        bad = [g for g in guidance if not 0 <= g <= MAX_GUIDANCE]
-        if bad:
-            raise ValueError(f"guidance scales {bad} are outside 0..{MAX_GUIDANCE}")
-        return tuple(sorted(set(guidance)))
+    def _guidance_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        return guidance_scales(scales)
 
 
 class ServeConfig(Section):
