@@ -53,7 +53,7 @@ def one_scale_is_a_list_of_one(value: Any) -> Any:
 
 
 def guidance_scales(scales: tuple[float, ...]) -> tuple[float, ...]:
-    """A list of classifier-free guidance scales (evaluate, probe): non-empty, in range, each once."""
+    """A list of classifier-free guidance scales (evaluate, probe): non-empty, in range, each once; sorted."""
     if not scales:
         raise ValueError("give at least one guidance scale, e.g. [1, 2, 4] (1 alone: no guidance)")
     bad = [w for w in scales if not 0 <= w <= MAX_GUIDANCE]
@@ -62,7 +62,7 @@ def guidance_scales(scales: tuple[float, ...]) -> tuple[float, ...]:
     repeated = sorted({w for w in scales if scales.count(w) > 1})
     if repeated:
         raise ValueError(f"guidance scales {repeated} are listed twice; list each scale once")
-    return tuple(float(w) for w in scales)
+    return tuple(sorted(float(w) for w in scales))
 
 
 class ConfigError(ValueError):
