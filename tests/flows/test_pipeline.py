@@ -208,7 +208,10 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     process.stdout.close()
 
     before = committed(store)
-    assert {ref.split("/")[0] for ref in before} == {"ingest", "vae", "latents"}, "a partial stage became visible"
+    # features runs before base (the probe after base reads it): committed, like the stages before it
+    assert {ref.split("/")[0] for ref in before} == {"ingest", "vae", "latents", "features"}, (
+        "a partial stage became visible"
+    )
 
     # 2. Re-run: finished stages come back from the store, base resumes from its checkpoint.
     rerun = cli(args, env)
@@ -237,6 +240,8 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
         "features",
         "evaluate",
         "promote",
+        "probe-base",
+        "probe-consistency",
     } <= task_names, task_names
     artifact_keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key")}
     assert {
