@@ -166,6 +166,9 @@ def pipeline_config(short: bool, gpu: bool) -> str:
         data["pairs"].update(pairs=32, steps=2, batch_size=16)
         data["latents"].update(batch_size=32)
         data["evaluate"].update(n=16, flow_steps=[1], flow_solvers=["euler"], consistency_steps=[1])
+    # A speed check, not a quality one: the promoted model is what the serve check measures, so the
+    # absolute "has it learned?" bar is off (minutes of CPU or GPU training do not pass it).
+    data["serve"] = {"min_accuracy_over_chance": 0.0, "max_excess_over_ceiling": None}
     handle, path = tempfile.mkstemp(suffix=".yaml")
     os.write(handle, yaml.safe_dump(data).encode())
     os.close(handle)
