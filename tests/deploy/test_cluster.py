@@ -48,8 +48,11 @@ CONFIG = {
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5, "resources": PINNED},
     "features": {"steps": 20, "batch_size": 32, "resources": PINNED},
     "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1], "guidance": [1]},
+    "probe": {"n": 32, "steps": 2, "student_steps": 1, "fid_resamples": 10},
+    # A few training steps learn nothing: the absolute bar is off so a model is promoted and served.
+    "serve": {"min_accuracy_over_chance": 0.0, "max_excess_over_ceiling": None},
 }
-STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate"}
+STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate", "probe"}
 
 
 def node_id(node: RayNode) -> str:
