@@ -15,6 +15,7 @@ pytestmark = pytest.mark.timeout(300)
 def test_a_generator_stage_publishes_its_heldout_loss_and_its_curve_table(prefect_harness, tmp_path):
     from prefect import flow
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     from flows.pipeline import publish_stage
 
@@ -41,9 +42,10 @@ def test_a_generator_stage_publishes_its_heldout_loss_and_its_curve_table(prefec
     def publish():
         publish_stage(manifest, store)
 
-    publish()
-    with get_client(sync_client=True) as client:
-        artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+    run_id = publish(return_state=True).state_details.flow_run_id
+    with get_client(sync_client=True) as client:  # the harness is shared: read this flow run's artifacts only
+        ran = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=ran) if a.key}
     rows = artifacts["fewstep-base-metrics"].data
     metrics = {row["metric"]: row["value"] for row in (json.loads(rows) if isinstance(rows, str) else rows)}
     assert metrics["final_heldout_loss"] == "1.0" and metrics["heldout"] == "16 test latents"
