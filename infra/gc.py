@@ -1,6 +1,6 @@
 """What ``fewstep gc`` may delete, and the rules that keep it from deleting anything still needed.
 
-(Over 350 lines: every deletion rule and the roots it checks are read together to judge that gc is safe; splitting them would hide one from the other.)
+Every deletion rule sits beside the roots it checks, so that gc's safety can be judged in one read.
 
 What it collects:
 

@@ -1,7 +1,5 @@
 """The S3 side of the store: settings from the standard AWS variables, the backend, clear errors.
 
-(Over 350 lines: settings, the backend and its error translation are one protocol with one server; each piece is short but they are read together.)
-
 Any S3-compatible server works (AWS, MinIO, moto, ...). Settings come from explicit options
 first, then the environment:
 

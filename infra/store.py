@@ -1,6 +1,6 @@
 """The artifact store: content-addressed stage outputs on a local folder or S3 (DESIGN §4).
 
-(Over 350 lines: the commit protocol is one class; backends, manifests, checkpoints, roots and gc are already modules of their own.)
+This module is the commit protocol; backends, manifests, checkpoints, roots and gc are modules of their own.
 
 Layout under the root (a folder, or ``s3://bucket/prefix``)::
 

@@ -1,6 +1,6 @@
 """Variance-preserving diffusion with eps-prediction: the DDPM baseline beside flow matching.
 
-(Over 350 lines: the schedule, the objective and both samplers share their notation; split, each would restate it.)
+The schedule, the objective and both samplers share one notation, so they live together.
 
 Forward process over discrete steps k = 0 .. T-1 (Ho et al. 2020), from data x_1:
 

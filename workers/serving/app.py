@@ -1,7 +1,5 @@
 """The Serve deployment (batching, hot swap) and the application builder every launcher shares.
 
-(Over 350 lines: the deployment class and its builder must agree on every argument; request parsing, HTTP routes and model swapping already live beside it in request, http and swap.)
-
     fewstep serve --store URI                 (workers.serving.app.start, in the foreground)
     serve run workers.serving.app:build store=s3://bucket/fewstep
     serve deploy config.yaml                  (import_path: workers.serving.app:build, args: {...})
