@@ -48,6 +48,11 @@ def test_a_generator_stage_publishes_its_heldout_loss_and_its_curve_table(prefec
         artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=ran) if a.key}
     rows = artifacts["fewstep-base-metrics"].data
     metrics = {row["metric"]: row["value"] for row in (json.loads(rows) if isinstance(rows, str) else rows)}
-    assert metrics["final_heldout_loss"] == "1.0" and metrics["heldout"] == "16 test latents"
+    assert metrics["final_heldout_loss"] == "1.0" and metrics["heldout"] == "16 test latents", (
+        run_id,
+        artifacts["fewstep-base-metrics"].flow_run_id,
+        artifacts["fewstep-base-metrics"].created,
+        manifest.metrics,
+    )
     table = artifacts["fewstep-base-curve"].data
     assert "| 20 | 1.2 | 1 | 1.1 |" in table and "16 test latents" in table
