@@ -266,8 +266,8 @@ def main() -> None:
 
     from infra.config import EvaluateConfig  # noqa: E402
     from workers.data import read_split  # noqa: E402
-    from workers.references import reconstruct  # noqa: E402
-    from workers.scoring import Scorer, extractor_source  # noqa: E402 (imports ray)
+    from workers.evaluation.references import reconstruct  # noqa: E402
+    from workers.evaluation.scoring import Scorer, extractor_source  # noqa: E402 (imports ray)
     from workers.vae_kinds import load_vae  # noqa: E402
 
     store = Store.open(args.store)
@@ -304,7 +304,7 @@ def main() -> None:
                 scored[name] = scorer.score(pixels, labels)
                 rows.append((c, step, info, w, name))
                 if args.grids:
-                    from workers.report import make_grid  # noqa: E402
+                    from workers.evaluation.grids import make_grid  # noqa: E402
 
                     Path(args.grids).mkdir(parents=True, exist_ok=True)
                     safe = re.sub(r"[^A-Za-z0-9.]+", "_", name)
