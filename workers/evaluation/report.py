@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from workers.curves import curve_markdown
 from workers.evaluation.grids import grid_file
+from workers.evaluation.quality import Ratio
 from workers.evaluation.table import (
     CEILING,
     FLOOR,
@@ -270,7 +271,7 @@ def best_sections(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def ratios_section(ratios: Sequence[Any]) -> list[str]:
+def ratios_section(ratios: Sequence[Ratio]) -> list[str]:
     lines = [
         "",
         "## Quality bars (excess FID over the floor)",
