@@ -96,12 +96,23 @@ def test_a_row_round_trips_through_the_parquet_table(tmp_path):
     assert read_rows(TableStore(pq.read_table(tmp_path / "metrics.parquet")), None) == [full, ROWS[0]]
 
 
+OLD_SCHEMA = pa.schema(  # the table as fewstep wrote it before fid_corrected: existing stores hold it
+    [("model", pa.string()), ("stage_key", pa.string()), ("sampler", pa.string())]
+    + [(c, pa.int64()) for c in ("steps", "nfe")]
+    + [("guidance", pa.float64()), ("n", pa.int64()), ("extractor", pa.string())]
+    + [(c, pa.float64()) for c in ("fid", "fid_low", "fid_high", "kid", "kid_low", "kid_high")]
+    + [(c, pa.float64()) for c in ("precision", "recall", "class_accuracy", "seconds_per_image")]
+)
+
+
+def test_every_old_column_keeps_its_name_and_type_and_the_new_one_is_a_nullable_float():
+    assert [SCHEMA.field(f.name) for f in OLD_SCHEMA] == list(OLD_SCHEMA)
+    assert set(SCHEMA.names) - set(OLD_SCHEMA.names) == {"fid_corrected"}
+    assert SCHEMA.field("fid_corrected").type == pa.float64() and SCHEMA.field("fid_corrected").nullable
+
+
 def test_a_table_written_before_the_corrected_fid_column_still_reads():
-    old_columns = [c for c in COLUMNS if c != "fid_corrected"]
-    old = pa.Table.from_pylist(
-        [{c: getattr(ROWS[4], c) for c in old_columns}],
-        schema=pa.schema([SCHEMA.field(c) for c in old_columns]),
-    )
+    old = pa.Table.from_pylist([{c: getattr(ROWS[4], c) for c in OLD_SCHEMA.names}], schema=OLD_SCHEMA)
     (read,) = read_rows(TableStore(old), None)
     assert read == ROWS[4] and read.fid_corrected is None and read.fid_centre == 40.0
 
