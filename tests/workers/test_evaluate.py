@@ -232,7 +232,7 @@ def test_guided_models_get_a_row_per_scale_the_student_one(evaluated):
     assert fid_at(rows, run.base.ref, 2) == at_2.fid
     assert fid_at(rows, run.base.ref, 2, guidance=3.0) == base[(2, 3.0)].fid
     report = store.read_bytes(manifest, "report.md").decode()
-    assert f"- base best: euler {best['steps']} step" in report and f"at guidance {best['guidance']:g}" in report
+    assert f"- base best: euler {best.steps} step" in report and f"at guidance {best.guidance:g}" in report
     # The straightness is measured once, at the first scale.
     assert store.read_json(manifest, "straightness")["base"]["guidance"] == 1.0
 
