@@ -83,8 +83,8 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert PairsCard.from_manifest(store.get_ref(first["refs"]["pairs_1"])).guidance == best
     assert GeneratorCard.from_manifest(store.get_ref(first["refs"]["consistency"])).guidance == best
     # The student takes no guidance: one row per step count, at its card's scale.
-    student = [r for r in rows if r["stage_key"] == first["refs"]["consistency"]]
-    assert [(r["steps"], r["guidance"]) for r in student] == [(1, best)]
+    student = [r for r in rows if r.stage_key == first["refs"]["consistency"]]
+    assert [(r.steps, r.guidance) for r in student] == [(1, best)]
     # Serving's default scale is recorded with the pointer.
     assert store.pointer_record("serving/current")["guidance"] == first["promotion"]["guidance"] == best
     assert store.get_pointer("serving/current") == first["refs"]["consistency"]
