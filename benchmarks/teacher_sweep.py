@@ -266,8 +266,8 @@ def main() -> None:
 
     from infra.config import EvaluateConfig  # noqa: E402
     from workers.data import read_split  # noqa: E402
-    from workers.references import reconstruct  # noqa: E402
-    from workers.scoring import Scorer, extractor_source  # noqa: E402 (imports ray)
+    from workers.evaluation.references import reconstruct  # noqa: E402
+    from workers.evaluation.scoring import Scorer, extractor_source  # noqa: E402 (imports ray)
     from workers.vae_kinds import load_vae  # noqa: E402
 
     store = Store.open(args.store)
@@ -304,7 +304,7 @@ def main() -> None:
                 scored[name] = scorer.score(pixels, labels)
                 rows.append((c, step, info, w, name))
                 if args.grids:
-                    from workers.report import make_grid  # noqa: E402
+                    from workers.evaluation.grids import make_grid  # noqa: E402
 
                     Path(args.grids).mkdir(parents=True, exist_ok=True)
                     safe = re.sub(r"[^A-Za-z0-9.]+", "_", name)
@@ -328,6 +328,7 @@ def main() -> None:
         acc = correct / len(s.labels)
         summary[name] = dict(
             fid=round(fid.value, 1),
+            fid_corrected=round(fid.corrected, 1),  # the point the interval is built around
             fid_low=round(fid.low, 1),
             fid_high=round(fid.high, 1),
             acc=round(acc, 3),
@@ -336,7 +337,7 @@ def main() -> None:
     floor, ceiling = summary["floor"]["fid"], summary["ceiling"]["fid"]
     print(f"\nfloor FID {floor} acc {summary['floor']['acc']}; ceiling FID {ceiling} acc {summary['ceiling']['acc']}")
     print(
-        f"{'contender':<40} {'steps':>6} {'s':>6} {'params':>8} {'w':>4} {'FID [95%]':>22} {'excess/ceil':>11} "
+        f"{'contender':<40} {'steps':>6} {'s':>6} {'params':>8} {'w':>4} {'FID* [95%] (plug-in)':>32} {'excess/ceil':>11} "
         f"{'class acc [95%]':>22}"
     )
     for c, step, info, w, name in rows:
@@ -344,7 +345,7 @@ def main() -> None:
         ratio = (r["fid"] - floor) / max(1e-9, ceiling - floor)
         print(
             f"{c.name:<40} {step:>6} {info['seconds']:>6.0f} {info['params']:>8} {w:>4g} "
-            f"{r['fid']:>7.1f} [{r['fid_low']:.1f}, {r['fid_high']:.1f}] {ratio:>11.1f} "
+            f"{r['fid_corrected']:>7.1f} [{r['fid_low']:.1f}, {r['fid_high']:.1f}] ({r['fid']:.1f}) {ratio:>11.1f} "
             f"{r['acc']:>7.3f} [{r['acc_interval'][0]:.3f}, {r['acc_interval'][1]:.3f}]"
         )
         c.results.setdefault("rows", []).append(dict(step=step, guidance=w, excess_over_ceiling=ratio, **info, **r))

@@ -54,10 +54,10 @@ from infra.config import (  # noqa: E402
     VAEConfig,
     validate_config,
 )
-from infra.metrics_table import read_rows  # noqa: E402
 from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
 from workers.curves import curve_markdown  # noqa: E402
 from workers.errors import is_transient  # noqa: E402
+from workers.evaluation.table import read_rows  # noqa: E402
 from workers.guidance import resolve_guidance  # noqa: E402
 from workers.runtime import ensure_ray  # noqa: E402
 from workers.stages.s01_ingest import run_ingest  # noqa: E402
@@ -211,7 +211,7 @@ def evaluate_task(
     )
     create_table_artifact(
         key="fewstep-fid-vs-steps",
-        table=[stringify(row) for row in read_rows(store, manifest)],
+        table=[stringify(row.to_record()) for row in read_rows(store, manifest)],
         description=f"{manifest.ref} — FID, precision, recall and class accuracy against steps",
     )
     create_markdown_artifact(
@@ -270,14 +270,17 @@ def probe_report(card: ProbeCard, ref: str) -> str:
         f"chance {fmt(card.chance)}; floor FID {fmt(card.floor_fid)} (class accuracy {fmt(card.floor_accuracy)}), "
         f"VAE ceiling FID {fmt(card.ceiling_fid)} (class accuracy {fmt(card.ceiling_accuracy)}).",
         "",
-        "| guidance | FID | interval | class accuracy | interval |",
-        "|---:|---:|---|---:|---|",
+        "FID* is the bias-corrected FID its interval is built around; the plug-in FID (ranked on) may lie outside it.",
+        "",
+        "| guidance | FID* | interval | plug-in FID | class accuracy | interval |",
+        "|---:|---:|---|---:|---:|---|",
     ]
     for s in card.scales:
         best = " (best)" if s["guidance"] == card.best_guidance else ""
+        centre = s.get("fid_corrected", s["fid"])  # probes of an older fewstep have no corrected FID
         lines.append(
-            f"| {s['guidance']:g}{best} | {fmt(s['fid'])} | [{fmt(s['fid_low'])}, {fmt(s['fid_high'])}] "
-            f"| {fmt(s['class_accuracy'])} | [{fmt(s['accuracy_low'])}, {fmt(s['accuracy_high'])}] |"
+            f"| {s['guidance']:g}{best} | {fmt(centre)} | [{fmt(s['fid_low'])}, {fmt(s['fid_high'])}] "
+            f"| {fmt(s['fid'])} | {fmt(s['class_accuracy'])} | [{fmt(s['accuracy_low'])}, {fmt(s['accuracy_high'])}] |"
         )
     lines += ["", f"Probe `{ref}`; sample grids `grids/guidance-<g>.png` in the store."]
     return "\n".join(lines) + "\n"

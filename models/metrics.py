@@ -1,6 +1,6 @@
 """Sample-quality metrics on feature vectors: Fréchet distance (FID), precision & recall, accuracy.
 
-(Over 350 lines: FID, KID, precision/recall and their intervals share the feature statistics and the bootstrap draws; one file keeps the estimators consistent.)
+One module, because the intervals resample the very moments and kernels the point estimators compute.
 
 Every metric here takes features that an extractor (models/extractors.py) already computed,
 so the same code serves any feature space: the small digits classifier's penultimate layer,
@@ -325,8 +325,11 @@ class Draws:
 class Interval:
     """A point estimate with a two-sided interval at ``level`` (basic bootstrap, see ``interval``).
 
-    ``bias`` = mean(draws) - value is the bootstrap's estimate of the estimator's bias, so
-    ``value - bias`` is the bias-corrected estimate; ``std`` is the spread of the draws.
+    ``value`` is the plug-in estimate on all the data. The interval is one for the population
+    statistic, built around ``corrected`` = 2 value - median(draws), the plug-in value less the
+    bootstrap's (median) estimate of its bias: ``low <= corrected <= high`` always holds, while
+    ``value`` itself lies outside when the bias exceeds half the interval (FID near the floor).
+    ``bias`` = mean(draws) - value is the mean bias; ``std`` is the spread of the draws.
     """
 
     value: float
@@ -336,6 +339,7 @@ class Interval:
     bias: float
     level: float
     draws: int
+    corrected: float
 
 
 def _stream_seed(seed: int, stream: str) -> int:
@@ -454,8 +458,10 @@ def interval(draws: Draws, level: float = 0.95) -> Interval:
     around v, so it removes the bias the resampling measures: FID's plug-in estimate is biased
     upwards by O(D / n) (two samples of one Gaussian score well above 0), its bootstrap draws
     by about as much again, and this interval is one for the population FID (which may be
-    negative at the low end for distributions near the floor). Draws that average to the
-    value (KID subsets) give the plain symmetric spread.
+    negative at the low end for distributions near the floor). The point it is built around
+    is the reflected median, ``corrected`` = 2 v - q_{1/2}, which lies inside it for any draws;
+    v lies outside when every draw is far above it. Draws that average to the value (KID
+    subsets) give the plain symmetric spread.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level} must be in (0, 1), e.g. 0.95")
@@ -472,6 +478,7 @@ def interval(draws: Draws, level: float = 0.95) -> Interval:
         bias=float(d.mean() - v),
         level=level,
         draws=d.shape[0],
+        corrected=float(2 * v - torch.quantile(d, 0.5)),
     )
 
 

@@ -71,8 +71,9 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
-def format_rows(rows: list[dict[str, Any]]) -> str:
-    table = [[title for _, title in SHOWN]] + [[format_cell(row[name]) for name, _ in SHOWN] for row in rows]
+def format_rows(rows: list) -> str:
+    """The rows (:class:`workers.evaluation.table.Row`) as a plain-text table of the :data:`SHOWN` columns."""
+    table = [[title for _, title in SHOWN]] + [[format_cell(getattr(row, name)) for name, _ in SHOWN] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(SHOWN))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table)
 
@@ -123,10 +124,11 @@ def evaluate(
     generators = [opened.get_ref(ref) for ref in model] if model else default_generators(opened)
 
     from infra.cards import EvaluationCard, FeaturesCard
-    from infra.metrics_table import read_rows
+    from workers.evaluation.plan import evaluation_inputs
+    from workers.evaluation.table import read_rows
     from workers.runtime import ensure_ray
     from workers.stages.s09_features import run_features
-    from workers.stages.s10_evaluate import evaluation_inputs, run_evaluate
+    from workers.stages.s10_evaluate import run_evaluate
 
     try:
         images, vae = evaluation_inputs(opened, generators)

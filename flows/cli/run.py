@@ -80,7 +80,7 @@ def run(
 def run_summary(store, summary: dict[str, Any]) -> str:
     """Each model's headline quality, the served ref, and what to do next."""
     from infra.cards import EvaluationCard
-    from infra.metrics_table import REFERENCE, best_row, read_rows, row_label
+    from workers.evaluation.table import best_by_model, best_row, read_rows
 
     refs = summary["refs"]
     evaluation = store.get_ref(refs["evaluate"])
@@ -92,11 +92,10 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         f"  FID ({card.extractor}, n={card.n}): floor {fmt(card.floor_fid)}, VAE ceiling {fmt(card.vae_fid)}",
         f"  {'MODEL':<14} {'BEST':<40} {'AT 1 STEP':<10}",
     ]
-    models = dict.fromkeys(r["model"] for r in rows if r["sampler"] != REFERENCE)  # evaluation order
-    for model in models:  # best over samplers, steps and guidance; a model without a finite FID shows –
-        best, one = best_row(rows, model=model), best_row(rows, model=model, steps=1)
-        best_text = f"{fmt(best['fid'])} ({row_label(best)})" if best else "–"
-        lines.append(f"  {model:<14} {best_text:<40} {fmt(one['fid'] if one else None):<10}")
+    for model, best in best_by_model(rows).items():  # a model without a finite FID shows –
+        one = best_row(rows, model=model, steps=1)
+        best_text = f"{fmt(best.fid)} ({best.label})" if best else "–"
+        lines.append(f"  {model:<14} {best_text:<40} {fmt(one.fid if one else None):<10}")
     lines += training_notes(store, refs)
     from flows.pipeline import probe_warnings
 

@@ -17,8 +17,8 @@ import yaml
 
 from infra.cards import GeneratorCard, PairsCard, ProbeCard
 from infra.config import load_config
-from infra.metrics_table import read_rows
 from infra.store import Store
+from workers.evaluation.table import read_rows
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -71,7 +71,7 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert GeneratorCard.from_manifest(store.get_ref(ddpm)).family == "diffusion"
     assert store.get_ref(ddpm).inputs == [first["refs"]["latents"]]
     rows = read_rows(store, store.get_ref(first["refs"]["evaluate"]))
-    assert {(r["sampler"], r["steps"], r["guidance"], r["nfe"]) for r in rows if r["stage_key"] == ddpm} == {
+    assert {(r.sampler, r.steps, r.guidance, r.nfe) for r in rows if r.stage_key == ddpm} == {
         ("ddpm", 2, 1.0, 2),
         ("ddim", 2, 1.0, 2),
         ("ddpm", 2, 2.0, 4),  # guided: both network passes count
@@ -83,8 +83,8 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert PairsCard.from_manifest(store.get_ref(first["refs"]["pairs_1"])).guidance == best
     assert GeneratorCard.from_manifest(store.get_ref(first["refs"]["consistency"])).guidance == best
     # The student takes no guidance: one row per step count, at its card's scale.
-    student = [r for r in rows if r["stage_key"] == first["refs"]["consistency"]]
-    assert [(r["steps"], r["guidance"]) for r in student] == [(1, best)]
+    student = [r for r in rows if r.stage_key == first["refs"]["consistency"]]
+    assert [(r.steps, r.guidance) for r in student] == [(1, best)]
     # Serving's default scale is recorded with the pointer.
     assert store.pointer_record("serving/current")["guidance"] == first["promotion"]["guidance"] == best
     assert store.get_pointer("serving/current") == first["refs"]["consistency"]
@@ -304,7 +304,7 @@ def test_an_unlabelled_rgb_folder_runs_end_to_end(prefect_harness, ray_local, tm
     student = GeneratorCard.from_manifest(store.get_ref(refs["consistency"]))
     assert student.num_classes == 0 and student.guidance == 1.0  # nothing to guide without labels
     rows = read_rows(store, store.get_ref(refs["evaluate"]))
-    assert {r["guidance"] for r in rows if r["stage_key"] == refs["base"]} == {1.0}  # one scale, not [1, 2]
+    assert {r.guidance for r in rows if r.stage_key == refs["base"]} == {1.0}  # one scale, not [1, 2]
     generator = Generator.load(store, store.get_ref(summary["served"]), device="cpu")
     images = generator.generate(Request(n=3, steps=1, sampler=next(iter(generator.samplers)), seed=4))
     assert images.pixels.shape == (3, 16, 16, 3) and images.labels.tolist() == [0, 0, 0]

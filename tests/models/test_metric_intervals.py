@@ -183,6 +183,29 @@ def test_the_floor_interval_is_about_zero_while_its_plug_in_value_is_not():
     assert floor.low <= 0 <= floor.high
 
 
+def test_the_corrected_fid_lies_inside_its_interval_where_the_plug_in_value_does_not():
+    """The report once showed a floor of "FID 7.43 [-9.86, 1.95]": the basic interval is for the
+    population FID, built around the bias-corrected value, and the plug-in value can fall outside."""
+    d, n = 32, 300
+    reference, row = gaussian(n, d, 0.0, 23), gaussian(n, d, 0.0, 24)
+    draws = fid_draws(reference, {"floor": row}, resamples=60, seed=0)["floor"]
+    floor = interval(draws)
+    assert not floor.low <= floor.value <= floor.high, floor  # the plug-in value: outside
+    assert floor.low <= floor.corrected <= floor.high, floor  # the value the interval belongs to: inside
+    assert floor.corrected == pytest.approx(2 * floor.value - float(np.median(draws.draws.numpy())), abs=1e-9)
+    assert abs(floor.corrected) < floor.value  # the correction removes most of the small-sample bias
+
+
+def test_the_corrected_value_is_inside_for_any_draws():
+    generator = torch.Generator().manual_seed(3)
+    for level in (0.5, 0.9, 0.95, 0.99):
+        for _ in range(50):
+            skewed = torch.randn(40, generator=generator, dtype=torch.float64).exp() ** 3  # heavy right tail
+            value = float(torch.randn(1, generator=generator)) * 5
+            result = interval(Draws(value=value, draws=skewed), level)
+            assert result.low <= result.corrected <= result.high, (level, result)
+
+
 # ---- intervals and ratios ----------------------------------------------------------------------
 
 
@@ -192,6 +215,7 @@ def test_interval_is_the_basic_bootstrap_interval():
     assert result.low == pytest.approx(2 * 5.0 - 12.75)
     assert result.high == pytest.approx(2 * 5.0 - 3.25)
     assert result.bias == pytest.approx(8.0 - 5.0)
+    assert result.corrected == pytest.approx(2 * 5.0 - 8.0)  # the reflected median: inside [low, high]
     assert result.std == pytest.approx(float(draws.std()))
     with pytest.raises(ValueError, match="level"):
         interval(Draws(value=0.0, draws=draws), level=1.5)

@@ -7,7 +7,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,25 +18,21 @@ from evaluate_fixtures import DIFFUSION_T, commit, commit_diffusion, commit_tiny
 
 from infra.cards import EvaluationCard, FeaturesCard, GeneratorCard, ImagesCard  # noqa: E402
 from infra.config import ConfigError, EvaluateConfig, FeaturesConfig, Resources  # noqa: E402
-from infra.metrics_table import (  # noqa: E402
+from infra.store import Store  # noqa: E402
+from models.classifier import Classifier  # noqa: E402
+from workers.evaluation.table import (  # noqa: E402
     CEILING,
     COLUMNS,
     FLOOR,
     REFERENCE,
-    best_by_steps,
     best_guidance,
     fid_at,
     read_draws,
     read_rows,
-    row_key,
 )
-from infra.store import Store  # noqa: E402
-from models.classifier import Classifier  # noqa: E402
-from models.metrics import Draws  # noqa: E402
-from workers.quality import quality_ratios  # noqa: E402
-from workers.report import course_notes_section, make_grid  # noqa: E402
+from workers.evaluation.tasks import compute_evaluation  # noqa: E402
 from workers.stages.s09_features import run_features  # noqa: E402
-from workers.stages.s10_evaluate import compute_evaluation, run_evaluate  # noqa: E402
+from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -74,7 +69,7 @@ def evaluated(ray_local, tmp_path_factory):
 
 
 def by_cell(rows):
-    return {(r["model"], r["sampler"], r["steps"]): r for r in rows}
+    return {(r.model, r.sampler, r.steps): r for r in rows}
 
 
 def test_classifier_stage_reports_test_accuracy_and_is_reused(evaluated):
@@ -112,36 +107,37 @@ def test_every_output_is_committed_and_loads(evaluated):
     rows = read_rows(store, manifest)
     card = EvaluationCard.from_manifest(manifest)
     assert len(rows) == 2 + len(CELLS) == card.rows
-    assert (rows[0]["model"], rows[1]["model"]) == (FLOOR, CEILING)
-    assert rows[0]["stage_key"] == run.images.ref and rows[1]["stage_key"] == run.vae.ref
-    assert all(r["sampler"] == REFERENCE and r["nfe"] == 0 for r in rows[:2])
+    assert (rows[0].model, rows[1].model) == (FLOOR, CEILING)
+    assert rows[0].stage_key == run.images.ref and rows[1].stage_key == run.vae.ref
+    assert all(r.sampler == REFERENCE and r.nfe == 0 for r in rows[:2])
     cells = by_cell(rows[2:])
     assert set(cells) == {(m, s, k) for m, s, k, _ in CELLS}
     refs = {"base": run.base.ref, "reflow-1": run.reflow.ref, "consistency": run.consistency.ref}
     for model, sampler, steps, nfe in CELLS:
         row = cells[(model, sampler, steps)]
-        assert row["nfe"] == nfe and row["n"] == CONFIG.n and row["stage_key"] == refs[model]
-        assert row["extractor"] == classifier.ref and row["guidance"] == 1.0
-        assert 0.0 <= row["class_accuracy"] <= 1.0 and 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
-        assert row["seconds_per_image"] > 0
+        assert row.nfe == nfe and row.n == CONFIG.n and row.stage_key == refs[model]
+        assert row.extractor == classifier.ref and row.guidance == 1.0
+        assert 0.0 <= row.class_accuracy <= 1.0 and 0.0 <= row.precision <= 1.0 and 0.0 <= row.recall <= 1.0
+        assert row.seconds_per_image > 0
         # Random generators decode noise: much further from the test set than real train images are.
-        assert math.isfinite(row["fid"]) and row["fid"] > rows[0]["fid"]
-    assert 0.0 <= rows[0]["class_accuracy"] <= 1.0 and rows[0]["fid"] > 0
+        assert math.isfinite(row.fid) and row.fid > rows[0].fid
+    assert 0.0 <= rows[0].class_accuracy <= 1.0 and rows[0].fid > 0
     # the ceiling (VAE reconstructions of the same train images) is read by the classifier too
-    assert 0.0 <= rows[1]["class_accuracy"] <= 1.0
+    assert 0.0 <= rows[1].class_accuracy <= 1.0
     assert (card.floor_class_accuracy, card.vae_class_accuracy) == (
-        rows[0]["class_accuracy"],
-        rows[1]["class_accuracy"],
+        rows[0].class_accuracy,
+        rows[1].class_accuracy,
     )
     # Every FID and KID carries an interval; the paired FID draws are stored, one list per row.
     draws = read_draws(store, manifest)
-    assert set(draws) == {row_key(r) for r in rows}
+    assert set(draws) == {r.key for r in rows}
     assert len({len(d) for d in draws.values()}) == 1 and len(next(iter(draws.values()))) == CONFIG.fid_resamples
     for r in rows:
-        assert r["fid_low"] < r["fid_high"] and r["kid_low"] < r["kid_high"], r
-        assert math.isfinite(r["kid"])
+        assert r.fid_low < r.fid_high and r.kid_low < r.kid_high, r
+        assert r.fid_low <= r.fid_corrected <= r.fid_high, r  # the value the report shows: inside its interval
+        assert math.isfinite(r.kid)
     # The models really differ (random weights, not AdaLN-Zero's zero velocity for all).
-    assert len({round(r["fid"], 6) for r in rows[2:]}) > 3
+    assert len({round(r.fid, 6) for r in rows[2:]}) > 3
 
     # Straightness: for the ODE models only, on their largest step count.
     straightness = store.read_json(manifest, "straightness")
@@ -158,7 +154,8 @@ def test_every_output_is_committed_and_loads(evaluated):
     )
     ratio = card.ratios["consistency@1 / base best"]
     assert ratio["value"] is not None and ratio["low"] < ratio["high"] and ratio["bar"] == 1.3
-    assert card.floor_fid == pytest.approx(rows[0]["fid"])
+    assert ratio["low"] <= ratio["corrected"] <= ratio["high"]
+    assert card.floor_fid == pytest.approx(rows[0].fid)
     assert card.features_test_accuracy == FeaturesCard.from_manifest(classifier).test_accuracy
 
 
@@ -166,10 +163,10 @@ def test_fid_at_reads_the_table(evaluated):
     store, run, _, manifest = evaluated
     rows = read_rows(store, manifest)
     cells = by_cell(rows)
-    best_at_1 = min(cells[("base", "euler", 1)]["fid"], cells[("base", "heun", 1)]["fid"])
+    best_at_1 = min(cells[("base", "euler", 1)].fid, cells[("base", "heun", 1)].fid)
     assert fid_at(rows, run.base.ref, 1) == best_at_1
-    assert fid_at(rows, run.base.ref, 1, sampler="heun") == cells[("base", "heun", 1)]["fid"]
-    assert fid_at(rows, run.consistency.ref, 2) == cells[("consistency", "consistency", 2)]["fid"]
+    assert fid_at(rows, run.base.ref, 1, sampler="heun") == cells[("base", "heun", 1)].fid
+    assert fid_at(rows, run.consistency.ref, 2) == cells[("consistency", "consistency", 2)].fid
     assert fid_at(rows, run.consistency.ref, 4) is None
     assert fid_at(rows, "base/0000000000000000", 1) is None
 
@@ -184,9 +181,9 @@ def test_same_config_same_manifest_and_fresh_runs_repeat_the_numbers(evaluated):
     rows = by_cell(read_rows(store, manifest))
     fresh = compute_evaluation(store, one_task, run.generators, run.images, run.vae, classifier)
     for row in fresh.rows:
-        old = rows[(row["model"], row["sampler"], row["steps"])]
+        old = rows[(row.model, row.sampler, row.steps)]
         for column in ("fid", "precision", "recall", "class_accuracy"):
-            assert row[column] == pytest.approx(old[column], rel=1e-6, abs=1e-6), (row["model"], column)
+            assert getattr(row, column) == pytest.approx(getattr(old, column), rel=1e-6, abs=1e-6), (row.model, column)
     # ... and the seed matters: another seed draws other images.
     reseeded = compute_evaluation(
         store,
@@ -196,7 +193,7 @@ def test_same_config_same_manifest_and_fresh_runs_repeat_the_numbers(evaluated):
         run.vae,
         classifier,
     )
-    assert by_cell(reseeded.rows)[("base", "euler", 1)]["fid"] != pytest.approx(rows[("base", "euler", 1)]["fid"])
+    assert by_cell(reseeded.rows)[("base", "euler", 1)].fid != pytest.approx(rows[("base", "euler", 1)].fid)
 
 
 def test_guided_models_get_a_row_per_scale_the_student_one(evaluated):
@@ -209,7 +206,7 @@ def test_guided_models_get_a_row_per_scale_the_student_one(evaluated):
     manifest = run_evaluate(store, config, [run.base, run.consistency], run.images, run.vae, classifier)
     rows = read_rows(store, manifest)
     generated = rows[2:]
-    assert sorted((r["model"], r["steps"], r["guidance"], r["nfe"]) for r in generated) == [
+    assert sorted((r.model, r.steps, r.guidance, r.nfe) for r in generated) == [
         ("base", 1, 1.0, 1),
         ("base", 1, 3.0, 2),  # guided: the conditional and the null pass both count
         ("base", 2, 1.0, 2),
@@ -217,25 +214,25 @@ def test_guided_models_get_a_row_per_scale_the_student_one(evaluated):
         ("consistency", 1, 1.0, 1),  # its card's scale, one row
     ]
     # Every scale is its own sample set: its own FID, grid and draws.
-    base = {(r["steps"], r["guidance"]): r for r in generated if r["model"] == "base"}
-    assert base[(2, 1.0)]["fid"] != pytest.approx(base[(2, 3.0)]["fid"])
+    base = {(r.steps, r.guidance): r for r in generated if r.model == "base"}
+    assert base[(2, 1.0)].fid != pytest.approx(base[(2, 3.0)].fid)
     assert {"grids/base-euler-2-g1.png", "grids/base-euler-2-g3.png", "grids/consistency-consistency-1-g1.png"} <= set(
         manifest.files
     )
-    assert set(read_draws(store, manifest)) == {row_key(r) for r in rows} and len(rows) == 7
+    assert set(read_draws(store, manifest)) == {r.key for r in rows} and len(rows) == 7
     # "Best": the lowest FID over steps and scales, said with its scale in the card and the report.
-    best = min(base.values(), key=lambda r: r["fid"])
+    best = min(base.values(), key=lambda r: r.fid)
     card = EvaluationCard.from_manifest(manifest)
     assert (card.best_by_model["base"]["steps"], card.best_by_model["base"]["guidance"]) == (
-        best["steps"],
-        best["guidance"],
+        best.steps,
+        best.guidance,
     )
-    assert best_guidance(rows, run.base.ref) == best["guidance"]
-    at_2 = min((base[(2, 1.0)], base[(2, 3.0)]), key=lambda r: r["fid"])
-    assert fid_at(rows, run.base.ref, 2) == at_2["fid"]
-    assert fid_at(rows, run.base.ref, 2, guidance=3.0) == base[(2, 3.0)]["fid"]
+    assert best_guidance(rows, run.base.ref) == best.guidance
+    at_2 = min((base[(2, 1.0)], base[(2, 3.0)]), key=lambda r: r.fid)
+    assert fid_at(rows, run.base.ref, 2) == at_2.fid
+    assert fid_at(rows, run.base.ref, 2, guidance=3.0) == base[(2, 3.0)].fid
     report = store.read_bytes(manifest, "report.md").decode()
-    assert f"- base best: euler {best['steps']} step" in report and f"at guidance {best['guidance']:g}" in report
+    assert f"- base best: euler {best.steps} step" in report and f"at guidance {best.guidance:g}" in report
     # The straightness is measured once, at the first scale.
     assert store.read_json(manifest, "straightness")["base"]["guidance"] == 1.0
 
@@ -254,11 +251,11 @@ def test_user_torchscript_extractor(evaluated, tmp_path):
     )
     evaluated_with = run_evaluate(store, config, [run.base, run.consistency], run.images, run.vae, classifier)
     rows = read_rows(store, evaluated_with)
-    assert len(rows) == 4 and {r["extractor"] for r in rows} == {rows[0]["extractor"]}
-    assert rows[0]["extractor"].startswith("torchscript:features.pt@")
-    assert all(math.isfinite(r["fid"]) for r in rows)
+    assert len(rows) == 4 and {r.extractor for r in rows} == {rows[0].extractor}
+    assert rows[0].extractor.startswith("torchscript:features.pt@")
+    assert all(math.isfinite(r.fid) for r in rows)
     # Class accuracy still comes from the classifier, whatever the feature space.
-    assert all(0.0 <= r["class_accuracy"] <= 1.0 for r in rows)
+    assert all(0.0 <= r.class_accuracy <= 1.0 for r in rows)
 
     with pytest.raises(ConfigError, match="not a local file"):
         run_evaluate(
@@ -315,191 +312,21 @@ def test_a_diffusion_model_gets_rows_for_both_samplers_up_to_its_T(evaluated):
         ("ddpm", "ddpm", DIFFUSION_T),
     }
     for (model, _sampler, steps), row in cells.items():
-        assert row["nfe"] == steps and row["guidance"] == 1.0 and math.isfinite(row["fid"])
-        assert row["stage_key"] == (ddpm.ref if model == "ddpm" else run.base.ref)
+        assert row.nfe == steps and row.guidance == 1.0 and math.isfinite(row.fid)
+        assert row.stage_key == (ddpm.ref if model == "ddpm" else run.base.ref)
     # Ancestral and deterministic sampling draw different images from the same x_0.
-    assert cells[("ddpm", "ddpm", 5)]["fid"] != pytest.approx(cells[("ddpm", "ddim", 5)]["fid"])
+    assert cells[("ddpm", "ddpm", 5)].fid != pytest.approx(cells[("ddpm", "ddim", 5)].fid)
     assert EvaluationCard.from_manifest(manifest).models == {"base": run.base.ref, "ddpm": ddpm.ref}
     assert store.read_json(manifest, "straightness").keys() == {"base"}  # no ODE path for a diffusion model
     report = store.read_bytes(manifest, "report.md").decode()
-    assert f"grids/ddpm-ddpm-{DIFFUSION_T}-g1.png" in report and "## Course-notes table" in report
+    assert (
+        f"grids/ddpm-ddpm-{DIFFUSION_T}-g1.png" in report
+        and "## This run at the published systems' step counts" in report
+    )
     assert f"1000 steps not evaluated: nearest evaluated step count {DIFFUSION_T}" in report
     # Only the samplers asked for: the diffusion steps apply to the diffusion samplers named.
     only_ddim = config.model_copy(update={"diffusion_samplers": ("ddim",), "diffusion_steps": (5,)})
     assert {
-        (r["model"], r["sampler"], r["steps"])
+        (r.model, r.sampler, r.steps)
         for r in compute_evaluation(store, only_ddim, [ddpm], run.images, run.vae, classifier).rows[2:]
     } == {("ddpm", "ddim", 5)}
-
-
-# --------------------------------------------------------------------------- pure pieces
-
-
-def test_course_notes_table_lines_up_the_four_systems_with_their_intervals():
-    def row(model, sampler, steps, fid, **extra):
-        stage = model.split("-")[0]
-        return {
-            "model": model,
-            "sampler": sampler,
-            "steps": steps,
-            "nfe": steps,
-            "fid": fid,
-            "stage_key": f"{stage}/k{model}",
-            **extra,
-        }
-
-    rows = [
-        row(FLOOR, REFERENCE, 0, 1.0),
-        row("base", "euler", 32, 12.0),
-        row("base", "heun", 32, 11.0),
-        row("base", "euler", 64, 13.0),
-        row("ddpm", "ddpm", 1000, 9.0),
-        row("ddpm", "ddim", 1000, 8.0),
-        row("ddpm", "ddim", 10, 30.0),
-        row("reflow-1", "euler", 2, 25.0),
-        row("reflow-2", "euler", 2, 20.0),
-        row("consistency", "consistency", 1, 15.0),
-    ]
-    table = [line for line in course_notes_section(rows) if line.startswith("| ")]
-    assert table[0].split(" | ")[-1] == "note |" and "fid_" not in table[0]  # no interval columns in this table
-    ddpm, fm, reflow, cm = (line.split(" | ") for line in table[1:])
-    assert ddpm[2:7] == ["ddpm", "ddim", "1000", "1000", "8"] and ddpm[-1] == " |"
-    # 50 not evaluated: 64 is the nearest; its best sampler there, and the row says so.
-    assert fm[2:7] == ["base", "euler", "64", "64", "13"] and "nearest evaluated step count 64" in fm[-1]
-    assert reflow[2:7] == ["reflow-2", "euler", "2", "2", "20"]  # the best round
-    assert cm[2:7] == ["consistency", "consistency", "1", "1", "15"]
-
-    # With the interval columns the lead's table adds, they are shown beside the FID.
-    wide = [{**r, "fid_low": r["fid"] - 1.0, "fid_high": r["fid"] + 1.0} for r in rows]
-    table = [line for line in course_notes_section(wide) if line.startswith("| ")]
-    assert "| FID | fid_low | fid_high | note |" in table[0]
-    assert table[1].split(" | ")[7:9] == ["7", "9"]
-    # A system the run did not train is said to be missing, not dropped.
-    missing = [line for line in course_notes_section(rows[:4]) if line.startswith("| DDPM")]
-    assert "not in this run (no `ddpm` stage rows with a finite FID)" in missing[0]
-
-
-def test_best_per_step_count_and_quality_ratios_on_excess_over_the_floor():
-    def row(model, sampler, steps, fid, nfe=None):
-        stage = model.split("-")[0]
-        return {
-            "model": model,
-            "sampler": sampler,
-            "steps": steps,
-            "nfe": nfe or steps,
-            "fid": fid,
-            "stage_key": f"{stage}/k{model}",
-        }
-
-    rows = [
-        row(FLOOR, REFERENCE, 0, 2.0),
-        row("base", "euler", 1, 82.0),
-        row("base", "heun", 1, 62.0, nfe=2),
-        row("base", "euler", 8, 12.0),
-        row("reflow-1", "euler", 2, 32.0),
-        row("reflow-2", "euler", 2, 22.0),
-        row("consistency", "consistency", 1, 17.0),
-        row("consistency", "consistency", 2, 14.0),
-    ]
-    best = best_by_steps(rows)
-    assert [(s, r["model"], r["sampler"]) for s, r in best.items()] == [
-        (1, "consistency", "consistency"),
-        (2, "consistency", "consistency"),
-        (8, "base", "euler"),
-    ]
-    ratios = {r.name: r for r in quality_ratios(rows)}
-    assert ratios["consistency@1 / base best"].value == pytest.approx((17 - 2) / (12 - 2))
-    assert ratios["consistency@1 / base@1"].value == pytest.approx((17 - 2) / (82 - 2))  # Euler: 1 NFE, not Heun's 2
-    assert ratios["best reflow@2 / base best"].value == pytest.approx((22 - 2) / (12 - 2))  # the best round
-    assert ratios["best consistency@2-4 / consistency@1"].value == pytest.approx((14 - 2) / (17 - 2))
-    distillation = [name for name in ratios if "ceiling" not in name and "class accuracy" not in name]
-    assert all(ratios[name].low is None and "no paired draws" in ratios[name].note for name in distillation)
-
-    # With paired draws, every ratio gets an interval from them.
-    generator = torch.Generator().manual_seed(0)
-    draws = {
-        f"{r['model']}|{r['sampler']}|{r['steps']}": Draws(
-            r["fid"], r["fid"] + torch.randn(50, generator=generator, dtype=torch.float64)
-        )
-        for r in rows
-    }
-    paired = {r.name: r for r in quality_ratios(rows, draws)}
-    bar = paired["consistency@1 / base best"]
-    assert (
-        bar.low < bar.value < bar.high and bar.bar == 1.3 and bar.verdict in ("not met", "within interval of the bar")
-    )
-    assert paired["consistency@1 / base@1"].verdict == "met"  # (17-2)/(82-2) = 0.19, well under 0.25
-    # A denominator at the floor has no ratio (it cannot be told from real data).
-    at_floor = [dict(r, fid=2.0) if r["model"] == "base" and r["steps"] == 8 else r for r in rows]
-    undefined = {r.name: r for r in quality_ratios(at_floor)}["consistency@1 / base best"]
-    assert undefined.value is None and "not above the floor" in undefined.note and undefined.verdict == "–"
-
-
-def test_the_teacher_bars_read_the_base_models_best_row_against_the_ceiling_and_its_class_accuracy():
-    """Issue 20's bars: base best class accuracy >= 0.7 (Wilson interval) and excess <= 8x the VAE ceiling's."""
-
-    def row(model, stage_key, sampler, steps, fid, accuracy, guidance=1.0, n=2000):
-        return {
-            "model": model,
-            "sampler": sampler,
-            "steps": steps,
-            "nfe": steps,
-            "fid": fid,
-            "stage_key": stage_key,
-            "class_accuracy": accuracy,
-            "guidance": guidance,
-            "n": n,
-        }
-
-    floor = row(FLOOR, "ingest/k", REFERENCE, 0, 7.0, 0.99)
-    ceiling = row(CEILING, "vae/k", REFERENCE, 0, 14.0, 0.93)
-    learned = row("base", "base/k", "euler", 16, 40.0, 0.80, guidance=2.0)
-    ratios = {
-        r.name: r for r in quality_ratios([floor, ceiling, learned, row("base", "base/k", "euler", 1, 90.0, 0.2)])
-    }
-    accuracy = ratios["base best class accuracy"]
-    assert accuracy.value == 0.80 and accuracy.low < 0.80 < accuracy.high and accuracy.verdict == "met"
-    assert "w=2" in accuracy.numerator  # read at the best row's own guidance
-    excess = ratios["base best / VAE ceiling"]
-    assert excess.value == pytest.approx((40 - 7) / (14 - 7)) and excess.verdict == "met"  # 4.7 <= 8
-
-    blobs = row("base", "base/k", "euler", 16, 364.0, 0.15)
-    ratios = {r.name: r for r in quality_ratios([floor, ceiling, blobs])}
-    assert ratios["base best class accuracy"].verdict == "not met"
-    assert ratios["base best / VAE ceiling"].value == pytest.approx((364 - 7) / 7)
-    # At 0.7 on 100 samples the interval straddles the bar: not a result either way.
-    close = row("base", "base/k", "euler", 16, 40.0, 0.70, n=100)
-    assert {r.name: r for r in quality_ratios([floor, ceiling, close])}["base best class accuracy"].verdict == (
-        "within interval of the bar"
-    )
-
-
-def test_consistency_bars_read_the_candidate_not_the_served_student_beside_it():
-    """The pipeline scores the served student after the run's own: the bars must not mix the two."""
-
-    def row(model, key, steps, fid):
-        return {"model": model, "sampler": "consistency", "steps": steps, "nfe": steps, "fid": fid, "stage_key": key}
-
-    rows = [
-        {"model": FLOOR, "sampler": REFERENCE, "steps": 0, "nfe": 0, "fid": 2.0, "stage_key": "ingest/k"},
-        {"model": "base", "sampler": "euler", "steps": 8, "nfe": 8, "fid": 12.0, "stage_key": "base/k"},
-        row("consistency-aaaa", "consistency/aaaa", 1, 17.0),  # the candidate
-        row("consistency-aaaa", "consistency/aaaa", 4, 15.0),
-        row("consistency-bbbb", "consistency/bbbb", 1, 30.0),  # the served one, better at 4 steps
-        row("consistency-bbbb", "consistency/bbbb", 4, 5.0),
-    ]
-    ratios = {r.name: r for r in quality_ratios(rows)}
-    assert ratios["consistency@1 / base best"].value == pytest.approx((17 - 2) / (12 - 2))
-    assert ratios["best consistency@2-4 / consistency@1"].value == pytest.approx((15 - 2) / (17 - 2))
-    assert "consistency-aaaa" in ratios["best consistency@2-4 / consistency@1"].numerator
-
-
-def test_grid_puts_one_class_per_column():
-    pixels = np.zeros((20, 8, 8, 1), np.uint8)
-    labels = np.arange(20) % 5
-    pixels[labels == 3] = 255  # class 3 white
-    grid = np.asarray(Image.open(io.BytesIO(make_grid(pixels, labels, num_classes=5))))
-    scale = grid.shape[1] // (5 * 10 + 2)
-    cell = 10 * scale  # 8 px + 2 px padding, upscaled
-    column_means = [grid[:, j * cell + 2 * scale : j * cell + 10 * scale].mean() for j in range(5)]
-    assert column_means[3] > 200 and max(column_means[:3] + column_means[4:]) < 60

@@ -8,8 +8,8 @@ import pytest
 from infra.cards import FeaturesCard
 from infra.config import FeaturesConfig, IngestConfig
 from models.encoder import Encoder
+from workers.evaluation.scoring import ExtractorSource, Scorer
 from workers.pixels import encode_png
-from workers.scoring import ExtractorSource, Scorer
 from workers.sources.shapes import render_shapes
 from workers.stages.s01_ingest import run_ingest
 from workers.stages.s09_features import run_features

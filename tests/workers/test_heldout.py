@@ -15,8 +15,8 @@ from models.diffusion import DDPMObjective, vp_schedule
 from models.objectives import FlowMatching
 from models.paths import LogitNormalTime
 from workers.curves import curve_markdown, still_falling
+from workers.evaluation.report import curves_section
 from workers.heldout import HELDOUT_SEED, HeldOut, heldout_losses, heldout_set
-from workers.report import curves_section
 
 SHAPE = (2, 4, 4)
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from infra.cards import GeneratorCard
-from infra.metrics_table import CEILING, COLUMNS, FLOOR, REFERENCE
 from infra.store import Store
+from workers.evaluation.table import CEILING, COLUMNS, FLOOR, REFERENCE
 from workers.stages.s11_promote import Bar, PromotionDecision, Scored, decide, promote
 
 STEPS = 2

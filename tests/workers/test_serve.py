@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 
 from infra.cards import GeneratorCard, VAECard
-from infra.metrics_table import COLUMNS
 from infra.store import Manifest, Store
 from models.dit import DiT, dit_config
 from models.registry import model_spec
 from models.vae import VAE, VAEConfig
+from workers.evaluation.table import COLUMNS
 from workers.generator import Generator, Request
 from workers.stages.s11_promote import promote
 

@@ -10,8 +10,8 @@ import math
 from typing import Any
 
 from infra.cards import GeneratorCard
-from infra.metrics_table import REFERENCE, read_rows
 from infra.store import Manifest, Store
+from workers.evaluation.table import read_rows
 
 LINEAGE_LIMIT = 64  # manifests listed in the lineage, nearest first
 EVALUATE = "evaluate"
@@ -55,13 +55,13 @@ def evaluation_of(store: Store, ref: str) -> dict[str, Any] | None:
         if ref not in manifest.inputs:
             continue
         rows = read_rows(store, manifest)
-        mine = [r for r in rows if r["stage_key"] == ref]
+        mine = [r.to_record() for r in rows if r.stage_key == ref]
         if mine:
             return {
                 "ref": manifest.ref,
                 "created_at": manifest.created_at,
                 "rows": mine,
-                "references": [r for r in rows if r["sampler"] == REFERENCE],
+                "references": [r.to_record() for r in rows if r.is_reference],
             }
     return None
 

@@ -31,8 +31,8 @@ from models.objectives import Objective
 from models.registry import build_model, model_spec
 from workers.batches import PixelBatch
 from workers.data import pixel_dataset, read_split
+from workers.evaluation.scoring import FEATURES, accuracy
 from workers.runner import run_stage
-from workers.scoring import FEATURES, accuracy
 from workers.train import TrainJob, check_rows, fit
 
 log = logging.getLogger("fewstep.features")

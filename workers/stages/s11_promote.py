@@ -42,11 +42,11 @@ import torch
 
 from infra.cards import LEARNED, GeneratorCard
 from infra.errors import PointerMoved
-from infra.metrics_table import CEILING, FLOOR, measured_as, read_draws, read_rows, reference_row, row_at, row_key
 from infra.store import SERVING_POINTER, Manifest, Store
 from models.metrics import Draws, interval
 from models.sampling import preferred_sampler
-from workers.quality import Figures, learned_verdict
+from workers.evaluation.quality import Figures, learned_verdict
+from workers.evaluation.table import CEILING, FLOOR, Row, measured_as, read_draws, read_rows, reference_row, row_at
 
 POINTER = SERVING_POINTER
 EVALUATE = "evaluate"  # the stage whose metrics table holds the FIDs
@@ -205,8 +205,8 @@ def decide(
             level,
         )
         text = (
-            f"FID {candidate_fid:.4g} vs the served {current_fid:.4g}: difference {d.value:+.4g}, "
-            f"{100 * level:g}% interval [{d.low:+.4g}, {d.high:+.4g}]"
+            f"FID {candidate_fid:.4g} vs the served {current_fid:.4g}: difference {d.corrected:+.4g} "
+            f"(bias-corrected; plug-in {d.value:+.4g}), {100 * level:g}% interval [{d.low:+.4g}, {d.high:+.4g}]"
         )
         if d.low > 0:
             return verdict(False, f"{text}: worse beyond the interval", (d.low, d.high))
@@ -223,24 +223,22 @@ def decide(
     return verdict(not worse, f"{text}: {'worse beyond the interval' if worse else 'not worse beyond the interval'}")
 
 
-def scored(
-    row: dict[str, Any] | None, evaluation: str, draws: dict[str, list[float]], rows: Sequence[dict[str, Any]] = ()
-) -> Scored | None:
+def scored(row: Row | None, evaluation: str, draws: dict[str, list[float]], rows: Sequence[Row] = ()) -> Scored | None:
     """A row's FID (and its class accuracy), with the floor and ceiling of its table ``rows``."""
     if row is None:
         return None
     floor, ceiling = reference_row(rows, FLOOR), reference_row(rows, CEILING)
     return Scored(
-        row["fid"],
-        row.get("fid_low"),
-        row.get("fid_high"),
+        row.fid,
+        row.fid_low,
+        row.fid_high,
         evaluation,
-        tuple(draws.get(row_key(row), ())),
-        class_accuracy=row.get("class_accuracy"),
-        floor_fid=floor["fid"] if floor is not None else None,
-        ceiling_fid=ceiling["fid"] if ceiling is not None else None,
-        real_accuracy=floor.get("class_accuracy") if floor is not None else None,
-        guidance=row.get("guidance"),
+        tuple(draws.get(row.key, ())),
+        class_accuracy=row.class_accuracy,
+        floor_fid=floor.fid if floor is not None else None,
+        ceiling_fid=ceiling.fid if ceiling is not None else None,
+        real_accuracy=floor.class_accuracy if floor is not None else None,
+        guidance=row.guidance,
     )
 
 
@@ -264,7 +262,7 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
         for other in reversed(store.list_manifests(EVALUATE)):
             if ref not in other.inputs:
                 continue
-            rows = [r for r in read_rows(store, other) if (r["extractor"], r["n"]) in comparable]
+            rows = [r for r in read_rows(store, other) if (r.extractor, r.n) in comparable]
             found = row_at(rows, ref, steps, sampler)
             if found is not None:
                 return scored(found, other.ref, read_draws(store, other), rows)

@@ -2,10 +2,11 @@
 
 Run by the flow right after base, each reflow round, consistency and ddpm (before the full
 evaluation), it draws ``probe.n`` images per guidance scale with the model's own sampler and
-scores them in the evaluation's feature space (:mod:`workers.scoring`), beside the evaluation's
-references at the same n (:mod:`workers.references`):
+scores them in the evaluation's feature space (:mod:`workers.evaluation.scoring`), beside the
+evaluation's references at the same n (:mod:`workers.evaluation.references`):
 
-    FID            against the real test split, with a bootstrap interval (paired draws)
+    FID            against the real test split, with a bootstrap interval (paired draws) and the
+                   bias-corrected FID it is built around
     class accuracy share of samples asked for class y that the classifier calls y, with an interval
     floor          real train images against the test split (FID, and the classifier's accuracy)
     ceiling        their VAE reconstructions (the best a generator of these latents can do)
@@ -15,7 +16,8 @@ one scale for unlabelled data (1.0) and for a distilled student, whose sampler t
 guidance (its card's). Steps: ``probe.steps`` for flow (Euler, the family's first sampler) and
 diffusion models, ``probe.student_steps`` for a student; never beyond what its sampler takes.
 
-The verdict (:func:`workers.quality.learned_verdict`) reads the best scale (lowest FID): it warns
+Each scale is measured as a :class:`~workers.evaluation.table.Row`, ranked like the evaluation's.
+The verdict (:func:`workers.evaluation.quality.learned_verdict`) reads the best scale (lowest FID): it warns
 when class accuracy < ``min_accuracy_over_chance`` x chance, or the FID's excess over the floor
 > ``max_excess_over_ceiling`` x the ceiling's, and names the figures and the likely fix.
 
@@ -35,14 +37,15 @@ from infra.cards import GeneratorCard, ProbeCard, VAECard
 from infra.config import ConfigError, EvaluateConfig, ProbeConfig
 from infra.store import Manifest, StageWriter, Store
 from models.metrics import accuracy_draws, fid_draws, interval
-from models.sampling import Sampler, family_samplers
+from models.sampling import Sampler, family_samplers, network_passes
+from workers.evaluation.grids import make_grid
+from workers.evaluation.quality import Figures, learned_verdict
+from workers.evaluation.references import GEN_CHUNK, chunk_seed, evaluate_references, requested_labels
+from workers.evaluation.scoring import ExtractorSource, Scored, Scorer, extractor_source
+from workers.evaluation.table import CEILING, FLOOR, REFERENCE, Row, best_row
 from workers.generator import Generator, Request
-from workers.quality import Figures, learned_verdict
-from workers.references import GEN_CHUNK, chunk_seed, evaluate_references, requested_labels
-from workers.report import make_grid
 from workers.runner import run_stage
 from workers.runtime import remote_options
-from workers.scoring import ExtractorSource, Scored, Scorer, extractor_source
 
 STAGE = "probe"
 
@@ -69,17 +72,25 @@ def probe_plan(card: GeneratorCard, config: ProbeConfig) -> Plan:
     return Plan(sampler, steps, tuple(scales))
 
 
-def draw(generator: Generator, sampler: str, steps: int, guidance: float, labels: np.ndarray, seed: int) -> np.ndarray:
-    """uint8 (n, H, W, C) images, image i from the seed (chunk seed, i) as the evaluation draws them."""
-    parts = []
+@dataclass(frozen=True)
+class Drawn:
+    pixels: np.ndarray  # uint8 (n, H, W, C)
+    nfe: int  # network passes per image (a guided step costs two)
+
+
+def draw(generator: Generator, sampler: str, steps: int, guidance: float, labels: np.ndarray, seed: int) -> Drawn:
+    """Images, image i from the seed (chunk seed, i) as the evaluation draws them."""
+    parts, nfe = [], 0
     for index, start in enumerate(range(0, len(labels), GEN_CHUNK)):
         chunk = labels[start : start + GEN_CHUNK]
         asked = tuple(int(y) for y in chunk) if generator.num_classes else None
         request = Request(
             n=len(chunk), steps=steps, sampler=sampler, labels=asked, guidance=guidance, seed=chunk_seed(seed, index)
         )
-        parts.append(generator.generate(request).pixels)
-    return np.concatenate(parts)
+        images = generator.generate(request)
+        parts.append(images.pixels)
+        nfe = images.nfe * network_passes(generator.sampler(sampler), guidance)
+    return Drawn(np.concatenate(parts), nfe)
 
 
 def accuracy_of(scored: Scored, config: ProbeConfig, stream: int) -> tuple[float | None, float | None, float | None]:
@@ -119,46 +130,62 @@ def probe_model(
     scorer = Scorer.load(store, source, features_ref, device)
     labels = requested_labels(config.n, generator.num_classes)
     features = {"floor": reference.train.features, "ceiling": reference.recon.features}
-    scored, grids = {}, {}
+    scored, nfe, grids = {}, {}, {}
     for g in plan.scales:
-        pixels = draw(generator, plan.sampler.name, plan.steps, g, labels, config.seed)
-        scored[g] = scorer.score(pixels, labels)
+        drawn = draw(generator, plan.sampler.name, plan.steps, g, labels, config.seed)
+        scored[g], nfe[g] = scorer.score(drawn.pixels, labels), drawn.nfe
         features[f"guidance={g:g}"] = scored[g].features
-        grids[f"grids/guidance-{g:g}.png"] = make_grid(pixels, labels, generator.num_classes)
+        grids[f"grids/guidance-{g:g}.png"] = make_grid(drawn.pixels, labels, generator.num_classes)
     draws = fid_draws(
         torch.from_numpy(reference.test.features),
         {name: torch.from_numpy(f) for name, f in features.items()},
         resamples=config.fid_resamples,
         seed=config.seed,
     )
+    floor_accuracy = accuracy_of(reference.train, config, -1)[0]
+    ceiling_accuracy = accuracy_of(reference.recon, config, -2)[0]
+    common = dict(n=config.n, extractor=source.name)
+    rows = [
+        Row(FLOOR, images_ref, REFERENCE, 0, 0, fid=draws["floor"].value, class_accuracy=floor_accuracy, **common),
+        Row(CEILING, vae_ref, REFERENCE, 0, 0, fid=draws["ceiling"].value, class_accuracy=ceiling_accuracy, **common),
+    ]
     scales = []
     for stream, g in enumerate(plan.scales):
         fid = interval(draws[f"guidance={g:g}"], config.interval_level)
         accuracy, low, high = accuracy_of(scored[g], config, stream)
+        rows.append(
+            Row(
+                manifest.stage,
+                model_ref,
+                plan.sampler.name,
+                plan.steps,
+                nfe[g],
+                float(g),
+                fid=fid.value,
+                fid_low=fid.low,
+                fid_high=fid.high,
+                fid_corrected=fid.corrected,
+                class_accuracy=accuracy,
+                **common,
+            )
+        )
         scales.append(
             {
                 "guidance": float(g),
                 "fid": fid.value,
                 "fid_low": fid.low,
                 "fid_high": fid.high,
+                "fid_corrected": fid.corrected,
                 "class_accuracy": accuracy,
                 "accuracy_low": low,
                 "accuracy_high": high,
             }
         )
-    best = min(scales, key=lambda s: s["fid"])
+    best = best_row(rows) or rows[2]  # a model whose every scale diverged is judged at its first
     num_classes = generator.num_classes
     chance = 1.0 / num_classes if num_classes > 0 else None
-    floor_accuracy = accuracy_of(reference.train, config, -1)[0]
-    figures = Figures(
-        fid=best["fid"],
-        floor_fid=draws["floor"].value,
-        ceiling_fid=draws["ceiling"].value,
-        class_accuracy=best["class_accuracy"],
-        chance=chance,
-        real_accuracy=floor_accuracy,
-    )
-    at = f"at its best guidance {best['guidance']:g}" if len(scales) > 1 else f"at {plan.steps} step(s)"
+    figures = Figures.of(best, rows, chance)
+    at = f"at its best guidance {best.guidance:g}" if len(scales) > 1 else f"at {plan.steps} step(s)"
     verdict = learned_verdict(
         model_ref, figures, config.min_accuracy_over_chance, config.max_excess_over_ceiling, at=at
     )
@@ -170,13 +197,13 @@ def probe_model(
         n=config.n,
         extractor=source.name,
         scales=tuple(scales),
-        best_guidance=best["guidance"],
+        best_guidance=best.guidance,
         verdict=verdict,
         chance=chance,
         floor_fid=draws["floor"].value,
         ceiling_fid=draws["ceiling"].value,
         floor_accuracy=floor_accuracy,
-        ceiling_accuracy=accuracy_of(reference.recon, config, -2)[0],
+        ceiling_accuracy=ceiling_accuracy,
     )
     return Probed(card, grids)
 

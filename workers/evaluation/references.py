@@ -25,9 +25,9 @@ from torch import nn
 from infra.cards import ImagesCard
 from infra.store import Store
 from workers.data import read_split
+from workers.evaluation.grids import make_grid
+from workers.evaluation.scoring import ExtractorSource, Scored, Scorer
 from workers.pixels import tensor_to_uint8, to_model_range
-from workers.report import make_grid
-from workers.scoring import ExtractorSource, Scored, Scorer
 from workers.vae_kinds import load_vae
 
 GEN_CHUNK = 250  # images per forward pass; fixed, because the chunk seeds depend on it

@@ -6,8 +6,10 @@ FID at a finite n is mostly small-sample bias near the floor (real images disjoi
 reference, scored against it), so a ratio of plain FIDs flatters every model; the excess
 over the floor is what a model adds. Each ratio carries a bootstrap interval from the rows'
 paired draws (:func:`models.metrics.excess_ratio`): the floor, the baseline and the row were
-resampled on the same reference rows in every draw. A bar is met when its interval's upper
-end is at or below the bar; a difference inside its interval is not a result.
+resampled on the same reference rows in every draw. Like a FID, a ratio is shown as the
+bias-corrected value its basic interval is built around (``corrected``), with the plug-in
+ratio beside it. A bar is met when its interval's upper end is at or below the bar; a
+difference inside its interval is not a result.
 
 The absolute bar (:func:`shortfalls`, :func:`learned_verdict`) asks a different question of one
 model: has it learned the data at all? The probe stage and the promotion gate both ask it.
@@ -21,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from infra.cards import LEARNED
-from infra.metrics_table import CEILING, FLOOR, Row, best_row, reference_row, row_key, stage_of
 from models.metrics import Draws, excess_ratio
+from workers.evaluation.table import CEILING, FLOOR, Row, best_row, finite, lowest_fid, reference_row
 
 # name -> (numerator, denominator, the bar it is held to: ratio <= bar)
 BARS = {
@@ -43,12 +45,13 @@ class Ratio:
     name: str
     numerator: str  # e.g. "consistency (consistency@1, w=1)"
     denominator: str
-    value: float | None
+    value: float | None  # the plug-in ratio (a share: the measured share)
     low: float | None = None
     high: float | None = None
     bar: float | None = None
     note: str = ""
     direction: str = "<="  # "<=": a ratio held under its bar; ">=": a share (class accuracy) held over it
+    corrected: float | None = None  # the bias-corrected ratio its interval is built around (None: no draws)
 
     @property
     def verdict(self) -> str:
@@ -69,6 +72,7 @@ class Ratio:
     def as_dict(self) -> dict[str, Any]:
         return {
             "value": self.value,
+            "corrected": self.corrected,
             "low": self.low,
             "high": self.high,
             "bar": self.bar,
@@ -92,19 +96,16 @@ def wilson(share: float, n: int, level: float = 0.95) -> tuple[float, float]:
 def accuracy_bar(name: str, row: Row | None, level: float) -> Ratio:
     """A row's class accuracy against its bar, with a Wilson interval over its n samples."""
     bar = ACCURACY_BARS[name]
-    share = None if row is None else row.get("class_accuracy")
-    if share is None or not math.isfinite(share) or not row.get("n"):
+    share = None if row is None else row.class_accuracy
+    if not finite(share) or not row.n:
         return Ratio(name, label(row), "–", None, bar=bar, note="no class accuracy (no classifier)", direction=">=")
-    low, high = wilson(share, int(row["n"]), level)
+    low, high = wilson(share, row.n, level)
     return Ratio(name, label(row), "–", share, low, high, bar, direction=">=")
 
 
 def label(row: Row | None) -> str:
-    """``base (euler@8, w=2)``: a row's model and setting, its guidance scale included."""
-    if row is None:
-        return "–"
-    scale = "" if row.get("guidance") is None else f", w={row['guidance']:g}"
-    return f"{row['model']} ({row['sampler']}@{row['steps']}{scale})"
+    """``base (euler@8, w=2)``: a row's :attr:`~workers.evaluation.table.Row.tag`, or – when missing."""
+    return "–" if row is None else row.tag
 
 
 def excess(
@@ -114,7 +115,7 @@ def excess(
     floor = reference_row(rows, FLOOR)
     if top is None or bottom is None or floor is None:
         return Ratio(name, label(top), label(bottom), None, bar=bar, note="a model or the floor was not evaluated")
-    denominator = bottom["fid"] - floor["fid"]
+    denominator = bottom.fid - floor.fid
     if not denominator > 0:
         return Ratio(
             name,
@@ -124,12 +125,12 @@ def excess(
             bar=bar,
             note="the denominator is not above the floor: it cannot be told from real data",
         )
-    value = (top["fid"] - floor["fid"]) / denominator
-    keys = (row_key(top), row_key(bottom), row_key(floor))
+    value = (top.fid - floor.fid) / denominator
+    keys = (top.key, bottom.key, floor.key)
     if draws is None or any(k not in draws for k in keys):
         return Ratio(name, label(top), label(bottom), value, bar=bar, note="no paired draws: no interval")
     ratio = excess_ratio(draws[keys[0]], draws[keys[1]], draws[keys[2]], level)
-    return Ratio(name, label(top), label(bottom), ratio.value, ratio.low, ratio.high, bar)
+    return Ratio(name, label(top), label(bottom), ratio.value, ratio.low, ratio.high, bar, corrected=ratio.corrected)
 
 
 def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None, level: float = 0.95) -> list[Ratio]:
@@ -142,11 +143,10 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
     must beat), every consistency bar reads the candidate's rows only: the first student in the
     table, as the pipeline lists the run's own generators before the served one."""
     base_best = best_row(rows, stage="base")
-    students = [r for r in rows if r.get("stage_key") and stage_of(r) == "consistency"]
-    candidate = [r for r in students if r["stage_key"] == students[0]["stage_key"]] if students else []
+    students = [r for r in rows if r.stage == "consistency"]
+    candidate = [r for r in students if r.stage_key == students[0].stage_key] if students else []
     consistency_1 = best_row(candidate, steps=1)
-    multistep = [r for r in (best_row(candidate, steps=s) for s in (2, 3, 4)) if r is not None]
-    consistency_multi = min(multistep, key=lambda r: r["fid"], default=None)
+    consistency_multi = lowest_fid([r for r in candidate if r.steps in (2, 3, 4)])
     return [
         accuracy_bar("base best class accuracy", base_best, level),
         excess("base best / VAE ceiling", base_best, reference_row(rows, CEILING), rows, draws, level),
@@ -184,6 +184,19 @@ class Figures:
     class_accuracy: float | None = None  # None: no classifier
     chance: float | None = None  # 1 / num_classes; None: unlabelled
     real_accuracy: float | None = None  # the classifier on the real images (the floor's)
+
+    @classmethod
+    def of(cls, row: Row, rows: Sequence[Row], chance: float | None) -> Figures:
+        """A row's figures beside the floor and ceiling rows of its table."""
+        floor, ceiling = reference_row(rows, FLOOR), reference_row(rows, CEILING)
+        return cls(
+            fid=row.fid,
+            floor_fid=None if floor is None else floor.fid,
+            ceiling_fid=None if ceiling is None else ceiling.fid,
+            class_accuracy=row.class_accuracy,
+            chance=chance,
+            real_accuracy=None if floor is None else floor.class_accuracy,
+        )
 
 
 def shortfalls(
@@ -232,7 +245,3 @@ def learned_verdict(
     stage, _, key = ref.partition("/")
     name = f"{stage}/{key[:4]}…" if len(key) > 4 else ref
     return f"{name}: {'; '.join(problems)}: this model has not learned the data; {fix_for(stage)}"
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
