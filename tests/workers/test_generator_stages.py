@@ -23,8 +23,8 @@ from workers.stages.s08_ddpm import run_ddpm
 pytestmark = pytest.mark.timeout(600)
 
 SHAPE = (2, 4, 4)
-TINY = dict(model="DiT-T/2", batch_size=16, lr=3e-3, warmup_steps=0, checkpoint_every=10, class_dropout=0.1)
-LOOP = {k: v for k, v in TINY.items() if k not in ("model", "class_dropout")}
+LOOP = dict(batch_size=16, lr=3e-3, warmup_steps=0, checkpoint_every=10, label_dropout=0.1)
+TINY = dict(model="DiT-T/2", **LOOP)  # a stage that builds its own DiT (base, ddpm)
 
 
 def commit_latents(store: Store, n: int = 64, n_test: int = 0):
@@ -91,7 +91,7 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
     assert run_base(store, GeneratorConfig(steps=20, **TINY), latents).ref == base.ref
 
     pairs_cfg = PairsConfig(pairs=24, steps=4, solver="euler", batch_size=8, guidance=1.5)
-    reflow_cfg = ReflowConfig(rounds=1, steps=10, **TINY)
+    reflow_cfg = ReflowConfig(rounds=1, steps=10, **LOOP)
     pairs = run_pairs(store, pairs_cfg, base, round_index=1)
     table = store.read_table(pairs, "pairs")
     x_0, x_1 = table_column_to_numpy(table, "x_0"), table_column_to_numpy(table, "x_1")
