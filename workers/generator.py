@@ -75,11 +75,7 @@ class Images:
 def dit_spec(config: FreshDiT, space: LatentSpace) -> dict:
     """A DiT sized for the latents. Label dropout is the objective's job, not the network's."""
     channels, height, _ = space.latent_shape
-    net = DiT(
-        dit_config(
-            config.model, input_size=height, in_channels=channels, num_classes=space.num_classes
-        )
-    )
+    net = DiT(dit_config(config.model, input_size=height, in_channels=channels, num_classes=space.num_classes))
     return model_spec(net)
 
 
