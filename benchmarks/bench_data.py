@@ -87,9 +87,7 @@ def commit_generator(store, vae, family: str = "flow", model: str = "DiT-T/2", l
     from models.registry import model_spec
 
     torch.manual_seed(0)
-    net = DiT(
-        dit_config(model, input_size=latent[1], in_channels=latent[0], num_classes=num_classes, class_dropout_prob=0.0)
-    )
+    net = DiT(dit_config(model, input_size=latent[1], in_channels=latent[0], num_classes=num_classes))
     stage = "base" if family == "flow" else "consistency"
     with store.begin(stage, f"bench-{family}", config={"bench": True}, inputs=[vae]) as writer:
         writer.write_model("model", net, model_spec(net))

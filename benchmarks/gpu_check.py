@@ -97,7 +97,7 @@ def train(short: bool, peak_tflops: float | None) -> dict:
         }
         for i in range(max(4 * batch, 64))
     ]
-    spec = model_spec(DiT(dit_config(model, input_size=side, in_channels=4, num_classes=10, class_dropout_prob=0.0)))
+    spec = model_spec(DiT(dit_config(model, input_size=side, in_channels=4, num_classes=10)))
     gpus = 1.0 if peak_tflops else 0.0
     config = GeneratorConfig(
         model=model,

@@ -103,7 +103,7 @@ def synthetic_store(root: str):
             measured_on=0,
         )
         vae_manifest = writer.commit(metrics=card.to_metrics())
-    net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=4, num_classes=10, class_dropout_prob=0.0))
+    net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=4, num_classes=10))
     with store.begin("consistency", "bench", config={"bench": True}, inputs=[vae_manifest]) as writer:
         writer.write_model("model", net, model_spec(net))
         card = GeneratorCard(

@@ -80,11 +80,7 @@ def commit_generator(
     "overflow"  finite weights (1e38) whose output overflows to inf: only the sanity batch sees it
     """
     torch.manual_seed(seed)
-    net = DiT(
-        dit_config(
-            "DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, class_dropout_prob=0.0
-        )
-    )
+    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -164,7 +164,6 @@ def build_net(c: Contender, card: LatentsCard) -> torch.nn.Module:
             num_heads=max(2, c.hidden // 32),
             mlp_ratio=c.mlp,
             num_classes=card.num_classes,
-            class_dropout_prob=0.0,
         )
     )
 

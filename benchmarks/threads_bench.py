@@ -39,7 +39,7 @@ sys.path.insert(0, {root!r})
 from models.dit import DiT, dit_config
 torch.set_num_threads({threads})
 torch.manual_seed(0)
-net = DiT(dit_config("DiT-T/2", input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.0))
+net = DiT(dit_config("DiT-T/2", input_size=8, in_channels=4, num_classes=10))
 opt = torch.optim.AdamW(net.parameters(), 1e-4)
 x, t, y = torch.randn(64, 4, 8, 8), torch.rand(64), torch.randint(0, 10, (64,))
 def step():

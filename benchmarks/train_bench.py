@@ -98,7 +98,7 @@ def main() -> None:
     shape = (4, 8, 8)
     data = rows(args.rows, shape)
     torch.manual_seed(0)
-    spec = model_spec(DiT(dit_config(args.model, input_size=8, in_channels=4, num_classes=10, class_dropout_prob=0.0)))
+    spec = model_spec(DiT(dit_config(args.model, input_size=8, in_channels=4, num_classes=10)))
     config = GeneratorConfig(
         model=args.model,
         steps=args.steps,

@@ -315,10 +315,13 @@ def stringify(row: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(
-    config: dict[str, Any] | None = None, store_uri: str | None = None, ray_address: str | None = None
+    config: dict[str, Any] | PipelineConfig | None = None, store_uri: str | None = None, ray_address: str | None = None
 ) -> dict[str, Any]:
-    """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> features -> evaluate -> promote."""
-    cfg = validate_config(config or {}, "the flow's config parameter")  # names a bad field; preflights files
+    """ingest -> vae -> latents -> base -> (pairs -> reflow) x k -> consistency -> features -> evaluate -> promote.
+
+    ``config``: a PipelineConfig the caller validated (``fewstep run``), or the plain data of one
+    (a scheduled run's parameters), validated and preflighted here; either way, validated once."""
+    cfg = config if isinstance(config, PipelineConfig) else validate_config(config or {}, "the flow's config parameter")
     started = time.perf_counter()
     refs: dict[str, str] = {}
     store = Store.open(store_uri)
@@ -327,7 +330,7 @@ def pipeline(
     store.begin_run(run_id, {"flow": "pipeline"})
     try:
         with store.keep_alive(run_id):
-            decision = run_stages(cfg, store_uri, ray_address, refs)
+            decision = run_stages(cfg, store, store_uri, ray_address, refs)
     except BaseException:
         store.finish_run(run_id, refs, {"seconds": round(time.perf_counter() - started, 1)}, status="failed")
         raise
@@ -347,8 +350,11 @@ def pipeline(
     return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
 
 
-def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | None, refs: dict[str, str]) -> dict:
-    """Every stage in order, filling ``refs`` as they commit; returns the promotion decision."""
+def run_stages(
+    cfg: PipelineConfig, store: Store, store_uri: str | None, ray_address: str | None, refs: dict[str, str]
+) -> dict:
+    """Every stage in order, filling ``refs`` as they commit; returns the promotion decision.
+    ``store`` is the flow's own (each task opens ``store_uri`` itself, as a task may run elsewhere)."""
     refs["images"] = ingest_task(store_uri, cfg.ingest, ray_address)
     refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
@@ -376,7 +382,7 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
 
     refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"])
     probe("base", refs["base"])
-    pairs_cfg, consistency_cfg = resolved_guidance(cfg, Store.open(store_uri), refs["base"])
+    pairs_cfg, consistency_cfg = resolved_guidance(cfg, store, refs["base"])
     distil_data = refs["latents"]
     for k in range(1, cfg.reflow.rounds + 1):
         pairs = pairs_task.with_options(name=f"pairs-{k}", task_run_name=f"pairs-{k}")(
@@ -400,7 +406,7 @@ def run_stages(cfg: PipelineConfig, store_uri: str | None, ray_address: str | No
     generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
     if "ddpm" in refs:
         generators.append(refs["ddpm"])
-    defender = served_on_same_data(Store.open(store_uri), refs["vae"])
+    defender = served_on_same_data(store, refs["vae"])
     if defender is not None and defender not in generators:
         generators.append(defender)  # scored beside the candidate, so the promotion gate compares like with like
     refs["evaluate"] = evaluate_task(

@@ -1,12 +1,13 @@
 """The pipeline's configuration: one small, frozen section per stage, and the presets.
 
-(Over 350 lines: every section and default in one place is the point of this module.)
-
 Every default lives here, once. A stage receives only its own section; the stage key
-hashes that section's values except its :class:`Resources` (where a stage runs is not what
-it computes), so changing one field re-runs that stage and the ones below it, and moving a
-stage to more workers or onto GPUs does not. ``load_config`` merges a preset with a
-user's YAML file and refuses unknown fields or wrong values before any work starts.
+hashes the section's values that shape the stage's output (:meth:`Section.keyed`): not its
+:class:`Resources` (where a stage runs is not what it computes), and not the fields a section
+names in ``unkeyed`` (whether, how often or on what inputs the flow runs the stage: the round
+index and the inputs' digests are keyed where they matter). So changing one field re-runs that
+stage and the ones below it; moving a stage onto GPUs, or adding a reflow round, re-runs
+nothing already committed. ``load_config`` merges a preset with a user's YAML file and refuses
+unknown fields or wrong values before any work starts.
 
 What a value must be, everywhere:
 
@@ -21,7 +22,7 @@ What a value must be, everywhere:
   <= :data:`MAX_GUIDANCE`, ``lr`` <= 1, seeds in 0 .. 2**32 - 1), so a typo like ``steps: 1.0e12``
   is refused, not run;
 - once: a YAML key repeated in one mapping is an error naming the key and both lines;
-- resolvable before any stage runs (:func:`preflight`): ``base.model`` / ``reflow.model`` name a
+- resolvable before any stage runs (:func:`preflight`): ``base.model`` / ``ddpm.model`` name a
   DiT preset, ``evaluate.extractor`` is a local file, ``vae.pretrained`` a local folder.
 """
 
@@ -31,7 +32,7 @@ import copy
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -45,6 +46,14 @@ MAX_NFE = 1_000  # ODE steps or consistency steps / intervals per sample
 MAX_WORKERS = 1_024  # Ray Train workers, Data actors, evaluation tasks or Serve replicas per stage
 MAX_GUIDANCE = 100.0  # classifier-free guidance scale
 SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1 (what every RNG fewstep seeds accepts)
+
+# The bounds of the training loop's fields, declared once; a section that trains picks its own defaults.
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+WarmupSteps = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+Decay = Annotated[float, Field(ge=0, le=1)]
+TimeSampling = Literal["uniform", "logit_normal"]
 
 
 def one_scale_is_a_list_of_one(value: Any) -> Any:
@@ -92,10 +101,14 @@ class Section(BaseModel):
             raise ValueError(f"a boolean is not a value of this field; give a {info.field_name} of its type")
         return value
 
+    # Fields that say whether, how often or on what inputs the flow runs the stage, not what it
+    # computes: left out of the stage key (as is every Resources field).
+    unkeyed: ClassVar[frozenset[str]] = frozenset()
+
     def keyed(self) -> dict[str, Any]:
-        """The values that decide the stage's output: every field but its :class:`Resources`."""
+        """The values that decide the stage's output: every field but its Resources and ``unkeyed``."""
         resources = {name for name in type(self).model_fields if isinstance(getattr(self, name), Resources)}
-        return self.model_dump(mode="json", exclude=resources)
+        return self.model_dump(mode="json", exclude=resources | self.unkeyed)
 
 
 class Resources(Section):
@@ -147,17 +160,14 @@ class IngestConfig(Section):
 class LoopConfig(Section):
     """What the one training loop (``workers.train.fit``) reads: every trained model has these."""
 
-    steps: int = Field(3000, ge=1, le=MAX_STEPS)
-    batch_size: int = Field(128, ge=1, le=MAX_BATCH)  # the global batch, split evenly over the training workers
-    lr: float = Field(1e-3, gt=0, le=1)
-    warmup_steps: int = Field(100, ge=0, le=MAX_STEPS)
+    steps: Steps = 3000
+    batch_size: BatchSize = 128  # the global batch, split evenly over the training workers
+    lr: LearningRate = 1e-3
+    warmup_steps: WarmupSteps = 100
     grad_clip: float = Field(1.0, gt=0, le=1e6)  # max gradient norm; 1e6 clips nothing
-    ema_decay: float = Field(0.999, ge=0, le=1)  # 0: no average (the EMA is the model itself)
+    ema_decay: Decay = 0.999  # 0: no average (the EMA is the model itself)
     ema_warmup: int = Field(10, ge=0, le=MAX_STEPS)  # decay_k = min(ema_decay, (1 + k) / (ema_warmup + k)); 0 = none
-    checkpoint_every: int = Field(500, ge=1, le=MAX_STEPS)
-    # Generator stages: test-split rows (the first, in table order) scored with the objective's
-    # held-out loss (correct labels, fixed noise and times) at each checkpoint; 0 turns it off.
-    heldout_rows: int = Field(512, ge=0, le=MAX_BATCH)
+    checkpoint_every: Steps = 500
     cache_data: bool = True  # hold each worker's shard in memory; False streams it every epoch
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     resources: Resources = Resources()
@@ -182,12 +192,11 @@ class VAEConfig(LoopConfig):
     downsample: Literal[4, 8] = 4
     beta: float = Field(1e-4, ge=0, le=100)
     measure_images: int = Field(4096, ge=2, le=1_000_000)  # train images (first by id) for the latent scale
-    steps: int = Field(600, ge=1, le=MAX_STEPS)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    lr: float = Field(2e-3, gt=0, le=1)
-    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS)
-    ema_decay: float = Field(0.0, ge=0, le=1)  # the VAE is used as trained
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    steps: Steps = 600
+    batch_size: BatchSize = 64
+    lr: LearningRate = 2e-3
+    warmup_steps: WarmupSteps = 50
+    ema_decay: Decay = 0.0  # the VAE is used as trained
 
 
 class LatentsConfig(Section):
@@ -199,12 +208,28 @@ class LatentsConfig(Section):
     resources: Resources = Resources()  # workers = encoder actors
 
 
-class GeneratorConfig(LoopConfig):
-    """A DiT trained by flow matching: the base stage (and, with other defaults, reflow)."""
+# Parts of the generator sections, each declared once; a section lists the parts it has.
+
+
+class LabelDropout(Section):
+    """Every generator stage: the chance a training label becomes the null label, so one network
+    also learns the unconditional field (classifier-free guidance, unconditional requests). The
+    objective drops the labels (``models.objectives``); the network never does."""
+
+    label_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class HeldOutRows(Section):
+    """A stage whose objective is scored on held-out rows at each checkpoint (base, reflow, ddpm):
+    the first ``heldout_rows`` test-split rows, correct labels, fixed noise and times; 0: none."""
+
+    heldout_rows: int = Field(512, ge=0, le=MAX_BATCH)
+
+
+class FreshDiT(Section):
+    """A stage that builds a new DiT (base, ddpm); reflow and consistency take their teacher's."""
 
     model: str = "DiT-T/2"  # a preset of models.dit.DIT_PRESETS
-    class_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout for classifier-free guidance
-    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
 
     @field_validator("model")
     @classmethod
@@ -216,11 +241,19 @@ class GeneratorConfig(LoopConfig):
         return model
 
 
-class DDPMConfig(GeneratorConfig):
+class GeneratorConfig(LoopConfig, FreshDiT, LabelDropout, HeldOutRows):
+    """The base stage: a DiT trained by flow matching on the latents."""
+
+    time_sampling: TimeSampling = "logit_normal"
+
+
+class DDPMConfig(LoopConfig, FreshDiT, LabelDropout, HeldOutRows):
     """The optional DDPM baseline: the base DiT trained on the variance-preserving diffusion path
     with eps-prediction (models.diffusion), sampled with DDPM (ancestral) and DDIM. It is
     evaluated beside the flow models but never promoted by the pipeline (promotion takes the
-    consistency student). ``time_sampling`` is unused: diffusion steps are drawn uniformly."""
+    consistency student). Its diffusion steps are drawn uniformly (no time sampling to choose)."""
+
+    unkeyed = frozenset({"enabled"})  # whether the flow runs it
 
     enabled: bool = False  # off in quick and default; the RGB quality preset turns it on
     schedule: Literal["linear", "cosine"] = "linear"  # cosine needs x_1 clipping latents lack (models.diffusion)
@@ -249,17 +282,21 @@ class PairsConfig(Section):
     resources: Resources = Resources()  # workers = sampler actors
 
 
-class ReflowConfig(GeneratorConfig):
-    """Each reflow round: flow matching on the last teacher's pairs, warm-started from it."""
+class ReflowConfig(LoopConfig, LabelDropout, HeldOutRows):
+    """Each reflow round: flow matching on the last teacher's pairs, warm-started from it (so
+    the network is the teacher's). Round k's key holds k and its inputs, not ``rounds``: adding
+    a round trains only the new one."""
+
+    unkeyed = frozenset({"rounds"})  # how many rounds the flow runs
 
     rounds: int = Field(1, ge=0, le=3)
-    steps: int = Field(2000, ge=1, le=MAX_STEPS)
-    lr: float = Field(5e-4, gt=0, le=1)
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    steps: Steps = 2000
+    lr: LearningRate = 5e-4
+    warmup_steps: WarmupSteps = 0
+    time_sampling: TimeSampling = "uniform"
 
 
-class ConsistencyConfig(LoopConfig):
+class ConsistencyConfig(LoopConfig, LabelDropout):
     """Consistency distillation of a flow model into a 1-4 step student.
 
     The default distils the base model on fresh noise over the latents and samples the student by
@@ -267,22 +304,26 @@ class ConsistencyConfig(LoopConfig):
     shapes benchmark, it ties the other setups at 1 step and beats them at 2 and 4 (BENCHMARKS.md,
     "Multistep consistency"). Distilling the last reflow round on its own pairs (teacher:
     last_reflow, data: pairs) needs re-noising along each sample's x_0 ("coupled", which ``auto``
-    picks for a reflow teacher); fresh noise there collapses the samples at 4 steps.
+    picks for a reflow teacher); fresh noise there collapses the samples at 4 steps. Label dropout
+    trains the null label too, for unconditional requests.
     """
+
+    # They choose the stage's inputs, whose digests are in the key: the base model as teacher is the
+    # same run whether asked for as "base" or as "last_reflow" with no reflow rounds.
+    unkeyed = frozenset({"teacher", "data"})
 
     teacher: Literal["last_reflow", "base"] = "base"  # last_reflow: the base model when reflow.rounds is 0
     data: Literal["latents", "pairs"] = "latents"  # pairs: the last reflow round's (x_0, x_1)
     renoise: Literal["auto", "fresh", "coupled"] = "auto"  # auto: coupled iff the teacher is a reflow round
     grid_times: bool = True  # multistep sampling at times on the training grid n / intervals
-    class_dropout: float = Field(0.1, ge=0, lt=1)  # null-label distillation, for unconditional requests
     intervals: int = Field(18, ge=1, le=MAX_NFE)  # N of the discretisation 0 = t_0 < ... < t_N = 1
     teacher_solver: Literal["euler", "heun"] = "heun"
     guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)  # the teacher's; None as in PairsConfig
     target_decay: float = Field(0.95, ge=0, lt=1)  # the EMA target f_theta^-
     huber_c: float | None = Field(None, gt=0, le=100)  # None: 0.00054 * sqrt(dim)
-    steps: int = Field(2000, ge=1, le=MAX_STEPS)
-    lr: float = Field(2e-4, gt=0, le=1)
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    steps: Steps = 2000
+    lr: LearningRate = 2e-4
+    warmup_steps: WarmupSteps = 0
 
     @model_validator(mode="after")
     def _pairs_follow_their_teacher(self) -> ConsistencyConfig:
@@ -303,11 +344,16 @@ class FeaturesConfig(LoopConfig):
     feature_dim: int = Field(64, ge=2, le=4096)
     max_shift: int = Field(1, ge=0, le=64)  # classifier: pixels of random translation while training
     temperature: float = Field(0.2, gt=0, le=100)  # encoder: NT-Xent temperature
-    steps: int = Field(1000, ge=1, le=MAX_STEPS)
-    batch_size: int = Field(128, ge=2, le=MAX_BATCH)
-    lr: float = Field(2e-3, gt=0, le=1)
-    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)
-    ema_decay: float = Field(0.0, ge=0, le=1)
+    steps: Steps = 1000
+    lr: LearningRate = 2e-3
+    warmup_steps: WarmupSteps = 20
+    ema_decay: Decay = 0.0
+
+    @model_validator(mode="after")
+    def _two_rows_per_batch(self) -> FeaturesConfig:
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size={self.batch_size}: the encoder's contrastive loss needs at least 2 rows")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -357,6 +403,8 @@ class ProbeConfig(Section):
     floor (real train images) and the VAE ceiling at the same ``n``. The verdict warns when the
     class accuracy is below ``min_accuracy_over_chance`` x chance (0: never) or the FID's excess
     over the floor is above ``max_excess_over_ceiling`` x the VAE ceiling's (None: never)."""
+
+    unkeyed = frozenset({"enabled"})  # whether the flow runs it
 
     enabled: bool = True
     n: int = Field(500, ge=2, le=MAX_EVAL_IMAGES)  # generated images per guidance scale

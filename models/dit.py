@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,15 @@ TIME_SCALE = 1000.0
 
 @dataclass(frozen=True, kw_only=True)
 class DiTConfig:
-    """Shape of a DiT. Output channels equal input channels (no learned sigma)."""
+    """Shape of a DiT. Output channels equal input channels (no learned sigma).
+
+    Label dropout for classifier-free guidance is the training objective's (``label_dropout``,
+    models.objectives), not the network's: the DiT embeds every label it is given.
+    """
+
+    # A field older stored specs carry, with the one value this network still builds: fewstep's
+    # stages always stored DiTs with the network's own label dropout off.
+    RETIRED: ClassVar[dict[str, Any]] = {"class_dropout_prob": 0.0}
 
     input_size: int = 16  # latent height == width
     patch_size: int = 2
@@ -43,7 +52,6 @@ class DiTConfig:
     num_heads: int
     mlp_ratio: float = 4.0
     num_classes: int = 10  # the id num_classes is the null ("no class") label
-    class_dropout_prob: float = 0.1  # training-time chance a label becomes the null label
 
     def __post_init__(self) -> None:
         if self.depth < 0 or self.input_size < 1 or self.patch_size < 1 or self.in_channels < 1:
@@ -62,8 +70,6 @@ class DiTConfig:
             )
         if self.num_classes < 0:
             raise ValueError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
-        if not 0.0 <= self.class_dropout_prob <= 1.0:
-            raise ValueError(f"class_dropout_prob={self.class_dropout_prob} must be in [0, 1]")
 
     @property
     def grid_size(self) -> int:
@@ -166,23 +172,14 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """y (N,) -> (N, D). Row ``num_classes`` is the null label, always present so that
-    classifier-free guidance can ask for it; in training, labels drop to it with
-    probability ``dropout_prob``."""
+    classifier-free guidance can ask for it (the objective drops labels to it in training)."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
         self.embedding = nn.Embedding(num_classes + 1, hidden_size)
 
-    def drop_labels(self, y: Tensor) -> Tensor:
-        """Replace each label by the null id with probability ``dropout_prob``."""
-        drop = torch.rand(y.shape, device=y.device) < self.dropout_prob  # (N,)
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
-
     def forward(self, y: Tensor) -> Tensor:
-        if self.training and self.dropout_prob > 0:
-            y = self.drop_labels(y)
         return self.embedding(y)  # (N, D)
 
 
@@ -278,7 +275,7 @@ class DiT(nn.Module):
         # A stride-p convolution is the patchify-then-linear of the paper.
         self.x_embedder = nn.Conv2d(config.in_channels, d, config.patch_size, config.patch_size)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+        self.y_embedder = LabelEmbedder(config.num_classes, d)
         # Fixed, rebuilt from the config: not a parameter and not saved in the state dict.
         self.register_buffer(
             "pos_embed",

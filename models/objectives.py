@@ -89,10 +89,9 @@ class FlowMatching(Objective):
 
     ``label_dropout`` replaces labels by the null id ``model.num_classes`` with that
     probability, so one network learns both v(x, t, y) and v(x, t, null) for
-    classifier-free guidance. Use this or the network's own dropout
-    (``DiTConfig.class_dropout_prob``, as in Peebles & Xie), never both: fewstep's stages
-    build their DiTs with ``class_dropout_prob=0`` and drop labels here, so the training
-    config owns the rate and every network (the toy MLPs too) is treated alike.
+    classifier-free guidance. It is the one place labels are dropped (the DiT of Peebles & Xie
+    drops them in its label embedder; fewstep's does not), so the training config owns the rate
+    and every network (the toy MLPs too) is treated alike.
     """
 
     def __init__(self, time_sampler: TimeSampler | None = None, label_dropout: float = 0.0):

@@ -92,6 +92,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     if not isinstance(raw, dict):
         raise ValueError(f"spec config for kind {kind!r} must be a dict, got {type(raw).__name__}")
 
+    raw = without_retired(config_cls, raw, kind)
     field_names = {f.name for f in dataclasses.fields(config_cls) if f.init}
     unknown = sorted(set(raw) - field_names)
     if unknown:
@@ -114,3 +115,16 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     if getattr(module, "config", None) is None:
         module.config = config
     return module
+
+
+def without_retired(config_cls: type, raw: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A stored config without the fields its class has retired (``RETIRED``: name -> the one value
+    the current module still builds), so specs written by older versions keep loading."""
+    retired = getattr(config_cls, "RETIRED", {})
+    for name, value in raw.items():
+        if name in retired and value != retired[name]:
+            raise ValueError(
+                f"this {kind!r} spec sets {name}={value!r}, which {config_cls.__name__} no longer has; "
+                f"only {retired[name]!r} (the value it now builds) can be loaded"
+            )
+    return {name: value for name, value in raw.items() if name not in retired}

@@ -12,7 +12,7 @@ alone or was batched with others, on one actor or many.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 import models.dit  # noqa: F401  (registers the "dit" kind every generator is built of)
 from infra.cards import GeneratorCard, LatentSpace
-from infra.config import GeneratorConfig
-from infra.store import Manifest, StageWriter, Store
+from infra.config import FreshDiT
+from infra.store import Manifest, Store
 from models.dit import DiT, dit_config
-from models.registry import build_model, model_spec
+from models.registry import model_spec
 from models.sampling import Sampler, family_samplers
 from workers.pixels import tensor_to_uint8
 from workers.vae_kinds import load_vae
@@ -69,17 +69,13 @@ class Images:
     seconds: float
 
 
-# --------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------- networks
 
 
-def dit_spec(config: GeneratorConfig, space: LatentSpace) -> dict:
+def dit_spec(config: FreshDiT, space: LatentSpace) -> dict:
     """A DiT sized for the latents. Label dropout is the objective's job, not the network's."""
     channels, height, _ = space.latent_shape
-    net = DiT(
-        dit_config(
-            config.model, input_size=height, in_channels=channels, num_classes=space.num_classes, class_dropout_prob=0.0
-        )
-    )
+    net = DiT(dit_config(config.model, input_size=height, in_channels=channels, num_classes=space.num_classes))
     return model_spec(net)
 
 
@@ -90,24 +86,6 @@ def load_network(store: Store, manifest: Manifest, name: str = "model") -> nn.Mo
 
 def cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def write_generator(
-    writer: StageWriter,
-    spec: dict,
-    model_state: Mapping[str, Tensor],
-    ema_state: Mapping[str, Tensor],
-    curve: list[dict],
-    resumed_from: int,
-    heldout: str | None = None,
-) -> None:
-    """``model`` (EMA weights, what is sampled), ``raw`` (the trained weights) and ``curve``
-    (with ``heldout``: what the curve's held-out loss was measured on, see workers.heldout)."""
-    for name, state in (("model", ema_state), ("raw", model_state)):
-        net = build_model(spec)
-        net.load_state_dict(state)
-        writer.write_model(name, net, spec)
-    writer.write_json("curve", {"curve": curve, "resumed_from": resumed_from, "heldout": heldout})
 
 
 # --------------------------------------------------------------------------- sampling

@@ -4,7 +4,7 @@ The training loss is a running mean over fresh noise, fresh times, dropped label
 model: it is noisy, and it mixes the unconditional task in. The held-out loss is the objective's
 own ``heldout_loss`` (:mod:`models.objectives`) on a fixed set the model never trains on:
 
-- rows: the first ``heldout_rows`` (``LoopConfig``, default 512) rows of the latents table's
+- rows: the first ``heldout_rows`` (``infra.config.HeldOutRows``, default 512) rows of the latents table's
   **test split**, in table order, each with its correct label;
 - noise and times (or diffusion steps): drawn from a CPU ``torch.Generator`` seeded with
   :data:`HELDOUT_SEED`, fresh at every checkpoint, so every checkpoint sees the same draws;

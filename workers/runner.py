@@ -5,8 +5,8 @@ holds the one piece of it that is not the stage's own work: the content-addresse
 the commit around the build. The build writes files through the ``StageWriter`` and returns
 the stage's card; it never writes a manifest itself.
 
-    key = hash(stage name, the section's values without its Resources, the inputs' digests,
-               the code version of the stage module's import closure)
+    key = hash(stage name, the section's keyed values (Section.keyed) and any extra key values,
+               the inputs' digests, the code version of the stage module's import closure)
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ def run_stage(
     build: Build,
     *,
     source: str,
+    extra_key: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Return the committed manifest for (name, config, inputs, code), building it if there is none.
 
     ``source`` is the stage's module (``__name__``): its import closure versions the key.
+    ``extra_key``: values beyond the section that shape the output (a reflow round's index).
     ``build(writer, key)`` writes the stage's files and returns its card; the key is passed so
     long stages can keep checkpoints under it and resume after a crash.
     """
-    data = config.keyed() if isinstance(config, Section) else dict(config)
+    data = {**(config.keyed() if isinstance(config, Section) else config), **(extra_key or {})}
     version = code_version(source)
     key = store.stage_key(name, data, inputs, version)
     done = store.get(name, key)

@@ -64,7 +64,7 @@ def run(
     ensure_ray(ray_address, verbose=verbose)
     progress.listen(ProgressView())
     try:
-        summary = pipeline(config=cfg.model_dump(mode="json"), store_uri=opened.uri, ray_address=ray_address)
+        summary = pipeline(config=cfg, store_uri=opened.uri, ray_address=ray_address)  # validated above, once
     finally:
         progress.listen(None)
     typer.echo(run_summary(opened, summary))
@@ -74,7 +74,7 @@ def run(
 
         if summary["served"] is None:
             raise NotCommitted("--serve: no model is promoted in this store; see the promotion line above")
-        serve_foreground(opened.uri, cfg.serve, summary["served"], pinned=False, ray_address=ray_address)
+        serve_foreground(opened, cfg.serve, summary["served"], pinned=False, ray_address=ray_address)
 
 
 def run_summary(store, summary: dict[str, Any]) -> str:

@@ -89,12 +89,12 @@ def serve(
     except UnfitModel as error:
         raise UserError(str(error)) from None
     serve_foreground(
-        opened.uri, serve_config, manifest.ref, pinned=model is not None, host=host, port=port, ray_address=ray_address
+        opened, serve_config, manifest.ref, pinned=model is not None, host=host, port=port, ray_address=ray_address
     )
 
 
 def serve_foreground(
-    store_uri: str,
+    store,
     config,
     ref: str,
     *,
@@ -107,20 +107,18 @@ def serve_foreground(
     """Start Ray (or attach), deploy the app, print its URL, block until SIGINT/SIGTERM, tear down.
 
     A pinned model is recorded in the store (``pins/``) while it is served, so ``fewstep gc``
-    keeps it and everything it was built from."""
-    from infra.store import Store
+    keeps it and everything it was built from. ``store`` is the command's opened Store."""
     from workers.runtime import ensure_ray, shutdown_ray
     from workers.serving import app as serve_app
 
     ensure_ray(ray_address)
     stop = threading.Event()
     previous = {}
-    store = Store.open(store_uri)
     pin = f"serve-{socket.gethostname()}-{os.getpid()}"
     if pinned:
         store.pin(pin, ref)
     try:
-        url = serve_app.start(store_uri, config, ref if pinned else None, host=host, port=port)
+        url = serve_app.start(store.uri, config, ref if pinned else None, host=host, port=port)
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
         follows = "pinned" if pinned else f"following {serve_app.POINTER}"

@@ -40,11 +40,7 @@ def commit_vae(store: Store) -> Manifest:
 def commit_generator(store: Store, stage: str, family: str, seed: int, vae: Manifest) -> Manifest:
     """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y."""
     torch.manual_seed(seed)
-    net = DiT(
-        dit_config(
-            "DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, class_dropout_prob=0.0
-        )
-    )
+    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

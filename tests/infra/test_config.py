@@ -147,8 +147,8 @@ def test_unknown_model_and_missing_files_are_refused_when_loading(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_yaml(tmp_path, "base:\n  model: DiT-ZZZ/2\n")
     assert "base.model = 'DiT-ZZZ/2'" in str(error.value) and "DiT-T/2" in str(error.value)
-    with pytest.raises(ConfigError, match="reflow.model = 'DiT-Q'"):
-        load_yaml(tmp_path, "reflow:\n  model: DiT-Q\n")
+    with pytest.raises(ConfigError, match="ddpm.model = 'DiT-Q'"):
+        load_yaml(tmp_path, "ddpm:\n  model: DiT-Q\n")
     with pytest.raises(ConfigError, match=r"evaluate.extractor = '.*missing.pt' is not a local file"):
         load_yaml(tmp_path, f"evaluate:\n  extractor: {tmp_path / 'missing.pt'}\n")
     with pytest.raises(ConfigError, match="vae.pretrained = .* is not a local folder"):
@@ -174,3 +174,46 @@ def test_the_glyphs_preset_is_the_shapes_preset_on_another_source():
     assert shapes.ingest.source == "shapes" and glyphs.ingest.source == "glyphs"
     assert glyphs.model_copy(update={"ingest": glyphs.ingest.model_copy(update={"source": "shapes"})}) == shapes
     assert glyphs.base == shapes.base and glyphs.evaluate == shapes.evaluate  # (spelled out)
+
+
+# What only decides whether, how often or on what inputs the flow runs a stage: (section, change).
+NOT_AN_OUTPUT = [
+    ("reflow", {"rounds": 2}),  # round k's key holds k (run_reflow), not how many rounds follow it
+    ("ddpm", {"enabled": True}),
+    ("probe", {"enabled": False}),
+    ("consistency", {"teacher": "last_reflow", "data": "pairs"}),  # the inputs' digests are keyed
+    ("base", {"resources": {"workers": 2, "gpus": 1}}),
+]
+
+
+@pytest.mark.parametrize("section, change", NOT_AN_OUTPUT, ids=[f"{s}.{','.join(c)}" for s, c in NOT_AN_OUTPUT])
+def test_a_field_that_does_not_shape_a_stage_output_re_keys_nothing(section, change):
+    before = load_config("quick")
+    after = load_config("quick", overrides={section: change})
+    assert getattr(after, section) != getattr(before, section)  # the change took
+    for name in PipelineConfig.model_fields:
+        assert getattr(after, name).keyed() == getattr(before, name).keyed(), f"{section} re-keyed {name}"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("reflow.model", "DiT-T/2"),  # a reflow round is its teacher's network
+        ("ddpm.time_sampling", "uniform"),  # diffusion steps are drawn uniformly
+        ("consistency.heldout_rows", 512),  # only base, reflow and ddpm score a held-out loss
+        ("vae.heldout_rows", 512),
+        ("features.heldout_rows", 512),
+        ("base.class_dropout", 0.1),  # one name for label dropout: label_dropout
+        ("consistency.class_dropout", 0.1),
+    ],
+)
+def test_a_field_no_stage_reads_is_refused_not_silently_keyed(field, value):
+    section, name = field.split(".")
+    with pytest.raises(ConfigError, match=rf"unknown field '{field}'"):
+        load_config("quick", overrides={section: {name: value}})
+
+
+def test_label_dropout_has_one_name_and_its_default_reaches_every_generator_stage():
+    config = PipelineConfig()
+    for section in (config.base, config.reflow, config.consistency, config.ddpm):
+        assert section.label_dropout == 0.1 and section.keyed()["label_dropout"] == 0.1

@@ -115,7 +115,6 @@ def train(break_labels: bool) -> DiT:
             depth=2,
             num_heads=4,
             num_classes=CLASSES,
-            class_dropout_prob=0.0,  # the objective drops labels, as fewstep's stages do
         )
     )
     objective = FlowMatching(LogitNormalTime(), label_dropout=0.1)

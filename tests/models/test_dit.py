@@ -1,4 +1,4 @@
-"""DiT: AdaLN-Zero init, shapes, patch order, label dropout, embeddings against closed forms."""
+"""DiT: AdaLN-Zero init, shapes, patch order, labels, embeddings against closed forms."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from models.dit import (
     TIME_SCALE,
     DiT,
     DiTConfig,
-    LabelEmbedder,
     dit_config,
     sincos_2d,
     timestep_features,
 )
+from models.registry import build_model, model_spec
 
 
 def _inputs(cfg: DiTConfig, n: int = 3, seed: int = 0):
@@ -96,37 +96,30 @@ def test_tokens_map_back_to_their_own_patch(patch_size):
     assert torch.equal(changed, expected)
 
 
-def test_label_dropout_only_in_train_mode():
-    emb = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=1.0)
-    y = torch.arange(10)
-    null_row = emb.embedding.weight[10]
-    emb.train()
-    assert torch.equal(emb(y), null_row.expand(10, 8))
-    emb.eval()
-    assert torch.equal(emb(y), emb.embedding.weight[:10])
-
-
-def test_label_dropout_rate():
-    emb = LabelEmbedder(num_classes=10, hidden_size=4, dropout_prob=0.3)
-    torch.manual_seed(0)
-    dropped = emb.drop_labels(torch.zeros(20_000, dtype=torch.long)) == 10
-    assert abs(dropped.float().mean().item() - 0.3) < 0.02
-
-
-def test_dit_accepts_null_label_and_dropout_drops_to_it():
-    cfg = DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=4, num_classes=10, class_dropout_prob=1.0)
+def test_dit_embeds_every_label_it_is_given_and_the_null_label():
+    """Label dropout is the objective's (models.objectives): the network keeps labels in train mode too."""
+    cfg = DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=4, num_classes=10)
     model = DiT(cfg)
     _randomize_zero_layers(model)
     x, t, _ = _inputs(cfg)
     y = torch.tensor([0, 3, 7])
     null = torch.full_like(y, cfg.num_classes)
     with torch.no_grad():
-        out_train = model.train()(x, t, y)  # every label dropped to null
-        out_null = model.eval()(x, t, null)
+        out_train = model.train()(x, t, y)
         out_eval = model.eval()(x, t, y)
-    assert torch.allclose(out_train, out_null)
-    assert not torch.allclose(out_eval, out_null)  # eval keeps the labels
+        out_null = model.eval()(x, t, null)
+    assert torch.equal(out_train, out_eval)
+    assert not torch.allclose(out_eval, out_null)
     assert model.num_classes == 10
+
+
+def test_a_stored_spec_with_the_retired_label_dropout_field_loads_only_at_zero():
+    """Specs written before the DiT lost its own label dropout carry."""
+    spec = model_spec(DiT(DiTConfig(input_size=8, hidden_size=32, depth=1, num_heads=4)))
+    old = {"kind": "dit", "config": {**spec["config"], "class_dropout_prob": 0.0}}
+    assert model_spec(build_model(old)) == spec
+    with pytest.raises(ValueError, match=r"class_dropout_prob=0.3, which DiTConfig no longer has"):
+        build_model({"kind": "dit", "config": {**spec["config"], "class_dropout_prob": 0.3}})
 
 
 def test_zero_init_layers_learn():

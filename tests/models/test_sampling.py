@@ -14,7 +14,7 @@ from models.sampling import FAMILIES, SAMPLERS, family_samplers, get_sampler, pr
 
 def tiny_dit() -> DiT:
     torch.manual_seed(0)
-    net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=2, num_classes=3, class_dropout_prob=0.0))
+    net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=2, num_classes=3))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,8 +25,8 @@ from workers.stages.s08_ddpm import run_ddpm
 pytestmark = pytest.mark.timeout(600)
 
 SHAPE = (2, 4, 4)
-TINY = dict(model="DiT-T/2", batch_size=16, lr=3e-3, warmup_steps=0, checkpoint_every=10, class_dropout=0.1)
-LOOP = {k: v for k, v in TINY.items() if k not in ("model", "class_dropout")}
+LOOP = dict(batch_size=16, lr=3e-3, warmup_steps=0, checkpoint_every=10, label_dropout=0.1)
+TINY = dict(model="DiT-T/2", **LOOP)  # a stage that builds its own DiT (base, ddpm)
 
 
 def commit_latents(store: Store, n: int = 64, n_test: int = 0):
@@ -91,7 +93,7 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
     assert run_base(store, GeneratorConfig(steps=20, **TINY), latents).ref == base.ref
 
     pairs_cfg = PairsConfig(pairs=24, steps=4, solver="euler", batch_size=8, guidance=1.5)
-    reflow_cfg = ReflowConfig(rounds=1, steps=10, **TINY)
+    reflow_cfg = ReflowConfig(rounds=1, steps=10, **LOOP)
     pairs = run_pairs(store, pairs_cfg, base, round_index=1)
     table = store.read_table(pairs, "pairs")
     x_0, x_1 = table_column_to_numpy(table, "x_0"), table_column_to_numpy(table, "x_1")
@@ -120,6 +122,40 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
     student = store.load_model(consistency, "model")
     x = consistency_sample(student, torch.randn(3, *SHAPE), torch.tensor([0, 1, 2]), steps=2).x_1
     assert x.shape == (3, *SHAPE) and torch.isfinite(x).all()
+
+
+def test_raising_reflow_rounds_reuses_round_one_and_trains_only_round_two(ray_local, tmp_path):
+    """rounds is how many rounds the flow runs, not what a round computes: going from 1 to 2 keeps
+    round 1's committed pairs and model (their manifests untouched) and trains round 2 only."""
+    store = Store.open(str(tmp_path / "store"))
+    latents = commit_latents(store)
+    base = run_base(store, GeneratorConfig(steps=10, **TINY), latents)
+    pairs_cfg = PairsConfig(pairs=16, steps=2, solver="euler", batch_size=8, guidance=1.0)
+
+    def run_rounds(rounds: int) -> list:
+        """The flow's reflow loop (flows.pipeline.run_stages), on the stages themselves."""
+        config, teacher, made = ReflowConfig(rounds=rounds, steps=10, **LOOP), base, []
+        for k in range(1, config.rounds + 1):
+            pairs = run_pairs(store, pairs_cfg, teacher, round_index=k)
+            teacher = run_reflow(store, config, teacher, pairs, round_index=k)
+            made += [pairs, teacher]
+        return made
+
+    def manifest_file(manifest) -> Path:
+        return tmp_path / "store" / "stages" / manifest.stage / manifest.key / "manifest.json"
+
+    pairs_1, reflow_1 = run_rounds(1)
+    before = {m.ref: (manifest_file(m).read_bytes(), manifest_file(m).stat().st_mtime_ns) for m in (pairs_1, reflow_1)}
+
+    again_1, again_reflow_1, pairs_2, reflow_2 = run_rounds(2)
+    assert (again_1.ref, again_reflow_1.ref) == (pairs_1.ref, reflow_1.ref)
+    for m in (pairs_1, reflow_1):
+        assert (manifest_file(m).read_bytes(), manifest_file(m).stat().st_mtime_ns) == before[m.ref]
+    # Round 2 trained, from round 1; nothing else was built beside it.
+    card = GeneratorCard.from_manifest(reflow_2)
+    assert (card.round, card.teacher_ref, card.steps) == (2, reflow_1.ref, 10)
+    assert {m.ref for m in store.list_manifests("reflow")} == {reflow_1.ref, reflow_2.ref}
+    assert {m.ref for m in store.list_manifests("pairs")} == {pairs_1.ref, pairs_2.ref}
 
 
 def test_ddpm_stage_trains_eps_prediction_and_writes_a_diffusion_generator(ray_local, tmp_path):

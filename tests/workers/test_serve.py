@@ -96,11 +96,7 @@ def commit_generator(
     (``nan``: its output layer's weights are NaN, as a diverged run would commit them; ``trained``:
     the card fields its family's samplers read, e.g. a diffusion model's schedule)."""
     torch.manual_seed(seed)
-    net = DiT(
-        dit_config(
-            "DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES, class_dropout_prob=0.0
-        )
-    )
+    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES))
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -48,7 +48,6 @@ def tiny_spec() -> dict:
                 hidden_size=32,
                 depth=1,
                 num_heads=2,
-                class_dropout_prob=0.0,
             )
         )
     )

@@ -94,7 +94,6 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
 
     guidance = require_guidance(STAGE, config.guidance)
     space = GeneratorCard.from_manifest(teacher).space
-    section = {**config.keyed(), "round": round_index}
 
     def build(writer: StageWriter, key: str) -> PairsCard:
         from workers.runtime import ensure_ray
@@ -154,4 +153,4 @@ def run_pairs(store: Store, config: PairsConfig, teacher: Manifest, round_index:
             **space.space_fields(),
         )
 
-    return run_stage(store, STAGE, section, [teacher], build, source=__name__)
+    return run_stage(store, STAGE, config, [teacher], build, source=__name__, extra_key={"round": round_index})

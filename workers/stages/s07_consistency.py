@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from infra.cards import GeneratorCard, LatentsCard, PairsCard
 from infra.config import ConsistencyConfig
-from infra.store import Manifest, StageWriter, Store
+from infra.store import Manifest, Store
 from models.consistency import ConsistencyDistillation
 from models.registry import build_model, model_spec
 from workers.batches import LatentBatch, PairBatch
 from workers.data import training_dataset
-from workers.generator import cpu_state, load_network, write_generator
+from workers.generator import cpu_state, load_network
 from workers.guidance import require_guidance
-from workers.runner import run_stage
-from workers.train import TrainJob, check_rows, fit
+from workers.recipe import Recipe, run_generator_stage
+from workers.train import check_rows
 
 STAGE = "consistency"
 
@@ -54,45 +54,35 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
     rows, table, columns, adapt = distillation_data(store, data)
     check_rows(STAGE, rows, config)
 
-    def build(writer: StageWriter, key: str) -> GeneratorCard:
+    def recipe() -> Recipe:
         teacher_net = load_network(store, teacher)
         spec, state = model_spec(teacher_net), cpu_state(teacher_net)
         student = build_model(spec)
         student.load_state_dict(state)
-        objective = ConsistencyDistillation(
-            teacher=teacher_net,
-            student=student,
-            num_intervals=config.intervals,
-            solver=config.teacher_solver,
-            guidance=guidance,
-            ema_decay=config.target_decay,
-            c=config.huber_c,
-            label_dropout=config.class_dropout,
-        )
-        job = TrainJob(
-            store=store,
-            stage=STAGE,
-            key=key,
-            model_spec=spec,
-            objective=objective,
-            config=config,
+        return Recipe(
+            dataset=training_dataset(store, data, table, columns),
             adapt_batch=adapt,
+            model_spec=spec,
+            objective=ConsistencyDistillation(
+                teacher=teacher_net,
+                student=student,
+                num_intervals=config.intervals,
+                solver=config.teacher_solver,
+                guidance=guidance,
+                ema_decay=config.target_decay,
+                c=config.huber_c,
+                label_dropout=config.label_dropout,
+            ),
             init_state=state,
-        )
-        result = fit(job, training_dataset(store, data, table, columns))
-        write_generator(writer, spec, result.model_state, result.ema_state, result.curve, result.resumed_from)
-        return GeneratorCard(
-            family="consistency",
-            steps=result.step,
-            final_loss=result.final_loss,
-            resumed_from=result.resumed_from,
-            nodes=tuple(result.nodes),
-            guidance=guidance,
-            teacher_ref=teacher.ref,
-            data_ref=data.ref,
-            renoise_coupling=renoise_coupling(config, teacher),
-            num_intervals=config.intervals if config.grid_times else None,
-            **space.space_fields(),
+            card=dict(
+                family="consistency",
+                guidance=guidance,
+                teacher_ref=teacher.ref,
+                data_ref=data.ref,
+                renoise_coupling=renoise_coupling(config, teacher),
+                num_intervals=config.intervals if config.grid_times else None,
+                **space.space_fields(),
+            ),
         )
 
-    return run_stage(store, STAGE, config, [teacher, data], build, source=__name__)
+    return run_generator_stage(store, STAGE, config, [teacher, data], recipe, source=__name__)

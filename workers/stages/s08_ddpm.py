@@ -4,7 +4,7 @@
     k ~ U{0..T-1},  eps ~ N(0, I),  x_k = sqrt(abar_k) x_1 + sqrt(1 - abar_k) eps
     L = E || eps - eps_theta(x_k, t(k), y) ||^2
 
-trained by the one loop (:func:`workers.train.fit`) with :class:`~models.diffusion.DDPMObjective`
+trained by :func:`workers.recipe.run_generator_stage` with :class:`~models.diffusion.DDPMObjective`
 on the same latents, the same DiT (:func:`workers.generator.dit_spec`) and the same label dropout
 as the base stage, so the evaluation compares what the training objective buys, nothing else.
 
@@ -18,24 +18,23 @@ DiT's time scale of 1000 a T = 1000 model sees the integer timesteps 999 - k. Th
 output is eps_hat, not a velocity: only the ``diffusion`` family's samplers (DDIM, DDPM in
 :mod:`models.sampling`, built from this card's schedule name and T) may draw from it.
 
-Writes a diffusion-family generator: ``model`` (EMA weights), ``raw``, ``curve`` and a
-:class:`~infra.cards.GeneratorCard` naming its schedule and T. It is evaluated beside the flow
+A diffusion-family generator whose :class:`~infra.cards.GeneratorCard` names its schedule and T. It is evaluated beside the flow
 models; the pipeline never promotes it (that is the consistency student's place), but it can be
 served like any generator.
 """
 
 from __future__ import annotations
 
-from infra.cards import GeneratorCard, LatentsCard
+from infra.cards import LatentsCard
 from infra.config import DDPMConfig
-from infra.store import Manifest, StageWriter, Store
+from infra.store import Manifest, Store
 from models.diffusion import DDPMObjective, vp_schedule
 from workers.batches import LatentBatch
 from workers.data import training_dataset
-from workers.generator import dit_spec, write_generator
-from workers.heldout import card_fields, heldout_set
-from workers.runner import run_stage
-from workers.train import TrainJob, check_rows, fit
+from workers.generator import dit_spec
+from workers.heldout import heldout_set
+from workers.recipe import Recipe, run_generator_stage
+from workers.train import check_rows
 
 STAGE = "ddpm"
 FAMILY = "diffusion"
@@ -47,39 +46,19 @@ def run_ddpm(store: Store, config: DDPMConfig, latents: Manifest) -> Manifest:
     check_rows(STAGE, data.n_train, config)
     schedule = vp_schedule(config.schedule, config.diffusion_steps)
 
-    def build(writer: StageWriter, key: str) -> GeneratorCard:
-        spec = dit_spec(config, data)
-        heldout = heldout_set(store, latents, config.heldout_rows)
-        job = TrainJob(
-            store=store,
-            stage=STAGE,
-            key=key,
-            model_spec=spec,
-            objective=DDPMObjective(schedule, label_dropout=config.class_dropout),
-            config=config,
+    def recipe() -> Recipe:
+        return Recipe(
+            dataset=training_dataset(store, latents, "latents", ["mean", "logvar", "label"]),
             adapt_batch=LatentBatch.of(data),
-            heldout=heldout,
-        )
-        result = fit(job, training_dataset(store, latents, "latents", ["mean", "logvar", "label"]))
-        write_generator(
-            writer,
-            spec,
-            result.model_state,
-            result.ema_state,
-            result.curve,
-            result.resumed_from,
-            heldout and heldout.description,
-        )
-        return GeneratorCard(
-            family=FAMILY,
-            steps=result.step,
-            final_loss=result.final_loss,
-            **card_fields(result, heldout),
-            resumed_from=result.resumed_from,
-            nodes=tuple(result.nodes),
-            diffusion_schedule=schedule.name,
-            diffusion_steps=schedule.num_steps,
-            **data.space_fields(),
+            model_spec=dit_spec(config, data),
+            objective=DDPMObjective(schedule, label_dropout=config.label_dropout),
+            heldout=heldout_set(store, latents, config.heldout_rows),
+            card=dict(
+                family=FAMILY,
+                diffusion_schedule=schedule.name,
+                diffusion_steps=schedule.num_steps,
+                **data.space_fields(),
+            ),
         )
 
-    return run_stage(store, STAGE, config, [latents], build, source=__name__)
+    return run_generator_stage(store, STAGE, config, [latents], recipe, source=__name__)
