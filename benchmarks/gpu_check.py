@@ -151,7 +151,8 @@ def pipeline_config(short: bool, gpu: bool) -> str:
     """A YAML on the quick preset: the GPU for every stage that trains or samples; tiny with --short."""
     import yaml
 
-    gpus = {"resources": {"gpus": 1}} if gpu else {}
+    # On the GPU every stage gets a worker with one (the quick preset trains in local mode, on the CPU).
+    gpus = {"resources": {"gpus": 1, "workers": 1}} if gpu else {}
     data: dict = {
         name: dict(gpus)
         for name in ("vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate")

@@ -105,6 +105,20 @@ class Section(BaseModel):
     # computes: left out of the stage key (as is every Resources field).
     unkeyed: ClassVar[frozenset[str]] = frozenset()
 
+    # Sections whose engine is Ray Train, where ``resources.workers: 0`` means its local mode.
+    local_mode: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _no_workers_only_where_training_runs_locally(self) -> Section:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, Resources) and value.workers == 0 and not self.local_mode:
+                raise ValueError(
+                    f"{name}.workers = 0 is Ray Train's local mode, which only training stages have; "
+                    "give this stage at least 1 worker"
+                )
+        return self
+
     def keyed(self) -> dict[str, Any]:
         """The values that decide the stage's output: every field but its Resources and ``unkeyed``."""
         resources = {name for name in type(self).model_fields if isinstance(getattr(self, name), Resources)}
@@ -115,12 +129,14 @@ class Resources(Section):
     """Where a distributed stage runs, never what it computes (so it is left out of stage keys).
 
     ``workers`` counts what the stage's engine runs: Ray Train workers (DDP ranks), Ray Data
-    actors, concurrent evaluation tasks, or Serve replicas. Each gets ``cpus`` and ``gpus``,
+    actors, concurrent evaluation tasks, or Serve replicas. A training stage also takes 0: Ray
+    Train's local mode, the training function run in the calling process (no worker actors to
+    start, and none to restart after a crash). Each gets ``cpus`` and ``gpus``,
     and ``custom``: Ray custom resources (``{"trainer": 1}``) that pin it to the nodes started
     with them (``ray start --resources '{"trainer": 4}'``, a KubeRay group's ``rayStartParams``).
     """
 
-    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    workers: int = Field(1, ge=0, le=MAX_WORKERS)  # 0: Ray Train local mode (training stages only)
     cpus: float = Field(1.0, gt=0, le=1024)
     gpus: float = Field(0.0, ge=0, le=16)
     custom: dict[str, float] = Field(default_factory=dict)
@@ -172,9 +188,21 @@ class LoopConfig(Section):
     seed: int = Field(0, ge=0, lt=SEED_LIMIT)
     resources: Resources = Resources()
 
+    local_mode: ClassVar[bool] = True
+
+    @property
+    def ranks(self) -> int:
+        """How many processes train: the workers, or the one calling process in local mode."""
+        return max(1, self.resources.workers)
+
     @model_validator(mode="after")
     def _batch_splits_over_workers(self) -> LoopConfig:
-        workers = self.resources.workers
+        if self.resources.workers == 0 and self.resources.gpus > 0:
+            raise ValueError(
+                "resources.workers = 0 (Ray Train's local mode) trains in the calling process on its CPU; "
+                "set workers to 1 or more to train on GPUs"
+            )
+        workers = self.ranks
         if self.batch_size % workers:
             raise ValueError(
                 f"batch_size={self.batch_size} does not split evenly over resources.workers={workers}: "
@@ -525,17 +553,21 @@ class PipelineConfig(Section):
 
 # Overrides of the defaults above. "default" is the quality preset (about 10 min on
 # 2 CPU cores); "quick" runs the whole chain in a few minutes, for trying it and for tests.
+LOCAL = {"resources": {"workers": 0}}  # a training stage in Ray Train's local mode
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"probe": {"n": 500}},
+    # Its training stages run in Ray Train's local mode (workers: 0): seconds of training each,
+    # where starting and stopping a worker group would cost about 10 s per stage.
     "quick": {
         "ingest": {"limit": 600},
-        "vae": {"steps": 150, "base_channels": 16, "batch_size": 64, "warmup_steps": 15},
-        "base": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},
-        "ddpm": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10},  # as base; still off
+        "vae": {"steps": 150, "base_channels": 16, "batch_size": 64, "warmup_steps": 15, **LOCAL},
+        "base": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10, **LOCAL},
+        # as base; still off
+        "ddpm": {"steps": 150, "batch_size": 64, "checkpoint_every": 50, "warmup_steps": 10, **LOCAL},
         "pairs": {"pairs": 256, "steps": 8},
-        "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
-        "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40},
-        "features": {"steps": 150},
+        "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40, **LOCAL},
+        "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40, **LOCAL},
+        "features": {"steps": 150, **LOCAL},
         "evaluate": {
             "n": 200,
             "flow_steps": [1, 2, 4, 8],

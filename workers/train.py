@@ -30,6 +30,7 @@ Two things keep it close to a plain loop on a small machine (BENCHMARKS.md, "Tra
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import ray
 import ray.train
 import ray.train.torch
+import torch
 from torch import Tensor
 
 from infra.config import ConfigError, LoopConfig, Resources
@@ -56,6 +58,8 @@ from workers.train_state import LoopState, weights
 # end of every run, waited about a second for it (BENCHMARKS.md, "Training"). A poll is one small
 # actor call per worker; 0.2 s keeps that under 1% of a core. Set the variable to override.
 POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+
+log = logging.getLogger("fewstep.train")
 
 BatchAdapter = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
@@ -90,7 +94,7 @@ class TrainJob:
     @property
     def worker_batch(self) -> int:
         """Each worker's share of the global batch (the config checks that it splits evenly)."""
-        return self.config.batch_size // self.config.resources.workers
+        return self.config.batch_size // self.config.ranks
 
 
 @dataclass
@@ -131,13 +135,17 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, storage_path: str | None = Non
         cached = job.config.cache_data
         if not cached:
             check_room_for_data(job.stage, resources)
-        use_gpu = resources.gpus > 0
-        scaling = ray.train.ScalingConfig(
-            num_workers=resources.workers,
-            use_gpu=use_gpu,
-            resources_per_worker=worker_resources(resources),  # custom resources pin it to their nodes
-        )
-        threads = threads_for(resources.cpus, resources.workers, data_cores=0 if cached else 1)
+        local = resources.workers == 0
+        if local:  # Ray Train's local mode: the loop runs here, through the same ray.train API
+            scaling = ray.train.ScalingConfig(num_workers=0)
+            log.info("%s: Ray Train local mode (in this process; no worker restart after a crash)", job.stage)
+        else:
+            scaling = ray.train.ScalingConfig(
+                num_workers=resources.workers,
+                use_gpu=resources.gpus > 0,
+                resources_per_worker=worker_resources(resources),  # custom resources pin it to their nodes
+            )
+        threads = threads_for(resources.cpus, job.config.ranks, data_cores=0 if cached else 1)
         run_config = ray.train.RunConfig(
             name=f"fewstep-{job.stage}-{job.key[:12]}",
             storage_path=storage_path or os.path.join(os.path.expanduser("~"), "ray_results"),
@@ -147,7 +155,7 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, storage_path: str | None = Non
         )
         # Cached: read once here, one ordered shard per rank; streamed: Ray Train splits it per epoch.
         split_started = time.perf_counter()
-        shards = split_once(dataset, resources.workers) if cached else None
+        shards = split_once(dataset, job.config.ranks) if cached else None
         split_s = time.perf_counter() - split_started
         os.environ.setdefault(POLL_ENV, POLL_S)  # read (and passed on to the controller) by trainer.fit()
         with progress.watching(job.stage, f"fewstep-progress-{job.stage}-{job.key}") as remote:
@@ -164,7 +172,11 @@ def fit(job: TrainJob, dataset: ray.data.Dataset, storage_path: str | None = Non
                 # A fixed row order per shard: the seeded epoch orders then make runs replayable.
                 dataset_config=ray.train.DataConfig(execution_options=order_preserving_options()),
             )
-            trainer.fit()
+            driver_threads = torch.get_num_threads()
+            try:
+                trainer.fit()
+            finally:  # local mode set this process's torch threads for the loop
+                torch.set_num_threads(driver_threads)
         latest = checkpoints.latest()
     if latest is None or latest.step < job.config.steps:
         raise RuntimeError(f"{job.stage}: training ended without a final checkpoint (latest={latest and latest.step})")
@@ -213,7 +225,7 @@ def check_room_for_data(stage: str, resources: Resources) -> None:
 
 def check_rows(stage: str, rows: int, config: LoopConfig) -> None:
     """Refuse, on the driver, data too small for one batch per worker (the loop could not step)."""
-    workers = config.resources.workers
+    workers = config.ranks
     per_worker, share = rows // workers, config.batch_size // workers
     if per_worker < share:
         raise ConfigError(

@@ -217,3 +217,24 @@ def test_label_dropout_has_one_name_and_its_default_reaches_every_generator_stag
     config = PipelineConfig()
     for section in (config.base, config.reflow, config.consistency, config.ddpm):
         assert section.label_dropout == 0.1 and section.keyed()["label_dropout"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("latents:\n  resources: {workers: 0}\n", "resources.workers = 0 is Ray Train's local mode"),
+        ("evaluate:\n  resources: {workers: 0}\n", "give this stage at least 1 worker"),
+        ("serve:\n  resources: {workers: 0}\n", "only training stages have"),
+        ("base:\n  resources: {workers: 0, gpus: 1}\n", "set workers to 1 or more to train on GPUs"),
+    ],
+)
+def test_no_workers_is_local_mode_for_training_stages_only(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, text)
+    assert message in str(error.value)
+
+
+def test_a_training_stage_with_no_workers_runs_one_rank_that_takes_the_whole_batch(tmp_path):
+    config = load_yaml(tmp_path, "base:\n  batch_size: 24\n  resources: {workers: 0}\n")
+    assert config.base.resources.workers == 0 and config.base.ranks == 1
+    assert load_yaml(tmp_path, "base:\n  batch_size: 24\n  resources: {workers: 3}\n").base.ranks == 3

@@ -53,9 +53,16 @@ def tiny_spec() -> dict:
     )
 
 
-def job_for(store: Store, key: str, steps: int, crash: CrashOnce | None = None) -> TrainJob:
+def job_for(store: Store, key: str, steps: int, crash: CrashOnce | None = None, workers: int = 1) -> TrainJob:
     config = LoopConfig(
-        steps=steps, batch_size=BATCH, lr=3e-3, warmup_steps=2, checkpoint_every=CHECKPOINT_EVERY, ema_decay=0.9, seed=3
+        steps=steps,
+        batch_size=BATCH,
+        lr=3e-3,
+        warmup_steps=2,
+        checkpoint_every=CHECKPOINT_EVERY,
+        ema_decay=0.9,
+        seed=3,
+        resources=Resources(workers=workers),
     )
     return TrainJob(
         store=store,
@@ -90,6 +97,24 @@ def test_fit_trains_and_checkpoints(ray_local, tmp_path):
     # A second fit on a finished key returns the stored result without training.
     again = fit(job_for(store, "plain", steps=15), dataset(ray_local), storage_path=str(tmp_path / "ray"))
     assert all(torch.equal(again.ema_state[k], result.ema_state[k]) for k in result.ema_state)
+
+
+def test_local_mode_trains_in_this_process_to_the_weights_one_worker_reaches(ray_local, tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    worker = fit(job_for(store, "worker", steps=10), dataset(ray_local), storage_path=str(tmp_path / "ray"))
+    torch.set_num_threads(1)  # the driver's own setting, whatever the loop runs with
+    try:
+        local = fit(
+            job_for(store, "local", steps=10, workers=0), dataset(ray_local), storage_path=str(tmp_path / "ray")
+        )
+        assert torch.get_num_threads() == 1, "local mode left the driver's torch threads changed"
+    finally:
+        torch.set_num_threads(machine_cores())
+    assert local.step == 10 and store.checkpoints("unit", "local").latest().step == 10
+    assert [p["step"] for p in local.curve] == [p["step"] for p in worker.curve]
+    # Same seed, same shard order, same single rank: the same run, only without a worker actor.
+    for name, value in worker.ema_state.items():
+        torch.testing.assert_close(local.ema_state[name], value, rtol=1e-5, atol=1e-6, msg=f"EMA {name}")
 
 
 def test_killed_worker_resumes_from_checkpoint_with_ema(ray_local, tmp_path):
