@@ -1,6 +1,6 @@
 """Fault drill: the S3 endpoint goes away mid-stage (refused or hung) and comes back.
 
-    python benchmarks/s3_outage_drill.py [--scope pipeline|stages] [--config tiny|micro] [--workdir DIR] [--json]
+    python -m drills.s3_outage_drill [--scope pipeline|stages] [--config tiny|micro] [--workdir DIR] [--json]
 
 A store on moto's S3 server (its own instance), reached through a TCP relay that can refuse
 connections; a "hang" outage SIGSTOPs moto instead (connections accepted, nothing answered).
@@ -40,9 +40,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from drill_kit import (  # noqa: E402
+from drills.kit import (
     CONFIGS,
     KILLABLE,
     STAGES,

@@ -1,6 +1,6 @@
 """Fault drill: SIGKILL the pipeline's driver at seeded random points in every stage, re-run each time.
 
-    python benchmarks/kill_drill.py [--kills 10] [--seed 0] [--config tiny|micro] [--workdir DIR] [--json]
+    python -m drills.kill_drill [--kills 10] [--seed 0] [--config tiny|micro] [--workdir DIR] [--json]
 
 One store, one local Ray (``RAY_ADDRESS`` if set, else started here), one ``prefect server``.
 The kill points are drawn from ``--seed``: with ``--kills`` >= 10 every stage (ingest ... evaluate,
@@ -35,9 +35,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from drill_kit import (  # noqa: E402
+from drills.kit import (
     CONFIGS,
     KILLABLE,
     STAGES,
