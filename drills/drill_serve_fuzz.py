@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -236,10 +234,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args()
 
-    kit.ensure_ray_cluster(connect=True)
-    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
-    tiny = kit.tiny_store(workdir / "store")
-    with kit.serving(tiny.store.uri, kit.drill_config()) as url:
+    with kit.serving_tiny_store() as (url, tiny, workdir):
         figures = fuzz_drill(url, args.examples, args.seed)
     print(
         f"fuzz: {figures.examples} requests in {figures.seconds}s; 5xx: {figures.server_errors}; in-limits "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -110,10 +109,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args()
 
-    kit.ensure_ray_cluster(connect=True)
-    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
-    tiny = kit.tiny_store(workdir / "store")
-    with kit.serving(tiny.store.uri, kit.drill_config(replicas=args.replicas)) as url:
+    with kit.serving_tiny_store(args.replicas) as (url, tiny, workdir):
         load = load_drill(url, workdir, args.requests, args.concurrency, args.invalid)
         print(
             f"load: {load.requests} requests ({load.valid} valid, {load.invalid} invalid) at concurrency "

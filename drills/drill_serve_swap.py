@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,10 +122,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args()
 
-    kit.ensure_ray_cluster(connect=True)
-    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
-    tiny = kit.tiny_store(workdir / "store")
-    with kit.serving(tiny.store.uri, kit.drill_config(replicas=args.replicas)) as url:
+    with kit.serving_tiny_store(args.replicas) as (url, tiny, workdir):
         figures = swap_drill(url, tiny, workdir, args.concurrency, args.hold_s)
     print(f"swap under load: {figures.requests} requests, {figures.failed} failed; old model {figures.old}", flush=True)
     for b in figures.bad:

@@ -26,6 +26,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -477,6 +478,24 @@ class Audit:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def violations(self, when: str, committed: dict[str, str]) -> list[str]:
+        """What must never be, ``when`` (e.g. "after run 2"): a torn manifest or pointer, a manifest
+        of ``committed`` (ref -> created_at) rewritten, a stage committed twice."""
+        return (
+            [f"{when}: torn {t}" for t in self.torn]
+            + [f"{when}: broken pointer {name}: {why}" for name, why in self.broken_pointers.items()]
+            + [
+                f"{when}: {ref} changed after its commit (created {created} -> {self.created.get(ref)})"
+                for ref, created in committed.items()
+                if self.created.get(ref) != created
+            ]
+            + [
+                f"{when}: stage {s} has {n} manifests (recomputed or committed twice)"
+                for s, n in self.per_stage.items()
+                if n > 1
+            ]
+        )
+
 
 def audit_store(store) -> Audit:
     """Read every ``stages/*/*/manifest.json`` (not only what ``list_manifests`` returns) and verify its files."""
@@ -684,6 +703,17 @@ def serving(store_uri: str, config: ServeConfig, model: str | None = None) -> It
         yield url
     finally:
         serve_app.stop()
+
+
+@contextmanager
+def serving_tiny_store(replicas: int = 1) -> Iterator[tuple[str, TinyStore, Path]]:
+    """What a Serve drill runs against: Ray, a fresh :func:`tiny_store` and the app with ``replicas``:
+    (url, the store, a work folder)."""
+    ensure_ray_cluster(connect=True)
+    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
+    tiny = tiny_store(workdir / "store")
+    with serving(tiny.store.uri, drill_config(replicas=replicas)) as url:
+        yield url, tiny, workdir
 
 
 def health(url: str) -> dict[str, Any]:

@@ -208,17 +208,7 @@ def pipeline_drill(config_name: str, workdir: Path, moto: MotoServer, relay: Tcp
                     pending.insert(0, armed[:2])
                 fault.wait_restored()
             audit = audit_store(store)
-            violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [
-                f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
-                for s, n in audit.per_stage.items()
-                if n > 1
-            ]
-            violations += [
-                f"after run {index}: {ref} changed after its commit"
-                for ref in committed
-                if audit.created.get(ref) != committed[ref]
-            ]
+            violations += audit.violations(f"after run {index}", committed)
             committed.update(audit.created)
             if code == 0:
                 break
@@ -324,17 +314,7 @@ def stages_drill(workdir: Path, moto: MotoServer, relay: TcpRelay, store_uri: st
             runs.append(entry)
             log(f"run {index}: {'failed in ' + failure[0] if failure else 'complete'} after {entry['wall_s']} s")
             audit = audit_store(direct)
-            violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [
-                f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
-                for s, n in audit.per_stage.items()
-                if n > 1
-            ]
-            violations += [
-                f"after run {index}: {ref} changed after its commit"
-                for ref in committed
-                if audit.created.get(ref) != committed[ref]
-            ]
+            violations += audit.violations(f"after run {index}", committed)
             committed.update(audit.created)
             if failure is None:
                 break
