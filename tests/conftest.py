@@ -1,4 +1,4 @@
-"""Fixtures shared by every test package.
+"""The real components the tests share, one fixture each, started once per session when first asked for.
 
 S3: ``s3_server`` starts one real S3 endpoint for the session (moto's server mode in a
 subprocess on a free 127.0.0.1 port) with IAM authentication on, so wrong credentials are
@@ -9,19 +9,19 @@ until a test asks for it.
 
 ``store_uri`` / ``store`` are parametrised over ``local`` (a fresh folder) and ``s3`` (a
 fresh bucket on that endpoint): a test that takes ``store`` runs once per backend.
+
+Ray: ``ray_local``, one local cluster. Prefect: ``prefect_server``, one ``prefect server start``;
+``prefect_harness`` points flows called in this process at it. The servers are drills/kit.py's
+(the drills run the same ones); so is the tiny servable store (``kit.commit_vae``,
+``kit.commit_generator``) that tests import directly.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -64,49 +64,21 @@ class S3Server:
         )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 30.0) -> None:
-    # A TCP connect, not an HTTP request: moto would count a request against MOTO_SETUP_REQUESTS.
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"moto server did not listen on 127.0.0.1:{port} within {timeout_s}s:\n{log.read_text()[-2000:]}"
-    )
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint with IAM auth; its endpoint and keys are exported as AWS_* variables."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(MOTO_SETUP_REQUESTS))
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    from drills import kit
+
+    moto = kit.MotoServer(
+        tmp_path_factory.mktemp("moto") / "server.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": str(MOTO_SETUP_REQUESTS)}
+    )
     monkeypatch = pytest.MonkeyPatch()
     try:
-        wait_for_port(port, process, log)
-        endpoint = f"http://127.0.0.1:{port}"
-        iam = S3Server(endpoint, "setup", "setup").client("iam")
+        iam = S3Server(moto.url, "setup", "setup").client("iam")
         iam.create_user(UserName="fewstep-tests")
         iam.put_user_policy(UserName="fewstep-tests", PolicyName="allow-all", PolicyDocument=json.dumps(ALLOW_ALL))
         key = iam.create_access_key(UserName="fewstep-tests")["AccessKey"]
-        server = S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+        server = S3Server(moto.url, key["AccessKeyId"], key["SecretAccessKey"])
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             monkeypatch.delenv(name, raising=False)
         missing = str(tmp_path_factory.mktemp("aws") / "none")
@@ -117,12 +89,7 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         monkeypatch.undo()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        moto.stop()
 
 
 @pytest.fixture
@@ -177,9 +144,32 @@ def ray_local(s3_server):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    """Prefect's test harness (a temporary database and API server) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` for the session, with its own home and database
+    (:class:`drills.kit.PrefectServer`: ``.url`` is its API, ``.api(path, body)`` calls it).
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    Every test that talks to Prefect shares it, so a test reads back only its own flow runs."""
+    from drills import kit
+
+    server = kit.PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_server):
+    """Flows called in this process report to the session's Prefect server."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        # Also the process-wide settings, for code in a context copied before this one (Prefect's harness does the same).
+        with _temporary_global_settings_context(get_settings_context()):
+            yield prefect_server
+            # The flows' last log lines and events, sent before the server stops.
+            APILogWorker.drain_all()
+            EventsWorker.drain_all()

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,21 +29,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drills.kit import free_port
+
 RAY = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
 # Token authentication on, with this run's own token: ``ray start`` turns it on by itself when
 # ~/.ray/auth_token exists, and clients (the serve CLI, a driver) must then present it; saying
 # so explicitly makes a fresh CI machine and a developer's one behave the same.
 AUTH_TOKEN = secrets.token_hex(32)
-
-
-def free_port() -> int:
-    """A free port outside 8000-9000 (Prefect's test harness and Ray's defaults live there)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if not 8000 <= port <= 9000 and port not in (10001, 52365, 6379, 8265):
-            return port
 
 
 def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """Prefect the way teams run it: the repository's ``prefect.yaml`` deployed (``prefect deploy --all``)
-to a real ``prefect server``, a process work pool, a ``prefect worker start`` subprocess, and a run
+to the session's real ``prefect server``, a process work pool, a ``prefect worker start`` subprocess, and a run
 triggered with ``prefect deployment run``. The run completes with every stage as a task run and
 the artifacts in the UI; ``fewstep schedule --register-only --work-pool`` registers the same flow
 on the same pool from the command line.
@@ -13,18 +13,14 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from local_ray import free_port  # noqa: E402
-
-from infra.config import load_config  # noqa: E402
-from infra.store import SERVING_POINTER, Store  # noqa: E402
+from drills.kit import TINY, stop_group
+from infra.config import load_config
+from infra.store import SERVING_POINTER, Store
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -32,20 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "fewstep"
 DEPLOYMENT = "pipeline/fewstep-weekly"
-# The tiny pipeline of tests/flows/test_pipeline.py: every stage, each for a few steps.
-TINY = {
-    "ingest": {"limit": 240},
-    "vae": {"steps": 30, "base_channels": 8, "batch_size": 32},
-    "base": {"steps": 40, "batch_size": 32, "checkpoint_every": 10},
-    "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
-    "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "features": {"steps": 30, "batch_size": 32},
-    "evaluate": {"n": 32, "flow_steps": [1, 2], "flow_solvers": ["euler"], "consistency_steps": [1]},
-    "probe": {"n": 32, "steps": 2, "student_steps": 1, "fid_resamples": 10},
-    # A few training steps learn nothing: the absolute bar is off so the flow's promotion runs.
-    "serve": {"min_accuracy_over_chance": 0.0, "max_excess_over_ceiling": None},
-}
 TASKS = {"ingest", "vae", "latents", "base", "pairs-1", "reflow-1", "consistency", "features", "evaluate", "promote"}
 ARTIFACTS = {
     "fewstep-run-summary",
@@ -55,59 +37,6 @@ ARTIFACTS = {
     "fewstep-base-metrics",
     "fewstep-latents-metrics",
 }
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real ``prefect server start`` on a free port with its own database."""
-    port = free_port()
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-    )
-    env.pop("PREFECT_API_URL", None)
-    log = home / "server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """SIGTERM a process group we started, SIGKILL it if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def kill_flow_run(flow_run_id: str) -> None:
@@ -126,15 +55,6 @@ def kill_flow_run(flow_run_id: str) -> None:
             continue
 
 
-def api(url: str, path: str, body: dict | None = None, method: str = "POST") -> object:
-    data = json.dumps(body or {}).encode() if method == "POST" else None
-    request = urllib.request.Request(
-        f"{url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def prefect(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     done = subprocess.run([*PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -144,7 +64,7 @@ def prefect(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Com
 def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path):
     env = dict(
         os.environ,
-        PREFECT_API_URL=prefect_server,
+        PREFECT_API_URL=prefect_server.url,
         PYTHONUNBUFFERED="1",
         RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
     )
@@ -154,7 +74,7 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
 
     prefect("work-pool", "create", POOL, "--type", "process", env=env)
     prefect("--no-prompt", "deploy", "--all", env=env)
-    (deployment,) = [d for d in api(prefect_server, "/deployments/filter") if d["name"] == "fewstep-weekly"]
+    (deployment,) = [d for d in prefect_server.api("/deployments/filter") if d["name"] == "fewstep-weekly"]
     assert deployment["work_pool_name"] == POOL and deployment["entrypoint"] == "flows/pipeline.py:pipeline"
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * 0"]
     assert set(deployment["parameters"]) == {"config", "store_uri", "ray_address"}
@@ -179,7 +99,7 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
         flow_run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
         deadline = time.monotonic() + 720
         while True:
-            run = api(prefect_server, f"/flow_runs/{flow_run_id}", method="GET")
+            run = prefect_server.api(f"/flow_runs/{flow_run_id}", method="GET")
             if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
                 break
             assert worker.poll() is None, f"the worker exited:\n{log.read_text()[-4000:]}"
@@ -192,10 +112,10 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
         if flow_run_id is not None:
             kill_flow_run(flow_run_id)  # only if it outlived a failed wait
 
-    task_runs = api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    task_runs = prefect_server.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
     states = {t["name"]: t["state_type"] for t in task_runs}
     assert TASKS <= set(states) and all(states[name] == "COMPLETED" for name in TASKS), states
-    artifacts = api(prefect_server, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    artifacts = prefect_server.api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
     assert ARTIFACTS <= {a["key"] for a in artifacts if a.get("key")}, artifacts
     store = Store.open(store_uri)
     assert {m.stage for m in store.list_manifests()} >= {
@@ -240,7 +160,7 @@ def test_prefect_yaml_on_a_process_work_pool(prefect_server, ray_local, tmp_path
         timeout=180,
     )
     assert done.returncode == 0 and f"work pool '{POOL}'" in done.stdout, done.stdout + done.stderr
-    (nightly,) = [d for d in api(prefect_server, "/deployments/filter") if d["name"] == "nightly"]
+    (nightly,) = [d for d in prefect_server.api("/deployments/filter") if d["name"] == "nightly"]
     assert nightly["work_pool_name"] == POOL and nightly["entrypoint"] == "flows.pipeline.pipeline"
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["30 2 * * *"]
     assert nightly["parameters"]["config"]["base"]["steps"] == TINY["base"]["steps"]

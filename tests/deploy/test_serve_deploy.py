@@ -26,7 +26,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 
 from local_ray import free_port, node_env, remove, start_node  # noqa: E402
-from tiny_store import IMAGE_SHAPE, NUM_CLASSES, commit_generator, commit_vae, promoted_store  # noqa: E402
+
+from drills import kit  # noqa: E402
+from infra.store import SERVING_POINTER, Store  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -82,7 +84,11 @@ def test_emitted_config_deploys_on_a_real_cluster_and_serves(s3_uri, s3_server, 
 
 
 def deploy_and_serve(head, s3_uri: str, s3_server, tmp_path, phase) -> None:
-    store, student, flow = promoted_store(s3_uri)
+    store = Store.open(s3_uri)
+    vae = kit.commit_vae(store)
+    student = kit.commit_generator(store, "consistency", "consistency", 1, vae)
+    flow = kit.commit_generator(store, "base", "flow", 2, vae)  # never promoted
+    store.put_pointer(SERVING_POINTER, student.ref)
     env = node_env()
     http_port = free_port()
     config = tmp_path / "fewstep.yaml"
@@ -140,13 +146,13 @@ def deploy_and_serve(head, s3_uri: str, s3_server, tmp_path, phase) -> None:
         health = client.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
         assert health.json()["model"] == student.ref
-        response = client.post("/v1/generate", json={"n": 2, "labels": [0, NUM_CLASSES - 1], "seed": 5})
+        response = client.post("/v1/generate", json={"n": 2, "labels": [0, kit.NUM_CLASSES - 1], "seed": 5})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"] == student.ref and body["steps"] == 2 and body["shape"] == IMAGE_SHAPE
+        assert body["model"] == student.ref and body["steps"] == 2 and body["shape"] == kit.IMAGE_SHAPE
         pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))) for png in body["images"]]
         assert len(pixels) == 2 and pixels[0].shape == (16, 16) and len(np.unique(pixels[0])) > 8
-        again = client.post("/v1/generate", json={"n": 2, "labels": [0, NUM_CLASSES - 1], "seed": 5}).json()
+        again = client.post("/v1/generate", json={"n": 2, "labels": [0, kit.NUM_CLASSES - 1], "seed": 5}).json()
         assert again["images"] == body["images"]  # same seed, same images
         assert client.post("/v1/generate", json={"n": 9}).status_code == 422  # the emitted limits hold
         assert client.get("/v1/model").json()["ref"] == student.ref
@@ -205,7 +211,7 @@ def test_a_pinned_config_pins_its_model_until_unpinned(local_store):
     """A Serve config outlives the command that wrote it: its pinned model must survive gc until released."""
     from flows.cli import main
 
-    flow = commit_generator(local_store, "base", "flow", 0, commit_vae(local_store))
+    flow = kit.commit_generator(local_store, "base", "flow", 0, kit.commit_vae(local_store))
     status, out, err = emit("--emit-config", "--store", local_store.uri, "--model", flow.ref)
     assert status == 0, err
     name = "serve-config-" + flow.ref.replace("/", "-")

@@ -1,37 +1,24 @@
-"""The fault drills of benchmarks/, small: the driver SIGKILLed mid-stage, S3 gone mid-stage.
+"""The fault drills of drills/, small: the driver SIGKILLed mid-stage, S3 gone mid-stage.
 
 The fast variants run with the suite (``slow``: minutes, not seconds); the full ones are
 opt-in (``-m drill``, deselected by default) and are what RELIABILITY.md reports:
 
     python -m pytest -m drill tests/flows/test_fault_drills.py -s
-    python benchmarks/kill_drill.py --kills 10 --seed 0          # the same, as a script
-    python benchmarks/s3_outage_drill.py --scope pipeline
+    python -m drills.kill_drill --kills 10 --seed 0          # the same, as a script
+    python -m drills.s3_outage_drill --scope pipeline
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from drills import kill_drill
+from drills import s3_outage_drill as s3_drill
+from drills.kit import STAGES
 
 pytestmark = [pytest.mark.timeout(3600), pytest.mark.slow]
-
-
-def drill_module(name: str):
-    """A benchmarks/ script as a module (benchmarks/ is not a package)."""
-    import sys
-
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(f"drills_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def report(module, result: dict) -> None:
@@ -40,7 +27,6 @@ def report(module, result: dict) -> None:
 
 
 def test_plan_covers_every_stage_in_order_and_is_seeded():
-    kill_drill = drill_module("kill_drill")
     plan = kill_drill.plan_kills(12, seed=3)
     stages = [p.stage for p in plan]
     assert set(stages) == set(kill_drill.KILLABLE) and len(stages) == 12
@@ -50,8 +36,6 @@ def test_plan_covers_every_stage_in_order_and_is_seeded():
 
 
 def check_kill_drill(result: dict, kills: int) -> None:
-    from drill_kit import STAGES
-
     assert result["violations"] == [], result["violations"]
     assert result["kills_done"] >= kills - 1  # the last point may fall after the run finished
     assert result["manifests"] == result["verified"] == len(STAGES) and result["torn"] == 0
@@ -65,7 +49,6 @@ def check_kill_drill(result: dict, kills: int) -> None:
 
 @pytest.mark.drill  # ~3.5 min; CI keeps the SIGKILL-mid-base drill of tests/flows/test_pipeline.py
 def test_kill_drill_three_points(ray_local, tmp_path):
-    kill_drill = drill_module("kill_drill")
     result = kill_drill.drill(kills=3, seed=1, config_name="micro", workdir=tmp_path)
     report(kill_drill, result)
     check_kill_drill(result, 3)
@@ -80,7 +63,6 @@ def check_s3_drill(result: dict) -> None:
 
 
 def test_s3_outage_mid_stage(ray_local, tmp_path):
-    s3_drill = drill_module("s3_outage_drill")
     result = s3_drill.drill("stages", "micro", tmp_path)
     report(s3_drill, result)
     check_s3_drill(result)
@@ -89,7 +71,6 @@ def test_s3_outage_mid_stage(ray_local, tmp_path):
 
 @pytest.mark.drill
 def test_kill_drill_ten_points(ray_local, tmp_path):
-    kill_drill = drill_module("kill_drill")
     result = kill_drill.drill(kills=10, seed=0, config_name="tiny", workdir=tmp_path)
     report(kill_drill, result)
     check_kill_drill(result, 10)
@@ -98,7 +79,6 @@ def test_kill_drill_ten_points(ray_local, tmp_path):
 
 @pytest.mark.drill
 def test_s3_outages_through_the_pipeline(ray_local, tmp_path):
-    s3_drill = drill_module("s3_outage_drill")
     result = s3_drill.drill("pipeline", "tiny", tmp_path)
     report(s3_drill, result)
     check_s3_drill(result)

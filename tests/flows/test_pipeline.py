@@ -1,20 +1,18 @@
-"""The pipeline flow end to end: under Prefect's test harness, and as a user runs it against a
-real ``prefect server`` with an S3 store, killed mid-training and re-run."""
+"""The pipeline flow end to end on the session's real ``prefect server``: called in this process, and
+as a user runs it (the CLI) with an S3 store, killed mid-training and re-run."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
 
+from drills.kit import TINY
 from infra.cards import GeneratorCard, PairsCard, ProbeCard
 from infra.config import load_config
 from infra.store import Store
@@ -22,26 +20,6 @@ from workers.evaluation.table import read_rows
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
-# The quick preset, smaller still: every stage runs, each for a few steps.
-TINY = {
-    "ingest": {"limit": 240},
-    "vae": {"steps": 30, "base_channels": 8, "batch_size": 32},
-    "base": {"steps": 40, "batch_size": 32, "checkpoint_every": 10},
-    "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
-    "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "features": {"steps": 30, "batch_size": 32},
-    "evaluate": {
-        "n": 32,
-        "flow_steps": [1, 2],
-        "flow_solvers": ["euler"],
-        "consistency_steps": [1],
-        "guidance": [1, 2],
-    },
-    "probe": {"n": 32, "steps": 2, "student_steps": 1, "fid_resamples": 10},
-    # A few training steps learn nothing: the absolute bar is off so the flow's promotion runs.
-    "serve": {"min_accuracy_over_chance": 0.0, "max_excess_over_ceiling": None},
-}
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate", "probe"}
 # The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps.
 WITH_DDPM = {
@@ -115,61 +93,7 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
 
 
 # ---------------------------------------------------------------------------------------
-# A real Prefect server, an S3 store, a SIGKILL during base training
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    port = free_port()
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = dict(
-        os.environ,
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-    )
-    env.pop("PREFECT_API_URL", None)
-    log = home / "server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"prefect server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
-
-
-def api(url: str, path: str, body: dict | None = None) -> object:
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=json.dumps(body or {}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+# The session's real Prefect server, an S3 store, a SIGKILL during base training
 
 
 def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
@@ -186,7 +110,7 @@ def cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
 def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_local, s3_uri, tmp_path):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump({**TINY, "base": {**TINY["base"], "steps": 120}}))
-    env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PREFECT_API_URL=prefect_server.url, PYTHONUNBUFFERED="1")
     args = ["run", "--preset", "quick", "--config", str(config_file), "--store", s3_uri]
     store = Store.open(s3_uri)
 
@@ -224,11 +148,17 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     assert card is not None and card.resumed_from >= 10 and card.steps == 120
     assert {ref.split("/")[0] for ref in after} == STAGES
 
-    # 3. What the Prefect UI shows: the flow runs, task runs by stage name, the artifacts.
-    flow_runs = api(prefect_server, "/flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}}})
+    # 3. What the Prefect UI shows: this store's two flow runs, their task runs by stage name, their artifacts
+    # (the server is the session's: other tests' runs are on it too).
+    flow_runs = [
+        run
+        for run in prefect_server.api("/flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}}})
+        if run["parameters"].get("store_uri") == store.uri
+    ]
     states = sorted(run["state_type"] for run in flow_runs)
     assert "COMPLETED" in states and len(flow_runs) == 2, states
-    task_names = {run["name"] for run in api(prefect_server, "/task_runs/filter", {})}
+    ours = {"flow_runs": {"id": {"any_": [run["id"] for run in flow_runs]}}}
+    task_names = {run["name"] for run in prefect_server.api("/task_runs/filter", ours)}
     assert {
         "ingest",
         "vae",
@@ -243,7 +173,8 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
         "probe-base",
         "probe-consistency",
     } <= task_names, task_names
-    artifact_keys = {a["key"] for a in api(prefect_server, "/artifacts/filter", {}) if a.get("key")}
+    artifacts = prefect_server.api("/artifacts/filter", {"artifacts": {"flow_run_id": ours["flow_runs"]["id"]}})
+    artifact_keys = {a["key"] for a in artifacts if a.get("key")}
     assert {
         "fewstep-run-summary",
         "fewstep-run-report",
@@ -270,9 +201,11 @@ def test_real_server_s3_sigkill_during_base_then_resume(prefect_server, ray_loca
     )
     output, _ = scheduled.communicate(timeout=120)
     assert scheduled.returncode == 0, output
-    deployments = api(prefect_server, "/deployments/filter", {})
+    deployments = [
+        d for d in prefect_server.api("/deployments/filter", {}) if d["parameters"].get("store_uri") == s3_uri
+    ]
     crons = [s["schedule"].get("cron") for d in deployments for s in d.get("schedules", [])]
-    assert "0 3 * * 0" in crons, deployments
+    assert crons == ["0 3 * * 0"], deployments
 
     bad = cli(["schedule", "--cron", "every sunday", "--register-only", "--store", s3_uri], env)
     output, _ = bad.communicate(timeout=120)

@@ -191,14 +191,6 @@ def test_classifier_objective_shifts_with_the_global_rng():
     assert float(a) != float(ClassifierObjective(max_shift=0).loss(model, {"x_1": x, "y": y}).logs["loss"])
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_classifier_objective_trains_in_a_plain_loop(one_thread):
     x_train, y_train, _, _ = digits_16()
     torch.manual_seed(0)

@@ -31,20 +31,13 @@ from models.objectives import FlowMatching
 from models.paths import LogitNormalTime
 from models.samplers import sample_ode
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES, CHANNELS, SIZE = 4, 4, 8
 STEPS, BATCH, LR = 400, 64, 3e-3
 N_SAMPLES = 256  # generated samples per check, classes balanced
 GUIDANCE = 3.0
 CHANCE = 1 / CLASSES
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny DiT gains nothing from threads on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def patterns() -> Tensor:

@@ -21,7 +21,18 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy import NUM_CLASSES, ToyVelocityMLP, fit, sample_mixture, sample_mixture_given, sliced_wasserstein  # noqa: E402
+from toy import (  # noqa: E402
+    F64,
+    MU,
+    NUM_CLASSES,
+    SIGMA,
+    Recorder,
+    ToyVelocityMLP,
+    fit,
+    sample_mixture,
+    sample_mixture_given,
+    sliced_wasserstein,
+)
 
 from models.diffusion import (  # noqa: E402
     DDIMUpdate,
@@ -41,19 +52,9 @@ from models.diffusion import (  # noqa: E402
 )
 from models.samplers import SampleResult  # noqa: E402
 
-F64 = torch.float64
-MU = torch.tensor([1.5, -0.5, 0.0], dtype=F64)
-SIGMA = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 T = 1000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small float64 tensors gain nothing from threads, and lose a lot on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=["linear", "cosine"])
@@ -213,21 +214,6 @@ def test_forward_marginal_matches_the_markov_chain(schedule):
 
 
 # --- the objective ----------------------------------------------------------------------------
-
-
-class Recorder(nn.Module):
-    """Returns zeros and remembers what it was called with."""
-
-    num_classes = 3
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-        self.w = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t, y):
-        self.calls.append((x.detach().clone(), t.detach().clone(), y.clone()))
-        return torch.zeros_like(x) + 0 * self.w
 
 
 def test_objective_noises_at_the_mapped_time_and_regresses_eps():

@@ -28,16 +28,9 @@ from models.extractors import encoder_extractor, extract_features
 from models.registry import build_model, model_spec
 from workers.sources.shapes import render_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions: one thread is faster than two fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(**overrides) -> Encoder:

@@ -23,16 +23,10 @@ import torch.nn.functional as F
 from models.extractors import INCEPTION_SIZE, extract_features, load_inception_extractor
 from models.inception import Inception3, InceptionConfig, config_for_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HERE = Path(__file__).resolve().parent
 TABLE = [tuple(entry) for entry in json.loads((HERE / "inception_v3_state_dict.json").read_text())]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded_state_dict(seed: int, num_classes: int = 1000, aux: bool = True) -> dict[str, torch.Tensor]:

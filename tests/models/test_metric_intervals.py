@@ -22,14 +22,7 @@ from models.metrics import (
     mmd2_unbiased,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small matrix products: one thread is faster than two fighting over a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian(n: int, d: int, shift: float, seed: int, scale: float = 1.0) -> torch.Tensor:

@@ -45,18 +45,12 @@ from models.inception import Inception3, InceptionConfig
 from models.metrics import class_accuracy, fid, kid
 from workers.sources.shapes import render_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N = 1000  # images per row (the Inception rows use the first N_INCEPTION)
 N_INCEPTION = 200
 BLUR = (1.0, 1.5, 2.5)  # Gaussian blur std, pixels
 NOISE = (0.3, 0.5, 0.8)  # additive Gaussian noise std, in the [-1, 1] pixel range
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def shapes(start: int, count: int) -> tuple[Tensor, Tensor]:

@@ -8,12 +8,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy import GaussianVelocity, ToyVelocityMLP  # noqa: E402
+from toy import F64, GaussianVelocity, Recorder, ToyVelocityMLP  # noqa: E402
 
 from models.objectives import FlowMatching, LossOutput, Objective  # noqa: E402
 from models.paths import LogitNormalTime, UniformTime, sample_path, time_sampler  # noqa: E402
-
-F64 = torch.float64
 
 
 class FixedTime:
@@ -24,21 +22,6 @@ class FixedTime:
 
     def __call__(self, n, device, dtype, generator=None):
         return torch.full((n,), self.value, device=device, dtype=dtype)
-
-
-class Recorder(nn.Module):
-    """Returns zeros and remembers what it was called with."""
-
-    num_classes = 3
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-        self.w = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t, y):
-        self.calls.append((x.detach().clone(), t.detach().clone(), y.clone()))
-        return torch.zeros_like(x) + 0 * self.w
 
 
 # --- time samplers -------------------------------------------------------------------

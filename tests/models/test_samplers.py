@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy import GaussianVelocity  # noqa: E402
+from toy import F64, MU, SIGMA, GaussianVelocity  # noqa: E402
 
 from models.samplers import (  # noqa: E402
     SOLVERS,
@@ -22,10 +22,6 @@ from models.samplers import (  # noqa: E402
     sample_reference,
     straightness,
 )
-
-F64 = torch.float64
-MU = torch.tensor([1.5, -0.5, 0.0], dtype=F64)
-SIGMA = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
 
 
 @pytest.fixture(scope="module")

@@ -21,21 +21,14 @@ from models.consistency import ConsistencyDistillation, consistency_sample  # no
 from models.objectives import FlowMatching  # noqa: E402
 from models.samplers import sample_ode, straightness  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BATCH = 256
 BASE_STEPS = 1500
 REFLOW_STEPS = 1000
 CD_STEPS = 1000
 N_PAIRS = 20_000
 N_EVAL = 4000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny MLPs gain nothing from threads, and lose a lot on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def data_batch():

@@ -1,4 +1,5 @@
-"""Test helpers: a small velocity MLP, 2-D Gaussian-mixture data, sliced Wasserstein.
+"""Test helpers: a small velocity MLP, 2-D Gaussian-mixture data, sliced Wasserstein, the exact
+velocity of a Gaussian (and the Gaussian the closed-form tests use), a network that records its calls.
 
 Imported by the tests in this folder after ``sys.path.insert(0, <this folder>)``.
 """
@@ -103,6 +104,12 @@ def fit(objective, model: nn.Module, batches, steps: int, lr: float = 2e-3) -> l
     return losses
 
 
+# The diagonal Gaussian x_1 ~ N(MU, diag(SIGMA^2)) of the closed-form tests, in float64.
+F64 = torch.float64
+MU = torch.tensor([1.5, -0.5, 0.0], dtype=F64)
+SIGMA = torch.tensor([0.5, 2.0, 1.0], dtype=F64)
+
+
 class GaussianVelocity(nn.Module):
     """The exact marginal velocity of the straight path when x_1 ~ N(mu, diag(sigma^2)).
 
@@ -141,3 +148,18 @@ class GaussianVelocity(nn.Module):
         """
         cov = t * self.sigma**2 - (1 - t)
         return self.sigma**2 + 1 - cov**2 / ((1 - t) ** 2 + t**2 * self.sigma**2)
+
+
+class Recorder(nn.Module):
+    """Returns zeros and remembers what it was called with."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, y):
+        self.calls.append((x.detach().clone(), t.detach().clone(), y.clone()))
+        return torch.zeros_like(x) + 0 * self.w

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from infra.cards import CardError, ImagesCard, LatentsCard, VAECard
+from drills import kit
+from infra.cards import CardError, ImagesCard, LatentsCard
 from infra.config import IngestConfig, LatentsConfig, Resources
 from infra.tables import table_column_to_numpy, table_metadata
 from models.registry import model_spec
-from models.vae import VAE, VAEConfig
 from workers.pixels import decode_batch
 from workers.stages import s03_latents as latents_module
 from workers.stages.s01_ingest import run_ingest
@@ -22,43 +22,13 @@ from workers.stages.s03_latents import LatentEncoder, run_latents
 SCALE = 1.7  # what the fake VAE stage "measured": the latents stage must copy it, not invent one
 
 
-def tiny_vae() -> VAE:
-    torch.manual_seed(0)
-    return VAE(VAEConfig(in_channels=1, latent_channels=2, base_channels=8, downsample=4)).eval()
-
-
-def vae_card(**changes) -> dict:
-    """The metrics of a VAE card like the vae stage writes (only the scale matters here)."""
-    card = VAECard(
-        latent_scale=SCALE,
-        latent_shape=(2, 4, 4),
-        in_channels=1,
-        image_size=16,
-        latent_channels=2,
-        downsample=4,
-        recon_mse_train=0.1,
-        measured_on=1,
-    )
-    return {**card.to_metrics(), **changes}
-
-
-def commit_vae(store, images, metrics):
-    """A VAE manifest as the vae stage would commit it (untrained weights: the encoding is what matters)."""
-    vae = tiny_vae()
-    with store.begin(
-        "vae", store.stage_key("vae", {"test": "latents"}, [images]), config={}, inputs=[images]
-    ) as writer:
-        writer.write_model("vae", vae, model_spec(vae))
-        return writer.commit(metrics=metrics), vae
-
-
 @pytest.fixture
 def images(ray_local, store):
     return run_ingest(store, IngestConfig(source="digits", image_size=16, limit=24, test_fraction=0.25))
 
 
 def test_encoder_is_a_plain_callable(store, images):
-    vae = tiny_vae()
+    vae = kit.tiny_vae()
     table = store.read_table(images, "images").slice(0, 5)
     batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ("id", "split", "label", "image")}
 
@@ -74,7 +44,7 @@ def test_encoder_is_a_plain_callable(store, images):
 
 
 def test_latents_stage_writes_scaled_metadata_and_is_reused(store, images, monkeypatch):
-    vae_manifest, vae = commit_vae(store, images, vae_card())
+    vae_manifest, vae = kit.commit_vae(store, [images], metrics=kit.vae_card(latent_scale=SCALE)), kit.tiny_vae()
     config = LatentsConfig(batch_size=8, resources=Resources(workers=2, cpus=0.5))
     manifest = run_latents(store, config, images, vae_manifest)
 
@@ -113,7 +83,7 @@ def test_blocks_are_capped_so_the_driver_holds_a_bounded_amount(local_store, ray
     """The driver writes the encoded blocks as they come: a block of at most BLOCK_ROWS rows
     whatever the dataset's size (a fixed block count made the driver's peak grow with N)."""
     images = run_ingest(local_store, IngestConfig(source="digits", image_size=16, limit=24, test_fraction=0.25))
-    vae_manifest, _ = commit_vae(local_store, images, vae_card())
+    vae_manifest = kit.commit_vae(local_store, [images], metrics=kit.vae_card(latent_scale=SCALE))
     monkeypatch.setattr(latents_module, "BLOCK_ROWS", 5)
     seen: list[int] = []
     write = latents_module.write_streaming
@@ -137,8 +107,8 @@ def test_blocks_are_capped_so_the_driver_holds_a_bounded_amount(local_store, ray
 
 def test_a_vae_manifest_without_a_scale_is_refused(local_store, ray_local):
     images = run_ingest(local_store, IngestConfig(source="digits", image_size=16, limit=8))
-    metrics = vae_card()
+    metrics = kit.vae_card()
     del metrics["latent_scale"]
-    vae_manifest, _ = commit_vae(local_store, images, metrics)
+    vae_manifest = kit.commit_vae(local_store, [images], metrics=metrics)
     with pytest.raises(CardError, match=r"records no 'latent_scale'.*VAECard needs"):
         run_latents(local_store, LatentsConfig(), images, vae_manifest)

@@ -31,25 +31,17 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
 
-from infra.cards import GeneratorCard, VAECard
+from drills import kit
 from infra.store import Manifest, Store
-from models.dit import DiT, dit_config
-from models.registry import model_spec
-from models.vae import VAE, VAEConfig
 from workers.evaluation.table import COLUMNS
 from workers.generator import Generator, Request
 from workers.stages.s11_promote import promote
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from serve_drill_kit import flip_byte  # noqa: E402
-
 pytestmark = pytest.mark.timeout(300)
 
-NUM_CLASSES = 3
-LATENT = (2, 4, 4)  # (C, H, W): a 4x downsampling VAE decodes it to 16x16 grayscale
+NUM_CLASSES, LATENT = kit.NUM_CLASSES, kit.LATENT  # the tiny store's: 16x16 grayscale through a 4x VAE
 SERVED_STEPS = 2
 DIFFUSION_T = 6  # a cosine schedule of 6 steps: below the app's max_steps, so the model's own limit shows
 SERVE_YAML = f"""
@@ -71,56 +63,9 @@ serve:
 # --------------------------------------------------------------------------- a store with two models
 
 
-def commit_vae(store: Store) -> Manifest:
-    torch.manual_seed(0)
-    vae = VAE(VAEConfig(in_channels=1, latent_channels=LATENT[0], base_channels=4, downsample=4))
-    with store.begin("vae", "tiny", config={"test": True}) as writer:
-        writer.write_model("vae", vae, model_spec(vae))
-        card = VAECard(
-            latent_scale=1.0,
-            latent_shape=LATENT,
-            in_channels=1,
-            image_size=16,
-            latent_channels=LATENT[0],
-            downsample=4,
-            recon_mse_train=0.0,
-            measured_on=0,
-        )
-        return writer.commit(metrics=card.to_metrics())
-
-
-def commit_generator(
-    store: Store, stage: str, family: str, seed: int, vae: Manifest, nan: bool = False, **trained
-) -> Manifest:
-    """An untrained DiT, its zero-initialised output layers nudged so that it depends on x, t and y
-    (``nan``: its output layer's weights are NaN, as a diverged run would commit them; ``trained``:
-    the card fields its family's samplers read, e.g. a diffusion model's schedule)."""
-    torch.manual_seed(seed)
-    net = DiT(dit_config("DiT-T/2", input_size=LATENT[1], in_channels=LATENT[0], num_classes=NUM_CLASSES))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        if nan:
-            net.final_layer.linear.weight.fill_(float("nan"))
-    with store.begin(
-        stage, f"tiny{seed}" + ("-nan" if nan else ""), config={"seed": seed, "nan": nan}, inputs=[vae]
-    ) as writer:
-        writer.write_model("model", net, model_spec(net))
-        card = GeneratorCard(
-            family=family,
-            steps=0,
-            latent_shape=LATENT,
-            num_classes=NUM_CLASSES,
-            latent_scale=1.0,
-            vae_ref=vae.ref,
-            **trained,
-        )
-        return writer.commit(metrics=card.to_metrics())
-
-
 def commit_diffusion(store: Store, vae: Manifest, seed: int = 5) -> Manifest:
     """A diffusion-family generator as the ddpm stage writes it."""
-    return commit_generator(
+    return kit.commit_generator(
         store, "ddpm", "diffusion", seed, vae, diffusion_schedule="cosine", diffusion_steps=DIFFUSION_T
     )
 
@@ -154,7 +99,7 @@ def commit_evaluation(store: Store, rows: list[tuple], inputs: list[Manifest]) -
 
 def test_a_diffusion_generator_draws_with_both_samplers_deterministically_per_seed(tmp_path):
     store = Store.open(str(tmp_path / "store"))
-    generator = Generator.load(store, commit_diffusion(store, commit_vae(store)), "cpu")
+    generator = Generator.load(store, commit_diffusion(store, kit.commit_vae(store)), "cpu")
     assert list(generator.samplers) == ["ddim", "ddpm"]
     drawn = {}
     for sampler in ("ddim", "ddpm"):
@@ -180,16 +125,6 @@ def test_a_diffusion_generator_draws_with_both_samplers_deterministically_per_se
 
 
 # --------------------------------------------------------------------------- the app
-
-
-def free_port() -> int:
-    """A free port outside 8000-9000 (Prefect's test harness uses those)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if not 8000 <= port <= 9000:
-            return port
 
 
 @dataclass
@@ -225,12 +160,12 @@ def wait_until_serving(process: subprocess.Popen, log: Path, url: str, timeout_s
 def app(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     store = Store.open(str(root / "store"))
-    vae = commit_vae(store)
-    student = commit_generator(store, "consistency", "consistency", 1, vae)
-    flow = commit_generator(store, "base", "flow", 2, vae)
-    nan = commit_generator(store, "base", "flow", 3, vae, nan=True)
-    corrupt = commit_generator(store, "base", "flow", 4, vae)
-    flip_byte(store, corrupt)
+    vae = kit.commit_vae(store)
+    student = kit.commit_generator(store, "consistency", "consistency", 1, vae)
+    flow = kit.commit_generator(store, "base", "flow", 2, vae)
+    nan = kit.commit_generator(store, "base", "flow", 3, vae, poison="nan")
+    corrupt = kit.commit_generator(store, "base", "flow", 4, vae)
+    kit.flip_byte(store, corrupt)
     evaluation = commit_evaluation(
         store,
         [
@@ -246,7 +181,7 @@ def app(ray_local, tmp_path_factory):
     store.put_pointer("serving/current", student.ref)
     config = root / "serve.yaml"
     config.write_text(SERVE_YAML)
-    port = free_port()
+    port = kit.free_port()
     log = root / "serve.log"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, RAY_USAGE_STATS_ENABLED="0")
     with open(log, "wb") as sink:
@@ -492,7 +427,7 @@ def test_model_card_docs_and_playground(app):
         assert card["num_classes"] == NUM_CLASSES and card["served_steps"] == SERVED_STEPS
         assert card["guidance"] == 1.0  # moved by hand, no scale recorded, none on its card
         assert card["limits"]["max_n"] == 16 and card["digest"] == app.student.digest
-        assert [m["ref"] for m in card["lineage"]] == ["vae/tiny"]
+        assert [m["ref"] for m in card["lineage"]] == app.student.inputs  # its VAE
         evaluation = card["evaluation"]
         assert evaluation["ref"] == app.evaluation.ref
         assert {(r["steps"], r["fid"]) for r in evaluation["rows"]} == {(1, 40.0), (2, 35.0), (4, "nan")}
@@ -544,14 +479,6 @@ def test_playground_in_a_headless_browser(app):
 # --------------------------------------------------------------------------- swaps refused, hot swap, then Ctrl-C
 
 
-def wait_for(condition, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.1)
-    return value
-
-
 # Ray forwards every worker's log on the cluster to a connected driver with a "(Actor pid=N)" tag, so the
 # app's log also holds lines of actors the other tests left behind (a Ray Train placement-group cleaner).
 RAY_TAG = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?P<actor>[^ )]+)")
@@ -586,7 +513,7 @@ def test_a_non_finite_or_corrupt_model_is_never_swapped_in(app):
                 (app.corrupt, "IntegrityError: file 'model' of base/tiny4 at "),
             ):
                 app.store.put_pointer("serving/current", bad.ref)
-                health = wait_for(
+                health = kit.wait_for(
                     lambda bad=bad: (
                         (h := client.get("/healthz").json())["failed_swap"] and h["failed_swap"]["ref"] == bad.ref and h
                     ),
@@ -604,13 +531,15 @@ def test_a_non_finite_or_corrupt_model_is_never_swapped_in(app):
                 again = client.get("/healthz").json()
                 assert again["failed_swap"]["attempts"] == 1 and again["failed_swap"]["retry_in_s"] > 200, again
                 line = f"could not switch to {bad.ref}"
-                wait_for(lambda line=line: line in app.log.read_text()[log_start:], 30, "the failed swap's log line")
+                kit.wait_for(
+                    lambda line=line: line in app.log.read_text()[log_start:], 30, "the failed swap's log line"
+                )
                 assert app.log.read_text()[log_start:].count(line) == 1, (
                     "a failed swap was retried (or logged) per poll"
                 )
         finally:
             app.store.put_pointer("serving/current", app.student.ref)
-        wait_for(
+        kit.wait_for(
             lambda: (
                 client.get("/healthz").json()
                 == {"status": "ok", "model": app.student.ref, "reasons": [], "failed_swap": None}
@@ -681,7 +610,7 @@ def test_health_is_degraded_while_the_store_is_moved_away(app):
     with app.client() as client:
         os.rename(root, moved)
         try:
-            health = wait_for(
+            health = kit.wait_for(
                 lambda: (h := client.get("/healthz").json())["status"] == "degraded" and h,
                 30,
                 "/healthz to notice the store is gone",
@@ -694,12 +623,12 @@ def test_health_is_degraded_while_the_store_is_moved_away(app):
             assert response.status_code == 200 and response.json()["model"] == app.flow.ref
         finally:
             os.rename(moved, root)
-        wait_for(lambda: client.get("/healthz").json()["status"] == "ok", 30, "/healthz to recover")
+        kit.wait_for(lambda: client.get("/healthz").json()["status"] == "ok", 30, "/healthz to recover")
 
 
 def test_a_diffusion_model_is_served_like_any_other(app):
     """Promotion never picks the ddpm model in a pipeline, but served (here by moving the pointer) it works."""
-    ddpm = commit_diffusion(app.store, app.store.get_ref("vae/tiny"))
+    ddpm = commit_diffusion(app.store, app.store.get_ref(app.student.inputs[0]))
     app.store.put_pointer("serving/current", ddpm.ref)
     with app.client() as client:
         deadline = time.monotonic() + 60
@@ -750,7 +679,7 @@ def test_serve_refuses_to_start_a_non_finite_or_corrupt_model(app, tmp_path):
                 "--model",
                 bad.ref,
                 "--port",
-                str(free_port()),
+                str(kit.free_port()),
                 "--config",
                 str(config),
             ],

@@ -1,4 +1,4 @@
-"""The Serve drills of benchmarks/drill_serve_*.py, small: the same code, fewer requests.
+"""The Serve drills of drills/drill_serve_*.py, small: the same code, fewer requests.
 
 One app with two replicas on a tiny synthetic store, driven from a separate client process
 over loopback. In file order: mixed valid/invalid load, property-based fuzzing from the
@@ -10,17 +10,13 @@ are in RELIABILITY.md.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import serve_drill_kit as kit  # noqa: E402
-from drill_serve_fuzz import fuzz_drill  # noqa: E402
-from drill_serve_load import kill_drill, load_drill  # noqa: E402
-from drill_serve_swap import swap_drill  # noqa: E402
+from drills import kit
+from drills.drill_serve_fuzz import fuzz_drill
+from drills.drill_serve_load import kill_drill, load_drill
+from drills.drill_serve_swap import swap_drill
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,9 +62,9 @@ def test_hot_swaps_to_broken_models_under_load_keep_the_old_model(drill):
     show("swap", figures)
     assert figures.failed == 0 and figures.requests > 20
     assert [b.kind for b in figures.bad] == ["corrupt", "nan", "overflow"]
-    assert figures.bad[0].error.startswith("IntegrityError: file 'model' of base/drill5")
-    assert figures.bad[1].error.startswith("UnfitModel: base/drill3-nan: 1 tensor(s) of its network hold NaN")
-    assert figures.bad[2].error.startswith("UnfitModel: base/drill4-overflow draws non-finite latents")
+    assert figures.bad[0].error.startswith("IntegrityError: file 'model' of base/tiny5")
+    assert figures.bad[1].error.startswith("UnfitModel: base/tiny3-nan: 1 tensor(s) of its network hold NaN")
+    assert figures.bad[2].error.startswith("UnfitModel: base/tiny4-overflow draws non-finite latents")
     assert all(b.attempts == 1 for b in figures.bad), "a failed swap was retried within its back-off"
     assert list(figures.models_while_bad) == [tiny.first.ref], figures.models_while_bad
     assert figures.health_after == {"status": "ok", "model": tiny.second.ref, "reasons": [], "failed_swap": None}

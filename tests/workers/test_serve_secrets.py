@@ -26,12 +26,9 @@ import httpx
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import serve_drill_kit as kit  # noqa: E402
-
-from infra.errors import AccessDenied  # noqa: E402
-from infra.store import Store  # noqa: E402
+from drills import kit
+from infra.errors import AccessDenied
+from infra.store import SERVING_POINTER, Store
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -70,7 +67,7 @@ def test_serve_keeps_and_logs_no_secret(ray_local, s3_server, s3_uri):
     assert secret in pickle.dumps(store)
     vae = kit.commit_vae(store)
     model = kit.commit_generator(store, "consistency", "consistency", 1, vae)
-    store.put_pointer(kit.POINTER, model.ref)
+    store.put_pointer(SERVING_POINTER, model.ref)
 
     with kit.serving(s3_uri, kit.drill_config()) as url:
         response = httpx.post(url + "v1/generate", json={"n": 1, "seed": 1}, timeout=60)
@@ -123,14 +120,11 @@ def prefect_records(api_url: str) -> bytes:
 def test_no_secret_anywhere_after_an_s3_run_and_serve(prefect_harness, ray_local, s3_server, s3_uri, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
-    from test_pipeline import TINY  # the tiny preset every stage runs on in seconds
-
     secret, bucket = s3_server.secret_access_key.encode(), s3_uri.split("/")[2]
     port = kit.free_port()
     config = tmp_path / "tiny.yaml"
     config.write_text(
-        yaml.safe_dump({**TINY, "serve": {**TINY["serve"], "host": "127.0.0.1", "port": port, "poll_s": 0.5}})
+        yaml.safe_dump({**kit.TINY, "serve": {**kit.TINY["serve"], "host": "127.0.0.1", "port": port, "poll_s": 0.5}})
     )
     api_url = PREFECT_API_URL.value()
     env = dict(os.environ, PREFECT_API_URL=api_url, PYTHONUNBUFFERED="1")

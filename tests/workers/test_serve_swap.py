@@ -10,19 +10,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import serve_drill_kit as kit  # noqa: E402
-
-from infra.cards import GeneratorCard  # noqa: E402
-from infra.errors import IntegrityError  # noqa: E402
-from workers.generator import Generator  # noqa: E402
-from workers.serving.swap import UnfitModel, Watch, default_guidance, load_served, sanity_check  # noqa: E402
+from drills import kit
+from infra.cards import GeneratorCard
+from infra.errors import IntegrityError
+from infra.store import SERVING_POINTER
+from workers.generator import Generator
+from workers.serving.swap import UnfitModel, Watch, default_guidance, load_served, sanity_check
 
 STEPS = 2
 
@@ -75,7 +72,7 @@ def test_good_models_pass_and_a_flipped_byte_fails_its_digest(tiny):
         served = load_served(tiny.store, ref, "euler", STEPS)
         assert served.ref == ref and served.card["ref"] == ref
     sanity_check(Generator.load(tiny.store, tiny.first, device="cpu"), "consistency", STEPS)
-    with pytest.raises(IntegrityError, match=r"file 'model' of base/drill5 .* is corrupt \(sha256"):
+    with pytest.raises(IntegrityError, match=r"file 'model' of base/tiny5 .* is corrupt \(sha256"):
         load_served(tiny.store, tiny.corrupt.ref, "euler", STEPS)
 
 
@@ -103,14 +100,14 @@ def test_default_guidance_is_the_promoted_scale_else_the_cards_else_one(tiny):
 def test_a_failed_swap_keeps_the_old_model_logs_once_and_backs_off(tiny, caplog):
     caplog.set_level(logging.INFO, logger="fewstep.serve")
     clock = Clock()
-    watch = Watch(tiny.store, kit.POINTER, "euler", STEPS, retry_s=60, max_retry_s=200, clock=clock)
+    watch = Watch(tiny.store, SERVING_POINTER, "euler", STEPS, retry_s=60, max_retry_s=200, clock=clock)
     served = load_served(tiny.store, tiny.first.ref, "euler", STEPS)
-    tiny.store.put_pointer(kit.POINTER, tiny.first.ref)
+    tiny.store.put_pointer(SERVING_POINTER, tiny.first.ref)
     assert watch.poll(served, follow=True) is served
     assert watch.health(served) == {"status": "ok", "model": tiny.first.ref, "reasons": [], "failed_swap": None}
 
     try:
-        tiny.store.put_pointer(kit.POINTER, tiny.nan.ref)
+        tiny.store.put_pointer(SERVING_POINTER, tiny.nan.ref)
         for _ in range(20):  # twenty polls within the back-off: one load, one line
             assert watch.poll(served, follow=True) is served
             clock.now += 1
@@ -124,7 +121,7 @@ def test_a_failed_swap_keeps_the_old_model_logs_once_and_backs_off(tiny, caplog)
             "attempts": 1,
             "retry_in_s": 40.0,
         }
-        assert health["failed_swap"]["error"].startswith("UnfitModel: base/drill3-nan: 1 tensor(s)")
+        assert health["failed_swap"]["error"].startswith("UnfitModel: base/tiny3-nan: 1 tensor(s)")
         assert (
             f"could not switch to {tiny.nan.ref}" in health["reasons"][0] and "next try in 40 s" in health["reasons"][0]
         )
@@ -138,18 +135,18 @@ def test_a_failed_swap_keeps_the_old_model_logs_once_and_backs_off(tiny, caplog)
         assert watch.failed.attempts == 3 and watch.failed.retry_at == clock.now + 200
 
         # The pointer moves to another ref: tried at once, whatever the back-off said.
-        tiny.store.put_pointer(kit.POINTER, tiny.corrupt.ref)
+        tiny.store.put_pointer(SERVING_POINTER, tiny.corrupt.ref)
         assert watch.poll(served, follow=True) is served
         assert len(failures(caplog)) == 4 and watch.failed.ref == tiny.corrupt.ref and watch.failed.attempts == 1
-        assert watch.failed.error.startswith("IntegrityError: file 'model' of base/drill5")
+        assert watch.failed.error.startswith("IntegrityError: file 'model' of base/tiny5")
 
         # ... and to a good model: swapped in, healthy again.
-        tiny.store.put_pointer(kit.POINTER, tiny.second.ref)
+        tiny.store.put_pointer(SERVING_POINTER, tiny.second.ref)
         swapped = watch.poll(served, follow=True)
         assert swapped.ref == tiny.second.ref and swapped.sampler == "euler"
         assert watch.health(swapped) == {"status": "ok", "model": tiny.second.ref, "reasons": [], "failed_swap": None}
     finally:
-        tiny.store.put_pointer(kit.POINTER, tiny.first.ref)
+        tiny.store.put_pointer(SERVING_POINTER, tiny.first.ref)
 
 
 def test_health_is_degraded_while_the_store_is_gone_and_recovers(tiny, caplog):
@@ -158,7 +155,7 @@ def test_health_is_degraded_while_the_store_is_gone_and_recovers(tiny, caplog):
     served = load_served(tiny.store, tiny.first.ref, "euler", STEPS)
     for follow in (True, False):  # following the pointer, and pinned
         caplog.clear()
-        watch = Watch(tiny.store, kit.POINTER, "euler", STEPS)
+        watch = Watch(tiny.store, SERVING_POINTER, "euler", STEPS)
         assert watch.poll(served, follow) is served and watch.health(served)["status"] == "ok"
         moved = root.with_name("store-moved")
         os.rename(root, moved)
@@ -171,7 +168,7 @@ def test_health_is_degraded_while_the_store_is_gone_and_recovers(tiny, caplog):
         assert health["status"] == "degraded" and health["model"] == tiny.first.ref
         assert f"the served model {tiny.first.ref} is no longer in the store {tiny.store.uri}" in health["reasons"][0]
         if follow:
-            assert f"the pointer '{kit.POINTER}' is unset in {tiny.store.uri}" in health["reasons"][1]
+            assert f"the pointer '{SERVING_POINTER}' is unset in {tiny.store.uri}" in health["reasons"][1]
         assert len(health["reasons"]) == (2 if follow else 1)
         degraded_lines = [r for r in caplog.records if r.getMessage().startswith("degraded:")]
         assert len(degraded_lines) == len(health["reasons"]), "store trouble was logged every poll"

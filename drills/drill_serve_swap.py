@@ -1,6 +1,6 @@
 """Drill: hot swaps to broken models under load; the old model keeps serving, /healthz says why.
 
-    python benchmarks/drill_serve_swap.py [--replicas 2] [--concurrency 32] [--hold-s 3] [--json]
+    python -m drills.drill_serve_swap [--replicas 2] [--concurrency 32] [--hold-s 3] [--json]
 
 Starts the real app on a tiny synthetic store, following its ``serving/current`` pointer,
 and drives it from a separate process (valid requests only, ``--concurrency`` in flight).
@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import serve_drill_kit as kit  # noqa: E402
+from drills import kit
+from infra.store import SERVING_POINTER
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def swap_drill(
         bad_from = time.time()
         for kind, manifest in (("corrupt", tiny.corrupt), ("nan", tiny.nan), ("overflow", tiny.overflow)):
             moved = time.monotonic()
-            store.put_pointer(kit.POINTER, manifest.ref)
+            store.put_pointer(SERVING_POINTER, manifest.ref)
 
             def reported(manifest=manifest):
                 health = kit.health(url)
@@ -87,7 +84,7 @@ def swap_drill(
             bad.append(BadSwap(kind, manifest.ref, round(detected, 2), held["attempts"], held["error"][:160]))
         bad_until = time.time()
         moved = time.monotonic()
-        store.put_pointer(kit.POINTER, tiny.second.ref)
+        store.put_pointer(SERVING_POINTER, tiny.second.ref)
         health = kit.wait_for(
             lambda: (h := kit.health(url))["model"] == tiny.second.ref and h["status"] == "ok" and h,
             timeout_s,
@@ -125,10 +122,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args()
 
-    kit.start_ray()
-    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
-    tiny = kit.tiny_store(workdir / "store")
-    with kit.serving(tiny.store.uri, kit.drill_config(replicas=args.replicas)) as url:
+    with kit.serving_tiny_store(args.replicas) as (url, tiny, workdir):
         figures = swap_drill(url, tiny, workdir, args.concurrency, args.hold_s)
     print(f"swap under load: {figures.requests} requests, {figures.failed} failed; old model {figures.old}", flush=True)
     for b in figures.bad:

@@ -1,11 +1,11 @@
 """Drill: Serve under load with mixed valid and invalid bodies, then a replica killed under load.
 
-    python benchmarks/drill_serve_load.py [--requests 2000] [--concurrency 32] [--invalid 0.3]
+    python -m drills.drill_serve_load [--requests 2000] [--concurrency 32] [--invalid 0.3]
                                           [--replicas 2] [--kill-requests 2000] [--json]
 
 Starts the real app (workers.serving.app.start, what ``fewstep serve`` runs) on a tiny
 synthetic store, on 127.0.0.1, and drives it from a separate process
-(benchmarks/serve_load_client.py: asyncio + httpx, ``--concurrency`` requests in flight).
+(drills/serve_load_client.py: asyncio + httpx, ``--concurrency`` requests in flight).
 
 1. load: ``--requests`` requests, a fraction ``--invalid`` of them invalid (malformed JSON,
    wrong types, out-of-range values, oversized bodies). Figures: counts per status for valid
@@ -23,17 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import serve_drill_kit as kit  # noqa: E402
+from drills import kit
 
 
 def load_drill(
@@ -113,10 +109,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args()
 
-    kit.start_ray()
-    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
-    tiny = kit.tiny_store(workdir / "store")
-    with kit.serving(tiny.store.uri, kit.drill_config(replicas=args.replicas)) as url:
+    with kit.serving_tiny_store(args.replicas) as (url, tiny, workdir):
         load = load_drill(url, workdir, args.requests, args.concurrency, args.invalid)
         print(
             f"load: {load.requests} requests ({load.valid} valid, {load.invalid} invalid) at concurrency "

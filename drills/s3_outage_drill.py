@@ -1,6 +1,6 @@
 """Fault drill: the S3 endpoint goes away mid-stage (refused or hung) and comes back.
 
-    python benchmarks/s3_outage_drill.py [--scope pipeline|stages] [--config tiny|micro] [--workdir DIR] [--json]
+    python -m drills.s3_outage_drill [--scope pipeline|stages] [--config tiny|micro] [--workdir DIR] [--json]
 
 A store on moto's S3 server (its own instance), reached through a TCP relay that can refuse
 connections; a "hang" outage SIGSTOPs moto instead (connections accepted, nothing answered).
@@ -40,9 +40,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from drill_kit import (  # noqa: E402
+from drills.kit import (
     CONFIGS,
     KILLABLE,
     STAGES,
@@ -210,17 +208,7 @@ def pipeline_drill(config_name: str, workdir: Path, moto: MotoServer, relay: Tcp
                     pending.insert(0, armed[:2])
                 fault.wait_restored()
             audit = audit_store(store)
-            violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [
-                f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
-                for s, n in audit.per_stage.items()
-                if n > 1
-            ]
-            violations += [
-                f"after run {index}: {ref} changed after its commit"
-                for ref in committed
-                if audit.created.get(ref) != committed[ref]
-            ]
+            violations += audit.violations(f"after run {index}", committed)
             committed.update(audit.created)
             if code == 0:
                 break
@@ -326,17 +314,7 @@ def stages_drill(workdir: Path, moto: MotoServer, relay: TcpRelay, store_uri: st
             runs.append(entry)
             log(f"run {index}: {'failed in ' + failure[0] if failure else 'complete'} after {entry['wall_s']} s")
             audit = audit_store(direct)
-            violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [
-                f"after run {index}: stage {s} has {n} manifests (a duplicate commit)"
-                for s, n in audit.per_stage.items()
-                if n > 1
-            ]
-            violations += [
-                f"after run {index}: {ref} changed after its commit"
-                for ref in committed
-                if audit.created.get(ref) != committed[ref]
-            ]
+            violations += audit.violations(f"after run {index}", committed)
             committed.update(audit.created)
             if failure is None:
                 break

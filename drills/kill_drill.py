@@ -1,6 +1,6 @@
 """Fault drill: SIGKILL the pipeline's driver at seeded random points in every stage, re-run each time.
 
-    python benchmarks/kill_drill.py [--kills 10] [--seed 0] [--config tiny|micro] [--workdir DIR] [--json]
+    python -m drills.kill_drill [--kills 10] [--seed 0] [--config tiny|micro] [--workdir DIR] [--json]
 
 One store, one local Ray (``RAY_ADDRESS`` if set, else started here), one ``prefect server``.
 The kill points are drawn from ``--seed``: with ``--kills`` >= 10 every stage (ingest ... evaluate,
@@ -35,9 +35,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from drill_kit import (  # noqa: E402
+from drills.kit import (
     CONFIGS,
     KILLABLE,
     STAGES,
@@ -178,16 +176,7 @@ def drill(kills: int, seed: int, config_name: str, workdir: Path) -> dict:
                 f"run {index}: {record.landed} (target {record.target}+{record.delay_s}s), wall {record.wall_s}s, "
                 f"resume {record.resume_s}s, {audit.verified}/{audit.manifests} manifests verified"
             )
-            violations += [f"after run {index}: torn {t}" for t in audit.torn]
-            violations += [f"after run {index}: broken pointer {n}: {why}" for n, why in audit.broken_pointers.items()]
-            violations += [
-                f"after run {index}: {ref} was recomputed (created {committed[ref]} -> {audit.created.get(ref)})"
-                for ref in committed
-                if audit.created.get(ref) != committed[ref]
-            ]
-            violations += [
-                f"after run {index}: stage {s} has {n} manifests" for s, n in audit.per_stage.items() if n > 1
-            ]
+            violations += audit.violations(f"after run {index}", committed)
             if point is None and record.exit_code != 0:
                 violations.append(f"the last run failed with {record.exit_code}:\n" + "\n".join(run.tail[-25:]))
             if record.landed == "finished" and point is not None:

@@ -1,6 +1,6 @@
 """A load generator for the Serve drills, run in its own process: asyncio + httpx over loopback.
 
-    python benchmarks/serve_load_client.py URL --requests 2000 --concurrency 32 --invalid 0.3 \
+    python drills/serve_load_client.py URL --requests 2000 --concurrency 32 --invalid 0.3 \
         --seed 0 --out records.jsonl [--stop-file PATH]
 
 ``concurrency`` workers each send their next request when the last one returns, until
@@ -9,7 +9,7 @@
 values, an oversized body...). One JSON line per answered request goes to ``--out`` as it lands:
 ``{"i", "valid", "kind", "start", "end", "status", "model", "error"}`` with wall-clock
 times (``time.time()``, comparable across processes); status 0 means no answer (connection
-refused, reset or timed out). The limits assumed are the drills' (benchmarks/serve_drill_kit.py:
+refused, reset or timed out). The limits assumed are the drills' (drills/kit.py:
 max_n 4, max_steps 8, max_guidance 5, 3 classes, 4096-byte bodies).
 """
 

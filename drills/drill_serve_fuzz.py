@@ -1,6 +1,6 @@
 """Drill: property-based fuzzing of POST /v1/generate from the app's own OpenAPI schema: no 5xx, ever.
 
-    python benchmarks/drill_serve_fuzz.py [--examples 2000] [--seed 0] [--json]
+    python -m drills.drill_serve_fuzz [--examples 2000] [--seed 0] [--json]
 
 Starts the real app on a tiny synthetic store, reads ``/openapi.json`` and ``/v1/model`` from
 it, and builds hypothesis strategies from the ``GenerateBody`` schema (``$ref``, ``anyOf``,
@@ -25,22 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import serve_drill_kit as kit  # noqa: E402
+from drills import kit
 
 MAX_SEED = 2**63 - 1
 
@@ -240,10 +234,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every figure as one JSON object, last")
     args = parser.parse_args()
 
-    kit.start_ray()
-    workdir = Path(tempfile.mkdtemp(prefix="fewstep-drill-"))
-    tiny = kit.tiny_store(workdir / "store")
-    with kit.serving(tiny.store.uri, kit.drill_config()) as url:
+    with kit.serving_tiny_store() as (url, tiny, workdir):
         figures = fuzz_drill(url, args.examples, args.seed)
     print(
         f"fuzz: {figures.examples} requests in {figures.seconds}s; 5xx: {figures.server_errors}; in-limits "

@@ -1,0 +1,1 @@
+"""Fault and Serve drills: run from the repository root as ``python -m drills.<name>`` (RELIABILITY.md)."""
