@@ -11,7 +11,10 @@ machine. ``--warm`` times a second ``fit`` on the same Ray (what every training 
 the first one of a pipeline pays). The Ray side's own breakdown (``TrainResult.timing``) says
 where its time went.
 
-``--json`` prints one JSON object last, with ``ratio_ray_over_plain``.
+The local contender is the same ``fit`` with ``resources.workers: 0``: Ray Train's local mode,
+the loop run in this process through the same ``ray.train`` API (no worker group to start).
+
+``--json`` prints one JSON object last, with ``ratio_ray_over_plain`` and ``ratio_local_over_plain``.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def main() -> None:
 
     import ray
 
-    from infra.config import GeneratorConfig
+    from infra.config import GeneratorConfig, Resources
     from infra.store import Store
     from models.dit import DiT, dit_config
     from models.objectives import FlowMatching
@@ -119,14 +122,15 @@ def main() -> None:
     fits = []
     with tempfile.TemporaryDirectory() as folder:
         store = Store.open(os.path.join(folder, "store"))
-        for key in ("cold", "warm") if args.warm else ("cold",):
+        local = config.model_copy(update={"resources": Resources(workers=0)})
+        for key in ("cold", "warm", "local") if args.warm else ("cold", "local"):
             job = TrainJob(
                 store=store,
                 stage="bench",
                 key=key,
                 model_spec=spec,
                 objective=FlowMatching(label_dropout=0.1),
-                config=config,
+                config=local if key == "local" else config,
                 adapt_batch=adapt,
             )
             started = time.perf_counter()
@@ -142,8 +146,9 @@ def main() -> None:
     )
     print(f"plain PyTorch loop      {plain:8.2f} s  ({args.steps / plain:6.1f} steps/s)")
     for key, seconds, timing, threads in fits:
+        name = "Ray Train local mode " if key == "local" else f"Ray Train stage ({key})"
         print(
-            f"Ray Train stage ({key})  {seconds:8.2f} s  ({args.steps / seconds:6.1f} steps/s, worker torch threads "
+            f"{name}  {seconds:8.2f} s  ({args.steps / seconds:6.1f} steps/s, worker torch threads "
             f"{threads or '?'}); ratio {seconds / plain:.2f}x, fixed ~{seconds - plain:.1f} s"
         )
         if timing:
@@ -161,6 +166,9 @@ def main() -> None:
             "ray_threads": cold[3],
             "ratio_ray_over_plain": round(cold[1] / plain, 3),
             "timing": cold[2],
+            "local_s": round(fits[-1][1], 3),
+            "ratio_local_over_plain": round(fits[-1][1] / plain, 3),
+            "timing_local": fits[-1][2],
         }
         if args.warm:
             out.update(
