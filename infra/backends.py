@@ -26,6 +26,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import IO
 
 CHUNK = 8 * 2**20
@@ -130,27 +131,21 @@ class LocalBackend(Backend):
     def __init__(self, root: str):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.uri = self.root
-        self._fs = None
-        self._pa = None
 
     def __reduce__(self):
         return (LocalBackend, (self.root,))
 
-    @property
+    @cached_property
     def fs(self):
-        if self._fs is None:
-            from fsspec.implementations.local import LocalFileSystem
+        from fsspec.implementations.local import LocalFileSystem
 
-            self._fs = LocalFileSystem(auto_mkdir=True)
-        return self._fs
+        return LocalFileSystem(auto_mkdir=True)
 
-    @property
+    @cached_property
     def pa_filesystem(self):
-        if self._pa is None:
-            import pyarrow.fs
+        import pyarrow.fs
 
-            self._pa = pyarrow.fs.LocalFileSystem()
-        return self._pa
+        return pyarrow.fs.LocalFileSystem()
 
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as handle:

@@ -136,20 +136,11 @@ class LatentSpace(Card):
 
     @property
     def space(self) -> LatentSpace:
-        return LatentSpace(
-            latent_shape=self.latent_shape,
-            num_classes=self.num_classes,
-            latent_scale=self.latent_scale,
-            vae_ref=self.vae_ref,
-        )
+        return LatentSpace(**self.space_fields())
 
     def space_fields(self) -> dict[str, Any]:
-        return {
-            "latent_shape": self.latent_shape,
-            "num_classes": self.num_classes,
-            "latent_scale": self.latent_scale,
-            "vae_ref": self.vae_ref,
-        }
+        """This card's LatentSpace fields, by name (to start a card that lives in the same space)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LatentSpace)}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,7 @@ from infra.manifest import (
     check_file,
     describe_invalid,
     new_attempt_id,
+    read_checked,
     sha256_hex,
     to_jsonable,
     utc_now,
@@ -150,15 +151,8 @@ class CheckpointStore:
         blobs = {}
         for name, entry in record.files.items():
             path = f"{self.step_dir(step)}/{entry.path}"
-            try:
-                data = self.backend.read_bytes(path)
-            except FileNotFoundError:
-                raise IntegrityError(
-                    f"file {name!r} of {self.label(step)} is missing at {path}; delete {self.step_dir(step)} "
-                    "to resume from an earlier step"
-                ) from None
-            check_file(self.label(step), name, path, entry, len(data), sha256_hex(data))
-            blobs[name] = data
+            remedy = f"delete {self.step_dir(step)} to resume from an earlier step"
+            blobs[name] = read_checked(self.backend, self.label(step), name, path, entry, remedy)
         return Checkpoint(
             step=record.step,
             tensors=tensors_from_bytes(blobs[TENSORS], f"{self.label(step)} tensors"),

@@ -35,7 +35,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Upper bounds (see the module docstring): far above any sensible run, far below a typo.
 MAX_STEPS = 10_000_000  # optimiser steps (and warm-up, checkpoint interval)
@@ -72,6 +82,12 @@ def guidance_scales(scales: tuple[float, ...]) -> tuple[float, ...]:
     if repeated:
         raise ValueError(f"guidance scales {repeated} are listed twice; list each scale once")
     return tuple(sorted(float(w) for w in scales))
+
+
+# The guidance scales an evaluation or probe scores, checked the same way in both sections.
+GuidanceScales = Annotated[
+    tuple[float, ...], BeforeValidator(one_scale_is_a_list_of_one), AfterValidator(guidance_scales)
+]
 
 
 class ConfigError(ValueError):
@@ -393,7 +409,7 @@ class EvaluateConfig(Section):
     diffusion_samplers: tuple[Literal["ddpm", "ddim"], ...] = ("ddpm", "ddim")
     # Every model whose sampler takes classifier-free guidance (on labelled data) is scored at each
     # scale: each extra scale re-samples every guided row, at 2 network passes per step (w != 0, 1).
-    guidance: tuple[float, ...] = (1.0, 2.0, 4.0)
+    guidance: GuidanceScales = (1.0, 2.0, 4.0)
     extractor: str | None = None  # local Inception-v3 weights or a TorchScript feature module
     extractor_kind: Literal["torchscript", "inception"] = "torchscript"  # how to load `extractor`
     knn_k: int = Field(3, ge=1, le=100)
@@ -403,16 +419,6 @@ class EvaluateConfig(Section):
     kid_subset_size: int = Field(1000, ge=2, le=MAX_EVAL_IMAGES)  # capped at the sizes of the sets compared
     interval_level: float = Field(0.95, gt=0, lt=1)
     resources: Resources = Resources()  # workers = evaluation tasks in flight
-
-    @field_validator("guidance", mode="before")
-    @classmethod
-    def _one_scale_is_a_list_of_one(cls, value: Any) -> Any:
-        return one_scale_is_a_list_of_one(value)
-
-    @field_validator("guidance")
-    @classmethod
-    def _guidance_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        return guidance_scales(scales)
 
     @model_validator(mode="after")
     def _positive_steps(self) -> EvaluateConfig:
@@ -436,7 +442,7 @@ class ProbeConfig(Section):
 
     enabled: bool = True
     n: int = Field(500, ge=2, le=MAX_EVAL_IMAGES)  # generated images per guidance scale
-    guidance: tuple[float, ...] = (1.0, 2.0, 4.0)
+    guidance: GuidanceScales = (1.0, 2.0, 4.0)
     steps: int = Field(16, ge=1, le=MAX_NFE)  # flow (Euler) and diffusion models
     student_steps: int = Field(4, ge=1, le=MAX_NFE)  # distilled students (capped by their time grid)
     min_accuracy_over_chance: float = Field(2.0, ge=0, le=1000)
@@ -445,16 +451,6 @@ class ProbeConfig(Section):
     interval_level: float = Field(0.95, gt=0, lt=1)
     seed: int = Field(1234, ge=0, lt=SEED_LIMIT)
     resources: Resources = Resources()  # the one Ray task that draws and scores
-
-    @field_validator("guidance", mode="before")
-    @classmethod
-    def _one_scale_is_a_list_of_one(cls, value: Any) -> Any:
-        return one_scale_is_a_list_of_one(value)
-
-    @field_validator("guidance")
-    @classmethod
-    def _guidance_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        return guidance_scales(scales)
 
 
 class ServeConfig(Section):
@@ -637,16 +633,7 @@ PRESETS["shapes-full"] = deep_merge(
     PRESETS["shapes"],
     {
         "reflow": {"rounds": 2},
-        "ddpm": {
-            "enabled": True,
-            "model": "DiT-XXS/2",
-            "steps": 16000,
-            "batch_size": 64,
-            "lr": 2e-3,
-            "warmup_steps": 200,
-            "checkpoint_every": 1000,
-            "resources": {"cpus": 2},
-        },
+        "ddpm": {"enabled": True, **PRESETS["shapes"]["base"]},  # the baseline gets the base model's budget
         "evaluate": {"diffusion_steps": [10, 50, 250]},
     },
 )

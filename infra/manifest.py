@@ -19,11 +19,14 @@ import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from infra.errors import IntegrityError, InvalidName
+
+if TYPE_CHECKING:
+    from infra.backends import Backend
 
 MANIFEST = "manifest.json"  # the file name of every commit record
 MANIFEST_FORMAT = "fewstep.manifest/1"
@@ -280,6 +283,16 @@ def check_file(ref: str, name: str, path: str, entry: FileEntry, size: int, dige
             f"file {name!r} of {ref} at {path} is corrupt ({what} recorded in its manifest); "
             "delete that folder and re-run the stage"
         )
+
+
+def read_checked(backend: Backend, ref: str, name: str, path: str, entry: FileEntry, remedy: str) -> bytes:
+    """The bytes at ``path``, checked against ``entry``; a missing file is an IntegrityError ending in ``remedy``."""
+    try:
+        data = backend.read_bytes(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"file {name!r} of {ref} is missing at {path}; {remedy}") from None
+    check_file(ref, name, path, entry, len(data), sha256_hex(data))
+    return data
 
 
 def stage_key(stage: str, config: Mapping[str, Any], inputs: Sequence[Manifest], code_version: str) -> str:

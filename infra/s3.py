@@ -32,6 +32,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
@@ -143,30 +144,29 @@ def resolve_settings(
     )
 
 
-def client_error_code(error: BaseException) -> str | None:
-    """The S3 error code of the first botocore ClientError in ``error``'s cause chain."""
+def client_error_response(error: BaseException) -> dict | None:
+    """The response of the first botocore ClientError in ``error``'s cause chain (None: there is none)."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         response = getattr(current, "response", None)
         if isinstance(response, dict) and "Error" in response:
-            return str(response["Error"].get("Code", ""))
+            return response
         current = current.__cause__ or current.__context__
     return None
+
+
+def client_error_code(error: BaseException) -> str | None:
+    """The S3 error code of the first botocore ClientError in ``error``'s cause chain."""
+    response = client_error_response(error)
+    return None if response is None else str(response["Error"].get("Code", ""))
 
 
 def client_error_status(error: BaseException) -> int | None:
     """The HTTP status of the first botocore ClientError in ``error``'s cause chain."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        response = getattr(current, "response", None)
-        if isinstance(response, dict) and "Error" in response:
-            return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        current = current.__cause__ or current.__context__
-    return None
+    response = client_error_response(error)
+    return None if response is None else response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def precondition_failed(error: BaseException) -> bool:
@@ -240,64 +240,58 @@ class S3Backend(Backend):
         self.settings = settings
         self.root = f"{settings.bucket}/{settings.prefix}".rstrip("/")
         self.uri = settings.uri
-        self._fs = None
-        self._pa = None
 
     def __reduce__(self):
         return (S3Backend, (self.settings,))
 
     # -- filesystems ----------------------------------------------------------------------
 
-    @property
+    @cached_property
     def fs(self):
-        if self._fs is None:
-            import s3fs
+        import s3fs
 
-            s = self.settings
-            config: dict[str, Any] = {
-                "connect_timeout": s.connect_timeout_s,
-                "read_timeout": s.read_timeout_s,
-                "retries": {"total_max_attempts": 1, "mode": "standard"},  # retry_transient retries
-            }
-            if s.endpoint_url:
-                config["s3"] = {"addressing_style": "path"}  # what MinIO and moto expect
-            fs = s3fs.S3FileSystem(
-                key=s.access_key_id,
-                secret=s.secret_access_key,
-                token=s.session_token,
-                endpoint_url=s.endpoint_url,
-                client_kwargs={"region_name": s.region},
-                config_kwargs=config,
-                skip_instance_cache=True,
-                use_listings_cache=False,
-            )
-            fs.retries = 1
-            self._fs = fs
-        return self._fs
+        s = self.settings
+        config: dict[str, Any] = {
+            "connect_timeout": s.connect_timeout_s,
+            "read_timeout": s.read_timeout_s,
+            "retries": {"total_max_attempts": 1, "mode": "standard"},  # retry_transient retries
+        }
+        if s.endpoint_url:
+            config["s3"] = {"addressing_style": "path"}  # what MinIO and moto expect
+        fs = s3fs.S3FileSystem(
+            key=s.access_key_id,
+            secret=s.secret_access_key,
+            token=s.session_token,
+            endpoint_url=s.endpoint_url,
+            client_kwargs={"region_name": s.region},
+            config_kwargs=config,
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
+        fs.retries = 1
+        return fs
 
-    @property
+    @cached_property
     def pa_filesystem(self):
-        if self._pa is None:
-            import pyarrow.fs
+        import pyarrow.fs
 
-            s = self.settings
-            options: dict[str, Any] = {
-                "access_key": s.access_key_id,
-                "secret_key": s.secret_access_key,
-                "session_token": s.session_token,
-                "region": s.region,
-                "connect_timeout": s.connect_timeout_s,
-                "request_timeout": s.read_timeout_s,
-            }
-            if s.endpoint_url:
-                parsed = urlparse(s.endpoint_url)
-                options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-                options["scheme"] = parsed.scheme
-            if not s.access_key_id:  # let pyarrow use the default AWS chain
-                for name in ("access_key", "secret_key", "session_token"):
-                    options.pop(name)
-            self._pa = pyarrow.fs.S3FileSystem(**options)
-        return self._pa
+        s = self.settings
+        options: dict[str, Any] = {
+            "access_key": s.access_key_id,
+            "secret_key": s.secret_access_key,
+            "session_token": s.session_token,
+            "region": s.region,
+            "connect_timeout": s.connect_timeout_s,
+            "request_timeout": s.read_timeout_s,
+        }
+        if s.endpoint_url:
+            parsed = urlparse(s.endpoint_url)
+            options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            options["scheme"] = parsed.scheme
+        if not s.access_key_id:  # let pyarrow use the default AWS chain
+            for name in ("access_key", "secret_key", "session_token"):
+                options.pop(name)
+        return pyarrow.fs.S3FileSystem(**options)
 
     # -- calls ------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ from infra.manifest import (
     check_relative_path,
     check_segment,
     new_attempt_id,
+    read_checked,
     sha256_hex,
     split_ref,
     stage_key,
@@ -284,16 +285,9 @@ class Store(RootRecords):
         return members
 
     def _read_entry(self, manifest: Manifest, name: str, entry: FileEntry) -> bytes:
-        path = f"{self.stage_dir(manifest.stage, manifest.key)}/{entry.path}"
-        try:
-            data = self.backend.read_bytes(path)
-        except FileNotFoundError:
-            raise IntegrityError(
-                f"file {name!r} of {manifest.ref} is missing at {path}; the output is damaged: "
-                f"delete {self.stage_dir(manifest.stage, manifest.key)} and re-run the stage"
-            ) from None
-        check_file(manifest.ref, name, path, entry, len(data), sha256_hex(data))
-        return data
+        folder = self.stage_dir(manifest.stage, manifest.key)
+        remedy = f"the output is damaged: delete {folder} and re-run the stage"
+        return read_checked(self.backend, manifest.ref, name, f"{folder}/{entry.path}", entry, remedy)
 
     def read_bytes(self, manifest: Manifest, name: str) -> bytes:
         return self._read_entry(manifest, name, self._entry(manifest, name))

@@ -47,9 +47,23 @@ class ClassifierConfig:
                 f"image_size={self.image_size} must be a positive multiple of 4 "
                 "(the classifier pools twice by 2); resize the images or pick another size"
             )
-        for name in ("in_channels", "num_classes", "width", "feature_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        require_positive(self, ("in_channels", "num_classes", "width", "feature_dim"))
+
+
+def require_positive(config: object, names: tuple[str, ...]) -> None:
+    """Raise ValueError for the first field of ``config`` named in ``names`` that is below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)} must be positive")
+
+
+def check_images(x: Tensor, channels: int, size: int, network: str) -> None:
+    """Raise ValueError unless ``x`` is a batch (N, channels, size, size), naming the ``network`` that expects it."""
+    if x.ndim != 4 or x.shape[1:] != (channels, size, size):
+        raise ValueError(
+            f"{network} expects images (N, {channels}, {size}, {size}) in [-1, 1], got shape "
+            f"{tuple(x.shape)}; resize the images or build one for this shape"
+        )
 
 
 def conv_stage(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -83,17 +97,9 @@ class Classifier(nn.Module):
         self.embed = nn.Sequential(nn.Linear(flat, config.feature_dim), nn.SiLU())
         self.head = nn.Linear(config.feature_dim, config.num_classes)
 
-    def _check_input(self, x: Tensor) -> None:
-        c, s = self.config.in_channels, self.config.image_size
-        if x.ndim != 4 or x.shape[1:] != (c, s, s):
-            raise ValueError(
-                f"classifier expects images (N, {c}, {s}, {s}) in [-1, 1], got shape "
-                f"{tuple(x.shape)}; resize the images or build a classifier for this shape"
-            )
-
     def features(self, x: Tensor) -> Tensor:
         """Penultimate activations: images (N, C, S, S) in [-1, 1] -> (N, feature_dim)."""
-        self._check_input(x)
+        check_images(x, self.config.in_channels, self.config.image_size, "classifier")
         h = self.body(x)  # (N, 2w, S/4, S/4)
         return self.embed(h.flatten(1))  # (N, feature_dim)
 

@@ -3,7 +3,7 @@
 - ``x_0 ~ N(0, I)`` is noise, ``x_1`` is data (a scaled latent), ``t`` in [0, 1].
 - Straight path: ``x_t = (1 - t) x_0 + t x_1``, target velocity ``u_t = x_1 - x_0``.
 - Sampling integrates ``dx/dt = v(x, t, y)`` from t = 0 (noise) to t = 1 (data).
-- Networks are called ``model(x, t, y)``; ``y == num_classes`` is the null label.
+- Networks are called ``model(x, t, y)`` (:class:`VelocityNet`); ``y == num_classes`` is the null label.
 
 Some papers (and the course notes that inspired fewstep) run time the other way,
 with t = 0 at the data. :func:`from_data_time` is the one conversion between the two.
@@ -11,8 +11,10 @@ with t = 0 at the data. :func:`from_data_time` is the one conversion between the
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def expand_t(t: Tensor, x: Tensor) -> Tensor:
@@ -46,3 +48,30 @@ def interpolate(x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:
 def target_velocity(x_0: Tensor, x_1: Tensor) -> Tensor:
     """u_t = x_1 - x_0, the straight path's velocity (independent of t)."""
     return x_1 - x_0
+
+
+class VelocityNet(nn.Module):
+    """Base of the velocity networks ``v = model(x, t, y)`` (DiT, UNet) on latents (N, C, S, S).
+
+    Its config names ``num_classes`` (the null label's id), ``in_channels`` and ``input_size`` (S).
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.in_channels = config.in_channels
+
+    def check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
+        """Raise ValueError unless x is (N, C, S, S) as configured and t, y are (N,)."""
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape (N, {', '.join(map(str, expected))}), got "
+                f"{tuple(x.shape)}; build the model with matching input_size / in_channels"
+            )
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")

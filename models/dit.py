@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.conventions import VelocityNet
 from models.registry import register_kind
 
 # Time is in [0, 1] here; the sinusoidal frequencies below were designed for integer
@@ -260,14 +261,11 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (N, T, p*p*C)
 
 
-class DiT(nn.Module):
+class DiT(VelocityNet):
     """Velocity network ``v = model(x, t, y)`` for latents of shape (N, C, H, W)."""
 
     def __init__(self, config: DiTConfig):
-        super().__init__()
-        self.config = config
-        self.num_classes = config.num_classes
-        self.in_channels = config.in_channels
+        super().__init__(config)
         self.out_channels = config.in_channels
         self.patch_size = config.patch_size
         d = config.hidden_size
@@ -326,24 +324,11 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
         return x.reshape(n, c, h * p, w * p)  # (N, C, H, W)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, y: Tensor) -> None:
-        cfg = self.config
-        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"DiT expects x of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}; "
-                "build the model with matching input_size / in_channels"
-            )
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape ({x.shape[0]},), got {tuple(t.shape)}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """v(x, t, y): x (N, C, H, W), t (N,) in [0, 1], y (N,) long -> (N, C, H, W)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        self._check_inputs(x, t, y)
+        self.check_inputs(x, t, y)
         tokens = self.x_embedder(x)  # (N, D, h, w)
         tokens = tokens.flatten(2).transpose(1, 2)  # (N, T, D), T = h * w
         tokens = tokens + self.pos_embed.to(tokens.dtype)  # (N, T, D)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.classifier import conv_stage
+from models.classifier import check_images, conv_stage, require_positive
 from models.objectives import Batch, LossOutput, Objective, require
 from models.registry import register_kind
 
@@ -72,9 +72,7 @@ class EncoderConfig:
                 f"image_size={self.image_size} must be at least 8 (the encoder pools three "
                 "times by 2); resize the images or pick another size"
             )
-        for name in ("in_channels", "width", "feature_dim", "projection_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        require_positive(self, ("in_channels", "width", "feature_dim", "projection_dim"))
 
 
 class Encoder(nn.Module):
@@ -96,12 +94,7 @@ class Encoder(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """Images (N, C, S, S) in [-1, 1] -> features (N, feature_dim)."""
-        c, s = self.config.in_channels, self.config.image_size
-        if x.ndim != 4 or x.shape[1:] != (c, s, s):
-            raise ValueError(
-                f"encoder expects images (N, {c}, {s}, {s}) in [-1, 1], got shape "
-                f"{tuple(x.shape)}; resize the images or build an encoder for this shape"
-            )
+        check_images(x, self.config.in_channels, self.config.image_size, "encoder")
         h = self.body(x)  # (N, 4w, S/8, S/8)
         return self.embed(h.mean(dim=(2, 3)))  # (N, 4w) -> (N, feature_dim)
 

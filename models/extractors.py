@@ -90,37 +90,26 @@ def extract_features(extractor: nn.Module, images: Tensor, batch_size: int = 256
     return torch.cat(chunks)  # (N, D)
 
 
-class _ClassifierFeatures(nn.Module):
-    """Adapter so the classifier's ``features`` becomes a module's ``forward``."""
+class _Features(nn.Module):
+    """Adapter so a network's ``features`` (the classifier's or the encoder's) becomes a module's ``forward``."""
 
-    def __init__(self, classifier: Classifier):
+    def __init__(self, net: Classifier | Encoder):
         super().__init__()
-        self.classifier = classifier
+        self.net = net
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier.features(x)
+        return self.net.features(x)
 
 
 def classifier_extractor(classifier: Classifier, name: str = "classifier") -> FeatureExtractor:
     """The classifier's penultimate layer, (N, feature_dim), as an extractor."""
-    return FeatureExtractor(_ClassifierFeatures(classifier), name=name)
-
-
-class _EncoderFeatures(nn.Module):
-    """Adapter so the self-supervised encoder's ``features`` becomes a module's ``forward``."""
-
-    def __init__(self, encoder: Encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.encoder.features(x)
+    return FeatureExtractor(_Features(classifier), name=name)
 
 
 def encoder_extractor(encoder: Encoder, name: str = "encoder") -> FeatureExtractor:
     """The self-supervised encoder's features (before its projection head), (N, feature_dim),
     as an extractor: the feature space of unlabeled data."""
-    return FeatureExtractor(_EncoderFeatures(encoder), name=name)
+    return FeatureExtractor(_Features(encoder), name=name)
 
 
 def _as_buffer(data: bytes | BinaryIO, what: str) -> BinaryIO:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.conventions import VelocityNet
 from models.dit import TimestepEmbedder
 from models.registry import register_kind
 
@@ -136,14 +137,11 @@ class Stage(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
+class UNet(VelocityNet):
     """Velocity network ``v = model(x, t, y)`` for latents of shape (N, C, H, W)."""
 
     def __init__(self, config: UNetConfig):
-        super().__init__()
-        self.config = config
-        self.num_classes = config.num_classes
-        self.in_channels = config.in_channels
+        super().__init__(config)
         base, mults, drop = config.base_channels, config.channel_mults, config.dropout
         emb = 4 * base
         last = len(mults) - 1
@@ -202,16 +200,7 @@ class UNet(nn.Module):
         """v(x, t, y): x (N, C, H, W), t (N,) in [0, 1], y (N,) long -> (N, C, H, W)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        cfg = self.config
-        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"UNet expects x of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}; "
-                "build the model with matching input_size / in_channels"
-            )
-        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
-            raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)}, {tuple(y.shape)}")
-
+        self.check_inputs(x, t, y)
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, E)
         h = self.input_conv(x)  # (N, base, H, W)
         skips = [h]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 from dataclasses import dataclass
@@ -58,20 +59,9 @@ class Generated:
     seconds: float
 
     def fields(self) -> dict[str, Any]:
-        """Everything but the pixels, as the JSON answer names it."""
-        return {
-            "model": self.model,
-            "family": self.family,
-            "sampler": self.sampler,
-            "steps": self.steps,
-            "nfe": self.nfe,
-            "guidance": self.guidance,
-            "seed": self.seed,
-            "labels": self.labels,
-            "shape": list(self.pixels.shape[1:]),
-            "batch_requests": self.batch_requests,
-            "seconds": round(self.seconds, 6),
-        }
+        """Everything but the pixels, which their shape (H, W, C) stands for, as the JSON answer names it."""
+        named = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pixels"}
+        return {**named, "seconds": round(self.seconds, 6), "shape": list(self.pixels.shape[1:])}
 
 
 # The binary answers' headers: header -> the JSON field it carries.

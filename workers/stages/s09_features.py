@@ -49,25 +49,14 @@ def chosen_kind(config: FeaturesConfig, images: ImagesCard) -> str:
 
 def network_and_objective(kind: str, config: FeaturesConfig, images: ImagesCard) -> tuple[dict, Objective]:
     torch.manual_seed(config.seed)  # the initial weights
-    if kind == "classifier":
-        net = Classifier(
-            ClassifierNetConfig(
-                in_channels=images.channels,
-                image_size=images.image_size,
-                num_classes=images.num_classes,
-                width=config.width,
-                feature_dim=config.feature_dim,
-            )
-        )
-        return model_spec(net), ClassifierObjective(max_shift=config.max_shift)
-    net = Encoder(
-        EncoderConfig(
-            in_channels=images.channels,
-            image_size=images.image_size,
-            width=config.width,
-            feature_dim=config.feature_dim,
-        )
+    # What both networks take from the images and the section; the classifier adds its classes.
+    common = dict(
+        in_channels=images.channels, image_size=images.image_size, width=config.width, feature_dim=config.feature_dim
     )
+    if kind == "classifier":
+        net = Classifier(ClassifierNetConfig(**common, num_classes=images.num_classes))
+        return model_spec(net), ClassifierObjective(max_shift=config.max_shift)
+    net = Encoder(EncoderConfig(**common))
     return model_spec(net), ContrastiveObjective(temperature=config.temperature)
 
 
