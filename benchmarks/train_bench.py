@@ -138,6 +138,9 @@ def main() -> None:
             fits.append(
                 (key, time.perf_counter() - started, getattr(result, "timing", {}), getattr(result, "threads", 0))
             )
+    # The plain loop once more, with Ray's processes (GCS, raylet, this driver's core-worker
+    # threads) now running on the same cores: what the loop loses to Ray being there at all.
+    plain_with_ray = plain_loop(spec, config, data, adapt)
     ray.shutdown()
 
     print(
@@ -145,6 +148,10 @@ def main() -> None:
         f"plain loop torch threads {plain_threads}"
     )
     print(f"plain PyTorch loop      {plain:8.2f} s  ({args.steps / plain:6.1f} steps/s)")
+    print(
+        f"plain loop, Ray up      {plain_with_ray:8.2f} s  ({args.steps / plain_with_ray:6.1f} steps/s); "
+        f"ratio {plain_with_ray / plain:.2f}x"
+    )
     for key, seconds, timing, threads in fits:
         name = "Ray Train local mode " if key == "local" else f"Ray Train stage ({key})"
         print(
@@ -162,6 +169,8 @@ def main() -> None:
             "cores": os.cpu_count(),
             "plain_s": round(plain, 3),
             "plain_threads": plain_threads,
+            "plain_with_ray_s": round(plain_with_ray, 3),
+            "ratio_plain_with_ray_over_plain": round(plain_with_ray / plain, 3),
             "ray_s": round(cold[1], 3),
             "ray_threads": cold[3],
             "ratio_ray_over_plain": round(cold[1] / plain, 3),
