@@ -218,6 +218,7 @@ def drill(kills: int, seed: int, config_name: str, workdir: Path) -> dict:
         "rerun_wall_s": [r.wall_s for r in reruns],
         "manifests": final.manifests,
         "verified": final.verified,
+        "per_stage": final.per_stage,
         "torn": len(final.torn),
         "recomputed": sum("recomputed" in v for v in violations),
         "staging_attempts_left": final.staging_attempts,

@@ -469,6 +469,9 @@ class Audit:
     verified: int = 0
     torn: list[str] = field(default_factory=list)  # manifests that do not parse, or whose files do not verify
     per_stage: dict[str, int] = field(default_factory=dict)
+    # Manifests per (stage, input refs): a stage may commit once per input (the probe after each
+    # generator, pairs and reflow once per round), never twice on the same inputs in one drill.
+    per_inputs: dict[str, int] = field(default_factory=dict)
     staging_attempts: int = 0  # attempt folders with files that no manifest names (gc's to collect)
     tmp_files: int = 0
     pointers: dict[str, str] = field(default_factory=dict)
@@ -490,8 +493,8 @@ class Audit:
                 if self.created.get(ref) != created
             ]
             + [
-                f"{when}: stage {s} has {n} manifests (recomputed or committed twice)"
-                for s, n in self.per_stage.items()
+                f"{when}: {what} has {n} manifests (recomputed or committed twice)"
+                for what, n in self.per_inputs.items()
                 if n > 1
             ]
         )
@@ -519,6 +522,8 @@ def audit_store(store) -> Audit:
             continue
         audit.verified += 1
         audit.per_stage[stage] = audit.per_stage.get(stage, 0) + 1
+        what = f"stage {stage} on {', '.join(sorted(manifest.inputs)) or 'no inputs'}"
+        audit.per_inputs[what] = audit.per_inputs.get(what, 0) + 1
         audit.created[manifest.ref] = manifest.created_at
         named_attempts.update(
             f"{stage}/{key}/{entry.path.split('/')[0]}/{entry.path.split('/')[1]}"

@@ -346,7 +346,7 @@ def result(
         "manifests": final.manifests,
         "verified": final.verified,
         "torn": len(final.torn),
-        "duplicate_commits": sum(n - 1 for n in final.per_stage.values()),
+        "duplicate_commits": sum(n - 1 for n in final.per_inputs.values()),
         "per_stage": final.per_stage,
         "staging_attempts_left": final.staging_attempts,
         "completed": bool(runs) and (runs[-1].get("exit_code", 0) == 0 and not runs[-1].get("failed_stage")),

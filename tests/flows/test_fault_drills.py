@@ -38,7 +38,9 @@ def test_plan_covers_every_stage_in_order_and_is_seeded():
 def check_kill_drill(result: dict, kills: int) -> None:
     assert result["violations"] == [], result["violations"]
     assert result["kills_done"] >= kills - 1  # the last point may fall after the run finished
-    assert result["manifests"] == result["verified"] == len(STAGES) and result["torn"] == 0
+    assert result["manifests"] == result["verified"] and result["torn"] == 0
+    # One manifest per stage, but a probe after each generator (base, reflow-1, consistency).
+    assert result["per_stage"] == {**dict.fromkeys(STAGES, 1), "probe": 3}, result["per_stage"]
     assert result["recomputed"] == 0
     runs = result["runs"]
     assert runs[-1]["landed"] == "finished" and runs[-1]["exit_code"] == 0
