@@ -84,4 +84,6 @@ def test_s3_outages_through_the_pipeline(ray_local, tmp_path):
     result = s3_drill.drill("pipeline", "tiny", tmp_path)
     report(s3_drill, result)
     check_s3_drill(result)
-    assert len(result["runs"]) >= 1 and result["per_stage"] and max(result["per_stage"].values()) == 1
+    assert len(result["runs"]) >= 1 and result["per_stage"]
+    # One manifest per stage (check_s3_drill: none twice on the same inputs), a probe per generator.
+    assert {n for stage, n in result["per_stage"].items() if stage != "probe"} == {1}, result["per_stage"]
