@@ -35,8 +35,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from the ephemeral server
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
+from flows.artifacts import publish_evaluation, publish_probe, publish_run, publish_stage  # noqa: E402
 from infra.cards import GeneratorCard, ProbeCard  # noqa: E402
 from infra.config import (  # noqa: E402
     ConsistencyConfig,
@@ -55,9 +55,7 @@ from infra.config import (  # noqa: E402
     validate_config,
 )
 from infra.store import SERVING_POINTER, Manifest, Store  # noqa: E402
-from workers.curves import curve_markdown  # noqa: E402
 from workers.errors import is_transient  # noqa: E402
-from workers.evaluation.table import read_rows  # noqa: E402
 from workers.guidance import resolve_guidance  # noqa: E402
 from workers.runtime import ensure_ray  # noqa: E402
 from workers.stages.s01_ingest import run_ingest  # noqa: E402
@@ -101,25 +99,6 @@ def stage_task(name: str) -> Callable:
         retry_condition_fn=retry_only_transient,
         log_prints=True,
     )
-
-
-def publish_stage(manifest: Manifest, store: Store | None = None) -> None:
-    """A small metrics table per stage (a generator's held out loss among them: ``final_heldout_loss``),
-    under a stable artifact key; for a training stage with a stored curve, its curve table too."""
-    rows = [{"metric": k, "value": str(v)} for k, v in sorted(manifest.metrics.items())]
-    create_table_artifact(
-        key=f"fewstep-{manifest.stage}-metrics",
-        table=rows,
-        description=f"{manifest.ref} — metrics of the `{manifest.stage}` stage",
-    )
-    if store is not None and "curve" in manifest.files:
-        record = store.read_json(manifest, "curve")
-        lines = curve_markdown(manifest.ref, record.get("curve", []), record.get("heldout"), manifest.stage)
-        create_markdown_artifact(
-            key=f"fewstep-{manifest.stage}-curve",
-            markdown="\n".join([f"# Training curve of `{manifest.ref}`", "", *lines]) + "\n",
-            description=f"{manifest.ref} — training and held-out loss at each checkpoint",
-        )
 
 
 def run_and_publish(
@@ -209,16 +188,7 @@ def evaluate_task(
         store.get_ref(vae),
         store.get_ref(features) if features else None,
     )
-    create_table_artifact(
-        key="fewstep-fid-vs-steps",
-        table=[stringify(row.to_record()) for row in read_rows(store, manifest)],
-        description=f"{manifest.ref} — FID, precision, recall and class accuracy against steps",
-    )
-    create_markdown_artifact(
-        key="fewstep-evaluation-report",
-        markdown=store.read_bytes(manifest, "report.md").decode(),
-        description=f"{manifest.ref} — evaluation report (plot and sample grids in the store)",
-    )
+    publish_evaluation(store, manifest)
     return manifest.ref
 
 
@@ -249,45 +219,12 @@ def probe_task(
         extractor_kind,
     )
     card = ProbeCard.from_manifest(manifest)
-    create_markdown_artifact(
-        key=f"fewstep-probe-{label}", markdown=probe_report(card, manifest.ref), description=f"{manifest.ref} — probe"
-    )
+    publish_probe(card, manifest.ref, label)
     if card.learned:
         get_run_logger().info("probe of %s: learned (best guidance %g)", model, card.best_guidance)
     else:
         get_run_logger().warning("probe: %s", card.verdict)
     return manifest.ref
-
-
-def probe_report(card: ProbeCard, ref: str) -> str:
-    verdict = "learned" if card.learned else f"**WARNING** {card.verdict}"
-    lines = [
-        f"# Probe of `{card.model_ref}`",
-        "",
-        f"{verdict}",
-        "",
-        f"{card.n} samples per scale, {card.sampler} at {card.steps} step(s), features `{card.extractor}`; "
-        f"chance {fmt(card.chance)}; floor FID {fmt(card.floor_fid)} (class accuracy {fmt(card.floor_accuracy)}), "
-        f"VAE ceiling FID {fmt(card.ceiling_fid)} (class accuracy {fmt(card.ceiling_accuracy)}).",
-        "",
-        "FID* is the bias-corrected FID its interval is built around; the plug-in FID (ranked on) may lie outside it.",
-        "",
-        "| guidance | FID* | interval | plug-in FID | class accuracy | interval |",
-        "|---:|---:|---|---:|---:|---|",
-    ]
-    for s in card.scales:
-        best = " (best)" if s["guidance"] == card.best_guidance else ""
-        centre = s.get("fid_corrected", s["fid"])  # probes of an older fewstep have no corrected FID
-        lines.append(
-            f"| {s['guidance']:g}{best} | {fmt(centre)} | [{fmt(s['fid_low'])}, {fmt(s['fid_high'])}] "
-            f"| {fmt(s['fid'])} | {fmt(s['class_accuracy'])} | [{fmt(s['accuracy_low'])}, {fmt(s['accuracy_high'])}] |"
-        )
-    lines += ["", f"Probe `{ref}`; sample grids `grids/guidance-<g>.png` in the store."]
-    return "\n".join(lines) + "\n"
-
-
-def fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4g}"
 
 
 @task(
@@ -306,11 +243,6 @@ def promote_task(store_uri: str | None, section: ServeConfig, candidate: str, ev
     else:
         get_run_logger().info("promotion: %s", decision.reason)
     return decision.as_dict()
-
-
-def stringify(row: dict[str, Any]) -> dict[str, Any]:
-    """Prefect table artifacts want plain cells; floats keep 4 significant digits."""
-    return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
 
 
 @flow(name="pipeline", log_prints=True)
@@ -337,15 +269,7 @@ def pipeline(
     seconds = round(time.perf_counter() - started, 1)
     store.finish_run(run_id, refs, {"seconds": seconds})
     served = store.get_pointer(SERVING_POINTER)
-    rows = [{"stage": name, "ref": ref} for name, ref in refs.items()] + [
-        {"stage": "served", "ref": served or "(none)"}
-    ]
-    create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
-    create_markdown_artifact(
-        key="fewstep-run-report",
-        markdown=run_report(refs, seconds, decision, served, probe_warnings(store, refs)),
-        description="fewstep run summary",
-    )
+    publish_run(store, refs, seconds, decision, served)
     get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
     return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
 
@@ -466,40 +390,3 @@ def current_run_id() -> str:
     from prefect.context import get_run_context
 
     return str(get_run_context().flow_run.id)
-
-
-def probe_warnings(store: Store, refs: dict[str, str]) -> list[str]:
-    """The verdicts of this run's probes that are warnings, in stage order."""
-    cards = [ProbeCard.from_manifest(store.get_ref(ref)) for name, ref in refs.items() if name.startswith("probe_")]
-    return [card.verdict for card in cards if not card.learned]
-
-
-def served_line(decision: dict, served: str | None) -> str:
-    """What is served after this run, and why, in plain words."""
-    if served is None:
-        return f"**Nothing is served.** {decision['candidate']} was not promoted: {decision['reason']}"
-    return f"**Served model:** `{served}` — promotion: {decision['reason']}"
-
-
-def run_report(
-    refs: dict[str, str], seconds: float, decision: dict, served: str | None, warnings: list[str] = ()
-) -> str:
-    lines = [
-        "# fewstep run",
-        "",
-        f"Finished in {seconds:.1f} s.",
-        "",
-        served_line(decision, served),
-        "",
-        *[f"- **WARNING** {w}" for w in warnings],
-        *([""] if warnings else []),
-        "| stage | ref |",
-        "|---|---|",
-    ]
-    lines += [f"| {name} | `{ref}` |" for name, ref in refs.items()]
-    lines += [
-        "",
-        "The FID-vs-steps table and the evaluation report are the artifacts "
-        "`fewstep-fid-vs-steps` and `fewstep-evaluation-report`.",
-    ]
-    return "\n".join(lines) + "\n"

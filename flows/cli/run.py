@@ -97,7 +97,7 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         best_text = f"{fmt(best.fid)} ({best.label})" if best else "–"
         lines.append(f"  {model:<14} {best_text:<40} {fmt(one.fid if one else None):<10}")
     lines += training_notes(store, refs)
-    from flows.pipeline import probe_warnings
+    from flows.artifacts import probe_warnings
 
     promotion = summary["promotion"]
     warnings = probe_warnings(store, refs)

@@ -17,7 +17,7 @@ def test_a_generator_stage_publishes_its_heldout_loss_and_its_curve_table(prefec
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.pipeline import publish_stage
+    from flows.artifacts import publish_stage
 
     store = Store.open(str(tmp_path / "store"))
     curve = [
