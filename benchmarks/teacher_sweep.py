@@ -26,9 +26,14 @@ A contender is a comma-separated list of settings (defaults in :data:`DEFAULTS`)
     mlp4         MLP ratio           th2       torch threads     bf16    bf16 autocast
     compile      torch.compile       cos       cosine decay of the lr to 10 % at --steps
 
-Use the contenders' own store (run ``fewstep run --preset shapes`` up to the features stage
-first, or the ``--prep`` flag here) and compare rows of one run only: they share the floor, the
-ceiling, the reference resamples and the machine's load.
+The store needs the preset's latents and features stages. ``fewstep run --preset shapes`` makes
+them; so does a short run whose later stages are cut down, since those two stages' keys do not
+depend on the later ones (about 7 minutes on 2 cores):
+
+    fewstep run --preset shapes --store /tmp/sw/store --config benchmarks/teacher_sweep_prep.yaml
+
+Compare rows of one run only: they share the floor, the ceiling, the reference resamples and the
+machine's load.
 """
 
 from __future__ import annotations

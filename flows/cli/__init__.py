@@ -2,14 +2,16 @@
 
 One place, :func:`main`, turns what the user must fix into one line on stderr and exit
 status 2: a bad config or option (Click's own usage message), a bad store URI, a missing
-model, bad input data, also when it was raised inside a Ray task. Anything else is a bug and
-keeps its traceback. Heavy imports (torch, Ray, Prefect) happen inside the commands, so
+model, bad input data, also when it was raised inside a Ray task. A run stopped by Ctrl-C or
+SIGTERM (``kill``, systemd, Kubernetes) ends in one line and exit status 128 + the signal.
+Anything else is a bug and keeps its traceback. Heavy imports (torch, Ray, Prefect) happen inside the commands, so
 ``fewstep --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -75,16 +77,48 @@ def user_cause(error: BaseException) -> BaseException | None:
     return None
 
 
+def stop_signal(error: BaseException) -> int | None:
+    """The signal that stopped the command, if ``error`` is one or was raised while one was handled.
+
+    Ctrl-C is a ``KeyboardInterrupt``; Prefect's flow engine turns SIGTERM into its
+    ``TerminationSignal``. Either may reach us bare, or as the cause or context of another
+    error: a signal that lands while the driver waits inside ``ray.get`` comes out of Ray's
+    Cython code as a ``SystemError`` whose context is the signal.
+    """
+    from prefect.exceptions import TerminationSignal
+
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        if isinstance(current, TerminationSignal):
+            return int(current.signal)
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script. Click reports usage errors itself (usage, the error, status 2)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         app(args=argv, prog_name="fewstep")
-    except KeyboardInterrupt:
-        typer.echo("fewstep: interrupted", err=True)
-        sys.exit(130)
-    except Exception as error:  # noqa: BLE001 - the one place errors become exit codes
-        cause = user_cause(error)
+    except SystemExit:
+        raise
+    except BaseException as error:  # noqa: BLE001 - the one place errors become exit codes
+        stopped_by = stop_signal(error)
+        if stopped_by is not None:
+            name = signal.Signals(stopped_by).name
+            typer.echo(
+                f"fewstep: stopped by {name}; committed stages are kept, and the same command resumes the run",
+                err=True,
+            )
+            sys.exit(128 + stopped_by)
+        cause = user_cause(error) if isinstance(error, Exception) else None
         if cause is None:
             raise
         typer.echo(f"fewstep: error: {cause}", err=True)

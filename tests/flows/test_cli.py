@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
-from flows.cli import user_cause
+from flows.cli import stop_signal, user_cause
 from infra.config import ConfigError
 
 
@@ -87,6 +89,39 @@ def test_a_user_error_raised_in_a_ray_task_reaches_the_user_as_its_own_message(r
     assert isinstance(cause, ConfigError)
     assert str(cause) == "ingest: 3 of 8 images are unreadable, above max_bad_fraction=0.05"
     assert user_cause(RuntimeError("a bug")) is None
+
+
+# What Ray's Cython raises when Prefect's SIGTERM handler fires while the driver waits in ray.get
+# (seen from `kill` during a base stage): a SystemError whose context is Prefect's signal.
+SIGNAL_INSIDE_RAY = textwrap.dedent(
+    """
+    import sys
+    from prefect.exceptions import TerminationSignal
+    from flows.cli import app, main
+
+    @app.command("stopped")
+    def stopped() -> None:
+        try:
+            raise TerminationSignal(signal=15)
+        except TerminationSignal:
+            raise SystemError("<built-in method __new__> returned a result with an exception set")
+
+    main(sys.argv[1:])
+    """
+)
+
+
+def test_a_stop_signal_behind_another_error_ends_the_command_in_one_line():
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_INSIDE_RAY, "stopped"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        "fewstep: stopped by SIGTERM; committed stages are kept, and the same command resumes the run"
+    )
+    assert stop_signal(KeyboardInterrupt()) == signal.SIGINT
+    assert stop_signal(RuntimeError("a bug")) is None
 
 
 def test_a_mistyped_option_prints_usage_and_exits_2_through_the_console_script(tmp_path):
