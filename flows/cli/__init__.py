@@ -1,4 +1,4 @@
-"""The ``fewstep`` command line: run, serve, evaluate, status, gc, schedule, version.
+"""The ``fewstep`` command line: run, serve, evaluate, status, gc, schedule, watch, version.
 
 One place, :func:`main`, turns what the user must fix into one line on stderr and exit
 status 2: a bad config or option (Click's own usage message), a bad store URI, a missing
@@ -16,7 +16,7 @@ import sys
 
 import typer
 
-from flows.cli import evaluate, run, schedule, serve, store
+from flows.cli import evaluate, run, schedule, serve, store, watch
 from flows.errors import UserError
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ app.command("status")(store.status)
 app.command("gc")(store.gc)
 app.command("unpin")(store.unpin)
 app.command("schedule")(schedule.schedule)
+app.command("watch")(watch.watch)
 
 
 @app.command()

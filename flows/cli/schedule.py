@@ -7,6 +7,11 @@ foreground until Ctrl-C. ``--register-only --work-pool NAME`` just registers it 
 pool, for teams that run workers (``prefect worker start --pool NAME``) on machines where
 fewstep is installed; the repository's ``prefect.yaml`` is the same deployment written out
 for ``prefect deploy`` (see the README, "Scaling out").
+
+``--on-new-data`` adds a second way in: a Prefect trigger that runs the same deployment when a
+``fewstep.data.landed`` event names the config's ``ingest.source`` (:mod:`flows.trigger`; sent
+by ``fewstep watch`` or an S3 notification forwarder, README "Retraining"). The cron stays as
+the fallback for data that landed while nothing was watching.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ def build_deployment(
     ray_address: str | None,
     name: str,
     timezone: str | None,
+    on_new_data: bool = False,
 ):
-    """A RunnerDeployment of the pipeline flow with the validated config as its parameters."""
+    """A RunnerDeployment of the pipeline flow with the validated config as its parameters,
+    triggered also by new data in its source when ``on_new_data``."""
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
@@ -46,9 +53,21 @@ def build_deployment(
         raise UserError(
             f"invalid cron expression {cron!r}: {error}. Example: --cron '0 3 * * 0' (Sundays 03:00)"
         ) from None
+    triggers = []
+    if on_new_data:
+        from flows.trigger import data_trigger
+        from workers.sources.listing import BUILTIN
+
+        if cfg.ingest.source in BUILTIN:
+            raise UserError(
+                f"--on-new-data watches ingest.source, but {cfg.ingest.source!r} is a built-in set that never "
+                "changes: set ingest.source in --config to an image folder, a Parquet file/folder or an s3:// URI"
+            )
+        triggers.append(data_trigger(cfg.ingest.source, name))
     return pipeline.to_deployment(
         name=name,
         schedule=schedule,
+        triggers=triggers,
         parameters={"config": cfg.model_dump(mode="json"), "store_uri": store, "ray_address": ray_address},
         description=f"fewstep pipeline ({preset} preset{', ' + str(config) if config else ''}) on {store or './fewstep-store'}",
         tags=["fewstep"],
@@ -70,13 +89,29 @@ def schedule(
     work_pool: str | None = typer.Option(
         None, "--work-pool", help="With --register-only: the work pool whose workers run it."
     ),
+    on_new_data: bool = typer.Option(
+        False,
+        "--on-new-data",
+        help="Also run when a fewstep.data.landed event names ingest.source (sent by `fewstep watch`); "
+        "the cron stays as the fallback.",
+    ),
 ) -> None:
     """Run the pipeline on a cron schedule as a Prefect deployment (served in the foreground)."""
     from prefect import serve
 
     if work_pool is not None and not register_only:
         raise UserError("--work-pool needs --register-only: a served deployment runs in this process, not on a pool")
-    deployment = build_deployment(cron, config, preset, store, ray_address, name, timezone)
+    if on_new_data:
+        from flows.trigger import require_api
+
+        require_api()  # an in-process server would run the trigger, but no watcher could reach it
+    deployment = build_deployment(cron, config, preset, store, ray_address, name, timezone, on_new_data)
+    also = ""
+    if on_new_data:
+        from flows.trigger import EVENT, resource_id, source_uri
+
+        source = deployment.parameters["config"]["ingest"]["source"]
+        also = f" and on {EVENT} for {resource_id(source)} (send it with: fewstep watch {source_uri(source)})"
     if register_only:
         from prefect.deployments.runner import DeploymentApplyError
 
@@ -92,7 +127,7 @@ def schedule(
             if work_pool
             else ""
         )
-        typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}{where}")
+        typer.echo(f"registered deployment 'pipeline/{name}' ({deployment_id}) with cron {cron!r}{also}{where}")
         return
-    typer.echo(f"serving deployment 'pipeline/{name}' with cron {cron!r}; Ctrl-C stops it")
+    typer.echo(f"serving deployment 'pipeline/{name}' with cron {cron!r}{also}; Ctrl-C stops it")
     serve(deployment)
