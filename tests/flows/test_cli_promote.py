@@ -72,6 +72,10 @@ def test_rollback_from_the_command_line_and_its_errors(tmp_path):
     first = fewstep("promote", "--rollback", "--store", uri)
     assert first.returncode == 2 and f"{old.ref} is the first champion recorded" in first.stderr, first.stderr
     assert promote(store, new.ref, week.ref, served_steps=STEPS).promoted
+    status = fewstep("status", "--store", uri)
+    assert f"serving/current -> {new.ref}  (previous champion {old.ref}: `fewstep promote --rollback`)" in (
+        status.stdout
+    ), status.stdout
 
     done = fewstep("promote", "--rollback", "--store", uri)
     assert done.returncode == 0, done.stderr
