@@ -11,7 +11,8 @@ compare-and-swap on its own bytes (the pointer's primitive: an ``flock`` locally
 S3), so two appenders cannot lose each other's entry.
 
 The champions are a stack replayed from the log: a promotion pushes its ref (and first the ref it
-replaced, when the log starts after something was served), a rollback pops. ``rollback`` moves the
+replaced, when that was served without an entry: before the log began, or moved by hand), a
+rollback pops. ``rollback`` moves the
 pointer from the top of the stack to the one below it, by compare-and-swap against the ref it read,
 with the guidance that champion was promoted with. Plain code: no Ray, no Prefect.
 """
@@ -121,8 +122,9 @@ def champion_stack(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     stack: list[dict[str, Any]] = []
     for entry in entries:
         if entry["action"] == PROMOTE:
-            if not stack and entry.get("previous"):
-                stack.append({"action": PROMOTE, "ref": entry["previous"], "previous": None})
+            previous = entry.get("previous")
+            if previous and (not stack or stack[-1]["ref"] != previous):  # served without a log entry
+                stack.append({"action": PROMOTE, "ref": previous, "previous": None})
             stack.append(dict(entry))
         elif stack:
             stack.pop()

@@ -73,6 +73,11 @@ def test_rollback_refuses_clearly_without_a_history_to_follow(store):
     store.put_pointer(POINTER, served.ref)  # moved by hand after the log: the log no longer ends at it
     with pytest.raises(NoPreviousChampion, match="does not record how it got there"):
         rollback(store, POINTER)
+    # The next promotion replaced the hand-moved model: rollback goes back to it, not further.
+    third = commit(store, "t")
+    promote_by_hand(store, third.ref, 8.0)
+    assert rollback(store, POINTER).to_ref == served.ref
+    assert rollback(store, POINTER).to_ref == other.ref
 
 
 def test_rollback_loses_to_a_pointer_that_moved_meanwhile(store):

@@ -123,6 +123,13 @@ def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def fid_bounds(score: Scored | None) -> tuple[float, float] | None:
+    """A score's own FID interval, when it has a finite one."""
+    if score is None or not (finite(score.low) and finite(score.high)):
+        return None
+    return (score.low, score.high)
+
+
 def decide(
     candidate: str,
     current: str | None,
@@ -139,14 +146,6 @@ def decide(
     candidate_fid = candidate_score.fid if candidate_score is not None else None
     current_fid = current_score.fid if current_score is not None else None
 
-    def figures_of(score: Scored | None) -> dict[str, Any]:
-        if score is None:
-            return {"interval": None, "evaluation": None}
-        bounds = (score.low, score.high) if finite(score.low) and finite(score.high) else None
-        return {"interval": bounds, "evaluation": score.evaluation}
-
-    ours, theirs = figures_of(candidate_score), figures_of(current_score)
-
     def verdict(
         promoted: bool, reason: str, difference: tuple[float, float] | None = None, below_bar: bool = False
     ) -> PromotionDecision:
@@ -162,10 +161,10 @@ def decide(
             reason,
             candidate_score.guidance if candidate_score is not None else None,
             below_bar,
-            ours["interval"],
-            theirs["interval"],
-            ours["evaluation"],
-            theirs["evaluation"],
+            fid_bounds(candidate_score),
+            fid_bounds(current_score),
+            candidate_score.evaluation if candidate_score is not None else None,
+            current_score.evaluation if current_score is not None else None,
         )
 
     if current == candidate:
