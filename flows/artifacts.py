@@ -1,11 +1,13 @@
 """What a run shows in the Prefect UI: a table and a report per stage, the probe verdicts, the run summary.
 
 Artifacts are written under stable keys (``fewstep-<stage>-metrics``, ``fewstep-fid-vs-steps``,
-``fewstep-probe-<model>``, ``fewstep-run-report`` ...), so the UI's artifact page keeps their history.
+``fewstep-probe-<model>``, ``fewstep-promotion``, ``fewstep-run-report`` ...), so the UI's artifact
+page keeps their history.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -55,15 +57,32 @@ def publish_probe(card: ProbeCard, ref: str, label: str) -> None:
     )
 
 
-def publish_run(store: Store, refs: dict[str, str], seconds: float, decision: dict, served: str | None) -> None:
-    """The run's stages and refs as a table, and its summary (what is served, the probes' warnings)."""
+def publish_promotion(decision: dict) -> None:
+    """Champion against challenger: the decision and its figures (``PromotionDecision.as_dict()``)."""
+    create_markdown_artifact(
+        key="fewstep-promotion",
+        markdown=promotion_report(decision),
+        description=f"{decision['candidate']} against the served {decision['current'] or '(nothing)'}",
+    )
+
+
+def publish_run(
+    store: Store,
+    refs: dict[str, str],
+    seconds: float,
+    decision: dict,
+    served: str | None,
+    history: Sequence[dict] = (),
+) -> None:
+    """The run's stages and refs as a table, and its summary (what is served, the probes' warnings,
+    the served model's quality over time from the champion ``history``)."""
     rows = [{"stage": name, "ref": ref} for name, ref in refs.items()] + [
         {"stage": "served", "ref": served or "(none)"}
     ]
     create_table_artifact(key="fewstep-run-summary", table=rows, description="Stages of this run and their refs")
     create_markdown_artifact(
         key="fewstep-run-report",
-        markdown=run_report(refs, seconds, decision, served, probe_warnings(store, refs)),
+        markdown=run_report(refs, seconds, decision, served, probe_warnings(store, refs), history),
         description="fewstep run summary",
     )
 
@@ -99,6 +118,63 @@ def fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
 
 
+def bounds(pair: Sequence[float] | None, signed: bool = False) -> str:
+    if not pair:
+        return "–"
+    return f"[{pair[0]:+.4g}, {pair[1]:+.4g}]" if signed else f"[{pair[0]:.4g}, {pair[1]:.4g}]"
+
+
+def promotion_report(decision: dict) -> str:
+    """The champion (served before), the challenger, their FIDs at the served steps with intervals,
+    the paired difference, and the verdict with its reason."""
+    verdict = "promoted" if decision["promoted"] else "not promoted"
+    steps = decision["steps"]
+    lines = [
+        f"# Champion against challenger: {verdict}",
+        "",
+        f"FID at the served {steps} step(s), each model with the sampler it is served with "
+        f"(the challenger's: `{decision['sampler']}`).",
+        "",
+        "| role | ref | FID | interval | evaluation |",
+        "|---|---|---:|---|---|",
+        f"| champion (served before) | `{decision['current'] or '(none)'}` | {fmt(decision['current_fid'])} "
+        f"| {bounds(decision.get('current_interval'))} | `{decision.get('current_evaluation') or '–'}` |",
+        f"| challenger | `{decision['candidate']}` | {fmt(decision['candidate_fid'])} "
+        f"| {bounds(decision.get('candidate_interval'))} | `{decision.get('candidate_evaluation') or '–'}` |",
+        "",
+    ]
+    if decision.get("difference"):
+        lines.append(
+            f"Paired difference FID(challenger) − FID(champion): {bounds(decision['difference'], signed=True)} "
+            "(one evaluation: the same test images and the same seeds; paired bootstrap)."
+        )
+    else:
+        lines.append("Paired difference: – (the two were not scored by one evaluation).")
+    lines += ["", f"**Decision:** {verdict}. {decision['reason']}"]
+    return "\n".join(lines) + "\n"
+
+
+def champion_table(history: Sequence[dict], last: int = 12) -> list[str]:
+    """The served model over time: one row per move of the pointer (the newest ``last``), with the
+    champion's FID at the served steps as its promotion measured it."""
+    if not history:
+        return []
+    lines = [
+        "## Served model over time",
+        "",
+        "| since (UTC) | action | served ref | FID | interval | at | run |",
+        "|---|---|---|---:|---|---|---|",
+    ]
+    for e in history[-last:]:
+        at = f"{e['steps']} step(s) {e.get('sampler') or ''}".strip() if e.get("steps") else "–"
+        low, high = e.get("fid_low"), e.get("fid_high")
+        lines.append(
+            f"| {str(e.get('at', ''))[:19].replace('T', ' ')} | {e['action']} | `{e['ref']}` | {fmt(e.get('fid'))} "
+            f"| {bounds((low, high) if low is not None and high is not None else None)} | {at} | {e.get('run_id') or 'by hand'} |"
+        )
+    return lines
+
+
 def stringify(row: dict[str, Any]) -> dict[str, Any]:
     """Prefect table artifacts want plain cells; floats keep 4 significant digits."""
     return {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}
@@ -118,7 +194,12 @@ def served_line(decision: dict, served: str | None) -> str:
 
 
 def run_report(
-    refs: dict[str, str], seconds: float, decision: dict, served: str | None, warnings: list[str] = ()
+    refs: dict[str, str],
+    seconds: float,
+    decision: dict,
+    served: str | None,
+    warnings: list[str] = (),
+    history: Sequence[dict] = (),
 ) -> str:
     lines = [
         "# fewstep run",
@@ -133,9 +214,11 @@ def run_report(
         "|---|---|",
     ]
     lines += [f"| {name} | `{ref}` |" for name, ref in refs.items()]
+    champions = champion_table(history)
+    lines += ["", *champions] if champions else []
     lines += [
         "",
-        "The FID-vs-steps table and the evaluation report are the artifacts "
-        "`fewstep-fid-vs-steps` and `fewstep-evaluation-report`.",
+        "The FID-vs-steps table, the evaluation report and the champion-against-challenger decision are the "
+        "artifacts `fewstep-fid-vs-steps`, `fewstep-evaluation-report` and `fewstep-promotion`.",
     ]
     return "\n".join(lines) + "\n"

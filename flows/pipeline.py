@@ -36,8 +36,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 
-from flows.artifacts import publish_evaluation, publish_probe, publish_run, publish_stage  # noqa: E402
+from flows.artifacts import (  # noqa: E402
+    publish_evaluation,
+    publish_probe,
+    publish_promotion,
+    publish_run,
+    publish_stage,
+)
 from infra.cards import GeneratorCard, ProbeCard  # noqa: E402
+from infra.champions import finite_or_none, read_history  # noqa: E402
 from infra.config import (  # noqa: E402
     ConsistencyConfig,
     DDPMConfig,
@@ -234,15 +241,33 @@ def probe_task(
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_only_transient,
 )
-def promote_task(store_uri: str | None, section: ServeConfig, candidate: str, evaluation: str) -> dict:
+def promote_task(
+    store_uri: str | None, section: ServeConfig, candidate: str, evaluation: str, run_id: str | None = None
+) -> dict:
+    """Champion against challenger; the decision and its figures go to the ``fewstep-promotion`` artifact."""
     decision = promote(
-        Store.open(store_uri), candidate, evaluation, section.steps, solver=section.solver, bar=Bar.of(section)
+        Store.open(store_uri),
+        candidate,
+        evaluation,
+        section.steps,
+        solver=section.solver,
+        bar=Bar.of(section),
+        run_id=run_id,
     )
     if decision.below_bar:
         get_run_logger().warning("promotion: %s", decision.reason)
     else:
         get_run_logger().info("promotion: %s", decision.reason)
+    publish_promotion(decision.as_dict())
     return decision.as_dict()
+
+
+def decision_record(decision: dict) -> dict:
+    """The decision as the run record keeps it: plain JSON, a NaN FID as None."""
+    return {
+        k: [finite_or_none(x) for x in v] if isinstance(v, (list, tuple)) else finite_or_none(v)
+        for k, v in decision.items()
+    }
 
 
 @flow(name="pipeline", log_prints=True)
@@ -262,23 +287,29 @@ def pipeline(
     store.begin_run(run_id, {"flow": "pipeline"})
     try:
         with store.keep_alive(run_id):
-            decision = run_stages(cfg, store, store_uri, ray_address, refs)
+            decision = run_stages(cfg, store, store_uri, ray_address, refs, run_id)
     except BaseException:
         store.finish_run(run_id, refs, {"seconds": round(time.perf_counter() - started, 1)}, status="failed")
         raise
     seconds = round(time.perf_counter() - started, 1)
-    store.finish_run(run_id, refs, {"seconds": seconds})
+    store.finish_run(run_id, refs, {"seconds": seconds, "promotion": decision_record(decision)})
     served = store.get_pointer(SERVING_POINTER)
-    publish_run(store, refs, seconds, decision, served)
+    publish_run(store, refs, seconds, decision, served, read_history(store, SERVING_POINTER))
     get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
     return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
 
 
 def run_stages(
-    cfg: PipelineConfig, store: Store, store_uri: str | None, ray_address: str | None, refs: dict[str, str]
+    cfg: PipelineConfig,
+    store: Store,
+    store_uri: str | None,
+    ray_address: str | None,
+    refs: dict[str, str],
+    run_id: str | None = None,
 ) -> dict:
     """Every stage in order, filling ``refs`` as they commit; returns the promotion decision.
-    ``store`` is the flow's own (each task opens ``store_uri`` itself, as a task may run elsewhere)."""
+    ``store`` is the flow's own (each task opens ``store_uri`` itself, as a task may run elsewhere);
+    ``run_id`` goes into the champion history when this run's candidate is promoted."""
     refs["images"] = ingest_task(store_uri, cfg.ingest, ray_address)
     refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
@@ -330,13 +361,23 @@ def run_stages(
     generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
     if "ddpm" in refs:
         generators.append(refs["ddpm"])
+    # The champion is scored beside the challenger, in one evaluation: the same test images, the same
+    # seeds, so the promotion gate reads the paired bootstrap interval of their FID difference.
     defender = served_on_same_data(store, refs["vae"])
     if defender is not None and defender not in generators:
-        generators.append(defender)  # scored beside the candidate, so the promotion gate compares like with like
+        generators.append(defender)
+    elif defender is None and (served := store.get_pointer(SERVING_POINTER)) is not None:
+        log.warning(
+            "promotion: the served %s cannot be scored beside the candidate (it decodes through another VAE "
+            "than this run's %s, or is gone); the gate compares it through an earlier evaluation that measured "
+            "both alike, if any",
+            served,
+            refs["vae"],
+        )
     refs["evaluate"] = evaluate_task(
         store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"], features
     )
-    return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"])
+    return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"], run_id)
 
 
 def base_best_guidance(store: Store, base_ref: str, cfg: PipelineConfig) -> float:

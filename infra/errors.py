@@ -76,6 +76,10 @@ class PointerMoved(StoreError):
     """A compare-and-swap pointer move found the pointer elsewhere than the caller expected."""
 
 
+class NoPreviousChampion(StoreError):
+    """A rollback with no earlier champion in the pointer's history to put back."""
+
+
 class GcRefused(StoreError):
     """``fewstep gc`` was asked to do something unsafe (e.g. a minimum age below the floor)."""
 

@@ -1,4 +1,4 @@
-"""The ``fewstep`` command line: run, serve, evaluate, status, gc, schedule, watch, version.
+"""The ``fewstep`` command line: run, serve, evaluate, promote, status, gc, schedule, watch, version.
 
 One place, :func:`main`, turns what the user must fix into one line on stderr and exit
 status 2: a bad config or option (Click's own usage message), a bad store URI, a missing
@@ -16,7 +16,7 @@ import sys
 
 import typer
 
-from flows.cli import evaluate, run, schedule, serve, store, watch
+from flows.cli import evaluate, promote, run, schedule, serve, store, watch
 from flows.errors import UserError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app = typer.Typer(
 app.command("run")(run.run)
 app.command("serve")(serve.serve)
 app.command("evaluate")(evaluate.evaluate)
+app.command("promote")(promote.promote)
 app.command("status")(store.status)
 app.command("gc")(store.gc)
 app.command("unpin")(store.unpin)

@@ -109,11 +109,29 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         scale = promotion.get("guidance") if promotion.get("promoted") else None
         at = f" (default guidance {scale:g})" if scale is not None else ""
         served = f"  served: {summary['served']}{at} — {promotion['reason']}"
-    lines += ["", served]
+    lines += ["", served, *champion_lines(store)]
     if summary["served"] is not None:  # with nothing promoted, `fewstep serve` has nothing to serve
         lines.append(f"  serve it:    fewstep serve --store {store.uri}")
     lines.append(f"  report:      {report_location(store, evaluation)}")
     return "\n".join(lines)
+
+
+def champion_lines(store, last: int = 5) -> list[str]:
+    """The served model over time (the newest ``last`` moves of the pointer), with each champion's
+    FID at the served steps as its promotion measured it; [] before the first promotion."""
+    from infra.champions import read_history
+    from infra.store import SERVING_POINTER
+
+    history = read_history(store, SERVING_POINTER)
+    if not history:
+        return []
+    lines = ["  served over time (newest last; `fewstep promote --rollback` goes back one):"]
+    for e in history[-last:]:
+        interval = f" [{fmt(e.get('fid_low'))}, {fmt(e.get('fid_high'))}]" if e.get("fid_low") is not None else ""
+        at = f" at {e['steps']} step(s)" if e.get("steps") else ""
+        when = str(e.get("at", ""))[:16].replace("T", " ")
+        lines.append(f"    {when}  {e['action']:<8} {e['ref']:<36} FID {fmt(e.get('fid'))}{interval}{at}")
+    return lines
 
 
 def training_notes(store, refs: dict[str, str]) -> list[str]:

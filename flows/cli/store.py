@@ -140,7 +140,7 @@ def status(
     if pointers:
         typer.echo("pointers:")
         for name, ref in pointers.items():
-            typer.echo(f"  {name} -> {ref}")
+            typer.echo(f"  {name} -> {ref}{rollback_note(opened, name)}")
     if pins:
         typer.echo("pins (kept by gc until unpinned):")
         for name, pin in pins.items():
@@ -155,6 +155,20 @@ def status(
         for run in runs:
             if run["status"] == "running":
                 typer.echo(f"  running {run['run_id']}: heartbeat {str(run.get('heartbeat_at'))[:19]}")
+
+
+def rollback_note(store, pointer: str) -> str:
+    """Where ``fewstep promote --rollback`` would take ``pointer``, from its champion history."""
+    from infra.champions import champion_stack, read_history
+    from infra.errors import StoreError
+
+    try:
+        stack = champion_stack(read_history(store, pointer))
+    except StoreError as error:  # a broken history is listed, never fatal to status
+        return f"  (champion history unreadable: {error})"
+    if len(stack) < 2:
+        return ""
+    return f"  (previous champion {stack[-2]['ref']}: `fewstep promote --rollback`)"
 
 
 def gc(

@@ -26,7 +26,7 @@ def fewstep(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_help_lists_every_verb():
     done = fewstep("--help")
     assert done.returncode == 0
-    for verb in ("run", "serve", "evaluate", "status", "gc", "unpin", "schedule", "watch"):
+    for verb in ("run", "serve", "evaluate", "promote", "status", "gc", "unpin", "schedule", "watch"):
         assert verb in done.stdout
 
 

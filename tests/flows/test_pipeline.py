@@ -14,6 +14,7 @@ import yaml
 
 from drills.kit import TINY
 from infra.cards import GeneratorCard, PairsCard, ProbeCard
+from infra.champions import read_history
 from infra.config import load_config
 from infra.store import Store
 from workers.evaluation.table import read_rows
@@ -67,6 +68,10 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert store.pointer_record("serving/current")["guidance"] == first["promotion"]["guidance"] == best
     assert store.get_pointer("serving/current") == first["refs"]["consistency"]
     assert [run["refs"] for run in store.list_runs()] == [first["refs"]]
+    # The decision goes to the run record, and the promotion to the champion history.
+    assert store.list_runs()[0]["info"]["promotion"]["candidate"] == first["refs"]["consistency"]
+    history = read_history(store, "serving/current")
+    assert [(e["ref"], e["run_id"]) for e in history] == [(first["refs"]["consistency"], first["run_id"])]
 
     before = committed(store)
     started = time.perf_counter()
@@ -79,6 +84,15 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     # One changed field re-runs only what is downstream of it.
     changed = load_config("quick", overrides={**WITH_DDPM, "consistency": {**TINY["consistency"], "intervals": 3}})
     third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
+    # Champion against challenger: the served student is scored beside the new one, in one evaluation.
+    assert first["refs"]["consistency"] in store.get_ref(third["refs"]["evaluate"]).inputs
+    challenge = third["promotion"]
+    assert (
+        challenge["current"] == first["refs"]["consistency"] and challenge["candidate"] == third["refs"]["consistency"]
+    )
+    if not challenge["below_bar"]:
+        assert challenge["difference"] is not None, challenge  # the paired interval decided
+        assert challenge["candidate_evaluation"] == challenge["current_evaluation"] == third["refs"]["evaluate"]
     same = {name for name in first["refs"] if third["refs"][name] == first["refs"][name]}
     assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "features"} | {
         "probe_base",

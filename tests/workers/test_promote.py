@@ -8,8 +8,9 @@ import pyarrow as pa
 import pytest
 
 from infra.cards import GeneratorCard
+from infra.champions import read_history
 from infra.store import Store
-from workers.evaluation.table import CEILING, COLUMNS, FLOOR, REFERENCE
+from workers.evaluation.table import CEILING, COLUMNS, DRAWS, FLOOR, REFERENCE
 from workers.stages.s11_promote import Bar, PromotionDecision, Scored, decide, promote
 
 STEPS = 2
@@ -281,3 +282,69 @@ def test_promotion_records_the_candidates_best_guidance_with_the_pointer(local_s
     assert store.get_pointer("serving/current") == base.ref  # readers of the ref alone are unaffected
     with pytest.raises(ValueError, match="overwrite the pointer's own fields"):
         store.put_pointer("serving/current", base.ref, about={"ref": "base/other"})
+
+
+# --------------------------------------------------------------------------- champion against challenger
+
+
+def commit_paired_evaluation(store: Store, key: str, scored: list):
+    """One evaluation that scored several models on the same test images and seeds: their rows and
+    their paired bootstrap draws. ``scored``: [(manifest, FID, draws)]."""
+    rows, draws = [], []
+    for manifest, fid, model_draws in scored:
+        values = {**row(manifest, "consistency", STEPS, fid), "model": f"consistency-{manifest.key}"}
+        rows.append(values)
+        draws.append({"row": f"consistency-{manifest.key}|consistency|{STEPS}", "draws": list(model_draws)})
+    with store.begin("evaluate", key, config={"key": key}, inputs=[m for m, _, _ in scored]) as writer:
+        writer.write_table("metrics", pa.Table.from_pylist(rows))
+        writer.write_table(DRAWS, pa.Table.from_pylist(draws))
+        return writer.commit(metrics={"rows": len(rows)})
+
+
+def test_the_challenger_is_promoted_over_the_champion_only_when_not_worse_on_paired_draws(local_store):
+    """Champion and challenger scored by one evaluation: the paired interval decides, and the
+    decision carries every figure (both FIDs with intervals, the difference, where they come from);
+    a promotion is appended to the champion history, a refusal leaves pointer and history alone."""
+    store = local_store
+    champion = commit_generator(store, "consistency", "champ", "consistency")
+    better = commit_generator(store, "consistency", "better", "consistency")
+    worse = commit_generator(store, "consistency", "worse", "consistency")
+    first = commit_paired_evaluation(store, "e-first", [(champion, 12.0, [12.0, 12.2, 11.8, 12.1] * 25)])
+    assert promote(store, champion.ref, first.ref, served_steps=STEPS, run_id="run-1").promoted
+    assert [e["ref"] for e in read_history(store, "serving/current")] == [champion.ref]
+
+    wobble = [0.1, -0.1, 0.05, -0.05] * 25  # the same test images and seeds: the draws move together
+    week = commit_paired_evaluation(
+        store,
+        "e-week",
+        [
+            (champion, 12.0, [12.0 + w for w in wobble]),
+            (better, 11.9, [11.9 + w + 0.01 * (i % 3) for i, w in enumerate(wobble)]),
+            (worse, 12.4, [12.4 + w + 0.01 * (i % 3) for i, w in enumerate(wobble)]),
+        ],
+    )
+
+    refused = promote(store, worse.ref, week.ref, served_steps=STEPS, run_id="run-2")
+    assert not refused.promoted and "worse beyond the interval" in refused.reason
+    assert (refused.current, refused.current_fid, refused.candidate_fid) == (champion.ref, 12.0, 12.4)
+    assert refused.candidate_evaluation == refused.current_evaluation == week.ref  # paired, not two evaluations
+    assert refused.difference is not None and refused.difference[0] > 0
+    assert refused.candidate_interval == (11.9, 12.9) and refused.current_interval == (11.5, 12.5)
+    assert store.get_pointer("serving/current") == champion.ref
+    assert len(read_history(store, "serving/current")) == 1  # a refusal moves nothing, logs nothing
+
+    promoted = promote(store, better.ref, week.ref, served_steps=STEPS, run_id="run-3")
+    assert promoted.promoted and "not worse beyond the interval" in promoted.reason, promoted.reason
+    assert promoted.difference is not None and promoted.difference[0] <= 0
+    assert store.get_pointer("serving/current") == better.ref
+    latest = read_history(store, "serving/current")[-1]
+    assert {k: latest[k] for k in ("action", "ref", "previous", "fid", "fid_low", "fid_high", "run_id")} == {
+        "action": "promote",
+        "ref": better.ref,
+        "previous": champion.ref,
+        "fid": 11.9,
+        "fid_low": 11.4,
+        "fid_high": 12.4,
+        "run_id": "run-3",
+    }
+    assert latest["evaluation"] == week.ref and latest["steps"] == STEPS and latest["at"]

@@ -28,7 +28,10 @@ that leave ``guidance`` out (:func:`workers.serving.swap.default_guidance`).
 A candidate without a finite FID at ``k`` is never promoted over a served model: it would be
 a blind swap. A served model without an FID at ``k`` (promoted by hand, or the served step
 count changed) cannot be defended, so the evaluated candidate replaces it. The pointer moves
-by compare-and-swap. Plain code: no Ray, no Prefect; running apps follow the pointer.
+by compare-and-swap, and each move is appended to the pointer's champion history
+(:mod:`infra.champions`) with the new champion's figures, which ``fewstep promote --rollback``
+replays to put the previous champion back. Plain code: no Ray, no Prefect; running apps follow
+the pointer.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Any
 import torch
 
 from infra.cards import LEARNED, GeneratorCard
+from infra.champions import record_promotion
 from infra.errors import PointerMoved
 from infra.store import SERVING_POINTER, Manifest, Store
 from models.metrics import Draws, interval
@@ -97,6 +101,10 @@ class PromotionDecision:
     reason: str
     guidance: float | None = None  # the candidate's scale at its best row at ``steps``: serving's default
     below_bar: bool = False  # refused by the absolute bar: it has not learned the data
+    candidate_interval: tuple[float, float] | None = None  # each FID's own bootstrap interval
+    current_interval: tuple[float, float] | None = None
+    candidate_evaluation: str | None = None  # the evaluate refs the FIDs come from (one: paired)
+    current_evaluation: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +121,13 @@ def served_sampler(manifest: Manifest, solver: str) -> str:
 
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def fid_bounds(score: Scored | None) -> tuple[float, float] | None:
+    """A score's own FID interval, when it has a finite one."""
+    if score is None or not (finite(score.low) and finite(score.high)):
+        return None
+    return (score.low, score.high)
 
 
 def decide(
@@ -146,6 +161,10 @@ def decide(
             reason,
             candidate_score.guidance if candidate_score is not None else None,
             below_bar,
+            fid_bounds(candidate_score),
+            fid_bounds(current_score),
+            candidate_score.evaluation if candidate_score is not None else None,
+            current_score.evaluation if current_score is not None else None,
         )
 
     if current == candidate:
@@ -271,6 +290,22 @@ def evaluation_lookup(store: Store, evaluate_ref: str) -> Lookup:
     return lookup
 
 
+def history_figures(decision: PromotionDecision, run_id: str | None) -> dict[str, Any]:
+    """What the champion history keeps of a promotion: the new champion's FID and where it comes from."""
+    low, high = decision.candidate_interval or (None, None)
+    return {
+        "steps": decision.steps,
+        "sampler": decision.sampler,
+        "fid": decision.candidate_fid,
+        "fid_low": low,
+        "fid_high": high,
+        "guidance": decision.guidance,
+        "evaluation": decision.candidate_evaluation,
+        "run_id": run_id,
+        "reason": decision.reason,
+    }
+
+
 def promote(
     store: Store,
     candidate_ref: str,
@@ -280,12 +315,15 @@ def promote(
     pointer: str = POINTER,
     level: float = 0.95,
     bar: Bar | None = None,
+    run_id: str | None = None,
 ) -> PromotionDecision:
     """Decide, and move ``pointer`` to ``candidate_ref`` when the gate passes.
 
     ``fid`` is an evaluate stage's ref or a lookup ``(ref, steps, sampler) -> Scored | None``;
     ``solver`` is how flow models are served (``serve.solver``); ``bar`` the absolute bar
-    (:meth:`Bar.of` the serve section; None: none), checked before any comparison."""
+    (:meth:`Bar.of` the serve section; None: none), checked before any comparison. A move is
+    appended to the pointer's champion history (:mod:`infra.champions`) with its figures and
+    ``run_id`` (the run that promoted; None: by hand), so ``fewstep promote --rollback`` can undo it."""
     if served_steps < 1:
         raise ValueError(f"served_steps={served_steps} must be >= 1")
     lookup = evaluation_lookup(store, fid) if isinstance(fid, str) else fid
@@ -316,9 +354,10 @@ def promote(
         try:  # only if nobody moved the pointer since we read it; else decide again against the new one
             about = {"guidance": decision.guidance} if decision.guidance is not None else None
             store.put_pointer(pointer, candidate_ref, expect=current_ref, about=about)
-            return decision
         except PointerMoved:
             continue
+        record_promotion(store, pointer, candidate_ref, current_ref, history_figures(decision, run_id))
+        return decision
     return replace(
         decision,
         promoted=False,
