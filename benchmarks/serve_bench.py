@@ -607,14 +607,22 @@ def restart_ray(env: dict[str, str]) -> None:
 
 def ingress_url(proxy_url: str) -> str:
     """Where a client should send its requests: with direct ingress and no HAProxy, the replica's own
-    port (Serve's target groups, an internal API); else the proxy's URL."""
+    port (Serve's target groups, an internal API); else the proxy's URL.
+
+    Read from this process's environment (what :func:`restart_ray` gave the cluster), not from
+    Serve's constants, which this process imported before any option was set."""
     import ray
-    from ray.serve._private import constants
     from ray.serve.context import _get_global_client
 
     from workers.serving.app import APP_NAME
 
-    if constants.RAY_SERVE_ENABLE_HA_PROXY or not constants.RAY_SERVE_ENABLE_DIRECT_INGRESS:
+    def flag(name: str) -> str | None:
+        return os.environ.get(name)
+
+    direct = flag("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1" or (
+        flag("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" and flag("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "0"
+    )
+    if flag("RAY_SERVE_ENABLE_HA_PROXY") == "1" or not direct:
         return proxy_url
     controller = _get_global_client()._controller
     deadline = time.monotonic() + 60
