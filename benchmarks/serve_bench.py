@@ -593,11 +593,20 @@ def option_env(option: str) -> dict[str, str]:
     return {**ENV_OPTIONS[option], **DIRECT_INGRESS_ENV, **{name: str(free_port()) for name in SIDE_PORTS}}
 
 
+_RAY_ENV: dict[str, dict[str, str]] = {}  # "env": what the running Ray was started with
+
+
 def restart_ray(env: dict[str, str]) -> None:
-    """A fresh local Ray whose processes see ``env`` (and none of the previous option's variables)."""
+    """A fresh local Ray whose processes see ``env`` (and none of the previous option's variables);
+    the running one when it was started with the same ``env``."""
+    import ray
+
     from workers.runtime import ensure_ray, shutdown_ray
 
+    if ray.is_initialized() and _RAY_ENV.get("env") == env:
+        return
     shutdown_ray()
+    _RAY_ENV["env"] = dict(env)
     for variables in (*ENV_OPTIONS.values(), DIRECT_INGRESS_ENV, SIDE_PORTS):
         for name in variables:
             os.environ.pop(name, None)
@@ -629,8 +638,9 @@ def ingress_url(proxy_url: str) -> str:
     while time.monotonic() < deadline:
         for group in ray.get(controller.get_target_groups.remote(APP_NAME)):
             if str(group.protocol).upper().endswith("HTTP") and group.targets:
-                target = group.targets[0]
-                return f"http://{target.ip}:{target.port}/"
+                # the replica binds http_options.host (the proxy's), not the node IP the target names
+                host = proxy_url.split("//", 1)[1].rsplit(":", 1)[0]
+                return f"http://{host}:{group.targets[0].port}/"
         time.sleep(0.5)
     raise RuntimeError(f"direct ingress: no HTTP target for the app {APP_NAME!r} after 60 s")
 
@@ -836,7 +846,7 @@ def main() -> None:
                     access_log=access_log,
                 )
             except Exception as error:  # noqa: BLE001 - an option that does not work here is a finding
-                failed[option] = f"{type(error).__name__}: {str(error)[:500]}"
+                failed[option] = f"{type(error).__name__}: ...{str(error)[-800:]}"  # a traceback's last lines
                 print(f"Serve option {option} failed: {failed[option]}", flush=True)
     finally:
         from workers.runtime import shutdown_ray
