@@ -816,24 +816,19 @@ def main() -> None:
 
         for option in args.serve_option:
             mode = f"Serve batched [{option}]"
-            option_config, access_log = config, True
-            if option in ENV_OPTIONS:
-                restart_ray(option_env(option))
-            else:
-                restart_ray({})
-                if option == "access_log_off":
-                    access_log = False
-                else:
-                    option_config = bench_config(
-                        args.max_batch_size,
-                        args.batch_wait_ms,
-                        args.images,
-                        args.steps,
-                        args.cpus,
-                        gpus,
-                        max_ongoing_requests=int(option.split("=", 1)[1]),
-                    )
+            option_config, access_log = config, option != "access_log_off"
+            if option.startswith("max_ongoing_requests="):
+                option_config = bench_config(
+                    args.max_batch_size,
+                    args.batch_wait_ms,
+                    args.images,
+                    args.steps,
+                    args.cpus,
+                    gpus,
+                    max_ongoing_requests=int(option.split("=", 1)[1]),
+                )
             try:
+                restart_ray(option_env(option) if option in ENV_OPTIONS else {})
                 results += serve_rows(
                     store.uri,
                     ref,
