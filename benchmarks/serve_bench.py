@@ -64,7 +64,7 @@ fails to start is reported in ``failed_options``, not fatal.
     model_bound_plain_batched_over_unbatched_c32  the plain server, model-bound generator
     model_bound_serve_over_plain_c32, model_bound_serve_over_inprocess_c32
     model_bound_model_ms_c1      in-process p50 of one model-bound request (its forward passes)
-    option_NAME_over_default_c32, option_NAME_p50_c1_over_default   each --serve-option
+    option_NAME_over_default_c32, option_NAME_p50_c1_over_default   each --serve-option (= becomes _)
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ def summary(results: list[Result]) -> dict:
     base1, base32 = pick("Serve batched", "raw", 1), pick("Serve batched", "raw", 32)
     for r in results:
         if r.mode.startswith("Serve batched [") and r.answer == "raw":
-            name = r.mode[len("Serve batched [") : -1]
+            name = r.mode[len("Serve batched [") : -1].replace("=", "_")
             if r.concurrency == 32 and base32:
                 out[f"option_{name}_over_default_c32"] = ratio(r.images_per_s, base32.images_per_s)
             if r.concurrency == 1 and base1:
