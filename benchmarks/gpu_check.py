@@ -228,6 +228,7 @@ def serve(short: bool, gpu: bool, store: str) -> dict:
         "1" if short else "4",
         "--steps",
         "1",
+        *(["--model-bound", "DiT-T/2@4"] if short else []),  # the smoke run: every part, a tiny model
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
@@ -237,7 +238,9 @@ def serve(short: bool, gpu: bool, store: str) -> dict:
     print(
         f"Serve batched at concurrency 32: {batched['images_per_s']:.1f} images/s, "
         f"{batched['per_pass']:.1f} requests per forward pass; batched / unbatched "
-        f"{figures.get('batched_over_unbatched_c32')}, Serve / in-process {figures.get('serve_over_inprocess_c32')}"
+        f"{figures.get('batched_over_unbatched_c32')}, Serve / in-process {figures.get('serve_over_inprocess_c32')}, "
+        f"Serve / plain uvicorn {figures.get('serve_over_plain_c32')}; model-bound batched / unbatched "
+        f"{figures.get('model_bound_batched_over_unbatched_c32')}"
     )
     return {"batched_images_per_s_c32": batched["images_per_s"], **{k: v for k, v in figures.items() if k != "rows"}}
 

@@ -328,7 +328,7 @@ def test_a_batch_is_capped_by_images_times_steps(app):
 
 def test_batch_cost_caps_requests_and_work_and_stops_waiting_for_absent_company():
     from workers.generator import Request
-    from workers.serving.app import BatchFill, Ticket, batch_cost
+    from workers.serving.replica import BatchFill, Ticket, batch_cost
 
     fill = BatchFill(max_requests=4, max_images_steps=64)
 

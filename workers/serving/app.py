@@ -16,11 +16,10 @@ i.e. one forward pass per sampling step. Image ``i`` of a request is drawn from 
 bit of float arithmetic: a batched matmul may round differently, which moves a pixel by at
 most one level).
 
-A batch is capped by the work it holds, not by its request count alone (:func:`batch_cost`):
-at most ``max_batch_images_steps`` images x steps and at most ``max_batch_size`` requests. It
-waits up to ``batch_wait_timeout_s`` for company, but only for as many requests as the last
-batch held: a lone client is never kept waiting, and a steady crowd fills each batch without
-sitting out the whole timeout.
+A batch is capped by the work it holds, not by its request count alone, and waits for company
+only as long as company is coming (:func:`~workers.serving.replica.batch_cost`). What a replica
+does with a request, apart from the queue, is :class:`~workers.serving.replica.Replica`, which a
+plain uvicorn server can run too (``benchmarks/plain_server.py``).
 
 Hot swap: unless the app is pinned to a ``model`` (its ``user_config``), each replica reads
 the ``serving/current`` pointer every ``poll_s`` seconds and, when it moved, loads the new
@@ -33,92 +32,29 @@ back-off, and makes ``/healthz`` say ``degraded`` (:mod:`workers.serving.swap`).
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import logging
-import secrets
-from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 
 from infra.cards import GeneratorCard
 from infra.config import ServeConfig
 from infra.errors import NotCommitted
-from infra.store import SERVING_POINTER, Manifest, Store
-from workers.generator import Request
+from infra.store import Manifest, Store
 from workers.runtime import remote_options
-from workers.serving.http import Generated, make_api
-from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
-from workers.serving.swap import RETRY_S, Served, Watch, load_served
+from workers.serving.http import make_api
+from workers.serving.replica import POINTER, Drawn, Replica, Ticket, batch_cost
+from workers.serving.request import Limits
+from workers.serving.swap import RETRY_S, load_served
 
-log = logging.getLogger("fewstep.serve")
-
-POINTER = SERVING_POINTER
 APP_NAME = "fewstep"
-
-
-def log_to_stderr() -> None:
-    """The replica's own log lines (swaps, failed swaps, store trouble) on its stderr, which Ray keeps
-    in the worker's log file and forwards to a driver started with ``log_to_driver``."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s -- %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
-@dataclass(frozen=True)
-class Drawn:
-    """What one request got out of a batch."""
-
-    served: Served
-    sampler: str
-    pixels: Any  # (n, H, W, C) uint8
-    nfe: int
-    seconds: float
-    batch_requests: int  # requests that shared its forward passes
-
-
-class BatchFill:
-    """A replica's batch budget, and how many requests the last batch held (what the next one waits for)."""
-
-    def __init__(self, max_requests: int, max_images_steps: int):
-        self.max_requests, self.max_images_steps = max_requests, max_images_steps
-        self.expected = 1
-
-    def cost(self, request: Request) -> float:
-        """max(1, n * steps * max_requests / max_images_steps): a budget of ``max_requests`` then
-        holds at most max_requests requests and at most max_images_steps images x steps."""
-        return max(1.0, request.n * request.steps * self.max_requests / self.max_images_steps)
-
-
-@dataclass(frozen=True)
-class Ticket:
-    """One request in the batch queue, with its cost in the replica's budget."""
-
-    request: Request
-    cost: float
-    fill: BatchFill
-
-
-def batch_cost(tickets: list[Ticket]) -> float:
-    """Serve's ``batch_size_fn``: the batch's cost, or the whole budget once it holds as many
-    requests as the last batch did (so it stops waiting for company that is not coming)."""
-    fill = tickets[0].fill
-    cost = sum(ticket.cost for ticket in tickets)
-    if cost <= fill.max_requests and len(tickets) >= fill.expected:
-        return float(fill.max_requests)
-    return cost
 
 
 @serve.deployment(name="FewstepGenerator")
 @serve.ingress()
-class FewstepGenerator:
-    """One replica: a generator in memory, a batch queue, a watcher on the serving pointer."""
+class FewstepGenerator(Replica):
+    """A :class:`Replica` behind Serve: its batch queue is ``@serve.batch``, its routes :func:`make_api`."""
 
     def __init__(
         self,
@@ -131,175 +67,16 @@ class FewstepGenerator:
         retry_s: float = RETRY_S,
         max_batch_images_steps: int | None = None,
     ):
-        log_to_stderr()
-        self.store = Store.open(store_uri)  # credentials from this replica's environment
-        self.limits, self.poll_s, self.pointer = limits, poll_s, pointer
-        self.watch_store = Watch(self.store, pointer, limits.solver, limits.default_steps, retry_s=retry_s)
-        self.served: Served | None = None
-        self.pinned: str | None = None
-        self.watcher: asyncio.Task | None = None
-        if max_batch_images_steps is None:
-            max_batch_images_steps = ServeConfig.model_fields["max_batch_images_steps"].default
-        self.fill = BatchFill(max_batch_size, max_batch_images_steps)
+        super().__init__(store_uri, limits, max_batch_size, poll_s, pointer, retry_s, max_batch_images_steps)
         self.draw.set_max_batch_size(max_batch_size)  # the budget, in the units of BatchFill.cost
         self.draw.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    def __del__(self) -> None:
-        """Serve's graceful shutdown calls this on the replica's event loop: stop watching the store
-        before the loop's thread pool goes, or the next poll fails to schedule."""
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None and not watcher.done():
-            try:
-                watcher.cancel()
-            except RuntimeError:  # garbage-collected after its loop closed: nothing left to stop
-                pass
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self, self.limits.max_body_bytes)
 
-    # -- which model -------------------------------------------------------------------------
-
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``{"model": ref}`` pins the app to a model; ``{"model": None}`` follows the pointer.
-
-        The first model must load and pass the sanity batch, or the replica does not start."""
-        self.pinned = user_config["model"]
-        target = self.pinned or await asyncio.to_thread(self.store.get_pointer, self.pointer)
-        if target is None:
-            raise RuntimeError(
-                f"no model is promoted in {self.store.uri} (pointer {self.pointer!r} is unset): "
-                "run `fewstep run`, or serve one with --model REF"
-            )
-        if self.served is None or self.served.ref != target:
-            self.served = await asyncio.to_thread(self.watch_store.load, target)
-            log.info("serving %s from the store %s", target, self.store.uri)
-        if self.watcher is None:
-            self.watcher = asyncio.get_running_loop().create_task(self.watch())
-
-    async def watch(self) -> None:
-        """Every ``poll_s``: check the store, and follow the pointer unless pinned (see :class:`Watch`)."""
-        while True:
-            await asyncio.sleep(self.poll_s)
-            served = self.served
-            try:
-                polled = await asyncio.to_thread(self.watch_store.poll, served, self.pinned is None)
-            except Exception:  # noqa: BLE001 - a bug in one poll must not stop the watcher
-                log.exception("the store watcher failed; still serving %s", served.ref)
-                continue
-            if self.served is served:  # a reconfigure meanwhile wins
-                self.served = polled
-
-    # -- batching -----------------------------------------------------------------------------
-
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=batch_cost)
     async def draw(self, tickets: list[Ticket]) -> list[Drawn | Exception]:
-        """One forward pass per step for each (steps, sampler, guidance) group of the batch.
-
-        Requests name no sampler: the batch draws with the sampler the served model is served with
-        (a swap between validation and drawing changes the model, never fails the request)."""
-        served = self.served  # the whole batch runs on the model it started with
-        self.fill.expected = len(tickets)
-        requests = [dataclasses.replace(t.request, sampler=served.sampler) for t in tickets]
-        out: list[Drawn | Exception | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
-            try:
-                served.generator.labels_for(request)  # the model may have changed since validation
-                served.generator.sampler(request.sampler)
-            except ValueError as error:
-                out[i] = error
-                continue
-            groups.setdefault(request.group, []).append(i)
-        for indices in groups.values():
-            try:
-                images = await asyncio.to_thread(served.generator.generate_many, [requests[i] for i in indices])
-            except Exception as error:  # noqa: BLE001 - fail this group's requests only
-                log.exception("generation failed for %d request(s)", len(indices))
-                images = [error] * len(indices)
-            for i, result in zip(indices, images):
-                out[i] = (
-                    result
-                    if isinstance(result, Exception)
-                    else Drawn(served, requests[i].sampler, result.pixels, result.nfe, result.seconds, len(indices))
-                )
-        return out
-
-    # -- what the routes do -------------------------------------------------------------------
-
-    async def generate(self, body: GenerateBody) -> Generated:
-        served = self.served
-        found = problems(body, self.limits, served.generator.num_classes)
-        if found:
-            raise HTTPException(status_code=422, detail=found)
-        sampler = served.generator.sampler(served.sampler)
-        steps = body.steps if body.steps is not None else self.limits.default_steps
-        if sampler.max_steps is not None and steps > sampler.max_steps:
-            raise HTTPException(
-                status_code=422,
-                detail=[
-                    problem(
-                        "steps",
-                        f"steps={steps} is more than the served model takes: {served.ref} samples on a grid of "
-                        f"{sampler.max_steps} times; use 1..{sampler.max_steps}",
-                    )
-                ],
-            )
-        if body.n * steps > self.fill.max_images_steps:
-            raise HTTPException(
-                status_code=422,
-                detail=[
-                    problem(
-                        "n",
-                        f"n={body.n} images x steps={steps} = {body.n * steps} is more than one batch may hold "
-                        f"(serve.max_batch_images_steps={self.fill.max_images_steps}); ask for fewer images or steps",
-                    )
-                ],
-            )
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED)
-        # Left out: the served model's own scale (promotion's record, or its card). A sampler that
-        # takes no guidance (a distilled student) batches all its requests together.
-        asked = body.guidance if body.guidance is not None else served.guidance
-        guidance = float(asked) if sampler.guided else 1.0
-        request = Request(
-            n=body.n,
-            steps=steps,
-            sampler="",
-            guidance=guidance,
-            seed=seed,
-            labels=tuple(body.labels) if body.labels is not None else None,
-        )
-        drawn = await self.draw(Ticket(request, self.fill.cost(request), self.fill))
-        if isinstance(drawn, ValueError):
-            raise HTTPException(status_code=422, detail=[problem("labels", str(drawn))])
-        if isinstance(drawn, Exception):
-            raise HTTPException(status_code=500, detail=f"generation failed: {type(drawn).__name__}: {drawn}")
-        generator = drawn.served.generator
-        guided = generator.sampler(drawn.sampler).guided
-        return Generated(
-            model=drawn.served.ref,
-            family=generator.card.family,
-            sampler=drawn.sampler,
-            steps=steps,
-            nfe=drawn.nfe,
-            guidance=guidance if guided else None,
-            seed=seed,
-            labels=[int(y) for y in generator.labels_for(request)],
-            pixels=drawn.pixels,
-            batch_requests=drawn.batch_requests,
-            seconds=drawn.seconds,
-        )
-
-    def model_info(self) -> dict[str, Any]:
-        return {
-            **self.served.card,
-            "pinned": self.pinned is not None,
-            "pointer": self.pointer,
-            "served_steps": self.limits.default_steps,
-            "limits": {**self.limits.as_dict(), "max_batch_images_steps": self.fill.max_images_steps},
-        }
-
-    def health(self) -> dict[str, Any]:
-        return self.watch_store.health(self.served)
+        return await self.draw_batch(tickets)
 
 
 # --------------------------------------------------------------------------- building and running
@@ -329,12 +106,21 @@ def deployment_options(config: ServeConfig, model: str | None, max_batch_size: i
 
 
 def build_app(
-    store_uri: str, config: ServeConfig, model: str | None = None, *, max_batch_size: int | None = None
+    store_uri: str,
+    config: ServeConfig,
+    model: str | None = None,
+    *,
+    max_batch_size: int | None = None,
+    access_log: bool = True,
 ) -> serve.Application:
     """The deployment, sized from ``config``; ``model`` pins a ref, else the app follows the pointer.
-    ``max_batch_size`` overrides the config's (1 turns batching off, for benchmarks)."""
+    ``max_batch_size`` overrides the config's (1 turns batching off, for benchmarks); ``access_log``
+    False stops the replica's line per request."""
     batch = config.max_batch_size if max_batch_size is None else max_batch_size
-    deployment = FewstepGenerator.options(**deployment_options(config, model, batch))
+    options = deployment_options(config, model, batch)
+    if not access_log:
+        options["logging_config"] = {"enable_access_log": False}
+    deployment = FewstepGenerator.options(**options)
     return deployment.bind(
         str(store_uri),
         Limits.from_config(config),
@@ -396,12 +182,18 @@ def start(
     port: int | None = None,
     name: str = APP_NAME,
     max_batch_size: int | None = None,
+    access_log: bool = True,
 ) -> str:
-    """Start Serve's HTTP proxy on host:port (Ray must be up) and deploy the app; returns its URL."""
+    """Start Serve's HTTP proxy on host:port (Ray must be up) and deploy the app; returns its URL.
+
+    ``access_log`` False stops the proxy's and the replica's line per request."""
     host = config.host if host is None else host
     port = config.port if port is None else port
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(store_uri, config, model, max_batch_size=max_batch_size), name=name, route_prefix="/")
+    serve.start(
+        http_options={"host": host, "port": port}, logging_config=None if access_log else {"enable_access_log": False}
+    )
+    app = build_app(store_uri, config, model, max_batch_size=max_batch_size, access_log=access_log)
+    serve.run(app, name=name, route_prefix="/")
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}/"
 
