@@ -248,13 +248,11 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
             ds, classes = None, folder_classes(source)[1] if source.kind == "folder" else list(before.classes)
         else:
             ds, classes = raw_dataset(source, config, plan.read)
-        if plan.previous is not None:
-            if (
-                tuple(classes) != ImagesCard.from_manifest(plan.previous).classes
-            ):  # a class was added or removed: every label may move
-                log.info("ingest: the classes changed since %s: reading every file again", plan.previous.ref)
-                plan = FROM_SCRATCH
-                ds, classes = raw_dataset(source, config)
+        if plan.previous is not None and tuple(classes) != ImagesCard.from_manifest(plan.previous).classes:
+            # a class was added or removed: every label may move
+            log.info("ingest: the classes changed since %s: reading every file again", plan.previous.ref)
+            plan = FROM_SCRATCH
+            ds, classes = raw_dataset(source, config)
         if ds is not None:
             ds = ds.map_batches(
                 decode_images,
