@@ -78,6 +78,11 @@ class Backend:
         """Create or overwrite ``path`` (parents are created as needed)."""
         raise NotImplementedError
 
+    def copy(self, source: str, target: str) -> None:
+        """Copy file ``source`` to ``target`` inside the store without passing the bytes through
+        this process where the store can (an in-kernel copy locally, a server-side copy on S3)."""
+        raise NotImplementedError
+
     def make_dirs(self, path: str) -> None:
         """Create folder ``path`` where folders exist (locally); S3 has none, so nothing to do there."""
 
@@ -158,6 +163,12 @@ class LocalBackend(Backend):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as handle:
             handle.write(data)
+
+    def copy(self, source: str, target: str) -> None:
+        # A copy, not a hard link: a file written over in place (a repair, a drill) must not
+        # change the output it was copied from.
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(source, target)
 
     def make_dirs(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

@@ -97,6 +97,12 @@ class ImagesCard(Card):
     duplicates: int = 0
     skipped: int = 0  # files in the source that were not read (hidden names, extensions not read)
     skipped_examples: tuple[str, ...] = ()  # a few of them, "path: why"
+    # What this run did (workers.incremental): images decoded now (bad ones included), rows
+    # carried over from ``previous_ref`` without decoding, earlier rows whose file is gone.
+    decoded: int = 0
+    reused: int = 0
+    removed: int = 0
+    previous_ref: str | None = None
 
     @property
     def labelled(self) -> bool:
@@ -153,6 +159,11 @@ class LatentsCard(LatentSpace):
     dtype: str
     draw: str = "mean"  # what the generators train on: "mean" or "sample" of q(z | x)
     encoder_nodes: tuple[str, ...] = ()  # the Ray nodes whose actors encoded the rows
+    # What this run did (workers.incremental): rows encoded now, rows carried over from
+    # ``previous_ref`` (same VAE, same image) without encoding.
+    encoded: int = 0
+    reused: int = 0
+    previous_ref: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

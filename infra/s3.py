@@ -388,6 +388,10 @@ class S3Backend(Backend):
     def write_bytes(self, path: str, data: bytes) -> None:
         self.call(f"write s3://{path}", lambda: self.fs.pipe_file(path, data, timeout=self.deadline(len(data))))
 
+    def copy(self, source: str, target: str) -> None:
+        # CopyObject (multipart copy above 5 GiB): the bytes stay on the server.
+        self.call(f"copy s3://{source}", lambda: self.fs.copy(source, target))
+
     def create_exclusive(self, path: str, data: bytes) -> bool:
         # PUT with If-None-Match: * : the server refuses (412) when the object exists; a PUT is
         # atomic, so readers see the whole manifest or none. Only on a server proven to honour it.

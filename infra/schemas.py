@@ -18,3 +18,12 @@ IMAGES_SCHEMA = pa.schema(
 
 # Files the ingest stage could not use, and why.
 QUARANTINE_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
+
+# Beside each images part, a part of the same name with what a later run needs to tell whether a
+# row is still the same without reading its image (workers.incremental): the digest is the sha1
+# of the stored PNG.
+INDEX_SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("label", pa.int64()), ("digest", pa.string())])
+
+# The source files an ingest read (path relative to the source, size, mtime or ETag): what the
+# next run on the same source compares its listing with.
+SOURCE_FILES_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string())])

@@ -458,7 +458,8 @@ class StageWriter:
 
     def add_files(self, names: Sequence[str]) -> None:
         """Include files someone else wrote under :attr:`prefix` (e.g. Ray Data ``write_parquet``);
-        a folder name adds every file below it. Their digests are taken at commit."""
+        a folder name adds every file below it that this writer does not hold yet (one it wrote
+        or copied there itself). Their digests are taken at commit."""
         for name in names:
             name = name.strip("/")
             found = self.store.backend.list_files(f"{self.prefix}/{name}")
@@ -467,8 +468,21 @@ class StageWriter:
                 self._files[name] = (name, None, None)
                 continue
             for rel in sorted(found):
+                if f"{name}/{rel}" in self._files:
+                    continue
                 self._claim(f"{name}/{rel}", f"{name}/{rel}")
                 self._files[f"{name}/{rel}"] = (f"{name}/{rel}", None, None)
+
+    def copy_from(self, manifest: Manifest, name: str, as_name: str | None = None) -> None:
+        """Copy file ``name`` of a committed output into this one (as ``as_name``), inside the
+        store (server-side on S3). The copy must match the manifest's size and sha256 at commit,
+        so a damaged source fails the commit instead of being carried on."""
+        entry = self.store._entry(manifest, name)
+        target = as_name or name
+        self._claim(target, target)
+        source = f"{self.store.stage_dir(manifest.stage, manifest.key)}/{entry.path}"
+        self.store.backend.copy(source, f"{self.prefix}/{target}")
+        self._files[target] = (target, entry.size, entry.sha256)
 
     # -- commit ---------------------------------------------------------------------------------
 

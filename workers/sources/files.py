@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -67,12 +68,20 @@ def read_files(batch: pa.Table, fs: Any) -> pa.Table:
     )
 
 
-def folder_dataset(source: Source, limit: int | None):
-    """(raw rows, class names): first-level sub-folders are the classes (sorted -> 0..K-1)."""
+def folder_classes(source: Source) -> tuple[bool, list[str]]:
+    """(labelled, class names): a folder is labelled when any image sits in a sub-folder."""
+    labelled = any("/" in f.rel for f in source.files)
+    return labelled, sorted({f.rel.split("/", 1)[0] for f in source.files if "/" in f.rel}) if labelled else []
+
+
+def folder_dataset(source: Source, limit: int | None, read: Collection[str] | None = None):
+    """(raw rows, class names): first-level sub-folders are the classes (sorted -> 0..K-1).
+
+    ``read``: the source-relative paths to read (an incremental ingest); the classes still come
+    from every file of the source. None: every file."""
     import ray.data
 
-    labelled = any("/" in f.rel for f in source.files)
-    classes = sorted({f.rel.split("/", 1)[0] for f in source.files if "/" in f.rel}) if labelled else []
+    labelled, classes = folder_classes(source)
     check_class_count(
         len(classes),
         f"image folder {source.root!r} (one class per sub-folder)",
@@ -80,7 +89,10 @@ def folder_dataset(source: Source, limit: int | None):
     )
     index = {name: k for k, name in enumerate(classes)}
     items = []
+    wanted = None if read is None else set(read)
     for f in source.files:
+        if wanted is not None and f.rel not in wanted:
+            continue
         error, label = "", -1
         if labelled:
             if "/" in f.rel:
@@ -279,8 +291,11 @@ def parquet_labels(
     return {v: k for k, v in enumerate(ids)}, [str(v) for v in ids]
 
 
-def parquet_dataset(source: Source, config: IngestConfig):
-    """(raw rows, class names) of a Parquet file or folder with a column of encoded images."""
+def parquet_dataset(source: Source, config: IngestConfig, read: Collection[str] | None = None):
+    """(raw rows, class names) of a Parquet file or folder with a column of encoded images.
+
+    ``read``: the source-relative paths whose rows to read (an incremental ingest); the columns
+    are checked and the classes found over every file. None: every file."""
     import ray.data
 
     filesystem = source.pa_fs
@@ -288,8 +303,11 @@ def parquet_dataset(source: Source, config: IngestConfig):
     columns = parquet_columns(paths, filesystem, config, {f.path: f.rel for f in source.files})
     label_map, classes = parquet_labels(paths, filesystem, columns, config.source)
     selected = [config.image_column] + ([columns.label_column] if columns.label_column else [])
+    if read is not None:
+        wanted = set(read)
+        paths = [f.path for f in source.files if f.rel in wanted]
     ds = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True).select_columns([*selected, "path"])
-    base = posixpath.dirname(source.root.rstrip("/")) if len(paths) == 1 else source.root.rstrip("/")
+    base = posixpath.dirname(source.root.rstrip("/")) if len(source.files) == 1 else source.root.rstrip("/")
     ds = ds.map_batches(
         normalize_parquet,
         batch_format="pyarrow",

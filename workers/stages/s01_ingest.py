@@ -18,6 +18,14 @@ produce their rows in id order with unique ids, so they stream straight through;
 source (ids from the image bytes) is decoded once into Ray's object store, then sorted by id
 and deduplicated by Ray Data (a distributed sort: the first row of each id, by label and path,
 is kept). The same config gives the same parts, byte for byte.
+
+Incremental (:func:`plan_ingest`, :mod:`workers.incremental`): a re-run on a grown or changed
+folder or Parquet source decodes only new or changed files and carries every other row over
+from the newest earlier output of the same settings, part by part; removed files leave. Beside
+each ``images`` part an ``index`` part (id, split, label, PNG digest) lets the next run, and
+the latents stage, tell unchanged rows without reading images; ``files`` is the listing the
+run read. The rows are those a build from scratch gives, but for one case: an image already
+ingested that reappears in a new Parquet file keeps its earlier row (and label).
 """
 
 from __future__ import annotations
@@ -25,22 +33,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from infra.cards import ImagesCard
 from infra.config import IngestConfig, StageInputError
-from infra.schemas import IMAGES_SCHEMA, QUARANTINE_SCHEMA
+from infra.schemas import IMAGES_SCHEMA, INDEX_SCHEMA, QUARANTINE_SCHEMA, SOURCE_FILES_SCHEMA
 from infra.store import Manifest, StageWriter, Store
+from infra.version import code_version
 from workers import progress
 from workers.data import preserved_order
+from workers.incremental import carry_parts, part_names, previous_output, read_folder
 from workers.parts import add_written, bound, first_of_each_id, ordered, rows_per_part, write_parts
 from workers.pixels import DECODE_ERRORS, encode_png, prepare_image
 from workers.runner import run_stage
 from workers.sources.builtin import digits_dataset, procedural_dataset
-from workers.sources.files import folder_dataset, parquet_dataset
-from workers.sources.listing import Source, resolve_source
+from workers.sources.files import folder_classes, folder_dataset, parquet_dataset
+from workers.sources.listing import Source, content_id, resolve_source
 
 log = logging.getLogger("fewstep.ingest")
 
@@ -101,16 +112,16 @@ def decode_images(batch: pa.Table, image_size: int, channels: int) -> pa.Table:
     )
 
 
-def raw_dataset(source: Source, config: IngestConfig):
-    """(raw rows, class names) for the source's kind."""
+def raw_dataset(source: Source, config: IngestConfig, read: tuple[str, ...] | None = None):
+    """(raw rows, class names) for the source's kind; ``read``: only these files (folder, Parquet)."""
     if source.kind == "digits":
         return digits_dataset(config.limit)
     if source.kind in ("shapes", "glyphs"):
         return procedural_dataset(source.kind, config.shapes_count, config.shapes_seed, config.limit)
     if source.kind == "folder":
-        return folder_dataset(source, config.limit)
+        return folder_dataset(source, config.limit, read)
     if source.kind == "parquet":
-        return parquet_dataset(source, config)
+        return parquet_dataset(source, config, read)
     raise StageInputError(f"ingest source kind {source.kind!r} is not readable yet")
 
 
@@ -130,6 +141,10 @@ def image_parts(batch: pa.Table, test_fraction: float) -> tuple[dict[str, pa.Tab
         },
         schema=IMAGES_SCHEMA,
     )
+    digests = pa.array([hashlib.sha1(png).hexdigest() for png in good["image"].to_pylist()], pa.string())
+    index = pa.table(
+        {"id": good["id"], "split": splits, "label": good["label"], "digest": digests}, schema=INDEX_SCHEMA
+    )
     quarantine = pa.table({"id": bad["id"], "path": bad["path"], "reason": bad["error"]}, schema=QUARANTINE_SCHEMA)
     copies = good["copies"] if "copies" in good.column_names else None
     top = pc.max(good["label"]).as_py() if good.num_rows else None
@@ -141,18 +156,27 @@ def image_parts(batch: pa.Table, test_fraction: float) -> tuple[dict[str, pa.Tab
         "max_label": -1 if top is None else int(top),
         "examples": json.dumps([[p, r] for p, r in zip(bad["path"].to_pylist()[:3], bad["error"].to_pylist()[:3])]),
     }
-    return {"images": images, "quarantine": quarantine}, stats
+    return {"images": images, "index": index, "quarantine": quarantine}, stats
 
 
-def sorted_unique(decoded, limit: int | None) -> tuple[object, object, int]:
-    """(good rows sorted by id, one per id, the first ``limit``; bad rows sorted by id; decoded rows).
+def drop_known(batch: pa.Table, known: pa.Array) -> pa.Table:
+    """Ray Data UDF: the rows whose id is not in ``known`` (ids an earlier run already holds)."""
+    return batch.filter(pc.invert(pc.is_in(batch["id"], value_set=known)))
+
+
+def sorted_unique(decoded, limit: int | None, known: pa.Array | None = None) -> tuple[object, object, int]:
+    """(good rows sorted by id, one per id, the first ``limit``, none in ``known``; bad rows sorted
+    by id; decoded rows).
 
     The decode runs once: its output is held in Ray's object store for the two branches.
     """
     from ray.data.expressions import col
 
     decoded = ordered(decoded).materialize()
-    good = decoded.filter(expr=col("error") == "").sort("id")
+    good = decoded.filter(expr=col("error") == "")
+    if known is not None:
+        good = good.map_batches(drop_known, batch_format="pyarrow", batch_size=None, fn_kwargs={"known": known})
+    good = good.sort("id")
     good = good.map_batches(
         first_of_each_id, batch_size=None, batch_format="pyarrow", fn_kwargs={"tie_break": ("label", "path")}
     )
@@ -162,8 +186,55 @@ def sorted_unique(decoded, limit: int | None) -> tuple[object, object, int]:
     return good, bad, decoded.count()
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an ingest run reads, and what it carries over from an earlier output (workers.incremental)."""
+
+    previous: Manifest | None = None  # None: build from scratch
+    read: tuple[str, ...] | None = None  # source-relative files to decode; None: all
+    keep: pa.Array | None = None  # ids of ``previous`` to carry over
+
+
+FROM_SCRATCH = Plan()
+
+
+def plan_ingest(store: Store, config: IngestConfig, source: Source, key_config: dict) -> Plan:
+    """Compare the source's listing with the newest earlier ingest of the same source and settings.
+
+    Folder: an unchanged file (same path, size and mtime/ETag) keeps its row (its id is its path);
+    a new or changed file is decoded; a file that is gone leaves. Parquet (ids from the image
+    bytes, deduplicated across files): new files are decoded while every earlier file is
+    unchanged; a changed or removed file rebuilds the table. Built-in sets and ``limit`` rebuild.
+    """
+    if source.kind not in ("folder", "parquet") or config.limit is not None:
+        return FROM_SCRATCH
+    previous = previous_output(store, STAGE, key_config, code_version(__name__), ignore=("source_fingerprint",))
+    if previous is None or "files" not in previous.files or not part_names(previous, "index"):
+        return FROM_SCRATCH
+    old = store.read_table(previous, "files")
+    before = dict(zip(old["path"].to_pylist(), zip(old["size"].to_pylist(), old["version"].to_pylist())))
+    same = [f.rel for f in source.files if before.get(f.rel) == (f.size, f.version)]
+    read = tuple(f.rel for f in source.files if before.get(f.rel) != (f.size, f.version))
+    if source.kind == "folder":
+        return Plan(previous, read, pa.array([content_id(rel) for rel in same], pa.string()))
+    if len(same) < len(before):
+        log.info(
+            "ingest: %d of %d Parquet file(s) of %s changed or were removed: reading every file again",
+            len(before) - len(same),
+            len(before),
+            previous.ref,
+        )
+        return FROM_SCRATCH
+    held = [read_folder(store, previous, folder, ["id"]) for folder in ("index", "quarantine")]
+    keep = pa.concat_tables([t for t in held if t is not None]).column("id").combine_chunks()
+    return Plan(previous, read, keep)
+
+
 def run_ingest(store: Store, config: IngestConfig) -> Manifest:
-    """Build (or reuse) the images table for ``config.source``; returns the committed manifest."""
+    """Build (or reuse) the images table for ``config.source``; returns the committed manifest.
+
+    A grown or changed folder or Parquet source decodes only its new or changed files and
+    carries the other rows over from the newest earlier output (:func:`plan_ingest`)."""
     source = resolve_source(store, config.source)
     key_config = {**config.keyed(), "source_kind": source.kind, "source_fingerprint": source.fingerprint}
 
@@ -171,13 +242,24 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
         from workers.runtime import ensure_ray
 
         ensure_ray()
-        ds, classes = raw_dataset(source, config)
-        ds = ds.map_batches(
-            decode_images,
-            batch_format="pyarrow",
-            batch_size=64,
-            fn_kwargs={"image_size": config.image_size, "channels": config.channels},
-        )
+        plan = plan_ingest(store, config, source, key_config)
+        if plan.read == ():  # nothing new to read: only removed files
+            before = ImagesCard.from_manifest(plan.previous)
+            ds, classes = None, folder_classes(source)[1] if source.kind == "folder" else list(before.classes)
+        else:
+            ds, classes = raw_dataset(source, config, plan.read)
+        if plan.previous is not None and tuple(classes) != ImagesCard.from_manifest(plan.previous).classes:
+            # a class was added or removed: every label may move
+            log.info("ingest: the classes changed since %s: reading every file again", plan.previous.ref)
+            plan = FROM_SCRATCH
+            ds, classes = raw_dataset(source, config)
+        if ds is not None:
+            ds = ds.map_batches(
+                decode_images,
+                batch_format="pyarrow",
+                batch_size=64,
+                fn_kwargs={"image_size": config.image_size, "channels": config.channels},
+            )
         metadata = {
             "fewstep.image_size": str(config.image_size),
             "fewstep.channels": str(config.channels),
@@ -189,36 +271,55 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
         rows = rows_per_part(config.image_size**2 * config.channels)
         parts: list[dict] = []
         with preserved_order():
-            if source.kind in ORDERED_KINDS:  # one streaming pass; the limit was applied at the source
+            if ds is None:
+                branches, total = [], 0
+            elif source.kind in ORDERED_KINDS:  # one streaming pass; the limit was applied at the source
                 branches, total = [ds], None
             else:
-                good, bad, total = sorted_unique(ds, config.limit)
+                good, bad, total = sorted_unique(ds, config.limit, plan.keep)
                 branches = [good, bad]
             for branch in branches:
                 for stats in write_parts(branch, writer, make, rows, metadata):
                     parts.append(stats)
                     if total:
                         progress.advance(STAGE, sum(p["rows"] for p in parts), total)
-        n_images, n_bad = sum(p["images"] for p in parts), sum(p["bad"] for p in parts)
-        total = total if total is not None else n_images + n_bad
-        if total == 0 or n_bad / total > config.max_bad_fraction or n_images == 0:
+        new_images, new_bad = sum(p["images"] for p in parts), sum(p["bad"] for p in parts)
+        decoded = total if total is not None else new_images + new_bad
+        duplicates = sum(p["duplicates"] for p in parts)
+        if plan.keep is not None and source.kind not in ORDERED_KINDS:
+            # every good row of the new files is written or a duplicate (within them, or of a row carried over)
+            duplicates = decoded - new_bad - new_images
+        kept = carry(writer, plan)
+        n_images, n_bad = new_images + kept.images, new_bad + kept.bad
+        everything = n_images + n_bad
+        if everything == 0 or n_bad / everything > config.max_bad_fraction or n_images == 0:
             examples = "; ".join([f"{p}: {r}" for part in parts for p, r in json.loads(part["examples"])][:3])
             raise StageInputError(
-                f"ingest: {n_bad} of {total} images from {config.source!r} are unusable, more than "
+                f"ingest: {n_bad} of {everything} images from {config.source!r} are unusable, more than "
                 f"max_bad_fraction={config.max_bad_fraction}; e.g. {examples or 'no images at all'}. "
                 "Fix or remove those files, or raise 'ingest.max_bad_fraction'"
             )
         folders = add_written(writer, parts)
-        if "quarantine" not in folders:
+        if "quarantine" not in folders and not kept.bad:
             writer.write_table("quarantine", QUARANTINE_SCHEMA.empty_table())
-        else:
+        elif new_bad:
             first = next(p for p in parts if p["bad"])
-            log.warning("ingest: quarantined %d file(s), e.g. %s", n_bad, json.loads(first["examples"])[0])
+            log.warning("ingest: quarantined %d file(s), e.g. %s", new_bad, json.loads(first["examples"])[0])
+        listing = [(f.rel, f.size, f.version) for f in source.files]
+        writer.write_table("files", pa.table(list(zip(*listing)) or [[], [], []], schema=SOURCE_FILES_SCHEMA))
+        if plan.previous is not None:
+            log.info(
+                "ingest: decoded %d image(s), carried %d over from %s, %d removed",
+                decoded,
+                kept.images,
+                plan.previous.ref,
+                kept.removed,
+            )
 
         # Named classes (folders, string labels, digits) count even when `limit` left one out.
-        top = max(p["max_label"] for p in parts)
+        top = max([p["max_label"] for p in parts] + [kept.max_label])
         num_classes = len(classes) or (top + 1 if top >= 0 else 0)
-        n_test = sum(p["test"] for p in parts)
+        n_test = sum(p["test"] for p in parts) + kept.test
         return ImagesCard(
             n_images=n_images,
             n_train=n_images - n_test,
@@ -229,9 +330,49 @@ def run_ingest(store: Store, config: IngestConfig) -> Manifest:
             source_kind=source.kind,
             classes=tuple(classes),
             quarantined=n_bad,
-            duplicates=sum(p["duplicates"] for p in parts),
+            duplicates=duplicates + kept.duplicates,
             skipped=source.skipped,
             skipped_examples=source.skipped_examples,
+            decoded=decoded,
+            reused=kept.images,
+            removed=kept.removed,
+            previous_ref=plan.previous.ref if plan.previous is not None else None,
         )
 
     return run_stage(store, STAGE, key_config, [], build, source=__name__)
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The rows an ingest carried over from the previous output, counted for the card."""
+
+    images: int = 0
+    test: int = 0
+    bad: int = 0
+    max_label: int = -1
+    duplicates: int = 0
+    removed: int = 0  # earlier rows left behind that this run did not decode again
+
+
+def carry(writer: StageWriter, plan: Plan) -> Kept:
+    """Copy the previous output's kept images, index and quarantine parts into ``writer``."""
+    if plan.previous is None:
+        return Kept()
+    store, previous = writer.store, plan.previous
+    images = carry_parts(writer, previous, ("index", "images"), plan.keep)
+    bad = carry_parts(writer, previous, ("quarantine",), plan.keep) if part_names(previous, "quarantine") else None
+    index = read_folder(store, previous, "index", ["id", "split", "label"])
+    index = index.filter(pc.is_in(index["id"], value_set=plan.keep))
+    again = pa.array([content_id(rel) for rel in plan.read or ()], pa.string())
+    gone = read_folder(store, previous, "index", ["id"]).column("id")
+    top = pc.max(index["label"]).as_py() if index.num_rows else None
+    before = ImagesCard.from_manifest(previous)
+    return Kept(
+        images=images.rows,
+        test=int(pc.sum(pc.equal(index["split"], "test")).as_py() or 0),
+        bad=bad.rows if bad is not None else 0,
+        max_label=-1 if top is None else int(top),
+        # Parquet: only new files were read, so every earlier duplicate is still there.
+        duplicates=before.duplicates if before.source_kind == "parquet" else 0,
+        removed=int(pc.sum(pc.invert(pc.is_in(gone, value_set=pa.concat_arrays([plan.keep, again])))).as_py() or 0),
+    )
