@@ -5,12 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pyarrow as pa
-
-from infra.cards import GeneratorCard
 from infra.champions import read_history
 from infra.store import Store
-from workers.evaluation.table import COLUMNS, DRAWS
+from tests.flows.promotion_fixtures import commit_evaluation, commit_generator
 from workers.stages.s11_promote import promote
 
 STEPS = 1  # the default preset serves 1 step; consistency models are read at it
@@ -22,40 +19,6 @@ def fewstep(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def generator(store: Store, key: str):
-    with store.begin("consistency", key, config={"key": key}) as writer:
-        writer.write_json("note", {"what": "a promotion test model"})
-        card = GeneratorCard(
-            family="consistency", steps=0, latent_shape=(2, 4, 4), num_classes=0, latent_scale=1.0, vae_ref="vae/v"
-        )
-        return writer.commit(metrics=card.to_metrics())
-
-
-def evaluation(store: Store, key: str, scored: list):
-    """One evaluation of several models on the same images and seeds: [(manifest, FID, paired draws)]."""
-    rows, draws = [], []
-    for manifest, fid, model_draws in scored:
-        values = dict.fromkeys(COLUMNS)
-        values.update(
-            model=f"consistency-{manifest.key}",
-            stage_key=manifest.ref,
-            sampler="consistency",
-            steps=STEPS,
-            nfe=STEPS,
-            n=100,
-            extractor="test",
-            fid=fid,
-            fid_low=fid - 0.5,
-            fid_high=fid + 0.5,
-        )
-        rows.append(values)
-        draws.append({"row": f"consistency-{manifest.key}|consistency|{STEPS}", "draws": model_draws})
-    with store.begin("evaluate", key, config={"key": key}, inputs=[m for m, _, _ in scored]) as writer:
-        writer.write_table("metrics", pa.Table.from_pylist(rows))
-        writer.write_table(DRAWS, pa.Table.from_pylist(draws))
-        return writer.commit(metrics={"rows": len(rows)})
-
-
 def test_rollback_from_the_command_line_and_its_errors(tmp_path):
     uri = str(tmp_path / "store")
     store = Store.open(uri)
@@ -65,9 +28,11 @@ def test_rollback_from_the_command_line_and_its_errors(tmp_path):
     assert empty.returncode == 2 and "nothing is served, so nothing to roll back" in empty.stderr, empty.stderr
     assert "Traceback" not in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
 
-    old, new = generator(store, "old"), generator(store, "new")
+    old, new = commit_generator(store, "old"), commit_generator(store, "new")
     wobble = [0.1, -0.1, 0.05, -0.05] * 25
-    week = evaluation(store, "week", [(old, 20.0, [20.0 + w for w in wobble]), (new, 19.0, [19.0 + w for w in wobble])])
+    week = commit_evaluation(
+        store, "week", [(old, 20.0, [20.0 + w for w in wobble]), (new, 19.0, [19.0 + w for w in wobble])]
+    )
     assert promote(store, old.ref, week.ref, served_steps=STEPS).promoted
     first = fewstep("promote", "--rollback", "--store", uri)
     assert first.returncode == 2 and f"{old.ref} is the first champion recorded" in first.stderr, first.stderr
@@ -97,9 +62,13 @@ def test_rollback_from_the_command_line_and_its_errors(tmp_path):
 def test_promote_by_hand_goes_through_the_same_gate(tmp_path):
     uri = str(tmp_path / "store")
     store = Store.open(uri)
-    served, worse, better = generator(store, "served"), generator(store, "worse"), generator(store, "better")
+    served, worse, better = (
+        commit_generator(store, "served"),
+        commit_generator(store, "worse"),
+        commit_generator(store, "better"),
+    )
     wobble = [0.1, -0.1, 0.05, -0.05] * 25
-    week = evaluation(
+    week = commit_evaluation(
         store,
         "week",
         [(m, fid, [fid + w for w in wobble]) for m, fid in ((served, 20.0), (worse, 23.0), (better, 18.0))],

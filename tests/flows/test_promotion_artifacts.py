@@ -3,50 +3,14 @@ either way, and the run report shows the served model's quality over time."""
 
 from __future__ import annotations
 
-import pyarrow as pa
 import pytest
 
-from infra.cards import GeneratorCard
 from infra.champions import read_history
 from infra.config import ServeConfig
 from infra.store import Store
-from workers.evaluation.table import COLUMNS, DRAWS
+from tests.flows.promotion_fixtures import commit_evaluation, commit_generator
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def generator(store: Store, key: str):
-    with store.begin("consistency", key, config={"key": key}) as writer:
-        writer.write_json("note", {"what": "a promotion test model"})
-        card = GeneratorCard(
-            family="consistency", steps=0, latent_shape=(2, 4, 4), num_classes=0, latent_scale=1.0, vae_ref="vae/v"
-        )
-        return writer.commit(metrics=card.to_metrics())
-
-
-def evaluation(store: Store, scored: list):
-    """One evaluation of several models on the same images and seeds: [(manifest, FID, paired draws)]."""
-    rows, draws = [], []
-    for manifest, fid, model_draws in scored:
-        values = dict.fromkeys(COLUMNS)
-        values.update(
-            model=f"consistency-{manifest.key}",
-            stage_key=manifest.ref,
-            sampler="consistency",
-            steps=1,
-            nfe=1,
-            n=100,
-            extractor="test",
-            fid=fid,
-            fid_low=fid - 0.5,
-            fid_high=fid + 0.5,
-        )
-        rows.append(values)
-        draws.append({"row": f"consistency-{manifest.key}|consistency|1", "draws": model_draws})
-    with store.begin("evaluate", "week", config={}, inputs=[m for m, _, _ in scored]) as writer:
-        writer.write_table("metrics", pa.Table.from_pylist(rows))
-        writer.write_table(DRAWS, pa.Table.from_pylist(draws))
-        return writer.commit(metrics={"rows": len(rows)})
 
 
 def promotion_artifact(prefect_flow_run_id) -> str:
@@ -66,10 +30,16 @@ def test_the_promote_task_publishes_the_decision_and_its_figures_both_ways(prefe
 
     uri = str(tmp_path / "store")
     store = Store.open(uri)
-    champion, worse, better = generator(store, "champ"), generator(store, "worse"), generator(store, "better")
+    champion, worse, better = (
+        commit_generator(store, "champ"),
+        commit_generator(store, "worse"),
+        commit_generator(store, "better"),
+    )
     wobble = [0.1, -0.1, 0.05, -0.05] * 25
-    week = evaluation(
-        store, [(m, fid, [fid + w for w in wobble]) for m, fid in ((champion, 20.0), (worse, 23.0), (better, 18.0))]
+    week = commit_evaluation(
+        store,
+        "week",
+        [(m, fid, [fid + w for w in wobble]) for m, fid in ((champion, 20.0), (worse, 23.0), (better, 18.0))],
     )
     serve = ServeConfig()
     decisions = {}
@@ -113,8 +83,8 @@ def test_the_run_report_shows_the_served_model_over_time(local_store):
     from workers.stages.s11_promote import promote
 
     store = local_store
-    a, b = generator(store, "a"), generator(store, "b")
-    week = evaluation(store, [(a, 20.0, [20.0] * 100), (b, 18.0, [18.0] * 100)])
+    a, b = commit_generator(store, "a"), commit_generator(store, "b")
+    week = commit_evaluation(store, "week", [(a, 20.0, [20.0] * 100), (b, 18.0, [18.0] * 100)])
     promote(store, a.ref, week.ref, served_steps=1, run_id="run-a")
     decision = promote(store, b.ref, week.ref, served_steps=1, run_id="run-b").as_dict()
     report = run_report({"evaluate": week.ref}, 1.0, decision, b.ref, [], read_history(store, "serving/current"))
