@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from infra.cards import CardError, GeneratorCard, VAECard
+from infra.cards import CardError, GeneratorCard, ImagesCard, VAECard
 from infra.config import LoopConfig, RetrainConfig
 from infra.errors import StoreError, WarmStartError
 from infra.store import SERVING_POINTER, Manifest, Store
@@ -186,33 +187,40 @@ class VAEVerdict:
         return {k: getattr(self, k) for k in VAEVerdict.__dataclass_fields__}
 
 
+def image_ids(store: Store, images: Manifest) -> set[str]:
+    """Every id of an images output, from its small ``index`` parts (the images table without them)."""
+    names = part_names(images, "index")
+    if not names:
+        return set(store.read_table(images, "images", columns=["id"]).column("id").to_pylist())
+    return {i for name in names for i in read_part(store, images, f"index/{name}", ["id"]).column("id").to_pylist()}
+
+
 def unseen_test_pixels(store: Store, images: Manifest, seen: Manifest, limit: int) -> np.ndarray:
     """Up to ``limit`` test images of ``images`` whose id ``seen`` (an earlier images output) lacks, (N, H, W, C) uint8.
 
     Reads the small ``index`` parts to choose, and only the image parts that hold a chosen row."""
-    from infra.cards import ImagesCard
-
     channels = ImagesCard.from_manifest(images).channels
-    old = {
-        i
-        for name in part_names(seen, "index")
-        for i in read_part(store, seen, f"index/{name}", ["id"]).column("id").to_pylist()
-    }
+    old = image_ids(store, seen)
+    names = part_names(images, "index")
+    parts = [(f"index/{n}", f"images/{n}") for n in names] or [(None, None)]
     pixels: list[np.ndarray] = []
     wanted = limit
-    for name in part_names(images, "index"):
-        index = read_part(store, images, f"index/{name}", ["id", "split"])
-        chosen = [
-            i
-            for i, s in zip(index.column("id").to_pylist(), index.column("split").to_pylist())
-            if s == "test" and i not in old
-        ]
-        if not chosen or wanted <= 0:
+    for index_name, images_name in parts:
+        if wanted <= 0:
+            break
+        if index_name is None:  # written without index parts: the whole table
+            index = store.read_table(images, "images", columns=["id", "split"])
+        else:
+            index = read_part(store, images, index_name, ["id", "split"])
+        ids, splits = index.column("id").to_pylist(), index.column("split").to_pylist()
+        chosen = [i for i, split in zip(ids, splits) if split == "test" and i not in old][:wanted]
+        if not chosen:
             continue
-        part = read_part(store, images, f"images/{name}", ["id", "image"])
-        part = part.filter(
-            pc.is_in(part.column("id"), value_set=pc.cast(chosen[:wanted], part.schema.field("id").type))
-        )
+        if images_name is None:
+            part = store.read_table(images, "images", columns=["id", "image"])
+        else:
+            part = read_part(store, images, images_name, ["id", "image"])
+        part = part.filter(pc.is_in(part.column("id"), value_set=pa.array(chosen, part.schema.field("id").type)))
         pixels.append(decode_pixels((b.as_py() for b in part.column("image")), channels))
         wanted -= len(part)
     return np.concatenate(pixels) if pixels else np.zeros((0, 1, 1, channels), np.uint8)
