@@ -14,7 +14,8 @@ decode with. A run with ``retrain.mode`` warm (the default) does, in this order:
    not force a retrain by chance). A new VAE is a new latent space: everything retrains from
    scratch, said in a warning line and the run record.
 3. :func:`warm_start` per generator stage: base, reflow round k and consistency start from
-   their parent's raw weights and EMA and train ``retrain`` warm steps on the stage's usual
+   their parent's raw weights and EMA (the average goes on at the section's decay, with no
+   warm-up) and train ``retrain`` warm steps on the stage's usual
    data, which the incremental latents stage already holds whole (old rows plus new: the
    replay is all of the old data, not a sample).
 
@@ -317,8 +318,10 @@ class WarmStart:
         return {WARM_KEY: {"parent": self.parent.ref, "steps": self.steps}}
 
     def loop_config(self, config: LoopConfig) -> LoopConfig:
-        """The section as the loop runs it: ``steps`` warm steps (the key keeps the section's own values)."""
-        return config.model_copy(update={"steps": self.steps})
+        """The section as the loop runs it: ``steps`` warm steps, and the EMA continued at its full
+        decay (its warm-up is for an average of a random start; the parent's is a real one). The key
+        keeps the section's own values."""
+        return config.model_copy(update={"steps": self.steps, "ema_warmup": 0})
 
 
 def load_warm_start(store: Store, parent: Manifest, steps: int) -> WarmStart:

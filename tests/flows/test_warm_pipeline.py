@@ -1,10 +1,10 @@
 """A retrain that builds on what is served, end to end under Prefect's harness: week one trains from
 scratch and is promoted; week two, on 10% more images, keeps the VAE, encodes only the new images
-and warm-starts base, reflow and consistency from the served lineage, whose refs its cards carry;
-a re-run of week two commits nothing.
+and warm-starts base, reflow and consistency from the served lineage, whose refs its cards carry.
 
-About 2 minutes on 2 CPU cores (two pipelines at the micro sizes and one re-run that reuses every
-stage): the two weeks are the thing under test, so neither can be left out."""
+Two pipelines at the micro sizes (minutes on a busy 2-core machine): the two weeks are the thing
+under test, so neither can be left out. That a re-run finds a warm stage committed is checked on
+its key (tests/workers/test_warm.py), not by a third pipeline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from drills import kit
 from drills.kit import MICRO
 from infra.cards import GeneratorCard, LatentsCard
 from infra.config import load_config
-from infra.store import SERVING_POINTER, Store
+from infra.store import Store
 from infra.version import code_version
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
@@ -68,16 +68,6 @@ def test_week_two_warm_starts_from_the_promoted_week_one(prefect_harness, ray_lo
     assert one["consistency"] in store.get_ref(two["evaluate"]).inputs
     record = next(r for r in store.list_runs() if r["refs"] == two)
     assert record["info"]["retrain"]["warm"] == expected
-
-    # Week two again, on the same images: whichever model is served now, no stage is trained again
-    # (the evaluation may be new: it scores whichever model is the champion now beside the challenger).
-    before = {m.ref for m in store.list_manifests()}
-    third = pipeline(config=config, store_uri=store_uri)
-    assert {k: v for k, v in third["refs"].items() if k != "evaluate"} == {
-        k: v for k, v in two.items() if k != "evaluate"
-    }
-    assert {m.stage for m in store.list_manifests() if m.ref not in before} <= {"evaluate"}
-    assert store.get_pointer(SERVING_POINTER) in (one["consistency"], two["consistency"])
 
 
 def started_from_scratch(store: Store, refs: dict[str, str]) -> bool:

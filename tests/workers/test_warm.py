@@ -141,7 +141,8 @@ def test_the_served_lineage_and_its_parents_weights(local_store):
     assert warm.raw.keys() == raw.keys() and all(torch.equal(warm.raw[k], raw[k]) for k in raw)
     assert all(torch.equal(warm.ema[k], ema[k]) for k in ema)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two are told apart
-    assert warm.loop_config(GeneratorConfig()).steps == 7
+    loop = warm.loop_config(GeneratorConfig(ema_warmup=10))
+    assert (loop.steps, loop.ema_warmup) == (7, 0)
 
 
 def test_a_corrupt_parent_fails_before_training_or_falls_back_to_scratch(local_store, caplog):

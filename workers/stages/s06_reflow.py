@@ -42,7 +42,8 @@ def run_reflow(
     data = PairsCard.from_manifest(pairs)
     GeneratorCard.from_manifest(teacher)  # a generator, or a clear error
     check_rows(STAGE, data.pairs, config)
-    warm = compatible(store, warm, store.read_json(teacher, "model.json"), STAGE)
+    if warm is not None:
+        warm = compatible(store, warm, store.read_json(teacher, "model.json"), STAGE)
 
     def recipe() -> Recipe:
         teacher_net = load_network(store, teacher)

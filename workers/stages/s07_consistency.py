@@ -57,7 +57,8 @@ def run_consistency(
     space = GeneratorCard.from_manifest(teacher).space
     rows, table, columns, adapt = distillation_data(store, data)
     check_rows(STAGE, rows, config)
-    warm = compatible(store, warm, store.read_json(teacher, "model.json"), STAGE)
+    if warm is not None:
+        warm = compatible(store, warm, store.read_json(teacher, "model.json"), STAGE)
 
     def recipe() -> Recipe:
         teacher_net = load_network(store, teacher)
