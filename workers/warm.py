@@ -1,7 +1,8 @@
 """Warm starts: a retrain that builds on the served lineage instead of starting over.
 
 The served lineage is what the serving pointer reaches: the served consistency model, the
-reflow rounds and the base model behind it (each card's ``teacher_ref``), and the VAE they
+reflow rounds and the base model behind it (each card's ``teacher_ref``, and the run record of
+the run that trained it: a student distilled from base names no reflow round), and the VAE they
 decode with. A run with ``retrain.mode`` warm (the default) does, in this order:
 
 1. :func:`plan_retrain`, before any stage: find the lineage and load every parent's weights
@@ -92,10 +93,23 @@ def served_lineage(store: Store, pointer: str = SERVING_POINTER) -> Lineage | No
             card = GeneratorCard.from_manifest(manifest)
             generators[lineage_name(manifest, card)] = manifest
             manifest = store.get_ref(card.teacher_ref) if card.teacher_ref else None
+        for name, other in run_siblings(store, ref).items():  # reflow rounds a student from base skipped
+            generators.setdefault(name, store.get_ref(other))
         vae = store.get_ref(GeneratorCard.from_manifest(store.get_ref(ref)).vae_ref)
     except (StoreError, CardError) as error:
         raise WarmStartError(f"the served lineage of {ref} cannot be read: {error}") from None
     return Lineage(ref, vae, generators)
+
+
+def run_siblings(store: Store, ref: str) -> dict[str, str]:
+    """The generators (base, reflow_k) of the newest pipeline run whose refs hold ``ref``: a student
+    distilled from base (``consistency.teacher: base``) does not name the reflow rounds of its run."""
+    runs, _ = store.scan_runs()  # a damaged record elsewhere: the teacher chain still stands
+    for run in reversed(runs):
+        refs = run.get("refs") or {}
+        if ref in refs.values():
+            return {k: v for k, v in refs.items() if k == "base" or k.startswith("reflow_")}
+    return {}
 
 
 def check_lineage(store: Store, lineage: Lineage) -> None:
@@ -124,12 +138,10 @@ class RetrainPlan:
     mode: str
     lineage: Lineage | None
     reason: str
+    fallback: str | None = None  # why a warm start fell back to scratch (warm_or_scratch), if it did
 
     def parent(self, name: str) -> Manifest | None:
         return self.lineage.generators.get(name) if self.lineage is not None else None
-
-    def scratch(self, reason: str) -> RetrainPlan:
-        return RetrainPlan(self.mode, None, reason)
 
     def as_record(self) -> dict[str, Any]:
         generators = {k: m.ref for k, m in self.lineage.generators.items()} if self.lineage else {}
@@ -139,6 +151,7 @@ class RetrainPlan:
             "vae": self.lineage.vae.ref if self.lineage else None,
             "parents": generators,
             "reason": self.reason,
+            "fallback": self.fallback,
         }
 
 
@@ -158,7 +171,7 @@ def plan_retrain(store: Store, config: RetrainConfig, pointer: str = SERVING_POI
                 "(fall back to scratch when the parent cannot be loaded) or retrain.mode: scratch"
             ) from None
         log.warning("warm start: %s; training from scratch (retrain.mode: warm_or_scratch)", error)
-        return RetrainPlan(config.mode, None, f"parent unusable, from scratch: {error}")
+        return RetrainPlan(config.mode, None, f"parent unusable, from scratch: {error}", fallback=str(error))
     log.info("warm start: building on the served %s (%s)", lineage.served, ", ".join(lineage.generators))
     return RetrainPlan(config.mode, lineage, f"warm from the served {lineage.served}")
 

@@ -76,3 +76,20 @@ def started_from_scratch(store: Store, refs: dict[str, str]) -> bool:
 
     manifests = [store.get_ref(refs[name]) for name in ("base", "reflow_1", "consistency")]
     return all(WARM_KEY not in m.config and GeneratorCard.from_manifest(m).parent_ref is None for m in manifests)
+
+
+def test_a_corrupt_served_parent_fails_the_flow_before_any_stage(prefect_harness, tmp_path):
+    """``retrain.mode: warm`` (the default) with a served model whose weights file is corrupt: the
+    flow fails at its first task with one line naming the parent and the fix; nothing is committed."""
+    from flows.pipeline import pipeline
+    from infra.errors import WarmStartError
+
+    tiny = kit.tiny_store(tmp_path / "store")
+    kit.flip_byte(tiny.store, tiny.first)
+    before = {m.ref for m in tiny.store.list_manifests()}
+    config = load_config("quick", overrides=MICRO).model_dump(mode="json")
+    with pytest.raises(WarmStartError) as raised:
+        pipeline(config=config, store_uri=str(tmp_path / "store"))
+    assert tiny.first.ref in str(raised.value) and "retrain.mode: warm_or_scratch" in str(raised.value)
+    assert {m.ref for m in tiny.store.list_manifests()} == before
+    assert [run["status"] for run in tiny.store.list_runs()] == ["failed"]
