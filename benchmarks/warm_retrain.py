@@ -1,6 +1,6 @@
 """A retrain on 10% more images, warm against scratch, from one first run (issue 23's measures).
 
-    python benchmarks/warm_retrain.py [--n 2000] [--grow 0.1] [--source shapes|digits]
+    python benchmarks/warm_retrain.py [--n 12000] [--grow 0.1] [--source shapes|digits]
                                       [--preset P] [--config FILE] [--tiny] [--json]
 
 A folder of ``--n`` images of a built-in set (written as PNG files, so ingest sees a user's
@@ -13,6 +13,11 @@ Prints the flow's wall time of each run and the ratios to the first run's (issue
 warm <= 0.35x), the FID of each challenger with its bootstrap interval at the served step count
 (the promotion decision's figures, read from its evaluate table), and the images each run's
 stage cards say were decoded (ingest) and encoded (latents). ``--json`` prints one JSON object last.
+
+``--tiny`` (the micro sizes) checks that the script runs: there fixed costs (Ray Train's start-up
+per stage, Prefect's task runs) dominate and the ratios say nothing. Measure at full size:
+
+    python benchmarks/warm_retrain.py --source shapes --n 12000 --json
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ def run(config: dict[str, Any], store_uri: str) -> tuple[dict[str, Any], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000, help="images in the first run")
+    parser.add_argument("--n", type=int, default=12000, help="images in the first run (the shapes preset's count)")
     parser.add_argument("--grow", type=float, default=0.1, help="new images in the second run, as a fraction of n")
     parser.add_argument("--source", choices=sorted(SOURCES), default="shapes")
     parser.add_argument("--preset", default=None, help="default: the source's own (shapes; digits: default)")
