@@ -661,6 +661,35 @@ class TinyStore:
     corrupt: Manifest  # a good model whose weights file has one byte flipped
 
 
+def builtin_folder(folder: str | Path, kind: str, start: int, stop: int, seed: int = 0) -> int:
+    """Images ``start .. stop - 1`` of a built-in set (``digits`` or ``shapes``) written into an image
+    folder, ``<class>/<kind>-<i>.png``, each with a fixed mtime: a folder that grows as a user's does.
+    Returns how many files it wrote."""
+    import numpy as np
+    from PIL import Image
+
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        stop = min(stop, len(digits.images))
+        pixels = np.rint(digits.images[start:stop] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        labels, classes = digits.target[start:stop], [str(k) for k in range(10)]
+    elif kind == "shapes":
+        from workers.sources.shapes import SHAPE_CLASSES, render_shapes
+
+        rendered = render_shapes(start, stop - start, seed)
+        pixels, labels, classes = rendered.pixels, rendered.labels, list(SHAPE_CLASSES)
+    else:
+        raise ValueError(f"builtin_folder writes 'digits' or 'shapes', not {kind!r}")
+    for offset, (image, label) in enumerate(zip(pixels, labels)):
+        path = Path(folder) / classes[int(label)] / f"{kind}-{start + offset:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        os.utime(path, (1_700_000_000.0, 1_700_000_000.0))
+    return len(pixels)
+
+
 def tiny_store(root: str | Path) -> TinyStore:
     store = Store.open(str(root))
     vae = commit_vae(store)

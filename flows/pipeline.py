@@ -57,6 +57,7 @@ from infra.config import (  # noqa: E402
     PipelineConfig,
     ProbeConfig,
     ReflowConfig,
+    RetrainConfig,
     ServeConfig,
     VAEConfig,
     validate_config,
@@ -77,6 +78,7 @@ from workers.stages.s09_features import run_features  # noqa: E402
 from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
 from workers.stages.s11_promote import Bar, promote  # noqa: E402
 from workers.stages.s12_probe import probe_best_guidance, run_probe  # noqa: E402, F401 - probe_best_guidance: for flows
+from workers.warm import check_vae, plan_retrain, warm_start  # noqa: E402
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
 RETRY_DELAYS = [2, 10, 30]
@@ -139,9 +141,72 @@ def latents_task(store_uri: str | None, section: LatentsConfig, ray_address: str
     return run_and_publish(store_uri, ray_address, run_latents, section, [images, vae])
 
 
+@task(
+    name="retrain-plan",
+    task_run_name="retrain-plan",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_only_transient,
+)
+def retrain_plan_task(store_uri: str | None, section: RetrainConfig) -> dict:
+    """What this run builds on (workers.warm.plan_retrain), before any stage: the served lineage's
+    refs, or none; a parent that cannot be loaded fails here under ``retrain.mode: warm``."""
+    return plan_retrain(Store.open(store_uri), section).as_record()
+
+
+@task(
+    name="vae-check",
+    task_run_name="vae-check",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_only_transient,
+)
+def vae_check_task(
+    store_uri: str | None, section: RetrainConfig, vae_section: VAEConfig, vae: str, images: str
+) -> dict:
+    """Whether the served VAE goes on for these images (workers.warm.check_vae)."""
+    store = Store.open(store_uri)
+    verdict = check_vae(
+        store,
+        store.get_ref(vae),
+        store.get_ref(images),
+        vae_section.keyed(),
+        section.vae_tolerance,
+        vae_section.measure_images,
+    )
+    return verdict.as_record()
+
+
+def warm_and_run(
+    store_uri: str | None,
+    ray_address: str | None,
+    run: Callable[..., Manifest],
+    section: Any,
+    input_refs: list[str],
+    parent: str | None,
+    steps: int,
+    *extra: Any,
+) -> str:
+    """:func:`run_and_publish` for a generator stage that may warm-start from ``parent`` (workers.warm)."""
+    ensure_ray(ray_address)
+    store = Store.open(store_uri)
+    inputs = [store.get_ref(ref) for ref in input_refs]
+    warm = warm_start(store, store.get_ref(parent) if parent else None, inputs, steps)
+    manifest = run(store, section, *inputs, *extra, warm)
+    publish_stage(manifest, store)
+    return manifest.ref
+
+
 @stage_task("base")
-def base_task(store_uri: str | None, section: GeneratorConfig, ray_address: str | None, latents: str) -> str:
-    return run_and_publish(store_uri, ray_address, run_base, section, [latents])
+def base_task(
+    store_uri: str | None,
+    section: GeneratorConfig,
+    ray_address: str | None,
+    latents: str,
+    parent: str | None = None,
+    warm_steps: int = 0,
+) -> str:
+    return warm_and_run(store_uri, ray_address, run_base, section, [latents], parent, warm_steps)
 
 
 @stage_task("ddpm")
@@ -158,16 +223,29 @@ def pairs_task(
 
 @stage_task("reflow")
 def reflow_task(
-    store_uri: str | None, section: ReflowConfig, ray_address: str | None, teacher: str, pairs: str, round_index: int
+    store_uri: str | None,
+    section: ReflowConfig,
+    ray_address: str | None,
+    teacher: str,
+    pairs: str,
+    round_index: int,
+    parent: str | None = None,
+    warm_steps: int = 0,
 ) -> str:
-    return run_and_publish(store_uri, ray_address, run_reflow, section, [teacher, pairs], round_index)
+    return warm_and_run(store_uri, ray_address, run_reflow, section, [teacher, pairs], parent, warm_steps, round_index)
 
 
 @stage_task("consistency")
 def consistency_task(
-    store_uri: str | None, section: ConsistencyConfig, ray_address: str | None, teacher: str, data: str
+    store_uri: str | None,
+    section: ConsistencyConfig,
+    ray_address: str | None,
+    teacher: str,
+    data: str,
+    parent: str | None = None,
+    warm_steps: int = 0,
 ) -> str:
-    return run_and_publish(store_uri, ray_address, run_consistency, section, [teacher, data])
+    return warm_and_run(store_uri, ray_address, run_consistency, section, [teacher, data], parent, warm_steps)
 
 
 @stage_task("features")
@@ -281,22 +359,30 @@ def pipeline(
     cfg = config if isinstance(config, PipelineConfig) else validate_config(config or {}, "the flow's config parameter")
     started = time.perf_counter()
     refs: dict[str, str] = {}
+    retrain: dict[str, Any] = {}  # what this run built on (workers.warm), for the run record
     store = Store.open(store_uri)
     run_id = current_run_id()
     # A running run is a root for `fewstep gc` (its heartbeat says it is alive) until it finishes.
     store.begin_run(run_id, {"flow": "pipeline"})
     try:
         with store.keep_alive(run_id):
-            decision = run_stages(cfg, store, store_uri, ray_address, refs, run_id)
+            decision = run_stages(cfg, store, store_uri, ray_address, refs, run_id, retrain)
     except BaseException:
         store.finish_run(run_id, refs, {"seconds": round(time.perf_counter() - started, 1)}, status="failed")
         raise
     seconds = round(time.perf_counter() - started, 1)
-    store.finish_run(run_id, refs, {"seconds": seconds, "promotion": decision_record(decision)})
+    store.finish_run(run_id, refs, {"seconds": seconds, "promotion": decision_record(decision), "retrain": retrain})
     served = store.get_pointer(SERVING_POINTER)
     publish_run(store, refs, seconds, decision, served, read_history(store, SERVING_POINTER))
     get_run_logger().info("pipeline finished in %.1fs: %s", seconds, refs)
-    return {"refs": refs, "seconds": seconds, "promotion": decision, "run_id": run_id, "served": served}
+    return {
+        "refs": refs,
+        "seconds": seconds,
+        "promotion": decision,
+        "run_id": run_id,
+        "served": served,
+        "retrain": retrain,
+    }
 
 
 def run_stages(
@@ -306,12 +392,33 @@ def run_stages(
     ray_address: str | None,
     refs: dict[str, str],
     run_id: str | None = None,
+    retrain: dict[str, Any] | None = None,
 ) -> dict:
     """Every stage in order, filling ``refs`` as they commit; returns the promotion decision.
     ``store`` is the flow's own (each task opens ``store_uri`` itself, as a task may run elsewhere);
-    ``run_id`` goes into the champion history when this run's candidate is promoted."""
+    ``run_id`` goes into the champion history when this run's candidate is promoted; ``retrain``
+    receives what the run built on (the plan, the VAE's verdict, each warm start's parent)."""
+    retrain = {} if retrain is None else retrain
+    plan = retrain_plan_task(store_uri, cfg.retrain)  # before any stage: a bad parent fails here
+    retrain.update(plan=plan, vae=None)
+    parents: dict[str, str] = dict(plan["parents"])
     refs["images"] = ingest_task(store_uri, cfg.ingest, ray_address)
-    refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
+    if plan["vae"] is not None:
+        verdict = retrain["vae"] = vae_check_task(store_uri, cfg.retrain, cfg.vae, plan["vae"], refs["images"])
+        if verdict["action"] == "keep":
+            refs["vae"] = verdict["vae_ref"]
+        elif verdict["action"] == "retrain":
+            parents = {}
+            get_run_logger().warning(
+                "retrain: the VAE changes (%s), so this run retrains every model from scratch", verdict["reason"]
+            )
+    if "vae" not in refs:
+        refs["vae"] = vae_task(store_uri, cfg.vae, ray_address, refs["images"])
+
+    def warm(stage: str, name: str) -> dict[str, Any]:
+        """The parent and warm steps of generator ``name`` (its section ``stage``), as task arguments."""
+        return {"parent": parents.get(name), "warm_steps": cfg.retrain.steps_for(stage, getattr(cfg, stage).steps)}
+
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
     features = None
     if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
@@ -335,7 +442,7 @@ def run_stages(
             label,
         )
 
-    refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"])
+    refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"], **warm("base", "base"))
     probe("base", refs["base"])
     pairs_cfg, consistency_cfg = resolved_guidance(cfg, store, refs["base"])
     distil_data = refs["latents"]
@@ -344,7 +451,7 @@ def run_stages(
             store_uri, pairs_cfg, ray_address, teacher, k
         )
         teacher = reflow_task.with_options(name=f"reflow-{k}", task_run_name=f"reflow-{k}")(
-            store_uri, cfg.reflow, ray_address, teacher, pairs, k
+            store_uri, cfg.reflow, ray_address, teacher, pairs, k, **warm("reflow", f"reflow_{k}")
         )
         refs[f"pairs_{k}"], refs[f"reflow_{k}"] = pairs, teacher
         probe(f"reflow_{k}", teacher)
@@ -353,12 +460,21 @@ def run_stages(
         teacher = refs["base"]
     if cfg.consistency.data == "latents":
         distil_data = refs["latents"]
-    refs["consistency"] = consistency_task(store_uri, consistency_cfg, ray_address, teacher, distil_data)
+    refs["consistency"] = consistency_task(
+        store_uri, consistency_cfg, ray_address, teacher, distil_data, **warm("consistency", "consistency")
+    )
     probe("consistency", refs["consistency"])
     if cfg.ddpm.enabled:  # the diffusion baseline: evaluated beside the others, never the promotion candidate
         refs["ddpm"] = ddpm_task(store_uri, cfg.ddpm, ray_address, refs["latents"])
         probe("ddpm", refs["ddpm"])
     generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
+    # Which models warm-started, and from what (their cards say it: a stage may have gone from scratch).
+    names = ["base", *[f"reflow_{k}" for k in range(1, cfg.reflow.rounds + 1)], "consistency"]
+    retrain["warm"] = {
+        name: parent
+        for name in names
+        if (parent := GeneratorCard.from_manifest(store.get_ref(refs[name])).parent_ref) is not None
+    }
     if "ddpm" in refs:
         generators.append(refs["ddpm"])
     # The champion is scored beside the challenger, in one evaluation: the same test images, the same

@@ -201,6 +201,7 @@ class GeneratorCard(LatentSpace):
     round: int | None = None  # reflow round
     teacher_ref: str | None = None
     data_ref: str | None = None
+    parent_ref: str | None = None  # the served lineage's model it warm-started from (None: from scratch)
     nodes: tuple[str, ...] = ()  # the Ray node of each training rank
     renoise_coupling: float = 0.0  # consistency: re-noise along x_0 (1) or with fresh noise (0)
     num_intervals: int | None = None  # consistency: the time grid n / N it samples on (None: i / k)

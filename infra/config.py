@@ -510,6 +510,35 @@ class ServeConfig(Section):
         return self
 
 
+class WarmSteps(Section):
+    """Training steps of a warm start per generator stage; None: ``retrain.fraction`` of the section's steps."""
+
+    base: int | None = Field(None, ge=1, le=MAX_STEPS)
+    reflow: int | None = Field(None, ge=1, le=MAX_STEPS)
+    consistency: int | None = Field(None, ge=1, le=MAX_STEPS)
+
+
+class RetrainConfig(Section):
+    """How a run builds on the served lineage (workers.warm). Read by the flow only: it enters no
+    stage key by itself; a stage that warm-starts keys its parent's ref and its steps instead.
+
+    ``mode``: ``warm`` starts base, reflow and consistency from the served model's lineage when one
+    is served (scratch otherwise) and fails before training if a parent cannot be loaded;
+    ``warm_or_scratch`` falls back to scratch then, saying so; ``scratch`` never warm-starts.
+    The VAE is kept while its test reconstruction error on the images it has not seen stays
+    within ``vae_tolerance`` (relative) of its recorded one; a new VAE retrains everything."""
+
+    mode: Literal["warm", "warm_or_scratch", "scratch"] = "warm"
+    fraction: float = Field(0.25, gt=0, le=1)  # warm steps = fraction x the section's steps, unless set below
+    steps: WarmSteps = WarmSteps()
+    vae_tolerance: float = Field(0.10, ge=0, le=10)  # kept while new test MSE <= recorded x (1 + tolerance)
+
+    def steps_for(self, stage: str, section_steps: int) -> int:
+        """The warm steps of generator stage ``stage`` ("base", "reflow", "consistency")."""
+        chosen = getattr(self.steps, stage)
+        return chosen if chosen is not None else max(1, round(self.fraction * section_steps))
+
+
 class PipelineConfig(Section):
     ingest: IngestConfig = IngestConfig()
     vae: VAEConfig = VAEConfig()
@@ -523,6 +552,7 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     probe: ProbeConfig = ProbeConfig()
     serve: ServeConfig = ServeConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _steps_fit_the_student(self) -> PipelineConfig:

@@ -80,6 +80,10 @@ class NoPreviousChampion(StoreError):
     """A rollback with no earlier champion in the pointer's history to put back."""
 
 
+class WarmStartError(StoreError):
+    """A warm start (``retrain.mode: warm``) whose parent in the served lineage cannot be loaded."""
+
+
 class GcRefused(StoreError):
     """``fewstep gc`` was asked to do something unsafe (e.g. a minimum age below the floor)."""
 

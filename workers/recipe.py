@@ -25,6 +25,7 @@ from models.registry import build_model
 from workers.heldout import HeldOut, card_fields
 from workers.runner import run_stage
 from workers.train import BatchAdapter, TrainJob, TrainResult, fit
+from workers.warm import WarmStart, seed_checkpoint
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,25 @@ def run_generator_stage(
     *,
     source: str,
     extra_key: Mapping[str, Any] | None = None,
+    warm: WarmStart | None = None,
 ) -> Manifest:
     """The committed generator of (stage, config, inputs, code), trained from ``recipe()`` if there is none.
 
     ``source`` is the stage module (``__name__``); ``extra_key``: values beyond the section that
-    shape the output (a reflow round's index)."""
+    shape the output (a reflow round's index). ``warm``: start from a parent's weights and EMA for
+    its steps (workers.warm); it enters the key only then, so a stage from scratch is keyed as ever."""
 
     def build(writer: StageWriter, key: str) -> GeneratorCard:
         r = recipe()
+        if warm is not None:  # the parent as step 0: the loop resumes from it as from any checkpoint
+            seed_checkpoint(store, stage, key, warm, r.objective.extra_modules(), config.seed)
         job = TrainJob(
             store=store,
             stage=stage,
             key=key,
             model_spec=r.model_spec,
             objective=r.objective,
-            config=config,
+            config=warm.loop_config(config) if warm is not None else config,
             adapt_batch=r.adapt_batch,
             init_state=r.init_state,
             heldout=r.heldout,
@@ -75,11 +80,13 @@ def run_generator_stage(
             final_loss=result.final_loss,
             resumed_from=result.resumed_from,
             nodes=tuple(result.nodes),
+            parent_ref=warm.parent.ref if warm is not None else None,
             **card_fields(result, r.heldout),
             **r.card,
         )
 
-    return run_stage(store, stage, config, inputs, build, source=source, extra_key=extra_key)
+    keyed = {**(extra_key or {}), **(warm.key if warm is not None else {})}
+    return run_stage(store, stage, config, inputs, build, source=source, extra_key=keyed or None)
 
 
 def write_generator(writer: StageWriter, spec: dict, result: TrainResult, heldout: HeldOut | None) -> None:

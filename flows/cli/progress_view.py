@@ -66,7 +66,8 @@ def pairs_headline(m: Any) -> str:
 
 def generator_headline(m: Any) -> str:
     c = GeneratorCard.from_manifest(m)
-    return f"{c.steps} steps, final loss {_num(c.final_loss)}"
+    warm = f", warm from {c.parent_ref}" if c.parent_ref else ""
+    return f"{c.steps} steps, final loss {_num(c.final_loss)}{warm}"
 
 
 def features_headline(m: Any) -> str:

@@ -97,6 +97,8 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         best_text = f"{fmt(best.fid)} ({best.label})" if best else "–"
         lines.append(f"  {model:<14} {best_text:<40} {fmt(one.fid if one else None):<10}")
     lines += training_notes(store, refs)
+    if "retrain" in summary:  # what the run built on (absent from runs recorded before warm starts)
+        lines += retrain_lines(summary["retrain"])
     from flows.artifacts import probe_warnings
 
     promotion = summary["promotion"]
@@ -114,6 +116,25 @@ def run_summary(store, summary: dict[str, Any]) -> str:
         lines.append(f"  serve it:    fewstep serve --store {store.uri}")
     lines.append(f"  report:      {report_location(store, evaluation)}")
     return "\n".join(lines)
+
+
+def retrain_lines(retrain: dict[str, Any]) -> list[str]:
+    """What the run built on (workers.warm): its warm starts, the VAE's verdict, a fallback to
+    scratch; [] when there was nothing to build on."""
+    plan, vae, warm = retrain["plan"], retrain["vae"] or {}, retrain["warm"]
+    if vae.get("action") == "retrain":
+        line = f"retrain: a NEW VAE ({vae['reason']}), so every model was retrained from scratch"
+    elif warm:
+        line = f"retrain: warm from the served {plan['served']} ({', '.join(f'{k} <- {v}' for k, v in warm.items())})"
+        if vae.get("action") == "keep":
+            line += f"\n  VAE kept: {vae['reason']}"
+    elif plan["fallback"]:
+        line = f"retrain: from scratch, the served lineage could not be loaded ({plan['fallback']})"
+    elif plan["served"]:
+        line = "retrain: nothing warm-started (the served models were trained on these same data)"
+    else:
+        return []
+    return ["", f"  {line}"]
 
 
 def champion_lines(store, last: int = 5) -> list[str]:

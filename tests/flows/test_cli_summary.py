@@ -36,3 +36,21 @@ def test_the_summary_ranks_through_the_table_and_names_a_diverged_model(local_st
     assert lines["base"].split() == ["base", "40", "(heun", "4", "steps", "at", "guidance", "2)", "90"]
     assert lines["reflow-1"].split() == ["reflow-1", "–", "–"]
     assert "served: nothing — base/b was not promoted: below the bar" in text
+
+
+def test_the_summary_says_what_a_retrain_built_on():
+    from flows.cli.run import retrain_lines
+
+    plan = {"served": "consistency/c1", "fallback": None}
+    kept = {"action": "keep", "reason": "test MSE 0.01 within the tolerance 0.1"}
+    warm = {"plan": plan, "vae": kept, "warm": {"base": "base/b1", "consistency": "consistency/c1"}}
+    text = "\n".join(retrain_lines(warm))
+    assert "warm from the served consistency/c1 (base <- base/b1, consistency <- consistency/c1)" in text
+    assert "VAE kept: test MSE 0.01" in text
+    new_vae = {"plan": plan, "vae": {"action": "retrain", "reason": "beyond the tolerance"}, "warm": {}}
+    assert "a NEW VAE (beyond the tolerance), so every model was retrained from scratch" in "".join(
+        retrain_lines(new_vae)
+    )
+    fallback = {"plan": {"served": None, "fallback": "base/b1 cannot be loaded"}, "vae": None, "warm": {}}
+    assert "could not be loaded (base/b1 cannot be loaded)" in "".join(retrain_lines(fallback))
+    assert retrain_lines({"plan": {"served": None, "fallback": None}, "vae": None, "warm": {}}) == []

@@ -21,23 +21,26 @@ from workers.generator import dit_spec
 from workers.heldout import heldout_set
 from workers.recipe import Recipe, run_generator_stage
 from workers.train import check_rows
+from workers.warm import WarmStart, compatible
 
 STAGE = "base"
 
 
-def run_base(store: Store, config: GeneratorConfig, latents: Manifest) -> Manifest:
-    """Flow matching of a DiT on the latents; returns the base generator's manifest."""
+def run_base(store: Store, config: GeneratorConfig, latents: Manifest, warm: WarmStart | None = None) -> Manifest:
+    """Flow matching of a DiT on the latents (from ``warm``'s parent, if given); returns the base generator's manifest."""
     data = LatentsCard.from_manifest(latents)
     check_rows(STAGE, data.n_train, config)
+    spec = dit_spec(config, data)
+    warm = compatible(store, warm, spec, STAGE)
 
     def recipe() -> Recipe:
         return Recipe(
             dataset=training_dataset(store, latents, "latents", ["mean", "logvar", "label"]),
             adapt_batch=LatentBatch.of(data),
-            model_spec=dit_spec(config, data),
+            model_spec=spec,
             objective=FlowMatching(time_sampler(config.time_sampling), label_dropout=config.label_dropout),
             heldout=heldout_set(store, latents, config.heldout_rows),
             card=dict(family="flow", **data.space_fields()),
         )
 
-    return run_generator_stage(store, STAGE, config, [latents], recipe, source=__name__)
+    return run_generator_stage(store, STAGE, config, [latents], recipe, source=__name__, warm=warm)

@@ -24,15 +24,26 @@ from workers.generator import cpu_state, load_network
 from workers.heldout import heldout_set, source_latents
 from workers.recipe import Recipe, run_generator_stage
 from workers.train import check_rows
+from workers.warm import WarmStart, compatible
 
 STAGE = "reflow"
 
 
-def run_reflow(store: Store, config: ReflowConfig, teacher: Manifest, pairs: Manifest, round_index: int) -> Manifest:
-    """Reflow round ``round_index`` on ``pairs`` made by ``teacher``; returns the new generator's manifest."""
+def run_reflow(
+    store: Store,
+    config: ReflowConfig,
+    teacher: Manifest,
+    pairs: Manifest,
+    round_index: int,
+    warm: WarmStart | None = None,
+) -> Manifest:
+    """Reflow round ``round_index`` on ``pairs`` made by ``teacher``, from the teacher's weights (or
+    ``warm``'s parent: the served lineage's round); returns the new generator's manifest."""
     data = PairsCard.from_manifest(pairs)
     GeneratorCard.from_manifest(teacher)  # a generator, or a clear error
     check_rows(STAGE, data.pairs, config)
+    if warm is not None:
+        warm = compatible(store, warm, store.read_json(teacher, "model.json"), STAGE)
 
     def recipe() -> Recipe:
         teacher_net = load_network(store, teacher)
@@ -58,5 +69,5 @@ def run_reflow(store: Store, config: ReflowConfig, teacher: Manifest, pairs: Man
         )
 
     return run_generator_stage(
-        store, STAGE, config, [teacher, pairs], recipe, source=__name__, extra_key={"round": round_index}
+        store, STAGE, config, [teacher, pairs], recipe, source=__name__, extra_key={"round": round_index}, warm=warm
     )

@@ -24,6 +24,7 @@ from workers.generator import cpu_state, load_network
 from workers.guidance import require_guidance
 from workers.recipe import Recipe, run_generator_stage
 from workers.train import check_rows
+from workers.warm import WarmStart, compatible
 
 STAGE = "consistency"
 
@@ -46,17 +47,23 @@ def renoise_coupling(config: ConsistencyConfig, teacher: Manifest) -> float:
     return 1.0 if coupled else 0.0
 
 
-def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, data: Manifest) -> Manifest:
+def run_consistency(
+    store: Store, config: ConsistencyConfig, teacher: Manifest, data: Manifest, warm: WarmStart | None = None
+) -> Manifest:
     """Consistency distillation of ``teacher`` on ``data`` (latents or pairs) at ``config.guidance``
-    (a number: the flow resolves None first); returns the student's manifest."""
+    (a number: the flow resolves None first); returns the student's manifest. The student starts
+    from the teacher's weights, or from ``warm``'s parent (the served student) and its EMA."""
     guidance = require_guidance(STAGE, config.guidance)
     space = GeneratorCard.from_manifest(teacher).space
     rows, table, columns, adapt = distillation_data(store, data)
     check_rows(STAGE, rows, config)
+    if warm is not None:
+        warm = compatible(store, warm, store.read_json(teacher, "model.json"), STAGE)
 
     def recipe() -> Recipe:
         teacher_net = load_network(store, teacher)
-        spec, state = model_spec(teacher_net), cpu_state(teacher_net)
+        spec = model_spec(teacher_net)
+        state = warm.raw if warm is not None else cpu_state(teacher_net)
         student = build_model(spec)
         student.load_state_dict(state)
         return Recipe(
@@ -85,4 +92,4 @@ def run_consistency(store: Store, config: ConsistencyConfig, teacher: Manifest, 
             ),
         )
 
-    return run_generator_stage(store, STAGE, config, [teacher, data], recipe, source=__name__)
+    return run_generator_stage(store, STAGE, config, [teacher, data], recipe, source=__name__, warm=warm)

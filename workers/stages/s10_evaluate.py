@@ -34,14 +34,20 @@ def run_evaluate(
 ) -> Manifest:
     """Evaluate ``generators`` (stage ``evaluate``); returns its manifest (see the module docstring)."""
     generators = list(generators)
-    found_images, found_vae = evaluation_inputs(store, generators)
-    if (found_images.ref, found_vae.ref) != (images.ref, vae.ref):
+    # One VAE decodes them all; the images are the run's own: those the VAE was trained on, or a
+    # grown set it was kept for (workers.warm), where the champion trained on the set before.
+    _, found_vae = evaluation_inputs(store, generators)
+    if found_vae.ref != vae.ref:
         raise ValueError(
-            f"the generators were trained on {found_images.ref} through {found_vae.ref}, "
-            f"but evaluate got {images.ref} and {vae.ref}; pass the run's own images and vae"
+            f"the generators decode through {found_vae.ref}, but evaluate got {vae.ref}; pass the run's own vae"
         )
-    VAECard.from_manifest(vae)
-    check_sizes(config, ImagesCard.from_manifest(images).n_test, images.ref)
+    vae_card, images_card = VAECard.from_manifest(vae), ImagesCard.from_manifest(images)
+    if (images_card.image_size, images_card.channels) != (vae_card.image_size, vae_card.in_channels):
+        raise ValueError(
+            f"the images of {images.ref} are {images_card.image_size}px with {images_card.channels} channel(s), "
+            f"but {vae.ref} is for {vae_card.image_size}px with {vae_card.in_channels}; pass the run's own images"
+        )
+    check_sizes(config, images_card.n_test, images.ref)
     source = extractor_source(config, features)
     inputs = [images, vae, *([features] if features is not None else []), *generators]
     # The key: what changes the numbers (not where they run); a user extractor by its digest.
