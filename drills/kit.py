@@ -71,6 +71,9 @@ TINY: dict[str, Any] = {
     "pairs": {"pairs": 64, "steps": 2, "batch_size": 64},
     "reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "consistency": {"intervals": 4, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
+    # Off: the tests that check one pipeline's stages and its promoted student keep to consistency;
+    # tests/flows/test_pipeline.py switches it on for the harness run.
+    "flowmap": {"enabled": False, "steps": 8, "batch_size": 32, "checkpoint_every": 4},
     FEATURES: {"steps": 30, "batch_size": 32},
     "evaluate": {
         "n": 32,

@@ -1,7 +1,7 @@
 """The ``pipeline`` Prefect flow: one task per stage, in order, each a plain call into workers/.
 
     ingest -> vae -> latents -> features -> base -> (pairs -> reflow) x rounds -> consistency
-           -> evaluate -> promote
+           -> flowmap (optional, flowmap.enabled) -> evaluate -> promote
                       latents -> ddpm (optional, ddpm.enabled) -> evaluate
 
 and a probe (``probe.enabled``) right after each generator stage: a few hundred samples per
@@ -16,9 +16,12 @@ committed stage by its key and returns at once; an interrupted training stage re
 its checkpoint in the store. Tasks retry infrastructure failures (a lost Ray actor or node,
 a transient S3 error), never bad input.
 
-Guidance: ``pairs.guidance`` and ``consistency.guidance`` left at None mean "the base model's
-best guidance"; the flow resolves them right after base (:func:`base_best_guidance`) and hands
-each stage its section with the number in it, so the stage key records the scale it used.
+Guidance: ``pairs.guidance``, ``consistency.guidance`` and ``flowmap.guidance`` left at None mean
+"the base model's best guidance"; the flow resolves them right after base (:func:`base_best_guidance`)
+and hands each stage its section with the number in it, so the stage key records the scale it used.
+
+Promotion: the candidate is the student (consistency, or the flow-map student when it runs) with
+the lower FID at the served step count in this run's evaluation (:func:`pick_candidate`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from infra.config import (  # noqa: E402
     DDPMConfig,
     EvaluateConfig,
     FeaturesConfig,
+    FlowMapConfig,
     GeneratorConfig,
     IngestConfig,
     LatentsConfig,
@@ -76,8 +80,9 @@ from workers.stages.s07_consistency import run_consistency  # noqa: E402
 from workers.stages.s08_ddpm import run_ddpm  # noqa: E402
 from workers.stages.s09_features import run_features  # noqa: E402
 from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
-from workers.stages.s11_promote import Bar, promote  # noqa: E402
+from workers.stages.s11_promote import Bar, pick_candidate, promote  # noqa: E402
 from workers.stages.s12_probe import probe_best_guidance, run_probe  # noqa: E402, F401 - probe_best_guidance: for flows
+from workers.stages.s13_flowmap import run_flowmap  # noqa: E402
 from workers.warm import check_vae, plan_retrain, warm_start  # noqa: E402
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
@@ -246,6 +251,13 @@ def consistency_task(
     warm_steps: int = 0,
 ) -> str:
     return warm_and_run(store_uri, ray_address, run_consistency, section, [teacher, data], parent, warm_steps)
+
+
+@stage_task("flowmap")
+def flowmap_task(
+    store_uri: str | None, section: FlowMapConfig, ray_address: str | None, teacher: str, data: str
+) -> str:
+    return run_and_publish(store_uri, ray_address, run_flowmap, section, [teacher, data])
 
 
 @stage_task("features")
@@ -456,18 +468,33 @@ def run_stages(
         refs[f"pairs_{k}"], refs[f"reflow_{k}"] = pairs, teacher
         probe(f"reflow_{k}", teacher)
         distil_data = pairs
-    if cfg.consistency.teacher == "base":
-        teacher = refs["base"]
-    if cfg.consistency.data == "latents":
-        distil_data = refs["latents"]
+
+    def distillation_inputs(section: ConsistencyConfig | FlowMapConfig) -> tuple[str, str]:
+        """(teacher, data) a student's section names: the last reflow round (base without rounds) and
+        its pairs, or the base model and the latents."""
+        return (
+            refs["base"] if section.teacher == "base" else teacher,
+            refs["latents"] if section.data == "latents" else distil_data,
+        )
+
     refs["consistency"] = consistency_task(
-        store_uri, consistency_cfg, ray_address, teacher, distil_data, **warm("consistency", "consistency")
+        store_uri,
+        consistency_cfg,
+        ray_address,
+        *distillation_inputs(cfg.consistency),
+        **warm("consistency", "consistency"),
     )
     probe("consistency", refs["consistency"])
+    students = [refs["consistency"]]
+    if cfg.flowmap.enabled:
+        flowmap_cfg = resolved_flowmap_guidance(cfg, store, refs["base"])
+        refs["flowmap"] = flowmap_task(store_uri, flowmap_cfg, ray_address, *distillation_inputs(cfg.flowmap))
+        probe("flowmap", refs["flowmap"])
+        students.append(refs["flowmap"])
     if cfg.ddpm.enabled:  # the diffusion baseline: evaluated beside the others, never the promotion candidate
         refs["ddpm"] = ddpm_task(store_uri, cfg.ddpm, ray_address, refs["latents"])
         probe("ddpm", refs["ddpm"])
-    generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + [refs["consistency"]]
+    generators = [refs["base"]] + [refs[f"reflow_{k}"] for k in range(1, cfg.reflow.rounds + 1)] + students
     # Which models warm-started, and from what (their cards say it: a stage may have gone from scratch).
     names = ["base", *[f"reflow_{k}" for k in range(1, cfg.reflow.rounds + 1)], "consistency"]
     retrain["warm"] = {
@@ -493,7 +520,8 @@ def run_stages(
     refs["evaluate"] = evaluate_task(
         store_uri, cfg.evaluate, ray_address, generators, refs["images"], refs["vae"], features
     )
-    return promote_task(store_uri, cfg.serve, refs["consistency"], refs["evaluate"], run_id)
+    candidate = pick_candidate(store, students, refs["evaluate"], cfg.serve.steps, cfg.serve.solver)
+    return promote_task(store_uri, cfg.serve, candidate, refs["evaluate"], run_id)
 
 
 def base_best_guidance(store: Store, base_ref: str, cfg: PipelineConfig) -> float:
@@ -529,6 +557,17 @@ def resolved_guidance(cfg: PipelineConfig, store: Store, base_ref: str) -> tuple
         pairs.model_copy(update={"guidance": resolve_guidance(pairs.guidance, best)}),
         consistency.model_copy(update={"guidance": resolve_guidance(consistency.guidance, best)}),
     )
+
+
+def resolved_flowmap_guidance(cfg: PipelineConfig, store: Store, base_ref: str) -> FlowMapConfig:
+    """The flowmap section with its guidance a number: 1 when guidance is applied at sampling, else
+    the config's, or (None) the base model's best, as for consistency."""
+    section = cfg.flowmap
+    if section.guidance_mode == "sampling":
+        return section.model_copy(update={"guidance": 1.0})
+    if section.guidance is not None:
+        return section
+    return section.model_copy(update={"guidance": resolve_guidance(None, base_best_guidance(store, base_ref, cfg))})
 
 
 def served_on_same_data(store: Store, vae_ref: str) -> str | None:

@@ -188,7 +188,7 @@ class PairsCard(LatentSpace):
 class GeneratorCard(LatentSpace):
     """A trained generator: its family picks its samplers (models.sampling.family_samplers)."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("base", "ddpm", "reflow", "consistency")
+    STAGES: ClassVar[tuple[str, ...]] = ("base", "ddpm", "reflow", "consistency", "flowmap")
 
     family: str  # how its network turns noise into latents: models.sampling.FAMILIES
     steps: int  # training steps
@@ -207,6 +207,8 @@ class GeneratorCard(LatentSpace):
     num_intervals: int | None = None  # consistency: the time grid n / N it samples on (None: i / k)
     diffusion_schedule: str | None = None  # diffusion: its beta schedule ("linear" or "cosine")
     diffusion_steps: int | None = None  # diffusion: T, its discrete training steps
+    objective: str | None = None  # flowmap: how it was distilled ("meanflow" or "shortcut")
+    guided_sampling: bool = False  # flowmap: distilled at guidance 1, takes classifier-free guidance when sampled
 
     def sampler_params(self) -> dict[str, Any]:
         """What its family's samplers need to know about how it was trained (models.sampling)."""
@@ -215,6 +217,8 @@ class GeneratorCard(LatentSpace):
             params["diffusion_schedule"] = self.diffusion_schedule
         if self.diffusion_steps is not None:
             params["diffusion_steps"] = self.diffusion_steps
+        if self.guided_sampling:
+            params["guided"] = True
         return params
 
     @classmethod

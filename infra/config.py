@@ -379,6 +379,53 @@ class ConsistencyConfig(LoopConfig, LabelDropout):
         return self
 
 
+class FlowMapConfig(LoopConfig, LabelDropout):
+    """The flow-map student (models/flowmap.py): the average velocity u(z, s, t) of a flow teacher,
+    sampled at any step count by jumps x_t = x_s + (t - s) u(x_s, s, t).
+
+    It starts from the teacher's weights (a DiT with a zero-initialised second time: the teacher
+    at init) and is distilled by MeanFlow (a JVP target) or Shortcut (two half steps of itself),
+    ``equal_fraction`` of each batch at s = t (the teacher's velocity as target). ``guidance_mode``
+    ``target``: the teacher's guided velocity is the target (``guidance``; None resolved by the
+    flow as for consistency) and the student is sampled unguided; ``sampling``: distilled at
+    guidance 1, classifier-free guidance is applied to u when sampling, at the evaluation's scales.
+    """
+
+    # As consistency's: whether the flow runs it, and which inputs it is handed (their digests are keyed).
+    unkeyed = frozenset({"enabled", "teacher", "data"})
+
+    enabled: bool = False  # off in default (the digits run's budget); on in quick and shapes
+    teacher: Literal["last_reflow", "base"] = "last_reflow"  # last_reflow: the base model when reflow.rounds is 0
+    data: Literal["latents", "pairs"] = "latents"  # pairs: the last reflow round's (x_0, x_1)
+    objective: Literal["meanflow", "shortcut"] = "meanflow"
+    guidance_mode: Literal["target", "sampling"] = "target"
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)  # the teacher's; None as in PairsConfig
+    equal_fraction: float = Field(0.75, ge=0, le=1)  # share of each batch with s = t (MeanFlow: ~75% best)
+    time_sampling: TimeSampling = "uniform"  # how s (and, for MeanFlow, t) are drawn
+    # Loss weight 1 / (mse + adaptive_c)^p per sample. 0, plain MSE: MeanFlow's p = 1 (from scratch) made the
+    # distilled 1-step map 7x worse on the 2-D toy, and Shortcut diverge (BENCHMARKS.md, "Flow-map student").
+    adaptive_p: float = Field(0.0, ge=0, le=4)
+    adaptive_c: float = Field(1e-3, gt=0, le=100)
+    shortcut_levels: int = Field(8, ge=1, le=20)  # Shortcut gaps 1, 1/2, ..., 2^-(levels - 1)
+    steps: Steps = 2000
+    lr: LearningRate = 2e-4
+    warmup_steps: WarmupSteps = 0
+
+    @model_validator(mode="after")
+    def _coherent_choices(self) -> FlowMapConfig:
+        if self.teacher == "base" and self.data == "pairs":
+            raise ValueError(
+                "teacher: base with data: pairs distils the base model on another model's couplings; "
+                "set data: latents (fresh noise) for the base teacher"
+            )
+        if self.guidance_mode == "sampling" and self.guidance not in (None, 1.0):
+            raise ValueError(
+                f"guidance_mode: sampling distils at guidance 1 and guides when sampling; guidance={self.guidance} "
+                "would guide twice: leave guidance unset, or use guidance_mode: target"
+            )
+        return self
+
+
 class FeaturesConfig(LoopConfig):
     """The evaluation's feature space, learnt from the train split: a classifier for labelled
     images, a self-supervised (SimCLR) encoder for unlabelled ones (``kind: auto`` picks)."""
@@ -405,6 +452,7 @@ class EvaluateConfig(Section):
     flow_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     flow_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
     consistency_steps: tuple[int, ...] = (1, 2, 4)
+    flowmap_steps: tuple[int, ...] = (1, 2, 4, 8)
     diffusion_steps: tuple[int, ...] = (10, 50, 250, 1000)  # at most ddpm.diffusion_steps (T)
     diffusion_samplers: tuple[Literal["ddpm", "ddim"], ...] = ("ddpm", "ddim")
     # Every model whose sampler takes classifier-free guidance (on labelled data) is scored at each
@@ -422,7 +470,7 @@ class EvaluateConfig(Section):
 
     @model_validator(mode="after")
     def _positive_steps(self) -> EvaluateConfig:
-        for field in ("flow_steps", "consistency_steps", "diffusion_steps"):
+        for field in ("flow_steps", "consistency_steps", "flowmap_steps", "diffusion_steps"):
             bad = [s for s in getattr(self, field) if not 1 <= s <= MAX_NFE]
             if bad:
                 raise ValueError(f"{field} must be step counts in 1..{MAX_NFE}, got {bad}")
@@ -548,6 +596,7 @@ class PipelineConfig(Section):
     pairs: PairsConfig = PairsConfig()
     reflow: ReflowConfig = ReflowConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
+    flowmap: FlowMapConfig = FlowMapConfig()
     features: FeaturesConfig = FeaturesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     probe: ProbeConfig = ProbeConfig()
@@ -593,12 +642,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pairs": {"pairs": 256, "steps": 8},
         "reflow": {"rounds": 1, "steps": 80, "batch_size": 64, "checkpoint_every": 40, **LOCAL},
         "consistency": {"intervals": 8, "steps": 80, "batch_size": 64, "checkpoint_every": 40, **LOCAL},
+        "flowmap": {"enabled": True, "steps": 40, "batch_size": 32, "checkpoint_every": 20, **LOCAL},
         "features": {"steps": 150, **LOCAL},
         "evaluate": {
             "n": 200,
             "flow_steps": [1, 2, 4, 8],
             "flow_solvers": ["euler"],
             "consistency_steps": [1, 2],
+            "flowmap_steps": [1, 2],
             "guidance": [1, 2],
         },
         "probe": {"n": 200, "student_steps": 2, "guidance": [1, 2]},  # the student's largest evaluated step count
@@ -628,12 +679,20 @@ PRESETS: dict[str, dict[str, Any]] = {
             "checkpoint_every": 500,
             "resources": {"cpus": 2},
         },
+        "flowmap": {
+            "enabled": True,
+            "steps": 1000,
+            "batch_size": 64,
+            "checkpoint_every": 500,
+            "resources": {"cpus": 2},
+        },
         "features": {"steps": 800},
         "evaluate": {
             "n": 2000,
             "flow_steps": [1, 2, 4, 8, 16],
             "flow_solvers": ["euler"],
             "consistency_steps": [1, 2, 4],
+            "flowmap_steps": [1, 2, 4, 8],
             "guidance": [1, 2, 3],
             "resources": {"workers": 2},
         },

@@ -26,6 +26,7 @@ BUILTIN_KINDS = {
     "vae": "models.vae",
     "classifier": "models.classifier",
     "encoder": "models.encoder",
+    "flowmap_dit": "models.flowmap_dit",
 }
 
 

@@ -5,6 +5,7 @@ its samplers, named as the evaluation table names them:
 
     flow          euler, heun     integrate dx/dt = v(x, t, y) from t = 0 to 1   (models.samplers)
     consistency   consistency     x_hat = f(x_t, t), re-noised between steps      (models.consistency)
+    flowmap       flowmap         x_t = x_s + (t - s) u(x_s, s, t) on i / k        (models.flowmap)
     diffusion     ddim, ddpm      eps-prediction down the VP chain's steps        (models.diffusion)
 
 Evaluation, serving and promotion resolve a name to an object here, once, at their edge;
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from models.consistency import consistency_sample
 from models.diffusion import DiffusionUpdate, VPSchedule, diffusion_sample, get_update, vp_schedule
+from models.flowmap import flowmap_sample
 from models.samplers import SampleResult, sample_ode
 
 
@@ -90,6 +92,26 @@ class ConsistencySampler:
 
 
 @dataclass(frozen=True)
+class FlowMapSampler:
+    """A flow-map student's k jumps on the times 0, 1/k, ..., 1 from x_0 = noise[0], one evaluation each.
+
+    ``guided``: the student was distilled at guidance 1 and takes classifier-free guidance on its
+    average velocity when sampled; otherwise (the default) the guidance is in its targets.
+    """
+
+    guided: bool = False
+    name: str = "flowmap"
+    has_path: bool = False
+    max_steps: int | None = None
+
+    def noise_draws(self, steps: int) -> int:
+        return 1
+
+    def sample(self, net: nn.Module, noise: Sequence[Tensor], y: Tensor, steps: int, guidance: float) -> SampleResult:
+        return flowmap_sample(net, noise[0], y, steps, guidance if self.guided else 1.0)
+
+
+@dataclass(frozen=True)
 class DiffusionSampler:
     """A diffusion (eps-prediction) model sampled down its schedule's steps: ``ddpm`` or ``ddim``.
 
@@ -127,6 +149,7 @@ SAMPLERS: dict[str, Sampler] = {
     "euler": OdeSampler("euler"),
     "heun": OdeSampler("heun"),
     "consistency": ConsistencySampler(),
+    "flowmap": FlowMapSampler(),
     "ddim": DiffusionSampler("ddim"),
     "ddpm": DiffusionSampler("ddpm"),
 }
@@ -140,6 +163,10 @@ def consistency_samplers(
     coupling: float = 0.0, num_intervals: int | None = None, **trained: object
 ) -> tuple[Sampler, ...]:
     return (ConsistencySampler(coupling=coupling, num_intervals=num_intervals),)
+
+
+def flowmap_samplers(guided: bool = False, **trained: object) -> tuple[Sampler, ...]:
+    return (FlowMapSampler(guided=guided),)
 
 
 def diffusion_samplers(
@@ -157,6 +184,7 @@ def diffusion_samplers(
 FAMILIES: dict[str, Callable[..., tuple[Sampler, ...]]] = {
     "flow": flow_samplers,
     "consistency": consistency_samplers,
+    "flowmap": flowmap_samplers,
     "diffusion": diffusion_samplers,
 }
 
@@ -172,7 +200,8 @@ def get_sampler(name: str) -> Sampler:
 def family_samplers(family: str, **trained: object) -> tuple[Sampler, ...]:
     """The samplers of ``family`` with the parameters its model was trained for (``trained``: e.g.
     a consistency student's re-noising ``coupling`` and time grid ``num_intervals``, a diffusion
-    model's ``diffusion_schedule`` and ``diffusion_steps``); without them, the defaults."""
+    model's ``diffusion_schedule`` and ``diffusion_steps``, whether a flow-map student is ``guided``
+    when sampled); without them, the defaults."""
     try:
         build = FAMILIES[family]
     except KeyError:

@@ -7,7 +7,7 @@ Without ``--model`` it evaluates the generators of the latest run recorded in th
 with the newest generator's VAE. The images and the VAE come from the models' lineage; the
 features stage (the feature space) is reused when it exists. Prints the metrics table and where the report,
 plot and grids are. ``--steps`` replaces ``evaluate.flow_steps``, ``evaluate.consistency_steps`` (up to the student's
-time grid) and ``evaluate.diffusion_steps`` (up to the DDPM's T).
+time grid), ``evaluate.flowmap_steps`` and ``evaluate.diffusion_steps`` (up to the DDPM's T).
 """
 
 from __future__ import annotations
@@ -107,7 +107,9 @@ def evaluate(
         grid = limits.consistency.intervals if limits.consistency.grid_times else None
         consistency = [s for s in parsed if grid is None or s <= grid]
         diffusion = [s for s in parsed if s <= limits.ddpm.diffusion_steps]
-        overrides.update(flow_steps=parsed, consistency_steps=consistency, diffusion_steps=diffusion)
+        overrides.update(
+            flow_steps=parsed, consistency_steps=consistency, flowmap_steps=parsed, diffusion_steps=diffusion
+        )
         for family, kept, limit in (
             ("consistency", consistency, grid),
             ("diffusion", diffusion, limits.ddpm.diffusion_steps),

@@ -22,11 +22,13 @@ from workers.evaluation.table import read_rows
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate", "probe"}
-# The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps.
+# The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps,
+# and the optional flow-map student, evaluated at 1 and 2 steps.
 WITH_DDPM = {
     **TINY,
     "ddpm": {"enabled": True, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
-    "evaluate": {**TINY["evaluate"], "diffusion_steps": [2]},
+    "flowmap": {**TINY["flowmap"], "enabled": True},
+    "evaluate": {**TINY["evaluate"], "diffusion_steps": [2], "flowmap_steps": [1, 2]},
 }
 
 
@@ -43,7 +45,7 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
 
     first = pipeline(config=config, store_uri=store_uri)
     store = Store.open(store_uri)
-    assert {m.stage for m in store.list_manifests()} == STAGES | {"ddpm"}
+    assert {m.stage for m in store.list_manifests()} == STAGES | {"ddpm", "flowmap"}
     assert first["promotion"]["promoted"], first["promotion"]
     # The DDPM baseline is evaluated beside the others at its step counts, and never the promotion candidate.
     ddpm = first["refs"]["ddpm"]
@@ -61,17 +63,31 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert best in (1.0, 2.0, 4.0)
     assert PairsCard.from_manifest(store.get_ref(first["refs"]["pairs_1"])).guidance == best
     assert GeneratorCard.from_manifest(store.get_ref(first["refs"]["consistency"])).guidance == best
-    # The student takes no guidance: one row per step count, at its card's scale.
+    # The students take no guidance: one row per step count, at their card's scale.
     student = [r for r in rows if r.stage_key == first["refs"]["consistency"]]
     assert [(r.steps, r.guidance) for r in student] == [(1, best)]
+    flowmap = first["refs"]["flowmap"]
+    card = GeneratorCard.from_manifest(store.get_ref(flowmap))
+    assert (card.family, card.guidance, card.teacher_ref) == ("flowmap", best, first["refs"]["reflow_1"])
+    flowmap_rows = [r for r in rows if r.stage_key == flowmap]
+    assert [(r.sampler, r.steps, r.nfe, r.guidance) for r in flowmap_rows] == [
+        ("flowmap", 1, 1, best),
+        ("flowmap", 2, 2, best),
+    ]
+    # The candidate is the student with the lower FID at the served step count.
+    candidate = first["promotion"]["candidate"]
+    at_one = {
+        r.stage_key: r.fid for r in rows if r.steps == 1 and r.stage_key in (first["refs"]["consistency"], flowmap)
+    }
+    assert candidate == min(at_one, key=at_one.get), at_one
     # Serving's default scale is recorded with the pointer.
     assert store.pointer_record("serving/current")["guidance"] == first["promotion"]["guidance"] == best
-    assert store.get_pointer("serving/current") == first["refs"]["consistency"]
+    assert store.get_pointer("serving/current") == candidate
     assert [run["refs"] for run in store.list_runs()] == [first["refs"]]
     # The decision goes to the run record, and the promotion to the champion history.
-    assert store.list_runs()[0]["info"]["promotion"]["candidate"] == first["refs"]["consistency"]
+    assert store.list_runs()[0]["info"]["promotion"]["candidate"] == candidate
     history = read_history(store, "serving/current")
-    assert [(e["ref"], e["run_id"]) for e in history] == [(first["refs"]["consistency"], first["run_id"])]
+    assert [(e["ref"], e["run_id"]) for e in history] == [(candidate, first["run_id"])]
 
     before = committed(store)
     started = time.perf_counter()
@@ -81,26 +97,27 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert second["refs"] == first["refs"]
     assert committed(store) == before, "the re-run recomputed a stage"
 
-    # One changed field re-runs only what is downstream of it.
-    changed = load_config("quick", overrides={**WITH_DDPM, "consistency": {**TINY["consistency"], "intervals": 3}})
+    # One changed field re-runs only what is downstream of it (the flow-map student off: one candidate).
+    changed = load_config(
+        "quick",
+        overrides={**WITH_DDPM, "flowmap": TINY["flowmap"], "consistency": {**TINY["consistency"], "intervals": 3}},
+    )
     third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
     # Champion against challenger: the served student is scored beside the new one, in one evaluation.
-    assert first["refs"]["consistency"] in store.get_ref(third["refs"]["evaluate"]).inputs
+    assert candidate in store.get_ref(third["refs"]["evaluate"]).inputs
     challenge = third["promotion"]
-    assert (
-        challenge["current"] == first["refs"]["consistency"] and challenge["candidate"] == third["refs"]["consistency"]
-    )
+    assert challenge["current"] == candidate and challenge["candidate"] == third["refs"]["consistency"]
     if not challenge["below_bar"]:
         assert challenge["difference"] is not None, challenge  # the paired interval decided
         assert challenge["candidate_evaluation"] == challenge["current_evaluation"] == third["refs"]["evaluate"]
-    same = {name for name in first["refs"] if third["refs"][name] == first["refs"][name]}
+    same = {name for name in first["refs"] if third["refs"].get(name) == first["refs"][name]}
     assert same == {"images", "vae", "latents", "base", "ddpm", "pairs_1", "reflow_1", "features"} | {
         "probe_base",
         "probe_reflow_1",
         "probe_ddpm",
     }
     # A probe after each generator stage, keyed by its model.
-    probes = {name: first["refs"][f"probe_{name}"] for name in ("base", "reflow_1", "consistency", "ddpm")}
+    probes = {name: first["refs"][f"probe_{name}"] for name in ("base", "reflow_1", "consistency", "flowmap", "ddpm")}
     assert {name: store.get_ref(ref).inputs[0] for name, ref in probes.items()} == {
         name: first["refs"][name] for name in probes
     }

@@ -8,6 +8,8 @@ import torch
 from models.consistency import consistency_sample
 from models.diffusion import ddim_sample, ddpm_sample, vp_schedule
 from models.dit import DiT, dit_config
+from models.flowmap import flowmap_sample
+from models.flowmap_dit import flowmap_from_velocity
 from models.samplers import sample_ode
 from models.sampling import FAMILIES, SAMPLERS, family_samplers, get_sampler, preferred_sampler
 
@@ -25,6 +27,7 @@ def test_every_family_offers_known_samplers_and_each_name_is_its_table_name():
     assert {family: [s.name for s in family_samplers(family)] for family in FAMILIES} == {
         "flow": ["euler", "heun"],
         "consistency": ["consistency"],
+        "flowmap": ["flowmap"],
         "diffusion": ["ddim", "ddpm"],
     }
     assert all(sampler.name == name for name, sampler in SAMPLERS.items())
@@ -37,6 +40,7 @@ def test_every_family_offers_known_samplers_and_each_name_is_its_table_name():
 def test_the_preferred_solver_applies_only_where_the_family_offers_it():
     assert preferred_sampler("flow", "heun").name == "heun"
     assert preferred_sampler("consistency", "heun").name == "consistency"
+    assert preferred_sampler("flowmap", "heun").name == "flowmap"
     assert preferred_sampler("diffusion", "euler").name == "ddim"  # deterministic, the better at few steps
 
 
@@ -64,6 +68,23 @@ def test_a_consistency_sampler_carries_what_its_student_was_trained_for():
     torch.testing.assert_close(coupled.sample(net, [x_0], y, 4, 1.0).x_1, expected)
     (fresh,) = family_samplers("consistency")
     assert fresh.noise_draws(4) == 4 and fresh.max_steps is None
+
+
+def test_a_flowmap_sampler_jumps_on_i_over_k_and_guides_only_a_student_trained_for_it():
+    net = flowmap_from_velocity(tiny_dit())
+    with torch.no_grad():  # the second time in use
+        for p in net.gap_embedder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x_0, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
+    (in_target,) = family_samplers("flowmap", coupling=0.0, num_intervals=None)
+    assert in_target.noise_draws(4) == 1 and not in_target.guided and in_target.max_steps is None
+    out = in_target.sample(net, [x_0], y, 4, 3.0)  # guidance is in its targets: the scale is ignored
+    assert out.nfe == 4
+    torch.testing.assert_close(out.x_1, flowmap_sample(net, x_0, y, 4).x_1)
+    (guided,) = family_samplers("flowmap", guided=True)
+    assert guided.guided
+    torch.testing.assert_close(guided.sample(net, [x_0], y, 2, 3.0).x_1, flowmap_sample(net, x_0, y, 2, 3.0).x_1)
+    assert not torch.allclose(guided.sample(net, [x_0], y, 2, 3.0).x_1, flowmap_sample(net, x_0, y, 2).x_1)
 
 
 def test_diffusion_samplers_run_the_schedule_their_model_was_trained_on():

@@ -163,3 +163,49 @@ class Recorder(nn.Module):
     def forward(self, x, t, y):
         self.calls.append((x.detach().clone(), t.detach().clone(), y.clone()))
         return torch.zeros_like(x) + 0 * self.w
+
+
+class GaussianFlowMap(GaussianVelocity):
+    """The exact flow map of :class:`GaussianVelocity`'s flow, as an average velocity u(x, s, t).
+
+    The flow is x_t = t mu + s_t x_0 (s_t = sqrt((1 - t)^2 + t^2 sigma^2)), so from x at time s:
+
+        x_t = t mu + (s_t / s_s) (x - s mu),     u(x, s, t) = (x_t - x) / (t - s),
+
+    linear in x; at t = s it is the velocity v(x, s). Called as ``net(x, s, y, t_end)``.
+    """
+
+    def std(self, t: Tensor) -> Tensor:
+        return self.variance(t).sqrt()
+
+    def forward(self, x: Tensor, s: Tensor, y: Tensor, t_end: Tensor | None = None) -> Tensor:
+        v = super().forward(x, s, y)
+        if t_end is None:
+            return v
+        s_, t_ = s.to(x.dtype)[:, None], t_end.to(x.dtype)[:, None]  # (N, 1)
+        x_t = t_ * self.mu + self.std(t_) / self.std(s_) * (x - s_ * self.mu)
+        gap = t_ - s_
+        u = (x_t - x) / torch.where(gap > 0, gap, torch.ones_like(gap))
+        return torch.where(gap > 0, u, v)
+
+
+class ToyFlowMapMLP(nn.Module):
+    """u(x, s, y, t_end) for (N, D) points: an MLP on [x, sin/cos features of s and of t - s] plus a label."""
+
+    def __init__(self, dim: int = 2, num_classes: int = 2, hidden: int = 128, t_freqs: int = 3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(t_freqs), persistent=False)
+        self.inp = nn.Linear(dim + 4 * t_freqs, hidden)
+        self.label = nn.Embedding(num_classes + 1, hidden)
+        self.body = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.out = nn.Linear(hidden, dim)
+
+    def features(self, t: Tensor, like: Tensor) -> Tensor:
+        angles = t.to(like.dtype)[:, None] * self.freqs.to(like.dtype)  # (N, F)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (N, 2F)
+
+    def forward(self, x: Tensor, s: Tensor, y: Tensor, t_end: Tensor | None = None) -> Tensor:
+        gap = torch.zeros_like(s) if t_end is None else t_end - s
+        h = self.inp(torch.cat([x, self.features(s, x), self.features(gap, x)], dim=-1)) + self.label(y)  # (N, H)
+        return self.out(self.body(h))

@@ -1,4 +1,4 @@
-"""Base, reflow pairs, reflow, consistency and ddpm stages on tiny synthetic latents, through the store."""
+"""Base, reflow pairs, reflow, consistency, flowmap and ddpm stages on tiny synthetic latents, through the store."""
 
 from __future__ import annotations
 
@@ -10,17 +10,27 @@ import pytest
 import torch
 
 from infra.cards import GeneratorCard, LatentsCard
-from infra.config import ConfigError, ConsistencyConfig, DDPMConfig, GeneratorConfig, PairsConfig, ReflowConfig
+from infra.config import (
+    ConfigError,
+    ConsistencyConfig,
+    DDPMConfig,
+    FlowMapConfig,
+    GeneratorConfig,
+    PairsConfig,
+    ReflowConfig,
+)
 from infra.store import Store
 from infra.tables import table_column_to_numpy, tensors_to_table
 from models.consistency import consistency_sample
 from models.diffusion import ddim_sample, vp_schedule
+from models.flowmap_dit import FlowMapDiT
 from models.sampling import family_samplers
 from workers.stages.s04_base import run_base
 from workers.stages.s05_pairs import run_pairs
 from workers.stages.s06_reflow import run_reflow
 from workers.stages.s07_consistency import run_consistency
 from workers.stages.s08_ddpm import run_ddpm
+from workers.stages.s13_flowmap import run_flowmap
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -68,7 +78,10 @@ def test_pairs_and_consistency_refuse_an_unresolved_guidance(tmp_path):
         run_pairs(store, PairsConfig(pairs=8), latents, round_index=1)
     with pytest.raises(ConfigError, match=r"consistency.guidance is None .*set consistency.guidance"):
         run_consistency(store, ConsistencyConfig(steps=1, **LOOP), latents, latents)
+    with pytest.raises(ConfigError, match=r"flowmap.guidance is None .*set flowmap.guidance"):
+        run_flowmap(store, FlowMapConfig(steps=1, **LOOP), latents, latents)
     assert store.list_manifests("pairs") == [] and store.list_manifests("consistency") == []
+    assert store.list_manifests("flowmap") == []
 
 
 def test_base_reflow_consistency_chain(ray_local, tmp_path):
@@ -122,6 +135,33 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
     student = store.load_model(consistency, "model")
     x = consistency_sample(student, torch.randn(3, *SHAPE), torch.tensor([0, 1, 2]), steps=2).x_1
     assert x.shape == (3, *SHAPE) and torch.isfinite(x).all()
+
+    # The flow-map student of the reflow round on its pairs (MeanFlow, guidance in the target), and of
+    # the base model on the latents (Shortcut, guidance applied when sampling).
+    teacher_net = store.load_model(reflow, "model")
+    meanflow = run_flowmap(store, FlowMapConfig(steps=10, guidance=2.0, **LOOP), reflow, pairs)
+    card = GeneratorCard.from_manifest(meanflow)
+    assert (card.family, card.objective, card.guidance, card.guided_sampling) == ("flowmap", "meanflow", 2.0, False)
+    assert meanflow.inputs == [reflow.ref, pairs.ref] and card.teacher_ref == reflow.ref and card.steps == 10
+    student = store.load_model(meanflow, "model")
+    assert isinstance(student, FlowMapDiT)
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, teacher_net.blocks[0].attn.qkv.weight)  # it trained
+    (sampler,) = family_samplers(card.family, **card.sampler_params())
+    assert sampler.name == "flowmap" and not sampler.guided
+    for steps in (1, 2, 4):
+        out = sampler.sample(student, [torch.randn(3, *SHAPE)], torch.tensor([0, 1, 2]), steps, 1.0)
+        assert out.x_1.shape == (3, *SHAPE) and torch.isfinite(out.x_1).all() and out.nfe == steps
+
+    shortcut_cfg = FlowMapConfig(
+        teacher="base", objective="shortcut", guidance_mode="sampling", guidance=1.0, steps=10, **LOOP
+    )
+    shortcut = run_flowmap(store, shortcut_cfg, base, latents)
+    card = GeneratorCard.from_manifest(shortcut)
+    assert (card.objective, card.guidance, card.guided_sampling) == ("shortcut", None, True)
+    (sampler,) = family_samplers(card.family, **card.sampler_params())
+    assert sampler.guided  # classifier-free guidance on u, at the evaluation's scales
+    out = sampler.sample(store.load_model(shortcut, "model"), [torch.randn(3, *SHAPE)], torch.tensor([0, 1, 2]), 2, 2.0)
+    assert torch.isfinite(out.x_1).all()
 
 
 def test_raising_reflow_rounds_reuses_round_one_and_trains_only_round_two(ray_local, tmp_path):

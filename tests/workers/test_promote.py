@@ -348,3 +348,27 @@ def test_the_challenger_is_promoted_over_the_champion_only_when_not_worse_on_pai
         "run_id": "run-3",
     }
     assert latest["evaluation"] == week.ref and latest["steps"] == STEPS and latest["at"]
+
+
+def test_the_gate_is_handed_the_student_with_the_lower_fid_at_the_served_steps(tmp_path):
+    from workers.stages.s11_promote import pick_candidate
+
+    store = Store.open(str(tmp_path / "store"))
+    consistency = commit_generator(store, "consistency", "c", "consistency")
+    flowmap = commit_generator(store, "flowmap", "f", "flowmap")
+    students = [consistency.ref, flowmap.ref]
+    rows = [
+        row(consistency, "consistency", STEPS, 30.0),
+        row(flowmap, "flowmap", STEPS, 20.0),
+        row(flowmap, "flowmap", 1, 50.0),  # another step count: not what is served
+    ]
+    evaluation = commit_evaluation(store, "e", [consistency, flowmap], rows)
+    assert pick_candidate(store, students, evaluation.ref, STEPS) == flowmap.ref
+    assert pick_candidate(store, students, evaluation.ref, 1) == flowmap.ref  # the only one scored at 1
+    worse = commit_evaluation(store, "w", [consistency, flowmap], [*rows[:1], row(flowmap, "flowmap", STEPS, 40.0)])
+    assert pick_candidate(store, students, worse.ref, STEPS) == consistency.ref
+    none = commit_evaluation(store, "n", [consistency, flowmap], [row(consistency, "consistency", 8, 1.0)])
+    assert pick_candidate(store, students, none.ref, STEPS) == consistency.ref  # the first: the gate says why
+    # and the gate takes the picked flow-map student like any other
+    decision = promote(store, flowmap.ref, evaluation.ref, STEPS)
+    assert decision.promoted and decision.sampler == "flowmap" and store.get_pointer("serving/current") == flowmap.ref

@@ -124,6 +124,58 @@ def test_a_diffusion_generator_draws_with_both_samplers_deterministically_per_se
         generator.sampler("euler")
 
 
+def commit_flowmap(store: Store, vae: Manifest, seed: int = 6) -> Manifest:
+    """A flow-map student as the flowmap stage writes it: a FlowMapDiT (its second time in use)."""
+    import torch
+
+    from infra.cards import GeneratorCard
+    from models.dit import DiT, dit_config
+    from models.flowmap_dit import flowmap_from_velocity
+    from models.registry import model_spec
+
+    torch.manual_seed(seed)
+    teacher = DiT(dit_config("DiT-T/2", input_size=kit.LATENT[1], in_channels=kit.LATENT[0], num_classes=NUM_CLASSES))
+    net = flowmap_from_velocity(teacher)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with store.begin("flowmap", f"tiny{seed}", config={"seed": seed}, inputs=[vae]) as writer:
+        writer.write_model("model", net, model_spec(net))
+        card = GeneratorCard(
+            family="flowmap",
+            steps=0,
+            latent_shape=kit.LATENT,
+            num_classes=NUM_CLASSES,
+            latent_scale=1.0,
+            vae_ref=vae.ref,
+            guidance=2.0,
+            objective="meanflow",
+        )
+        return writer.commit(metrics=card.to_metrics())
+
+
+def test_a_flowmap_student_is_loaded_sanity_checked_and_drawn_by_its_family(tmp_path):
+    from workers.serving.swap import load_served
+
+    store = Store.open(str(tmp_path / "store"))
+    student = commit_flowmap(store, kit.commit_vae(store))
+    served = load_served(store, student.ref, solver="heun", steps=2)
+    generator = served.generator
+    assert served.sampler == "flowmap" and list(generator.samplers) == ["flowmap"]
+    assert served.guidance == 2.0  # its distillation scale, in its card: served unguided
+    assert not generator.sampler("flowmap").guided
+    drawn = {}
+    for steps in (1, 2, 4):
+        request = Request(n=3, steps=steps, sampler="flowmap", labels=(0, 2, NUM_CLASSES), seed=7)
+        images = generator.generate(request)
+        assert images.pixels.shape == (3, 16, 16, 1) and images.nfe == steps
+        np.testing.assert_array_equal(generator.generate(request).pixels, images.pixels)  # same seed, same images
+        drawn[steps] = images.pixels
+    assert not np.array_equal(drawn[1], drawn[4])  # the step count is used
+    with pytest.raises(ValueError, match="sample it with flowmap, not 'euler'"):
+        generator.sampler("euler")
+
+
 # --------------------------------------------------------------------------- the app
 
 

@@ -1,6 +1,6 @@
 """What the evaluation measures: one :class:`Cell` per (model, sampler, steps, guidance), and its inputs.
 
-For each generator (base, each reflow round, consistency, ddpm), each of its samplers and step
+For each generator (base, each reflow round, consistency, flowmap, ddpm), each of its samplers and step
 counts, and each guidance scale of ``evaluate.guidance`` (for samplers that take classifier-free
 guidance, on labelled data; :func:`cell_scales`) the evaluation draws ``n`` images and scores
 them; the straightness of each ODE model's paths is measured once. Plain code: no Ray.
@@ -52,6 +52,7 @@ def sampler_steps(config: EvaluateConfig) -> dict[str, tuple[int, ...]]:
     return {
         **{solver: flow for solver in config.flow_solvers},
         "consistency": tuple(sorted(set(config.consistency_steps))),
+        "flowmap": tuple(sorted(set(config.flowmap_steps))),
         **{sampler: diffusion for sampler in config.diffusion_samplers},
     }
 

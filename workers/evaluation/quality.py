@@ -33,6 +33,11 @@ BARS = {
     "best consistency@2-4 / consistency@1": 1.0,
     "best reflow@2 / base best": 1.2,
     "consistency@1 / base@1": 0.25,
+    # The flow-map student (issue 24): better than consistency at one step, better with every step.
+    "flowmap@1 / consistency@1": 0.9,
+    "flowmap@2 / flowmap@1": 0.9,
+    "flowmap@4 / flowmap@2": 1.0,
+    "flowmap@4 / base best": 1.1,
 }
 # name -> the bar a share is held to: share >= bar (the interval's low end, for "met")
 ACCURACY_BARS = {"base best class accuracy": 0.7}
@@ -139,14 +144,22 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
     "best" and "@k" range over samplers and guidance scales; "base@1" is the base model at one
     network pass (NFE 1: guidance 1, no doubled batch), the cost of the student's one step.
 
-    When an evaluation holds two consistency students (the run's candidate and the served model it
-    must beat), every consistency bar reads the candidate's rows only: the first student in the
-    table, as the pipeline lists the run's own generators before the served one."""
+    When an evaluation holds two students of one stage (the run's candidate and the served model it
+    must beat), that stage's bars read the candidate's rows only: the first student in the table,
+    as the pipeline lists the run's own generators before the served one. The flow-map bars are
+    there only when a flow-map student was evaluated."""
     base_best = best_row(rows, stage="base")
-    students = [r for r in rows if r.stage == "consistency"]
-    candidate = [r for r in students if r.stage_key == students[0].stage_key] if students else []
+    candidate = first_student(rows, "consistency")
     consistency_1 = best_row(candidate, steps=1)
     consistency_multi = lowest_fid([r for r in candidate if r.steps in (2, 3, 4)])
+    flowmap = first_student(rows, "flowmap")
+    flowmap_at = {k: best_row(flowmap, steps=k) for k in (1, 2, 4)}
+    flowmap_bars = [
+        excess("flowmap@1 / consistency@1", flowmap_at[1], consistency_1, rows, draws, level),
+        excess("flowmap@2 / flowmap@1", flowmap_at[2], flowmap_at[1], rows, draws, level),
+        excess("flowmap@4 / flowmap@2", flowmap_at[4], flowmap_at[2], rows, draws, level),
+        excess("flowmap@4 / base best", flowmap_at[4], base_best, rows, draws, level),
+    ]
     return [
         accuracy_bar("base best class accuracy", base_best, level),
         excess("base best / VAE ceiling", base_best, reference_row(rows, CEILING), rows, draws, level),
@@ -156,7 +169,14 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
         excess(
             "consistency@1 / base@1", consistency_1, best_row(rows, stage="base", steps=1, nfe=1), rows, draws, level
         ),
+        *(flowmap_bars if flowmap else []),
     ]
+
+
+def first_student(rows: Sequence[Row], stage: str) -> list[Row]:
+    """The rows of the first model of ``stage`` in the table (the run's own, before a served one)."""
+    students = [r for r in rows if r.stage == stage]
+    return [r for r in students if r.stage_key == students[0].stage_key] if students else []
 
 
 # --------------------------------------------------------------------------- has it learned?
@@ -166,6 +186,7 @@ FIXES = {
     "base": "raise base.steps or use a larger base.model",
     "reflow": "check the base model's probe first; then raise reflow.steps or pairs.pairs",
     "consistency": "check its teacher's probe first; then raise consistency.steps",
+    "flowmap": "check its teacher's probe first; then raise flowmap.steps",
     "ddpm": "raise ddpm.steps or use a larger ddpm.model",
 }
 

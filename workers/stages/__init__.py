@@ -12,6 +12,7 @@
     s10_evaluate     FID against steps for every model (Ray tasks)
     s11_promote      move serving/current when the candidate learned and is not worse (plain code)
     s12_probe        after each generator stage: has it learned? a few hundred samples per guidance
+    s13_flowmap      optional: a flow-map student (MeanFlow or Shortcut) sampled at any step count (Ray Train)
 
 A stage never imports another stage: what two stages share lives in a library module of
 ``workers/`` (pixels, data, batches, generator, train, runner, scoring, report, ...).
@@ -32,6 +33,7 @@ STAGE_MODULES = {
     "features": "workers.stages.s09_features",
     "evaluate": "workers.stages.s10_evaluate",
     "probe": "workers.stages.s12_probe",
+    "flowmap": "workers.stages.s13_flowmap",
 }
 
 

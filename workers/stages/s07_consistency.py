@@ -13,13 +13,13 @@ teacher, at times on the distillation grid.
 
 from __future__ import annotations
 
-from infra.cards import GeneratorCard, LatentsCard, PairsCard
+from infra.cards import GeneratorCard
 from infra.config import ConsistencyConfig
 from infra.store import Manifest, Store
 from models.consistency import ConsistencyDistillation
 from models.registry import build_model, model_spec
-from workers.batches import LatentBatch, PairBatch
 from workers.data import training_dataset
+from workers.distill import distillation_data
 from workers.generator import cpu_state, load_network
 from workers.guidance import require_guidance
 from workers.recipe import Recipe, run_generator_stage
@@ -27,15 +27,6 @@ from workers.train import check_rows
 from workers.warm import WarmStart, compatible
 
 STAGE = "consistency"
-
-
-def distillation_data(store: Store, data: Manifest):
-    """(training rows, table, columns, batch adapter) of the distillation data: pairs, or latents (fresh noise)."""
-    if data.stage == "pairs":
-        pairs = PairsCard.from_manifest(data)
-        return pairs.pairs, "pairs", ["x_0", "x_1", "label"], PairBatch(pairs.num_classes)
-    latents = LatentsCard.from_manifest(data)
-    return latents.n_train, "latents", ["mean", "logvar", "label"], LatentBatch.of(latents)
 
 
 def renoise_coupling(config: ConsistencyConfig, teacher: Manifest) -> float:

@@ -306,6 +306,23 @@ def history_figures(decision: PromotionDecision, run_id: str | None) -> dict[str
     }
 
 
+def pick_candidate(
+    store: Store, candidates: Sequence[str], fid: str | Lookup, served_steps: int, solver: str = "euler"
+) -> str:
+    """Of several students (consistency, flowmap), the one to put to the gate: the lowest finite FID at
+    the served step count with the sampler it would be served with, each at its best guidance;
+    the first when none has one (the gate then refuses it with the reason)."""
+    if not candidates:
+        raise ValueError("no candidates to choose from; pass at least one generator ref")
+    lookup = evaluation_lookup(store, fid) if isinstance(fid, str) else fid
+    fids = {}
+    for ref in candidates:
+        score = lookup(ref, served_steps, served_sampler(store.get_ref(ref), solver))
+        if score is not None and finite(score.fid):
+            fids[ref] = score.fid
+    return min(fids, key=fids.get) if fids else candidates[0]
+
+
 def promote(
     store: Store,
     candidate_ref: str,

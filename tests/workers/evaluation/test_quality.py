@@ -102,3 +102,25 @@ def test_consistency_bars_read_the_candidate_not_the_served_student_beside_it():
     assert ratios["consistency@1 / base best"].value == pytest.approx((17 - 2) / (12 - 2))
     assert ratios["best consistency@2-4 / consistency@1"].value == pytest.approx((15 - 2) / (17 - 2))
     assert "consistency-aaaa" in ratios["best consistency@2-4 / consistency@1"].numerator
+
+
+def test_the_flowmap_bars_read_the_first_flowmap_student_and_appear_only_with_one():
+    rows = [
+        row(FLOOR, REFERENCE, 0, 2.0),
+        row("base", "euler", 8, 12.0),
+        row("consistency", "consistency", 1, 22.0),
+        row("flowmap", "flowmap", 1, 17.0),
+        row("flowmap", "flowmap", 2, 12.0),
+        row("flowmap", "flowmap", 4, 10.0),
+        # a served flow-map student scored beside the run's: never read by the bars
+        row("flowmap-old", "flowmap", 1, 3.0, stage_key="flowmap/old"),
+        row("flowmap-old", "flowmap", 4, 3.0, stage_key="flowmap/old"),
+    ]
+    ratios = {r.name: r for r in quality_ratios(rows)}
+    assert ratios["flowmap@1 / consistency@1"].value == pytest.approx((17 - 2) / (22 - 2))
+    assert ratios["flowmap@2 / flowmap@1"].value == pytest.approx((12 - 2) / (17 - 2))
+    assert ratios["flowmap@4 / flowmap@2"].value == pytest.approx((10 - 2) / (12 - 2))
+    assert ratios["flowmap@4 / base best"].value == pytest.approx((10 - 2) / (12 - 2))
+    assert ratios["flowmap@1 / consistency@1"].verdict == "met"  # 0.75 <= 0.9, no interval
+    without = {r.name for r in quality_ratios([r for r in rows if r.stage != "flowmap"])}
+    assert not any(name.startswith("flowmap") for name in without)
