@@ -402,9 +402,10 @@ class FlowMapConfig(LoopConfig, LabelDropout):
     guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)  # the teacher's; None as in PairsConfig
     equal_fraction: float = Field(0.75, ge=0, le=1)  # share of each batch with s = t (MeanFlow: ~75% best)
     time_sampling: TimeSampling = "uniform"  # how s (and, for MeanFlow, t) are drawn
-    # Loss weight 1 / (mse + adaptive_c)^p per sample. 0, plain MSE: MeanFlow's p = 1 (from scratch) made the
-    # distilled 1-step map 7x worse on the 2-D toy, and Shortcut diverge (BENCHMARKS.md, "Flow-map student").
-    adaptive_p: float = Field(0.0, ge=0, le=4)
+    # Loss weight 1 / (mse + adaptive_c)^p per sample; None: the objective's own (BENCHMARKS.md,
+    # "Flow-map student"). MeanFlow 1, the paper's: with plain MSE (p = 0) its JVP target ran away on
+    # the shapes preset's DiT (loss 1.5 -> 1e4 in 1000 steps). Shortcut 0: p = 1 diverged on the 2-D toy.
+    adaptive_p: float | None = Field(None, ge=0, le=4)
     adaptive_c: float = Field(1e-3, gt=0, le=100)
     shortcut_levels: int = Field(8, ge=1, le=20)  # Shortcut gaps 1, 1/2, ..., 2^-(levels - 1)
     steps: Steps = 2000

@@ -28,6 +28,8 @@ from workers.recipe import Recipe, run_generator_stage
 from workers.train import check_rows
 
 STAGE = "flowmap"
+# The loss weighting each objective trains stably with (infra.config.FlowMapConfig.adaptive_p).
+DEFAULT_P = {"meanflow": 1.0, "shortcut": 0.0}
 
 
 def flowmap_objective(config: FlowMapConfig, teacher: nn.Module, guidance: float) -> FlowMapDistillation:
@@ -36,7 +38,7 @@ def flowmap_objective(config: FlowMapConfig, teacher: nn.Module, guidance: float
         guidance=guidance,
         equal_fraction=config.equal_fraction,
         time_sampler=time_sampler(config.time_sampling),
-        adaptive_p=config.adaptive_p,
+        adaptive_p=config.adaptive_p if config.adaptive_p is not None else DEFAULT_P[config.objective],
         adaptive_c=config.adaptive_c,
         label_dropout=config.label_dropout,
     )
