@@ -397,7 +397,10 @@ class FlowMapConfig(LoopConfig, LabelDropout):
     enabled: bool = False  # off in default (the digits run's budget); on in quick and shapes
     teacher: Literal["last_reflow", "base"] = "last_reflow"  # last_reflow: the base model when reflow.rounds is 0
     data: Literal["latents", "pairs"] = "latents"  # pairs: the last reflow round's (x_0, x_1)
-    objective: Literal["meanflow", "shortcut"] = "meanflow"
+    # Shortcut by measurement (BENCHMARKS.md, "Flow-map student"): on the shapes preset the two tie
+    # within their intervals at 1-8 steps; Shortcut needs no JVP, costs less a step and trains
+    # stably with a plain MSE, where MeanFlow's needs the adaptive weighting.
+    objective: Literal["meanflow", "shortcut"] = "shortcut"
     guidance_mode: Literal["target", "sampling"] = "target"
     guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)  # the teacher's; None as in PairsConfig
     equal_fraction: float = Field(0.75, ge=0, le=1)  # share of each batch with s = t (MeanFlow: ~75% best)

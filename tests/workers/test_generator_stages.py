@@ -139,7 +139,7 @@ def test_base_reflow_consistency_chain(ray_local, tmp_path):
     # The flow-map student of the reflow round on its pairs (MeanFlow, guidance in the target), and of
     # the base model on the latents (Shortcut, guidance applied when sampling).
     teacher_net = store.load_model(reflow, "model")
-    meanflow = run_flowmap(store, FlowMapConfig(steps=10, guidance=2.0, **LOOP), reflow, pairs)
+    meanflow = run_flowmap(store, FlowMapConfig(objective="meanflow", steps=10, guidance=2.0, **LOOP), reflow, pairs)
     card = GeneratorCard.from_manifest(meanflow)
     assert (card.family, card.objective, card.guidance, card.guided_sampling) == ("flowmap", "meanflow", 2.0, False)
     assert meanflow.inputs == [reflow.ref, pairs.ref] and card.teacher_ref == reflow.ref and card.steps == 10
