@@ -115,6 +115,17 @@ def stage_task(name: str) -> Callable:
     )
 
 
+def check_task(name: str) -> Callable:
+    """A short task that reads the store (no Ray stage): two quick retries of a transient failure."""
+    return task(
+        name=name,
+        task_run_name=name,
+        retries=2,
+        retry_delay_seconds=[2, 10],
+        retry_condition_fn=retry_only_transient,
+    )
+
+
 def run_and_publish(
     store_uri: str | None,
     ray_address: str | None,
@@ -146,26 +157,14 @@ def latents_task(store_uri: str | None, section: LatentsConfig, ray_address: str
     return run_and_publish(store_uri, ray_address, run_latents, section, [images, vae])
 
 
-@task(
-    name="retrain-plan",
-    task_run_name="retrain-plan",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_only_transient,
-)
+@check_task("retrain-plan")
 def retrain_plan_task(store_uri: str | None, section: RetrainConfig) -> dict:
     """What this run builds on (workers.warm.plan_retrain), before any stage: the served lineage's
     refs, or none; a parent that cannot be loaded fails here under ``retrain.mode: warm``."""
     return plan_retrain(Store.open(store_uri), section).as_record()
 
 
-@task(
-    name="vae-check",
-    task_run_name="vae-check",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_only_transient,
-)
+@check_task("vae-check")
 def vae_check_task(
     store_uri: str | None, section: RetrainConfig, vae_section: VAEConfig, vae: str, images: str
 ) -> dict:
@@ -324,13 +323,7 @@ def probe_task(
     return manifest.ref
 
 
-@task(
-    name="promote",
-    task_run_name="promote",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_only_transient,
-)
+@check_task("promote")
 def promote_task(
     store_uri: str | None, section: ServeConfig, candidate: str, evaluation: str, run_id: str | None = None
 ) -> dict:
