@@ -37,7 +37,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from drills import kit  # noqa: E402
 from infra.cards import ImagesCard, LatentsCard  # noqa: E402
-from infra.config import deep_merge, load_config  # noqa: E402
+from infra.config import load_config  # noqa: E402
+from infra.presets import deep_merge  # noqa: E402
 from infra.store import Store  # noqa: E402
 
 SOURCES = {"shapes": {"image_size": 32, "channels": 3}, "digits": {"image_size": 16, "channels": 1}}
