@@ -27,6 +27,8 @@ BUILTIN_KINDS = {
     "classifier": "models.classifier",
     "encoder": "models.encoder",
     "flowmap_dit": "models.flowmap_dit",
+    "guided_dit": "models.guided_dit",
+    "lora_dit": "models.lora",
 }
 
 

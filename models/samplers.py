@@ -35,6 +35,9 @@ def guided_velocity(model: nn.Module, guidance: float) -> Velocity:
     Conditional and unconditional outputs come from one forward pass over a doubled
     batch. ``w == 1`` returns the conditional output exactly (no null pass); ``w == 0``
     returns the unconditional one. The null id is ``model.num_classes``.
+
+    A guidance-distilled network (``model.embeds_guidance``, models/guided_dit.py) learnt v_w
+    itself: it is handed w and runs one pass over the batch as it is.
     """
     w = float(guidance)
     if not math.isfinite(w):
@@ -45,6 +48,8 @@ def guided_velocity(model: nn.Module, guidance: float) -> Velocity:
 
     if w == 0.0:
         return lambda x, t, y: model(x, t, null_labels(num_classes, x.shape[0], x.device))
+    if getattr(model, "embeds_guidance", False):
+        return lambda x, t, y: model(x, t, y, guidance=w)
 
     def v(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         n = x.shape[0]

@@ -215,10 +215,11 @@ def preferred_sampler(family: str, preferred: str) -> Sampler:
     return next((s for s in offered if s.name == preferred), offered[0])
 
 
-def network_passes(sampler: Sampler, guidance: float) -> int:
+def network_passes(sampler: Sampler, guidance: float, embedded: bool = False) -> int:
     """Network passes per function evaluation: classifier-free guidance (w other than 0 or 1)
     runs the conditional and the null label through one doubled batch, which costs two.
 
     ``SampleResult.nfe`` counts function evaluations; a cost (the evaluation table's NFE) is
-    ``nfe * network_passes(sampler, guidance)``. A sampler that takes no guidance costs one."""
-    return 2 if sampler.guided and float(guidance) not in (0.0, 1.0) else 1
+    ``nfe * network_passes(sampler, guidance)``. A sampler that takes no guidance costs one, and
+    so does a network that embeds the scale (``embedded``: a guidance-distilled model)."""
+    return 2 if sampler.guided and not embedded and float(guidance) not in (0.0, 1.0) else 1

@@ -25,7 +25,7 @@ from infra.config import FreshDiT
 from infra.store import Manifest, Store
 from models.dit import DiT, dit_config
 from models.registry import model_spec
-from models.sampling import Sampler, family_samplers
+from models.sampling import Sampler, family_samplers, network_passes
 from workers.pixels import tensor_to_uint8
 from workers.vae_kinds import load_vae
 
@@ -104,6 +104,11 @@ class Generator:
         self.vae = vae.to(self.device).eval()
         self.scale, self.shape = float(card.latent_scale), tuple(card.latent_shape)
         self.num_classes = int(card.num_classes)
+
+    def network_passes(self, sampler: str, guidance: float) -> int:
+        """Network passes per function evaluation of ``sampler`` at ``guidance``: two for classifier-free
+        guidance, one for a network that embeds the scale (models/guided_dit.py) or takes none."""
+        return network_passes(self.sampler(sampler), guidance, embedded=getattr(self.net, "embeds_guidance", False))
 
     @classmethod
     def load(cls, store: Store, manifest: Manifest, device: torch.device | str | None = None) -> Generator:

@@ -29,7 +29,6 @@ from infra.cards import FeaturesCard
 from infra.config import EvaluateConfig
 from infra.store import Manifest, Store
 from models.samplers import straightness
-from models.sampling import network_passes
 from workers import progress
 from workers.evaluation.grids import make_grid
 from workers.evaluation.measure import measured_row, with_intervals
@@ -79,7 +78,7 @@ def evaluate_cell(
     labels = requested_labels(n, generator.num_classes)
     generator.generate(cell_request(generator, cell, labels[:1], seed))  # warm-up (lazy init, allocator), not timed
     parts, seconds, nfe = [], 0.0, 0
-    passes = network_passes(generator.sampler(cell.sampler), cell.guidance)  # a guided step costs two
+    passes = generator.network_passes(cell.sampler, cell.guidance)  # a guided step costs two, unless distilled
     for index, start in enumerate(range(0, n, GEN_CHUNK)):
         chunk = cell_request(generator, cell, labels[start : start + GEN_CHUNK], chunk_seed(seed, index))
         started = time.perf_counter()

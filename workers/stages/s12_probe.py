@@ -37,7 +37,7 @@ from infra.cards import GeneratorCard, ProbeCard, VAECard
 from infra.config import ConfigError, EvaluateConfig, ProbeConfig
 from infra.store import Manifest, StageWriter, Store
 from models.metrics import accuracy_draws, fid_draws, interval
-from models.sampling import Sampler, family_samplers, network_passes
+from models.sampling import Sampler, family_samplers
 from workers.evaluation.grids import make_grid
 from workers.evaluation.quality import Figures, learned_verdict
 from workers.evaluation.references import GEN_CHUNK, chunk_seed, evaluate_references, requested_labels
@@ -89,7 +89,7 @@ def draw(generator: Generator, sampler: str, steps: int, guidance: float, labels
         )
         images = generator.generate(request)
         parts.append(images.pixels)
-        nfe = images.nfe * network_passes(generator.sampler(sampler), guidance)
+        nfe = images.nfe * generator.network_passes(sampler, guidance)
     return Drawn(np.concatenate(parts), nfe)
 
 
