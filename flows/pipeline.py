@@ -1,7 +1,8 @@
 """The ``pipeline`` Prefect flow: one task per stage, in order, each a plain call into workers/.
 
-    ingest -> vae -> latents -> features -> base -> (pairs -> reflow) x rounds -> consistency
-           -> flowmap (optional, flowmap.enabled) -> evaluate -> promote
+    ingest -> vae -> latents -> features -> base -> guidance_distill (optional, guidance_distill.enabled)
+           -> (pairs -> reflow) x rounds -> consistency -> flowmap (optional, flowmap.enabled)
+           -> lora (optional, lora.enabled) -> evaluate -> promote
                       latents -> ddpm (optional, ddpm.enabled) -> evaluate
 
 and a probe (``probe.enabled``) right after each generator stage: a few hundred samples per
@@ -20,8 +21,9 @@ Guidance: ``pairs.guidance``, ``consistency.guidance`` and ``flowmap.guidance`` 
 "the base model's best guidance"; the flow resolves them right after base (:func:`base_best_guidance`)
 and hands each stage its section with the number in it, so the stage key records the scale it used.
 
-Promotion: the candidate is the student (consistency, or the flow-map student when it runs) with
-the lower FID at the served step count in this run's evaluation (:func:`pick_candidate`).
+Promotion: the candidate is the student (consistency, and the flow-map student, the LoRA adapter and
+the guidance-distilled base when they run) with the lowest FID at the served step count in this run's
+evaluation (:func:`pick_candidate`).
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ from infra.config import (  # noqa: E402
     FeaturesConfig,
     FlowMapConfig,
     GeneratorConfig,
+    GuidanceDistillConfig,
     IngestConfig,
     LatentsConfig,
+    LoRAConfig,
     PairsConfig,
     PipelineConfig,
     ProbeConfig,
@@ -83,6 +87,8 @@ from workers.stages.s10_evaluate import run_evaluate  # noqa: E402
 from workers.stages.s11_promote import Bar, pick_candidate, promote  # noqa: E402
 from workers.stages.s12_probe import probe_best_guidance, run_probe  # noqa: E402, F401 - probe_best_guidance: for flows
 from workers.stages.s13_flowmap import run_flowmap  # noqa: E402
+from workers.stages.s14_guidance import run_guidance_distill  # noqa: E402
+from workers.stages.s15_lora import run_lora  # noqa: E402
 from workers.warm import check_vae, plan_retrain, warm_start  # noqa: E402
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
@@ -257,6 +263,18 @@ def flowmap_task(
     store_uri: str | None, section: FlowMapConfig, ray_address: str | None, teacher: str, data: str
 ) -> str:
     return run_and_publish(store_uri, ray_address, run_flowmap, section, [teacher, data])
+
+
+@stage_task("guidance_distill")
+def guidance_distill_task(
+    store_uri: str | None, section: GuidanceDistillConfig, ray_address: str | None, teacher: str, data: str
+) -> str:
+    return run_and_publish(store_uri, ray_address, run_guidance_distill, section, [teacher, data])
+
+
+@stage_task("lora")
+def lora_task(store_uri: str | None, section: LoRAConfig, ray_address: str | None, base: str, data: str) -> str:
+    return run_and_publish(store_uri, ray_address, run_lora, section, [base, data])
 
 
 @stage_task("features")
@@ -449,6 +467,11 @@ def run_stages(
 
     refs["base"] = teacher = base_task(store_uri, cfg.base, ray_address, refs["latents"], **warm("base", "base"))
     probe("base", refs["base"])
+    if cfg.guidance_distill.enabled:  # classifier-free guidance in one pass: a flow model, and a teacher
+        refs["guidance_distill"] = guidance_distill_task(
+            store_uri, cfg.guidance_distill, ray_address, refs["base"], refs["latents"]
+        )
+        probe("guidance_distill", refs["guidance_distill"])
     pairs_cfg, consistency_cfg = resolved_guidance(cfg, store, refs["base"])
     distil_data = refs["latents"]
     for k in range(1, cfg.reflow.rounds + 1):
@@ -464,9 +487,10 @@ def run_stages(
 
     def distillation_inputs(section: ConsistencyConfig | FlowMapConfig) -> tuple[str, str]:
         """(teacher, data) a student's section names: the last reflow round (base without rounds) and
-        its pairs, or the base model and the latents."""
+        its pairs, the base model or its guidance-distilled network, and the latents."""
+        chosen = {"base": refs["base"], "guided": refs.get("guidance_distill"), "last_reflow": teacher}
         return (
-            refs["base"] if section.teacher == "base" else teacher,
+            chosen[section.teacher],
             refs["latents"] if section.data == "latents" else distil_data,
         )
 
@@ -484,6 +508,17 @@ def run_stages(
         refs["flowmap"] = flowmap_task(store_uri, flowmap_cfg, ray_address, *distillation_inputs(cfg.flowmap))
         probe("flowmap", refs["flowmap"])
         students.append(refs["flowmap"])
+    if cfg.lora.enabled:  # LCM-LoRA: a consistency student stored as an adapter on the frozen base
+        lora_cfg = cfg.lora
+        if lora_cfg.guidance is None:
+            lora_cfg = lora_cfg.model_copy(
+                update={"guidance": resolve_guidance(None, base_best_guidance(store, refs["base"], cfg))}
+            )
+        refs["lora"] = lora_task(store_uri, lora_cfg, ray_address, refs["base"], refs["latents"])
+        probe("lora", refs["lora"])
+        students.append(refs["lora"])
+    if "guidance_distill" in refs:  # a flow model, put to the gate with the students at the served steps
+        students.append(refs["guidance_distill"])
     if cfg.ddpm.enabled:  # the diffusion baseline: evaluated beside the others, never the promotion candidate
         refs["ddpm"] = ddpm_task(store_uri, cfg.ddpm, ray_address, refs["latents"])
         probe("ddpm", refs["ddpm"])

@@ -188,7 +188,7 @@ class PairsCard(LatentSpace):
 class GeneratorCard(LatentSpace):
     """A trained generator: its family picks its samplers (models.sampling.family_samplers)."""
 
-    STAGES: ClassVar[tuple[str, ...]] = ("base", "ddpm", "reflow", "consistency", "flowmap")
+    STAGES: ClassVar[tuple[str, ...]] = ("base", "ddpm", "reflow", "consistency", "flowmap", "guidance_distill", "lora")
 
     family: str  # how its network turns noise into latents: models.sampling.FAMILIES
     steps: int  # training steps
@@ -209,6 +209,8 @@ class GeneratorCard(LatentSpace):
     diffusion_steps: int | None = None  # diffusion: T, its discrete training steps
     objective: str | None = None  # flowmap: how it was distilled ("meanflow" or "shortcut")
     guided_sampling: bool = False  # flowmap: distilled at guidance 1, takes classifier-free guidance when sampled
+    adapter_of: str | None = None  # lora: the base model's ref; the stage stores only the adapter
+    adapter_fraction: float | None = None  # lora: the adapter's parameters over the base's
 
     def sampler_params(self) -> dict[str, Any]:
         """What its family's samplers need to know about how it was trained (models.sampling)."""

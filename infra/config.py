@@ -357,7 +357,8 @@ class ConsistencyConfig(LoopConfig, LabelDropout):
     # same run whether asked for as "base" or as "last_reflow" with no reflow rounds.
     unkeyed = frozenset({"teacher", "data"})
 
-    teacher: Literal["last_reflow", "base"] = "base"  # last_reflow: the base model when reflow.rounds is 0
+    # last_reflow: the base model when reflow.rounds is 0; guided: the guidance-distilled base
+    teacher: Literal["last_reflow", "base", "guided"] = "base"
     data: Literal["latents", "pairs"] = "latents"  # pairs: the last reflow round's (x_0, x_1)
     renoise: Literal["auto", "fresh", "coupled"] = "auto"  # auto: coupled iff the teacher is a reflow round
     grid_times: bool = True  # multistep sampling at times on the training grid n / intervals
@@ -372,7 +373,7 @@ class ConsistencyConfig(LoopConfig, LabelDropout):
 
     @model_validator(mode="after")
     def _pairs_follow_their_teacher(self) -> ConsistencyConfig:
-        if self.teacher == "base" and self.data == "pairs":
+        if self.teacher in ("base", "guided") and self.data == "pairs":
             raise ValueError(
                 "teacher: base with data: pairs distils the base model on another model's couplings; "
                 "set data: latents (fresh noise) for the base teacher"
@@ -396,7 +397,8 @@ class FlowMapConfig(LoopConfig, LabelDropout):
     unkeyed = frozenset({"enabled", "teacher", "data"})
 
     enabled: bool = False  # off in default (the digits run's budget); on in quick and shapes
-    teacher: Literal["last_reflow", "base"] = "last_reflow"  # last_reflow: the base model when reflow.rounds is 0
+    # last_reflow: the base model when reflow.rounds is 0; guided: the guidance-distilled base
+    teacher: Literal["last_reflow", "base", "guided"] = "last_reflow"
     data: Literal["latents", "pairs"] = "latents"  # pairs: the last reflow round's (x_0, x_1)
     # Shortcut by measurement (BENCHMARKS.md, "Flow-map student"): on the shapes preset the two tie
     # within their intervals at 1-8 steps; Shortcut needs no JVP, costs less a step and trains
@@ -418,7 +420,7 @@ class FlowMapConfig(LoopConfig, LabelDropout):
 
     @model_validator(mode="after")
     def _coherent_choices(self) -> FlowMapConfig:
-        if self.teacher == "base" and self.data == "pairs":
+        if self.teacher in ("base", "guided") and self.data == "pairs":
             raise ValueError(
                 "teacher: base with data: pairs distils the base model on another model's couplings; "
                 "set data: latents (fresh noise) for the base teacher"
@@ -429,6 +431,64 @@ class FlowMapConfig(LoopConfig, LabelDropout):
                 "would guide twice: leave guidance unset, or use guidance_mode: target"
             )
         return self
+
+
+class GuidanceDistillConfig(LoopConfig, LabelDropout):
+    """Guidance distillation (models/guidance_distill.py): the base model's classifier-free-guided
+    velocity v_u + w (v_c - v_u), for w drawn from ``scales``, learnt by one network that takes w as
+    an input (models/guided_dit.py; built from the base's weights, the base at init), so a guided
+    step costs one pass instead of two. It is a flow model: evaluated at the evaluation's scales
+    beside the base with real CFG, and a teacher the students can take (``teacher: guided``)."""
+
+    unkeyed = frozenset({"enabled"})  # whether the flow runs it
+
+    enabled: bool = False  # off in quick and default; on in shapes
+    scales: tuple[float, float] = (1.0, 4.0)  # w ~ U(low, high) per row
+    time_sampling: TimeSampling = "uniform"  # every time a sampler visits, not the base's logit-normal focus
+    steps: Steps = 2000
+    lr: LearningRate = 2e-4
+    warmup_steps: WarmupSteps = 0
+
+    @field_validator("scales")
+    @classmethod
+    def _a_range(cls, scales: tuple[float, float]) -> tuple[float, float]:
+        low, high = scales
+        if not 0 <= low <= high <= MAX_GUIDANCE:
+            raise ValueError(f"scales must be (low, high) with 0 <= low <= high <= {MAX_GUIDANCE:g}, got {scales}")
+        return scales
+
+
+LoRATarget = Literal["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+class LoRAConfig(LoopConfig, LabelDropout):
+    """LCM-LoRA: a low-rank adapter (models/lora.py) on the frozen base model's projections, trained
+    by consistency distillation of that base (models/consistency.py) on the latents with fresh noise.
+    Only the adapter is stored (safetensors, with its base's ref); loaded over its base it is a
+    1-4 step consistency student, and switched off it is the base again."""
+
+    unkeyed = frozenset({"enabled"})  # whether the flow runs it
+
+    enabled: bool = False  # off in quick and default; on in shapes
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0, le=1e4)  # the update's scale is alpha / rank; None: 1
+    targets: tuple[LoRATarget, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    intervals: int = Field(18, ge=1, le=MAX_NFE)  # as consistency.intervals
+    grid_times: bool = True
+    teacher_solver: Literal["euler", "heun"] = "heun"
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)  # the base's; None as in PairsConfig
+    target_decay: float = Field(0.95, ge=0, lt=1)
+    huber_c: float | None = Field(None, gt=0, le=100)
+    steps: Steps = 2000
+    lr: LearningRate = 1e-3  # an adapter starts at zero and is small: a larger step than a full student's
+    warmup_steps: WarmupSteps = 0
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        if not targets:
+            raise ValueError("name at least one layer to adapt: attn.qkv, attn.proj, mlp.fc1, mlp.fc2")
+        return tuple(dict.fromkeys(targets))
 
 
 class FeaturesConfig(LoopConfig):
@@ -602,6 +662,8 @@ class PipelineConfig(Section):
     reflow: ReflowConfig = ReflowConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
     flowmap: FlowMapConfig = FlowMapConfig()
+    guidance_distill: GuidanceDistillConfig = GuidanceDistillConfig()
+    lora: LoRAConfig = LoRAConfig()
     features: FeaturesConfig = FeaturesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     probe: ProbeConfig = ProbeConfig()
@@ -615,6 +677,18 @@ class PipelineConfig(Section):
             raise ValueError(
                 f"evaluate.consistency_steps {list(self.evaluate.consistency_steps)} go beyond the student's "
                 f"time grid of consistency.intervals={grid}: use at most {grid} steps, or more intervals"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _guided_teacher_is_trained(self) -> PipelineConfig:
+        asking = [name for name in ("consistency", "flowmap") if getattr(self, name).teacher == "guided"]
+        if self.flowmap.teacher == "guided" and not self.flowmap.enabled:
+            asking.remove("flowmap")
+        if asking and not self.guidance_distill.enabled:
+            raise ValueError(
+                f"{' and '.join(f'{n}.teacher' for n in asking)} is guided, the guidance-distilled base, "
+                "but guidance_distill.enabled is false: enable it, or pick teacher base or last_reflow"
             )
         return self
 

@@ -108,12 +108,14 @@ class FlowMapDiT(DiT):
 
 def flowmap_from_velocity(teacher: DiT, explicit_attention: bool = True) -> FlowMapDiT:
     """A flow-map DiT carrying ``teacher``'s weights: u(x, s, t) = teacher v(x, s) for every t at init."""
-    if type(teacher) is not DiT:
+    if type(teacher) is not DiT and not getattr(teacher, "embeds_guidance", False):
         raise ValueError(f"a flow map is built from a DiT velocity network, got {type(teacher).__name__}")
     shape = {f.name: getattr(teacher.config, f.name) for f in dataclasses.fields(DiTConfig)}
     p = next(teacher.parameters())
     net = FlowMapDiT(FlowMapDiTConfig(**shape, explicit_attention=explicit_attention)).to(p.device, p.dtype)
-    missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
+    # a guidance-distilled teacher (models/guided_dit.py) gives its weights at w = 1, its embedder left out
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("guidance_embedder.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("gap_embedder.") for k in missing):
         raise ValueError(f"teacher weights do not fit the flow map: missing {missing}, unexpected {unexpected}")
     return net

@@ -80,8 +80,21 @@ def dit_spec(config: FreshDiT, space: LatentSpace) -> dict:
 
 
 def load_network(store: Store, manifest: Manifest, name: str = "model") -> nn.Module:
-    """A generator's network (EMA weights, or ``raw``), in eval mode, on the CPU."""
-    return store.load_model(manifest, name).eval()
+    """A generator's network (EMA weights, or ``raw``), in eval mode, on the CPU. An adapter's
+    (a LoRA stage's card names the base it goes on) is its base's network with the adapter on."""
+    base_ref = manifest.metrics.get("adapter_of") if GeneratorCard.is_generator(manifest) else None
+    if base_ref is None:
+        return store.load_model(manifest, name).eval()
+    from models.lora import LoRADiTConfig, with_adapter
+
+    spec = store.read_json(manifest, "adapter_spec")
+    adapter = store.read_tensors(manifest, "adapter" if name == "model" else "adapter_raw")
+    try:
+        return with_adapter(
+            load_network(store, store.get_ref(base_ref)), LoRADiTConfig(**spec["config"]), adapter
+        ).eval()
+    except ValueError as error:
+        raise ValueError(f"the adapter {manifest.ref} does not go on its base {base_ref}: {error}") from None
 
 
 def cpu_state(model: nn.Module) -> dict[str, Tensor]:

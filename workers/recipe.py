@@ -39,6 +39,7 @@ class Recipe:
     card: Mapping[str, Any]  # the card's own fields: family, latent space, teacher, round, ...
     init_state: dict[str, Tensor] | None = None  # a teacher's weights to start from
     heldout: HeldOut | None = None  # scored at every checkpoint (workers.heldout)
+    adapter_of: str | None = None  # an adapter (models/lora.py) on this base's ref: only the adapter is stored
 
 
 def run_generator_stage(
@@ -74,7 +75,7 @@ def run_generator_stage(
             heldout=r.heldout,
         )
         result = fit(job, r.dataset)
-        write_generator(writer, r.model_spec, result, r.heldout)
+        write_generator(writer, r.model_spec, result, r.heldout, adapter=r.adapter_of is not None)
         return GeneratorCard(
             steps=result.step,
             final_loss=result.final_loss,
@@ -89,12 +90,23 @@ def run_generator_stage(
     return run_stage(store, stage, config, inputs, build, source=source, extra_key=keyed or None)
 
 
-def write_generator(writer: StageWriter, spec: dict, result: TrainResult, heldout: HeldOut | None) -> None:
+def write_generator(
+    writer: StageWriter, spec: dict, result: TrainResult, heldout: HeldOut | None, adapter: bool = False
+) -> None:
     """``model`` (EMA weights, what is sampled), ``raw`` (the trained weights) and ``curve`` (with
-    what the curve's held-out loss was measured on, see workers.heldout)."""
-    for name, state in (("model", result.ema_state), ("raw", result.model_state)):
-        net = build_model(spec)
-        net.load_state_dict(state)
-        writer.write_model(name, net, spec)
+    what the curve's held-out loss was measured on, see workers.heldout). An ``adapter`` stage
+    writes its adapter alone: ``adapter`` (EMA), ``adapter_raw`` and ``adapter_spec``, the network
+    it goes on being its card's ``adapter_of``."""
+    if adapter:
+        from models.lora import adapter_state
+
+        writer.write_tensors("adapter", adapter_state(result.ema_state))
+        writer.write_tensors("adapter_raw", adapter_state(result.model_state))
+        writer.write_json("adapter_spec", spec)
+    else:
+        for name, state in (("model", result.ema_state), ("raw", result.model_state)):
+            net = build_model(spec)
+            net.load_state_dict(state)
+            writer.write_model(name, net, spec)
     description = heldout.description if heldout is not None else None
     writer.write_json("curve", {"curve": result.curve, "resumed_from": result.resumed_from, "heldout": description})

@@ -60,6 +60,8 @@ log = logging.getLogger("fewstep.warm")
 WARM_KEY = "warm_start"  # the stage-key entry of a warm start: {"parent": ref, "steps": n}
 Z_95 = 1.96  # the normal quantile of a two-sided 95% interval
 MEASURE_BATCH = 256
+# Generators no stage warm-starts from: an adapter (its base is the lineage), a guidance-distilled base.
+NOT_WARM = frozenset({"lora", "guidance_distill"})
 
 
 # --------------------------------------------------------------------------- the lineage
@@ -91,7 +93,8 @@ def served_lineage(store: Store, pointer: str = SERVING_POINTER) -> Lineage | No
         generators: dict[str, Manifest] = {}
         while manifest is not None:
             card = GeneratorCard.from_manifest(manifest)
-            generators[lineage_name(manifest, card)] = manifest
+            if manifest.stage not in NOT_WARM:
+                generators[lineage_name(manifest, card)] = manifest
             manifest = store.get_ref(card.teacher_ref) if card.teacher_ref else None
         for name, other in run_siblings(store, ref).items():  # reflow rounds a student from base skipped
             generators.setdefault(name, store.get_ref(other))

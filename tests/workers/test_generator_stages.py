@@ -1,4 +1,5 @@
-"""Base, reflow pairs, reflow, consistency, flowmap and ddpm stages on tiny synthetic latents, through the store."""
+"""Base, reflow pairs, reflow, consistency, flowmap, guidance_distill, lora and ddpm stages on tiny synthetic
+latents, through the store."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from infra.config import (
     DDPMConfig,
     FlowMapConfig,
     GeneratorConfig,
+    GuidanceDistillConfig,
+    LoRAConfig,
     PairsConfig,
     ReflowConfig,
 )
@@ -23,14 +26,21 @@ from infra.store import Store
 from infra.tables import table_column_to_numpy, tensors_to_table
 from models.consistency import consistency_sample
 from models.diffusion import ddim_sample, vp_schedule
+from models.dit import DiT, dit_config
 from models.flowmap_dit import FlowMapDiT
-from models.sampling import family_samplers
+from models.guided_dit import GuidedDiT
+from models.lora import LoRADiT
+from models.registry import model_spec
+from models.sampling import SAMPLERS, family_samplers, network_passes
+from workers.generator import load_network
 from workers.stages.s04_base import run_base
 from workers.stages.s05_pairs import run_pairs
 from workers.stages.s06_reflow import run_reflow
 from workers.stages.s07_consistency import run_consistency
 from workers.stages.s08_ddpm import run_ddpm
 from workers.stages.s13_flowmap import run_flowmap
+from workers.stages.s14_guidance import run_guidance_distill
+from workers.stages.s15_lora import run_lora
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -227,3 +237,51 @@ def test_ddpm_stage_trains_eps_prediction_and_writes_a_diffusion_generator(ray_l
     noise = torch.randn(ddpm_sampler.noise_draws(10), 6, *SHAPE)
     drawn = ddpm_sampler.sample(net, list(noise), y, 10, 2.0)
     assert drawn.nfe == 10 and torch.isfinite(drawn.x_1).all()
+
+
+def test_guidance_distill_and_lora_stages(ray_local, tmp_path):
+    """The guidance-distilled base takes the scale in one pass; the LoRA stage stores only its adapter,
+    which loads over its base as a consistency student, and switched off is the base."""
+    store = Store.open(str(tmp_path / "store"))
+    latents = commit_latents(store, n=64)
+    base = run_base(store, GeneratorConfig(steps=10, **TINY), latents)
+    base_net = store.load_model(base, "model")
+
+    guided = run_guidance_distill(store, GuidanceDistillConfig(scales=(1.0, 3.0), steps=10, **LOOP), base, latents)
+    card = GeneratorCard.from_manifest(guided)
+    assert (card.family, card.teacher_ref, guided.inputs) == ("flow", base.ref, [base.ref, latents.ref])
+    student = load_network(store, guided)
+    assert isinstance(student, GuidedDiT)
+    assert bool((student.guidance_embedder.mlp[2].weight != 0).any())  # the scale's embedding trained
+    euler = SAMPLERS["euler"]
+    assert network_passes(euler, 2.0, embedded=student.embeds_guidance) == 1 and network_passes(euler, 2.0) == 2
+    calls = []
+    student.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    out = euler.sample(student, [torch.randn(3, *SHAPE)], torch.tensor([0, 1, 2]), 2, 2.0)
+    assert calls == [3, 3] and out.nfe == 2 and torch.isfinite(out.x_1).all()  # one pass of the batch a step
+
+    lora_cfg = LoRAConfig(rank=2, intervals=4, steps=10, guidance=2.0, **LOOP)
+    lora = run_lora(store, lora_cfg, base, latents)
+    card = GeneratorCard.from_manifest(lora)
+    assert (card.family, card.adapter_of, card.guidance, card.steps) == ("consistency", base.ref, 2.0, 10)
+    assert {"adapter", "adapter_raw", "adapter_spec"} <= set(lora.files) and "model" not in lora.files
+    assert 0 < card.adapter_fraction < 0.2
+    adapter_bytes = sum(lora.files[n].size for n in ("adapter", "adapter_raw")) / 2
+    assert adapter_bytes < 0.2 * base.files["model"].size  # its own small artifact
+    net = load_network(store, lora)
+    assert isinstance(net, LoRADiT)
+    assert any(bool((layer.lora_up != 0).any()) for layer in net.adapters())  # the adapter trained
+    x, t, y = torch.randn(3, *SHAPE), torch.full((3,), 0.5), torch.tensor([0, 1, 2])
+    with torch.no_grad(), net.adapters_enabled(False):
+        assert torch.allclose(net(x, t, y), base_net(x, t, y), atol=1e-6)  # the base's weights, untouched
+    (sampler,) = family_samplers(card.family, **card.sampler_params())
+    out = sampler.sample(net, [torch.randn(3, *SHAPE) for _ in range(2)], y, 2, 1.0)
+    assert out.x_1.shape == (3, *SHAPE) and torch.isfinite(out.x_1).all()
+    # An adapter whose base is gone from under it fails naming both.
+    with store.begin("base", "other", config={}) as writer:
+        other = DiT(dit_config("DiT-T/2", input_size=4, in_channels=2, num_classes=2, depth=1))
+        writer.write_model("model", other, model_spec(other))
+        wrong = writer.commit(metrics=GeneratorCard.from_manifest(base).to_metrics())
+    fake = lora.model_copy(update={"metrics": {**lora.metrics, "adapter_of": wrong.ref}})
+    with pytest.raises(ValueError, match=f"adapter {lora.ref} does not go on its base {wrong.ref}"):
+        load_network(store, fake)
