@@ -74,6 +74,9 @@ TINY: dict[str, Any] = {
     # Off: the tests that check one pipeline's stages and its promoted student keep to consistency;
     # tests/flows/test_pipeline.py switches it on for the harness run.
     "flowmap": {"enabled": False, "steps": 8, "batch_size": 32, "checkpoint_every": 4},
+    # Off as flowmap is; the harness run switches them on.
+    "guidance_distill": {"enabled": False, "steps": 8, "batch_size": 32, "checkpoint_every": 4},
+    "lora": {"enabled": False, "rank": 4, "intervals": 4, "steps": 8, "batch_size": 32, "checkpoint_every": 4},
     FEATURES: {"steps": 30, "batch_size": 32},
     "evaluate": {
         "n": 32,

@@ -18,12 +18,17 @@ from workers.curves import curve_markdown
 from workers.evaluation.table import read_rows
 
 
+def artifact_key(*parts: str) -> str:
+    """``fewstep-<parts>``: Prefect's artifact keys take lowercase letters, digits and dashes only."""
+    return "-".join(["fewstep", *parts]).replace("_", "-").lower()
+
+
 def publish_stage(manifest: Manifest, store: Store | None = None) -> None:
     """A small metrics table per stage (a generator's held out loss among them: ``final_heldout_loss``),
     under a stable artifact key; for a training stage with a stored curve, its curve table too."""
     rows = [{"metric": k, "value": str(v)} for k, v in sorted(manifest.metrics.items())]
     create_table_artifact(
-        key=f"fewstep-{manifest.stage}-metrics",
+        key=artifact_key(manifest.stage, "metrics"),
         table=rows,
         description=f"{manifest.ref} — metrics of the `{manifest.stage}` stage",
     )
@@ -31,7 +36,7 @@ def publish_stage(manifest: Manifest, store: Store | None = None) -> None:
         record = store.read_json(manifest, "curve")
         lines = curve_markdown(manifest.ref, record.get("curve", []), record.get("heldout"), manifest.stage)
         create_markdown_artifact(
-            key=f"fewstep-{manifest.stage}-curve",
+            key=artifact_key(manifest.stage, "curve"),
             markdown="\n".join([f"# Training curve of `{manifest.ref}`", "", *lines]) + "\n",
             description=f"{manifest.ref} — training and held-out loss at each checkpoint",
         )

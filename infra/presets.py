@@ -70,6 +70,23 @@ PRESETS: dict[str, dict[str, Any]] = {
             "checkpoint_every": 500,
             "resources": {"cpus": 2},
         },
+        # Issue 25's two production tricks: the base's guidance in one pass, and an LCM-LoRA adapter.
+        "guidance_distill": {
+            "enabled": True,
+            "steps": 1000,
+            "batch_size": 64,
+            "checkpoint_every": 500,
+            "resources": {"cpus": 2},
+        },
+        "lora": {
+            "enabled": True,
+            "rank": 16,
+            "steps": 1000,
+            "batch_size": 64,
+            "intervals": 18,
+            "checkpoint_every": 500,
+            "resources": {"cpus": 2},
+        },
         "features": {"steps": 800},
         "evaluate": {
             "n": 2000,

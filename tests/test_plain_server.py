@@ -75,4 +75,63 @@ def test_the_plain_server_answers_like_the_serve_endpoint(tmp_path):
 
             bad = client.post("/v1/generate", json={"n": 2, "labels": [1]})
             assert bad.status_code == 422 and "got 1 labels for n=2" in bad.text
+            plain = client.post("/v1/generate", json={"n": 1, "adapter": False})
+            assert plain.status_code == 422 and "is not an adapter: leave adapter out" in plain.text
             assert client.get("/healthz").json()["status"] == "ok"
+
+
+def commit_adapter(store, vae_ref: str):
+    """A flow base and a LoRA student on it, as the base and lora stages write them (random weights)."""
+    import torch
+
+    from infra.cards import GeneratorCard
+    from models.dit import DiT, dit_config
+    from models.lora import adapter_state, lora_from_velocity
+    from models.registry import model_spec
+
+    torch.manual_seed(3)
+    base = DiT(dit_config("DiT-T/2", input_size=4, in_channels=4, num_classes=10))
+    with torch.no_grad():  # off AdaLN-Zero's zeros, so the network and its adapter matter
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    space = dict(latent_shape=(4, 4, 4), num_classes=10, latent_scale=1.0, vae_ref=vae_ref)
+    with store.begin("base", "adapted", config={"seed": 3}) as writer:
+        writer.write_model("model", base, model_spec(base))
+        base_manifest = writer.commit(metrics=GeneratorCard(family="flow", steps=0, **space).to_metrics())
+    net = lora_from_velocity(base, rank=2)
+    with torch.no_grad():
+        for layer in net.adapters():
+            layer.lora_up.normal_(std=0.5)
+    with store.begin("lora", "adapted", config={"seed": 3}, inputs=[base_manifest]) as writer:
+        writer.write_tensors("adapter", adapter_state(net))
+        writer.write_tensors("adapter_raw", adapter_state(net))
+        writer.write_json("adapter_spec", model_spec(net))
+        card = GeneratorCard(family="consistency", steps=0, adapter_of=base_manifest.ref, guidance=2.0, **space)
+        lora = writer.commit(metrics=card.to_metrics())
+    return base_manifest, lora
+
+
+def test_one_replica_answers_the_lora_student_and_its_base_by_request(tmp_path):
+    """The API selects the adapter per request: one network in memory, the adapter on or off."""
+    from workers.generator import Generator, Request
+
+    store, plain_ref = serve_bench.synthetic_store(str(tmp_path / "store"))
+    vae_ref = store.get_ref(plain_ref).inputs[0]
+    base, lora = commit_adapter(store, vae_ref)
+    body = {"n": 2, "steps": 3, "seed": 11, "labels": [1, 10], "guidance": 1.0, "format": "array"}
+    with serve_bench.plain_server(store.uri, lora.ref, 8, 5.0, 2, 2, 1.0, "cpu") as url:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            info = client.get("/v1/model").json()
+            assert info["adapter_of"] == base.ref and info["family"] == "consistency"
+            student = client.post("/v1/generate", json=body).json()
+            teacher = client.post("/v1/generate", json={**body, "adapter": False}).json()
+            both = client.post("/v1/generate", json={**body, "adapter": True}).json()
+    assert (student["model"], student["family"], student["sampler"]) == (lora.ref, "consistency", "consistency")
+    assert (teacher["model"], teacher["family"], teacher["sampler"]) == (base.ref, "flow", "euler")
+    assert both["images"] == student["images"]  # true is the default
+    # The base's answer is what the base alone draws: the adapter was off, and nothing else changed.
+    alone = Generator.load(store, base).generate(
+        Request(n=2, steps=3, sampler="euler", labels=(1, 10), guidance=1.0, seed=11)
+    )
+    np.testing.assert_array_equal(np.asarray(teacher["images"], np.uint8), alone.pixels)
+    assert not np.array_equal(np.asarray(student["images"], np.uint8), alone.pixels)

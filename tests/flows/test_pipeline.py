@@ -23,11 +23,14 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 STAGES = {"ingest", "vae", "latents", "base", "pairs", "reflow", "consistency", "features", "evaluate", "probe"}
 # The harness run also trains the optional DDPM baseline (a few steps) and evaluates it at 2 steps,
-# and the optional flow-map student, evaluated at 1 and 2 steps.
+# the optional flow-map student, evaluated at 1 and 2 steps, the guidance-distilled base and the LoRA
+# adapter.
 WITH_DDPM = {
     **TINY,
     "ddpm": {"enabled": True, "steps": 10, "batch_size": 32, "checkpoint_every": 5},
     "flowmap": {**TINY["flowmap"], "enabled": True},
+    "guidance_distill": {**TINY["guidance_distill"], "enabled": True},
+    "lora": {**TINY["lora"], "enabled": True},
     "evaluate": {**TINY["evaluate"], "diffusion_steps": [2], "flowmap_steps": [1, 2]},
 }
 
@@ -45,7 +48,7 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
 
     first = pipeline(config=config, store_uri=store_uri)
     store = Store.open(store_uri)
-    assert {m.stage for m in store.list_manifests()} == STAGES | {"ddpm", "flowmap"}
+    assert {m.stage for m in store.list_manifests()} == STAGES | {"ddpm", "flowmap", "guidance_distill", "lora"}
     assert first["promotion"]["promoted"], first["promotion"]
     # The DDPM baseline is evaluated beside the others at its step counts, and never the promotion candidate.
     ddpm = first["refs"]["ddpm"]
@@ -74,11 +77,26 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
         ("flowmap", 1, 1, best),
         ("flowmap", 2, 2, best),
     ]
-    # The candidate is the student with the lower FID at the served step count.
-    candidate = first["promotion"]["candidate"]
-    at_one = {
-        r.stage_key: r.fid for r in rows if r.steps == 1 and r.stage_key in (first["refs"]["consistency"], flowmap)
+    # The guidance-distilled base: a flow model at every scale, a guided step one network pass.
+    guided = first["refs"]["guidance_distill"]
+    assert {(r.steps, r.guidance, r.nfe) for r in rows if r.stage_key == guided} == {
+        (1, 1.0, 1),
+        (1, 2.0, 1),
+        (2, 1.0, 2),
+        (2, 2.0, 2),
     }
+    # The LoRA student: an adapter on the base, sampled as a consistency student at its scale.
+    lora = first["refs"]["lora"]
+    lora_card = GeneratorCard.from_manifest(store.get_ref(lora))
+    assert (lora_card.family, lora_card.adapter_of, lora_card.guidance) == ("consistency", first["refs"]["base"], best)
+    assert [(r.sampler, r.steps, r.nfe) for r in rows if r.stage_key == lora] == [("consistency", 1, 1)]
+    # The candidate is the student with the lowest FID at the served step count, with the sampler it is served by.
+    candidate = first["promotion"]["candidate"]
+    students = (first["refs"]["consistency"], flowmap, lora, guided)
+    at_one = {}
+    for r in rows:
+        if r.steps == 1 and r.stage_key in students and r.sampler in ("consistency", "flowmap", "euler"):
+            at_one[r.stage_key] = min(at_one.get(r.stage_key, float("inf")), r.fid)
     assert candidate == min(at_one, key=at_one.get), at_one
     # Serving's default scale is recorded with the pointer.
     assert store.pointer_record("serving/current")["guidance"] == first["promotion"]["guidance"] == best
@@ -97,10 +115,16 @@ def test_pipeline_under_the_harness_then_rerun_commits_nothing(prefect_harness, 
     assert second["refs"] == first["refs"]
     assert committed(store) == before, "the re-run recomputed a stage"
 
-    # One changed field re-runs only what is downstream of it (the flow-map student off: one candidate).
+    # One changed field re-runs only what is downstream of it (the other students off: one candidate).
     changed = load_config(
         "quick",
-        overrides={**WITH_DDPM, "flowmap": TINY["flowmap"], "consistency": {**TINY["consistency"], "intervals": 3}},
+        overrides={
+            **WITH_DDPM,
+            "flowmap": TINY["flowmap"],
+            "guidance_distill": TINY["guidance_distill"],
+            "lora": TINY["lora"],
+            "consistency": {**TINY["consistency"], "intervals": 3},
+        },
     )
     third = pipeline(config=changed.model_dump(mode="json"), store_uri=store_uri)
     # Champion against challenger: the served student is scored beside the new one, in one evaluation.

@@ -170,6 +170,64 @@ def quality_ratios(rows: Sequence[Row], draws: Mapping[str, Draws] | None = None
             "consistency@1 / base@1", consistency_1, best_row(rows, stage="base", steps=1, nfe=1), rows, draws, level
         ),
         *(flowmap_bars if flowmap else []),
+        *guidance_ratios(rows, base_best, draws, level),
+        *lora_ratios(rows, candidate, draws, level),
+    ]
+
+
+def matching(rows: Sequence[Row], steps: int, guidance: float | None, sampler: str) -> Row | None:
+    found = [r for r in rows if r.steps == steps and r.guidance == guidance and r.sampler == sampler]
+    return found[0] if found else None
+
+
+def guidance_ratios(
+    rows: Sequence[Row], base_best: Row | None, draws: Mapping[str, Draws] | None, level: float
+) -> list[Ratio]:
+    """The guidance-distilled base (one pass a step) against the base with real classifier-free
+    guidance (two), at the base's best setting: at equal steps (half the NFE), and at equal NFE
+    (twice the steps), each with the same scale and sampler. No bar: the NFE saved at equal quality."""
+    guided = first_student(rows, "guidance_distill")
+    if not guided or base_best is None:
+        return []
+    k, w, sampler = base_best.steps, base_best.guidance, base_best.sampler
+    passes = base_best.nfe // max(1, k)  # 2 where the base's best is guided
+    equal_steps = [
+        excess(
+            f"guided@{k} / base best (equal steps, w={w:g})",
+            matching(guided, k, w, sampler),
+            base_best,
+            rows,
+            draws,
+            level,
+        )
+    ]
+    if passes == 1:  # the base's best is unguided: equal steps is equal NFE
+        return equal_steps
+    return [
+        *equal_steps,
+        excess(
+            f"guided@{k * passes} / base best (equal NFE, w={w:g})",
+            matching(guided, k * passes, w, sampler),
+            base_best,
+            rows,
+            draws,
+            level,
+        ),
+    ]
+
+
+def lora_ratios(
+    rows: Sequence[Row], consistency: Sequence[Row], draws: Mapping[str, Draws] | None, level: float
+) -> list[Ratio]:
+    """The LoRA student against the full consistency student at each step count both were scored at.
+    No bar: an adapter of a few percent of the model's size, and what it costs in quality."""
+    lora = first_student(rows, "lora")
+    steps = sorted({r.steps for r in lora} & {r.steps for r in consistency})
+    return [
+        excess(
+            f"lora@{k} / consistency@{k}", best_row(lora, steps=k), best_row(consistency, steps=k), rows, draws, level
+        )
+        for k in steps
     ]
 
 
@@ -188,6 +246,8 @@ FIXES = {
     "consistency": "check its teacher's probe first; then raise consistency.steps",
     "flowmap": "check its teacher's probe first; then raise flowmap.steps",
     "ddpm": "raise ddpm.steps or use a larger ddpm.model",
+    "guidance_distill": "check the base model's probe first; then raise guidance_distill.steps",
+    "lora": "check the base model's probe first; then raise lora.steps or lora.rank",
 }
 
 

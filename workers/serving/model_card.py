@@ -82,6 +82,7 @@ def model_card(store: Store, manifest: Manifest, sampler: str, guidance: float =
             "num_classes": card.num_classes,
             "latent_shape": list(card.latent_shape),
             "parent_ref": card.parent_ref,  # the model it warm-started from (None: trained from scratch)
+            "adapter_of": card.adapter_of,  # a LoRA student's base: `adapter: false` in a request draws it
             "metrics": scalar_metrics(manifest.metrics),
             "lineage": lineage(store, manifest),
             "evaluation": evaluation_of(store, manifest.ref),

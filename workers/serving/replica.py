@@ -28,7 +28,7 @@ from fastapi import HTTPException
 
 from infra.config import ServeConfig
 from infra.store import SERVING_POINTER, Store
-from workers.generator import Request
+from workers.generator import Generator, Request
 from workers.serving.http import Generated
 from workers.serving.request import MAX_SEED, GenerateBody, Limits, problem, problems
 from workers.serving.swap import RETRY_S, Served, Watch
@@ -59,6 +59,7 @@ class Drawn:
     nfe: int
     seconds: float
     batch_requests: int  # requests that shared its forward passes
+    generator: Generator | None = None  # what drew it: the served generator, or an adapter's base
 
 
 class BatchFill:
@@ -81,6 +82,7 @@ class Ticket:
     request: Request
     cost: float
     fill: BatchFill
+    adapter: bool = True  # False: an adapter model's base (Served.base)
 
 
 def batch_cost(tickets: list[Ticket]) -> float:
@@ -174,20 +176,25 @@ class Replica:
         (a swap between validation and drawing changes the model, never fails the request)."""
         served = self.served  # the whole batch runs on the model it started with
         self.fill.expected = len(tickets)
-        requests = [dataclasses.replace(t.request, sampler=served.sampler) for t in tickets]
-        out: list[Drawn | Exception | None] = [None] * len(requests)
+        out: list[Drawn | Exception | None] = [None] * len(tickets)
+        requests: list[Request | None] = [None] * len(tickets)
+        generators = {True: (served.generator, served.sampler), False: (served.base, served.base_sampler)}
         groups: dict[tuple, list[int]] = {}
-        for i, request in enumerate(requests):
+        for i, ticket in enumerate(tickets):
+            generator, sampler = generators[ticket.adapter]
             try:
-                served.generator.labels_for(request)  # the model may have changed since validation
-                served.generator.sampler(request.sampler)
+                if generator is None:  # the model changed since validation to one without an adapter
+                    raise ValueError(f"{served.ref} has no adapter to switch off: leave adapter out")
+                requests[i] = dataclasses.replace(ticket.request, sampler=sampler)
+                generator.labels_for(requests[i])  # the model may have changed since validation
+                generator.sampler(sampler)
             except ValueError as error:
                 out[i] = error
                 continue
-            groups.setdefault(request.group, []).append(i)
-        for indices in groups.values():
+            groups.setdefault((ticket.adapter, requests[i].group), []).append(i)
+        for (adapter, _), indices in groups.items():
             try:
-                images = await asyncio.to_thread(served.generator.generate_many, [requests[i] for i in indices])
+                images = await asyncio.to_thread(generators[adapter][0].generate_many, [requests[i] for i in indices])
             except Exception as error:  # noqa: BLE001 - fail this group's requests only
                 log.exception("generation failed for %d request(s)", len(indices))
                 images = [error] * len(indices)
@@ -195,7 +202,15 @@ class Replica:
                 out[i] = (
                     result
                     if isinstance(result, Exception)
-                    else Drawn(served, requests[i].sampler, result.pixels, result.nfe, result.seconds, len(indices))
+                    else Drawn(
+                        served,
+                        requests[i].sampler,
+                        result.pixels,
+                        result.nfe,
+                        result.seconds,
+                        len(indices),
+                        generators[adapter][0],
+                    )
                 )
         return out
 
@@ -204,9 +219,13 @@ class Replica:
     async def generate(self, body: GenerateBody) -> Generated:
         served = self.served
         found = problems(body, self.limits, served.generator.num_classes)
+        adapter = body.adapter is not False
+        if not adapter and served.base is None:
+            found.append(problem("adapter", f"the served model {served.ref} is not an adapter: leave adapter out"))
         if found:
             raise HTTPException(status_code=422, detail=found)
-        sampler = served.generator.sampler(served.sampler)
+        generator = served.generator if adapter else served.base
+        sampler = generator.sampler(served.sampler if adapter else served.base_sampler)
         steps = body.steps if body.steps is not None else self.limits.default_steps
         if sampler.max_steps is not None and steps > sampler.max_steps:
             raise HTTPException(
@@ -243,15 +262,15 @@ class Replica:
             seed=seed,
             labels=tuple(body.labels) if body.labels is not None else None,
         )
-        drawn = await self.draw(Ticket(request, self.fill.cost(request), self.fill))
+        drawn = await self.draw(Ticket(request, self.fill.cost(request), self.fill, adapter))
         if isinstance(drawn, ValueError):
             raise HTTPException(status_code=422, detail=[problem("labels", str(drawn))])
         if isinstance(drawn, Exception):
             raise HTTPException(status_code=500, detail=f"generation failed: {type(drawn).__name__}: {drawn}")
-        generator = drawn.served.generator
+        generator = drawn.generator or drawn.served.generator
         guided = generator.sampler(drawn.sampler).guided
         return Generated(
-            model=drawn.served.ref,
+            model=generator.ref,
             family=generator.card.family,
             sampler=drawn.sampler,
             steps=steps,

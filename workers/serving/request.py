@@ -62,6 +62,12 @@ class GenerateBody(BaseModel):
         description="classifier-free guidance scale (flow and diffusion models); default: the served model's "
         "own scale, as GET /v1/model shows it (`guidance`)",
     )
+    adapter: bool | None = Field(
+        None,
+        description="a LoRA student (GET /v1/model shows `adapter_of`): true or left out draws the few-step "
+        "student; false draws its base, the same network with the adapter off, with the ODE solver "
+        "(ask for its steps, e.g. 32)",
+    )
     seed: int | None = Field(None, description="same seed, same images; default: a random seed, returned")
     format: Literal["png", "array"] = Field("png", description="base64 PNGs, or uint8 arrays (H, W, C) as nested lists")
 

@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from infra.cards import GeneratorCard
 from infra.errors import describe
 from infra.store import SERVING_POINTER, Manifest, Store
+from models.lora import LoRADiT
 from models.sampling import preferred_sampler
 from workers.generator import Generator, Request
 from workers.serving.model_card import model_card
@@ -65,6 +66,8 @@ class Served:
     sampler: str
     card: dict[str, Any]  # computed once, at load
     guidance: float = 1.0  # for requests that leave guidance out (:func:`default_guidance`)
+    base: Generator | None = None  # an adapter's base, the same network with the adapter off
+    base_sampler: str | None = None  # the ODE solver the base is drawn with
 
     @property
     def ref(self) -> str:
@@ -126,15 +129,49 @@ def default_guidance(store: Store, manifest: Manifest, pointer: str = SERVING_PO
     return float(card.guidance) if card.guidance is not None else 1.0
 
 
+class AdapterSwitch(nn.Module):
+    """A LoRA network (models/lora.py) seen with its adapters on (the student) or off (its base): two
+    models in one network's memory. Each call sets the adapters' switch, so the calls of both views
+    take one lock (a replica draws one group at a time anyway)."""
+
+    def __init__(self, net: LoRADiT, enabled: bool, lock: threading.Lock):
+        super().__init__()
+        self.net, self.enabled, self.lock = net, enabled, lock
+        self.num_classes = net.num_classes
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.lock, self.net.adapters_enabled(self.enabled):
+            return self.net(*args, **kwargs)
+
+
+def adapter_views(store: Store, student: Generator) -> tuple[Generator, Generator]:
+    """(student, base) of a generator whose network is an adapter on its card's ``adapter_of``: one
+    network, one VAE, two generators."""
+    lock = threading.Lock()
+    base = store.get_ref(student.card.adapter_of)
+    on, off = (AdapterSwitch(student.net, enabled, lock) for enabled in (True, False))
+    return (
+        Generator(student.ref, student.card, on, student.vae, student.device),
+        Generator(base.ref, GeneratorCard.from_manifest(base), off, student.vae, student.device),
+    )
+
+
 def load_served(store: Store, ref: str, solver: str, steps: int, pointer: str = SERVING_POINTER) -> Served:
     """Load ``ref`` (every file's sha256 checked on read), check it draws finite images at its
-    default guidance, describe it."""
+    default guidance, describe it. An adapter (a LoRA student) is served with its base beside it: the
+    same network with the adapter off, drawn with ``solver`` when a request asks ``adapter: false``."""
     manifest = store.get_ref(ref)
     generator = Generator.load(store, manifest)
     sampler = preferred_sampler(generator.card.family, solver).name
     guidance = default_guidance(store, manifest, pointer)
+    base = base_sampler = None
+    if isinstance(generator.net, LoRADiT):
+        generator, base = adapter_views(store, generator)
+        base_sampler = preferred_sampler(base.card.family, solver).name
+        sanity_check(base, base_sampler, steps, guidance=guidance)
     sanity_check(generator, sampler, steps, guidance=guidance)
-    return Served(generator, sampler, model_card(store, manifest, sampler, guidance), guidance)
+    card = model_card(store, manifest, sampler, guidance)
+    return Served(generator, sampler, card, guidance, base, base_sampler)
 
 
 @dataclass(frozen=True)
