@@ -184,36 +184,19 @@ def guidance_ratios(
     rows: Sequence[Row], base_best: Row | None, draws: Mapping[str, Draws] | None, level: float
 ) -> list[Ratio]:
     """The guidance-distilled base (one pass a step) against the base with real classifier-free
-    guidance (two), at the base's best setting: at equal steps (half the NFE), and at equal NFE
-    (twice the steps), each with the same scale and sampler. No bar: the NFE saved at equal quality."""
+    guidance (two), at the base's best setting (k steps, scale w): at equal steps, where the guided
+    model spends half the NFE, and at equal NFE, against the base at k / 2 steps. No bar: the NFE
+    saved at equal quality."""
     guided = first_student(rows, "guidance_distill")
     if not guided or base_best is None:
         return []
     k, w, sampler = base_best.steps, base_best.guidance, base_best.sampler
-    passes = base_best.nfe // max(1, k)  # 2 where the base's best is guided
-    equal_steps = [
-        excess(
-            f"guided@{k} / base best (equal steps, w={w:g})",
-            matching(guided, k, w, sampler),
-            base_best,
-            rows,
-            draws,
-            level,
-        )
-    ]
-    if passes == 1:  # the base's best is unguided: equal steps is equal NFE
-        return equal_steps
-    return [
-        *equal_steps,
-        excess(
-            f"guided@{k * passes} / base best (equal NFE, w={w:g})",
-            matching(guided, k * passes, w, sampler),
-            base_best,
-            rows,
-            draws,
-            level,
-        ),
-    ]
+    at_k = matching(guided, k, w, sampler)
+    ratios = [excess(f"guided@{k} / base@{k} (equal steps, w={w:g})", at_k, base_best, rows, draws, level)]
+    if base_best.nfe == 2 * k and k % 2 == 0:  # the base's best is guided: equal NFE is half its steps
+        base_half = matching([r for r in rows if r.stage_key == base_best.stage_key], k // 2, w, sampler)
+        ratios.append(excess(f"guided@{k} / base@{k // 2} (equal NFE, w={w:g})", at_k, base_half, rows, draws, level))
+    return ratios
 
 
 def lora_ratios(

@@ -124,3 +124,30 @@ def test_the_flowmap_bars_read_the_first_flowmap_student_and_appear_only_with_on
     assert ratios["flowmap@1 / consistency@1"].verdict == "met"  # 0.75 <= 0.9, no interval
     without = {r.name for r in quality_ratios([r for r in rows if r.stage != "flowmap"])}
     assert not any(name.startswith("flowmap") for name in without)
+
+
+def test_the_guided_base_is_read_against_the_base_at_equal_steps_and_equal_nfe_and_lora_against_the_full_student():
+    rows = [
+        row(FLOOR, REFERENCE, 0, 2.0),
+        row("base", "euler", 8, 12.0, nfe=16, guidance=2.0),  # the base's best: 8 guided steps, 16 passes
+        row("base", "euler", 4, 16.0, nfe=8, guidance=2.0),
+        row("base", "euler", 8, 20.0, nfe=8, guidance=1.0),
+        row("guidance_distill", "euler", 8, 11.0, nfe=8, guidance=2.0, stage_key="guidance_distill/g"),
+        row("guidance_distill", "euler", 8, 30.0, nfe=8, guidance=1.0, stage_key="guidance_distill/g"),
+        row("consistency", "consistency", 1, 22.0),
+        row("consistency", "consistency", 2, 17.0),
+        row("lora", "consistency", 1, 26.0, stage_key="lora/l"),
+        row("lora", "consistency", 2, 12.0, stage_key="lora/l"),
+    ]
+    ratios = {r.name: r for r in quality_ratios(rows)}
+    equal_steps, equal_nfe = (
+        ratios["guided@8 / base@8 (equal steps, w=2)"],
+        ratios["guided@8 / base@4 (equal NFE, w=2)"],
+    )
+    assert equal_steps.value == pytest.approx((11 - 2) / (12 - 2)) and equal_steps.bar is None
+    assert equal_nfe.value == pytest.approx((11 - 2) / (16 - 2))
+    assert ratios["lora@1 / consistency@1"].value == pytest.approx((26 - 2) / (22 - 2))
+    assert ratios["lora@2 / consistency@2"].value == pytest.approx((12 - 2) / (17 - 2))
+    assert ratios["lora@1 / consistency@1"].verdict == "–"  # no bar: a measurement, not a test
+    without = {r.name for r in quality_ratios([r for r in rows if r.stage not in ("guidance_distill", "lora")])}
+    assert not any(name.startswith(("guided", "lora")) for name in without)
