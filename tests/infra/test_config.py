@@ -238,3 +238,27 @@ def test_a_training_stage_with_no_workers_runs_one_rank_that_takes_the_whole_bat
     config = load_yaml(tmp_path, "base:\n  batch_size: 24\n  resources: {workers: 0}\n")
     assert config.base.resources.workers == 0 and config.base.ranks == 1
     assert load_yaml(tmp_path, "base:\n  batch_size: 24\n  resources: {workers: 3}\n").base.ranks == 3
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("consistency:\n  teacher: guided\n", "consistency.teacher is guided"),
+        ("guidance_distill:\n  scales: [4, 1]\n", "0 <= low <= high"),
+        ("lora:\n  targets: []\n", "name at least one layer to adapt"),
+        ("lora:\n  targets: [attn.q]\n", "lora.targets.0"),
+        ("lora:\n  rank: 0\n", "lora.rank"),
+    ],
+)
+def test_guidance_distillation_and_lora_sections_refuse_what_they_cannot_run(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_yaml(tmp_path, text)
+    assert message in str(error.value)
+
+
+def test_the_issue_25_stages_are_off_except_in_the_shapes_preset(tmp_path):
+    assert not load_config("quick").guidance_distill.enabled and not load_config("default").lora.enabled
+    shapes = load_config("shapes")
+    assert shapes.guidance_distill.enabled and shapes.lora.enabled
+    guided = load_yaml(tmp_path, "guidance_distill:\n  enabled: true\nconsistency:\n  teacher: guided\n")
+    assert guided.consistency.teacher == "guided"

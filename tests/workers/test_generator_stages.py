@@ -47,6 +47,7 @@ pytestmark = pytest.mark.timeout(600)
 SHAPE = (2, 4, 4)
 LOOP = dict(batch_size=16, lr=3e-3, warmup_steps=0, checkpoint_every=10, label_dropout=0.1)
 TINY = dict(model="DiT-T/2", **LOOP)  # a stage that builds its own DiT (base, ddpm)
+LOCAL = dict(resources={"workers": 0})  # Ray Train's local mode: no worker group to start per stage
 
 
 def commit_latents(store: Store, n: int = 64, n_test: int = 0):
@@ -244,10 +245,12 @@ def test_guidance_distill_and_lora_stages(ray_local, tmp_path):
     which loads over its base as a consistency student, and switched off is the base."""
     store = Store.open(str(tmp_path / "store"))
     latents = commit_latents(store, n=64)
-    base = run_base(store, GeneratorConfig(steps=10, **TINY), latents)
+    base = run_base(store, GeneratorConfig(steps=10, **TINY, **LOCAL), latents)
     base_net = store.load_model(base, "model")
 
-    guided = run_guidance_distill(store, GuidanceDistillConfig(scales=(1.0, 3.0), steps=10, **LOOP), base, latents)
+    guided = run_guidance_distill(
+        store, GuidanceDistillConfig(scales=(1.0, 3.0), steps=10, **LOOP, **LOCAL), base, latents
+    )
     card = GeneratorCard.from_manifest(guided)
     assert (card.family, card.teacher_ref, guided.inputs) == ("flow", base.ref, [base.ref, latents.ref])
     student = load_network(store, guided)
@@ -260,7 +263,16 @@ def test_guidance_distill_and_lora_stages(ray_local, tmp_path):
     out = euler.sample(student, [torch.randn(3, *SHAPE)], torch.tensor([0, 1, 2]), 2, 2.0)
     assert calls == [3, 3] and out.nfe == 2 and torch.isfinite(out.x_1).all()  # one pass of the batch a step
 
-    lora_cfg = LoRAConfig(rank=2, intervals=4, steps=10, guidance=2.0, **LOOP)
+    # The students may distil it (teacher: guided): its guided velocity at their scale, one pass a step.
+    consistency = run_consistency(
+        store, ConsistencyConfig(intervals=4, steps=4, guidance=2.0, **LOOP, **LOCAL), guided, latents
+    )
+    assert GeneratorCard.from_manifest(consistency).teacher_ref == guided.ref
+    assert isinstance(load_network(store, consistency), GuidedDiT)  # its teacher's network, sampled at w = 1
+    flowmap = run_flowmap(store, FlowMapConfig(steps=4, guidance=2.0, **LOOP, **LOCAL), guided, latents)
+    assert isinstance(load_network(store, flowmap), FlowMapDiT)  # the teacher's weights, its scale's embedder left
+
+    lora_cfg = LoRAConfig(rank=2, intervals=4, steps=10, guidance=2.0, **LOOP, **LOCAL)
     lora = run_lora(store, lora_cfg, base, latents)
     card = GeneratorCard.from_manifest(lora)
     assert (card.family, card.adapter_of, card.guidance, card.steps) == ("consistency", base.ref, 2.0, 10)
