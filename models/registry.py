@@ -29,6 +29,7 @@ BUILTIN_KINDS = {
     "flowmap_dit": "models.flowmap_dit",
     "guided_dit": "models.guided_dit",
     "lora_dit": "models.lora",
+    "mmdit": "models.mmdit",
 }
 
 

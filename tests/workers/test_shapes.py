@@ -122,3 +122,37 @@ def test_render_shapes_rejects_bad_arguments(bad):
 def test_an_empty_block_is_empty():
     batch = render_shapes(10, 0, seed=0)
     assert batch.pixels.shape == (0, 32, 32, 3) and batch.labels.shape == (0,)
+
+
+def test_captions_say_what_the_image_shows():
+    from workers.sources.shapes import (
+        HUES,
+        SHAPE_CLASSES,
+        _colours,
+        _image_uniforms,
+        render_shapes,
+        shape_attributes,
+        shape_captions,
+    )
+
+    n = 300
+    captions, attributes = shape_captions(0, n, 0), shape_attributes(0, n, 0)
+    assert shape_captions(100, 5, 0) == captions[100:105]  # per image, like the pixels
+    assert shape_captions(0, 5, 1) != captions[:5]
+    batch = render_shapes(0, n, 0)
+    np.testing.assert_array_equal(attributes.shape, batch.labels)
+    for caption, label in zip(captions, batch.labels):
+        assert caption.startswith("a ") and f" {SHAPE_CLASSES[label]} on " in caption
+    # every value of every attribute occurs
+    for name, count in (("size", 2), ("brightness", 2), ("hue", 6), ("texture", 4)):
+        assert set(getattr(attributes, name).tolist()) == set(range(count)), name
+    # the hue named is the shape's colour: its strongest channel is one the name allows
+    foreground, _, _ = _colours(_image_uniforms(0, 0, n)[:, 4:12])
+    allowed = {"red": {0}, "yellow": {0, 1}, "green": {1}, "cyan": {1, 2}, "blue": {2}, "magenta": {0, 2}}
+    saturated = np.ptp(foreground, axis=1) > 0.05
+    for rgb, hue in zip(foreground[saturated], attributes.hue[saturated]):
+        assert int(rgb.argmax()) in allowed[HUES[hue]], (rgb, HUES[hue])
+    assert saturated.sum() > 200
+    # bright shapes on dark backgrounds make darker images on average, and the reverse
+    mean = batch.pixels.reshape(n, -1).mean(1)
+    assert mean[attributes.brightness == 0].mean() < mean[attributes.brightness == 1].mean()

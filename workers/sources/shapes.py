@@ -313,3 +313,44 @@ def render_shapes(start: int, count: int, seed: int, size: int = 32) -> ShapesBa
     image = background * (1 - a) + foreground[:, None, None, :] * a
     pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
     return ShapesBatch(pixels=pixels, labels=labels)
+
+
+# ---------------------------------------------------------------------------- captions
+
+SIZES = ("small", "large")
+BRIGHTNESS = ("bright", "dark")
+HUES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+TEXTURES = ("gradient", "stripes", "checkerboard", "noise")  # the order of _texture's kinds
+
+
+@dataclass(frozen=True)
+class ShapeAttributes:
+    """What a caption says about each image, as class ids (N,) each: the text benchmark's attributes."""
+
+    shape: np.ndarray  # SHAPE_CLASSES
+    size: np.ndarray  # SIZES: radius below or above the middle of its range
+    brightness: np.ndarray  # BRIGHTNESS: a bright shape on a dark background, or the reverse
+    hue: np.ndarray  # HUES: the shape's hue in six 60-degree bins centred on each name
+    texture: np.ndarray  # TEXTURES: the background's
+
+
+def shape_attributes(start: int, count: int, seed: int) -> ShapeAttributes:
+    """The attributes of images ``start .. start + count - 1``, from the same random stream as their pixels."""
+    u = _image_uniforms(seed, start, count)  # (N, _UNIFORMS), as render_shapes reads it
+    return ShapeAttributes(
+        shape=shape_labels(start, count, seed),
+        size=(u[:, 0] >= 0.5).astype(np.int64),
+        brightness=(u[:, 4] >= 0.5).astype(np.int64),  # _colours: u[:, 0] < 0.5 is a bright shape
+        hue=(np.floor(u[:, 6] * 6 + 0.5).astype(np.int64) % 6),  # hue 0 is red; bins centred on k / 6
+        texture=np.minimum((u[:, 12] * 4).astype(np.int64), 3),
+    )
+
+
+def shape_captions(start: int, count: int, seed: int) -> list[str]:
+    """A caption per image from its own parameters, e.g. "a small bright red triangle on stripes"."""
+    a = shape_attributes(start, count, seed)
+    return [
+        f"a {SIZES[a.size[k]]} {BRIGHTNESS[a.brightness[k]]} {HUES[a.hue[k]]} {SHAPE_CLASSES[a.shape[k]]} "
+        f"on {TEXTURES[a.texture[k]]}"
+        for k in range(count)
+    ]
