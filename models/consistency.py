@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from models.conventions import expand_t, full_t, interpolate
 from models.ema import ema_copy, ema_update
-from models.objectives import Batch, LossOutput, Objective, drop_labels, require, unwrap
+from models.objectives import Batch, LossOutput, Objective, drop_conditions, require, unwrap
 from models.samplers import SampleResult, Solver, check_steps, get_solver, guided_velocity
 
 
@@ -141,7 +141,7 @@ class ConsistencyDistillation(Objective):
         x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
         self._follow_device(x_1)
         n_batch = x_1.shape[0]
-        y = drop_labels(y, unwrap(model).num_classes, self.label_dropout)
+        y = drop_conditions(model, y, self.label_dropout)
 
         times = uniform_schedule(self.num_intervals, x_1)  # (N + 1,)
         n = torch.randint(0, self.num_intervals, (n_batch,), device=x_1.device)  # (B,)

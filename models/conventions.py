@@ -3,7 +3,9 @@
 - ``x_0 ~ N(0, I)`` is noise, ``x_1`` is data (a scaled latent), ``t`` in [0, 1].
 - Straight path: ``x_t = (1 - t) x_0 + t x_1``, target velocity ``u_t = x_1 - x_0``.
 - Sampling integrates ``dx/dt = v(x, t, y)`` from t = 0 (noise) to t = 1 (data).
-- Networks are called ``model(x, t, y)`` (:class:`VelocityNet`); ``y == num_classes`` is the null label.
+- Networks are called ``model(x, t, y)`` (:class:`VelocityNet`); ``y`` is the condition: class ids (N,),
+  ``y == num_classes`` the null label, or a text model's captions (N, L), the empty prompt its null
+  (:func:`null_like` finds a network's null either way).
 
 Some papers (and the course notes that inspired fewstep) run time the other way,
 with t = 0 at the data. :func:`from_data_time` is the one conversion between the two.
@@ -37,6 +39,14 @@ def from_data_time(s: Tensor | float) -> Tensor | float:
 def null_labels(num_classes: int, n: int, device: torch.device | None = None) -> Tensor:
     """``n`` copies of the "no class" label, the id ``num_classes``."""
     return torch.full((n,), num_classes, dtype=torch.long, device=device)
+
+
+def null_like(model: nn.Module, y: Tensor) -> Tensor:
+    """The "no condition" of ``model`` for every row of ``y``, in ``y``'s shape: the network's own
+    (``model.null_like``: a text model's empty prompt), else the null label id ``model.num_classes``."""
+    net = getattr(model, "module", model)  # the bare network under a DDP-style wrapper
+    own = getattr(net, "null_like", None)
+    return own(y) if own is not None else torch.full_like(y, net.num_classes)
 
 
 def interpolate(x_0: Tensor, x_1: Tensor, t: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from models.conventions import expand_t, full_t
-from models.objectives import Batch, LossOutput, Objective, drop_labels, require, unwrap
+from models.objectives import Batch, LossOutput, Objective, drop_conditions, require
 from models.samplers import SampleResult, check_steps, guided_velocity
 
 SCHEDULES = ("linear", "cosine")
@@ -226,7 +226,7 @@ class DDPMObjective(Objective):
                 "DDPMObjective draws its own noise, but the batch carries 'x_0' (reflow pairs?); "
                 "train the diffusion baseline on latents ({'x_1', 'y'})"
             )
-        y = drop_labels(y, unwrap(model).num_classes, self.label_dropout)
+        y = drop_conditions(model, y, self.label_dropout)
         k = torch.randint(0, self.schedule.num_steps, (x_1.shape[0],), device=x_1.device)  # (N,)
         eps = torch.randn_like(x_1)
         loss = self.regression(model, x_1, k, eps, y)

@@ -35,8 +35,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from models.conventions import expand_t, full_t, interpolate, null_labels
-from models.objectives import Batch, LossOutput, Objective, drop_labels, require, unwrap
+from models.conventions import expand_t, full_t, interpolate, null_like
+from models.objectives import Batch, LossOutput, Objective, drop_conditions, require, unwrap
 from models.paths import TimeSampler, UniformTime
 from models.samplers import SampleResult, check_steps, guided_velocity
 
@@ -148,7 +148,7 @@ class FlowMapDistillation(Objective):
         self._follow_device(x_1)
         net = unwrap(model)
         n = x_1.shape[0]
-        y = drop_labels(y, net.num_classes, self.label_dropout)
+        y = drop_conditions(net, y, self.label_dropout)
         s, t = self.times(n, x_1)  # (N,) each
         z = interpolate(x_0, x_1, s)  # z_s
 
@@ -250,13 +250,12 @@ def guided_average_velocity(net: nn.Module, guidance: float) -> AverageVelocity:
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if w == 1.0:
         return lambda x, s, t, y: net(x, s, y, t)
-    num_classes = net.num_classes
     if w == 0.0:
-        return lambda x, s, t, y: net(x, s, null_labels(num_classes, x.shape[0], x.device), t)
+        return lambda x, s, t, y: net(x, s, null_like(net, y), t)
 
     def u(x: Tensor, s: Tensor, t: Tensor, y: Tensor) -> Tensor:
         n = x.shape[0]
-        y_null = null_labels(num_classes, n, x.device)
+        y_null = null_like(net, y)
         both = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([y, y_null]), torch.cat([t, t]))  # (2N, ...)
         u_cond, u_uncond = both[:n], both[n:]
         return u_uncond + w * (u_cond - u_uncond)

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.conventions import expand_t, interpolate, null_labels
-from models.objectives import Batch, LossOutput, Objective, drop_labels, require, unwrap
+from models.conventions import expand_t, interpolate, null_like
+from models.objectives import Batch, LossOutput, Objective, drop_conditions, require
 from models.paths import TimeSampler, UniformTime
 
 
@@ -60,7 +60,7 @@ class GuidanceDistillation(Objective):
     def target(self, x_t: Tensor, t: Tensor, y: Tensor, w: Tensor) -> Tensor:
         """v_w = v_u + w (v_c - v_u) of the teacher, w (N,) per row: one pass over a doubled batch."""
         n = x_t.shape[0]
-        y_null = null_labels(self.teacher.num_classes, n, y.device)
+        y_null = null_like(self.teacher, y)
         v_both = self.teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, y_null]))  # (2N, ...)
         v_c, v_u = v_both[:n], v_both[n:]
         return v_u + expand_t(w, v_u) * (v_c - v_u)
@@ -78,7 +78,7 @@ class GuidanceDistillation(Objective):
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
         x_1 = require(batch, "x_1", "GuidanceDistillation")
-        y = drop_labels(require(batch, "y", "GuidanceDistillation"), unwrap(model).num_classes, self.label_dropout)
+        y = drop_conditions(model, require(batch, "y", "GuidanceDistillation"), self.label_dropout)
         x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
         t = self.time_sampler(x_1.shape[0], x_1.device, x_1.dtype)  # (N,)
         loss = self.regression(model, x_0, x_1, t, y, self.draw_scales(x_1.shape[0], x_1))

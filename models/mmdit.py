@@ -208,9 +208,10 @@ class MMDiT(VelocityNet):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def null_condition(self, n: int, device: torch.device | None = None) -> Tensor:
-        """``n`` empty prompts: the null condition of classifier-free guidance, (n, L) of PAD."""
-        return torch.full((n, self.config.max_text_length), PAD, dtype=torch.long, device=device)
+    def null_like(self, y: Tensor) -> Tensor:
+        """The empty prompt for every caption of ``y``: all PAD, the null condition of classifier-free
+        guidance (models.conventions.null_like)."""
+        return torch.full_like(y, PAD)
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
         n, T, _ = tokens.shape

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.conventions import interpolate, target_velocity
+from models.conventions import interpolate, null_like, target_velocity
 from models.paths import TimeSampler, UniformTime
 
 Batch = Mapping[str, Tensor]
@@ -53,12 +53,13 @@ def require(batch: Batch, key: str, objective: str) -> Tensor:
     return batch[key]
 
 
-def drop_labels(y: Tensor, num_classes: int, p: float) -> Tensor:
-    """Replace each label by the null id ``num_classes`` with probability ``p`` (CFG training)."""
+def drop_conditions(model: nn.Module, y: Tensor, p: float) -> Tensor:
+    """Replace each row's condition by ``model``'s null (:func:`~models.conventions.null_like`: the null
+    label id, or a text model's empty prompt) with probability ``p`` (CFG training)."""
     if p <= 0:
         return y
-    drop = torch.rand(y.shape, device=y.device) < p
-    return torch.where(drop, torch.full_like(y, num_classes), y)
+    drop = (torch.rand(y.shape[0], device=y.device) < p).reshape(-1, *([1] * (y.ndim - 1)))
+    return torch.where(drop, null_like(model, y), y)
 
 
 class Objective:
@@ -104,7 +105,7 @@ class FlowMatching(Objective):
         x_1 = require(batch, "x_1", "FlowMatching")
         y = require(batch, "y", "FlowMatching")
         x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
-        y = drop_labels(y, unwrap(model).num_classes, self.label_dropout)
+        y = drop_conditions(model, y, self.label_dropout)
         t = self.time_sampler(x_1.shape[0], x_1.device, x_1.dtype)  # (N,)
         loss = self.regression(model, x_0, x_1, t, y)
         return LossOutput(loss=loss, logs={"loss": loss.detach()})

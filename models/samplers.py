@@ -24,7 +24,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from models.conventions import expand_t, full_t, null_labels
+from models.conventions import expand_t, full_t, null_like
 
 Velocity = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -34,7 +34,8 @@ def guided_velocity(model: nn.Module, guidance: float) -> Velocity:
 
     Conditional and unconditional outputs come from one forward pass over a doubled
     batch. ``w == 1`` returns the conditional output exactly (no null pass); ``w == 0``
-    returns the unconditional one. The null id is ``model.num_classes``.
+    returns the unconditional one. The null condition is the network's (:func:`null_like`: the id
+    ``model.num_classes``, or a text model's empty prompt).
 
     A guidance-distilled network (``model.embeds_guidance``, models/guided_dit.py) learnt v_w
     itself: it is handed w and runs one pass over the batch as it is.
@@ -44,16 +45,14 @@ def guided_velocity(model: nn.Module, guidance: float) -> Velocity:
         raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     if w == 1.0:
         return lambda x, t, y: model(x, t, y)
-    num_classes = model.num_classes
-
     if w == 0.0:
-        return lambda x, t, y: model(x, t, null_labels(num_classes, x.shape[0], x.device))
+        return lambda x, t, y: model(x, t, null_like(model, y))
     if getattr(model, "embeds_guidance", False):
         return lambda x, t, y: model(x, t, y, guidance=w)
 
     def v(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         n = x.shape[0]
-        y_null = null_labels(num_classes, n, x.device)
+        y_null = null_like(model, y)
         v_both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))  # (2N, ...)
         v_cond, v_uncond = v_both[:n], v_both[n:]  # (N, ...) each
         # v = v_uncond + w (v_cond - v_uncond)

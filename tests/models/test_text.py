@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from models.conventions import null_like
 from models.mmdit import MMDiT, mmdit_config
 from models.registry import build_model, model_spec
 from models.text import PAD, UNK, WordTokenizer, caption_text, words
@@ -113,7 +114,7 @@ def test_the_caption_is_used_and_the_null_prompt_is_all_padding():
     other = y.clone()
     other[0, 0] = 11
     assert not torch.allclose(net(x, t, other)[0], net(x, t, y)[0], atol=1e-6)
-    null = net.null_condition(3)
+    null = null_like(net, y)
     assert null.shape == (3, 6) and bool((null == PAD).all())
     assert torch.allclose(net(x, t, null)[2], net(x, t, y)[2], atol=1e-12)  # row 2 of y is the empty prompt
 
@@ -128,3 +129,33 @@ def test_the_spec_round_trips_and_bad_inputs_are_refused():
         net(x, t, torch.zeros(3, dtype=torch.long))  # class ids, not captions
     with pytest.raises(ValueError, match="L <= 6"):
         net(x, t, torch.zeros(3, 7, dtype=torch.long))
+
+
+def test_the_objectives_and_samplers_take_captions_as_they_take_labels():
+    """Base, reflow, consistency and sampling see a condition, not a class id: the MMDiT's captions pass
+    through label dropout (to the empty prompt) and classifier-free guidance (against it) unchanged."""
+    import copy
+
+    from models.consistency import ConsistencyDistillation
+    from models.objectives import FlowMatching, drop_conditions
+    from models.samplers import sample_ode
+
+    net = tiny_mmdit(off_zero=True).float()
+    y = torch.tensor([[2, 3, 4, 0, 0, 0], [5, 6, 7, 8, 9, 10]] * 4)  # (8, 6)
+    torch.manual_seed(0)
+    dropped = drop_conditions(net, y, 0.5)
+    kept = (dropped == y).all(1)
+    assert kept.any() and (~kept).any() and bool((dropped[~kept] == PAD).all())  # whole rows become the empty prompt
+    x_1 = torch.randn(8, 2, 8, 8)
+    loss = FlowMatching(label_dropout=0.25).loss(net, {"x_1": x_1, "y": y}).loss
+    loss.backward()
+    assert torch.isfinite(loss) and net.text_encoder.embedding.weight.grad.abs().sum() > 0  # the encoder trains with it
+    seen = []
+    net.register_forward_hook(lambda m, args, out: seen.append(args[2].clone()))
+    with torch.no_grad():
+        out = sample_ode(net, torch.randn(8, 2, 8, 8), y, steps=2, guidance=2.0)
+    assert torch.isfinite(out.x_1).all() and len(seen) == 2
+    assert torch.equal(seen[0][:8], y) and bool((seen[0][8:] == PAD).all())  # CFG: the caption, then the empty prompt
+    student = copy.deepcopy(net)
+    consistency = ConsistencyDistillation(net, student, num_intervals=4, guidance=2.0, label_dropout=0.1)
+    assert torch.isfinite(consistency.loss(student, {"x_1": x_1, "y": y}).loss)
