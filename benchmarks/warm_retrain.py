@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ TINY = deep_merge(
 )
 
 
-def figures(store: Store, result: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def figures(store: Store, result: dict[str, Any], wall_s: float, since: str) -> dict[str, Any]:
     """What one run did: its times, its challenger's FID and interval, the images its cards say it processed."""
     refs, decision = result["refs"], result["promotion"]
     images = ImagesCard.from_manifest(store.get_ref(refs["images"]))
@@ -72,15 +73,29 @@ def figures(store: Store, result: dict[str, Any], wall_s: float) -> dict[str, An
         "reused_latents": latents.reused,
         "vae": vae.get("action", "trained"),
         "warm": (result.get("retrain") or {}).get("warm", {}),
+        "stage_s": stage_seconds(store, refs, since),
     }
 
 
-def run(config: dict[str, Any], store_uri: str) -> tuple[dict[str, Any], float]:
+def stage_seconds(store: Store, refs: dict[str, str], since: str) -> dict[str, float]:
+    """Seconds each stage of the run spent building its output: 0 for one committed before the run
+    started at ``since`` (an ISO time; a kept VAE, an unchanged stage)."""
+    out: dict[str, float] = {}
+    for name, ref in refs.items():
+        manifest = store.get_ref(ref)
+        built = manifest.created_at >= since
+        out[name] = round(float(manifest.metrics.get("seconds") or 0.0), 1) if built else 0.0
+    return out
+
+
+def run(config: dict[str, Any], store_uri: str) -> tuple[dict[str, Any], float, str]:
+    """The pipeline's result, its wall seconds, and when it started (UTC, as manifests write it)."""
     from flows.pipeline import pipeline
 
+    since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     started = time.perf_counter()
     result = pipeline(config=config, store_uri=store_uri)
-    return result, time.perf_counter() - started
+    return result, time.perf_counter() - started, since
 
 
 def main() -> None:
@@ -113,16 +128,16 @@ def main() -> None:
 
     ensure_ray(None)  # Ray's start-up is no run's time
     warm_uri, scratch_uri = str(work / "store-warm"), str(work / "store-scratch")
-    first, first_wall = run(with_mode("warm"), warm_uri)  # nothing served yet: from scratch
+    first, first_wall, first_since = run(with_mode("warm"), warm_uri)  # nothing served yet: from scratch
     shutil.copytree(warm_uri, scratch_uri)  # the same first store, for the scratch second run
     kit.builtin_folder(folder, args.source, args.n, args.n + new)
-    warm, warm_wall = run(with_mode("warm"), warm_uri)
-    scratch, scratch_wall = run(with_mode("scratch"), scratch_uri)
+    warm, warm_wall, warm_since = run(with_mode("warm"), warm_uri)
+    scratch, scratch_wall, scratch_since = run(with_mode("scratch"), scratch_uri)
 
     runs = {
-        "first": figures(Store.open(warm_uri), first, first_wall),
-        "warm": figures(Store.open(warm_uri), warm, warm_wall),
-        "scratch": figures(Store.open(scratch_uri), scratch, scratch_wall),
+        "first": figures(Store.open(warm_uri), first, first_wall, first_since),
+        "warm": figures(Store.open(warm_uri), warm, warm_wall, warm_since),
+        "scratch": figures(Store.open(scratch_uri), scratch, scratch_wall, scratch_since),
     }
     base = runs["first"]["flow_s"]
     result = {
@@ -158,6 +173,12 @@ def main() -> None:
         lines.append(
             f"{name:<8} {r['flow_s']:>8.1f} {r['wall_s']:>8.1f} {r['flow_s'] / base:>6.2f}  {fid(r):<28} "
             f"{r['decoded']:>8} {r['encoded']:>8}  {r['vae']}"
+        )
+    stages = list(runs["first"]["stage_s"])
+    lines.append("seconds per stage: " + "  ".join(f"{name:>10}" for name in ("run", *stages)))
+    for name, r in runs.items():
+        lines.append(
+            "                   " + "  ".join(f"{v:>10}" for v in (name, *(r["stage_s"].get(s, "-") for s in stages)))
         )
     lines.append(
         f"warm / first = {result['ratio_warm_over_first']:.2f} (issue 23: <= 0.35); "

@@ -445,7 +445,10 @@ def run_stages(
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
     features = None
     if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
-        features = refs["features"] = features_task(store_uri, cfg.features, ray_address, refs["images"])
+        kept = kept_features(store, cfg, plan, retrain.get("vae"), bool(parents))
+        if kept is not None:  # one feature space across the lineage: its weekly FIDs compare, and no retraining
+            get_run_logger().info("retrain: the served lineage's feature network %s scores this run too", kept)
+        features = refs["features"] = kept or features_task(store_uri, cfg.features, ray_address, refs["images"])
 
     def probe(name: str, model: str) -> None:
         """The cheap check after a generator stage: ``refs["probe_<name>"]``."""
@@ -596,6 +599,21 @@ def resolved_flowmap_guidance(cfg: PipelineConfig, store: Store, base_ref: str) 
     if section.guidance is not None:
         return section
     return section.model_copy(update={"guidance": resolve_guidance(None, base_best_guidance(store, base_ref, cfg))})
+
+
+def kept_features(
+    store: Store, cfg: PipelineConfig, plan: dict[str, Any], verdict: dict[str, Any] | None, warm: bool
+) -> str | None:
+    """The served lineage's feature network, for a warm retrain that keeps its VAE on grown data, when
+    the features section is still the one it was trained with; None: the features stage runs."""
+    ref = plan.get("features")
+    if ref is None or not warm or verdict is None or verdict["action"] != "keep":
+        return None
+    section = cfg.features.keyed()
+    if section.get("kind") == "auto":  # resolved at training: the stored one names the kind it chose
+        section.pop("kind")
+    stored = store.get_ref(ref).config
+    return ref if all(stored.get(k) == v for k, v in section.items()) else None
 
 
 def served_on_same_data(store: Store, vae_ref: str) -> str | None:

@@ -444,6 +444,9 @@ class GuidanceDistillConfig(LoopConfig, LabelDropout):
 
     enabled: bool = False  # off in quick and default; on in shapes
     scales: tuple[float, float] = (1.0, 4.0)  # w ~ U(low, high) per row
+    # Rows at w = 1 exactly (the conditional velocity): without them the shapes DiT's w = 1 drew like
+    # the base at w = 2, as a range's end is never drawn (BENCHMARKS.md, "Guidance distillation").
+    conditional_fraction: float = Field(0.1, ge=0, le=1)
     time_sampling: TimeSampling = "uniform"  # every time a sampler visits, not the base's logit-normal focus
     steps: Steps = 2000
     lr: LearningRate = 2e-4

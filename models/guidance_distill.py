@@ -33,6 +33,9 @@ class GuidanceDistillation(Objective):
     Args:
         teacher: frozen velocity network ``teacher(x, t, y)`` trained with label dropout.
         scales: the range w is drawn from, uniformly, per row.
+        conditional_fraction: the share of rows at w = 1 exactly, where the target is the conditional
+            velocity. The scale's embedding is zero there (models/guided_dit.py), but a range's end is
+            never drawn: trained on U(1, 4) alone, the shapes DiT's w = 1 drew like the base at w = 2.
         time_sampler: draws t (models.paths); uniform by default.
         label_dropout: chance a label becomes the null id, so the student keeps the unconditional flow.
 
@@ -45,6 +48,7 @@ class GuidanceDistillation(Objective):
         scales: tuple[float, float] = (1.0, 4.0),
         time_sampler: TimeSampler | None = None,
         label_dropout: float = 0.1,
+        conditional_fraction: float = 0.1,
     ):
         low, high = (float(s) for s in scales)
         if not 0.0 <= low <= high:
@@ -52,7 +56,10 @@ class GuidanceDistillation(Objective):
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.teacher = teacher.eval().requires_grad_(False)
+        if not 0.0 <= conditional_fraction <= 1.0:
+            raise ValueError(f"conditional_fraction must be in [0, 1], got {conditional_fraction}")
         self.scales = (low, high)
+        self.conditional_fraction = conditional_fraction
         self.time_sampler = time_sampler if time_sampler is not None else UniformTime()
         self.label_dropout = label_dropout
 
@@ -66,10 +73,12 @@ class GuidanceDistillation(Objective):
         return v_u + expand_t(w, v_u) * (v_c - v_u)
 
     def draw_scales(self, n: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """w ~ U(low, high), (n,)."""
+        """w ~ U(low, high), (n,); the first round(n * conditional_fraction) rows at w = 1."""
         low, high = self.scales
         u = torch.rand(n, generator=generator, dtype=like.dtype)
-        return (low + (high - low) * u).to(like.device)
+        w = low + (high - low) * u
+        w[: round(n * self.conditional_fraction)] = 1.0
+        return w.to(like.device)
 
     def regression(self, model: nn.Module, x_0: Tensor, x_1: Tensor, t: Tensor, y: Tensor, w: Tensor) -> Tensor:
         x_t = interpolate(x_0, x_1, t)

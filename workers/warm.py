@@ -74,6 +74,7 @@ class Lineage:
     served: str
     vae: Manifest
     generators: dict[str, Manifest]
+    features: str | None = None  # the evaluation's feature network of the run that trained the served model
 
 
 def lineage_name(manifest: Manifest, card: GeneratorCard) -> str:
@@ -96,22 +97,27 @@ def served_lineage(store: Store, pointer: str = SERVING_POINTER) -> Lineage | No
             if manifest.stage not in NOT_WARM:
                 generators[lineage_name(manifest, card)] = manifest
             manifest = store.get_ref(card.teacher_ref) if card.teacher_ref else None
-        for name, other in run_siblings(store, ref).items():  # reflow rounds a student from base skipped
-            generators.setdefault(name, store.get_ref(other))
+        refs = run_refs(store, ref)
+        for name, other in refs.items():  # reflow rounds a student from base skipped
+            if name == "base" or name.startswith("reflow_"):
+                generators.setdefault(name, store.get_ref(other))
         vae = store.get_ref(GeneratorCard.from_manifest(store.get_ref(ref)).vae_ref)
+        features = refs.get("features")
+        if features is not None and store.get(*features.split("/", 1)) is None:
+            features = None  # collected since: this run trains its own
     except (StoreError, CardError) as error:
         raise WarmStartError(f"the served lineage of {ref} cannot be read: {error}") from None
-    return Lineage(ref, vae, generators)
+    return Lineage(ref, vae, generators, features)
 
 
-def run_siblings(store: Store, ref: str) -> dict[str, str]:
-    """The generators (base, reflow_k) of the newest pipeline run whose refs hold ``ref``: a student
-    distilled from base (``consistency.teacher: base``) does not name the reflow rounds of its run."""
+def run_refs(store: Store, ref: str) -> dict[str, str]:
+    """The refs of the newest pipeline run whose refs hold ``ref``: a student distilled from base
+    (``consistency.teacher: base``) does not name the reflow rounds of its run, nor its features."""
     runs, _ = store.scan_runs()  # a damaged record elsewhere: the teacher chain still stands
     for run in reversed(runs):
         refs = run.get("refs") or {}
         if ref in refs.values():
-            return {k: v for k, v in refs.items() if k == "base" or k.startswith("reflow_")}
+            return dict(refs)
     return {}
 
 
@@ -153,6 +159,7 @@ class RetrainPlan:
             "served": self.lineage.served if self.lineage else None,
             "vae": self.lineage.vae.ref if self.lineage else None,
             "parents": generators,
+            "features": self.lineage.features if self.lineage else None,
             "reason": self.reason,
             "fallback": self.fallback,
         }

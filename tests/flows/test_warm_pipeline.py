@@ -64,6 +64,9 @@ def test_week_two_warm_starts_from_the_promoted_week_one(prefect_harness, ray_lo
     cards = {name: GeneratorCard.from_manifest(store.get_ref(two[name])) for name in expected}
     assert {name: card.parent_ref for name, card in cards.items()} == expected == retrain["warm"]
     assert [cards[name].steps for name in expected] == [WARM_STEPS[s] for s in ("base", "reflow", "consistency")]
+    # The evaluation keeps week one's feature network: one feature space for the lineage's weekly FIDs.
+    assert retrain["plan"]["features"] == one["features"] == two["features"]
+    assert store.list_manifests("features") == [store.get_ref(one["features"])]
     # The champion is scored beside the warm challenger (the same VAE), and the run record keeps the retrain.
     assert one["consistency"] in store.get_ref(two["evaluate"]).inputs
     record = next(r for r in store.list_runs() if r["refs"] == two)

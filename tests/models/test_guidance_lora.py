@@ -105,6 +105,13 @@ def test_the_target_is_the_teachers_cfg_velocity_and_at_w_1_the_conditional_one(
     assert torch.allclose(objective.target(x, t, null, torch.full_like(t, 3.0)), v_u, atol=1e-12)
 
 
+def test_a_share_of_rows_is_distilled_at_w_1_exactly_and_the_rest_across_the_range():
+    objective = GuidanceDistillation(TwoGaussians(), scales=(1.5, 4.0), conditional_fraction=0.25)
+    w = objective.draw_scales(400, torch.zeros(1, dtype=F64), torch.Generator().manual_seed(0))
+    assert bool((w[:100] == 1.0).all()) and bool(((w[100:] >= 1.5) & (w[100:] <= 4.0)).all())
+    assert w[100:].std() > 0.5  # spread over the range, not one value
+
+
 def test_a_short_distillation_learns_the_guided_velocity_at_w_1_and_beyond():
     torch.manual_seed(0)
     teacher, student = TwoGaussians(), ToyGuidedMLP().to(F64)

@@ -50,6 +50,7 @@ def run_guidance_distill(store: Store, config: GuidanceDistillConfig, teacher: M
                 scales=tuple(config.scales),
                 time_sampler=time_sampler(config.time_sampling),
                 label_dropout=config.label_dropout,
+                conditional_fraction=config.conditional_fraction,
             ),
             init_state=cpu_state(student),
             card=dict(family="flow", teacher_ref=teacher.ref, data_ref=data.ref, **space.space_fields()),
