@@ -9,8 +9,8 @@ the same base, for the memory comparison), then:
 1. **size**: the adapter's stored bytes and parameters against its base model's.
 2. **memory**: the weights one replica holds to answer both the LoRA student and the base (one
    network, the adapter switched per request: workers.serving.swap) against two full models (the
-   base and the consistency student), each loaded in a fresh process: parameter bytes, and the
-   resident memory the load added.
+   base and the consistency student), each loaded in a fresh process, without sampling: the bytes
+   of their distinct weight tensors, and the resident memory the load added (each VAE included).
 3. **portability**: the base fine-tuned ``--tune-steps`` more steps (a warm start of the base stage
    from it on its own latents, as a retrain's warm start is), the adapter applied unchanged to the
    fine-tuned base, and one evaluation (the evaluate stage's, with intervals) of the adapter on its
@@ -69,21 +69,22 @@ sys.path.insert(0, {root!r})
 import torch
 from infra.store import Store
 from workers.generator import Generator
-from workers.serving.swap import load_served
+from workers.serving.swap import adapter_views
 
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 store = Store.open({store!r})
-before = rss()
-if {mode!r} == "adapter":
-    served = load_served(store, {lora!r}, "euler", 2)
-    nets = [served.generator.net]
-else:
-    nets = [Generator.load(store, store.get_ref(ref)).net for ref in {full!r}]
+before = rss()  # everything imported: the two cases differ in what they load, nothing else
+if {mode!r} == "adapter":  # as a replica serves it: one network, the adapter switched per request
+    generators = adapter_views(store, Generator.load(store, store.get_ref({lora!r})))
+    nets = [g.net for g in generators]
+else:  # two replicas' worth: the base and the full consistency student, each its own network
+    generators = [Generator.load(store, store.get_ref(ref)) for ref in {full!r}]
+    nets = [g.net for g in generators]
 after = rss()
-unique = {{id(t): t for n in nets for t in n.state_dict().values()}}
+unique = {{t.data_ptr(): t for n in nets for t in n.state_dict().values()}}  # shared tensors once
 print(json.dumps({{"weight_bytes": sum(t.numel() * t.element_size() for t in unique.values()), "rss_added": after - before}}))
 """
 

@@ -135,3 +135,35 @@ def test_one_replica_answers_the_lora_student_and_its_base_by_request(tmp_path):
     )
     np.testing.assert_array_equal(np.asarray(teacher["images"], np.uint8), alone.pixels)
     assert not np.array_equal(np.asarray(student["images"], np.uint8), alone.pixels)
+
+
+def test_the_playground_switches_between_the_lora_student_and_its_base(tmp_path):
+    import shutil
+
+    import pytest
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (apt-get install -y chromium) to run this test")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright to run the browser test")
+    store, plain_ref = serve_bench.synthetic_store(str(tmp_path / "store"))
+    base, lora = commit_adapter(store, store.get_ref(plain_ref).inputs[0])
+    with serve_bench.plain_server(store.uri, lora.ref, 8, 5.0, 2, 2, 1.0, "cpu") as url:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                page.wait_for_function("document.querySelector('#model-ref').textContent.includes('lora/')")
+                assert page.is_visible("#adapter") and page.is_disabled("#guidance")  # the student takes none
+                page.fill("#n", "2")
+                page.click("#generate")
+                page.wait_for_function(f"document.querySelector('#status').textContent.includes('from {lora.ref}')")
+                page.select_option("#adapter", "off")
+                assert page.is_enabled("#guidance")  # the base is a flow model: guidance applies
+                page.fill("#steps", "4")
+                page.click("#generate")
+                page.wait_for_function(f"document.querySelector('#status').textContent.includes('from {base.ref}')")
+                assert "4 step(s)" in page.inner_text("#status") and page.is_visible("#adapter")  # no reload
+            finally:
+                browser.close()
