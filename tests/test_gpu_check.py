@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.drill]  # ~2.5 min: a drill, with the others
 
 
 def test_gpu_check_runs_to_the_end_on_the_cpu(ray_local, tmp_path):
