@@ -63,6 +63,7 @@ def figures(store: Store, result: dict[str, Any], wall_s: float, since: str) -> 
         "wall_s": round(wall_s, 1),
         "challenger": refs["consistency"],
         "fid": decision.get("candidate_fid"),
+        "fid_corrected": corrected_fid(store, decision),
         "fid_low": interval[0],
         "fid_high": interval[1],
         "steps": decision.get("steps"),
@@ -75,6 +76,18 @@ def figures(store: Store, result: dict[str, Any], wall_s: float, since: str) -> 
         "warm": (result.get("retrain") or {}).get("warm", {}),
         "stage_s": stage_seconds(store, refs, since),
     }
+
+
+def corrected_fid(store: Store, decision: dict[str, Any]) -> float | None:
+    """The challenger's bias-corrected FID at the served steps: the value its interval is built around
+    (the decision's ``candidate_fid`` is the plug-in, biased upwards at a finite n)."""
+    from workers.evaluation.table import read_rows, row_at
+
+    if not decision.get("candidate_evaluation"):
+        return None
+    rows = read_rows(store, store.get_ref(decision["candidate_evaluation"]))
+    row = row_at(rows, decision["candidate"], decision["steps"], decision.get("sampler"))
+    return None if row is None else row.fid_corrected
 
 
 def stage_seconds(store: Store, refs: dict[str, str], since: str) -> dict[str, float]:
@@ -150,8 +163,8 @@ def main() -> None:
         "ratio_scratch_over_first": round(runs["scratch"]["flow_s"] / base, 3),
         "warm_fid_within_or_below_scratch_interval": (
             None
-            if runs["scratch"]["fid_high"] is None or runs["warm"]["fid"] is None
-            else runs["warm"]["fid"] <= runs["scratch"]["fid_high"]
+            if runs["scratch"]["fid_high"] is None or runs["warm"]["fid_corrected"] is None
+            else runs["warm"]["fid_corrected"] <= runs["scratch"]["fid_high"]
         ),
     }
 
@@ -159,8 +172,8 @@ def main() -> None:
         if r["fid"] is None:
             return "-"
         return (
-            f"{r['fid']:.2f} [{r['fid_low']:.2f}, {r['fid_high']:.2f}]"
-            if r["fid_low"] is not None
+            f"{r['fid_corrected']:.2f} [{r['fid_low']:.2f}, {r['fid_high']:.2f}] ({r['fid']:.2f})"
+            if r["fid_low"] is not None and r["fid_corrected"] is not None
             else f"{r['fid']:.2f}"
         )
 
