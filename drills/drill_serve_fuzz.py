@@ -115,8 +115,11 @@ class Case:
     must_succeed: bool
 
 
-def cases(schema: dict[str, Any], definitions: dict[str, Any], limits: dict[str, Any], num_classes: int):
-    """The strategy of requests: in_limits, schema, mutated and raw, as in the module docstring."""
+def cases(
+    schema: dict[str, Any], definitions: dict[str, Any], limits: dict[str, Any], num_classes: int, adapter: bool = False
+):
+    """The strategy of requests: in_limits, schema, mutated and raw, as in the module docstring.
+    ``adapter``: the served model is an adapter, so ``adapter: false`` (its base) is within its limits."""
     names = list(schema["properties"])
 
     def encode(body) -> bytes:
@@ -129,9 +132,15 @@ def cases(schema: dict[str, Any], definitions: dict[str, Any], limits: dict[str,
             del body["labels"]
         return body
 
+    def fit_adapter(body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("adapter") is False and not adapter:  # only an adapter's base can be asked for
+            del body["adapter"]
+        return body
+
     in_limits = (
         from_schema(within(schema, limits, num_classes), definitions)
         .map(fit_labels)
+        .map(fit_adapter)
         .map(lambda body: Case("in_limits", encode(body), True))
     )
     valid = from_schema(schema, definitions)
@@ -190,7 +199,7 @@ def fuzz_drill(url: str, examples: int, seed_value: int = 0) -> FuzzFigures:
     definitions = openapi["components"]["schemas"]
     body_schema = openapi["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     schema = definitions[body_schema["$ref"].rsplit("/", 1)[-1]]
-    strategy = cases(schema, definitions, card["limits"], card["num_classes"])
+    strategy = cases(schema, definitions, card["limits"], card["num_classes"], bool(card.get("adapter_of")))
     status: dict[str, Counter] = defaultdict(Counter)
     started = time.perf_counter()
 
