@@ -89,7 +89,7 @@ from workers.stages.s12_probe import probe_best_guidance, run_probe  # noqa: E40
 from workers.stages.s13_flowmap import run_flowmap  # noqa: E402
 from workers.stages.s14_guidance import run_guidance_distill  # noqa: E402
 from workers.stages.s15_lora import run_lora  # noqa: E402
-from workers.warm import check_vae, plan_retrain, warm_start  # noqa: E402
+from workers.warm import check_vae, kept_features, plan_retrain, warm_start  # noqa: E402
 
 # Backoff for transient infrastructure errors (S3 hiccups, a lost Ray actor or node).
 RETRY_DELAYS = [2, 10, 30]
@@ -445,7 +445,7 @@ def run_stages(
     refs["latents"] = latents_task(store_uri, cfg.latents, ray_address, refs["images"], refs["vae"])
     features = None
     if cfg.evaluate.extractor is None:  # a user-supplied extractor replaces the learnt feature space
-        kept = kept_features(store, cfg, plan, retrain.get("vae"), bool(parents))
+        kept = kept_features(store, cfg.features, plan, retrain.get("vae"), bool(parents))
         if kept is not None:  # one feature space across the lineage: its weekly FIDs compare, and no retraining
             get_run_logger().info("retrain: the served lineage's feature network %s scores this run too", kept)
         features = refs["features"] = kept or features_task(store_uri, cfg.features, ray_address, refs["images"])
@@ -512,11 +512,7 @@ def run_stages(
         probe("flowmap", refs["flowmap"])
         students.append(refs["flowmap"])
     if cfg.lora.enabled:  # LCM-LoRA: a consistency student stored as an adapter on the frozen base
-        lora_cfg = cfg.lora
-        if lora_cfg.guidance is None:
-            lora_cfg = lora_cfg.model_copy(
-                update={"guidance": resolve_guidance(None, base_best_guidance(store, refs["base"], cfg))}
-            )
+        lora_cfg = with_resolved_guidance(cfg.lora, cfg, store, refs["base"])
         refs["lora"] = lora_task(store_uri, lora_cfg, ray_address, refs["base"], refs["latents"])
         probe("lora", refs["lora"])
         students.append(refs["lora"])
@@ -593,27 +589,17 @@ def resolved_guidance(cfg: PipelineConfig, store: Store, base_ref: str) -> tuple
 def resolved_flowmap_guidance(cfg: PipelineConfig, store: Store, base_ref: str) -> FlowMapConfig:
     """The flowmap section with its guidance a number: 1 when guidance is applied at sampling, else
     the config's, or (None) the base model's best, as for consistency."""
-    section = cfg.flowmap
-    if section.guidance_mode == "sampling":
-        return section.model_copy(update={"guidance": 1.0})
+    if cfg.flowmap.guidance_mode == "sampling":
+        return cfg.flowmap.model_copy(update={"guidance": 1.0})
+    return with_resolved_guidance(cfg.flowmap, cfg, store, base_ref)
+
+
+def with_resolved_guidance(section: Any, cfg: PipelineConfig, store: Store, base_ref: str) -> Any:
+    """A student's section (flowmap, lora) with its guidance a number: the config's, or (None) the base
+    model's best, looked up only then."""
     if section.guidance is not None:
         return section
     return section.model_copy(update={"guidance": resolve_guidance(None, base_best_guidance(store, base_ref, cfg))})
-
-
-def kept_features(
-    store: Store, cfg: PipelineConfig, plan: dict[str, Any], verdict: dict[str, Any] | None, warm: bool
-) -> str | None:
-    """The served lineage's feature network, for a warm retrain that keeps its VAE on grown data, when
-    the features section is still the one it was trained with; None: the features stage runs."""
-    ref = plan.get("features")
-    if ref is None or not warm or verdict is None or verdict["action"] != "keep":
-        return None
-    section = cfg.features.keyed()
-    if section.get("kind") == "auto":  # resolved at training: the stored one names the kind it chose
-        section.pop("kind")
-    stored = store.get_ref(ref).config
-    return ref if all(stored.get(k) == v for k, v in section.items()) else None
 
 
 def served_on_same_data(store: Store, vae_ref: str) -> str | None:

@@ -286,16 +286,7 @@ class DiT(VelocityNet):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation, ending in AdaLN-Zero."""
-        # Transformer linears: Xavier-uniform weights, zero biases (as in ViT).
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-
-        # Patch embedding: initialise the conv like the linear layer it is, (D, C*p*p).
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
+        init_linears_and_patches(self)
 
         # Conditioning embedders: small normal weights.
         nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
@@ -316,27 +307,65 @@ class DiT(VelocityNet):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, tokens: Tensor) -> Tensor:
-        """(N, T, p*p*C) -> (N, C, H, W), token k = i * w + j covering rows i*p.., cols j*p.."""
-        n, T, _ = tokens.shape
-        p, c = self.patch_size, self.out_channels
-        h = w = int(math.isqrt(T))
-        x = tokens.reshape(n, h, w, p, p, c)  # (N, h, w, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
-        return x.reshape(n, c, h * p, w * p)  # (N, C, H, W)
+        return unpatchify(tokens, self.patch_size, self.out_channels)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """v(x, t, y): x (N, C, H, W), t (N,) in [0, 1], y (N,) long -> (N, C, H, W)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         self.check_inputs(x, t, y)
+        return self.conditioned(x, self.t_embedder(t) + self.y_embedder(y))
+
+    def conditioned(self, x: Tensor, c: Tensor) -> Tensor:
+        """The network under conditioning ``c`` (N, D): patchify, the blocks modulated by c, unpatchify.
+        Variants that condition on more (a second time, the guidance scale) add their embedding to c."""
         tokens = self.x_embedder(x)  # (N, D, h, w)
         tokens = tokens.flatten(2).transpose(1, 2)  # (N, T, D), T = h * w
         tokens = tokens + self.pos_embed.to(tokens.dtype)  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
             tokens = block(tokens, c)  # (N, T, D)
         tokens = self.final_layer(tokens, c)  # (N, T, p*p*C)
         return self.unpatchify(tokens)  # (N, C, H, W)
+
+
+def init_linears_and_patches(net: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every linear layer (as in ViT), and the patch
+    embedding ``net.x_embedder`` initialised like the (D, C*p*p) linear layer it is."""
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    w = net.x_embedder.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(net.x_embedder.bias)
+
+
+def unpatchify(tokens: Tensor, patch_size: int, channels: int) -> Tensor:
+    """(N, T, p*p*C) -> (N, C, H, W), token k = i * w + j covering rows i*p.., cols j*p.."""
+    n, T, _ = tokens.shape
+    p, c = patch_size, channels
+    h = w = int(math.isqrt(T))
+    x = tokens.reshape(n, h, w, p, p, c)  # (N, h, w, p, p, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)  # (N, C, h, p, w, p)
+    return x.reshape(n, c, h * p, w * p)  # (N, C, H, W)
+
+
+def with_teacher_weights(net: DiT, teacher: DiT, added: str) -> DiT:
+    """``net`` (a DiT with one more conditioning embedder, ``added``) carrying ``teacher``'s weights;
+    refuses a teacher whose weights do not fit it, or that leaves anything but ``added`` unset."""
+    p = next(teacher.parameters())
+    net.to(p.device, p.dtype)
+    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(added)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(added) for k in missing):
+        raise ValueError(f"teacher weights do not fit {type(net).__name__}: missing {missing}, unexpected {unexpected}")
+    return net
+
+
+def dit_shape(config: DiTConfig) -> dict:
+    """The plain DiT fields of any DiT variant's config."""
+    return {f.name: getattr(config, f.name) for f in fields(DiTConfig)}
 
 
 register_kind("dit", DiTConfig, DiT)

@@ -27,7 +27,6 @@ state dict, the same outputs to float rounding (tests pin it).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from models.dit import Attention as FusedAttention
-from models.dit import DiT, DiTConfig, TimestepEmbedder
+from models.dit import DiT, DiTConfig, TimestepEmbedder, dit_shape, with_teacher_weights
 from models.registry import register_kind
 
 
@@ -96,29 +95,17 @@ class FlowMapDiT(DiT):
         self.check_inputs(x, s, y)
         if t_end.shape != s.shape:
             raise ValueError(f"t_end must have shape {tuple(s.shape)}, got {tuple(t_end.shape)}")
-        tokens = self.x_embedder(x)  # (N, D, h, w)
-        tokens = tokens.flatten(2).transpose(1, 2)  # (N, T, D), T = h * w
-        tokens = tokens + self.pos_embed.to(tokens.dtype)  # (N, T, D)
-        c = self.t_embedder(s) + self.y_embedder(y) + self.gap_embedding(t_end - s)  # (N, D)
-        for block in self.blocks:
-            tokens = block(tokens, c)  # (N, T, D)
-        tokens = self.final_layer(tokens, c)  # (N, T, p*p*C)
-        return self.unpatchify(tokens)  # (N, C, H, W)
+        return self.conditioned(x, self.t_embedder(s) + self.y_embedder(y) + self.gap_embedding(t_end - s))
 
 
 def flowmap_from_velocity(teacher: DiT, explicit_attention: bool = True) -> FlowMapDiT:
     """A flow-map DiT carrying ``teacher``'s weights: u(x, s, t) = teacher v(x, s) for every t at init."""
     if type(teacher) is not DiT and not getattr(teacher, "embeds_guidance", False):
         raise ValueError(f"a flow map is built from a DiT velocity network, got {type(teacher).__name__}")
-    shape = {f.name: getattr(teacher.config, f.name) for f in dataclasses.fields(DiTConfig)}
-    p = next(teacher.parameters())
-    net = FlowMapDiT(FlowMapDiTConfig(**shape, explicit_attention=explicit_attention)).to(p.device, p.dtype)
-    # a guidance-distilled teacher (models/guided_dit.py) gives its weights at w = 1, its embedder left out
-    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("guidance_embedder.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("gap_embedder.") for k in missing):
-        raise ValueError(f"teacher weights do not fit the flow map: missing {missing}, unexpected {unexpected}")
-    return net
+    net = FlowMapDiT(FlowMapDiTConfig(**dit_shape(teacher.config), explicit_attention=explicit_attention))
+    if getattr(teacher, "embeds_guidance", False):  # a guidance-distilled teacher gives its weights at w = 1
+        teacher = with_teacher_weights(DiT(DiTConfig(**dit_shape(teacher.config))), teacher, "guidance_embedder.")
+    return with_teacher_weights(net, teacher, "gap_embedder.")
 
 
 register_kind("flowmap_dit", FlowMapDiTConfig, FlowMapDiT)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from models.conventions import expand_t, interpolate, null_like
-from models.objectives import Batch, LossOutput, Objective, drop_conditions, require
+from models.objectives import Batch, LossOutput, Objective, draw_path, drop_conditions, require
 from models.paths import TimeSampler, UniformTime
 
 
@@ -86,19 +86,13 @@ class GuidanceDistillation(Objective):
         return (v - self.target(x_t, t, y, w)).pow(2).mean()
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        x_1 = require(batch, "x_1", "GuidanceDistillation")
         y = drop_conditions(model, require(batch, "y", "GuidanceDistillation"), self.label_dropout)
-        x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
-        t = self.time_sampler(x_1.shape[0], x_1.device, x_1.dtype)  # (N,)
+        x_0, x_1, t = draw_path(batch, "GuidanceDistillation", self.time_sampler)  # t (N,)
         loss = self.regression(model, x_0, x_1, t, y, self.draw_scales(x_1.shape[0], x_1))
         return LossOutput(loss=loss, logs={"loss": loss.detach()})
 
     def heldout_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
         """The same regression with every label as given; x_0 (unless stored), t and w from ``generator``."""
-        x_1, y = require(batch, "x_1", "GuidanceDistillation"), require(batch, "y", "GuidanceDistillation")
-        if "x_0" in batch:
-            x_0 = batch["x_0"]
-        else:
-            x_0 = torch.randn(x_1.shape, generator=generator, dtype=x_1.dtype).to(x_1.device)
-        t = self.time_sampler(x_1.shape[0], None, x_1.dtype, generator=generator).to(x_1.device)
+        x_0, x_1, t = draw_path(batch, "GuidanceDistillation", self.time_sampler, generator)
+        y = require(batch, "y", "GuidanceDistillation")
         return self.regression(model, x_0, x_1, t, y, self.draw_scales(x_1.shape[0], x_1, generator))

@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from models.dit import DiT, DiTConfig, TimestepEmbedder
+from models.dit import DiT, DiTConfig, TimestepEmbedder, dit_shape, with_teacher_weights
 from models.registry import register_kind
 
 
@@ -70,27 +70,14 @@ class GuidedDiT(DiT):
         w = w.expand(x.shape[0]) if w.ndim == 0 else w
         if w.shape != t.shape:
             raise ValueError(f"guidance must be a number or have shape {tuple(t.shape)}, got {tuple(w.shape)}")
-        tokens = self.x_embedder(x)  # (N, D, h, w)
-        tokens = tokens.flatten(2).transpose(1, 2)  # (N, T, D), T = h * w
-        tokens = tokens + self.pos_embed.to(tokens.dtype)  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y) + self.guidance_embedding(w)  # (N, D)
-        for block in self.blocks:
-            tokens = block(tokens, c)  # (N, T, D)
-        tokens = self.final_layer(tokens, c)  # (N, T, p*p*C)
-        return self.unpatchify(tokens)  # (N, C, H, W)
+        return self.conditioned(x, self.t_embedder(t) + self.y_embedder(y) + self.guidance_embedding(w))
 
 
 def guided_from_velocity(teacher: DiT) -> GuidedDiT:
     """A guided DiT carrying ``teacher``'s weights: v_w = the teacher's conditional v for every w at init."""
     if type(teacher) is not DiT:
         raise ValueError(f"guidance is distilled from a DiT velocity network, got {type(teacher).__name__}")
-    shape = {f.name: getattr(teacher.config, f.name) for f in dataclasses.fields(DiTConfig)}
-    p = next(teacher.parameters())
-    net = GuidedDiT(GuidedDiTConfig(**shape)).to(p.device, p.dtype)
-    missing, unexpected = net.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("guidance_embedder.") for k in missing):
-        raise ValueError(f"teacher weights do not fit the guided DiT: missing {missing}, unexpected {unexpected}")
-    return net
+    return with_teacher_weights(GuidedDiT(GuidedDiTConfig(**dit_shape(teacher.config))), teacher, "guidance_embedder.")
 
 
 register_kind("guided_dit", GuidedDiTConfig, GuidedDiT)

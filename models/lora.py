@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.dit import DiT, DiTConfig
+from models.dit import DiT, DiTConfig, dit_shape
 from models.registry import register_kind
 
 # The linear layers of each DiT block an adapter goes on (names inside a block).
@@ -138,11 +138,6 @@ def adapter_state(model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu() for k, v in state.items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
 
 
-def base_config(config: DiTConfig) -> dict:
-    """The plain DiT's fields of any DiT config."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(DiTConfig)}
-
-
 def lora_from_velocity(
     base: DiT, rank: int = 8, alpha: float | None = None, targets: tuple[str, ...] = BLOCK_LINEARS
 ) -> LoRADiT:
@@ -150,7 +145,7 @@ def lora_from_velocity(
     if type(base) is not DiT:
         raise ValueError(f"a LoRA adapter goes on a DiT velocity network, got {type(base).__name__}")
     p = next(base.parameters())
-    net = LoRADiT(LoRADiTConfig(**base_config(base.config), rank=rank, alpha=alpha, targets=targets))
+    net = LoRADiT(LoRADiTConfig(**dit_shape(base.config), rank=rank, alpha=alpha, targets=targets))
     net.to(p.device, p.dtype)
     missing, unexpected = net.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any(k.rsplit(".", 1)[-1] not in ADAPTER_KEYS for k in missing):
@@ -160,10 +155,10 @@ def lora_from_velocity(
 
 def with_adapter(base: DiT, config: LoRADiTConfig, adapter: Mapping[str, Tensor]) -> LoRADiT:
     """``base`` with a stored adapter (its :func:`adapter_state`) applied; the adapter must fit exactly."""
-    if base_config(base.config) != base_config(config):
+    if dit_shape(base.config) != dit_shape(config):
         raise ValueError(
             "the adapter was trained on a base of another shape: "
-            f"base {base_config(base.config)}, adapter's {base_config(config)}"
+            f"base {dit_shape(base.config)}, adapter's {dit_shape(config)}"
         )
     net = lora_from_velocity(base, config.rank, config.alpha, config.targets)
     expected = set(adapter_state(net))
@@ -176,7 +171,7 @@ def with_adapter(base: DiT, config: LoRADiTConfig, adapter: Mapping[str, Tensor]
 
 def merge_lora(net: LoRADiT) -> DiT:
     """A plain DiT whose weights are W + scale B A: the same outputs as ``net`` with adapters on."""
-    merged = DiT(DiTConfig(**base_config(net.config)))
+    merged = DiT(DiTConfig(**dit_shape(net.config)))
     p = next(net.parameters())
     merged.to(p.device, p.dtype)
     state = {k: v for k, v in net.state_dict().items() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
@@ -184,7 +179,7 @@ def merge_lora(net: LoRADiT) -> DiT:
         if isinstance(module, LoRALinear):
             state[f"{name}.weight"] = module.weight.detach() + module.delta_weight().detach()
     merged.load_state_dict(state)
-    return merged.eval() if not net.training else merged
+    return merged.train(net.training)
 
 
 register_kind("lora_dit", LoRADiTConfig, LoRADiT)

@@ -28,7 +28,6 @@ can be downloaded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +35,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.conventions import VelocityNet
-from models.dit import FinalLayer, Mlp, TimestepEmbedder, modulate, sincos_1d, sincos_2d
+from models.dit import (
+    FinalLayer,
+    Mlp,
+    TimestepEmbedder,
+    init_linears_and_patches,
+    modulate,
+    sincos_1d,
+    sincos_2d,
+    unpatchify,
+)
 from models.registry import register_kind
 from models.text import PAD
 
@@ -189,14 +197,7 @@ class MMDiT(VelocityNet):
 
     def initialize_weights(self) -> None:
         """The DiT's initialisation, AdaLN-Zero on both streams of every block and on the final layer."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        w = self.x_embedder.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
+        init_linears_and_patches(self)
         nn.init.normal_(self.text_encoder.embedding.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -212,13 +213,6 @@ class MMDiT(VelocityNet):
         """The empty prompt for every caption of ``y``: all PAD, the null condition of classifier-free
         guidance (models.conventions.null_like)."""
         return torch.full_like(y, PAD)
-
-    def unpatchify(self, tokens: Tensor) -> Tensor:
-        n, T, _ = tokens.shape
-        p, c = self.patch_size, self.out_channels
-        h = w = int(math.isqrt(T))
-        x = tokens.reshape(n, h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(n, c, h * p, w * p)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """v(x, t, y): x (N, C, H, W), t (N,) in [0, 1], y (N, L) word ids (L <= max_text_length) -> (N, C, H, W)."""
@@ -238,7 +232,7 @@ class MMDiT(VelocityNet):
         c = self.t_embedder(t) + self.pooled_embedder(pooled)  # (N, D)
         for block in self.blocks:
             text, image = block(text, image, c, keep)
-        return self.unpatchify(self.final_layer(image, c))  # (N, C, H, W)
+        return unpatchify(self.final_layer(image, c), self.patch_size, self.out_channels)  # (N, C, H, W)
 
 
 register_kind("mmdit", MMDiTConfig, MMDiT)

@@ -62,6 +62,24 @@ def drop_conditions(model: nn.Module, y: Tensor, p: float) -> Tensor:
     return torch.where(drop, null_like(model, y), y)
 
 
+def draw_path(
+    batch: Batch, objective: str, time_sampler: TimeSampler, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_0, x_1, t) of a batch's straight paths: the stored couplings' x_0 (reflow pairs) or fresh
+    N(0, I) noise, and times from ``time_sampler``; drawn from ``generator`` (on the CPU, then moved)
+    for a held-out loss, from torch's global RNG in training."""
+    x_1 = require(batch, "x_1", objective)
+    n = x_1.shape[0]
+    if generator is None:
+        x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
+        return x_0, x_1, time_sampler(n, x_1.device, x_1.dtype)
+    if "x_0" in batch:
+        x_0 = batch["x_0"]
+    else:
+        x_0 = torch.randn(x_1.shape, generator=generator, dtype=x_1.dtype).to(x_1.device)
+    return x_0, x_1, time_sampler(n, None, x_1.dtype, generator=generator).to(x_1.device)
+
+
 class Objective:
     """Base class: what one training step minimises, and what happens after it."""
 
@@ -102,24 +120,15 @@ class FlowMatching(Objective):
         self.label_dropout = label_dropout
 
     def loss(self, model: nn.Module, batch: Batch) -> LossOutput:
-        x_1 = require(batch, "x_1", "FlowMatching")
-        y = require(batch, "y", "FlowMatching")
-        x_0 = batch["x_0"] if "x_0" in batch else torch.randn_like(x_1)
-        y = drop_conditions(model, y, self.label_dropout)
-        t = self.time_sampler(x_1.shape[0], x_1.device, x_1.dtype)  # (N,)
+        y = drop_conditions(model, require(batch, "y", "FlowMatching"), self.label_dropout)
+        x_0, x_1, t = draw_path(batch, "FlowMatching", self.time_sampler)  # t (N,)
         loss = self.regression(model, x_0, x_1, t, y)
         return LossOutput(loss=loss, logs={"loss": loss.detach()})
 
     def heldout_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> Tensor:
         """The same regression with every label as given, x_0 (unless stored) and t from ``generator``."""
-        x_1 = require(batch, "x_1", "FlowMatching")
-        y = require(batch, "y", "FlowMatching")
-        if "x_0" in batch:
-            x_0 = batch["x_0"]
-        else:
-            x_0 = torch.randn(x_1.shape, generator=generator, dtype=x_1.dtype).to(x_1.device)
-        t = self.time_sampler(x_1.shape[0], None, x_1.dtype, generator=generator).to(x_1.device)  # (N,)
-        return self.regression(model, x_0, x_1, t, y)
+        x_0, x_1, t = draw_path(batch, "FlowMatching", self.time_sampler, generator)
+        return self.regression(model, x_0, x_1, t, require(batch, "y", "FlowMatching"))
 
     @staticmethod
     def regression(model: nn.Module, x_0: Tensor, x_1: Tensor, t: Tensor, y: Tensor) -> Tensor:

@@ -82,7 +82,7 @@ def dit_spec(config: FreshDiT, space: LatentSpace) -> dict:
 def load_network(store: Store, manifest: Manifest, name: str = "model") -> nn.Module:
     """A generator's network (EMA weights, or ``raw``), in eval mode, on the CPU. An adapter's
     (a LoRA stage's card names the base it goes on) is its base's network with the adapter on."""
-    base_ref = manifest.metrics.get("adapter_of") if GeneratorCard.is_generator(manifest) else None
+    base_ref = GeneratorCard.from_manifest(manifest).adapter_of if GeneratorCard.is_generator(manifest) else None
     if base_ref is None:
         return store.load_model(manifest, name).eval()
     from models.lora import LoRADiTConfig, with_adapter

@@ -39,7 +39,6 @@ class Recipe:
     card: Mapping[str, Any]  # the card's own fields: family, latent space, teacher, round, ...
     init_state: dict[str, Tensor] | None = None  # a teacher's weights to start from
     heldout: HeldOut | None = None  # scored at every checkpoint (workers.heldout)
-    adapter_of: str | None = None  # an adapter (models/lora.py) on this base's ref: only the adapter is stored
 
 
 def run_generator_stage(
@@ -75,7 +74,8 @@ def run_generator_stage(
             heldout=r.heldout,
         )
         result = fit(job, r.dataset)
-        write_generator(writer, r.model_spec, result, r.heldout, adapter=r.adapter_of is not None)
+        # a card naming the base an adapter goes on (models/lora.py): only the adapter is stored
+        write_generator(writer, r.model_spec, result, r.heldout, adapter=r.card.get("adapter_of") is not None)
         return GeneratorCard(
             steps=result.step,
             final_loss=result.final_loss,

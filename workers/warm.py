@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from infra.cards import CardError, GeneratorCard, ImagesCard, VAECard
-from infra.config import LoopConfig, RetrainConfig
+from infra.config import FeaturesConfig, LoopConfig, RetrainConfig
 from infra.errors import StoreError, WarmStartError
 from infra.store import SERVING_POINTER, Manifest, Store
 from workers.incremental import part_names, read_part
@@ -187,6 +187,22 @@ def plan_retrain(store: Store, config: RetrainConfig, pointer: str = SERVING_POI
 
 
 # --------------------------------------------------------------------------- the VAE
+
+
+def kept_features(
+    store: Store, section: FeaturesConfig, plan: Mapping[str, Any], verdict: Mapping[str, Any] | None, warm: bool
+) -> str | None:
+    """The served lineage's feature network (``plan["features"]``), for a warm retrain that keeps its VAE
+    on grown data, when the features ``section`` is still the one it was trained with; None: the
+    features stage runs (from scratch, a new VAE, or a changed section)."""
+    ref = plan.get("features")
+    if ref is None or not warm or verdict is None or verdict["action"] != "keep":
+        return None
+    wanted = section.keyed()
+    if wanted.get("kind") == "auto":  # resolved at training: the stored one names the kind it chose
+        wanted.pop("kind")
+    stored = store.get_ref(ref).config
+    return ref if all(stored.get(k) == v for k, v in wanted.items()) else None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy import MU, SIGMA, GaussianFlowMap, GaussianVelocity, ToyFlowMapMLP, fit  # noqa: E402
+from toy import MU, SIGMA, GaussianFlowMap, GaussianVelocity, ToyFlowMapMLP, fit, random_dit  # noqa: E402
 
-from models.dit import DiT, dit_config  # noqa: E402
+from models.dit import dit_config  # noqa: E402
 from models.flowmap import (  # noqa: E402
     MeanFlow,
     Shortcut,
@@ -169,15 +169,6 @@ def test_jvp_equals_finite_differences_on_the_gaussian_map(exact):
     fd = finite_difference(exact, z, s, t, y, v, 1e-5)
     assert torch.allclose(jvp, fd, atol=1e-7, rtol=1e-6)
     assert jvp.abs().max() > 0.1  # not trivially zero
-
-
-def random_dit(seed=0, dtype=F64, **shape):
-    torch.manual_seed(seed)
-    net = DiT(dit_config("DiT-T/2", input_size=8, in_channels=2, num_classes=3, depth=2, **shape)).to(dtype)
-    with torch.no_grad():  # away from AdaLN-Zero's zeros, so every layer matters
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
 
 
 def dit_inputs(n=4, seed=1, dtype=F64):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from toy import F64, MU, SIGMA, GaussianVelocity  # noqa: E402
+from toy import F64, MU, SIGMA, GaussianVelocity, random_dit  # noqa: E402
 
 from models.dit import DiT, dit_config  # noqa: E402
 from models.guidance_distill import GuidanceDistillation  # noqa: E402
@@ -143,15 +143,6 @@ def test_a_short_distillation_learns_the_guided_velocity_at_w_1_and_beyond():
         gap = (student(x_t, t, test["y"], 3.0) - student(x_t, t, test["y"], 1.0)).pow(2).mean()
         want = (objective.target(x_t, t, test["y"], 3 * torch.ones_like(t)) - teacher(x_t, t, test["y"])).pow(2).mean()
     assert abs(gap - want) < 0.2 * want
-
-
-def random_dit(seed=0, dtype=F64):
-    torch.manual_seed(seed)
-    net = DiT(dit_config("DiT-T/2", input_size=8, in_channels=2, num_classes=3, depth=2)).to(dtype)
-    with torch.no_grad():  # away from AdaLN-Zero's zeros, so every layer matters
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
 
 
 def dit_inputs(n=4, seed=1, dtype=F64):

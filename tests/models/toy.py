@@ -209,3 +209,15 @@ class ToyFlowMapMLP(nn.Module):
         gap = torch.zeros_like(s) if t_end is None else t_end - s
         h = self.inp(torch.cat([x, self.features(s, x), self.features(gap, x)], dim=-1)) + self.label(y)  # (N, H)
         return self.out(self.body(h))
+
+
+def random_dit(seed: int = 0, dtype: torch.dtype = F64, **shape) -> nn.Module:
+    """A small DiT (8x8x2 latents, 3 classes) with every weight moved off AdaLN-Zero's zeros, so every layer matters."""
+    from models.dit import DiT, dit_config
+
+    torch.manual_seed(seed)
+    net = DiT(dit_config("DiT-T/2", input_size=8, in_channels=2, num_classes=3, depth=2, **shape)).to(dtype)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net

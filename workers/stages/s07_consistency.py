@@ -16,10 +16,9 @@ from __future__ import annotations
 from infra.cards import GeneratorCard
 from infra.config import ConsistencyConfig
 from infra.store import Manifest, Store
-from models.consistency import ConsistencyDistillation
 from models.registry import build_model, model_spec
 from workers.data import training_dataset
-from workers.distill import distillation_data
+from workers.distill import consistency_objective, distillation_data
 from workers.generator import cpu_state, load_network
 from workers.guidance import require_guidance
 from workers.recipe import Recipe, run_generator_stage
@@ -61,16 +60,7 @@ def run_consistency(
             dataset=training_dataset(store, data, table, columns),
             adapt_batch=adapt,
             model_spec=spec,
-            objective=ConsistencyDistillation(
-                teacher=teacher_net,
-                student=student,
-                num_intervals=config.intervals,
-                solver=config.teacher_solver,
-                guidance=guidance,
-                ema_decay=config.target_decay,
-                c=config.huber_c,
-                label_dropout=config.label_dropout,
-            ),
+            objective=consistency_objective(config, teacher_net, student, guidance),
             init_state=state,
             card=dict(
                 family="consistency",

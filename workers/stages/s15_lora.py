@@ -6,7 +6,7 @@ The network is the base DiT with low-rank adapters on its blocks' projections (m
 zero-initialised, so training starts from the base), and only the adapters train, by consistency
 distillation of the base on the latents with fresh noise (models/consistency.py), as Luo et al.
 (2023) train LCM-LoRA. The stage stores the adapter alone (``adapter``: its EMA weights; ``adapter_raw``:
-the trained ones; ``adapter_spec``) and its card names the base it goes on (``adapter_of``):
+the trained ones; ``adapter_spec``), because its card names the base it goes on (``adapter_of``):
 :func:`workers.generator.load_network` puts the two together.
 """
 
@@ -15,11 +15,10 @@ from __future__ import annotations
 from infra.cards import GeneratorCard
 from infra.config import LoRAConfig
 from infra.store import Manifest, Store
-from models.consistency import ConsistencyDistillation
 from models.lora import adapter_state, lora_from_velocity
 from models.registry import model_spec
 from workers.data import training_dataset
-from workers.distill import distillation_data
+from workers.distill import consistency_objective, distillation_data
 from workers.generator import cpu_state, load_network
 from workers.guidance import require_guidance
 from workers.recipe import Recipe, run_generator_stage
@@ -44,18 +43,8 @@ def run_lora(store: Store, config: LoRAConfig, base: Manifest, data: Manifest) -
             dataset=training_dataset(store, data, table, columns),
             adapt_batch=adapt,
             model_spec=model_spec(student),
-            objective=ConsistencyDistillation(
-                teacher=base_net,
-                student=student,
-                num_intervals=config.intervals,
-                solver=config.teacher_solver,
-                guidance=guidance,
-                ema_decay=config.target_decay,
-                c=config.huber_c,
-                label_dropout=config.label_dropout,
-            ),
+            objective=consistency_objective(config, base_net, student, guidance),
             init_state=cpu_state(student),
-            adapter_of=base.ref,
             card=dict(
                 family="consistency",
                 guidance=guidance,
