@@ -297,3 +297,18 @@ def test_guidance_distill_and_lora_stages(ray_local, tmp_path):
     fake = lora.model_copy(update={"metrics": {**lora.metrics, "adapter_of": wrong.ref}})
     with pytest.raises(ValueError, match=f"adapter {lora.ref} does not go on its base {wrong.ref}"):
         load_network(store, fake)
+
+
+def test_guidance_distillation_of_an_unlabelled_base_is_refused_before_any_work(tmp_path):
+    store = Store.open(str(tmp_path / "store"))
+    latents = commit_latents(store)
+    net = DiT(dit_config("DiT-T/2", input_size=4, in_channels=2, num_classes=0, depth=1))
+    with store.begin("base", "unlabelled", config={}) as writer:
+        writer.write_model("model", net, model_spec(net))
+        card = GeneratorCard(
+            family="flow", steps=0, latent_shape=SHAPE, num_classes=0, latent_scale=1.0, vae_ref="vae/none"
+        )
+        base = writer.commit(metrics=card.to_metrics())
+    with pytest.raises(ConfigError, match="needs labelled data.*guidance_distill.enabled: false"):
+        run_guidance_distill(store, GuidanceDistillConfig(steps=1, **LOOP), base, latents)
+    assert store.list_manifests("guidance_distill") == []

@@ -12,7 +12,7 @@ two, and the students may distil it (``teacher: guided``).
 from __future__ import annotations
 
 from infra.cards import GeneratorCard
-from infra.config import GuidanceDistillConfig
+from infra.config import ConfigError, GuidanceDistillConfig
 from infra.store import Manifest, Store
 from models.guidance_distill import GuidanceDistillation
 from models.guided_dit import guided_from_velocity
@@ -31,7 +31,7 @@ def run_guidance_distill(store: Store, config: GuidanceDistillConfig, teacher: M
     """The guidance-distilled network of flow model ``teacher`` (the base) on the latents ``data``; its manifest."""
     space = GeneratorCard.from_manifest(teacher).space
     if space.num_classes == 0:
-        raise ValueError(
+        raise ConfigError(
             "guidance distillation needs labelled data: classifier-free guidance contrasts a class with "
             "the null label; set guidance_distill.enabled: false for an unlabelled folder"
         )
